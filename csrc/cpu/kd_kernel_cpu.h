@@ -1,0 +1,324 @@
+// kd_kernel_cpu.h -- the fused CPU kernel, compiled once per instruction set.
+//
+// Included by kd_kernel_{default,avx2,avx512}.cpp, each of which defines CPU_CAPABILITY (the
+// at::vec namespace) and KD_ISA_ENTRY (the name of its entry point) first. Everything here lives in
+// an ISA-specific namespace so the copies never meet at link time.
+//
+// Per row (rows are spread over threads with at::parallel_for; each row is done by one thread, so
+// the result does not depend on the thread count):
+//   1. statistics sweep, chunk by chunk: convert the chunk to the accumulation type, find its maxima,
+//      compute exp((s - max)/T), exp((t - max)/T) and, for the hard term at T != 1, exp(s - max)
+//      ONCE, keep them in per-thread row buffers, and fold the chunk's RowState into the row's with
+//      kd_math.h merge() (the same merge the CUDA kernel uses across warps and CTAs);
+//   2. finalize() the row: loss, log-sums, gradient coefficients;
+//   3. gradient sweep: probabilities are the kept exponentials times one per-chunk factor, so the
+//      sweep costs no exp at all. 2 or 3 exps per element in total instead of the 6 of a
+//      recomputing kernel.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "../kd_math.h"
+#include "../kd_params.h"
+
+namespace kdfused::cpu {
+inline namespace CPU_CAPABILITY {
+
+using at::vec::Vectorized;
+
+// Elements per chunk: the chunk's inputs and exponentials stay in L1/L2 between the two passes
+// over it, and its maxima are exact (no per-element rescaling).
+constexpr int64_t kChunk = 2048;
+
+template <typename A>
+inline Vectorized<A> vexp(const Vectorized<A>& x) {
+  return x.exp();
+}
+// exp_u20: polynomial exp with <= 20 ulp error, several times cheaper than Sleef's 1-ulp exp;
+// exp() is where CPU time goes. Returns 0 for -inf (masked logits) like exp.
+template <>
+inline Vectorized<float> vexp(const Vectorized<float>& x) {
+  return x.exp_u20();
+}
+
+template <typename A>
+inline A hsum(const Vectorized<A>& v) {
+  // Fixed-order horizontal sum (determinism).
+  alignas(64) A tmp[Vectorized<A>::size()];
+  v.store(tmp);
+  A s = A(0);
+  for (int i = 0; i < Vectorized<A>::size(); ++i) s += tmp[i];
+  return s;
+}
+
+template <typename A>
+inline A hmax(const Vectorized<A>& v) {
+  alignas(64) A tmp[Vectorized<A>::size()];
+  v.store(tmp);
+  A m = tmp[0];
+  for (int i = 1; i < Vectorized<A>::size(); ++i) m = kd_max(m, tmp[i]);
+  return m;
+}
+
+// Loads n elements of type S starting at src into dst (type A), converting if needed.
+template <typename S, typename A>
+inline void load_as(const S* src, A* dst, int64_t n) {
+  if constexpr (std::is_same_v<S, A>) {
+    std::memcpy(dst, src, n * sizeof(A));
+  } else {
+    at::vec::convert(src, dst, n);
+  }
+}
+
+template <typename S, typename A>
+inline void store_as(const A* src, S* dst, int64_t n) {
+  if constexpr (std::is_same_v<S, A>) {
+    std::memcpy(dst, src, n * sizeof(A));
+  } else {
+    at::vec::convert(src, dst, n);
+  }
+}
+
+inline int64_t row_offset(const KDParams& p, int64_t r, const int64_t* strides) {
+  int64_t off = 0;
+  for (int d = p.row_ndim - 1; d >= 0; --d) {
+    const int64_t i = r % p.row_sizes[d];
+    r /= p.row_sizes[d];
+    off += i * strides[d];
+  }
+  return off;
+}
+
+// Per-thread scratch, sized once per parallel_for task.
+template <typename A>
+struct Scratch {
+  int64_t n_chunks;
+  std::vector<A> s, t;            // one chunk of inputs in the accumulation type (padded)
+  std::vector<A> ea, eb, eh;      // the row's exponentials (relative to each chunk's maxima)
+  std::vector<A> cms, cmt;        // each chunk's maxima
+  std::vector<A> gs, gt;          // one chunk of gradients before conversion
+
+  Scratch(int64_t V, bool soft, bool need_zh, bool any_grad) {
+    constexpr int64_t W = Vectorized<A>::size();
+    n_chunks = (V + kChunk - 1) / kChunk;
+    const int64_t padded = n_chunks * kChunk + W;
+    s.resize(kChunk + W);
+    t.resize(kChunk + W);
+    cms.resize(n_chunks);
+    cmt.resize(n_chunks);
+    if (any_grad) {
+      ea.resize(padded);
+      if (soft) eb.resize(padded);
+      if (need_zh) eh.resize(padded);
+      gs.resize(kChunk + W);
+      gt.resize(kChunk + W);
+    }
+  }
+};
+
+template <typename S, typename T, typename A>
+void kd_forward_rows(const KDParams& p, int64_t begin, int64_t end) {
+  using Vec = Vectorized<A>;
+  constexpr int64_t W = Vec::size();
+  const int64_t V = p.vocab;
+  const bool ce = p.divergence == Divergence::CE;
+  RowConfig<A> cfg;
+  cfg.inv_t = static_cast<A>(p.inv_temperature);
+  cfg.soft = p.soft_weight > 0;
+  cfg.need_zh = p.hard_weight > 0 && p.temperature != 1.0;
+  cfg.need_ch = cfg.soft && ce;
+  const bool want_gs = p.grad_student != nullptr;
+  const bool want_gt = p.grad_teacher != nullptr && cfg.soft;
+  const bool zero_gt = p.grad_teacher != nullptr && !cfg.soft;  // teacher grad of a 0-weight term
+  const bool any_grad = want_gs || want_gt;
+  Scratch<A> sc(V, cfg.soft, cfg.need_zh, any_grad);
+
+  const S* s_base = static_cast<const S*>(p.student);
+  const T* t_base = static_cast<const T*>(p.teacher);
+  A* row_loss = static_cast<A*>(p.row_loss);
+  const Vec inv_t(cfg.inv_t);
+  const Vec zero(A(0));
+
+  for (int64_t r = begin; r < end; ++r) {
+    const S* srow = s_base + row_offset(p, r, p.student_strides);
+    const T* trow = t_base + row_offset(p, r, p.teacher_strides);
+    S* gsrow = want_gs ? static_cast<S*>(p.grad_student) + r * V : nullptr;
+    T* gtrow = p.grad_teacher ? static_cast<T*>(p.grad_teacher) + r * V : nullptr;
+    const int64_t y = p.labels ? p.labels[r] : -1;
+    const bool valid = !p.labels || y != p.ignore_index;
+
+    if (!valid) {
+      row_loss[r] = A(0);
+      if (gsrow) std::fill(gsrow, gsrow + V, S(0));
+      if (gtrow) std::fill(gtrow, gtrow + V, T(0));
+      continue;
+    }
+
+    // ---- 1. statistics sweep --------------------------------------------------------------
+    RowState<A> st = RowState<A>::empty();
+    for (int64_t c = 0; c < sc.n_chunks; ++c) {
+      const int64_t c0 = c * kChunk;
+      const int64_t n = std::min(kChunk, V - c0);
+      const int64_t nv = (n + W - 1) / W * W;  // padded to whole vectors
+      load_as(srow + c0, sc.s.data(), n);
+      load_as(trow + c0, sc.t.data(), n);
+      // Padding with -inf makes the tail vanish: exp(-inf) = 0 and the masks below drop it.
+      std::fill(sc.s.data() + n, sc.s.data() + nv, -kd_inf<A>());
+      std::fill(sc.t.data() + n, sc.t.data() + nv, -kd_inf<A>());
+
+      Vec vms(-kd_inf<A>()), vmt(-kd_inf<A>());
+      for (int64_t i = 0; i < nv; i += W) {
+        vms = at::vec::maximum(vms, Vec::loadu(sc.s.data() + i));
+        if (cfg.soft) vmt = at::vec::maximum(vmt, Vec::loadu(sc.t.data() + i));
+      }
+      RowState<A> cs = RowState<A>::empty();
+      cs.ms = hmax(vms);
+      cs.mt = cfg.soft ? hmax(vmt) : -kd_inf<A>();
+      sc.cms[c] = cs.ms;
+      sc.cmt[c] = cs.mt;
+      // A chunk that is all -inf has max -inf; subtracting it would give -inf - -inf = NaN.
+      // Shift by 0 instead: every exp is then exp(-inf) = 0 and the chunk state stays empty.
+      const Vec sh_s(cs.ms == -kd_inf<A>() ? A(0) : cs.ms);
+      const Vec sh_t(cs.mt == -kd_inf<A>() ? A(0) : cs.mt);
+
+      Vec za(0), zh(0), zb(0), cx(0), ch(0);
+      A* ea = any_grad ? sc.ea.data() + c0 : nullptr;
+      A* eb = any_grad && cfg.soft ? sc.eb.data() + c0 : nullptr;
+      A* eh = any_grad && cfg.need_zh ? sc.eh.data() + c0 : nullptr;
+      for (int64_t i = 0; i < nv; i += W) {
+        const Vec s = Vec::loadu(sc.s.data() + i);
+        const Vec ds = s - sh_s;
+        const Vec e_a = vexp(ds * inv_t);
+        za += e_a;
+        if (ea) e_a.store(ea + i);
+        if (cfg.need_zh) {
+          const Vec e_h = vexp(ds);
+          zh += e_h;
+          if (eh) e_h.store(eh + i);
+        }
+        if (cfg.soft) {
+          const Vec t = Vec::loadu(sc.t.data() + i);
+          const Vec dt = t - sh_t;
+          const Vec e_b = vexp(dt * inv_t);
+          zb += e_b;
+          if (eb) e_b.store(eb + i);
+          // Only where the teacher has mass: a masked teacher (-inf) has t - s = -inf, and
+          // 0 * -inf = NaN. A masked student under teacher mass gives +inf, as it should.
+          const Vec mass = e_b > zero;
+          cx += Vec::blendv(zero, e_b * ((t - s) * inv_t), mass);
+          if (cfg.need_ch) ch += Vec::blendv(zero, e_b * (dt * inv_t), mass);
+        }
+      }
+      cs.za = hsum(za);
+      cs.zh = hsum(zh);
+      cs.zb = hsum(zb);
+      cs.cx = hsum(cx);
+      cs.ch = hsum(ch);
+      st = merge(st, cs, cfg);
+    }
+
+    // ---- 2. the row's loss -------------------------------------------------------------------
+    A s_label = A(0);
+    if (p.hard_weight > 0) s_label = static_cast<A>(srow[y]);
+    const RowResult<A> res =
+        finalize(st, cfg, true, s_label, static_cast<A>(p.soft_weight), static_cast<A>(p.hard_weight),
+                 static_cast<A>(p.temperature), ce, static_cast<A>(p.grad_scale));
+    row_loss[r] = res.loss;
+
+    if (zero_gt) std::fill(gtrow, gtrow + V, T(0));
+    if (!any_grad) continue;
+
+    // ---- 3. gradient sweep: no exp per element, one per chunk ---------------------------------
+    const Vec ks(res.ks), kh(res.kh);
+    for (int64_t c = 0; c < sc.n_chunks; ++c) {
+      const int64_t c0 = c * kChunk;
+      const int64_t n = std::min(kChunk, V - c0);
+      const int64_t nv = (n + W - 1) / W * W;
+      // Chunk factors turn the kept exponentials into probabilities. For an all -inf chunk the
+      // factor is exp(-inf) = 0; for an all -inf row it is NaN (no distribution, as softmax).
+      const Vec fa(kd_exp((sc.cms[c] - res.ms) * cfg.inv_t - res.log_za));
+      const Vec fb(cfg.soft ? kd_exp((sc.cmt[c] - res.mt) * cfg.inv_t - res.log_zb) : A(0));
+      const Vec fh(cfg.need_zh ? kd_exp((sc.cms[c] - res.ms) - res.log_zh) : A(0));
+      const A* ea = sc.ea.data() + c0;
+      const A* eb = cfg.soft ? sc.eb.data() + c0 : nullptr;
+      const A* eh = cfg.need_zh ? sc.eh.data() + c0 : ea;
+      const Vec& fh_used = cfg.need_zh ? fh : fa;
+      if (want_gs) {
+        for (int64_t i = 0; i < nv; i += W) {
+          const Vec q = Vec::loadu(ea + i) * fa;
+          Vec g = zero;
+          if (cfg.soft) g = ks * (q - Vec::loadu(eb + i) * fb);
+          if (p.hard_weight > 0) g = g + kh * (Vec::loadu(eh + i) * fh_used);
+          g.store(sc.gs.data() + i);
+        }
+        if (p.hard_weight > 0 && y >= c0 && y < c0 + n) sc.gs[y - c0] -= res.kh;
+        store_as(sc.gs.data(), gsrow + c0, n);
+      }
+      if (want_gt) {
+        // The teacher gradient needs the logits again (re-read: the chunk is usually still cached).
+        load_as(srow + c0, sc.s.data(), n);
+        load_as(trow + c0, sc.t.data(), n);
+        const Vec off(res.kt_off);
+        const Vec ms(res.ms);
+        for (int64_t i = 0; i < nv; i += W) {
+          const Vec pr = Vec::loadu(eb + i) * fb;
+          const Vec s = Vec::loadu(sc.s.data() + i);
+          Vec g;
+          if (ce) {
+            g = zero - ks * pr * ((s - ms) * inv_t + off);
+          } else {
+            g = ks * pr * ((Vec::loadu(sc.t.data() + i) - s) * inv_t + off);
+          }
+          // No teacher mass, no gradient (p == 0 meets a -inf log p otherwise); NaN p stays NaN.
+          g = Vec::blendv(g, zero, pr == zero);
+          g.store(sc.gt.data() + i);
+        }
+        store_as(sc.gt.data(), gtrow + c0, n);
+      }
+    }
+  }
+}
+
+template <typename S, typename T>
+void kd_forward_typed(const KDParams& p) {
+  using A = std::conditional_t<std::is_same_v<S, double> || std::is_same_v<T, double>, double, float>;
+  // Rows per task: enough work per task to amortise the scratch allocation.
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(p.vocab, 1));
+  at::parallel_for(0, p.n_rows, grain,
+                   [&](int64_t begin, int64_t end) { kd_forward_rows<S, T, A>(p, begin, end); });
+}
+
+template <typename S>
+void kd_forward_teacher_switch(const KDParams& p) {
+  switch (p.teacher_dtype) {
+    case DType::Float16: return kd_forward_typed<S, c10::Half>(p);
+    case DType::BFloat16: return kd_forward_typed<S, c10::BFloat16>(p);
+    case DType::Float32: return kd_forward_typed<S, float>(p);
+    case DType::Float64: return kd_forward_typed<S, double>(p);
+  }
+}
+
+inline void kd_forward(const KDParams& p) {
+  switch (p.student_dtype) {
+    case DType::Float16: return kd_forward_teacher_switch<c10::Half>(p);
+    case DType::BFloat16: return kd_forward_teacher_switch<c10::BFloat16>(p);
+    case DType::Float32: return kd_forward_teacher_switch<float>(p);
+    case DType::Float64: return kd_forward_teacher_switch<double>(p);
+  }
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace kdfused::cpu
+
+namespace kdfused::cpu {
+ForwardFn KD_ISA_ENTRY() { return &CPU_CAPABILITY::kd_forward; }
+}  // namespace kdfused::cpu

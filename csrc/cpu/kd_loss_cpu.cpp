@@ -1,0 +1,181 @@
+// kd_loss_cpu.cpp -- CPU implementations of the kdfused ops and the instruction-set dispatch.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "../kd_host.h"
+#include "kd_cpu_dispatch.h"
+
+namespace kdfused::cpu {
+
+namespace {
+
+enum class Isa : int { Default = 0, AVX2 = 1, AVX512 = 2 };
+
+bool cpu_supports(Isa isa) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  switch (isa) {
+    case Isa::Default: return true;
+    case Isa::AVX2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    case Isa::AVX512:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  }
+  return false;
+#else
+  return isa == Isa::Default;
+#endif
+}
+
+ForwardFn entry(Isa isa) {
+  switch (isa) {
+    case Isa::AVX512: return forward_avx512();
+    case Isa::AVX2: return forward_avx2();
+    default: return forward_default();
+  }
+}
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::AVX512: return "avx512";
+    case Isa::AVX2: return "avx2";
+    default: return "default";
+  }
+}
+
+bool usable(Isa isa) { return entry(isa) != nullptr && cpu_supports(isa); }
+
+Isa widest() {
+  for (Isa isa : {Isa::AVX512, Isa::AVX2}) {
+    if (usable(isa)) return isa;
+  }
+  return Isa::Default;
+}
+
+Isa parse_isa(const std::string& name) {
+  if (name == "auto") return widest();
+  for (Isa isa : {Isa::Default, Isa::AVX2, Isa::AVX512}) {
+    if (name == isa_name(isa)) {
+      TORCH_CHECK_VALUE(usable(isa), "kdfused: CPU instruction set '", name,
+                        "' is not compiled in or not supported by this CPU");
+      return isa;
+    }
+  }
+  TORCH_CHECK_VALUE(false, "kdfused: unknown CPU instruction set '", name,
+                    "' (expected auto, default, avx2 or avx512)");
+}
+
+std::atomic<int>& selected() {
+  static std::atomic<int> isa{[] {
+    const char* env = std::getenv("KDFUSED_CPU_ISA");
+    return static_cast<int>(env && *env ? parse_isa(env) : widest());
+  }()};
+  return isa;
+}
+
+}  // namespace
+
+void run_forward(const KDParams& p) { entry(static_cast<Isa>(selected().load()))(p); }
+
+std::string selected_isa_name() { return isa_name(static_cast<Isa>(selected().load())); }
+
+std::vector<std::string> compiled_isa_names() {
+  std::vector<std::string> names;
+  for (Isa isa : {Isa::Default, Isa::AVX2, Isa::AVX512}) {
+    if (usable(isa)) names.emplace_back(isa_name(isa));
+  }
+  return names;
+}
+
+void set_isa(const std::string& name) { selected().store(static_cast<int>(parse_isa(name))); }
+
+}  // namespace kdfused::cpu
+
+namespace kdfused {
+
+namespace {
+
+// Label values are checked here, before anything is computed (the shapes in check_inputs).
+int64_t count_valid_rows(const at::Tensor& labels, int64_t n_rows, int64_t V, int64_t ignore_index) {
+  if (!labels.defined()) return n_rows;
+  const int64_t* y = labels.data_ptr<int64_t>();
+  int64_t n_valid = 0;
+  for (int64_t r = 0; r < n_rows; ++r) {
+    if (y[r] == ignore_index) continue;
+    TORCH_CHECK_VALUE(y[r] >= 0 && y[r] < V, "kdfused: labels must be in [0, ", V,
+                      ") or equal ignore_index (", ignore_index, "), got ", y[r], " at row ", r);
+    ++n_valid;
+  }
+  return n_valid;
+}
+
+template <typename A>
+void reduce_rows(const KDParams& p, int64_t n_valid) {
+  // Fixed order, in double: deterministic and independent of the thread count.
+  const A* row = static_cast<const A*>(p.row_loss);
+  double total = 0;
+  for (int64_t r = 0; r < p.n_rows; ++r) total += static_cast<double>(row[r]);
+  if (p.reduction == Reduction::Mean) total /= static_cast<double>(std::max<int64_t>(n_valid, 1));
+  *static_cast<A*>(p.loss) = static_cast<A>(total);
+}
+
+KDOutputs kd_loss_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                      const std::optional<at::Tensor>& labels, double temperature, double soft_weight,
+                      double hard_weight, c10::string_view divergence, int64_t ignore_index,
+                      c10::string_view reduction, bool grad_student, bool grad_teacher) {
+  const std::string_view div(divergence.data(), divergence.size());
+  const std::string_view red(reduction.data(), reduction.size());
+  check_inputs(student, teacher, labels, temperature, soft_weight, hard_weight, div, red);
+  Prepared prep = prepare(student, teacher, labels, temperature, soft_weight, hard_weight, div,
+                          ignore_index, red, grad_student, grad_teacher);
+  KDParams& p = prep.params;
+  const int64_t n_valid = count_valid_rows(prep.labels, p.n_rows, p.vocab, ignore_index);
+  p.grad_scale = p.reduction == Reduction::Mean ? 1.0 / static_cast<double>(std::max<int64_t>(n_valid, 1)) : 1.0;
+  if (p.n_rows > 0) cpu::run_forward(p);
+  if (p.reduction != Reduction::None) {
+    if (prep.loss.scalar_type() == at::kDouble) {
+      reduce_rows<double>(p, n_valid);
+    } else {
+      reduce_rows<float>(p, n_valid);
+    }
+  }
+  return outputs_of(prep);
+}
+
+// Rescales saved gradients from the grad_output they were made for (grad_scale) to grad_output.
+void kd_scale_grads_cpu(at::Tensor& grad_student, at::Tensor& grad_teacher, at::Tensor& grad_scale,
+                        const at::Tensor& grad_output) {
+  TORCH_CHECK(grad_output.sizes() == grad_scale.sizes(), "kdfused: grad_output has shape ",
+              grad_output.sizes(), ", expected ", grad_scale.sizes());
+  const at::Tensor g = grad_output.to(grad_scale.scalar_type()).contiguous();
+  if (at::equal(g, grad_scale)) return;  // loss.backward(): nothing to do (CPU tensors, no sync)
+  // The factor per row; a gradient last scaled by 0 (or inf/NaN) is lost: NaN, never silently 0.
+  at::Tensor factor = g / grad_scale;
+  factor = at::where(at::isfinite(grad_scale) & (grad_scale != 0), factor, at::full_like(factor, NAN));
+  factor = at::where(g == grad_scale, at::ones_like(factor), factor);
+  for (at::Tensor* grad : {&grad_student, &grad_teacher}) {
+    if (grad->numel() == 0) continue;
+    // Factors stay in float/double: a bfloat16 factor would round 3.7 to 3.703.
+    if (factor.dim() == 0) {
+      grad->mul_(factor.item<double>());
+    } else {
+      // reduction "none": one factor per row; the gradient has the input's shape (..., V).
+      grad->mul_(factor.unsqueeze(-1));
+    }
+  }
+  grad_scale.copy_(g);
+}
+
+}  // namespace
+
+}  // namespace kdfused
+
+TORCH_LIBRARY_IMPL(kdfused, CPU, m) {
+  m.impl("kd_loss", &kdfused::kd_loss_cpu);
+  m.impl("kd_scale_grads_", &kdfused::kd_scale_grads_cpu);
+}

@@ -1,0 +1,66 @@
+// kd_params.h -- the only contract between the host code and every backend kernel.
+//
+// A plain struct: pointers, sizes, strides and scalars. No at::Tensor, so the CPU kernels (compiled
+// once per instruction set) and the CUDA kernels see exactly the same thing.
+#pragma once
+
+#include <cstdint>
+
+namespace kdfused {
+
+// Leading ("row") dimensions after coalescing; more than this and the host makes a contiguous copy.
+constexpr int kMaxRowDims = 4;
+
+// Soft-target divergence. Values are part of the ABI between host and kernels; new divergences
+// (reverse KL, JSD) get new values.
+enum class Divergence : int32_t { KL = 0, CE = 1 };
+
+// "batchmean" and "mean" are the same thing here: sum over valid rows / number of valid rows.
+enum class Reduction : int32_t { Mean = 0, Sum = 1, None = 2 };
+
+enum class DType : int32_t { Float16 = 0, BFloat16 = 1, Float32 = 2, Float64 = 3 };
+
+struct KDParams {
+  // ---- inputs -------------------------------------------------------------------------------
+  const void* student = nullptr;     // logits, dtype student_dtype, last dim contiguous
+  const void* teacher = nullptr;     // logits, dtype teacher_dtype, last dim contiguous
+  const int64_t* labels = nullptr;   // [n_rows] contiguous, or nullptr (no labels: all rows valid)
+  DType student_dtype = DType::Float32;
+  DType teacher_dtype = DType::Float32;
+
+  int64_t n_rows = 0;  // product of the leading dims
+  int64_t vocab = 0;   // V, the last dim
+
+  // Row r -> element offset: r is decomposed over row_sizes (last dim fastest) and dotted with the
+  // strides (in elements). Covers contiguous inputs (row_ndim 1, stride V) and row-strided views such
+  // as logits[:, :-1] without a copy.
+  int32_t row_ndim = 1;
+  int64_t row_sizes[kMaxRowDims] = {0, 0, 0, 0};
+  int64_t student_strides[kMaxRowDims] = {0, 0, 0, 0};
+  int64_t teacher_strides[kMaxRowDims] = {0, 0, 0, 0};
+
+  int64_t ignore_index = -100;
+
+  // ---- scalars ------------------------------------------------------------------------------
+  double temperature = 1.0;
+  double inv_temperature = 1.0;
+  double soft_weight = 1.0;  // the soft term is skipped entirely when 0 (no 0 * inf)
+  double hard_weight = 0.0;  // the hard term is skipped entirely when 0
+  Divergence divergence = Divergence::KL;
+  Reduction reduction = Reduction::Mean;
+
+  // ---- outputs ------------------------------------------------------------------------------
+  // Per-row loss in the accumulation type (float, or double for float64 inputs), 0 at ignored rows.
+  void* row_loss = nullptr;
+  // Reduced loss (0-dim, accumulation type); unused for Reduction::None.
+  void* loss = nullptr;
+  // Gradients of the *reduced* loss (grad_output = 1), contiguous [n_rows, vocab], in the dtype of
+  // their input; nullptr when not requested.
+  void* grad_student = nullptr;
+  void* grad_teacher = nullptr;
+  // CPU: the gradient scale of the reduction (1 / max(n_valid, 1) for Mean, else 1), known on the
+  // host. The CUDA backend computes it on the device instead (no host sync).
+  double grad_scale = 1.0;
+};
+
+}  // namespace kdfused

@@ -1,0 +1,99 @@
+"""Typed wrappers over ``torch.ops.kdfused.*``: fake (meta) kernels and autograd registration.
+
+The forward op returns the loss *and* the gradients of the reduced loss for grad_output = 1, which
+the backward only has to scale. That scaling is itself an op (``kd_scale_grads_``) that works in
+place and decides on the device whether there is anything to do, so ``loss.backward()`` costs no
+pass over the N x V gradient and no host-device sync.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _C  # noqa: F401  (loads the library that defines torch.ops.kdfused)
+
+_lib_ops = torch.ops.kdfused
+
+
+def _acc_dtype(a: torch.Tensor, b: torch.Tensor) -> torch.dtype:
+    return torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
+
+
+@torch.library.register_fake("kdfused::kd_loss")
+def _kd_loss_fake(student, teacher, labels, temperature, soft_weight, hard_weight, divergence,
+                  ignore_index, reduction, grad_student, grad_teacher):
+    torch._check(student.shape == teacher.shape, lambda: "kdfused: student and teacher shapes differ")
+    acc = _acc_dtype(student, teacher)
+    loss_shape = student.shape[:-1] if reduction == "none" else ()
+    loss = student.new_empty(loss_shape, dtype=acc)
+    gs = torch.empty(student.shape, dtype=student.dtype, device=student.device) if grad_student \
+        else student.new_empty((0,))
+    gt = torch.empty(teacher.shape, dtype=teacher.dtype, device=teacher.device) if grad_teacher \
+        else teacher.new_empty((0,))
+    return loss, gs, gt, torch.empty_like(loss)
+
+
+@torch.library.register_fake("kdfused::kd_scale_grads_")
+def _kd_scale_grads_fake(grad_student, grad_teacher, grad_scale, grad_output):
+    return None
+
+
+def _setup_context(ctx, inputs, output):
+    _, gs, gt, scale = output
+    ctx.mark_non_differentiable(gs, gt, scale)
+    # The backward receives no gradient for those outputs; don't let autograd fill an N x V zeros
+    # tensor for each of them.
+    ctx.set_materialize_grads(False)
+    # Plain attributes, not save_for_backward: kd_scale_grads_ updates them in place, and the
+    # version check of saved tensors would (rightly, in general) refuse a second backward.
+    ctx.kd_grads = (gs, gt, scale)
+    ctx.kd_need = (inputs[9], inputs[10])  # grad_student, grad_teacher flags
+
+
+def _traced(t: torch.Tensor) -> bool:
+    # Under torch.compile / AOTAutograd the backward is traced into a functional graph, where an
+    # in-place update of a saved forward output is not allowed: use an out-of-place scaling there.
+    return torch.compiler.is_compiling() or type(t) is not torch.Tensor
+
+
+def _graph_kept() -> bool:
+    keep = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if keep is None else bool(keep())
+
+
+def _backward(ctx, grad_loss, _gs, _gt, _scale):
+    gs, gt, scale = ctx.kd_grads
+    need_s, need_t = ctx.kd_need
+    if not _graph_kept():
+        # Last backward through this graph: let go of the saved gradients, so that autograd can
+        # hand them on (e.g. into a leaf's .grad) without a copy, and the memory goes with them.
+        ctx.kd_grads = None
+    if grad_loss is None:
+        return (None,) * 11
+    if _traced(grad_loss):
+        g = grad_loss.unsqueeze(-1) if grad_loss.dim() > 0 else grad_loss
+        gs = gs * g if need_s else None
+        gt = gt * g if need_t else None
+    else:
+        torch.ops.kdfused.kd_scale_grads_(gs, gt, scale, grad_loss)
+        gs = gs if need_s else None
+        gt = gt if need_t else None
+    return (gs, gt) + (None,) * 9
+
+
+torch.library.register_autograd("kdfused::kd_loss", _backward, setup_context=_setup_context)
+
+
+def kd_loss_op(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor],
+               temperature: float, soft_weight: float, hard_weight: float, divergence: str,
+               ignore_index: int, reduction: str) -> torch.Tensor:
+    """Calls the fused op, asking for the gradients that autograd will need (none under no_grad)."""
+    grad_on = torch.is_grad_enabled()
+    need_s = grad_on and student.requires_grad
+    need_t = grad_on and teacher.requires_grad
+    loss, _, _, _ = _lib_ops.kd_loss(student, teacher, labels, float(temperature),
+                                     float(soft_weight), float(hard_weight), divergence,
+                                     int(ignore_index), reduction, need_s, need_t)
+    return loss

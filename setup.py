@@ -1,0 +1,120 @@
+"""Build kdfused: the C++ CPU kernel always, the CUDA kernel when a CUDA build of PyTorch and nvcc
+are present (no GPU needed to compile). Install with ``pip install --no-build-isolation -e .`` so the
+build sees the installed torch.
+
+Environment:
+  KDFUSED_CUDA=0/1        force the CUDA sources off/on (default: on when torch.version.cuda and nvcc)
+  TORCH_CUDA_ARCH_LIST    GPU architectures (default "8.0;9.0")
+  CUDA_HOME               the CUDA toolkit root (default: asked from nvcc itself)
+  MAX_JOBS                parallel compile jobs (ninja)
+"""
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def find_cuda_home():
+    """The toolkit root. nvcc may be a wrapper script outside the toolkit (then torch's guess,
+    dirname(dirname(nvcc)), is wrong), so ask nvcc where it lives."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return os.environ[var]
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return "/usr/local/cuda" if os.path.exists("/usr/local/cuda/bin/nvcc") else None
+    try:
+        out = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True, timeout=120)
+        m = re.search(r"^#\$ TOP=(.*)$", out.stdout + out.stderr, re.M)
+        if m:
+            return os.path.realpath(m.group(1).strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+
+
+def want_cuda(torch_cuda, cuda_home):
+    flag = os.environ.get("KDFUSED_CUDA", "").strip()
+    if flag in ("0", "1"):
+        if flag == "1" and (torch_cuda is None or cuda_home is None):
+            sys.exit("KDFUSED_CUDA=1 but torch has no CUDA build or no CUDA toolkit (nvcc) was found")
+        return flag == "1"
+    return torch_cuda is not None and cuda_home is not None
+
+
+def pip_cuda_include_shim(cuda_home):
+    """Headers such as cusparse.h, which torch's CUDA headers include, may exist only in the
+    `nvidia` pip packages that torch depends on. Link just the missing ones into a build folder that
+    goes on the include path (after nothing of the toolkit's is shadowed)."""
+    toolkit_inc = os.path.join(cuda_home, "include")
+    shim = os.path.join(ROOT, "build", "cuda_include_shim")
+    shutil.rmtree(shim, ignore_errors=True)
+    os.makedirs(shim)
+    added = 0
+    for sp in sys.path:
+        for inc in sorted(glob.glob(os.path.join(sp, "nvidia", "*", "include"))):
+            for name in os.listdir(inc):
+                if not os.path.exists(os.path.join(toolkit_inc, name)) and not os.path.lexists(
+                        os.path.join(shim, name)):
+                    os.symlink(os.path.join(inc, name), os.path.join(shim, name))
+                    added += 1
+    return shim if added else None
+
+
+CUDA_HOME = find_cuda_home()
+if CUDA_HOME and not os.environ.get("CUDA_HOME"):
+    os.environ["CUDA_HOME"] = CUDA_HOME  # before torch.utils.cpp_extension reads it
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+WITH_CUDA = want_cuda(torch.version.cuda, CUDA_HOME)
+
+# Link order matters: the portable objects come first so that, for inline functions that several
+# objects define, the linker keeps their copy and not one compiled for AVX2/AVX-512.
+sources = [
+    "csrc/kdfused.cpp",
+    "csrc/cpu/kd_loss_cpu.cpp",
+    "csrc/cpu/kd_kernel_default.cpp",
+    "csrc/cpu/kd_kernel_avx2.cpp",
+    "csrc/cpu/kd_kernel_avx512.cpp",
+]
+cxx_flags = ["-O3", "-fvisibility=hidden"]
+nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+include_dirs = [os.path.join(ROOT, "csrc")]
+define_macros = []
+
+if WITH_CUDA:
+    sources += sorted(glob.glob("csrc/cuda/*.cu"))
+    define_macros.append(("KDFUSED_WITH_CUDA", "1"))
+    shim = pip_cuda_include_shim(CUDA_HOME)
+    if shim:
+        include_dirs.append(shim)
+    ext = CUDAExtension("kdfused._C", sources, include_dirs=include_dirs, define_macros=define_macros,
+                        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags})
+else:
+    ext = CppExtension("kdfused._C", sources, include_dirs=include_dirs, define_macros=define_macros,
+                       extra_compile_args={"cxx": cxx_flags})
+
+print(f"kdfused: building with CUDA={'on' if WITH_CUDA else 'off'}"
+      + (f" (CUDA_HOME={CUDA_HOME}, arch {os.environ['TORCH_CUDA_ARCH_LIST']})" if WITH_CUDA else ""))
+
+setup(
+    name="kdfused",
+    version="0.1.0",
+    description="Fused knowledge-distillation loss for PyTorch (CPU and CUDA kernels)",
+    packages=find_packages(include=["kdfused", "kdfused.*"]),
+    ext_modules=[ext],
+    cmdclass={"build_ext": BuildExtension},
+    python_requires=">=3.9",
+    install_requires=["torch>=2.4"],
+)
