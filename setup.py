@@ -83,6 +83,7 @@ WITH_CUDA = want_cuda(torch.version.cuda, CUDA_HOME)
 # objects define, the linker keeps their copy and not one compiled for AVX2/AVX-512.
 sources = [
     "csrc/kdfused.cpp",
+    "csrc/kd_python.cpp",
     "csrc/cpu/kd_loss_cpu.cpp",
     "csrc/cpu/kd_kernel_default.cpp",
     "csrc/cpu/kd_kernel_avx2.cpp",

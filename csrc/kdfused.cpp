@@ -1,10 +1,11 @@
-// kdfused.cpp -- the op schemas, the argument checks every backend shares, KDParams construction,
-// and the small Python module (build information, option checks).
+// kdfused.cpp -- the op schemas, the argument checks every backend shares, KDParams construction.
+// (The Python module is kd_python.cpp; this file is all a C++-only build needs besides the kernels.)
 //
 // The schema is the single source of truth; CPU (cpu/kd_loss_cpu.cpp) and CUDA
 // (cuda/kd_loss_cuda.cu) register implementations of it. Autograd and fake tensors are registered
 // from Python (kdfused/_ops.py).
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <cmath>
 #include <cstdint>
@@ -16,7 +17,6 @@
 #include <string>
 #include <vector>
 
-#include "cpu/kd_cpu_dispatch.h"
 #include "kd_host.h"
 
 namespace kdfused {
@@ -245,32 +245,3 @@ TORCH_LIBRARY(kdfused, m) {
       "Tensor grad_output) -> ()");
 }
 
-namespace {
-
-pybind11::dict build_info() {
-  pybind11::dict d;
-#ifdef KDFUSED_WITH_CUDA
-  d["cuda"] = true;
-#else
-  d["cuda"] = false;
-#endif
-  d["cpu_isa"] = kdfused::cpu::selected_isa_name();
-  pybind11::list isas;
-  for (const auto& name : kdfused::cpu::compiled_isa_names()) isas.append(name);
-  d["cpu_isa_compiled"] = isas;
-  return d;
-}
-
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "kdfused native module: the ops live in torch.ops.kdfused";
-  m.def("build_info", &build_info, "How this build was compiled: CUDA support, CPU instruction sets.");
-  m.def(
-      "check_options",
-      [](double temperature, double soft_weight, double hard_weight, const std::string& divergence,
-         const std::string& reduction) {
-        kdfused::check_options(temperature, soft_weight, hard_weight, divergence, reduction);
-      },
-      "Raises ValueError unless the loss options are valid.");
-}

@@ -1,0 +1,38 @@
+// kd_python.cpp -- the small Python module kdfused._C: build information and option checks.
+// The ops themselves are registered with the dispatcher (kdfused.cpp) and live in torch.ops.kdfused.
+#include <torch/extension.h>
+
+#include "cpu/kd_cpu_dispatch.h"
+#include "kd_host.h"
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict d;
+#ifdef KDFUSED_WITH_CUDA
+  d["cuda"] = true;
+#else
+  d["cuda"] = false;
+#endif
+  d["cpu_isa"] = kdfused::cpu::selected_isa_name();
+  pybind11::list isas;
+  for (const auto& name : kdfused::cpu::compiled_isa_names()) isas.append(name);
+  d["cpu_isa_compiled"] = isas;
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "kdfused native module: the ops live in torch.ops.kdfused";
+  m.def("build_info", &build_info, "How this build was compiled: CUDA support, CPU instruction sets.");
+  m.def("set_cpu_isa", &kdfused::cpu::set_isa,
+        "Forces the CPU kernel's instruction set: 'auto', 'default', 'avx2' or 'avx512'.");
+  m.def(
+      "check_options",
+      [](double temperature, double soft_weight, double hard_weight, const std::string& divergence,
+         const std::string& reduction) {
+        kdfused::check_options(temperature, soft_weight, hard_weight, divergence, reduction);
+      },
+      "Raises ValueError unless the loss options are valid.");
+}
