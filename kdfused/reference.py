@@ -60,12 +60,18 @@ def kd_loss(
         log_p = F.log_softmax(t / T, dim=-1)
         p = log_p.exp()
         # Where the teacher has no mass (p == 0, e.g. a masked -inf logit) the term is 0 by
-        # definition; computing it would give 0 * (-inf) = NaN, hence the where().
-        has_mass = p > 0
+        # definition; computing it would give 0 * (-inf) = NaN, hence the where(). A NaN p (a
+        # teacher row that is -inf everywhere has no distribution) stays NaN.
+        # The logs are replaced where there is no mass too: where() passes a zero gradient to the
+        # branch it did not select, and 0 * (-inf) in that branch's backward would still be NaN.
+        no_mass = p == 0
+        zero = torch.zeros_like(p)
+        log_p = torch.where(no_mass, zero, log_p)
+        log_q = torch.where(no_mass, zero, log_q)
         if divergence == "kl":
-            term = torch.where(has_mass, p * (log_p - log_q), torch.zeros_like(p))
+            term = torch.where(no_mass, zero, p * (log_p - log_q))
         else:
-            term = torch.where(has_mass, -p * log_q, torch.zeros_like(p))
+            term = torch.where(no_mass, zero, -p * log_q)
         row = row + soft_weight * T * T * term.sum(-1)
 
     if labels is not None:
