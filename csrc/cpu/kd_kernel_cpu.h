@@ -69,22 +69,52 @@ inline A hmax(const Vectorized<A>& v) {
   return m;
 }
 
-// Loads n elements of type S starting at src into dst (type A), converting if needed.
+// n elements of an input in the accumulation type: the input itself when it already has that type
+// (no copy), else a converted copy in buf.
 template <typename S, typename A>
-inline void load_as(const S* src, A* dst, int64_t n) {
+inline const A* chunk_as(const S* src, A* buf, int64_t n) {
   if constexpr (std::is_same_v<S, A>) {
-    std::memcpy(dst, src, n * sizeof(A));
+    (void)buf;
+    (void)n;
+    return src;
   } else {
-    at::vec::convert(src, dst, n);
+    at::vec::convert(src, buf, n);
+    return buf;
   }
 }
 
+// Where a chunk of gradient is computed: straight into the output when it has the accumulation
+// type, else into buf (converted by finish_chunk).
 template <typename S, typename A>
-inline void store_as(const A* src, S* dst, int64_t n) {
+inline A* grad_chunk(S* dst, A* buf) {
   if constexpr (std::is_same_v<S, A>) {
-    std::memcpy(dst, src, n * sizeof(A));
+    (void)buf;
+    return dst;
   } else {
-    at::vec::convert(src, dst, n);
+    return buf;
+  }
+}
+template <typename S, typename A>
+inline void finish_chunk(const A* buf, S* dst, int64_t n) {
+  if constexpr (!std::is_same_v<S, A>) at::vec::convert(buf, dst, n);
+}
+
+// Vector i of a chunk of n elements. Lanes past n read as -inf: exp(-inf) = 0 and the teacher-mass
+// masks drop them, so a partial last vector needs no special code in the sweeps.
+template <typename A>
+inline Vectorized<A> load_chunk(const A* x, int64_t i, int64_t n) {
+  constexpr int64_t W = Vectorized<A>::size();
+  if (i + W <= n) return Vectorized<A>::loadu(x + i);
+  return Vectorized<A>::set(Vectorized<A>(-kd_inf<A>()), Vectorized<A>::loadu(x + i, n - i), n - i);
+}
+
+template <typename A>
+inline void store_chunk(const Vectorized<A>& v, A* x, int64_t i, int64_t n) {
+  constexpr int64_t W = Vectorized<A>::size();
+  if (i + W <= n) {
+    v.store(x + i);
+  } else {
+    v.store(x + i, n - i);
   }
 }
 
@@ -170,16 +200,13 @@ void kd_forward_rows(const KDParams& p, int64_t begin, int64_t end) {
       const int64_t c0 = c * kChunk;
       const int64_t n = std::min(kChunk, V - c0);
       const int64_t nv = (n + W - 1) / W * W;  // padded to whole vectors
-      load_as(srow + c0, sc.s.data(), n);
-      load_as(trow + c0, sc.t.data(), n);
-      // Padding with -inf makes the tail vanish: exp(-inf) = 0 and the masks below drop it.
-      std::fill(sc.s.data() + n, sc.s.data() + nv, -kd_inf<A>());
-      std::fill(sc.t.data() + n, sc.t.data() + nv, -kd_inf<A>());
+      const A* xs = chunk_as(srow + c0, sc.s.data(), n);
+      const A* xt = cfg.soft ? chunk_as(trow + c0, sc.t.data(), n) : nullptr;
 
       Vec vms(-kd_inf<A>()), vmt(-kd_inf<A>());
       for (int64_t i = 0; i < nv; i += W) {
-        vms = at::vec::maximum(vms, Vec::loadu(sc.s.data() + i));
-        if (cfg.soft) vmt = at::vec::maximum(vmt, Vec::loadu(sc.t.data() + i));
+        vms = at::vec::maximum(vms, load_chunk(xs, i, n));
+        if (cfg.soft) vmt = at::vec::maximum(vmt, load_chunk(xt, i, n));
       }
       RowState<A> cs = RowState<A>::empty();
       cs.ms = hmax(vms);
@@ -196,7 +223,7 @@ void kd_forward_rows(const KDParams& p, int64_t begin, int64_t end) {
       A* eb = any_grad && cfg.soft ? sc.eb.data() + c0 : nullptr;
       A* eh = any_grad && cfg.need_zh ? sc.eh.data() + c0 : nullptr;
       for (int64_t i = 0; i < nv; i += W) {
-        const Vec s = Vec::loadu(sc.s.data() + i);
+        const Vec s = load_chunk(xs, i, n);
         const Vec ds = s - sh_s;
         const Vec e_a = vexp(ds * inv_t);
         za += e_a;
@@ -209,7 +236,7 @@ void kd_forward_rows(const KDParams& p, int64_t begin, int64_t end) {
           if (eh) e_h.store(eh + i);
         }
         if (cfg.soft) {
-          const Vec t = Vec::loadu(sc.t.data() + i);
+          const Vec t = load_chunk(xt, i, n);
           const Vec dt = t - sh_t;
           const Vec e_b = vexp(dt * inv_t);
           zb += e_b;
@@ -256,36 +283,38 @@ void kd_forward_rows(const KDParams& p, int64_t begin, int64_t end) {
       const A* eh = cfg.need_zh ? sc.eh.data() + c0 : ea;
       const Vec& fh_used = cfg.need_zh ? fh : fa;
       if (want_gs) {
+        A* out = grad_chunk(gsrow + c0, sc.gs.data());
         for (int64_t i = 0; i < nv; i += W) {
           const Vec q = Vec::loadu(ea + i) * fa;
           Vec g = zero;
           if (cfg.soft) g = ks * (q - Vec::loadu(eb + i) * fb);
           if (p.hard_weight > 0) g = g + kh * (Vec::loadu(eh + i) * fh_used);
-          g.store(sc.gs.data() + i);
+          store_chunk(g, out, i, n);
         }
-        if (p.hard_weight > 0 && y >= c0 && y < c0 + n) sc.gs[y - c0] -= res.kh;
-        store_as(sc.gs.data(), gsrow + c0, n);
+        if (p.hard_weight > 0 && y >= c0 && y < c0 + n) out[y - c0] -= res.kh;
+        finish_chunk(out, gsrow + c0, n);
       }
       if (want_gt) {
         // The teacher gradient needs the logits again (re-read: the chunk is usually still cached).
-        load_as(srow + c0, sc.s.data(), n);
-        load_as(trow + c0, sc.t.data(), n);
+        const A* xs = chunk_as(srow + c0, sc.s.data(), n);
+        const A* xt = chunk_as(trow + c0, sc.t.data(), n);
+        A* out = grad_chunk(gtrow + c0, sc.gt.data());
         const Vec off(res.kt_off);
         const Vec ms(res.ms);
         for (int64_t i = 0; i < nv; i += W) {
           const Vec pr = Vec::loadu(eb + i) * fb;
-          const Vec s = Vec::loadu(sc.s.data() + i);
+          const Vec s = load_chunk(xs, i, n);
           Vec g;
           if (ce) {
             g = zero - ks * pr * ((s - ms) * inv_t + off);
           } else {
-            g = ks * pr * ((Vec::loadu(sc.t.data() + i) - s) * inv_t + off);
+            g = ks * pr * ((load_chunk(xt, i, n) - s) * inv_t + off);
           }
           // No teacher mass, no gradient (p == 0 meets a -inf log p otherwise); NaN p stays NaN.
           g = Vec::blendv(g, zero, pr == zero);
-          g.store(sc.gt.data() + i);
+          store_chunk(g, out, i, n);
         }
-        store_as(sc.gt.data(), gtrow + c0, n);
+        finish_chunk(out, gtrow + c0, n);
       }
     }
   }
