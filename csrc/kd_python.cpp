@@ -29,6 +29,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_cpu_isa", &kdfused::cpu::set_isa,
         "Forces the CPU kernel's instruction set: 'auto', 'default', 'avx2' or 'avx512'.");
   m.def(
+      "check_inputs",
+      [](const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
+         double temperature, double soft_weight, double hard_weight, const std::string& divergence,
+         const std::string& reduction) {
+        kdfused::check_inputs(student, teacher, labels, temperature, soft_weight, hard_weight, divergence,
+                              reduction);
+      },
+      "The op's argument checks (shapes, dtypes, devices, options), for fake/meta tensors.");
+  m.def(
       "check_options",
       [](double temperature, double soft_weight, double hard_weight, const std::string& divergence,
          const std::string& reduction) {
