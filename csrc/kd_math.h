@@ -2,7 +2,7 @@
 //
 // One row (T = temperature, a = s/T, b = t/T):
 //   log q = a - LSE(a)      log p = b - LSE(b)      (student, teacher tempered log-probabilities)
-//   KL    = sum p (b - a) - LSE(b) + LSE(a)         CE = LSE(a) - sum p a = KL + H(p)
+//   KL    = sum p (log p - log q)                   CE = -sum p log q = KL + H(p)
 //   hard  = LSE(s) - s_y                                               (T = 1)
 //   row   = soft_weight * T^2 * (KL or CE) + hard_weight * hard
 // Gradients (of row):
@@ -12,9 +12,10 @@
 //
 // Everything a row needs is gathered in one read as a RowState: running maxima of the raw logits
 // and sums of exponentials relative to them. Maxima are kept in *raw logit units* (max s, max t),
-// not tempered ones: (s - max s) is exact for nearby values (Sterbenz), and multiplying by 1/T
-// afterwards loses nothing, whereas s/T - max(s/T) cancels two rounded numbers (|s| ~ 1e4 with
-// T = 0.05 would lose the second decimal). Partial states of any two pieces of a row combine with
+// not tempered ones, and every per-element quantity is formed from differences to them:
+// (s - max s) is exact for nearby values (Sterbenz) and multiplying by 1/T afterwards loses
+// nothing, whereas s/T - max(s/T), or KL written as sum p (b - a) - (LSE(b) - LSE(a)), cancels
+// large rounded numbers (a teacher offset by 1e4 at T = 0.05 would lose the second decimal). Partial states of any two pieces of a row combine with
 // merge(); the CPU kernel merges chunks of a row, the CUDA kernel threads, warps and CTAs, so the
 // CPU tests cover this code for both.
 #pragma once
@@ -37,7 +38,12 @@ KD_HD A kd_inf() {
 
 KD_HD float kd_exp(float x) {
 #if defined(__CUDA_ARCH__)
-  return ::expf(x);
+  // The fast exp (ex2.approx of x * log2 e: 2 + 1.2 |x| ulp, flushes results below 2^-126 to 0),
+  // the device's counterpart of the CPU kernel's exp_u20. The arguments here are <= 0 and the
+  // terms that matter have |x| of a few units. Why not expf: the fused kernel does up to 5 exps
+  // per element, and expf's range reduction (~7 FMA-pipe instructions each) would make it
+  // ALU-bound above the HBM floor on H100/H200; __expf is one FMUL + one MUFU.EX2.
+  return __expf(x);
 #else
   return std::exp(x);
 #endif
@@ -86,7 +92,7 @@ struct RowState {
   A zh;  // sum exp(s - ms)                                  (need_zh)
   A mt;  // max teacher logit (raw units)                    (soft)
   A zb;  // sum exp((t - mt) / T)                             (soft)
-  A cx;  // sum exp((t - mt) / T) * (t - s) / T    = zb * sum p (b - a)      (soft)
+  A cx;  // sum exp((t - mt) / T) * ((t - mt) - (s - ms)) / T = zb * (KL + log zb - log za)  (soft)
   A ch;  // sum exp((t - mt) / T) * (t - mt) / T   = zb * sum p (b - max b)  (need_ch)
 
   KD_HD static RowState empty() {
@@ -107,24 +113,27 @@ KD_HD A rescale_factor(A m_old, A m_new, A scale) {
 }
 
 // Moves a state to larger maxima (ms_new >= st.ms, mt_new >= st.mt), keeping what it represents.
+// The cross and entropy terms hold differences to the maxima, so they shift as the maxima move:
+// (x - m_new) = (x - m_old) - (m_new - m_old). Every shift is guarded by zb > 0: with no teacher
+// mass the terms are 0, and the shift of an empty state (m_old = -inf) would be inf * 0 = NaN.
 template <typename A>
 KD_HD void rescale(RowState<A>& st, A ms_new, A mt_new, const RowConfig<A>& cfg) {
   if (ms_new != st.ms) {
     st.za *= rescale_factor(st.ms, ms_new, cfg.inv_t);
     if (cfg.need_zh) st.zh *= rescale_factor(st.ms, ms_new, A(1));
+    // -(s - ms_new) = -(s - ms_old) + (ms_new - ms_old). If ms_old is -inf while the teacher has
+    // mass, cx is already +inf (a masked student under teacher mass) and stays +inf.
+    if (cfg.soft && st.zb > A(0)) st.cx += (ms_new - st.ms) * cfg.inv_t * st.zb;
     st.ms = ms_new;
   }
   if (cfg.soft && mt_new != st.mt) {
     const A alpha = rescale_factor(st.mt, mt_new, cfg.inv_t);
-    if (cfg.need_ch && st.zb > A(0)) {
-      // (t - mt_new) = (t - mt_old) - (mt_new - mt_old): shift the entropy term before scaling.
-      // Guarded by zb > 0: an empty state has mt_old = -inf and the shift would be inf * 0.
-      st.ch = alpha * (st.ch - (mt_new - st.mt) * cfg.inv_t * st.zb);
-    } else {
-      st.ch *= alpha;
+    if (st.zb > A(0)) {
+      const A shift = (mt_new - st.mt) * cfg.inv_t * st.zb;
+      st.cx = alpha * (st.cx - shift);
+      if (cfg.need_ch) st.ch = alpha * (st.ch - shift);
     }
     st.zb *= alpha;
-    st.cx *= alpha;
     st.mt = mt_new;
   }
 }
@@ -150,10 +159,10 @@ KD_HD void accumulate(RowState<A>& st, A s, A t, const RowConfig<A>& cfg, A& ea,
     eb = kd_exp(dt * cfg.inv_t);
     st.zb += eb;
     // A teacher without mass here (eb == 0, e.g. a masked -inf logit) contributes nothing: its
-    // (t - s) may be -inf and 0 * -inf would be NaN. A student -inf under teacher mass gives
-    // (t - s) = +inf and KL = +inf, as the maths says.
+    // dt is -inf and 0 * -inf would be NaN. A student -inf under teacher mass gives ds = -inf,
+    // dt - ds = +inf and KL = +inf, as the maths says.
     if (eb > A(0)) {
-      st.cx += eb * ((t - s) * cfg.inv_t);
+      st.cx += eb * ((dt - ds) * cfg.inv_t);
       if (cfg.need_ch) st.ch += eb * (dt * cfg.inv_t);
     }
   } else {
@@ -199,7 +208,7 @@ struct RowResult {
   A log_zh;          // log sum exp(s - ms)
   A ks;              // soft_weight * T * grad_scale     (0 when the soft term is off or row ignored)
   A kh;              // hard_weight * grad_scale          (0 when the hard term is off or row ignored)
-  A kt_off;          // teacher-gradient offset: KL: log za - log zb - (mt - ms)/T - KL;  CE: CE - log za
+  A kt_off;          // teacher-gradient offset: KL: log za - log zb - KL;  CE: CE - log za
 };
 
 // Finishes a row. s_label is the student logit at the label (ignored unless the hard term is on).
@@ -220,15 +229,15 @@ KD_HD RowResult<A> finalize(const RowState<A>& st, const RowConfig<A>& cfg, bool
   r.kt_off = A(0);
   if (!valid) return r;
   if (cfg.soft) {
-    // KL = sum p (b - a) - LSE(b) + LSE(a), with LSE(b) - LSE(a) = (mt - ms)/T + log zb - log za.
-    const A kl = st.cx / st.zb - (st.mt - st.ms) * cfg.inv_t - r.log_zb + r.log_za;
+    // KL = sum p (log p - log q), log p - log q = ((t - mt) - (s - ms))/T - log zb + log za.
+    const A kl = st.cx / st.zb - r.log_zb + r.log_za;
     A div = kl;
     if (ce_divergence) {
       // H(p) = log zb - sum p (b - max b)
       div = kl + (r.log_zb - st.ch / st.zb);
       r.kt_off = div - r.log_za;
     } else {
-      r.kt_off = r.log_za - r.log_zb - (st.mt - st.ms) * cfg.inv_t - kl;
+      r.kt_off = r.log_za - r.log_zb - kl;
     }
     r.loss += soft_weight * temperature * temperature * div;
     r.ks = soft_weight * temperature * grad_scale;
@@ -272,8 +281,8 @@ KD_HD A grad_teacher(const RowResult<A>& r, A s, A t, A p, bool ce_divergence, A
     // -T sw p (log q + CE),  log q = (s - ms)/T - log za
     return -r.ks * p * ((s - r.ms) * inv_t + r.kt_off);
   }
-  // T sw p (log p - log q - KL),  log p - log q = (t - s)/T - (mt - ms)/T - log zb + log za
-  return r.ks * p * ((t - s) * inv_t + r.kt_off);
+  // T sw p (log p - log q - KL),  log p - log q = ((t - mt) - (s - ms))/T - log zb + log za
+  return r.ks * p * (((t - r.mt) - (s - r.ms)) * inv_t + r.kt_off);
 }
 
 }  // namespace kdfused

@@ -44,10 +44,13 @@ inline Vectorized<A> vexp(const Vectorized<A>& x) {
   return x.exp();
 }
 // exp_u20: polynomial exp with <= 20 ulp error, several times cheaper than Sleef's 1-ulp exp;
-// exp() is where CPU time goes. Returns 0 for -inf (masked logits) like exp.
+// exp() is where CPU time goes. Returns 0 for -inf (masked logits) like exp. Its value at 0 is
+// 0.9999997, not 1: pinned to 1, because x = 0 is each row's maximum, its largest probability
+// (and for V = 1 the whole distribution, whose loss and gradients must come out exactly 0).
 template <>
 inline Vectorized<float> vexp(const Vectorized<float>& x) {
-  return x.exp_u20();
+  const Vectorized<float> zero(0.f);
+  return Vectorized<float>::blendv(x.exp_u20(), Vectorized<float>(1.f), x == zero);
 }
 
 template <typename A>
@@ -241,10 +244,10 @@ void kd_forward_rows(const KDParams& p, int64_t begin, int64_t end) {
           const Vec e_b = vexp(dt * inv_t);
           zb += e_b;
           if (eb) e_b.store(eb + i);
-          // Only where the teacher has mass: a masked teacher (-inf) has t - s = -inf, and
+          // Only where the teacher has mass: a masked teacher (-inf) has dt = -inf, and
           // 0 * -inf = NaN. A masked student under teacher mass gives +inf, as it should.
           const Vec mass = e_b > zero;
-          cx += Vec::blendv(zero, e_b * ((t - s) * inv_t), mass);
+          cx += Vec::blendv(zero, e_b * ((dt - ds) * inv_t), mass);
           if (cfg.need_ch) ch += Vec::blendv(zero, e_b * (dt * inv_t), mass);
         }
       }
@@ -300,7 +303,7 @@ void kd_forward_rows(const KDParams& p, int64_t begin, int64_t end) {
         const A* xt = chunk_as(trow + c0, sc.t.data(), n);
         A* out = grad_chunk(gtrow + c0, sc.gt.data());
         const Vec off(res.kt_off);
-        const Vec ms(res.ms);
+        const Vec ms(res.ms), mt(res.mt);
         for (int64_t i = 0; i < nv; i += W) {
           const Vec pr = Vec::loadu(eb + i) * fb;
           const Vec s = load_chunk(xs, i, n);
@@ -308,7 +311,7 @@ void kd_forward_rows(const KDParams& p, int64_t begin, int64_t end) {
           if (ce) {
             g = zero - ks * pr * ((s - ms) * inv_t + off);
           } else {
-            g = ks * pr * ((load_chunk(xt, i, n) - s) * inv_t + off);
+            g = ks * pr * (((load_chunk(xt, i, n) - mt) - (s - ms)) * inv_t + off);
           }
           // No teacher mass, no gradient (p == 0 meets a -inf log p otherwise); NaN p stays NaN.
           g = Vec::blendv(g, zero, pr == zero);

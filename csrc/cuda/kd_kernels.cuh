@@ -1,0 +1,815 @@
+// kd_kernels.cuh -- the CUDA kernels of kdfused. Launch policy and constants: kd_launch.h; host
+// wrappers: kd_loss_cuda.cu. The maths is kd_math.h's (shared with the CPU kernel).
+//
+// One row (or one slice of a row) is processed by a "group" of threads: a warp (kWarp) or a CTA
+// (kBlock, possibly one of the `split` CTAs of a cluster). For its slice a group
+//   1. statistics sweep: reads s and t once with 16-byte vector loads (a scalar head peels the row
+//      to 16-byte alignment, a scalar tail finishes it), per vector of W elements: the vector's
+//      maxima, one rescale() of the thread's RowState, then accumulate() per element; optionally
+//      keeps the raw vectors in shared memory (the stage);
+//   2. merges the threads' RowStates with kd_math.h merge() in a fixed order: lanes (shuffle tree),
+//      warps (shared memory, then one warp's shuffle tree), CTAs of a cluster (distributed shared
+//      memory, rank order) or of a two-phase split (global workspace, rank order);
+//   3. finalize() -> RowResult (loss, gradient coefficients scaled by the reduction's gradient
+//      scale, read from the device: no host sync);
+//   4. gradient sweep over the same slice (from the stage, or re-read), writing grad_student and
+//      grad_teacher with 16-byte stores when the output row is aligned like the input row.
+// Ignored rows (label == ignore_index) read nothing and get exact zeros.
+#pragma once
+
+#include <c10/macros/Macros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <cooperative_groups.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "../kd_math.h"
+#include "../kd_params.h"
+#include "kd_launch.h"
+
+#if defined(CUDA_KERNEL_ASSERT_MSG)
+#define KD_LABEL_ASSERT(cond) \
+  CUDA_KERNEL_ASSERT_MSG(cond, "kdfused: label out of range [0, V) and not ignore_index")
+#else
+#define KD_LABEL_ASSERT(cond) CUDA_KERNEL_ASSERT(cond)
+#endif
+
+namespace kdfused::cuda {
+
+// ------------------------------------------------------------------------------------------------
+// Small helpers
+// ------------------------------------------------------------------------------------------------
+
+// Elements per vector: 16 bytes of the narrower input (a wider input then loads 32 bytes).
+template <typename S, typename T>
+constexpr int vec_elems() {
+  return kVecBytes / static_cast<int>(sizeof(S) < sizeof(T) ? sizeof(S) : sizeof(T));
+}
+
+// Storage type -> arithmetic. c10::Half / c10::BFloat16 convert through the cuda_fp16/bf16
+// intrinsics (round to nearest even on the way back).
+template <typename A, typename X>
+__device__ __forceinline__ A to_acc(X x) {
+  return static_cast<A>(x);
+}
+template <typename X, typename A>
+__device__ __forceinline__ X from_acc(A a) {
+  return static_cast<X>(a);
+}
+
+// The 16-byte words holding W elements of X.
+template <typename X, int W>
+struct VecWords {
+  static constexpr int kWords = static_cast<int>(W * sizeof(X)) / kVecBytes;
+  static_assert(kWords >= 1 && kWords * kVecBytes == static_cast<int>(W * sizeof(X)), "vector size");
+  uint4 w[kWords];
+};
+
+template <typename X, int W>
+__device__ __forceinline__ VecWords<X, W> load_words(const X* p) {
+  VecWords<X, W> v;
+#pragma unroll
+  for (int i = 0; i < VecWords<X, W>::kWords; ++i) v.w[i] = __ldg(reinterpret_cast<const uint4*>(p) + i);
+  return v;
+}
+
+template <typename A, typename X, int W>
+__device__ __forceinline__ void unpack(const VecWords<X, W>& v, A (&out)[W]) {
+  const X* x = reinterpret_cast<const X*>(v.w);
+#pragma unroll
+  for (int i = 0; i < W; ++i) out[i] = to_acc<A>(x[i]);
+}
+
+template <typename X, typename A, int W>
+__device__ __forceinline__ VecWords<X, W> pack(const A (&in)[W]) {
+  VecWords<X, W> v;
+  X* x = reinterpret_cast<X*>(v.w);
+#pragma unroll
+  for (int i = 0; i < W; ++i) x[i] = from_acc<X>(in[i]);
+  return v;
+}
+
+__device__ __forceinline__ bool aligned16(const void* p) {
+  return (reinterpret_cast<uintptr_t>(p) & (kVecBytes - 1)) == 0;
+}
+
+// Row r -> element offset (r decomposed over row_sizes, last fastest). Static indexing only (the
+// params live in the constant bank; a dynamic index would copy them to local memory).
+__device__ __forceinline__ int64_t row_offset(const KDParams& p, int64_t r, const int64_t (&strides)[kMaxRowDims]) {
+  int64_t off = 0;
+#pragma unroll
+  for (int d = kMaxRowDims - 1; d >= 0; --d) {
+    if (d < p.row_ndim) {
+      const int64_t size = p.row_sizes[d];
+      const int64_t i = r % size;
+      r /= size;
+      off += i * strides[d];
+    }
+  }
+  return off;
+}
+
+// Writes n copies of zero to p[0, n), threads tid, tid + nthr, ...; 16-byte stores between a
+// scalar head and tail (p may have any element alignment).
+template <typename X>
+__device__ void zero_range(X* p, int64_t n, int tid, int nthr) {
+  constexpr int kW = kVecBytes / static_cast<int>(sizeof(X));
+  const int64_t mis = static_cast<int64_t>((reinterpret_cast<uintptr_t>(p) & (kVecBytes - 1)) / sizeof(X));
+  const int64_t head = mis == 0 ? 0 : (kW - mis < n ? kW - mis : n);
+  for (int64_t i = tid; i < head; i += nthr) p[i] = from_acc<X>(0.0f);
+  const int64_t nvec = (n - head) / kW;
+  uint4* v = reinterpret_cast<uint4*>(p + head);
+  for (int64_t j = tid; j < nvec; j += nthr) v[j] = make_uint4(0, 0, 0, 0);
+  for (int64_t i = head + nvec * kW + tid; i < n; i += nthr) p[i] = from_acc<X>(0.0f);
+}
+
+// ------------------------------------------------------------------------------------------------
+// RowState reductions (fixed order: bitwise reproducible)
+// ------------------------------------------------------------------------------------------------
+
+template <typename A>
+__device__ __forceinline__ RowState<A> shfl_down_state(const RowState<A>& x, int delta) {
+  RowState<A> y;
+  y.ms = __shfl_down_sync(0xffffffffu, x.ms, delta);
+  y.za = __shfl_down_sync(0xffffffffu, x.za, delta);
+  y.zh = __shfl_down_sync(0xffffffffu, x.zh, delta);
+  y.mt = __shfl_down_sync(0xffffffffu, x.mt, delta);
+  y.zb = __shfl_down_sync(0xffffffffu, x.zb, delta);
+  y.cx = __shfl_down_sync(0xffffffffu, x.cx, delta);
+  y.ch = __shfl_down_sync(0xffffffffu, x.ch, delta);
+  return y;
+}
+
+template <typename A>
+__device__ __forceinline__ RowState<A> shfl_state(const RowState<A>& x, int src) {
+  RowState<A> y;
+  y.ms = __shfl_sync(0xffffffffu, x.ms, src);
+  y.za = __shfl_sync(0xffffffffu, x.za, src);
+  y.zh = __shfl_sync(0xffffffffu, x.zh, src);
+  y.mt = __shfl_sync(0xffffffffu, x.mt, src);
+  y.zb = __shfl_sync(0xffffffffu, x.zb, src);
+  y.cx = __shfl_sync(0xffffffffu, x.cx, src);
+  y.ch = __shfl_sync(0xffffffffu, x.ch, src);
+  return y;
+}
+
+// Tree over the 32 lanes; lane 0 ends with merge(lanes 0..31) in a fixed bracketing. (Lanes
+// whose partner is out of range merge junk; only lane 0's result is used.) Merging an empty state
+// is exact (its sums are 0 and its maxima -inf), so padding lanes with empty states is harmless.
+template <typename A>
+__device__ __forceinline__ RowState<A> warp_merge(RowState<A> st, const RowConfig<A>& cfg) {
+#pragma unroll
+  for (int off = kWarpSize / 2; off > 0; off >>= 1) st = merge(st, shfl_down_state(st, off), cfg);
+  return st;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Row geometry: which elements of the row this group handles, and which of them as vectors
+// ------------------------------------------------------------------------------------------------
+
+struct SliceGeom {
+  int64_t lo, hi;    // the slice [lo, hi) of the row
+  int64_t vlo, vhi;  // its vector part [vlo, vhi): 16-byte aligned in s (and t), a multiple of W
+                     // long; [lo, vlo) and [vhi, hi) are scalar (at most W - 1 elements each,
+                     // or the whole slice when s and t are misaligned relative to each other)
+  int64_t v0;        // index of the slice's first vector in the row's vector numbering
+};
+
+// The row's vectors start at `head` (s peeled to 16-byte alignment). They are numbered 0..nvec-1
+// and cut into `split` slices of `chunk` vectors; slice 0 also takes the head and the last slice
+// the tail. When t is not aligned where s is (different misalignment, e.g. only one of them is a
+// sliced view) the row has no vectors and the slices are plain element ranges.
+template <typename S, typename T, int W>
+__device__ __forceinline__ SliceGeom slice_geom(const S* srow, const T* trow, bool read_t, int64_t V,
+                                                int split, int rank, int64_t chunk) {
+  SliceGeom g;
+  const int64_t mis = static_cast<int64_t>((reinterpret_cast<uintptr_t>(srow) & (kVecBytes - 1)) / sizeof(S));
+  const int64_t head = mis == 0 ? 0 : (kVecBytes / static_cast<int64_t>(sizeof(S))) - mis;
+  // W * sizeof(S) is a multiple of 16, so any head that aligns s to 16 bytes keeps every vector
+  // aligned; head < 16 / sizeof(S) <= W.
+  const bool vec_ok = head + W <= V && (!read_t || aligned16(trow + head));
+  if (vec_ok) {
+    const int64_t nvec = (V - head) / W;
+    const int64_t a = rank * chunk < nvec ? rank * chunk : nvec;
+    const int64_t b = a + chunk < nvec ? a + chunk : nvec;
+    g.v0 = a;
+    g.vlo = head + a * W;
+    g.vhi = head + b * W;
+    g.lo = rank == 0 ? 0 : g.vlo;
+    g.hi = rank == split - 1 ? V : g.vhi;
+  } else {
+    const int64_t per = (V + split - 1) / split;
+    g.lo = rank * per < V ? rank * per : V;
+    g.hi = g.lo + per < V ? g.lo + per : V;
+    g.vlo = g.vhi = g.hi;
+    g.v0 = 0;
+  }
+  return g;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Statistics sweep
+// ------------------------------------------------------------------------------------------------
+
+// One vector: rescale once to the vector's maxima, then accumulate() each element (kd_math.h).
+template <typename A, int W>
+__device__ __forceinline__ void stats_vec(RowState<A>& st, const A (&s)[W], const A (&t)[W],
+                                          const RowConfig<A>& cfg) {
+  A vms = s[0];
+  A vmt = t[0];
+#pragma unroll
+  for (int i = 1; i < W; ++i) {
+    vms = kd_max(vms, s[i]);
+    vmt = kd_max(vmt, t[i]);
+  }
+  rescale(st, kd_max(st.ms, vms), cfg.soft ? kd_max(st.mt, vmt) : st.mt, cfg);
+#pragma unroll
+  for (int i = 0; i < W; ++i) {
+    A ea, eb, eh;
+    accumulate(st, s[i], t[i], cfg, ea, eb, eh);
+  }
+}
+
+// This thread's part of the slice's statistics. With a stage, each thread stores the raw vectors
+// it reads at local vector index j and the gradient sweep (same thread, same j) reads them back:
+// no barrier is needed between the two.
+template <typename S, typename T, typename A, int W>
+__device__ __forceinline__ RowState<A> stats_sweep(const S* srow, const T* trow, bool read_t,
+                                                   const SliceGeom& g, int tid, int nthr,
+                                                   const RowConfig<A>& cfg, uint4* stage_s,
+                                                   uint4* stage_t) {
+  using WS = VecWords<S, W>;
+  using WT = VecWords<T, W>;
+  RowState<A> st = RowState<A>::empty();
+  // Scalar head and tail (push() = rescale + accumulate for one element).
+  for (int64_t i = g.lo + tid; i < g.vlo; i += nthr) {
+    push(st, to_acc<A>(srow[i]), read_t ? to_acc<A>(trow[i]) : A(0), cfg);
+  }
+  for (int64_t i = g.vhi + tid; i < g.hi; i += nthr) {
+    push(st, to_acc<A>(srow[i]), read_t ? to_acc<A>(trow[i]) : A(0), cfg);
+  }
+  const int nv = static_cast<int>((g.vhi - g.vlo) / W);
+  const S* sv = srow + g.vlo;
+  const T* tv = trow + g.vlo;
+  // U vectors per iteration: all their loads are in flight before the first exp (memory-level
+  // parallelism); U = 1 for 48-byte vectors (16-bit x fp32 pairs) to stay within 80 registers.
+  constexpr int U = stats_unroll(W * static_cast<int>(sizeof(S) + sizeof(T)), W);
+  for (int j0 = tid; j0 < nv; j0 += U * nthr) {
+    WS ws[U];
+    WT wt[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int j = j0 + u * nthr;
+      if (U == 1 || j < nv) {
+        ws[u] = load_words<S, W>(sv + static_cast<int64_t>(j) * W);
+        if (read_t) wt[u] = load_words<T, W>(tv + static_cast<int64_t>(j) * W);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int j = j0 + u * nthr;
+      if (U > 1 && j >= nv) break;
+      if (stage_s) {
+#pragma unroll
+        for (int k = 0; k < WS::kWords; ++k) stage_s[j * WS::kWords + k] = ws[u].w[k];
+        if (read_t) {
+#pragma unroll
+          for (int k = 0; k < WT::kWords; ++k) stage_t[j * WT::kWords + k] = wt[u].w[k];
+        }
+      }
+      A s[W], t[W];
+      unpack(ws[u], s);
+      if (read_t) {
+        unpack(wt[u], t);
+      } else {
+#pragma unroll
+        for (int i = 0; i < W; ++i) t[i] = A(0);
+      }
+      stats_vec(st, s, t, cfg);
+    }
+  }
+  return st;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Finalize and gradient sweep
+// ------------------------------------------------------------------------------------------------
+
+// What the gradient sweep needs of a row. Probabilities are computed as in the CPU kernel:
+// q = exp((s - ms)/T) * (1/za), p = exp((t - mt)/T) * (1/zb), h = exp(s - ms) * (1/zh) -- one exp
+// per probability like student_prob()/teacher_prob(), but the exp's argument stays near 0 for
+// the large probabilities (the fast device exp's error grows with |argument|), and the per-row
+// reciprocals are correctly rounded. At T = 2 (the usual distillation temperature) the T = 1
+// exponential is the square of the tempered one: exp(s - ms) = exp((s - ms)/2)^2, one exp saved.
+// An all -inf row has ms = -inf: s - ms = NaN and the row's gradient is NaN (no distribution), as
+// in the CPU kernel and PyTorch's softmax.
+template <typename A>
+struct RowCoef {
+  RowResult<A> res;
+  A fa, fb, fh;  // 1/za, 1/zb, 1/zh
+};
+
+template <typename A>
+__device__ __forceinline__ RowCoef<A> finalize_row(const RowState<A>& st, const RowConfig<A>& cfg,
+                                                   const KDParams& p, A s_label, A grad_scale) {
+  RowCoef<A> c;
+  c.res = finalize(st, cfg, true, s_label, static_cast<A>(p.soft_weight), static_cast<A>(p.hard_weight),
+                   static_cast<A>(p.temperature), p.divergence == Divergence::CE, grad_scale);
+  c.fa = A(1) / st.za;
+  c.fb = cfg.soft ? A(1) / st.zb : A(0);
+  c.fh = cfg.need_zh ? A(1) / st.zh : c.fa;
+  return c;
+}
+
+struct GradFlags {
+  bool soft, hard, need_zh, square_h, ce, want_gs, want_gt;
+};
+
+template <typename A>
+__device__ __forceinline__ void grad_elem(const RowCoef<A>& c, const GradFlags& f, A inv_t, A s, A t,
+                                          bool is_label, A& gs, A& gt) {
+  const RowResult<A>& r = c.res;
+  const A ds = s - r.ms;
+  const A e = kd_exp(ds * inv_t);
+  const A q = f.soft ? e * c.fa : A(0);
+  const A pt = f.soft ? kd_exp((t - r.mt) * inv_t) * c.fb : A(0);
+  A h = A(0);
+  if (f.hard) h = !f.need_zh ? e * c.fa : (f.square_h ? e * e * c.fh : kd_exp(ds) * c.fh);
+  gs = grad_student(r, q, pt, h, is_label);
+  gt = f.soft ? grad_teacher(r, s, t, pt, f.ce, inv_t) : A(0);
+}
+
+template <typename S, typename T, typename A, int W>
+__device__ __forceinline__ void grad_sweep(const S* srow, const T* trow, bool read_t, S* gsrow, T* gtrow,
+                                           const SliceGeom& g, int tid, int nthr, const RowCoef<A>& c,
+                                           const GradFlags& f, A inv_t, int64_t y,
+                                           const uint4* stage_s, const uint4* stage_t) {
+  using WS = VecWords<S, W>;
+  using WT = VecWords<T, W>;
+  // Scalar head and tail: re-read (at most 2 (W - 1) elements, or a misaligned row).
+  for (int pass = 0; pass < 2; ++pass) {
+    const int64_t b = pass == 0 ? g.lo : g.vhi;
+    const int64_t e = pass == 0 ? g.vlo : g.hi;
+    for (int64_t i = b + tid; i < e; i += nthr) {
+      A gs, gt;
+      grad_elem(c, f, inv_t, to_acc<A>(srow[i]), read_t ? to_acc<A>(trow[i]) : A(0), i == y, gs, gt);
+      if (gsrow) gsrow[i] = from_acc<S>(gs);
+      if (gtrow) gtrow[i] = from_acc<T>(gt);
+    }
+  }
+  const int nv = static_cast<int>((g.vhi - g.vlo) / W);
+  const S* sv = srow + g.vlo;
+  const T* tv = trow + g.vlo;
+  // Output rows are contiguous (r * V): aligned like the input row only when V and the views
+  // allow; otherwise the vector's elements are stored one by one.
+  const bool gs_vec = gsrow && aligned16(gsrow + g.vlo);
+  const bool gt_vec = gtrow && aligned16(gtrow + g.vlo);
+  const int64_t ylocal = y - g.vlo;  // label position relative to the vector part
+  for (int j = tid; j < nv; j += nthr) {
+    WS ws;
+    WT wt;
+    if (stage_s) {
+#pragma unroll
+      for (int k = 0; k < WS::kWords; ++k) ws.w[k] = stage_s[j * WS::kWords + k];
+      if (read_t) {
+#pragma unroll
+        for (int k = 0; k < WT::kWords; ++k) wt.w[k] = stage_t[j * WT::kWords + k];
+      }
+    } else {
+      ws = load_words<S, W>(sv + static_cast<int64_t>(j) * W);
+      if (read_t) wt = load_words<T, W>(tv + static_cast<int64_t>(j) * W);
+    }
+    A s[W], t[W];
+    unpack(ws, s);
+    if (read_t) {
+      unpack(wt, t);
+    } else {
+#pragma unroll
+      for (int i = 0; i < W; ++i) t[i] = A(0);
+    }
+    // Results go straight into their packed output words (half the registers of A[W] for 16-bit
+    // outputs: the block kernel's 80-register budget).
+    const int64_t base = static_cast<int64_t>(j) * W;
+    WS os;
+    WT ot;
+    S* xs = reinterpret_cast<S*>(os.w);
+    T* xt = reinterpret_cast<T*>(ot.w);
+#pragma unroll
+    for (int i = 0; i < W; ++i) {
+      A gs, gt;
+      grad_elem(c, f, inv_t, s[i], t[i], base + i == ylocal, gs, gt);
+      xs[i] = from_acc<S>(gs);
+      xt[i] = from_acc<T>(gt);
+    }
+    if (gsrow) {
+      S* out = gsrow + g.vlo + base;
+      if (gs_vec) {
+#pragma unroll
+        for (int k = 0; k < WS::kWords; ++k) reinterpret_cast<uint4*>(out)[k] = os.w[k];
+      } else {
+#pragma unroll
+        for (int i = 0; i < W; ++i) out[i] = xs[i];
+      }
+    }
+    if (gtrow) {
+      T* out = gtrow + g.vlo + base;
+      if (gt_vec) {
+#pragma unroll
+        for (int k = 0; k < WT::kWords; ++k) reinterpret_cast<uint4*>(out)[k] = ot.w[k];
+      } else {
+#pragma unroll
+        for (int i = 0; i < W; ++i) out[i] = xt[i];
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Per-row setup shared by the kernels
+// ------------------------------------------------------------------------------------------------
+
+// Row-independent switches, computed once on the host. Why a bit mask and not p.soft_weight > 0
+// in the kernel: the compiler rematerialises such predicates inside the hot loops from the
+// double it keeps in registers (seen in SASS: a DSETP and a spilled register pair per vector);
+// a bit of a kernel parameter is tested straight from the constant bank.
+enum Flag : unsigned {
+  kSoft = 1u << 0,      // soft_weight > 0
+  kHard = 1u << 1,      // hard_weight > 0
+  kNeedZh = 1u << 2,    // hard term at T != 1
+  kNeedCh = 1u << 3,    // soft term with the CE divergence
+  kSquareH = 1u << 4,   // kNeedZh at T == 2: exp(s - ms) = exp((s - ms) / 2)^2
+  kCE = 1u << 5,        // CE divergence
+  kWantGs = 1u << 6,    // grad_student requested
+  kWantGt = 1u << 7,    // grad_teacher requested
+};
+
+template <typename A>
+struct KernelArgs {
+  const A* grad_scale_dev;   // device gradient scale (Mean with labels), or nullptr
+  A grad_scale_host;         // used when grad_scale_dev is nullptr
+  A inv_t;                   // 1 / T in the accumulation type
+  unsigned flags;            // Flag bits
+  Mode mode;
+  int split;                 // CTAs per row (kBlock)
+  int64_t chunk;             // vectors per slice
+  bool stage;                // keep the slice in shared memory
+  bool cluster;              // split over a thread-block cluster (sm_90)
+  RowState<A>* workspace;    // two-phase: [n_rows][split] partial states
+};
+
+inline unsigned make_flag_bits(const KDParams& p) {
+  const bool soft = p.soft_weight > 0;
+  const bool hard = p.hard_weight > 0;
+  const bool ce = p.divergence == Divergence::CE;
+  const bool need_zh = hard && p.temperature != 1.0;
+  unsigned f = 0;
+  if (soft) f |= kSoft;
+  if (hard) f |= kHard;
+  if (need_zh) f |= kNeedZh;
+  if (soft && ce) f |= kNeedCh;
+  if (need_zh && p.temperature == 2.0) f |= kSquareH;
+  if (ce) f |= kCE;
+  if (p.grad_student != nullptr) f |= kWantGs;
+  if (p.grad_teacher != nullptr) f |= kWantGt;
+  return f;
+}
+
+template <typename A>
+__device__ __forceinline__ RowConfig<A> make_config(const KernelArgs<A>& a) {
+  RowConfig<A> cfg;
+  cfg.inv_t = a.inv_t;
+  cfg.soft = (a.flags & kSoft) != 0;
+  cfg.need_zh = (a.flags & kNeedZh) != 0;
+  cfg.need_ch = (a.flags & kNeedCh) != 0;
+  return cfg;
+}
+
+template <typename A>
+__device__ __forceinline__ GradFlags make_flags(const KernelArgs<A>& a) {
+  GradFlags f;
+  f.soft = (a.flags & kSoft) != 0;
+  f.hard = (a.flags & kHard) != 0;
+  f.need_zh = (a.flags & kNeedZh) != 0;
+  f.square_h = (a.flags & kSquareH) != 0;
+  f.ce = (a.flags & kCE) != 0;
+  f.want_gs = (a.flags & kWantGs) != 0;
+  f.want_gt = (a.flags & kWantGt) != 0;
+  return f;
+}
+
+// The label of row r (-1 without labels) and whether the row counts. An out-of-range label stops
+// the kernel with a device-side assert, like PyTorch's cross-entropy kernels.
+__device__ __forceinline__ bool row_label(const KDParams& p, int64_t r, int64_t& y, bool check) {
+  if (!p.labels) {
+    y = -1;
+    return true;
+  }
+  y = p.labels[r];
+  if (y == p.ignore_index) return false;
+  if (check) KD_LABEL_ASSERT(y >= 0 && y < p.vocab);
+  return true;
+}
+
+// s_y for the hard term. Guarded: with device asserts compiled out (NDEBUG builds of torch) an
+// out-of-range label must not read out of bounds; its row becomes NaN instead.
+template <typename A, typename S>
+__device__ __forceinline__ A label_logit(const S* srow, int64_t y, int64_t V, bool want) {
+  if (!want) return A(0);
+  return (y >= 0 && y < V) ? to_acc<A>(srow[y]) : A(NAN);
+}
+
+// ------------------------------------------------------------------------------------------------
+// kWarp: one warp per row (small V)
+// ------------------------------------------------------------------------------------------------
+
+template <typename S, typename T, typename A>
+__global__ void __launch_bounds__(kWarpBlockThreads) kd_warp_kernel(const KDParams p, const KernelArgs<A> a) {
+  constexpr int W = vec_elems<S, T>();
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t warps_total = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  const RowConfig<A> cfg = make_config(a);
+  const GradFlags f = make_flags(a);
+  const bool read_t = cfg.soft;
+  const int64_t V = p.vocab;
+  A* row_loss = static_cast<A*>(p.row_loss);
+
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize; r < p.n_rows;
+       r += warps_total) {
+    S* gsrow = f.want_gs ? static_cast<S*>(p.grad_student) + r * V : nullptr;
+    T* gtrow = f.want_gt ? static_cast<T*>(p.grad_teacher) + r * V : nullptr;
+    int64_t y;
+    if (!row_label(p, r, y, lane == 0)) {
+      if (lane == 0) row_loss[r] = A(0);
+      if (gsrow) zero_range(gsrow, V, lane, kWarpSize);
+      if (gtrow) zero_range(gtrow, V, lane, kWarpSize);
+      continue;
+    }
+    const S* srow = static_cast<const S*>(p.student) + row_offset(p, r, p.student_strides);
+    const T* trow = static_cast<const T*>(p.teacher) + row_offset(p, r, p.teacher_strides);
+    const SliceGeom g = slice_geom<S, T, W>(srow, trow, read_t, V, 1, 0, V);
+    RowState<A> st = stats_sweep<S, T, A, W>(srow, trow, read_t, g, lane, kWarpSize, cfg, nullptr, nullptr);
+    // Lane 0 merges in a fixed order, then hands the row's state to every lane: each lane runs the
+    // same finalize on the same bits (cheaper than a shared-memory round trip).
+    st = shfl_state(warp_merge(st, cfg), 0);
+    const A s_label = label_logit<A>(srow, y, V, f.hard && lane == 0);
+    const A scale = a.grad_scale_dev ? *a.grad_scale_dev : a.grad_scale_host;
+    const RowCoef<A> c = finalize_row(st, cfg, p, s_label, scale);
+    if (lane == 0) row_loss[r] = c.res.loss;
+    if (gsrow || gtrow) {
+      // The row was read by this warp a moment ago: the re-read hits L1/L2, not HBM.
+      grad_sweep<S, T, A, W>(srow, trow, read_t, gsrow, gtrow, g, lane, kWarpSize, c, f, cfg.inv_t, y,
+                             nullptr, nullptr);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// kBlock: a CTA per row or per slice of a row (cluster or two-phase split)
+// ------------------------------------------------------------------------------------------------
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define KD_HAS_CLUSTERS 1
+#else
+#define KD_HAS_CLUSTERS 0
+#endif
+
+template <typename S, typename T, typename A>
+__global__ void __launch_bounds__(kBlockThreads, sizeof(A) == 8 ? kBlockMinBlocksPerSMF64 : kBlockMinBlocksPerSM)
+    kd_block_kernel(const KDParams p, const KernelArgs<A> a) {
+  constexpr int W = vec_elems<S, T>();
+  constexpr int kWarps = kBlockThreads / kWarpSize;
+  using WS = VecWords<S, W>;
+  // The stage: [chunk vectors of s][chunk vectors of t], raw 16-byte words.
+  extern __shared__ uint4 kd_stage[];
+  __shared__ RowState<A> warp_states[kWarps];
+  __shared__ RowState<A> cta_state;  // read by the other CTAs of the cluster (DSMEM)
+  __shared__ RowCoef<A> row_coef;
+
+  const int tid = threadIdx.x;
+  const int lane = tid % kWarpSize;
+  const int warp = tid / kWarpSize;
+  const int split = a.split;
+  const int rank = static_cast<int>(blockIdx.x % static_cast<unsigned>(split));
+  const RowConfig<A> cfg = make_config(a);
+  const GradFlags f = make_flags(a);
+  const bool read_t = cfg.soft;
+  const int64_t V = p.vocab;
+  A* row_loss = static_cast<A*>(p.row_loss);
+  uint4* stage_s = a.stage ? kd_stage : nullptr;
+  uint4* stage_t = a.stage ? kd_stage + a.chunk * WS::kWords : nullptr;
+  const bool stats_here = a.mode != Mode::Phase2;
+  const bool grad_here = a.mode != Mode::Phase1 && (f.want_gs || f.want_gt);
+#if !KD_HAS_CLUSTERS
+  // Cluster launches are chosen only when the kernel was compiled for sm_90+ (checked on the host
+  // from the binary's version); should that ever fail, stop rather than compute garbage.
+  if (a.cluster) __trap();
+#endif
+
+  for (int64_t r = blockIdx.x / split; r < p.n_rows; r += static_cast<int64_t>(gridDim.x) / split) {
+    // The previous row's readers of warp_states (warp 0) and row_coef (all threads) are done
+    // before anyone writes them again. (A CTA usually has one row; this costs one barrier.)
+    __syncthreads();
+    S* gsrow = f.want_gs ? static_cast<S*>(p.grad_student) + r * V : nullptr;
+    T* gtrow = f.want_gt ? static_cast<T*>(p.grad_teacher) + r * V : nullptr;
+    const S* srow = static_cast<const S*>(p.student) + row_offset(p, r, p.student_strides);
+    const T* trow = static_cast<const T*>(p.teacher) + row_offset(p, r, p.teacher_strides);
+    const SliceGeom g = slice_geom<S, T, W>(srow, trow, read_t, V, split, rank, a.chunk);
+    int64_t y;
+    // The label is the same in every CTA of the row: the branch is uniform over a cluster, so the
+    // cluster barriers below stay matched.
+    if (!row_label(p, r, y, tid == 0 && rank == 0 && a.mode != Mode::Phase2)) {
+      if (a.mode != Mode::Phase1) {
+        if (tid == 0 && rank == 0) row_loss[r] = A(0);
+        if (gsrow) zero_range(gsrow + g.lo, g.hi - g.lo, tid, kBlockThreads);
+        if (gtrow) zero_range(gtrow + g.lo, g.hi - g.lo, tid, kBlockThreads);
+      }
+      continue;
+    }
+
+    // ---- statistics of this CTA's slice, merged over the CTA ----------------------------------
+    RowState<A> st = RowState<A>::empty();
+    if (stats_here) {
+      st = stats_sweep<S, T, A, W>(srow, trow, read_t, g, tid, kBlockThreads, cfg, stage_s, stage_t);
+      st = warp_merge(st, cfg);
+      if (lane == 0) warp_states[warp] = st;
+      __syncthreads();
+      if (warp == 0) {
+        st = lane < kWarps ? warp_states[lane] : RowState<A>::empty();
+        st = warp_merge(st, cfg);  // lane 0: the CTA's state (warps in order)
+      }
+    }
+
+    // ---- merge over the row's CTAs (rank order) --------------------------------------------
+    if (a.mode == Mode::Phase1) {
+      if (tid == 0) a.workspace[r * split + rank] = st;
+      continue;
+    }
+    if (a.mode == Mode::Phase2) {
+      // Phase 1 wrote all split states of the row before this kernel started (stream order).
+      if (warp == 0) {
+        st = lane < split ? a.workspace[r * split + lane] : RowState<A>::empty();
+        st = warp_merge(st, cfg);
+      }
+    }
+#if KD_HAS_CLUSTERS
+    if (a.cluster) {
+      namespace cg = cooperative_groups;
+      cg::cluster_group cluster = cg::this_cluster();
+      if (tid == 0) cta_state = st;
+      // Release our cta_state, acquire the others' (also: all CTAs of the cluster are running
+      // before anyone touches distributed shared memory).
+      cluster.sync();
+      if (warp == 0) {
+        st = lane < split ? *cluster.map_shared_rank(&cta_state, lane) : RowState<A>::empty();
+        st = warp_merge(st, cfg);  // every CTA merges the same states in the same order
+      }
+      // Done reading remote shared memory. The matching wait, at the end of this row, comes
+      // before cta_state is written again or the CTA exits; the gradient sweep overlaps it.
+      cluster.barrier_arrive();
+    }
+#endif
+
+    // ---- finalize (thread 0) and broadcast ---------------------------------------------------
+    if (tid == 0) {
+      const A s_label = label_logit<A>(srow, y, V, f.hard);
+      const A scale = a.grad_scale_dev ? *a.grad_scale_dev : a.grad_scale_host;
+      const RowCoef<A> c = finalize_row(st, cfg, p, s_label, scale);
+      if (rank == 0) row_loss[r] = c.res.loss;
+      row_coef = c;
+    }
+    if (grad_here) {
+      __syncthreads();
+      // Read before the next row's first barrier, after which thread 0 may overwrite row_coef.
+      const RowCoef<A> c = row_coef;
+      grad_sweep<S, T, A, W>(srow, trow, read_t, gsrow, gtrow, g, tid, kBlockThreads, c, f, cfg.inv_t, y,
+                             stage_s, stage_t);
+    }
+#if KD_HAS_CLUSTERS
+    // Every CTA of the cluster is done reading this CTA's cta_state (see barrier_arrive above).
+    if (a.cluster) cooperative_groups::this_cluster().barrier_wait();
+#endif
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Small kernels: label count (gradient scale of "mean"), loss reduction, gradient rescaling
+// ------------------------------------------------------------------------------------------------
+
+// One CTA: n_valid = #(labels != ignore_index) and the gradient scale 1/max(n_valid, 1).
+// Integer sums in a fixed tree: deterministic.
+template <typename A>
+__global__ void __launch_bounds__(kCountThreads)
+    kd_count_kernel(const int64_t* labels, int64_t n, int64_t ignore_index, A* grad_scale, int64_t* n_valid) {
+  __shared__ long long part[kCountThreads];
+  long long c = 0;
+  for (int64_t i = threadIdx.x; i < n; i += kCountThreads) c += labels[i] != ignore_index ? 1 : 0;
+  part[threadIdx.x] = c;
+  __syncthreads();
+  for (int off = kCountThreads / 2; off > 0; off >>= 1) {
+    if (static_cast<int>(threadIdx.x) < off) part[threadIdx.x] += part[threadIdx.x + off];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    const long long nv = part[0];
+    *n_valid = nv;
+    *grad_scale = static_cast<A>(1.0 / static_cast<double>(nv > 1 ? nv : 1));
+  }
+}
+
+// One CTA: loss = sum(row_loss) (/ max(n_valid, 1) for mean). Summed in double in a fixed order
+// (strided per thread, then a tree), like the CPU backend's double sum: deterministic.
+template <typename A>
+__global__ void __launch_bounds__(kReduceThreads)
+    kd_reduce_kernel(const A* row_loss, int64_t n, bool mean, const int64_t* n_valid_dev, int64_t n_valid_host,
+                     A* loss) {
+  __shared__ double part[kReduceThreads];
+  double acc = 0;
+  for (int64_t i = threadIdx.x; i < n; i += kReduceThreads) acc += static_cast<double>(row_loss[i]);
+  part[threadIdx.x] = acc;
+  __syncthreads();
+  for (int off = kReduceThreads / 2; off > 0; off >>= 1) {
+    if (static_cast<int>(threadIdx.x) < off) part[threadIdx.x] += part[threadIdx.x + off];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    double total = part[0];
+    if (mean) {
+      const int64_t nv = n_valid_dev ? *n_valid_dev : n_valid_host;
+      total /= static_cast<double>(nv > 1 ? nv : 1);
+    }
+    *loss = static_cast<A>(total);
+  }
+}
+
+// kd_scale_grads_: the factor that takes gradients made for grad_output c to grad_output g.
+// Same as the CPU backend: 1 when g == c (nothing to do); a gradient last scaled by 0, inf or NaN
+// cannot be recovered: NaN, never a silent 0.
+template <typename F>
+__device__ __forceinline__ F scale_factor(F g, F c) {
+  if (g == c) return F(1);
+  if (!(isfinite(c) && c != F(0))) return F(NAN);
+  return g / c;
+}
+
+// One thread: factor = f(g, c) into scratch, then c = g. (The scaling kernel reads only the
+// scratch, so updating c here, before it runs, is safe.)
+template <typename F>
+__global__ void kd_scale_factor_kernel(const F* g, F* c, F* factor) {
+  const F gv = *g;
+  *factor = scale_factor(gv, *c);
+  *c = gv;
+}
+
+// Opmath of a gradient element (as at::mul_ with a scalar: float for half/bfloat16/float).
+template <typename G>
+using OpMath = std::conditional_t<std::is_same_v<G, double>, double, float>;
+
+template <typename G>
+__device__ __forceinline__ void scale_range(G* p, int64_t n, OpMath<G> f, int64_t tid, int64_t nthr) {
+  constexpr int kW = kVecBytes / static_cast<int>(sizeof(G));
+  const int64_t mis = static_cast<int64_t>((reinterpret_cast<uintptr_t>(p) & (kVecBytes - 1)) / sizeof(G));
+  const int64_t head = mis == 0 ? 0 : (kW - mis < n ? kW - mis : n);
+  for (int64_t i = tid; i < head; i += nthr) p[i] = static_cast<G>(static_cast<OpMath<G>>(p[i]) * f);
+  const int64_t nvec = (n - head) / kW;
+  uint4* v = reinterpret_cast<uint4*>(p + head);
+  for (int64_t j = tid; j < nvec; j += nthr) {
+    uint4 w = v[j];
+    G* x = reinterpret_cast<G*>(&w);
+#pragma unroll
+    for (int k = 0; k < kW; ++k) x[k] = static_cast<G>(static_cast<OpMath<G>>(x[k]) * f);
+    v[j] = w;
+  }
+  for (int64_t i = head + nvec * kW + tid; i < n; i += nthr) {
+    p[i] = static_cast<G>(static_cast<OpMath<G>>(p[i]) * f);
+  }
+}
+
+// Scalar reductions: every element times the device factor. Decided on the device: with factor 1
+// (loss.backward(), grad_output == 1) every CTA returns at once, no pass over the gradient.
+template <typename G, typename F>
+__global__ void __launch_bounds__(kScaleThreads) kd_scale_flat_kernel(G* grad, int64_t n, const F* factor) {
+  const F fv = *factor;
+  if (fv == F(1)) return;
+  scale_range(grad, n, static_cast<OpMath<G>>(fv),
+              static_cast<int64_t>(blockIdx.x) * kScaleThreads + threadIdx.x,
+              static_cast<int64_t>(gridDim.x) * kScaleThreads);
+}
+
+// Reduction "none": a warp per row, factor g[r] / c[r]; rows with g == c are not touched. The
+// caller updates c after this kernel (stream order: every warp has read the old c).
+template <typename G, typename F>
+__global__ void __launch_bounds__(kScaleThreads)
+    kd_scale_rows_kernel(G* grad, int64_t n_rows, int64_t V, const F* g, const F* c) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t warps_total = static_cast<int64_t>(gridDim.x) * (kScaleThreads / kWarpSize);
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * (kScaleThreads / kWarpSize) + threadIdx.x / kWarpSize;
+       r < n_rows; r += warps_total) {
+    const F fv = scale_factor(g[r], c[r]);
+    if (fv == F(1)) continue;
+    scale_range(grad + r * V, V, static_cast<OpMath<G>>(fv), lane, kWarpSize);
+  }
+}
+
+}  // namespace kdfused::cuda

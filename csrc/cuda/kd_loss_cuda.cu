@@ -1,0 +1,293 @@
+// kd_loss_cuda.cu -- CUDA implementations of the kdfused ops (TORCH_LIBRARY_IMPL(kdfused, CUDA)).
+//
+// kd_loss, on the current stream of the inputs' device, with no host sync:
+//   1. (mean with labels) kd_count_kernel: n_valid and the gradient scale 1/max(n_valid, 1) into
+//      device scalars (mean without labels: n_valid = N is known on the host; sum/none: 1);
+//   2. the fused kernel chosen by choose_plan() (kd_launch.h): per row, one read of s and t, the
+//      row loss, and the gradients already multiplied by the gradient scale;
+//   3. (mean/sum) kd_reduce_kernel: the fixed-order sum of the row losses.
+// kd_scale_grads_: rescales the saved gradients on the device (see the kernels' comments).
+//
+// Dtype pairs. Kernels are compiled for the same-dtype pairs and for {float16, bfloat16} x float32
+// both ways (8 instantiations per kernel, to keep compile time down). Other pairs are converted
+// here, exactly: float16 x bfloat16 -> the teacher to float32; anything with float64 -> both to
+// float64 (the accumulation type is float64 then anyway). Gradients of converted inputs are
+// converted back to the input's dtype (rounded once, as a native kernel's store would be).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstdlib>
+#include <string_view>
+
+#include "../kd_host.h"
+#include "kd_kernels.cuh"
+#include "kd_launch.h"
+
+namespace kdfused::cuda {
+
+namespace {
+
+// Grid caps: the kernels loop over rows (grid-stride), so any N works with a bounded grid.
+constexpr int64_t kMaxGridRows = int64_t(1) << 22;
+
+bool is_half_like(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
+
+bool native_pair(at::ScalarType s, at::ScalarType t) {
+  return s == t || (is_half_like(s) && t == at::kFloat) || (s == at::kFloat && is_half_like(t));
+}
+
+template <typename S, typename T, typename A>
+void run_fused(const KDParams& p, const A* grad_scale_dev, double grad_scale_host) {
+  constexpr int W = vec_elems<S, T>();
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const bool soft = p.soft_weight > 0;
+  const bool any_grad = p.grad_student != nullptr || p.grad_teacher != nullptr;
+
+  KernelArgs<A> a{};
+  a.grad_scale_dev = grad_scale_dev;
+  a.grad_scale_host = static_cast<A>(grad_scale_host);
+  a.inv_t = static_cast<A>(p.inv_temperature);
+  a.flags = make_flag_bits(p);
+  a.mode = Mode::Fused;
+  a.split = 1;
+  a.chunk = p.vocab;
+  a.stage = false;
+  a.cluster = false;
+  a.workspace = nullptr;
+
+  // Clusters need an sm_90 device *and* sm_90 code in the binary for it (an sm_80-only build runs
+  // its sm_80 code on Hopper, and that code has no cluster path).
+  auto block_kernel = &kd_block_kernel<S, T, A>;
+  cudaFuncAttributes attr;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, block_kernel));
+  // KDFUSED_CUDA_NO_CLUSTERS=1 takes the sm_80 policy on sm_90 too (tests of the two-phase path).
+  const char* no_clusters = std::getenv("KDFUSED_CUDA_NO_CLUSTERS");
+  const bool has_clusters = prop->major >= 9 && attr.binaryVersion >= 90 &&
+                            !(no_clusters != nullptr && no_clusters[0] == '1');
+  const int64_t smem_optin = static_cast<int64_t>(prop->sharedMemPerBlockOptin) - static_cast<int64_t>(attr.sharedSizeBytes);
+
+  const LaunchPlan plan = choose_plan(p.n_rows, p.vocab, sizeof(S), sizeof(T), W, soft, any_grad,
+                                      prop->multiProcessorCount, has_clusters, smem_optin);
+
+  if (plan.kind == Kind::Warp) {
+    const int64_t blocks = std::min<int64_t>((p.n_rows + kWarpsPerBlock - 1) / kWarpsPerBlock, kMaxGridRows);
+    kd_warp_kernel<S, T, A><<<static_cast<unsigned>(blocks), kWarpBlockThreads, 0, stream>>>(p, a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+
+  a.split = plan.split;
+  a.chunk = plan.slice_vecs;
+  a.stage = plan.stage;
+  a.cluster = plan.cluster;
+  const int64_t rows = std::min<int64_t>(p.n_rows, kMaxGridRows);
+  const unsigned grid = static_cast<unsigned>(rows * plan.split);
+  const size_t smem = static_cast<size_t>(plan.smem_bytes);
+  if (smem > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(block_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem)));
+  }
+
+  if (plan.two_phase) {
+    // Partial states of every (row, slice); phase 2 merges a row's states in rank order.
+    at::Tensor ws = at::empty({p.n_rows * plan.split * static_cast<int64_t>(sizeof(RowState<A>))},
+                              at::TensorOptions().device(at::kCUDA, at::cuda::current_device()).dtype(at::kByte));
+    a.workspace = reinterpret_cast<RowState<A>*>(ws.data_ptr());
+    a.mode = Mode::Phase1;
+    block_kernel<<<grid, kBlockThreads, smem, stream>>>(p, a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    a.mode = Mode::Phase2;
+    block_kernel<<<grid, kBlockThreads, smem, stream>>>(p, a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;  // ws is freed on the host now; the caching allocator keeps it for this stream
+  }
+
+  if (plan.cluster) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(grid, 1, 1);
+    cfg.blockDim = dim3(kBlockThreads, 1, 1);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cudaLaunchAttribute attrs[1];
+    attrs[0].id = cudaLaunchAttributeClusterDimension;
+    attrs[0].val.clusterDim.x = static_cast<unsigned>(plan.split);
+    attrs[0].val.clusterDim.y = 1;
+    attrs[0].val.clusterDim.z = 1;
+    cfg.attrs = attrs;
+    cfg.numAttrs = 1;
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, block_kernel, p, a));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+
+  block_kernel<<<grid, kBlockThreads, smem, stream>>>(p, a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Calls f(S{}, T{}) for the native pair of (s, t).
+template <typename F>
+void dispatch_pair(at::ScalarType s, at::ScalarType t, F&& f) {
+  using at::kBFloat16;
+  using at::kDouble;
+  using at::kFloat;
+  using at::kHalf;
+  if (s == kHalf && t == kHalf) return f(c10::Half{}, c10::Half{});
+  if (s == kBFloat16 && t == kBFloat16) return f(c10::BFloat16{}, c10::BFloat16{});
+  if (s == kFloat && t == kFloat) return f(float{}, float{});
+  if (s == kDouble && t == kDouble) return f(double{}, double{});
+  if (s == kHalf && t == kFloat) return f(c10::Half{}, float{});
+  if (s == kBFloat16 && t == kFloat) return f(c10::BFloat16{}, float{});
+  if (s == kFloat && t == kHalf) return f(float{}, c10::Half{});
+  if (s == kFloat && t == kBFloat16) return f(float{}, c10::BFloat16{});
+  TORCH_INTERNAL_ASSERT(false, "kdfused: no CUDA kernel for ", s, " x ", t);
+}
+
+KDOutputs kd_loss_cuda(const at::Tensor& student, const at::Tensor& teacher,
+                       const std::optional<at::Tensor>& labels, double temperature, double soft_weight,
+                       double hard_weight, c10::string_view divergence, int64_t ignore_index,
+                       c10::string_view reduction, bool grad_student, bool grad_teacher) {
+  const std::string_view div(divergence.data(), divergence.size());
+  const std::string_view red(reduction.data(), reduction.size());
+  check_inputs(student, teacher, labels, temperature, soft_weight, hard_weight, div, red);
+  TORCH_CHECK(student.is_cuda() && teacher.is_cuda(), "kdfused: CUDA kernel called with non-CUDA logits");
+  TORCH_CHECK_VALUE(student.size(-1) <= INT_MAX / 16, "kdfused: the vocabulary dimension is too large (",
+                    student.size(-1), ") for the CUDA kernel");
+  const c10::cuda::CUDAGuard guard(student.device());
+
+  const at::ScalarType s_type = student.scalar_type();
+  const at::ScalarType t_type = teacher.scalar_type();
+  at::Tensor s_in = student;
+  at::Tensor t_in = teacher;
+  if (!native_pair(s_type, t_type)) {
+    if (s_type == at::kDouble || t_type == at::kDouble) {
+      s_in = student.to(at::kDouble);
+      t_in = teacher.to(at::kDouble);
+    } else {
+      t_in = teacher.to(at::kFloat);  // float16 x bfloat16: both are exact in float32
+    }
+  }
+
+  Prepared prep = prepare(s_in, t_in, labels, temperature, soft_weight, hard_weight, div, ignore_index,
+                          red, grad_student, grad_teacher);
+  const KDParams& p = prep.params;
+  const bool mean = p.reduction == Reduction::Mean;
+  const bool use_double = prep.loss.scalar_type() == at::kDouble;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+
+  auto run = [&](auto acc_tag) {
+    using A = decltype(acc_tag);
+    // 1. Gradient scale of "mean" with labels: counted on the device (no sync).
+    at::Tensor scale_dev, n_valid_dev;
+    const A* scale_ptr = nullptr;
+    const int64_t* n_valid_ptr = nullptr;
+    const double scale_host = mean ? 1.0 / static_cast<double>(std::max<int64_t>(p.n_rows, 1)) : 1.0;
+    if (mean && p.labels != nullptr && p.n_rows > 0) {
+      scale_dev = at::empty({}, prep.loss.options());
+      n_valid_dev = at::empty({}, prep.loss.options().dtype(at::kLong));
+      kd_count_kernel<A><<<1, kCountThreads, 0, stream>>>(p.labels, p.n_rows, p.ignore_index,
+                                                          scale_dev.data_ptr<A>(), n_valid_dev.data_ptr<int64_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      scale_ptr = scale_dev.data_ptr<A>();
+      n_valid_ptr = n_valid_dev.data_ptr<int64_t>();
+    }
+    // 2. The fused kernel (nothing to launch for N = 0: a grid of 0 is an error).
+    if (p.n_rows > 0) {
+      dispatch_pair(s_in.scalar_type(), t_in.scalar_type(),
+                    [&](auto s_tag, auto t_tag) {
+                      using S = decltype(s_tag);
+                      using T = decltype(t_tag);
+                      using AA = std::conditional_t<std::is_same_v<S, double>, double, float>;
+                      if constexpr (std::is_same_v<AA, A>) {
+                        run_fused<S, T, A>(p, scale_ptr, scale_host);
+                      } else {
+                        TORCH_INTERNAL_ASSERT(false, "kdfused: accumulation type mismatch");
+                      }
+                    });
+    }
+    // 3. The reduction of the row losses (also for N = 0: the loss is 0).
+    if (p.reduction != Reduction::None) {
+      kd_reduce_kernel<A><<<1, kReduceThreads, 0, stream>>>(static_cast<const A*>(p.row_loss), p.n_rows, mean,
+                                                           n_valid_ptr, p.n_rows, static_cast<A*>(p.loss));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  };
+  if (use_double) {
+    run(double{});
+  } else {
+    run(float{});
+  }
+
+  if (s_in.scalar_type() != s_type) prep.grad_student = prep.grad_student.to(s_type);
+  if (t_in.scalar_type() != t_type) prep.grad_teacher = prep.grad_teacher.to(t_type);
+  return outputs_of(prep);
+}
+
+void kd_scale_grads_cuda(at::Tensor& grad_student, at::Tensor& grad_teacher, at::Tensor& grad_scale,
+                         const at::Tensor& grad_output) {
+  TORCH_CHECK(grad_output.sizes() == grad_scale.sizes(), "kdfused: grad_output has shape ", grad_output.sizes(),
+              ", expected ", grad_scale.sizes());
+  TORCH_CHECK(grad_scale.is_cuda() && grad_scale.is_contiguous(), "kdfused: grad_scale must be a contiguous CUDA tensor");
+  const c10::cuda::CUDAGuard guard(grad_scale.device());
+  const int64_t n_scale = grad_scale.numel();
+  if (n_scale == 0) return;
+  // On the device, asynchronously: the dtype of the state, contiguous.
+  const at::Tensor g = grad_output.to(grad_scale.device(), grad_scale.scalar_type()).contiguous();
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+
+  AT_DISPATCH_FLOATING_TYPES(grad_scale.scalar_type(), "kd_scale_grads_", [&] {
+    using F = scalar_t;
+    const bool scalar = grad_scale.dim() == 0;
+    at::Tensor factor;
+    if (scalar) {
+      factor = at::empty({}, grad_scale.options());
+      // factor = f(g, old c), then c = g (one thread; the scaling kernel reads only `factor`).
+      kd_scale_factor_kernel<F><<<1, 1, 0, stream>>>(g.data_ptr<F>(), grad_scale.data_ptr<F>(), factor.data_ptr<F>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    for (at::Tensor* grad : {&grad_student, &grad_teacher}) {
+      if (grad->numel() == 0) continue;
+      TORCH_CHECK(grad->is_cuda() && grad->is_contiguous() && grad->device() == grad_scale.device(),
+                  "kdfused: saved gradients must be contiguous tensors on the device of grad_scale");
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad->scalar_type(), "kd_scale_grads_", [&] {
+        using G = scalar_t;
+        constexpr int kW = kVecBytes / static_cast<int>(sizeof(G));
+        const int64_t n = grad->numel();
+        if (scalar) {
+          const int64_t want = (n / kW + kScaleThreads - 1) / kScaleThreads + 1;
+          const int64_t blocks = std::min<int64_t>(want, static_cast<int64_t>(sms) * kScaleMaxBlocksPerSM);
+          kd_scale_flat_kernel<G, F><<<static_cast<unsigned>(blocks), kScaleThreads, 0, stream>>>(
+              grad->data_ptr<G>(), n, factor.data_ptr<F>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        } else {
+          TORCH_CHECK(n % n_scale == 0, "kdfused: saved gradient of ", n, " elements for ", n_scale, " rows");
+          const int64_t V = n / n_scale;
+          constexpr int kRowsPerBlock = kScaleThreads / kWarpSize;
+          const int64_t blocks = std::min<int64_t>((n_scale + kRowsPerBlock - 1) / kRowsPerBlock,
+                                                   static_cast<int64_t>(sms) * kScaleMaxBlocksPerSM * 4);
+          kd_scale_rows_kernel<G, F><<<static_cast<unsigned>(blocks), kScaleThreads, 0, stream>>>(
+              grad->data_ptr<G>(), n_scale, V, g.data_ptr<F>(), grad_scale.data_ptr<F>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+      });
+    }
+    // Reduction "none": c = g after every row kernel has read the old c (stream order).
+    if (!scalar) grad_scale.copy_(g);
+  });
+}
+
+}  // namespace
+
+}  // namespace kdfused::cuda
+
+TORCH_LIBRARY_IMPL(kdfused, CUDA, m) {
+  m.impl("kd_loss", &kdfused::cuda::kd_loss_cuda);
+  m.impl("kd_scale_grads_", &kdfused::cuda::kd_scale_grads_cuda);
+}
