@@ -3,7 +3,8 @@
 The forward op returns the loss *and* the gradients of the reduced loss for grad_output = 1, which
 the backward only has to scale. That scaling is itself an op (``kd_scale_grads_``) that works in
 place and decides on the device whether there is anything to do, so ``loss.backward()`` costs no
-pass over the N x V gradient and no host-device sync.
+pass over the N x V gradient and no host-device sync. When the graph is retained for another
+backward, the scaling works on a copy instead, so any sequence of grad_outputs stays exact.
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ def _graph_kept() -> bool:
 def _backward(ctx, grad_loss, _gs, _gt, _scale):
     gs, gt, scale = ctx.kd_grads
     need_s, need_t = ctx.kd_need
-    if not _graph_kept():
+    kept = _graph_kept()
+    if not kept:
         # Last backward through this graph: let go of the saved gradients, so that autograd can
         # hand them on (e.g. into a leaf's .grad) without a copy, and the memory goes with them.
         ctx.kd_grads = None
@@ -81,11 +83,15 @@ def _backward(ctx, grad_loss, _gs, _gt, _scale):
         g = grad_loss.unsqueeze(-1) if grad_loss.dim() > 0 else grad_loss
         gs = gs * g if need_s else None
         gt = gt * g if need_t else None
-    else:
-        torch.ops.kdfused.kd_scale_grads_(gs, gt, scale, grad_loss)
-        gs = gs if need_s else None
-        gt = gt if need_t else None
-    return (gs, gt) + (None,) * 9
+        return (gs, gt) + (None,) * 9
+    if kept:
+        # retain_graph=True: another backward may follow with another grad_output, so the saved
+        # gradients stay as they are and this one is scaled in a copy (one pass).
+        gs, gt, scale = gs.clone(), gt.clone(), scale.clone()
+    # The usual loss.backward(): scaled in place, and not at all when grad_output == 1 (the op
+    # compares on the device, no sync).
+    torch.ops.kdfused.kd_scale_grads_(gs, gt, scale, grad_loss)
+    return (gs if need_s else None, gt if need_t else None) + (None,) * 9
 
 
 torch.library.register_autograd("kdfused::kd_loss", _backward, setup_context=_setup_context)

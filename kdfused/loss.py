@@ -60,9 +60,10 @@ def kd_loss(
 
     The gradients are computed in the forward call (one fused pass) when an input requires grad;
     ``loss.backward()`` then costs no pass over the logits. Under ``torch.no_grad()`` only the loss
-    is computed. Results are bitwise deterministic. A backward with ``retain_graph=True`` may be
-    repeated with any ``grad_output``, except after one whose ``grad_output`` was 0: the saved
-    gradient was scaled to 0 in place and a later, different ``grad_output`` yields NaN gradients.
+    is computed. Results are bitwise deterministic. With ``retain_graph=True`` each backward costs
+    one pass (a scaled copy of the saved gradient) and may be repeated with any ``grad_output``.
+    For float16/bfloat16 inputs and ``grad_output != 1`` the gradient is rounded twice (once in the
+    forward, once when scaled), i.e. within one ulp more than a single rounding.
 
     Example::
 

@@ -160,13 +160,10 @@ void kd_scale_grads_cpu(at::Tensor& grad_student, at::Tensor& grad_teacher, at::
   factor = at::where(g == grad_scale, at::ones_like(factor), factor);
   for (at::Tensor* grad : {&grad_student, &grad_teacher}) {
     if (grad->numel() == 0) continue;
-    // Factors stay in float/double: a bfloat16 factor would round 3.7 to 3.703.
-    if (factor.dim() == 0) {
-      grad->mul_(factor.item<double>());
-    } else {
-      // reduction "none": one factor per row; the gradient has the input's shape (..., V).
-      grad->mul_(factor.unsqueeze(-1));
-    }
+    // The factor is kept a dimensioned float/double tensor so that type promotion computes the
+    // product in that type: a 0-dim factor (or a Python scalar) would be rounded to the gradient's
+    // dtype first, bfloat16 turning 3.7 into 3.703. For reduction "none" one factor per row.
+    grad->mul_(factor.dim() == 0 ? factor.reshape({1}) : factor.unsqueeze(-1));
   }
   grad_scale.copy_(g);
 }
