@@ -42,8 +42,10 @@ mnist: install
 
 # The C++ build of the same sources through find_package(Torch), for C++ users (CI builds it).
 cmake-build: install
-	PATH="$(abspath $(BIN)):$$PATH" cmake -S . -B build/cmake -DPython3_EXECUTABLE=$(abspath $(BIN)/python)
+	PATH="$(abspath $(BIN)):$$PATH" cmake -S . -B build/cmake -DPython3_EXECUTABLE=$(abspath $(BIN)/python) \
+	  -DCMAKE_PREFIX_PATH="$$($(abspath $(BIN)/python) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
 	cmake --build build/cmake -j 2
+	cd build/cmake && ctest --output-on-failure
 
 clean:
 	rm -rf build *.egg-info kdfused/*.so
