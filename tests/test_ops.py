@@ -1,0 +1,176 @@
+"""The custom ops behind kd_loss: torch.library.opcheck of torch.ops.kdfused.kd_loss (schema,
+fake/meta kernel, autograd registration, AOT dispatch) and of kd_scale_grads_, the op-level
+semantics of the (loss, grads, grad_scale) + kd_scale_grads_ pair, and torch.compile(fullgraph)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from oracle import (
+    DTYPE_IDS,
+    acc_dtype,
+    assert_matches,
+    loss_dtype_for,
+    make_labels,
+    make_logits,
+    oracle,
+)
+
+pytestmark = pytest.mark.fused_only
+
+
+def _op():
+    import kdfused  # noqa: F401  (registers the ops)
+
+    return torch.ops.kdfused.kd_loss
+
+
+def _scale_op():
+    import kdfused  # noqa: F401
+
+    return torch.ops.kdfused.kd_scale_grads_
+
+
+# (shape, dtype, labels?, T, soft_weight, hard_weight, divergence, reduction, grad_s, grad_t)
+OPCHECK_CASES = [
+    pytest.param((4, 9), torch.float32, False, 1.0, 1.0, 0.0, "kl", "batchmean", True, False,
+                 id="kl-batchmean-student"),
+    pytest.param((2, 3, 17), torch.float32, True, 2.0, 0.7, 0.3, "ce", "none", True, True,
+                 id="ce-none-both-labels"),
+    pytest.param((5, 33), torch.bfloat16, True, 4.0, 0.9, 0.1, "kl", "sum", True, True,
+                 id="kl-sum-bf16-both"),
+    pytest.param((3, 12), torch.float64, True, 0.5, 0.0, 1.0, "kl", "mean", True, False,
+                 id="hard-mean-f64"),
+    pytest.param((3, 12), torch.float16, False, 3.0, 1.0, 0.0, "ce", "batchmean", False, False,
+                 id="ce-nograd-f16"),
+]
+
+
+def _case_args(device, gen, shape, dtype, with_labels, T, sw, hw, div, red, gs, gt):
+    s = make_logits(shape, dtype, device, gen).requires_grad_(gs)
+    t = make_logits(shape, dtype, device, gen).requires_grad_(gt)
+    labels = make_labels(shape[:-1], shape[-1], device, gen, 0.25) if with_labels else None
+    return (s, t, labels, float(T), float(sw), float(hw), div, -100, red, gs, gt)
+
+
+@pytest.mark.parametrize("shape,dtype,with_labels,T,sw,hw,div,red,gs,gt", OPCHECK_CASES)
+def test_opcheck_kd_loss(device, gen, shape, dtype, with_labels, T, sw, hw, div, red, gs, gt):
+    args = _case_args(device, gen, shape, dtype, with_labels, T, sw, hw, div, red, gs, gt)
+    torch.library.opcheck(_op(), args)
+
+
+@pytest.mark.parametrize("red", ["batchmean", "none"])
+def test_opcheck_kd_scale_grads(device, gen, red):
+    s = make_logits((3, 4, 20), torch.float32, device, gen)
+    t = make_logits((3, 4, 20), torch.bfloat16, device, gen)
+    labels = make_labels((3, 4), 20, device, gen, 0.25)
+    with torch.no_grad():
+        loss, g_s, g_t, scale = _op()(s, t, labels, 2.0, 0.8, 0.2, "kl", -100, red, True, True)
+    go = torch.rand_like(loss) + 0.5
+    torch.library.opcheck(_scale_op(), (g_s.clone(), g_t.clone(), scale, go))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64],
+                         ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize("red", ["batchmean", "mean", "sum", "none"])
+def test_op_semantics(device, gen, seed, red, dtype):
+    """op -> (loss, grad_student, grad_teacher, grad_scale); kd_scale_grads_(.., grad_output)
+    turns the gradients into those of the loss for that grad_output."""
+    s = make_logits((3, 5, 40), dtype, device, gen)
+    t = make_logits((3, 5, 40), dtype, device, gen)
+    labels = make_labels((3, 5), 40, device, gen, 0.25)
+    kw = dict(temperature=2.0, soft_weight=0.8, hard_weight=0.2, divergence="ce", reduction=red)
+    loss, g_s, g_t, scale = _op()(s, t, labels, 2.0, 0.8, 0.2, "ce", -100, red, True, True)
+    ldt = loss_dtype_for(dtype, dtype)
+    go = (torch.rand(loss.shape, dtype=torch.float64) + 0.5).to(ldt).to(device)
+    _scale_op()(g_s, g_t, scale, go)
+    ref = oracle(s, t, labels, grad_output=go, **kw)
+    acc = acc_dtype(dtype)
+    ctx = f"\n  [seed={seed} reduction={red}]"
+    assert loss.dtype == ldt
+    assert_matches(loss, ref.loss, ref.loss_err, out_dtype=ldt, V=40, acc=acc, what="loss",
+                   ctx=ctx)
+    assert g_s.dtype == dtype and g_t.dtype == dtype
+    assert_matches(g_s, ref.grad_s, ref.grad_s_err, out_dtype=dtype, V=40, acc=acc,
+                   what="grad_student", ctx=ctx, roundings=2)
+    assert_matches(g_t, ref.grad_t, ref.grad_t_err, out_dtype=dtype, V=40, acc=acc,
+                   what="grad_teacher", ctx=ctx, roundings=2)
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.compile(fullgraph=True)
+# ------------------------------------------------------------------------------------------------
+
+
+def _eager_and_compiled(fn, s, t, *rest, compiled=None):
+    out = []
+    if compiled is None:
+        compiled = torch.compile(fn, fullgraph=True)
+    for f in (fn, compiled):
+        s_ = s.clone().requires_grad_(True)
+        t_ = t.clone().requires_grad_(True)
+        loss = f(s_, t_, *rest)
+        loss.backward()
+        out.append((loss.detach(), s_.grad, t_.grad))
+    return out
+
+
+def test_compile_fullgraph_batchmean(device, gen):
+    import kdfused
+
+    torch._dynamo.reset()
+
+    def f(s, t, y):
+        return kdfused.kd_loss(s, t, y, temperature=2.0, soft_weight=0.7, hard_weight=0.3,
+                               reduction="batchmean") * 1.5
+
+    s = make_logits((2, 5, 50), torch.float32, device, gen)
+    t = make_logits((2, 5, 50), torch.float32, device, gen)
+    y = make_labels((2, 5), 50, device, gen, 0.3)
+    (le, gse, gte), (lc, gsc, gtc) = _eager_and_compiled(f, s, t, y)
+    torch.testing.assert_close(lc, le, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(gsc, gse, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(gtc, gte, rtol=1e-6, atol=1e-8)
+
+
+def test_compile_fullgraph_none_weighted(device, gen):
+    """reduction="none", per-row weights, surrounding ops fused by inductor."""
+    import kdfused
+
+    torch._dynamo.reset()
+
+    def f(s, t, w):
+        rows = kdfused.kd_loss(s * 1.0, t, None, temperature=3.0, divergence="ce",
+                               reduction="none")
+        return (rows * w).sum() / w.sum()
+
+    s = make_logits((6, 30), torch.bfloat16, device, gen)
+    t = make_logits((6, 30), torch.float32, device, gen)
+    w = torch.rand(6, device=device) + 0.5
+    (le, gse, gte), (lc, gsc, gtc) = _eager_and_compiled(f, s, t, w)
+    torch.testing.assert_close(lc, le, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(gsc.float(), gse.float(), rtol=1e-2, atol=1e-5)
+    torch.testing.assert_close(gtc, gte, rtol=1e-6, atol=1e-8)
+
+
+def test_compile_fullgraph_dynamic(device, gen):
+    """aot_eager with dynamic shapes: the fake kernel must handle symbolic sizes; two batch
+    sizes through one compiled function."""
+    import kdfused
+
+    torch._dynamo.reset()
+
+    def f(s, t, y):
+        return kdfused.kd_loss(s, t, y, temperature=1.5, soft_weight=0.5, hard_weight=0.5,
+                               reduction="mean")
+
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager", dynamic=True)
+    for n in (4, 7):
+        s = make_logits((n, 20), torch.float64, device, gen)
+        t = make_logits((n, 20), torch.float64, device, gen)
+        y = make_labels((n,), 20, device, gen, 0.3)
+        (le, gse, gte), (lc, gsc, gtc) = _eager_and_compiled(f, s, t, y, compiled=cf)
+        torch.testing.assert_close(lc, le, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(gsc, gse, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(gtc, gte, rtol=1e-12, atol=1e-14)
