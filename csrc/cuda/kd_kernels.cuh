@@ -214,6 +214,10 @@ __device__ __forceinline__ SliceGeom slice_geom(const S* srow, const T* trow, bo
 // ------------------------------------------------------------------------------------------------
 
 // One vector: rescale once to the vector's maxima, then accumulate() each element (kd_math.h).
+// Why fmax (one FMNMX) and not the NaN-propagating kd_max (three instructions) inside the vector:
+// a NaN element still poisons the row, through accumulate(): s - ms = NaN gives a NaN exponential
+// in za (or zb), hence a NaN loss and, through 1/za (1/zb), NaN gradients -- as with kd_max.
+// Across vectors (the state's maxima) kd_max is kept.
 template <typename A, int W>
 __device__ __forceinline__ void stats_vec(RowState<A>& st, const A (&s)[W], const A (&t)[W],
                                           const RowConfig<A>& cfg) {
@@ -221,8 +225,8 @@ __device__ __forceinline__ void stats_vec(RowState<A>& st, const A (&s)[W], cons
   A vmt = t[0];
 #pragma unroll
   for (int i = 1; i < W; ++i) {
-    vms = kd_max(vms, s[i]);
-    vmt = kd_max(vmt, t[i]);
+    vms = fmax(vms, s[i]);
+    vmt = fmax(vmt, t[i]);
   }
   rescale(st, kd_max(st.ms, vms), cfg.soft ? kd_max(st.mt, vmt) : st.mt, cfg);
 #pragma unroll
@@ -254,7 +258,7 @@ __device__ __forceinline__ RowState<A> stats_sweep(const S* srow, const T* trow,
   const S* sv = srow + g.vlo;
   const T* tv = trow + g.vlo;
   // U vectors per iteration: all their loads are in flight before the first exp (memory-level
-  // parallelism); U = 1 for 48-byte vectors (16-bit x fp32 pairs) to stay within 80 registers.
+  // parallelism); U = 2 for 16-bit pairs, else 1 (registers; see stats_unroll in kd_launch.h).
   constexpr int U = stats_unroll(W * static_cast<int>(sizeof(S) + sizeof(T)), W);
   for (int j0 = tid; j0 < nv; j0 += U * nthr) {
     WS ws[U];
@@ -311,6 +315,26 @@ struct RowCoef {
   A fa, fb, fh;  // 1/za, 1/zb, 1/zh
 };
 
+// exp(x * c) for the gradient sweep, with c = 1/T (or 1). float: the same ex2.approx.ftz that
+// kd_exp's __expf uses, with log2(e) folded into the row constant (one FMUL per exp less);
+// double: kd_exp (accurate).
+template <typename A>
+struct ExpScale {
+  A inv_t;       // 1/T
+  A inv_t_l2e;   // log2(e)/T   (float only)
+};
+
+__device__ __forceinline__ float exp_scaled(float x, float c, float c_l2e) {
+  (void)c;
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * c_l2e));
+  return y;
+}
+__device__ __forceinline__ double exp_scaled(double x, double c, double c_l2e) {
+  (void)c_l2e;
+  return kd_exp(x * c);
+}
+
 template <typename A>
 __device__ __forceinline__ RowCoef<A> finalize_row(const RowState<A>& st, const RowConfig<A>& cfg,
                                                    const KDParams& p, A s_label, A grad_scale) {
@@ -327,24 +351,29 @@ struct GradFlags {
   bool soft, hard, need_zh, square_h, ce, want_gs, want_gt;
 };
 
+constexpr double kLog2e = 1.4426950408889634;
+
 template <typename A>
-__device__ __forceinline__ void grad_elem(const RowCoef<A>& c, const GradFlags& f, A inv_t, A s, A t,
-                                          bool is_label, A& gs, A& gt) {
+__device__ __forceinline__ void grad_elem(const RowCoef<A>& c, const GradFlags& f, const ExpScale<A>& x,
+                                          A s, A t, bool is_label, A& gs, A& gt) {
   const RowResult<A>& r = c.res;
-  const A ds = s - r.ms;
-  const A e = kd_exp(ds * inv_t);
+  const A ds = s - r.ms;  // exact for nearby values (Sterbenz); scaled afterwards (kd_math.h)
+  const A e = exp_scaled(ds, x.inv_t, x.inv_t_l2e);
   const A q = f.soft ? e * c.fa : A(0);
-  const A pt = f.soft ? kd_exp((t - r.mt) * inv_t) * c.fb : A(0);
+  const A pt = f.soft ? exp_scaled(t - r.mt, x.inv_t, x.inv_t_l2e) * c.fb : A(0);
   A h = A(0);
-  if (f.hard) h = !f.need_zh ? e * c.fa : (f.square_h ? e * e * c.fh : kd_exp(ds) * c.fh);
+  if (f.hard) {
+    h = !f.need_zh ? e * c.fa
+                   : (f.square_h ? e * e * c.fh : exp_scaled(ds, A(1), static_cast<A>(kLog2e)) * c.fh);
+  }
   gs = grad_student(r, q, pt, h, is_label);
-  gt = f.soft ? grad_teacher(r, s, t, pt, f.ce, inv_t) : A(0);
+  gt = f.soft ? grad_teacher(r, s, t, pt, f.ce, x.inv_t) : A(0);
 }
 
 template <typename S, typename T, typename A, int W>
 __device__ __forceinline__ void grad_sweep(const S* srow, const T* trow, bool read_t, S* gsrow, T* gtrow,
                                            const SliceGeom& g, int tid, int nthr, const RowCoef<A>& c,
-                                           const GradFlags& f, A inv_t, int64_t y,
+                                           const GradFlags& f, const ExpScale<A>& x, int64_t y,
                                            const uint4* stage_s, const uint4* stage_t) {
   using WS = VecWords<S, W>;
   using WT = VecWords<T, W>;
@@ -354,7 +383,7 @@ __device__ __forceinline__ void grad_sweep(const S* srow, const T* trow, bool re
     const int64_t e = pass == 0 ? g.vlo : g.hi;
     for (int64_t i = b + tid; i < e; i += nthr) {
       A gs, gt;
-      grad_elem(c, f, inv_t, to_acc<A>(srow[i]), read_t ? to_acc<A>(trow[i]) : A(0), i == y, gs, gt);
+      grad_elem(c, f, x, to_acc<A>(srow[i]), read_t ? to_acc<A>(trow[i]) : A(0), i == y, gs, gt);
       if (gsrow) gsrow[i] = from_acc<S>(gs);
       if (gtrow) gtrow[i] = from_acc<T>(gt);
     }
@@ -392,6 +421,9 @@ __device__ __forceinline__ void grad_sweep(const S* srow, const T* trow, bool re
     // Results go straight into their packed output words (half the registers of A[W] for 16-bit
     // outputs: the block kernel's 80-register budget).
     const int64_t base = static_cast<int64_t>(j) * W;
+    // The label's lane in this vector (-1: none), so that the per-element test is a 32-bit compare
+    // with a constant.
+    const int lab = (ylocal >= base && ylocal < base + W) ? static_cast<int>(ylocal - base) : -1;
     WS os;
     WT ot;
     S* xs = reinterpret_cast<S*>(os.w);
@@ -399,7 +431,7 @@ __device__ __forceinline__ void grad_sweep(const S* srow, const T* trow, bool re
 #pragma unroll
     for (int i = 0; i < W; ++i) {
       A gs, gt;
-      grad_elem(c, f, inv_t, s[i], t[i], base + i == ylocal, gs, gt);
+      grad_elem(c, f, x, s[i], t[i], i == lab, gs, gt);
       xs[i] = from_acc<S>(gs);
       xt[i] = from_acc<T>(gt);
     }
@@ -450,6 +482,7 @@ struct KernelArgs {
   const A* grad_scale_dev;   // device gradient scale (Mean with labels), or nullptr
   A grad_scale_host;         // used when grad_scale_dev is nullptr
   A inv_t;                   // 1 / T in the accumulation type
+  A inv_t_l2e;               // log2(e) / T (rounded once, from double)
   unsigned flags;            // Flag bits
   Mode mode;
   int split;                 // CTAs per row (kBlock)
@@ -531,6 +564,7 @@ __global__ void __launch_bounds__(kWarpBlockThreads) kd_warp_kernel(const KDPara
   const int64_t warps_total = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
   const RowConfig<A> cfg = make_config(a);
   const GradFlags f = make_flags(a);
+  const ExpScale<A> xs{a.inv_t, a.inv_t_l2e};
   const bool read_t = cfg.soft;
   const int64_t V = p.vocab;
   A* row_loss = static_cast<A*>(p.row_loss);
@@ -559,7 +593,7 @@ __global__ void __launch_bounds__(kWarpBlockThreads) kd_warp_kernel(const KDPara
     if (lane == 0) row_loss[r] = c.res.loss;
     if (gsrow || gtrow) {
       // The row was read by this warp a moment ago: the re-read hits L1/L2, not HBM.
-      grad_sweep<S, T, A, W>(srow, trow, read_t, gsrow, gtrow, g, lane, kWarpSize, c, f, cfg.inv_t, y,
+      grad_sweep<S, T, A, W>(srow, trow, read_t, gsrow, gtrow, g, lane, kWarpSize, c, f, xs, y,
                              nullptr, nullptr);
     }
   }
@@ -594,6 +628,7 @@ __global__ void __launch_bounds__(kBlockThreads, sizeof(A) == 8 ? kBlockMinBlock
   const int rank = static_cast<int>(blockIdx.x % static_cast<unsigned>(split));
   const RowConfig<A> cfg = make_config(a);
   const GradFlags f = make_flags(a);
+  const ExpScale<A> xs{a.inv_t, a.inv_t_l2e};
   const bool read_t = cfg.soft;
   const int64_t V = p.vocab;
   A* row_loss = static_cast<A*>(p.row_loss);
@@ -683,7 +718,7 @@ __global__ void __launch_bounds__(kBlockThreads, sizeof(A) == 8 ? kBlockMinBlock
       __syncthreads();
       // Read before the next row's first barrier, after which thread 0 may overwrite row_coef.
       const RowCoef<A> c = row_coef;
-      grad_sweep<S, T, A, W>(srow, trow, read_t, gsrow, gtrow, g, tid, kBlockThreads, c, f, cfg.inv_t, y,
+      grad_sweep<S, T, A, W>(srow, trow, read_t, gsrow, gtrow, g, tid, kBlockThreads, c, f, xs, y,
                              stage_s, stage_t);
     }
 #if KD_HAS_CLUSTERS
@@ -762,27 +797,29 @@ __global__ void kd_scale_factor_kernel(const F* g, F* c, F* factor) {
   *c = gv;
 }
 
-// Opmath of a gradient element (as at::mul_ with a scalar: float for half/bfloat16/float).
-template <typename G>
-using OpMath = std::conditional_t<std::is_same_v<G, double>, double, float>;
+// The type the product is computed in, as the CPU backend's grad.mul_(factor tensor) promotes it:
+// float for half/bfloat16/float gradients with a float factor, double when either is double
+// (never the gradient's 16-bit type: a bfloat16 factor would turn 3.7 into 3.703).
+template <typename G, typename F>
+using OpMath = std::conditional_t<std::is_same_v<G, double> || std::is_same_v<F, double>, double, float>;
 
-template <typename G>
-__device__ __forceinline__ void scale_range(G* p, int64_t n, OpMath<G> f, int64_t tid, int64_t nthr) {
+template <typename G, typename M>
+__device__ __forceinline__ void scale_range(G* p, int64_t n, M f, int64_t tid, int64_t nthr) {
   constexpr int kW = kVecBytes / static_cast<int>(sizeof(G));
   const int64_t mis = static_cast<int64_t>((reinterpret_cast<uintptr_t>(p) & (kVecBytes - 1)) / sizeof(G));
   const int64_t head = mis == 0 ? 0 : (kW - mis < n ? kW - mis : n);
-  for (int64_t i = tid; i < head; i += nthr) p[i] = static_cast<G>(static_cast<OpMath<G>>(p[i]) * f);
+  for (int64_t i = tid; i < head; i += nthr) p[i] = static_cast<G>(static_cast<M>(p[i]) * f);
   const int64_t nvec = (n - head) / kW;
   uint4* v = reinterpret_cast<uint4*>(p + head);
   for (int64_t j = tid; j < nvec; j += nthr) {
     uint4 w = v[j];
     G* x = reinterpret_cast<G*>(&w);
 #pragma unroll
-    for (int k = 0; k < kW; ++k) x[k] = static_cast<G>(static_cast<OpMath<G>>(x[k]) * f);
+    for (int k = 0; k < kW; ++k) x[k] = static_cast<G>(static_cast<M>(x[k]) * f);
     v[j] = w;
   }
   for (int64_t i = head + nvec * kW + tid; i < n; i += nthr) {
-    p[i] = static_cast<G>(static_cast<OpMath<G>>(p[i]) * f);
+    p[i] = static_cast<G>(static_cast<M>(p[i]) * f);
   }
 }
 
@@ -792,7 +829,7 @@ template <typename G, typename F>
 __global__ void __launch_bounds__(kScaleThreads) kd_scale_flat_kernel(G* grad, int64_t n, const F* factor) {
   const F fv = *factor;
   if (fv == F(1)) return;
-  scale_range(grad, n, static_cast<OpMath<G>>(fv),
+  scale_range(grad, n, static_cast<OpMath<G, F>>(fv),
               static_cast<int64_t>(blockIdx.x) * kScaleThreads + threadIdx.x,
               static_cast<int64_t>(gridDim.x) * kScaleThreads);
 }
@@ -808,7 +845,7 @@ __global__ void __launch_bounds__(kScaleThreads)
        r < n_rows; r += warps_total) {
     const F fv = scale_factor(g[r], c[r]);
     if (fv == F(1)) continue;
-    scale_range(grad + r * V, V, static_cast<OpMath<G>>(fv), lane, kWarpSize);
+    scale_range(grad + r * V, V, static_cast<OpMath<G, F>>(fv), lane, kWarpSize);
   }
 }
 

@@ -14,17 +14,20 @@
 //               Every thread reads back only the vectors it wrote itself, so the stage needs no
 //               barrier. A slice is staged when it fits kMaxStageBytes.
 //             * sm_90: a row too long for one CTA is split over a thread-block cluster of `split`
-//               CTAs (2, 4 or 8; 8 is the portable maximum). Each CTA stages its 1/split of the
+//               CTAs (2, 4, 8 or 16; 8 is the portable maximum, 16 is allowed on H100/H200 as a
+//               non-portable size and is tried first, with a fallback to 8 and then to no cluster
+//               when the occupancy query says it cannot be scheduled). Each CTA stages its 1/split of the
 //               row, the split partial RowStates are merged through distributed shared memory in
 //               rank order (every CTA merges the same states in the same order: all get the same
 //               bits), and each CTA writes the gradient of its own slice from its own stage.
 //               Why clusters and not "re-read from L2": with bf16 V = 128256 a row is 500 KB of s+t;
 //               ~2 rows in flight per SM would be 130+ MB, far over H200's L2 (50 MB): the second
 //               sweep would come from HBM (10 B/element, 1.67x the floor). A cluster of 8 CTAs holds
-//               the row on chip in 8 x 62.6 KB of shared memory, 3 CTAs per SM.
-//               Rows whose 1/8 slice still does not fit (fp32 V > ~64k with the teacher, fp64)
-//               keep split 8 and re-read their slice from L2 right after the merge: the working set
-//               in flight is then ~3 slices per SM (~25 MB on 132 SMs), which L2 holds.
+//               the row on chip in 8 x 62.6 KB of shared memory, 3 CTAs per SM. With split 16
+//               every LM vocabulary up to 256k fits in bf16, and up to 131k in fp32.
+//               Rows whose 1/16 slice still does not fit (fp32 V > 131k, fp64 V > 65k) keep the
+//               largest split and re-read their slice right after the merge: mostly from L2 (3
+//               slices of <= 2x the stage per SM in flight, comparable to L2), partly from HBM.
 //             * Few rows (N * split < kFillCTAs(num_SMs)): the split is doubled (up to 8, while a
 //               slice keeps >= kMinSliceElems elements) so that all SMs get work.
 //             * sm_80 (no clusters): rows that fit are staged as above. Rows that do not fit are
@@ -39,8 +42,18 @@
 // and the plan depends only on (V, N, dtypes, flags, device). Results are bitwise reproducible on
 // a given device.
 //
-// ptxas (nvcc 13.0, -O3, torch's flags; numbers for the bf16/bf16 instantiation, others within a
-// few registers; see the report in the CUDA kernel file kd_kernels.cuh, top comment).
+// Resources (nvcc 13.0 -O3, torch's flags, ptxas -v; registers per thread, spills in bytes):
+//                         sm_90                      sm_80
+//   kd_block_kernel       80 regs, 0 spill, 304 B    80 regs, 0 spill, 288 B static smem
+//                         (fp32/fp32: 79; fp64: 122 under the 2-CTA bound; sm_80 fp32/fp32 keeps a
+//                         4-byte spill stored once per CTA and reloaded once per row, outside the
+//                         element loops)
+//   kd_warp_kernel        70-100 regs, 0 spill         69-91 regs, 0 spill (fp64 96 / 77)
+//   small kernels         15-40 regs, 0 spill
+// SASS (cuobjdump, sm_90, bf16/bf16): the statistics loop issues 4 LDG.E.128.CONSTANT (2 vectors
+// of s and t) and 4 STS.128 (the stage) per iteration; the gradient loop LDS.128 from the stage
+// and STG.E.128; cluster merge: UCGABAR_ARV/WAIT + DSMEM loads; no local memory.
+// Compile time for kd_loss_cuda.cu (sm_80 + sm_90, 8 dtype pairs): ~1.5 min of CPU time.
 #pragma once
 
 #include <cstdint>
@@ -67,7 +80,8 @@ constexpr int stats_unroll(int vec_bytes_s_plus_t, int vec_elems) {
 constexpr int64_t kWarpMaxV = 2048;             // kWarp up to here (a row is <= 2 x 16 KB in fp64)
 constexpr int64_t kMaxStageBytes = 64 * 1024;   // s+t slice kept in shared memory (3 CTAs/SM on
                                                 // H100/H200: 3 x 64 KB of 227 KB)
-constexpr int kMaxClusterSplit = 8;             // portable cluster size limit
+constexpr int kMaxClusterSplit = 16;            // non-portable cluster size (H100/H200)
+constexpr int kPortableClusterSplit = 8;        // fallback: the portable cluster size limit
 constexpr int kMaxTwoPhaseSplit = 8;            // sm_80 split of few long rows
 constexpr int64_t kMinSliceElems = 4096;        // don't split a row below this many elements/CTA
 inline int64_t kFillCTAs(int num_sms) { return 2 * static_cast<int64_t>(num_sms); }
@@ -97,10 +111,12 @@ struct LaunchPlan {
 
 // Chooses the kernel for a problem. elem_bytes_s/t are the sizes of the student/teacher element,
 // vec_elems the elements per vector (16 / min(sizeof S, sizeof T)), teacher_read whether the
-// teacher is read at all (soft term on). Pure function of its arguments (determinism).
+// teacher is read at all (soft term on), max_cluster the largest cluster to use (0 or 1: none).
+// Pure function of its arguments (determinism).
 inline LaunchPlan choose_plan(int64_t n_rows, int64_t V, int elem_bytes_s, int elem_bytes_t,
                               int vec_elems, bool teacher_read, bool any_grad, int num_sms,
-                              bool has_clusters, int64_t max_smem_optin) {
+                              int max_cluster, int64_t max_smem_optin) {
+  const bool has_clusters = max_cluster > 1;
   LaunchPlan plan;
   if (V <= kWarpMaxV) {
     plan.kind = Kind::Warp;
@@ -119,9 +135,10 @@ inline LaunchPlan choose_plan(int64_t n_rows, int64_t V, int elem_bytes_s, int e
 
   if (has_clusters) {
     int split = 1;
-    while (split < kMaxClusterSplit && slice_bytes(split) > stage_cap) split *= 2;
-    while (split < kMaxClusterSplit && n_rows * split < kFillCTAs(num_sms) &&
-           V / (2 * split) >= kMinSliceElems) {
+    while (split < max_cluster && slice_bytes(split) > stage_cap) split *= 2;
+    // Few rows: more CTAs per row, but never past the portable size for this reason alone.
+    const int fill_max = max_cluster < kPortableClusterSplit ? max_cluster : kPortableClusterSplit;
+    while (split < fill_max && n_rows * split < kFillCTAs(num_sms) && V / (2 * split) >= kMinSliceElems) {
       split *= 2;
     }
     plan.split = split;

@@ -54,6 +54,7 @@ void run_fused(const KDParams& p, const A* grad_scale_dev, double grad_scale_hos
   a.grad_scale_dev = grad_scale_dev;
   a.grad_scale_host = static_cast<A>(grad_scale_host);
   a.inv_t = static_cast<A>(p.inv_temperature);
+  a.inv_t_l2e = static_cast<A>(p.inv_temperature * kLog2e);
   a.flags = make_flag_bits(p);
   a.mode = Mode::Fused;
   a.split = 1;
@@ -72,9 +73,45 @@ void run_fused(const KDParams& p, const A* grad_scale_dev, double grad_scale_hos
   const bool has_clusters = prop->major >= 9 && attr.binaryVersion >= 90 &&
                             !(no_clusters != nullptr && no_clusters[0] == '1');
   const int64_t smem_optin = static_cast<int64_t>(prop->sharedMemPerBlockOptin) - static_cast<int64_t>(attr.sharedSizeBytes);
-
-  const LaunchPlan plan = choose_plan(p.n_rows, p.vocab, sizeof(S), sizeof(T), W, soft, any_grad,
-                                      prop->multiProcessorCount, has_clusters, smem_optin);
+  auto plan_for = [&](int max_cluster) {
+    return choose_plan(p.n_rows, p.vocab, sizeof(S), sizeof(T), W, soft, any_grad, prop->multiProcessorCount,
+                       max_cluster, smem_optin);
+  };
+  // Whether a cluster of the plan's shape can be co-scheduled (a host query, no sync). A 16-CTA
+  // cluster is non-portable (H100/H200 allow it, a MIG slice may not), and shared memory may be
+  // carved out by another context: ask rather than fail at launch.
+  auto cluster_fits = [&](const LaunchPlan& pl) {
+    if (pl.split > kPortableClusterSplit) {
+      if (cudaFuncSetAttribute(block_kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return false;
+      }
+    }
+    if (pl.smem_bytes > 48 * 1024) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(block_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(pl.smem_bytes)));
+    }
+    cudaLaunchConfig_t qcfg = {};
+    qcfg.gridDim = dim3(static_cast<unsigned>(pl.split), 1, 1);
+    qcfg.blockDim = dim3(kBlockThreads, 1, 1);
+    qcfg.dynamicSmemBytes = static_cast<size_t>(pl.smem_bytes);
+    cudaLaunchAttribute qattr[1];
+    qattr[0].id = cudaLaunchAttributeClusterDimension;
+    qattr[0].val.clusterDim.x = static_cast<unsigned>(pl.split);
+    qattr[0].val.clusterDim.y = 1;
+    qattr[0].val.clusterDim.z = 1;
+    qcfg.attrs = qattr;
+    qcfg.numAttrs = 1;
+    int clusters = 0;
+    if (cudaOccupancyMaxActiveClusters(&clusters, block_kernel, &qcfg) != cudaSuccess) {
+      (void)cudaGetLastError();  // a failed query is not sticky; clear it
+      return false;
+    }
+    return clusters >= 1;
+  };
+  LaunchPlan plan = plan_for(has_clusters ? kMaxClusterSplit : 0);
+  if (plan.cluster && !cluster_fits(plan)) plan = plan_for(kPortableClusterSplit);
+  if (plan.cluster && !cluster_fits(plan)) plan = plan_for(0);
 
   if (plan.kind == Kind::Warp) {
     const int64_t blocks = std::min<int64_t>((p.n_rows + kWarpsPerBlock - 1) / kWarpsPerBlock, kMaxGridRows);
