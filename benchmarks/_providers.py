@@ -1,0 +1,175 @@
+"""Loss providers compared by the benchmarks.
+
+Every provider computes the same combined distillation loss on logits ``s`` (student, N x V, the
+only input that requires grad), ``t`` (teacher, N x V) and integer labels ``y`` (N):
+
+    loss = SOFT_WEIGHT * T^2 * KL(softmax(t/T) || softmax(s/T)) + HARD_WEIGHT * CE(s, y)
+
+averaged over the N rows ("batchmean"), with T = TEMPERATURE. ``make(name, device)`` returns a
+closure ``fn(s, t, y) -> scalar loss``; the caller times ``fn`` under ``torch.no_grad()`` (forward)
+and ``fn(...).backward()`` (forward + backward). A provider that cannot run here raises
+:class:`Unavailable` with the reason, so that it is reported rather than dropped.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+TEMPERATURE = 2.0
+SOFT_WEIGHT = 0.5
+HARD_WEIGHT = 0.5
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+DESCRIPTIONS = {
+    "kdfused": "kdfused.kd_loss (fused loss + gradient)",
+    "eager": "F.kl_div(log_softmax, log_softmax, log_target=True) + F.cross_entropy, eager",
+    "compile": "the same eager code under torch.compile (default options)",
+    "liger_kl": "Liger LigerKLDIVLoss on torch log_softmax outputs + F.cross_entropy (CUDA only)",
+    "liger_jsd": "Liger LigerJSD(beta=0) = forward KL, on torch log_softmax outputs "
+    "+ F.cross_entropy (CUDA only)",
+    "reference": "kdfused.reference.kd_loss (pure-PyTorch specification; not a peer)",
+}
+DEFAULT_PROVIDERS = ("kdfused", "eager", "compile")
+CUDA_PROVIDERS = ("liger_kl", "liger_jsd")
+
+
+class Unavailable(RuntimeError):
+    """The provider cannot run on this machine (missing package, wrong device)."""
+
+
+def people_loss(
+    s: torch.Tensor,
+    t: torch.Tensor,
+    y: torch.Tensor,
+    T: float = TEMPERATURE,
+    soft_weight: float = SOFT_WEIGHT,
+    hard_weight: float = HARD_WEIGHT,
+) -> torch.Tensor:
+    """The distillation loss as people write it today in plain PyTorch."""
+    soft = F.kl_div(
+        F.log_softmax(s / T, dim=-1),
+        F.log_softmax(t / T, dim=-1),
+        log_target=True,
+        reduction="batchmean",
+    ) * (T * T)
+    return soft_weight * soft + hard_weight * F.cross_entropy(s, y)
+
+
+def load_reference():
+    """``kdfused.reference`` loaded by path, so it works even when the extension is not built."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "kdfused", "reference.py")
+    spec = importlib.util.spec_from_file_location("_kdfused_reference", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def reference_loss(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor, rows: int = 0) -> float:
+    """The exact loss value, from ``kdfused.reference`` in row chunks (bounded extra memory).
+
+    Accumulates in float32 (float64 for float64 inputs), as the reference does, and sums the
+    chunks in float64. ``rows`` is the chunk height; by default about 4M elements a chunk.
+    """
+    ref = load_reference()
+    n, v = s.shape
+    rows = rows or max(1, (1 << 22) // v)
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, n, rows):
+            a, b = s[i : i + rows], t[i : i + rows]
+            total += ref.kd_loss(
+                a, b, y[i : i + rows], temperature=TEMPERATURE, soft_weight=SOFT_WEIGHT,
+                hard_weight=HARD_WEIGHT, reduction="sum",
+            ).item()
+    return total / n
+
+
+def _kdfused(device: str) -> LossFn:
+    try:
+        import kdfused
+    except Exception as exc:  # noqa: BLE001 - any import failure means "not built"
+        raise Unavailable(f"import kdfused failed: {exc}") from exc
+    if not hasattr(kdfused, "kd_loss"):
+        raise Unavailable("kdfused.kd_loss not found (extension not built/installed?)")
+
+    def fn(s, t, y):
+        return kdfused.kd_loss(
+            s, t, y, temperature=TEMPERATURE, soft_weight=SOFT_WEIGHT, hard_weight=HARD_WEIGHT
+        )
+
+    return fn
+
+
+def _eager(device: str) -> LossFn:
+    return people_loss
+
+
+def _compile(device: str) -> LossFn:
+    # A fresh Dynamo cache for every case: each shape gets its own static-shape graph (the
+    # default for a first call) and the recompile limit never silently falls back to eager.
+    torch._dynamo.reset()
+    return torch.compile(people_loss)
+
+
+def _liger(device: str, which: str) -> LossFn:
+    if device != "cuda":
+        raise Unavailable("Liger-Kernel runs on CUDA (Triton) only")
+    try:
+        from liger_kernel.transformers import LigerJSD, LigerKLDIVLoss
+    except Exception as exc:  # noqa: BLE001
+        raise Unavailable(f"liger_kernel not importable: {exc}") from exc
+    T = TEMPERATURE
+    if which == "kl":
+        div = LigerKLDIVLoss(reduction="batchmean", log_target=True)
+    else:
+        div = LigerJSD(beta=0.0)  # beta = 0 is forward KL(p_teacher || q_student)
+
+    # Liger takes log-probabilities, so the log_softmax it needs is part of its cost.
+    # The hard-label term stays F.cross_entropy: LigerCrossEntropyLoss overwrites its input
+    # with the gradient, which would corrupt the student logits shared with the KL term.
+    def fn(s, t, y):
+        log_q = F.log_softmax(s / T, dim=-1)
+        log_p = F.log_softmax(t / T, dim=-1)
+        return SOFT_WEIGHT * T * T * div(log_q, log_p) + HARD_WEIGHT * F.cross_entropy(s, y)
+
+    return fn
+
+
+def _reference(device: str) -> LossFn:
+    ref = load_reference()
+
+    def fn(s, t, y):
+        return ref.kd_loss(
+            s, t, y, temperature=TEMPERATURE, soft_weight=SOFT_WEIGHT, hard_weight=HARD_WEIGHT
+        )
+
+    return fn
+
+
+_FACTORIES = {
+    "kdfused": _kdfused,
+    "eager": _eager,
+    "compile": _compile,
+    "liger_kl": lambda device: _liger(device, "kl"),
+    "liger_jsd": lambda device: _liger(device, "jsd"),
+    "reference": _reference,
+}
+ALL_PROVIDERS = tuple(_FACTORIES)
+
+
+def make(name: str, device: str) -> LossFn:
+    """The loss closure of provider ``name`` on ``device``; raises :class:`Unavailable`."""
+    if name not in _FACTORIES:
+        raise ValueError(f"unknown provider {name!r}; choose from {', '.join(ALL_PROVIDERS)}")
+    return _FACTORIES[name](device)
+
+
+def default_providers(device: str) -> list[str]:
+    """Providers run when ``--providers`` is not given: Liger's too on CUDA."""
+    return list(DEFAULT_PROVIDERS) + (list(CUDA_PROVIDERS) if device == "cuda" else [])
