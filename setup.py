@@ -85,6 +85,7 @@ sources = [
     "csrc/kdfused.cpp",
     "csrc/kd_python.cpp",
     "csrc/cpu/kd_loss_cpu.cpp",
+    "csrc/cpu/kd_grad_cache.cpp",
     "csrc/cpu/kd_kernel_default.cpp",
     "csrc/cpu/kd_kernel_avx2.cpp",
     "csrc/cpu/kd_kernel_avx512.cpp",

@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "cpu/kd_cpu_dispatch.h"
+#include "cpu/kd_grad_cache.h"
 #include "kd_host.h"
 
 namespace {
@@ -26,6 +27,9 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "kdfused native module: the ops live in torch.ops.kdfused";
   m.def("build_info", &build_info, "How this build was compiled: CUDA support, CPU instruction sets.");
+  m.def("empty_cache", &kdfused::cpu::empty_cache,
+        "Frees the cached CPU gradient buffers; returns the number of bytes given back.");
+  m.def("cached_bytes", &kdfused::cpu::cached_bytes, "Bytes of CPU gradient buffers held for reuse.");
   m.def("set_cpu_isa", &kdfused::cpu::set_isa,
         "Forces the CPU kernel's instruction set: 'auto', 'default', 'avx2' or 'avx512'.");
   m.def(

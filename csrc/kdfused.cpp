@@ -10,13 +10,10 @@
 #include <cmath>
 #include <cstdint>
 #include <sstream>
-
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 #include <string>
 #include <vector>
 
+#include "cpu/kd_grad_cache.h"
 #include "kd_host.h"
 
 namespace kdfused {
@@ -147,23 +144,6 @@ bool coalesce_rows(const at::Tensor& s, const at::Tensor& t, KDParams& p) {
   return true;
 }
 
-// A freshly allocated N x V gradient is first touched by the kernel, and on Linux every 4 KiB page
-// then costs a page fault (measured here: a 262 MB gradient took ~170 ms of faults, more than the
-// kernel itself). Asking for transparent huge pages on the 2 MiB-aligned interior of the buffer,
-// before anything touches it, makes that 512 times fewer faults. Advice only: errors are ignored.
-void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  if (!t.device().is_cpu() || t.nbytes() < 2 * kHuge) return;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t hi = (begin + t.nbytes()) & ~(kHuge - 1);
-  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
-#else
-  (void)t;
-#endif
-}
-
 }  // namespace
 
 Prepared prepare(const at::Tensor& student, const at::Tensor& teacher,
@@ -218,10 +198,13 @@ Prepared prepare(const at::Tensor& student, const at::Tensor& teacher,
   }
   p.row_loss = prep.row_loss.data_ptr();
   p.loss = prep.loss.data_ptr();
-  prep.grad_student = grad_student ? at::empty(student.sizes(), student.options()) : at::empty({0}, student.options());
-  prep.grad_teacher = grad_teacher ? at::empty(teacher.sizes(), teacher.options()) : at::empty({0}, teacher.options());
-  if (grad_student) advise_huge_pages(prep.grad_student);
-  if (grad_teacher) advise_huge_pages(prep.grad_teacher);
+  // CPU gradients come from a small cache of freed gradient buffers (cpu/kd_grad_cache.h).
+  auto grad_buffer = [](const at::Tensor& like) {
+    return like.is_cpu() ? cpu::cached_empty(like.sizes(), like.options())
+                         : at::empty(like.sizes(), like.options());
+  };
+  prep.grad_student = grad_student ? grad_buffer(student) : at::empty({0}, student.options());
+  prep.grad_teacher = grad_teacher ? grad_buffer(teacher) : at::empty({0}, teacher.options());
   p.grad_student = grad_student ? prep.grad_student.data_ptr() : nullptr;
   p.grad_teacher = grad_teacher ? prep.grad_teacher.data_ptr() : nullptr;
   prep.grad_scale = at::ones_like(prep.loss);

@@ -7,8 +7,8 @@
 """
 
 from . import reference
-from ._C import build_info
+from ._C import build_info, empty_cache
 from .loss import KDLoss, kd_loss
 
-__all__ = ["kd_loss", "KDLoss", "reference", "build_info"]
+__all__ = ["kd_loss", "KDLoss", "reference", "build_info", "empty_cache"]
 __version__ = "0.1.0"

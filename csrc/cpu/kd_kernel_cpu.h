@@ -167,14 +167,20 @@ void kd_forward_rows(const KDParams& p, int64_t begin, int64_t end) {
   RowConfig<A> cfg;
   cfg.inv_t = static_cast<A>(p.inv_temperature);
   cfg.soft = p.soft_weight > 0;
-  cfg.need_zh = p.hard_weight > 0 && p.temperature != 1.0;
+  // Flags in locals: inside the loops the compiler cannot keep a field of p in a register (the
+  // gradient stores might alias it) and would reload and compare it for every vector.
+  const bool hard = p.hard_weight > 0;
+  cfg.need_zh = hard && p.temperature != 1.0;
   cfg.need_ch = cfg.soft && ce;
   const bool want_gs = p.grad_student != nullptr;
   const bool want_gt = p.grad_teacher != nullptr && cfg.soft;
   const bool zero_gt = p.grad_teacher != nullptr && !cfg.soft;  // teacher grad of a 0-weight term
   const bool any_grad = want_gs || want_gt;
   const bool square_h = cfg.need_zh && p.temperature == 2.0;
-  Scratch<A> sc(V, cfg.soft, cfg.need_zh, any_grad);
+  // At T = 2 the T = 1 exponentials are squares of the tempered ones: recomputed in the gradient
+  // sweep (a multiply) instead of kept (a store and a load per element).
+  const bool keep_h = cfg.need_zh && !square_h;
+  Scratch<A> sc(V, cfg.soft, keep_h, any_grad);
 
   const S* s_base = static_cast<const S*>(p.student);
   const T* t_base = static_cast<const T*>(p.teacher);
@@ -224,7 +230,7 @@ void kd_forward_rows(const KDParams& p, int64_t begin, int64_t end) {
       Vec za(0), zh(0), zb(0), cx(0), ch(0);
       A* ea = any_grad ? sc.ea.data() + c0 : nullptr;
       A* eb = any_grad && cfg.soft ? sc.eb.data() + c0 : nullptr;
-      A* eh = any_grad && cfg.need_zh ? sc.eh.data() + c0 : nullptr;
+      A* eh = any_grad && keep_h ? sc.eh.data() + c0 : nullptr;
       for (int64_t i = 0; i < nv; i += W) {
         const Vec s = load_chunk(xs, i, n);
         const Vec ds = s - sh_s;
@@ -261,7 +267,7 @@ void kd_forward_rows(const KDParams& p, int64_t begin, int64_t end) {
 
     // ---- 2. the row's loss -------------------------------------------------------------------
     A s_label = A(0);
-    if (p.hard_weight > 0) s_label = static_cast<A>(srow[y]);
+    if (hard) s_label = static_cast<A>(srow[y]);
     const RowResult<A> res =
         finalize(st, cfg, true, s_label, static_cast<A>(p.soft_weight), static_cast<A>(p.hard_weight),
                  static_cast<A>(p.temperature), ce, static_cast<A>(p.grad_scale));
@@ -283,7 +289,7 @@ void kd_forward_rows(const KDParams& p, int64_t begin, int64_t end) {
       const Vec fh(cfg.need_zh ? kd_exp((sc.cms[c] - res.ms) - res.log_zh) : A(0));
       const A* ea = sc.ea.data() + c0;
       const A* eb = cfg.soft ? sc.eb.data() + c0 : nullptr;
-      const A* eh = cfg.need_zh ? sc.eh.data() + c0 : ea;
+      const A* eh = keep_h ? sc.eh.data() + c0 : ea;
       const Vec& fh_used = cfg.need_zh ? fh : fa;
       if (want_gs) {
         A* out = grad_chunk(gsrow + c0, sc.gs.data());
@@ -291,10 +297,13 @@ void kd_forward_rows(const KDParams& p, int64_t begin, int64_t end) {
           const Vec q = Vec::loadu(ea + i) * fa;
           Vec g = zero;
           if (cfg.soft) g = ks * (q - Vec::loadu(eb + i) * fb);
-          if (p.hard_weight > 0) g = g + kh * (Vec::loadu(eh + i) * fh_used);
+          if (hard) {
+            const Vec e_h = square_h ? Vec::loadu(ea + i) * Vec::loadu(ea + i) : Vec::loadu(eh + i);
+            g = g + kh * (e_h * fh_used);
+          }
           store_chunk(g, out, i, n);
         }
-        if (p.hard_weight > 0 && y >= c0 && y < c0 + n) out[y - c0] -= res.kh;
+        if (hard && y >= c0 && y < c0 + n) out[y - c0] -= res.kh;
         finish_chunk(out, gsrow + c0, n);
       }
       if (want_gt) {
