@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.14.1
 PYTEST_ARGS ?=
 
-.PHONY: all install demo test bench-full mnist cmake-build clean
+.PHONY: all install demo test bench bench-full mnist cmake-build clean
 
 all: test
 
@@ -31,7 +31,10 @@ demo: install
 	$(BIN)/python benchmarks/run.py
 
 test: install
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS) tests benchmarks/test_bench.py
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS) tests benchmarks/test_bench.py --benchmark-disable
+
+bench: install
+	$(BIN)/python benchmarks/run.py --set standard
 
 bench-full: install
 	$(BIN)/python benchmarks/run.py --full

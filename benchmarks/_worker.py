@@ -157,6 +157,11 @@ def peak_extra_mib(call, before, device: str) -> float | None:
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / MIB
     _malloc_trim()
+    # kdfused keeps freed CPU gradient buffers for reuse (like torch.cuda's caching allocator,
+    # emptied above for CUDA): give them back, so the measured call counts its gradient.
+    import kdfused
+
+    kdfused.empty_cache()
     base = _proc_status_kib("VmRSS")
     if base is None or not _reset_hwm():
         return None
