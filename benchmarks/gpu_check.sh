@@ -14,8 +14,8 @@
 #   4. compute-sanitizer memcheck + racecheck on a tiny run of each policy (when available)
 #   5. benchmark sweep: python benchmarks/run.py --device cuda --out OUTDIR/bench
 # Everything goes to OUTDIR (logs per step); a short table is printed last. Budget: < 8 minutes on
-# an H200 (time boxes: build 300 s, pytest 180, sanity 150, sanitizers 2 x 90, bench 150; typical
-# total 5-7 minutes).
+# an H200 (GPU_CHECK_BUDGET_S, default 450 s, caps the whole run; per-step time boxes: build 300 s,
+# pytest 180, sanity 150, sanitizers 2 x 90, bench 150; typical total 5-7 minutes).
 set -uo pipefail
 
 OUT="${1:?usage: bash benchmarks/gpu_check.sh OUTDIR}"
@@ -30,10 +30,19 @@ SUMMARY="$OUT/summary.txt"
 T0=$(date +%s)
 
 note() { printf '%s\n' "$*" | tee -a "$SUMMARY"; }
+# The whole script stays inside GPU_CHECK_BUDGET_S (default 450 s, i.e. < 8 minutes): each step's
+# time box is cut to what is left, and a step that would get under 15 s is skipped and said so.
+BUDGET_S="${GPU_CHECK_BUDGET_S:-450}"
 # step NAME TIMEOUT_S CMD...: runs CMD with a time box, log in OUT/NAME.log, one summary line.
 step() {
   local name=$1 limit=$2
   shift 2
+  local left=$((BUDGET_S - ($(date +%s) - T0)))
+  if [ "$left" -lt 15 ]; then
+    note "$(printf '%-12s %-16s' "$name" "SKIPPED (budget of ${BUDGET_S}s spent)")"
+    return 124
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
   local t=$(date +%s)
   echo "== [$name] $* (time box ${limit}s)"
   timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
