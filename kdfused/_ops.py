@@ -84,6 +84,10 @@ def _backward(ctx, grad_loss, _gs, _gt, _scale):
         gs = gs * g if need_s else None
         gt = gt * g if need_t else None
         return (gs, gt) + (None,) * 9
+    if torch.is_grad_enabled():
+        # create_graph=True: the saved gradients are constants to autograd, so a second derivative
+        # through them would silently come out as zero. Refuse rather than be wrong.
+        raise RuntimeError("kdfused.kd_loss does not support double backward (create_graph=True)")
     if kept:
         # retain_graph=True: another backward may follow with another grad_output, so the saved
         # gradients stay as they are and this one is scaled in a copy (one pass).

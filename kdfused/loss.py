@@ -64,6 +64,7 @@ def kd_loss(
     one pass (a scaled copy of the saved gradient) and may be repeated with any ``grad_output``.
     For float16/bfloat16 inputs and ``grad_output != 1`` the gradient is rounded twice (once in the
     forward, once when scaled), i.e. within one ulp more than a single rounding.
+    Double backward (``create_graph=True``) is not supported and raises ``RuntimeError``.
 
     Example::
 

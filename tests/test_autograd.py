@@ -316,3 +316,13 @@ def test_grad_output_not_rounded_to_grad_dtype(kd_loss, device, gen, seed, dtype
             f"{what}: mean relative error {bias:.3e} ~ -{bump:.3e}: grad_output was rounded to "
             f"{dtype} before scaling{_ctx(seed)}"
         )
+
+
+@pytest.mark.fused_only
+def test_double_backward_is_refused(kdfused_mod):
+    """create_graph=True would need the derivative of the saved gradient: refused, never zero."""
+    s = torch.randn(3, 11, requires_grad=True)
+    t = torch.randn(3, 11)
+    loss = kdfused_mod.kd_loss(s, t, temperature=2.0)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, s, create_graph=True)
