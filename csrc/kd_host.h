@@ -17,15 +17,18 @@ namespace kdfused {
 // Checks of the scalar options alone (also used by KDLoss's constructor through the Python module).
 // Throws ValueError / TypeError (c10::ValueError, c10::TypeError) naming the problem.
 void check_options(double temperature, double soft_weight, double hard_weight,
-                   std::string_view divergence, std::string_view reduction);
+                   std::string_view divergence, double beta, std::string_view reduction);
 
 // Every check that does not need to read tensor data: shapes, dtypes, devices, options.
 // Label *values* are checked by the backend (the CPU before computing, the CUDA kernel on device).
 void check_inputs(const at::Tensor& student, const at::Tensor& teacher,
                   const std::optional<at::Tensor>& labels, double temperature, double soft_weight,
-                  double hard_weight, std::string_view divergence, std::string_view reduction);
+                  double hard_weight, std::string_view divergence, double beta,
+                  std::string_view reduction);
 
 Divergence parse_divergence(std::string_view divergence);
+// The divergence the kernels run: parse_divergence, with "jsd" at beta 0 / 1 mapped to KL / ReverseKL.
+Divergence effective_divergence(std::string_view divergence, double beta);
 Reduction parse_reduction(std::string_view reduction);
 at::ScalarType accumulate_type(const at::Tensor& student, const at::Tensor& teacher);
 
@@ -44,8 +47,9 @@ struct Prepared {
 // Allocates the outputs on the inputs' device and fills KDParams (grad_scale left at 1).
 Prepared prepare(const at::Tensor& student, const at::Tensor& teacher,
                  const std::optional<at::Tensor>& labels, double temperature, double soft_weight,
-                 double hard_weight, std::string_view divergence, int64_t ignore_index,
-                 std::string_view reduction, bool grad_student, bool grad_teacher);
+                 double hard_weight, std::string_view divergence, double beta,
+                 int64_t ignore_index, std::string_view reduction, bool grad_student,
+                 bool grad_teacher);
 
 using KDOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 

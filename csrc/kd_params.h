@@ -11,9 +11,15 @@ namespace kdfused {
 // Leading ("row") dimensions after coalescing; more than this and the host makes a contiguous copy.
 constexpr int kMaxRowDims = 4;
 
-// Soft-target divergence. Values are part of the ABI between host and kernels; new divergences
-// (reverse KL, JSD) get new values.
-enum class Divergence : int32_t { KL = 0, CE = 1 };
+// Soft-target divergence (p: teacher, q: student, m = beta p + (1 - beta) q). Values are part of
+// the ABI between host and kernels. "jsd" with beta 0 / 1 is KL / ReverseKL (mapped on the host).
+enum class Divergence : int32_t {
+  KL = 0,         // KL(p || q)
+  CE = 1,         // -sum p log q
+  ReverseKL = 2,  // KL(q || p)
+  JSD = 3,        // beta KL(p || m) + (1 - beta) KL(q || m), 0 < beta < 1
+  TVD = 4,        // 0.5 sum |p - q|
+};
 
 // "batchmean" and "mean" are the same thing here: sum over valid rows / number of valid rows.
 enum class Reduction : int32_t { Mean = 0, Sum = 1, None = 2 };
@@ -47,6 +53,7 @@ struct KDParams {
   double soft_weight = 1.0;  // the soft term is skipped entirely when 0 (no 0 * inf)
   double hard_weight = 0.0;  // the hard term is skipped entirely when 0
   Divergence divergence = Divergence::KL;
+  double beta = 0.5;  // JSD mixing weight (only read for Divergence::JSD)
   Reduction reduction = Reduction::Mean;
 
   // ---- outputs ------------------------------------------------------------------------------

@@ -36,16 +36,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "check_inputs",
       [](const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
          double temperature, double soft_weight, double hard_weight, const std::string& divergence,
-         const std::string& reduction) {
-        kdfused::check_inputs(student, teacher, labels, temperature, soft_weight, hard_weight, divergence,
-                              reduction);
+         double beta, const std::string& reduction) {
+        kdfused::check_inputs(student, teacher, labels, temperature, soft_weight, hard_weight,
+                              divergence, beta, reduction);
       },
       "The op's argument checks (shapes, dtypes, devices, options), for fake/meta tensors.");
   m.def(
       "check_options",
       [](double temperature, double soft_weight, double hard_weight, const std::string& divergence,
-         const std::string& reduction) {
-        kdfused::check_options(temperature, soft_weight, hard_weight, divergence, reduction);
+         double beta, const std::string& reduction) {
+        kdfused::check_options(temperature, soft_weight, hard_weight, divergence, beta, reduction);
       },
       "Raises ValueError unless the loss options are valid.");
 }

@@ -46,7 +46,22 @@ DType to_dtype(at::ScalarType t) {
 Divergence parse_divergence(std::string_view d) {
   if (d == "kl") return Divergence::KL;
   if (d == "ce") return Divergence::CE;
-  TORCH_CHECK_VALUE(false, "kdfused: divergence must be 'kl' or 'ce', got '", std::string(d), "'");
+  if (d == "reverse_kl") return Divergence::ReverseKL;
+  if (d == "jsd") return Divergence::JSD;
+  if (d == "tvd") return Divergence::TVD;
+  TORCH_CHECK_VALUE(false,
+                    "kdfused: divergence must be one of 'kl', 'ce', 'reverse_kl', 'jsd', 'tvd', got '",
+                    std::string(d), "'");
+}
+
+Divergence effective_divergence(std::string_view d, double beta) {
+  const Divergence div = parse_divergence(d);
+  // The generalised JSD's end points are the two KLs (as TRL and Liger define them): beta = 0 is
+  // KL(p || q), beta = 1 is KL(q || p). Mapping them here makes them bitwise equal to "kl" /
+  // "reverse_kl" and keeps the kernels' JSD free of the 0 * log(0) limits of those ends.
+  if (div == Divergence::JSD && beta == 0.0) return Divergence::KL;
+  if (div == Divergence::JSD && beta == 1.0) return Divergence::ReverseKL;
+  return div;
 }
 
 Reduction parse_reduction(std::string_view r) {
@@ -58,7 +73,7 @@ Reduction parse_reduction(std::string_view r) {
 }
 
 void check_options(double temperature, double soft_weight, double hard_weight,
-                   std::string_view divergence, std::string_view reduction) {
+                   std::string_view divergence, double beta, std::string_view reduction) {
   TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0,
                     "kdfused: temperature must be finite and > 0, got ", temperature);
   TORCH_CHECK_VALUE(std::isfinite(soft_weight) && soft_weight >= 0,
@@ -66,13 +81,14 @@ void check_options(double temperature, double soft_weight, double hard_weight,
   TORCH_CHECK_VALUE(std::isfinite(hard_weight) && hard_weight >= 0,
                     "kdfused: hard_weight must be finite and >= 0, got ", hard_weight);
   parse_divergence(divergence);
+  TORCH_CHECK_VALUE(beta >= 0 && beta <= 1, "kdfused: beta must be in [0, 1], got ", beta);
   parse_reduction(reduction);
 }
 
 void check_inputs(const at::Tensor& s, const at::Tensor& t, const std::optional<at::Tensor>& labels,
                   double temperature, double soft_weight, double hard_weight,
-                  std::string_view divergence, std::string_view reduction) {
-  check_options(temperature, soft_weight, hard_weight, divergence, reduction);
+                  std::string_view divergence, double beta, std::string_view reduction) {
+  check_options(temperature, soft_weight, hard_weight, divergence, beta, reduction);
   TORCH_CHECK_TYPE(is_supported_float(s.scalar_type()),
                    "kdfused: student_logits must be float16, bfloat16, float32 or float64, got ",
                    s.scalar_type());
@@ -148,8 +164,9 @@ bool coalesce_rows(const at::Tensor& s, const at::Tensor& t, KDParams& p) {
 
 Prepared prepare(const at::Tensor& student, const at::Tensor& teacher,
                  const std::optional<at::Tensor>& labels, double temperature, double soft_weight,
-                 double hard_weight, std::string_view divergence, int64_t ignore_index,
-                 std::string_view reduction, bool grad_student, bool grad_teacher) {
+                 double hard_weight, std::string_view divergence, double beta,
+                 int64_t ignore_index, std::string_view reduction, bool grad_student,
+                 bool grad_teacher) {
   Prepared prep;
   KDParams& p = prep.params;
   const int64_t V = student.size(-1);
@@ -180,7 +197,8 @@ Prepared prepare(const at::Tensor& student, const at::Tensor& teacher,
   p.inv_temperature = 1.0 / temperature;
   p.soft_weight = soft_weight;
   p.hard_weight = hard_weight;
-  p.divergence = parse_divergence(divergence);
+  p.divergence = effective_divergence(divergence, beta);
+  p.beta = beta;
   p.reduction = parse_reduction(reduction);
 
   if (labels.has_value()) {
@@ -219,7 +237,8 @@ TORCH_LIBRARY(kdfused, m) {
   // tensor. grad_scale is the backward's state: the grad_output the gradients are scaled for.
   m.def(
       "kd_loss(Tensor student, Tensor teacher, Tensor? labels, float temperature, float soft_weight, "
-      "float hard_weight, str divergence, int ignore_index, str reduction, bool grad_student, "
+      "float hard_weight, str divergence, float beta, int ignore_index, str reduction, "
+      "bool grad_student, "
       "bool grad_teacher) -> (Tensor, Tensor, Tensor, Tensor)");
   // Backward: rescales the saved gradients in place from grad_scale to grad_output, and records
   // grad_output in grad_scale. When they are equal (loss.backward(): grad_output = 1) nothing moves.

@@ -24,13 +24,13 @@ def _acc_dtype(a: torch.Tensor, b: torch.Tensor) -> torch.dtype:
 
 @torch.library.register_fake("kdfused::kd_loss")
 def _kd_loss_fake(student, teacher, labels, temperature, soft_weight, hard_weight, divergence,
-                  ignore_index, reduction, grad_student, grad_teacher):
+                  beta, ignore_index, reduction, grad_student, grad_teacher):
     # The same checks as the real kernels (one C++ function), where shapes are concrete; with
     # symbolic shapes they run when the compiled graph calls the real kernel.
     if not any(isinstance(d, torch.SymInt) for x in (student, teacher, labels) if x is not None
                for d in x.shape):
         _C.check_inputs(student, teacher, labels, temperature, soft_weight, hard_weight,
-                        divergence, reduction)
+                        divergence, beta, reduction)
     acc = _acc_dtype(student, teacher)
     loss_shape = student.shape[:-1] if reduction == "none" else ()
     loss = student.new_empty(loss_shape, dtype=acc)
@@ -55,7 +55,7 @@ def _setup_context(ctx, inputs, output):
     # Plain attributes, not save_for_backward: kd_scale_grads_ updates them in place, and the
     # version check of saved tensors would (rightly, in general) refuse a second backward.
     ctx.kd_grads = (gs, gt, scale)
-    ctx.kd_need = (inputs[9], inputs[10])  # grad_student, grad_teacher flags
+    ctx.kd_need = (inputs[10], inputs[11])  # grad_student, grad_teacher flags
 
 
 def _traced(t: torch.Tensor) -> bool:
@@ -78,12 +78,12 @@ def _backward(ctx, grad_loss, _gs, _gt, _scale):
         # hand them on (e.g. into a leaf's .grad) without a copy, and the memory goes with them.
         ctx.kd_grads = None
     if grad_loss is None:
-        return (None,) * 11
+        return (None,) * 12
     if _traced(grad_loss):
         g = grad_loss.unsqueeze(-1) if grad_loss.dim() > 0 else grad_loss
         gs = gs * g if need_s else None
         gt = gt * g if need_t else None
-        return (gs, gt) + (None,) * 9
+        return (gs, gt) + (None,) * 10
     if torch.is_grad_enabled():
         # create_graph=True: the saved gradients are constants to autograd, so a second derivative
         # through them would silently come out as zero. Refuse rather than be wrong.
@@ -95,7 +95,7 @@ def _backward(ctx, grad_loss, _gs, _gt, _scale):
     # The usual loss.backward(): scaled in place, and not at all when grad_output == 1 (the op
     # compares on the device, no sync).
     torch.ops.kdfused.kd_scale_grads_(gs, gt, scale, grad_loss)
-    return (gs if need_s else None, gt if need_t else None) + (None,) * 9
+    return (gs if need_s else None, gt if need_t else None) + (None,) * 10
 
 
 torch.library.register_autograd("kdfused::kd_loss", _backward, setup_context=_setup_context)
@@ -103,12 +103,12 @@ torch.library.register_autograd("kdfused::kd_loss", _backward, setup_context=_se
 
 def kd_loss_op(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor],
                temperature: float, soft_weight: float, hard_weight: float, divergence: str,
-               ignore_index: int, reduction: str) -> torch.Tensor:
+               beta: float, ignore_index: int, reduction: str) -> torch.Tensor:
     """Calls the fused op, asking for the gradients that autograd will need (none under no_grad)."""
     grad_on = torch.is_grad_enabled()
     need_s = grad_on and student.requires_grad
     need_t = grad_on and teacher.requires_grad
     loss, _, _, _ = _lib_ops.kd_loss(student, teacher, labels, float(temperature),
                                      float(soft_weight), float(hard_weight), divergence,
-                                     int(ignore_index), reduction, need_s, need_t)
+                                     float(beta), int(ignore_index), reduction, need_s, need_t)
     return loss

@@ -20,6 +20,7 @@ def kd_loss(
     soft_weight: float = 1.0,
     hard_weight: float = 0.0,
     divergence: str = "kl",
+    beta: float = 0.5,
     ignore_index: int = -100,
     reduction: str = "batchmean",
 ) -> torch.Tensor:
@@ -78,7 +79,7 @@ def kd_loss(
     if labels is not None and not isinstance(labels, torch.Tensor):
         raise TypeError(f"kdfused: labels must be a tensor or None, got {type(labels).__name__}")
     for name, value in (("temperature", temperature), ("soft_weight", soft_weight),
-                        ("hard_weight", hard_weight)):
+                        ("hard_weight", hard_weight), ("beta", beta)):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"kdfused: {name} must be a real number, got {type(value).__name__}")
     if not isinstance(divergence, str) or not isinstance(reduction, str):
@@ -86,7 +87,7 @@ def kd_loss(
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"kdfused: ignore_index must be an int, got {type(ignore_index).__name__}")
     return kd_loss_op(student_logits, teacher_logits, labels, temperature, soft_weight,
-                      hard_weight, divergence, ignore_index, reduction)
+                      hard_weight, divergence, beta, ignore_index, reduction)
 
 
 class KDLoss(nn.Module):
@@ -99,10 +100,12 @@ class KDLoss(nn.Module):
     """
 
     def __init__(self, temperature: float = 1.0, soft_weight: float = 1.0, hard_weight: float = 0.0,
-                 divergence: str = "kl", ignore_index: int = -100, reduction: str = "batchmean"):
+                 divergence: str = "kl", beta: float = 0.5, ignore_index: int = -100,
+                 reduction: str = "batchmean"):
         super().__init__()
         _C.check_options(float(temperature), float(soft_weight), float(hard_weight), divergence,
-                         reduction)
+                         float(beta), reduction)
+        self.beta = float(beta)
         self.temperature = float(temperature)
         self.soft_weight = float(soft_weight)
         self.hard_weight = float(hard_weight)
@@ -114,10 +117,10 @@ class KDLoss(nn.Module):
                 labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         return kd_loss(student_logits, teacher_logits, labels, temperature=self.temperature,
                        soft_weight=self.soft_weight, hard_weight=self.hard_weight,
-                       divergence=self.divergence, ignore_index=self.ignore_index,
+                       divergence=self.divergence, beta=self.beta, ignore_index=self.ignore_index,
                        reduction=self.reduction)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, soft_weight={self.soft_weight}, "
-                f"hard_weight={self.hard_weight}, divergence={self.divergence!r}, "
+                f"hard_weight={self.hard_weight}, divergence={self.divergence!r}, beta={self.beta}, "
                 f"ignore_index={self.ignore_index}, reduction={self.reduction!r}")

@@ -126,14 +126,17 @@ void reduce_rows(const KDParams& p, int64_t n_valid) {
 
 KDOutputs kd_loss_cpu(const at::Tensor& student, const at::Tensor& teacher,
                       const std::optional<at::Tensor>& labels, double temperature, double soft_weight,
-                      double hard_weight, c10::string_view divergence, int64_t ignore_index,
-                      c10::string_view reduction, bool grad_student, bool grad_teacher) {
+                      double hard_weight, c10::string_view divergence, double beta,
+                      int64_t ignore_index, c10::string_view reduction, bool grad_student,
+                      bool grad_teacher) {
   const std::string_view div(divergence.data(), divergence.size());
   const std::string_view red(reduction.data(), reduction.size());
-  check_inputs(student, teacher, labels, temperature, soft_weight, hard_weight, div, red);
+  check_inputs(student, teacher, labels, temperature, soft_weight, hard_weight, div, beta, red);
   Prepared prep = prepare(student, teacher, labels, temperature, soft_weight, hard_weight, div,
-                          ignore_index, red, grad_student, grad_teacher);
+                          beta, ignore_index, red, grad_student, grad_teacher);
   KDParams& p = prep.params;
+  TORCH_CHECK_NOT_IMPLEMENTED(p.divergence == Divergence::KL || p.divergence == Divergence::CE,
+                              "kdfused: divergence '", std::string(div), "' is not implemented yet");
   const int64_t n_valid = count_valid_rows(prep.labels, p.n_rows, p.vocab, ignore_index);
   p.grad_scale = p.reduction == Reduction::Mean ? 1.0 / static_cast<double>(std::max<int64_t>(n_valid, 1)) : 1.0;
   if (p.n_rows > 0) cpu::run_forward(p);

@@ -188,11 +188,12 @@ void dispatch_pair(at::ScalarType s, at::ScalarType t, F&& f) {
 
 KDOutputs kd_loss_cuda(const at::Tensor& student, const at::Tensor& teacher,
                        const std::optional<at::Tensor>& labels, double temperature, double soft_weight,
-                       double hard_weight, c10::string_view divergence, int64_t ignore_index,
-                       c10::string_view reduction, bool grad_student, bool grad_teacher) {
+                       double hard_weight, c10::string_view divergence, double beta,
+                       int64_t ignore_index, c10::string_view reduction, bool grad_student,
+                       bool grad_teacher) {
   const std::string_view div(divergence.data(), divergence.size());
   const std::string_view red(reduction.data(), reduction.size());
-  check_inputs(student, teacher, labels, temperature, soft_weight, hard_weight, div, red);
+  check_inputs(student, teacher, labels, temperature, soft_weight, hard_weight, div, beta, red);
   TORCH_CHECK(student.is_cuda() && teacher.is_cuda(), "kdfused: CUDA kernel called with non-CUDA logits");
   TORCH_CHECK_VALUE(student.size(-1) <= INT_MAX / 16, "kdfused: the vocabulary dimension is too large (",
                     student.size(-1), ") for the CUDA kernel");
@@ -211,9 +212,11 @@ KDOutputs kd_loss_cuda(const at::Tensor& student, const at::Tensor& teacher,
     }
   }
 
-  Prepared prep = prepare(s_in, t_in, labels, temperature, soft_weight, hard_weight, div, ignore_index,
-                          red, grad_student, grad_teacher);
+  Prepared prep = prepare(s_in, t_in, labels, temperature, soft_weight, hard_weight, div, beta,
+                          ignore_index, red, grad_student, grad_teacher);
   const KDParams& p = prep.params;
+  TORCH_CHECK_NOT_IMPLEMENTED(p.divergence == Divergence::KL || p.divergence == Divergence::CE,
+                              "kdfused: divergence '", std::string(div), "' is not implemented yet");
   const bool mean = p.reduction == Reduction::Mean;
   const bool use_double = prep.loss.scalar_type() == at::kDouble;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();

@@ -31,7 +31,8 @@ namespace {
 
 using KDOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using KDLossFn = KDOut(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                       double, double, double, c10::string_view, int64_t, c10::string_view, bool,
+                       double, double, double, c10::string_view, double, int64_t,
+                       c10::string_view, bool,
                        bool);
 using KDScaleFn = void(at::Tensor&, at::Tensor&, at::Tensor&, const at::Tensor&);
 
@@ -132,7 +133,7 @@ void run_case(const Case& c, const c10::TypedOperatorHandle<KDLossFn>& kd_loss,
   }
 
   auto [loss, gs, gt, scale] =
-      kd_loss.call(s, t, labels, c.temperature, c.soft_weight, c.hard_weight, c.divergence, kIgnore,
+      kd_loss.call(s, t, labels, c.temperature, c.soft_weight, c.hard_weight, c.divergence, 0.5, kIgnore,
                    c.reduction, /*grad_student=*/true, /*grad_teacher=*/true);
   auto [ref_loss, ref_gs, ref_gt] = reference(c, s, t, labels, kIgnore);
 
@@ -200,7 +201,7 @@ int main(int argc, char** argv) {
     bool threw = false;
     try {
       const at::Tensor a = at::randn({2, 4});
-      kd_loss.call(a, a, std::nullopt, -1.0, 1.0, 0.0, "kl", -100, "batchmean", false, false);
+      kd_loss.call(a, a, std::nullopt, -1.0, 1.0, 0.0, "kl", 0.5, -100, "batchmean", false, false);
     } catch (const c10::ValueError&) {
       threw = true;
     }
