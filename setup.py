@@ -4,7 +4,9 @@ build sees the installed torch.
 
 Environment:
   KDFUSED_CUDA=0/1        force the CUDA sources off/on (default: on when torch.version.cuda and nvcc)
-  TORCH_CUDA_ARCH_LIST    GPU architectures (default "8.0;9.0")
+  TORCH_CUDA_ARCH_LIST    GPU architectures (default: the visible GPU's own; without a visible GPU
+                          "8.0;9.0+PTX", i.e. A100 and H100/H200 code plus PTX that newer GPUs
+                          JIT-compile)
   CUDA_HOME               the CUDA toolkit root (default: asked from nvcc itself)
   MAX_JOBS                parallel compile jobs (ninja)
 """
@@ -72,21 +74,37 @@ def pip_cuda_include_shim(cuda_home):
 CUDA_HOME = find_cuda_home()
 if CUDA_HOME and not os.environ.get("CUDA_HOME"):
     os.environ["CUDA_HOME"] = CUDA_HOME  # before torch.utils.cpp_extension reads it
-os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
 
 import torch  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 WITH_CUDA = want_cuda(torch.version.cuda, CUDA_HOME)
 
+
+def cuda_arch_list():
+    """TORCH_CUDA_ARCH_LIST if set; else the visible GPU's architecture (as torch itself does);
+    else (a build machine without a GPU) 8.0 and 9.0 with PTX for newer GPUs."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return os.environ["TORCH_CUDA_ARCH_LIST"]
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        return f"{major}.{minor}"
+    return "8.0;9.0+PTX"
+
+
+if WITH_CUDA:
+    os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_arch_list()
+
 # Link order matters: the portable objects come first so that, for inline functions that several
 # objects define, the linker keeps their copy and not one compiled for AVX2/AVX-512.
 sources = [
     "csrc/kdfused.cpp",
     "csrc/kd_python.cpp",
+    "csrc/kd_cuda_plan.cpp",
     "csrc/cpu/kd_loss_cpu.cpp",
     "csrc/cpu/kd_grad_cache.cpp",
     "csrc/cpu/kd_kernel_default.cpp",
+    "csrc/cpu/kd_kernel_scalar.cpp",
     "csrc/cpu/kd_kernel_avx2.cpp",
     "csrc/cpu/kd_kernel_avx512.cpp",
 ]

@@ -4,6 +4,7 @@
 
 #include "cpu/kd_cpu_dispatch.h"
 #include "cpu/kd_grad_cache.h"
+#include "kd_cuda_plan.h"
 #include "kd_host.h"
 
 namespace {
@@ -31,7 +32,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Frees the cached CPU gradient buffers; returns the number of bytes given back.");
   m.def("cached_bytes", &kdfused::cpu::cached_bytes, "Bytes of CPU gradient buffers held for reuse.");
   m.def("set_cpu_isa", &kdfused::cpu::set_isa,
-        "Forces the CPU kernel's instruction set: 'auto', 'default', 'avx2' or 'avx512'.");
+        "Forces the CPU kernel's instruction set: 'auto', 'scalar', 'default', 'avx2' or 'avx512'.");
+  m.def("set_cuda_plan", &kdfused::set_cuda_plan,
+        "Forces the CUDA launch policy: 'auto', 'warp', 'block', 'cluster:N' (N = 2, 4, 8, 16; "
+        "sm_90) or 'two_phase:N' (N = 2, 4, 8). A plan the device cannot run raises at the call.");
+  m.def("cuda_plan", &kdfused::cuda_plan_spec, "The forced CUDA plan ('auto' when none).");
+  m.def("last_cuda_plan", &kdfused::last_cuda_plan,
+        "The plan of the last CUDA launch of the fused kernel ('' before the first).");
   m.def(
       "check_inputs",
       [](const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,

@@ -2,7 +2,7 @@
 //
 // kd_kernel_cpu.h is compiled once per instruction set (kd_kernel_{default,avx2,avx512}.cpp); at::vec
 // is only as wide as the flags its file is compiled with. The widest one the CPU supports is picked
-// at run time (as ATen's DispatchStub does); KDFUSED_CPU_ISA=default|avx2|avx512 or set_isa() can
+// at run time (as ATen's DispatchStub does); KDFUSED_CPU_ISA=scalar|default|avx2|avx512 or set_isa() can
 // force a narrower one (tests run every compiled path).
 #pragma once
 
@@ -19,13 +19,16 @@ using ForwardFn = void (*)(const KDParams&);
 ForwardFn forward_default();
 ForwardFn forward_avx2();
 ForwardFn forward_avx512();
+// The host run of the CUDA kernels' per-element code (kd_kernel_scalar.cpp); never auto-selected.
+ForwardFn forward_scalar();
 
 // Runs the widest available kernel (or the one forced) on p.
 void run_forward(const KDParams& p);
 
 std::string selected_isa_name();
 std::vector<std::string> compiled_isa_names();
-// Forces an instruction set ("default", "avx2", "avx512") or, with "auto", the widest supported.
+// Forces an instruction set ("scalar", "default", "avx2", "avx512") or, with "auto", the widest
+// supported.
 // Raises ValueError for a name that is unknown, not compiled or not supported by this CPU.
 void set_isa(const std::string& name);
 

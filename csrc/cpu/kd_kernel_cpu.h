@@ -11,9 +11,12 @@
 //      ONCE, keep them in per-thread row buffers, and fold the chunk's RowState into the row's with
 //      kd_math.h merge() (the same merge the CUDA kernel uses across warps and CTAs);
 //   2. finalize() the row: loss, log-sums, gradient coefficients;
-//   3. gradient sweep: probabilities are the kept exponentials times one per-chunk factor, so the
-//      sweep costs no exp at all. 2 or 3 exps per element in total instead of the 6 of a
-//      recomputing kernel (2 for the common T = 1 and T = 2 even with the hard term).
+//   2b. jsd / tvd only: the mix sweep (kd_math.h mix_at) for their row sums, finalize_mix();
+//   3. gradient sweep (kd_math.h grad_at): probabilities are the kept exponentials times one
+//      per-chunk factor, so the sweep costs no exp at all. 2 or 3 exps per element in total instead
+//      of the 6 of a recomputing kernel (2 for the common T = 1 and T = 2 even with the hard term);
+//      jsd adds a log per element in each of sweeps 2b and 3.
+// The per-element maths is kd_math.h's, instantiated on at::vec vectors through Ew<> (below).
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -52,6 +55,29 @@ inline Vectorized<float> vexp(const Vectorized<float>& x) {
   const Vectorized<float> zero(0.f);
   return Vectorized<float>::blendv(x.exp_u20(), Vectorized<float>(1.f), x == zero);
 }
+
+}  // namespace CPU_CAPABILITY
+}  // namespace kdfused::cpu
+
+namespace kdfused {
+// kd_math.h's element-wise primitives on at::vec vectors: the per-element functions of kd_math.h
+// (accumulate_at, mix_at, grad_at) run here on whole vectors. Masks are all-ones lanes.
+template <typename A>
+struct Ew<at::vec::CPU_CAPABILITY::Vectorized<A>> {
+  using X = at::vec::CPU_CAPABILITY::Vectorized<A>;
+  using M = X;
+  static X exp(const X& x) { return cpu::CPU_CAPABILITY::vexp(x); }
+  static X log(const X& x) { return x.log(); }
+  static X abs(const X& x) { return x.abs(); }
+  static M gt(const X& a, const X& b) { return a > b; }
+  static M eq(const X& a, const X& b) { return a == b; }
+  static X where(const M& m, const X& a, const X& b) { return X::blendv(b, a, m); }
+  static X splat(A a) { return X(a); }
+};
+}  // namespace kdfused
+
+namespace kdfused::cpu {
+inline namespace CPU_CAPABILITY {
 
 template <typename A>
 inline A hsum(const Vectorized<A>& v) {
@@ -140,7 +166,8 @@ struct Scratch {
   std::vector<A> cms, cmt;        // each chunk's maxima
   std::vector<A> gs, gt;          // one chunk of gradients before conversion
 
-  Scratch(int64_t V, bool soft, bool need_zh, bool any_grad) {
+  // keep: the exponentials are needed after the statistics sweep (gradients, mix sweep).
+  Scratch(int64_t V, bool soft, bool need_zh, bool keep) {
     constexpr int64_t W = Vectorized<A>::size();
     n_chunks = (V + kChunk - 1) / kChunk;
     const int64_t padded = n_chunks * kChunk + W;
@@ -148,7 +175,7 @@ struct Scratch {
     t.resize(kChunk + W);
     cms.resize(n_chunks);
     cmt.resize(n_chunks);
-    if (any_grad) {
+    if (keep) {
       ea.resize(padded);
       if (soft) eb.resize(padded);
       if (need_zh) eh.resize(padded);
@@ -158,40 +185,43 @@ struct Scratch {
   }
 };
 
+// Sums of one chunk, one lane per vector element (the field names of RowState: accumulate_at
+// works on either).
+template <typename A>
+struct VecSums {
+  Vectorized<A> za{A(0)}, zh{A(0)}, zb{A(0)}, cx{A(0)}, ch{A(0)}, cr{A(0)};
+};
+
 template <typename S, typename T, typename A>
 void kd_forward_rows(const KDParams& p, int64_t begin, int64_t end) {
   using Vec = Vectorized<A>;
+  using E = Ew<Vec>;
   constexpr int64_t W = Vec::size();
   const int64_t V = p.vocab;
-  const bool ce = p.divergence == Divergence::CE;
-  RowConfig<A> cfg;
-  cfg.inv_t = static_cast<A>(p.inv_temperature);
-  cfg.soft = p.soft_weight > 0;
-  // Flags in locals: inside the loops the compiler cannot keep a field of p in a register (the
-  // gradient stores might alias it) and would reload and compare it for every vector.
-  const bool hard = p.hard_weight > 0;
-  cfg.need_zh = hard && p.temperature != 1.0;
-  cfg.need_ch = cfg.soft && ce;
-  const bool want_gs = p.grad_student != nullptr;
-  const bool want_gt = p.grad_teacher != nullptr && cfg.soft;
-  const bool zero_gt = p.grad_teacher != nullptr && !cfg.soft;  // teacher grad of a 0-weight term
-  const bool any_grad = want_gs || want_gt;
-  const bool square_h = cfg.need_zh && p.temperature == 2.0;
+  // A local copy: inside the loops the compiler keeps its fields in registers (a field of p could
+  // alias the gradient stores and would be reloaded for every vector).
+  const RowConfig<A> cfg = make_row_config<A>(p);
   // At T = 2 the T = 1 exponentials are squares of the tempered ones: recomputed in the gradient
   // sweep (a multiply) instead of kept (a store and a load per element).
-  const bool keep_h = cfg.need_zh && !square_h;
-  Scratch<A> sc(V, cfg.soft, keep_h, any_grad);
+  const bool keep_h = cfg.need_zh && !cfg.square_h;
+  const bool any_grad = cfg.want_gs || cfg.want_gt;
+  // kl / ce student gradients need only the probabilities; everything else also needs the
+  // logits' differences to the maxima, re-read from the (cached) chunk.
+  const bool plain = cfg.div == Divergence::KL || cfg.div == Divergence::CE;
+  const bool grad_logits = cfg.want_gt || (cfg.want_gs && cfg.soft && !plain);
+  Scratch<A> sc(V, cfg.soft, keep_h, any_grad || cfg.mix);
 
   const S* s_base = static_cast<const S*>(p.student);
   const T* t_base = static_cast<const T*>(p.teacher);
   A* row_loss = static_cast<A*>(p.row_loss);
   const Vec inv_t(cfg.inv_t);
   const Vec zero(A(0));
+  const Vec ninf(-kd_inf<A>());
 
   for (int64_t r = begin; r < end; ++r) {
     const S* srow = s_base + row_offset(p, r, p.student_strides);
     const T* trow = t_base + row_offset(p, r, p.teacher_strides);
-    S* gsrow = want_gs ? static_cast<S*>(p.grad_student) + r * V : nullptr;
+    S* gsrow = cfg.want_gs ? static_cast<S*>(p.grad_student) + r * V : nullptr;
     T* gtrow = p.grad_teacher ? static_cast<T*>(p.grad_teacher) + r * V : nullptr;
     const int64_t y = p.labels ? p.labels[r] : -1;
     const bool valid = !p.labels || y != p.ignore_index;
@@ -203,7 +233,7 @@ void kd_forward_rows(const KDParams& p, int64_t begin, int64_t end) {
       continue;
     }
 
-    // ---- 1. statistics sweep --------------------------------------------------------------
+    // ---- 1. statistics sweep: exact chunk maxima, kd_math.h accumulate_at per vector -----------
     RowState<A> st = RowState<A>::empty();
     for (int64_t c = 0; c < sc.n_chunks; ++c) {
       const int64_t c0 = c * kChunk;
@@ -227,107 +257,107 @@ void kd_forward_rows(const KDParams& p, int64_t begin, int64_t end) {
       const Vec sh_s(cs.ms == -kd_inf<A>() ? A(0) : cs.ms);
       const Vec sh_t(cs.mt == -kd_inf<A>() ? A(0) : cs.mt);
 
-      Vec za(0), zh(0), zb(0), cx(0), ch(0);
-      A* ea = any_grad ? sc.ea.data() + c0 : nullptr;
-      A* eb = any_grad && cfg.soft ? sc.eb.data() + c0 : nullptr;
-      A* eh = any_grad && keep_h ? sc.eh.data() + c0 : nullptr;
+      VecSums<A> vs;
+      A* ea = sc.ea.empty() ? nullptr : sc.ea.data() + c0;
+      A* eb = sc.eb.empty() ? nullptr : sc.eb.data() + c0;
+      A* eh = keep_h && !sc.eh.empty() ? sc.eh.data() + c0 : nullptr;
       for (int64_t i = 0; i < nv; i += W) {
-        const Vec s = load_chunk(xs, i, n);
-        const Vec ds = s - sh_s;
-        const Vec e_a = vexp(ds * inv_t);
-        za += e_a;
+        const Vec ds = load_chunk(xs, i, n) - sh_s;
+        const Vec dt = cfg.soft ? load_chunk(xt, i, n) - sh_t : ninf;
+        Vec e_a, e_b, e_h;
+        accumulate_at(vs, ds, dt, cfg, e_a, e_b, e_h);
         if (ea) e_a.store(ea + i);
-        if (cfg.need_zh) {
-          // At T = 2 (the most common distillation temperature) exp(s - m) = exp((s - m)/2)^2:
-          // one multiply instead of an exp, at twice the (tiny) relative error of e_a.
-          const Vec e_h = square_h ? e_a * e_a : vexp(ds);
-          zh += e_h;
-          if (eh) e_h.store(eh + i);
-        }
-        if (cfg.soft) {
-          const Vec t = load_chunk(xt, i, n);
-          const Vec dt = t - sh_t;
-          const Vec e_b = vexp(dt * inv_t);
-          zb += e_b;
-          if (eb) e_b.store(eb + i);
-          // Only where the teacher has mass: a masked teacher (-inf) has dt = -inf, and
-          // 0 * -inf = NaN. A masked student under teacher mass gives +inf, as it should.
-          const Vec mass = e_b > zero;
-          cx += Vec::blendv(zero, e_b * ((dt - ds) * inv_t), mass);
-          if (cfg.need_ch) ch += Vec::blendv(zero, e_b * (dt * inv_t), mass);
-        }
+        if (eb) e_b.store(eb + i);
+        if (eh) e_h.store(eh + i);
       }
-      cs.za = hsum(za);
-      cs.zh = hsum(zh);
-      cs.zb = hsum(zb);
-      cs.cx = hsum(cx);
-      cs.ch = hsum(ch);
+      cs.za = hsum(vs.za);
+      cs.zh = hsum(vs.zh);
+      cs.zb = hsum(vs.zb);
+      cs.cx = hsum(vs.cx);
+      cs.ch = hsum(vs.ch);
+      cs.cr = hsum(vs.cr);
       st = merge(st, cs, cfg);
     }
 
     // ---- 2. the row's loss -------------------------------------------------------------------
-    A s_label = A(0);
-    if (hard) s_label = static_cast<A>(srow[y]);
-    const RowResult<A> res =
-        finalize(st, cfg, true, s_label, static_cast<A>(p.soft_weight), static_cast<A>(p.hard_weight),
-                 static_cast<A>(p.temperature), ce, static_cast<A>(p.grad_scale));
+    const A s_label = cfg.hard ? static_cast<A>(srow[y]) : A(0);
+    RowResult<A> res = finalize(st, cfg, s_label, static_cast<A>(p.grad_scale));
+
+    // Probabilities are the kept exponentials times one factor per chunk (why not probs_at: the
+    // exponentials are relative to each chunk's maximum and are already in memory, so the sweeps
+    // cost no exp at all). For an all -inf chunk the factor is exp(-inf) = 0; for an all -inf row
+    // it is NaN (no distribution, as softmax).
+    const A log_zh = cfg.need_zh ? kd_log(st.zh) : A(0);
+    auto chunk_factors = [&](int64_t c, Vec& fa, Vec& fb, Vec& fh) {
+      fa = Vec(kd_exp((sc.cms[c] - res.ms) * cfg.inv_t - res.log_za));
+      fb = Vec(cfg.soft ? kd_exp((sc.cmt[c] - res.mt) * cfg.inv_t - res.log_zb) : A(0));
+      fh = cfg.need_zh ? Vec(kd_exp((sc.cms[c] - res.ms) - log_zh)) : fa;
+    };
+
+    // ---- 2b. jsd / tvd: the mix sweep over the normalised distributions ------------------------
+    if (cfg.mix) {
+      MixSums<Vec> mv = mix_zero<Vec>();
+      const Vec ms(res.ms), mt(res.mt);
+      for (int64_t c = 0; c < sc.n_chunks; ++c) {
+        const int64_t c0 = c * kChunk;
+        const int64_t n = std::min(kChunk, V - c0);
+        const int64_t nv = (n + W - 1) / W * W;
+        const A* xs = chunk_as(srow + c0, sc.s.data(), n);
+        const A* xt = chunk_as(trow + c0, sc.t.data(), n);
+        Vec fa, fb, fh;
+        chunk_factors(c, fa, fb, fh);
+        for (int64_t i = 0; i < nv; i += W) {
+          // Padding lanes: q = p = 0 (their exponentials are 0): they add nothing.
+          const Vec q = Vec::loadu(sc.ea.data() + c0 + i) * fa;
+          const Vec pr = Vec::loadu(sc.eb.data() + c0 + i) * fb;
+          mix_at(mv, res, cfg, load_chunk(xs, i, n) - ms, load_chunk(xt, i, n) - mt, q, pr);
+        }
+      }
+      MixSums<A> mx;
+      mx.a = hsum(mv.a);
+      mx.b = hsum(mv.b);
+      mx.c = hsum(mv.c);
+      finalize_mix(res, mx, cfg);
+    }
     row_loss[r] = res.loss;
 
-    if (zero_gt) std::fill(gtrow, gtrow + V, T(0));
+    if (cfg.zero_gt) std::fill(gtrow, gtrow + V, T(0));
     if (!any_grad) continue;
 
-    // ---- 3. gradient sweep: no exp per element, one per chunk ---------------------------------
-    const Vec ks(res.ks), kh(res.kh);
+    // ---- 3. gradient sweep: kd_math.h grad_at per vector, no exp -------------------------------
+    const Vec kh(res.kh);
+    const Vec ms(res.ms), mt(res.mt);
     for (int64_t c = 0; c < sc.n_chunks; ++c) {
       const int64_t c0 = c * kChunk;
       const int64_t n = std::min(kChunk, V - c0);
       const int64_t nv = (n + W - 1) / W * W;
-      // Chunk factors turn the kept exponentials into probabilities. For an all -inf chunk the
-      // factor is exp(-inf) = 0; for an all -inf row it is NaN (no distribution, as softmax).
-      const Vec fa(kd_exp((sc.cms[c] - res.ms) * cfg.inv_t - res.log_za));
-      const Vec fb(cfg.soft ? kd_exp((sc.cmt[c] - res.mt) * cfg.inv_t - res.log_zb) : A(0));
-      const Vec fh(cfg.need_zh ? kd_exp((sc.cms[c] - res.ms) - res.log_zh) : A(0));
+      Vec fa, fb, fh;
+      chunk_factors(c, fa, fb, fh);
       const A* ea = sc.ea.data() + c0;
       const A* eb = cfg.soft ? sc.eb.data() + c0 : nullptr;
       const A* eh = keep_h ? sc.eh.data() + c0 : ea;
-      const Vec& fh_used = cfg.need_zh ? fh : fa;
-      if (want_gs) {
-        A* out = grad_chunk(gsrow + c0, sc.gs.data());
-        for (int64_t i = 0; i < nv; i += W) {
-          const Vec q = Vec::loadu(ea + i) * fa;
-          Vec g = zero;
-          if (cfg.soft) g = ks * (q - Vec::loadu(eb + i) * fb);
-          if (hard) {
-            const Vec e_h = square_h ? Vec::loadu(ea + i) * Vec::loadu(ea + i) : Vec::loadu(eh + i);
-            g = g + kh * (e_h * fh_used);
-          }
-          store_chunk(g, out, i, n);
-        }
-        if (hard && y >= c0 && y < c0 + n) out[y - c0] -= res.kh;
-        finish_chunk(out, gsrow + c0, n);
+      const A* xs = grad_logits ? chunk_as(srow + c0, sc.s.data(), n) : nullptr;
+      const A* xt = grad_logits ? chunk_as(trow + c0, sc.t.data(), n) : nullptr;
+      A* outs = cfg.want_gs ? grad_chunk(gsrow + c0, sc.gs.data()) : nullptr;
+      A* outt = cfg.want_gt ? grad_chunk(gtrow + c0, sc.gt.data()) : nullptr;
+      for (int64_t i = 0; i < nv; i += W) {
+        const Vec e_a = Vec::loadu(ea + i);
+        const Vec q = e_a * fa;
+        const Vec pr = cfg.soft ? Vec::loadu(eb + i) * fb : zero;
+        Vec h = zero;
+        if (cfg.hard) h = (cfg.square_h ? e_a * e_a : Vec::loadu(eh + i)) * fh;
+        const Vec ds = xs ? load_chunk(xs, i, n) - ms : zero;
+        const Vec dt = xt ? load_chunk(xt, i, n) - mt : zero;
+        Vec g_s, g_t;
+        grad_at(res, cfg, ds, dt, q, pr, h, g_s, g_t);
+        if (outs) store_chunk(g_s, outs, i, n);
+        if (outt) store_chunk(g_t, outt, i, n);
       }
-      if (want_gt) {
-        // The teacher gradient needs the logits again (re-read: the chunk is usually still cached).
-        const A* xs = chunk_as(srow + c0, sc.s.data(), n);
-        const A* xt = chunk_as(trow + c0, sc.t.data(), n);
-        A* out = grad_chunk(gtrow + c0, sc.gt.data());
-        const Vec off(res.kt_off);
-        const Vec ms(res.ms), mt(res.mt);
-        for (int64_t i = 0; i < nv; i += W) {
-          const Vec pr = Vec::loadu(eb + i) * fb;
-          const Vec s = load_chunk(xs, i, n);
-          Vec g;
-          if (ce) {
-            g = zero - ks * pr * ((s - ms) * inv_t + off);
-          } else {
-            g = ks * pr * (((load_chunk(xt, i, n) - mt) - (s - ms)) * inv_t + off);
-          }
-          // No teacher mass, no gradient (p == 0 meets a -inf log p otherwise); NaN p stays NaN.
-          g = Vec::blendv(g, zero, pr == zero);
-          store_chunk(g, out, i, n);
-        }
-        finish_chunk(out, gtrow + c0, n);
+      if (outs) {
+        if (cfg.hard && y >= c0 && y < c0 + n) outs[y - c0] -= res.kh;
+        finish_chunk(outs, gsrow + c0, n);
       }
+      if (outt) finish_chunk(outt, gtrow + c0, n);
     }
   }
 }

@@ -15,11 +15,15 @@ namespace kdfused::cpu {
 
 namespace {
 
-enum class Isa : int { Default = 0, AVX2 = 1, AVX512 = 2 };
+enum class Isa : int { Default = 0, AVX2 = 1, AVX512 = 2, Scalar = 3 };
+
+// Every instruction set this file knows, in the order build_info lists them.
+constexpr Isa kAllIsas[] = {Isa::Scalar, Isa::Default, Isa::AVX2, Isa::AVX512};
 
 bool cpu_supports(Isa isa) {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
   switch (isa) {
+    case Isa::Scalar: return true;
     case Isa::Default: return true;
     case Isa::AVX2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     case Isa::AVX512:
@@ -28,7 +32,7 @@ bool cpu_supports(Isa isa) {
   }
   return false;
 #else
-  return isa == Isa::Default;
+  return isa == Isa::Default || isa == Isa::Scalar;
 #endif
 }
 
@@ -36,6 +40,7 @@ ForwardFn entry(Isa isa) {
   switch (isa) {
     case Isa::AVX512: return forward_avx512();
     case Isa::AVX2: return forward_avx2();
+    case Isa::Scalar: return forward_scalar();
     default: return forward_default();
   }
 }
@@ -44,6 +49,7 @@ const char* isa_name(Isa isa) {
   switch (isa) {
     case Isa::AVX512: return "avx512";
     case Isa::AVX2: return "avx2";
+    case Isa::Scalar: return "scalar";
     default: return "default";
   }
 }
@@ -59,7 +65,7 @@ Isa widest() {
 
 Isa parse_isa(const std::string& name) {
   if (name == "auto") return widest();
-  for (Isa isa : {Isa::Default, Isa::AVX2, Isa::AVX512}) {
+  for (Isa isa : kAllIsas) {
     if (name == isa_name(isa)) {
       TORCH_CHECK_VALUE(usable(isa), "kdfused: CPU instruction set '", name,
                         "' is not compiled in or not supported by this CPU");
@@ -67,7 +73,7 @@ Isa parse_isa(const std::string& name) {
     }
   }
   TORCH_CHECK_VALUE(false, "kdfused: unknown CPU instruction set '", name,
-                    "' (expected auto, default, avx2 or avx512)");
+                    "' (expected auto, scalar, default, avx2 or avx512)");
 }
 
 std::atomic<int>& selected() {
@@ -86,7 +92,7 @@ std::string selected_isa_name() { return isa_name(static_cast<Isa>(selected().lo
 
 std::vector<std::string> compiled_isa_names() {
   std::vector<std::string> names;
-  for (Isa isa : {Isa::Default, Isa::AVX2, Isa::AVX512}) {
+  for (Isa isa : kAllIsas) {
     if (usable(isa)) names.emplace_back(isa_name(isa));
   }
   return names;
@@ -135,8 +141,6 @@ KDOutputs kd_loss_cpu(const at::Tensor& student, const at::Tensor& teacher,
   Prepared prep = prepare(student, teacher, labels, temperature, soft_weight, hard_weight, div,
                           beta, ignore_index, red, grad_student, grad_teacher);
   KDParams& p = prep.params;
-  TORCH_CHECK_NOT_IMPLEMENTED(p.divergence == Divergence::KL || p.divergence == Divergence::CE,
-                              "kdfused: divergence '", std::string(div), "' is not implemented yet");
   const int64_t n_valid = count_valid_rows(prep.labels, p.n_rows, p.vocab, ignore_index);
   p.grad_scale = p.reduction == Reduction::Mean ? 1.0 / static_cast<double>(std::max<int64_t>(n_valid, 1)) : 1.0;
   if (p.n_rows > 0) cpu::run_forward(p);

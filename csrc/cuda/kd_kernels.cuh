@@ -139,6 +139,7 @@ __device__ __forceinline__ RowState<A> shfl_down_state(const RowState<A>& x, int
   y.zb = __shfl_down_sync(0xffffffffu, x.zb, delta);
   y.cx = __shfl_down_sync(0xffffffffu, x.cx, delta);
   y.ch = __shfl_down_sync(0xffffffffu, x.ch, delta);
+  y.cr = __shfl_down_sync(0xffffffffu, x.cr, delta);
   return y;
 }
 
@@ -152,6 +153,7 @@ __device__ __forceinline__ RowState<A> shfl_state(const RowState<A>& x, int src)
   y.zb = __shfl_sync(0xffffffffu, x.zb, src);
   y.cx = __shfl_sync(0xffffffffu, x.cx, src);
   y.ch = __shfl_sync(0xffffffffu, x.ch, src);
+  y.cr = __shfl_sync(0xffffffffu, x.cr, src);
   return y;
 }
 
@@ -163,6 +165,29 @@ __device__ __forceinline__ RowState<A> warp_merge(RowState<A> st, const RowConfi
 #pragma unroll
   for (int off = kWarpSize / 2; off > 0; off >>= 1) st = merge(st, shfl_down_state(st, off), cfg);
   return st;
+}
+
+// Mix sums (jsd / tvd): plain sums, summed over the lanes in the same fixed tree.
+template <typename A>
+__device__ __forceinline__ MixSums<A> warp_sum_mix(MixSums<A> m) {
+#pragma unroll
+  for (int off = kWarpSize / 2; off > 0; off >>= 1) {
+    MixSums<A> o;
+    o.a = __shfl_down_sync(0xffffffffu, m.a, off);
+    o.b = __shfl_down_sync(0xffffffffu, m.b, off);
+    o.c = __shfl_down_sync(0xffffffffu, m.c, off);
+    m = mix_add(m, o);
+  }
+  return m;
+}
+
+template <typename A>
+__device__ __forceinline__ MixSums<A> shfl_mix(const MixSums<A>& x, int src) {
+  MixSums<A> y;
+  y.a = __shfl_sync(0xffffffffu, x.a, src);
+  y.b = __shfl_sync(0xffffffffu, x.b, src);
+  y.c = __shfl_sync(0xffffffffu, x.c, src);
+  return y;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -177,19 +202,46 @@ struct SliceGeom {
   int64_t v0;        // index of the slice's first vector in the row's vector numbering
 };
 
-// The row's vectors start at `head` (s peeled to 16-byte alignment). They are numbered 0..nvec-1
-// and cut into `split` slices of `chunk` vectors; slice 0 also takes the head and the last slice
-// the tail. When t is not aligned where s is (different misalignment, e.g. only one of them is a
-// sliced view) the row has no vectors and the slices are plain element ranges.
+// The first element index h >= 0 at which x + h is 16-byte aligned, or -1 if none is (x not
+// element-aligned cannot happen for tensors; kept for safety).
+template <typename X>
+__device__ __forceinline__ int64_t align_head(const X* x) {
+  constexpr int64_t kPer = kVecBytes / static_cast<int64_t>(sizeof(X));
+  const int64_t mis_bytes = static_cast<int64_t>(reinterpret_cast<uintptr_t>(x) & (kVecBytes - 1));
+  if (mis_bytes % static_cast<int64_t>(sizeof(X)) != 0) return -1;
+  const int64_t mis = mis_bytes / static_cast<int64_t>(sizeof(X));
+  return (kPer - mis) % kPer;
+}
+
+// The row's vectors start at `head`, the first index where s AND t are 16-byte aligned. Both
+// element counts per 16 bytes (16 / sizeof) are powers of two, so the two conditions
+// "head = hs mod ks" and "head = ht mod kt" have a common solution below max(ks, kt) = W iff they
+// agree modulo min(ks, kt). Why both: with an fp32 student and a bf16 teacher a head that aligns
+// only s leaves t misaligned on about half the rows (V % 8 != 0), which would then run scalar.
+// The vectors are numbered 0..nvec-1 and cut into `split` slices of `chunk` vectors; slice 0
+// also takes the head and the last slice the tail. When no common head exists (different
+// misalignment, e.g. only one of them is a sliced view) the row has no vectors and the slices are
+// plain element ranges.
 template <typename S, typename T, int W>
 __device__ __forceinline__ SliceGeom slice_geom(const S* srow, const T* trow, bool read_t, int64_t V,
                                                 int split, int rank, int64_t chunk) {
   SliceGeom g;
-  const int64_t mis = static_cast<int64_t>((reinterpret_cast<uintptr_t>(srow) & (kVecBytes - 1)) / sizeof(S));
-  const int64_t head = mis == 0 ? 0 : (kVecBytes / static_cast<int64_t>(sizeof(S))) - mis;
-  // W * sizeof(S) is a multiple of 16, so any head that aligns s to 16 bytes keeps every vector
-  // aligned; head < 16 / sizeof(S) <= W.
-  const bool vec_ok = head + W <= V && (!read_t || aligned16(trow + head));
+  const int64_t hs = align_head(srow);
+  int64_t head = hs;
+  if (read_t && head >= 0) {
+    constexpr int64_t ks = kVecBytes / static_cast<int64_t>(sizeof(S));
+    constexpr int64_t kt = kVecBytes / static_cast<int64_t>(sizeof(T));
+    const int64_t ht = align_head(trow);
+    const int64_t kmin = ks < kt ? ks : kt;
+    if (ht < 0 || hs % kmin != ht % kmin) {
+      head = -1;
+    } else {
+      head = ks >= kt ? hs : ht;
+    }
+  }
+  // W * sizeof(S) and W * sizeof(T) are multiples of 16, so every vector after an aligned head is
+  // aligned in both inputs; head < W.
+  const bool vec_ok = head >= 0 && head + W <= V;
   if (vec_ok) {
     const int64_t nvec = (V - head) / W;
     const int64_t a = rank * chunk < nvec ? rank * chunk : nvec;
@@ -212,29 +264,6 @@ __device__ __forceinline__ SliceGeom slice_geom(const S* srow, const T* trow, bo
 // ------------------------------------------------------------------------------------------------
 // Statistics sweep
 // ------------------------------------------------------------------------------------------------
-
-// One vector: rescale once to the vector's maxima, then accumulate() each element (kd_math.h).
-// Why fmax (one FMNMX) and not the NaN-propagating kd_max (three instructions) inside the vector:
-// a NaN element still poisons the row, through accumulate(): s - ms = NaN gives a NaN exponential
-// in za (or zb), hence a NaN loss and, through 1/za (1/zb), NaN gradients -- as with kd_max.
-// Across vectors (the state's maxima) kd_max is kept.
-template <typename A, int W>
-__device__ __forceinline__ void stats_vec(RowState<A>& st, const A (&s)[W], const A (&t)[W],
-                                          const RowConfig<A>& cfg) {
-  A vms = s[0];
-  A vmt = t[0];
-#pragma unroll
-  for (int i = 1; i < W; ++i) {
-    vms = fmax(vms, s[i]);
-    vmt = fmax(vmt, t[i]);
-  }
-  rescale(st, kd_max(st.ms, vms), cfg.soft ? kd_max(st.mt, vmt) : st.mt, cfg);
-#pragma unroll
-  for (int i = 0; i < W; ++i) {
-    A ea, eb, eh;
-    accumulate(st, s[i], t[i], cfg, ea, eb, eh);
-  }
-}
 
 // This thread's part of the slice's statistics. With a stage, each thread stores the raw vectors
 // it reads at local vector index j and the gradient sweep (same thread, same j) reads them back:
@@ -291,7 +320,7 @@ __device__ __forceinline__ RowState<A> stats_sweep(const S* srow, const T* trow,
 #pragma unroll
         for (int i = 0; i < W; ++i) t[i] = A(0);
       }
-      stats_vec(st, s, t, cfg);
+      push_vec<A, W>(st, s, t, cfg);  // kd_math.h: one rescale, then accumulate per element
     }
   }
   return st;
@@ -301,80 +330,15 @@ __device__ __forceinline__ RowState<A> stats_sweep(const S* srow, const T* trow,
 // Finalize and gradient sweep
 // ------------------------------------------------------------------------------------------------
 
-// What the gradient sweep needs of a row. Probabilities are computed as in the CPU kernel:
-// q = exp((s - ms)/T) * (1/za), p = exp((t - mt)/T) * (1/zb), h = exp(s - ms) * (1/zh) -- one exp
-// per probability like student_prob()/teacher_prob(), but the exp's argument stays near 0 for
-// the large probabilities (the fast device exp's error grows with |argument|), and the per-row
-// reciprocals are correctly rounded. At T = 2 (the usual distillation temperature) the T = 1
-// exponential is the square of the tempered one: exp(s - ms) = exp((s - ms)/2)^2, one exp saved.
-// An all -inf row has ms = -inf: s - ms = NaN and the row's gradient is NaN (no distribution), as
-// in the CPU kernel and PyTorch's softmax.
-template <typename A>
-struct RowCoef {
-  RowResult<A> res;
-  A fa, fb, fh;  // 1/za, 1/zb, 1/zh
-};
-
-// exp(x * c) for the gradient sweep, with c = 1/T (or 1). float: the same ex2.approx.ftz that
-// kd_exp's __expf uses, with log2(e) folded into the row constant (one FMUL per exp less);
-// double: kd_exp (accurate).
-template <typename A>
-struct ExpScale {
-  A inv_t;       // 1/T
-  A inv_t_l2e;   // log2(e)/T   (float only)
-};
-
-__device__ __forceinline__ float exp_scaled(float x, float c, float c_l2e) {
-  (void)c;
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * c_l2e));
-  return y;
-}
-__device__ __forceinline__ double exp_scaled(double x, double c, double c_l2e) {
-  (void)c_l2e;
-  return kd_exp(x * c);
-}
-
-template <typename A>
-__device__ __forceinline__ RowCoef<A> finalize_row(const RowState<A>& st, const RowConfig<A>& cfg,
-                                                   const KDParams& p, A s_label, A grad_scale) {
-  RowCoef<A> c;
-  c.res = finalize(st, cfg, true, s_label, static_cast<A>(p.soft_weight), static_cast<A>(p.hard_weight),
-                   static_cast<A>(p.temperature), p.divergence == Divergence::CE, grad_scale);
-  c.fa = A(1) / st.za;
-  c.fb = cfg.soft ? A(1) / st.zb : A(0);
-  c.fh = cfg.need_zh ? A(1) / st.zh : c.fa;
-  return c;
-}
-
-struct GradFlags {
-  bool soft, hard, need_zh, square_h, ce, want_gs, want_gt;
-};
-
-constexpr double kLog2e = 1.4426950408889634;
-
-template <typename A>
-__device__ __forceinline__ void grad_elem(const RowCoef<A>& c, const GradFlags& f, const ExpScale<A>& x,
-                                          A s, A t, bool is_label, A& gs, A& gt) {
-  const RowResult<A>& r = c.res;
-  const A ds = s - r.ms;  // exact for nearby values (Sterbenz); scaled afterwards (kd_math.h)
-  const A e = exp_scaled(ds, x.inv_t, x.inv_t_l2e);
-  const A q = f.soft ? e * c.fa : A(0);
-  const A pt = f.soft ? exp_scaled(t - r.mt, x.inv_t, x.inv_t_l2e) * c.fb : A(0);
-  A h = A(0);
-  if (f.hard) {
-    h = !f.need_zh ? e * c.fa
-                   : (f.square_h ? e * e * c.fh : exp_scaled(ds, A(1), static_cast<A>(kLog2e)) * c.fh);
-  }
-  gs = grad_student(r, q, pt, h, is_label);
-  gt = f.soft ? grad_teacher(r, s, t, pt, f.ce, x.inv_t) : A(0);
-}
-
-template <typename S, typename T, typename A, int W>
-__device__ __forceinline__ void grad_sweep(const S* srow, const T* trow, bool read_t, S* gsrow, T* gtrow,
-                                           const SliceGeom& g, int tid, int nthr, const RowCoef<A>& c,
-                                           const GradFlags& f, const ExpScale<A>& x, int64_t y,
-                                           const uint4* stage_s, const uint4* stage_t) {
+// The element loop shared by the mix and gradient sweeps: calls f(i, s, t, lane_of_label) for
+// every element of the slice this thread handles, reading the vectors from the stage (each thread
+// reads back only what it staged itself: no barrier) or re-reading them (L1/L2). For vectors,
+// f is called through fv(j, s[W], t[W]) so that the gradient sweep can pack its stores.
+template <typename S, typename T, typename A, int W, typename FScalar, typename FVec>
+__device__ __forceinline__ void for_slice(const S* srow, const T* trow, bool read_t,
+                                          const SliceGeom& g, int tid, int nthr,
+                                          const uint4* stage_s, const uint4* stage_t,
+                                          FScalar&& fs, FVec&& fv) {
   using WS = VecWords<S, W>;
   using WT = VecWords<T, W>;
   // Scalar head and tail: re-read (at most 2 (W - 1) elements, or a misaligned row).
@@ -382,20 +346,12 @@ __device__ __forceinline__ void grad_sweep(const S* srow, const T* trow, bool re
     const int64_t b = pass == 0 ? g.lo : g.vhi;
     const int64_t e = pass == 0 ? g.vlo : g.hi;
     for (int64_t i = b + tid; i < e; i += nthr) {
-      A gs, gt;
-      grad_elem(c, f, x, to_acc<A>(srow[i]), read_t ? to_acc<A>(trow[i]) : A(0), i == y, gs, gt);
-      if (gsrow) gsrow[i] = from_acc<S>(gs);
-      if (gtrow) gtrow[i] = from_acc<T>(gt);
+      fs(i, to_acc<A>(srow[i]), read_t ? to_acc<A>(trow[i]) : A(0));
     }
   }
   const int nv = static_cast<int>((g.vhi - g.vlo) / W);
   const S* sv = srow + g.vlo;
   const T* tv = trow + g.vlo;
-  // Output rows are contiguous (r * V): aligned like the input row only when V and the views
-  // allow; otherwise the vector's elements are stored one by one.
-  const bool gs_vec = gsrow && aligned16(gsrow + g.vlo);
-  const bool gt_vec = gtrow && aligned16(gtrow + g.vlo);
-  const int64_t ylocal = y - g.vlo;  // label position relative to the vector part
   for (int j = tid; j < nv; j += nthr) {
     WS ws;
     WT wt;
@@ -418,72 +374,117 @@ __device__ __forceinline__ void grad_sweep(const S* srow, const T* trow, bool re
 #pragma unroll
       for (int i = 0; i < W; ++i) t[i] = A(0);
     }
-    // Results go straight into their packed output words (half the registers of A[W] for 16-bit
-    // outputs: the block kernel's 80-register budget).
-    const int64_t base = static_cast<int64_t>(j) * W;
-    // The label's lane in this vector (-1: none), so that the per-element test is a 32-bit compare
-    // with a constant.
-    const int lab = (ylocal >= base && ylocal < base + W) ? static_cast<int>(ylocal - base) : -1;
-    WS os;
-    WT ot;
-    S* xs = reinterpret_cast<S*>(os.w);
-    T* xt = reinterpret_cast<T*>(ot.w);
-#pragma unroll
-    for (int i = 0; i < W; ++i) {
-      A gs, gt;
-      grad_elem(c, f, x, s[i], t[i], i == lab, gs, gt);
-      xs[i] = from_acc<S>(gs);
-      xt[i] = from_acc<T>(gt);
-    }
-    if (gsrow) {
-      S* out = gsrow + g.vlo + base;
-      if (gs_vec) {
-#pragma unroll
-        for (int k = 0; k < WS::kWords; ++k) reinterpret_cast<uint4*>(out)[k] = os.w[k];
-      } else {
-#pragma unroll
-        for (int i = 0; i < W; ++i) out[i] = xs[i];
-      }
-    }
-    if (gtrow) {
-      T* out = gtrow + g.vlo + base;
-      if (gt_vec) {
-#pragma unroll
-        for (int k = 0; k < WT::kWords; ++k) reinterpret_cast<uint4*>(out)[k] = ot.w[k];
-      } else {
-#pragma unroll
-        for (int i = 0; i < W; ++i) out[i] = xt[i];
-      }
-    }
+    fv(j, s, t);
   }
+}
+
+// jsd / tvd: this thread's mix sums over its part of the slice (kd_math.h probs_at + mix_at).
+template <typename S, typename T, typename A, int W>
+__device__ __forceinline__ MixSums<A> mix_sweep(const S* srow, const T* trow, const SliceGeom& g,
+                                                int tid, int nthr, const RowResult<A>& r,
+                                                const RowConfig<A>& c, const uint4* stage_s,
+                                                const uint4* stage_t) {
+  MixSums<A> mx = mix_zero<A>();
+  auto one = [&](A s, A t) {
+    const A ds = s - r.ms, dt = t - r.mt;
+    A q, p, h;
+    probs_at(r, c, ds, dt, q, p, h);
+    mix_at(mx, r, c, ds, dt, q, p);
+  };
+  for_slice<S, T, A, W>(
+      srow, trow, true, g, tid, nthr, stage_s, stage_t, [&](int64_t, A s, A t) { one(s, t); },
+      [&](int, const A (&s)[W], const A (&t)[W]) {
+#pragma unroll
+        for (int i = 0; i < W; ++i) one(s[i], t[i]);
+      });
+  return mx;
+}
+
+// Gradient of one element (kd_math.h probs_at + grad_at; the hard term's -kh at the label).
+template <DivFamily F, typename A>
+__device__ __forceinline__ void grad_elem(const RowResult<A>& r, const RowConfig<A>& c, A s, A t,
+                                          bool is_label, A& gs, A& gt) {
+  const A ds = s - r.ms;  // exact for nearby values (Sterbenz); scaled afterwards (kd_math.h)
+  const A dt = t - r.mt;
+  A q, p, h;
+  probs_at(r, c, ds, dt, q, p, h);
+  grad_at<F>(r, c, ds, dt, q, p, h, gs, gt);
+  if (is_label) gs -= r.kh;
+}
+
+template <typename S, typename T, typename A, int W, DivFamily F>
+__device__ __forceinline__ void grad_sweep(const S* srow, const T* trow, bool read_t, S* gsrow,
+                                           T* gtrow, const SliceGeom& g, int tid, int nthr,
+                                           const RowResult<A>& r, const RowConfig<A>& c, int64_t y,
+                                           const uint4* stage_s, const uint4* stage_t) {
+  using WS = VecWords<S, W>;
+  using WT = VecWords<T, W>;
+  // Output rows are contiguous (r * V): aligned like the input row only when V and the views
+  // allow; otherwise the vector's elements are stored one by one.
+  const bool gs_vec = gsrow && aligned16(gsrow + g.vlo);
+  const bool gt_vec = gtrow && aligned16(gtrow + g.vlo);
+  const int64_t ylocal = y - g.vlo;  // label position relative to the vector part
+  for_slice<S, T, A, W>(
+      srow, trow, read_t, g, tid, nthr, stage_s, stage_t,
+      [&](int64_t i, A s, A t) {
+        A gs, gt;
+        grad_elem<F>(r, c, s, t, i == y, gs, gt);
+        if (gsrow) gsrow[i] = from_acc<S>(gs);
+        if (gtrow) gtrow[i] = from_acc<T>(gt);
+      },
+      [&](int j, const A (&s)[W], const A (&t)[W]) {
+        // Results go straight into their packed output words (half the registers of A[W] for
+        // 16-bit outputs: the block kernel's 80-register budget).
+        const int64_t base = static_cast<int64_t>(j) * W;
+        // The label's lane in this vector (-1: none): a 32-bit compare with a constant.
+        const int lab = (ylocal >= base && ylocal < base + W) ? static_cast<int>(ylocal - base) : -1;
+        WS os;
+        WT ot;
+        S* xs = reinterpret_cast<S*>(os.w);
+        T* xt = reinterpret_cast<T*>(ot.w);
+#pragma unroll
+        for (int i = 0; i < W; ++i) {
+          A gs, gt;
+          grad_elem<F>(r, c, s[i], t[i], i == lab, gs, gt);
+          xs[i] = from_acc<S>(gs);
+          xt[i] = from_acc<T>(gt);
+        }
+        if (gsrow) {
+          S* out = gsrow + g.vlo + base;
+          if (gs_vec) {
+#pragma unroll
+            for (int k = 0; k < WS::kWords; ++k) reinterpret_cast<uint4*>(out)[k] = os.w[k];
+          } else {
+#pragma unroll
+            for (int i = 0; i < W; ++i) out[i] = xs[i];
+          }
+        }
+        if (gtrow) {
+          T* out = gtrow + g.vlo + base;
+          if (gt_vec) {
+#pragma unroll
+            for (int k = 0; k < WT::kWords; ++k) reinterpret_cast<uint4*>(out)[k] = ot.w[k];
+          } else {
+#pragma unroll
+            for (int i = 0; i < W; ++i) out[i] = xt[i];
+          }
+        }
+      });
 }
 
 // ------------------------------------------------------------------------------------------------
 // Per-row setup shared by the kernels
 // ------------------------------------------------------------------------------------------------
 
-// Row-independent switches, computed once on the host. Why a bit mask and not p.soft_weight > 0
-// in the kernel: the compiler rematerialises such predicates inside the hot loops from the
-// double it keeps in registers (seen in SASS: a DSETP and a spilled register pair per vector);
-// a bit of a kernel parameter is tested straight from the constant bank.
-enum Flag : unsigned {
-  kSoft = 1u << 0,      // soft_weight > 0
-  kHard = 1u << 1,      // hard_weight > 0
-  kNeedZh = 1u << 2,    // hard term at T != 1
-  kNeedCh = 1u << 3,    // soft term with the CE divergence
-  kSquareH = 1u << 4,   // kNeedZh at T == 2: exp(s - ms) = exp((s - ms) / 2)^2
-  kCE = 1u << 5,        // CE divergence
-  kWantGs = 1u << 6,    // grad_student requested
-  kWantGt = 1u << 7,    // grad_teacher requested
-};
-
+// Kernel arguments besides KDParams. The row configuration comes from kd_math.h
+// make_row_config() on the host (the one derivation of every switch, shared with the CPU); its
+// bools live in the constant bank with the rest of the arguments, so the hot loops test them
+// without rematerialising comparisons of doubles.
 template <typename A>
 struct KernelArgs {
+  RowConfig<A> cfg;
   const A* grad_scale_dev;   // device gradient scale (Mean with labels), or nullptr
   A grad_scale_host;         // used when grad_scale_dev is nullptr
-  A inv_t;                   // 1 / T in the accumulation type
-  A inv_t_l2e;               // log2(e) / T (rounded once, from double)
-  unsigned flags;            // Flag bits
   Mode mode;
   int split;                 // CTAs per row (kBlock)
   int64_t chunk;             // vectors per slice
@@ -491,46 +492,6 @@ struct KernelArgs {
   bool cluster;              // split over a thread-block cluster (sm_90)
   RowState<A>* workspace;    // two-phase: [n_rows][split] partial states
 };
-
-inline unsigned make_flag_bits(const KDParams& p) {
-  const bool soft = p.soft_weight > 0;
-  const bool hard = p.hard_weight > 0;
-  const bool ce = p.divergence == Divergence::CE;
-  const bool need_zh = hard && p.temperature != 1.0;
-  unsigned f = 0;
-  if (soft) f |= kSoft;
-  if (hard) f |= kHard;
-  if (need_zh) f |= kNeedZh;
-  if (soft && ce) f |= kNeedCh;
-  if (need_zh && p.temperature == 2.0) f |= kSquareH;
-  if (ce) f |= kCE;
-  if (p.grad_student != nullptr) f |= kWantGs;
-  if (p.grad_teacher != nullptr) f |= kWantGt;
-  return f;
-}
-
-template <typename A>
-__device__ __forceinline__ RowConfig<A> make_config(const KernelArgs<A>& a) {
-  RowConfig<A> cfg;
-  cfg.inv_t = a.inv_t;
-  cfg.soft = (a.flags & kSoft) != 0;
-  cfg.need_zh = (a.flags & kNeedZh) != 0;
-  cfg.need_ch = (a.flags & kNeedCh) != 0;
-  return cfg;
-}
-
-template <typename A>
-__device__ __forceinline__ GradFlags make_flags(const KernelArgs<A>& a) {
-  GradFlags f;
-  f.soft = (a.flags & kSoft) != 0;
-  f.hard = (a.flags & kHard) != 0;
-  f.need_zh = (a.flags & kNeedZh) != 0;
-  f.square_h = (a.flags & kSquareH) != 0;
-  f.ce = (a.flags & kCE) != 0;
-  f.want_gs = (a.flags & kWantGs) != 0;
-  f.want_gt = (a.flags & kWantGt) != 0;
-  return f;
-}
 
 // The label of row r (-1 without labels) and whether the row counts. An out-of-range label stops
 // the kernel with a device-side assert, like PyTorch's cross-entropy kernels.
@@ -557,22 +518,22 @@ __device__ __forceinline__ A label_logit(const S* srow, int64_t y, int64_t V, bo
 // kWarp: one warp per row (small V)
 // ------------------------------------------------------------------------------------------------
 
-template <typename S, typename T, typename A>
-__global__ void __launch_bounds__(kWarpBlockThreads) kd_warp_kernel(const KDParams p, const KernelArgs<A> a) {
+// F: the divergence family this instantiation handles (kd_math.h DivFamily).
+template <typename S, typename T, typename A, DivFamily F>
+__global__ void __launch_bounds__(kWarpBlockThreads, kWarpMinBlocksPerSM)
+    kd_warp_kernel(const KDParams p, const KernelArgs<A> a) {
   constexpr int W = vec_elems<S, T>();
   const int lane = threadIdx.x % kWarpSize;
   const int64_t warps_total = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
-  const RowConfig<A> cfg = make_config(a);
-  const GradFlags f = make_flags(a);
-  const ExpScale<A> xs{a.inv_t, a.inv_t_l2e};
+  const RowConfig<A> cfg = specialise<F>(a.cfg);
   const bool read_t = cfg.soft;
   const int64_t V = p.vocab;
   A* row_loss = static_cast<A*>(p.row_loss);
 
-  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize; r < p.n_rows;
-       r += warps_total) {
-    S* gsrow = f.want_gs ? static_cast<S*>(p.grad_student) + r * V : nullptr;
-    T* gtrow = f.want_gt ? static_cast<T*>(p.grad_teacher) + r * V : nullptr;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize;
+       r < p.n_rows; r += warps_total) {
+    S* gsrow = cfg.want_gs ? static_cast<S*>(p.grad_student) + r * V : nullptr;
+    T* gtrow = p.grad_teacher ? static_cast<T*>(p.grad_teacher) + r * V : nullptr;
     int64_t y;
     if (!row_label(p, r, y, lane == 0)) {
       if (lane == 0) row_loss[r] = A(0);
@@ -583,18 +544,25 @@ __global__ void __launch_bounds__(kWarpBlockThreads) kd_warp_kernel(const KDPara
     const S* srow = static_cast<const S*>(p.student) + row_offset(p, r, p.student_strides);
     const T* trow = static_cast<const T*>(p.teacher) + row_offset(p, r, p.teacher_strides);
     const SliceGeom g = slice_geom<S, T, W>(srow, trow, read_t, V, 1, 0, V);
-    RowState<A> st = stats_sweep<S, T, A, W>(srow, trow, read_t, g, lane, kWarpSize, cfg, nullptr, nullptr);
+    RowState<A> st =
+        stats_sweep<S, T, A, W>(srow, trow, read_t, g, lane, kWarpSize, cfg, nullptr, nullptr);
     // Lane 0 merges in a fixed order, then hands the row's state to every lane: each lane runs the
     // same finalize on the same bits (cheaper than a shared-memory round trip).
     st = shfl_state(warp_merge(st, cfg), 0);
-    const A s_label = label_logit<A>(srow, y, V, f.hard && lane == 0);
+    const A s_label = label_logit<A>(srow, y, V, cfg.hard && lane == 0);
     const A scale = a.grad_scale_dev ? *a.grad_scale_dev : a.grad_scale_host;
-    const RowCoef<A> c = finalize_row(st, cfg, p, s_label, scale);
-    if (lane == 0) row_loss[r] = c.res.loss;
-    if (gsrow || gtrow) {
-      // The row was read by this warp a moment ago: the re-read hits L1/L2, not HBM.
-      grad_sweep<S, T, A, W>(srow, trow, read_t, gsrow, gtrow, g, lane, kWarpSize, c, f, xs, y,
-                             nullptr, nullptr);
+    RowResult<A> res = finalize(st, cfg, s_label, scale);
+    if (cfg.mix) {
+      // The row was read by this warp a moment ago: the re-reads hit L1/L2, not HBM.
+      MixSums<A> mx = mix_sweep<S, T, A, W>(srow, trow, g, lane, kWarpSize, res, cfg, nullptr,
+                                            nullptr);
+      finalize_mix(res, shfl_mix(warp_sum_mix(mx), 0), cfg);
+    }
+    if (lane == 0) row_loss[r] = res.loss;
+    if (cfg.zero_gt) zero_range(gtrow, V, lane, kWarpSize);
+    if (cfg.want_gs || cfg.want_gt) {
+      grad_sweep<S, T, A, W, F>(srow, trow, read_t, gsrow, cfg.want_gt ? gtrow : nullptr, g, lane,
+                             kWarpSize, res, cfg, y, nullptr, nullptr);
     }
   }
 }
@@ -609,8 +577,24 @@ __global__ void __launch_bounds__(kWarpBlockThreads) kd_warp_kernel(const KDPara
 #define KD_HAS_CLUSTERS 0
 #endif
 
-template <typename S, typename T, typename A>
-__global__ void __launch_bounds__(kBlockThreads, sizeof(A) == 8 ? kBlockMinBlocksPerSMF64 : kBlockMinBlocksPerSM)
+// Sum of the threads' mix sums over the CTA, in a fixed order (lanes, then warps in order); the
+// result is in thread 0. Ends with a barrier after which `warp_mix` may be reused.
+template <typename A, int kWarps>
+__device__ __forceinline__ MixSums<A> block_sum_mix(MixSums<A> mx, MixSums<A>* warp_mix, int lane,
+                                                    int warp) {
+  mx = warp_sum_mix(mx);
+  if (lane == 0) warp_mix[warp] = mx;
+  __syncthreads();
+  if (warp == 0) {
+    mx = lane < kWarps ? warp_mix[lane] : mix_zero<A>();
+    mx = warp_sum_mix(mx);
+  }
+  return mx;
+}
+
+template <typename S, typename T, typename A, DivFamily F>
+__global__ void __launch_bounds__(kBlockThreads,
+                                  sizeof(A) == 8 ? kBlockMinBlocksPerSMF64 : kBlockMinBlocksPerSM)
     kd_block_kernel(const KDParams p, const KernelArgs<A> a) {
   constexpr int W = vec_elems<S, T>();
   constexpr int kWarps = kBlockThreads / kWarpSize;
@@ -618,36 +602,36 @@ __global__ void __launch_bounds__(kBlockThreads, sizeof(A) == 8 ? kBlockMinBlock
   // The stage: [chunk vectors of s][chunk vectors of t], raw 16-byte words.
   extern __shared__ uint4 kd_stage[];
   __shared__ RowState<A> warp_states[kWarps];
+  __shared__ MixSums<A> warp_mix[kWarps];
   __shared__ RowState<A> cta_state;  // read by the other CTAs of the cluster (DSMEM)
-  __shared__ RowCoef<A> row_coef;
+  __shared__ MixSums<A> cta_mix;     // likewise, jsd / tvd
+  __shared__ RowResult<A> row_res;
 
   const int tid = threadIdx.x;
   const int lane = tid % kWarpSize;
   const int warp = tid / kWarpSize;
   const int split = a.split;
   const int rank = static_cast<int>(blockIdx.x % static_cast<unsigned>(split));
-  const RowConfig<A> cfg = make_config(a);
-  const GradFlags f = make_flags(a);
-  const ExpScale<A> xs{a.inv_t, a.inv_t_l2e};
+  const RowConfig<A> cfg = specialise<F>(a.cfg);
   const bool read_t = cfg.soft;
   const int64_t V = p.vocab;
   A* row_loss = static_cast<A*>(p.row_loss);
   uint4* stage_s = a.stage ? kd_stage : nullptr;
   uint4* stage_t = a.stage ? kd_stage + a.chunk * WS::kWords : nullptr;
   const bool stats_here = a.mode != Mode::Phase2;
-  const bool grad_here = a.mode != Mode::Phase1 && (f.want_gs || f.want_gt);
+  const bool grad_here = a.mode != Mode::Phase1 && (cfg.want_gs || cfg.want_gt);
 #if !KD_HAS_CLUSTERS
-  // Cluster launches are chosen only when the kernel was compiled for sm_90+ (checked on the host
-  // from the binary's version); should that ever fail, stop rather than compute garbage.
+  // Cluster launches are chosen only when the kernel was compiled for sm_90+ (the host checks the
+  // binary's and the PTX's versions); should that ever fail, stop rather than compute garbage.
   if (a.cluster) __trap();
 #endif
 
   for (int64_t r = blockIdx.x / split; r < p.n_rows; r += static_cast<int64_t>(gridDim.x) / split) {
-    // The previous row's readers of warp_states (warp 0) and row_coef (all threads) are done
+    // The previous row's readers of warp_states (warp 0) and row_res (all threads) are done
     // before anyone writes them again. (A CTA usually has one row; this costs one barrier.)
     __syncthreads();
-    S* gsrow = f.want_gs ? static_cast<S*>(p.grad_student) + r * V : nullptr;
-    T* gtrow = f.want_gt ? static_cast<T*>(p.grad_teacher) + r * V : nullptr;
+    S* gsrow = cfg.want_gs ? static_cast<S*>(p.grad_student) + r * V : nullptr;
+    T* gtrow = p.grad_teacher ? static_cast<T*>(p.grad_teacher) + r * V : nullptr;
     const S* srow = static_cast<const S*>(p.student) + row_offset(p, r, p.student_strides);
     const T* trow = static_cast<const T*>(p.teacher) + row_offset(p, r, p.teacher_strides);
     const SliceGeom g = slice_geom<S, T, W>(srow, trow, read_t, V, split, rank, a.chunk);
@@ -666,7 +650,8 @@ __global__ void __launch_bounds__(kBlockThreads, sizeof(A) == 8 ? kBlockMinBlock
     // ---- statistics of this CTA's slice, merged over the CTA ----------------------------------
     RowState<A> st = RowState<A>::empty();
     if (stats_here) {
-      st = stats_sweep<S, T, A, W>(srow, trow, read_t, g, tid, kBlockThreads, cfg, stage_s, stage_t);
+      st = stats_sweep<S, T, A, W>(srow, trow, read_t, g, tid, kBlockThreads, cfg, stage_s,
+                                   stage_t);
       st = warp_merge(st, cfg);
       if (lane == 0) warp_states[warp] = st;
       __syncthreads();
@@ -689,8 +674,8 @@ __global__ void __launch_bounds__(kBlockThreads, sizeof(A) == 8 ? kBlockMinBlock
       }
     }
 #if KD_HAS_CLUSTERS
+    namespace cg = cooperative_groups;
     if (a.cluster) {
-      namespace cg = cooperative_groups;
       cg::cluster_group cluster = cg::this_cluster();
       if (tid == 0) cta_state = st;
       // Release our cta_state, acquire the others' (also: all CTAs of the cluster are running
@@ -700,30 +685,58 @@ __global__ void __launch_bounds__(kBlockThreads, sizeof(A) == 8 ? kBlockMinBlock
         st = lane < split ? *cluster.map_shared_rank(&cta_state, lane) : RowState<A>::empty();
         st = warp_merge(st, cfg);  // every CTA merges the same states in the same order
       }
-      // Done reading remote shared memory. The matching wait, at the end of this row, comes
-      // before cta_state is written again or the CTA exits; the gradient sweep overlaps it.
+      // Done reading remote shared memory. The matching wait comes before cta_state is written
+      // again or the CTA exits (end of the row, or before the mix exchange below); the work in
+      // between overlaps it.
       cluster.barrier_arrive();
     }
 #endif
 
     // ---- finalize (thread 0) and broadcast ---------------------------------------------------
     if (tid == 0) {
-      const A s_label = label_logit<A>(srow, y, V, f.hard);
+      const A s_label = label_logit<A>(srow, y, V, cfg.hard);
       const A scale = a.grad_scale_dev ? *a.grad_scale_dev : a.grad_scale_host;
-      const RowCoef<A> c = finalize_row(st, cfg, p, s_label, scale);
-      if (rank == 0) row_loss[r] = c.res.loss;
-      row_coef = c;
+      row_res = finalize(st, cfg, s_label, scale);
+    }
+    __syncthreads();
+
+    // ---- jsd / tvd: mix sums over the slice, the CTA and the cluster -------------------------
+    if (cfg.mix) {
+      // Two-phase splits are never planned for jsd / tvd (kd_launch.h): here split is 1 or a
+      // cluster, and every CTA has the whole row's statistics.
+      const RowResult<A> res = row_res;
+      MixSums<A> mx = mix_sweep<S, T, A, W>(srow, trow, g, tid, kBlockThreads, res, cfg, stage_s,
+                                            stage_t);
+      mx = block_sum_mix<A, kWarps>(mx, warp_mix, lane, warp);
+#if KD_HAS_CLUSTERS
+      if (a.cluster) {
+        cg::cluster_group cluster = cg::this_cluster();
+        cluster.barrier_wait();  // the state exchange's readers are done (see above)
+        if (tid == 0) cta_mix = mx;
+        cluster.sync();
+        if (warp == 0) {
+          mx = lane < split ? *cluster.map_shared_rank(&cta_mix, lane) : mix_zero<A>();
+          mx = warp_sum_mix(mx);  // the same sums in the same order in every CTA
+        }
+        cluster.barrier_arrive();
+      }
+#endif
+      if (tid == 0) finalize_mix(row_res, mx, cfg);
+      __syncthreads();
+    }
+    if (tid == 0 && rank == 0) row_loss[r] = row_res.loss;
+    if (cfg.zero_gt && a.mode != Mode::Phase1) {
+      zero_range(gtrow + g.lo, g.hi - g.lo, tid, kBlockThreads);
     }
     if (grad_here) {
-      __syncthreads();
-      // Read before the next row's first barrier, after which thread 0 may overwrite row_coef.
-      const RowCoef<A> c = row_coef;
-      grad_sweep<S, T, A, W>(srow, trow, read_t, gsrow, gtrow, g, tid, kBlockThreads, c, f, xs, y,
-                             stage_s, stage_t);
+      // Copied before the next row's first barrier, after which thread 0 may overwrite row_res.
+      const RowResult<A> res = row_res;
+      grad_sweep<S, T, A, W, F>(srow, trow, read_t, gsrow, cfg.want_gt ? gtrow : nullptr, g, tid,
+                             kBlockThreads, res, cfg, y, stage_s, stage_t);
     }
 #if KD_HAS_CLUSTERS
-    // Every CTA of the cluster is done reading this CTA's cta_state (see barrier_arrive above).
-    if (a.cluster) cooperative_groups::this_cluster().barrier_wait();
+    // Every CTA of the cluster is done reading this CTA's shared state (see barrier_arrive).
+    if (a.cluster) cg::this_cluster().barrier_wait();
 #endif
   }
 }

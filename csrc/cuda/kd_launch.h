@@ -64,6 +64,10 @@ namespace kdfused::cuda {
 constexpr int kWarpSize = 32;
 constexpr int kWarpsPerBlock = 8;         // kWarp: rows per CTA
 constexpr int kWarpBlockThreads = kWarpSize * kWarpsPerBlock;
+// __launch_bounds__ of kd_warp_kernel: 3 CTAs (24 warps) per SM caps it at 85 registers. Without
+// the bound ptxas used up to 102 (fp32/fp32 with both gradients), i.e. 2 CTAs = 25% occupancy for
+// a kernel whose rows are short and whose latency is hidden only by other warps.
+constexpr int kWarpMinBlocksPerSM = 3;
 constexpr int kBlockThreads = 256;        // kBlock: threads per CTA
 constexpr int kBlockMinBlocksPerSM = 3;   // __launch_bounds__: <= 80 registers, 3 CTAs/SM with
                                           // a 64 KB stage (the cluster policy's occupancy)
@@ -113,9 +117,11 @@ struct LaunchPlan {
 // vec_elems the elements per vector (16 / min(sizeof S, sizeof T)), teacher_read whether the
 // teacher is read at all (soft term on), max_cluster the largest cluster to use (0 or 1: none).
 // Pure function of its arguments (determinism).
+// mix: jsd / tvd, whose second row sum needs every CTA of the row to see the whole row's
+// statistics (a cluster exchanges them on chip; the two-phase split would need a third kernel).
 inline LaunchPlan choose_plan(int64_t n_rows, int64_t V, int elem_bytes_s, int elem_bytes_t,
-                              int vec_elems, bool teacher_read, bool any_grad, int num_sms,
-                              int max_cluster, int64_t max_smem_optin) {
+                              int vec_elems, bool teacher_read, bool any_grad, bool mix,
+                              int num_sms, int max_cluster, int64_t max_smem_optin) {
   const bool has_clusters = max_cluster > 1;
   LaunchPlan plan;
   if (V <= kWarpMaxV) {
@@ -130,8 +136,8 @@ inline LaunchPlan choose_plan(int64_t n_rows, int64_t V, int elem_bytes_s, int e
     return (nvec + split - 1) / split;
   };
   auto slice_bytes = [&](int split) { return slice_vecs_of(split) * vec_elems * bytes_per_elem; };
-  // Only a gradient sweep needs the stage; a loss-only call reads everything once anyway.
-  const bool want_stage = any_grad;
+  // Only a second sweep needs the stage; a kl loss-only call reads everything once anyway.
+  const bool want_stage = any_grad || mix;
 
   if (has_clusters) {
     int split = 1;
@@ -158,7 +164,7 @@ inline LaunchPlan choose_plan(int64_t n_rows, int64_t V, int elem_bytes_s, int e
            V / (2 * split) >= kMinSliceElems) {
       split *= 2;
     }
-    if (split > 1) {
+    if (split > 1 && !mix) {
       plan.split = split;
       plan.two_phase = true;
       plan.stage = false;

@@ -23,8 +23,14 @@
 #include <algorithm>
 #include <climits>
 #include <cstdlib>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <string>
 #include <string_view>
+#include <utility>
 
+#include "../kd_cuda_plan.h"
 #include "../kd_host.h"
 #include "kd_kernels.cuh"
 #include "kd_launch.h"
@@ -38,59 +44,92 @@ constexpr int64_t kMaxGridRows = int64_t(1) << 22;
 
 bool is_half_like(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
 
+// The virtual architectures this file was compiled for, from nvcc (e.g. "800,900").
+#define KD_STRINGIFY2(x) #x
+#define KD_STRINGIFY(x) KD_STRINGIFY2(x)
+#if defined(__CUDA_ARCH_LIST__)
+#define KDFUSED_CUDA_ARCHS "compute " KD_STRINGIFY(__CUDA_ARCH_LIST__)
+#else
+#define KDFUSED_CUDA_ARCHS "unknown"
+#endif
+
 bool native_pair(at::ScalarType s, at::ScalarType t) {
   return s == t || (is_half_like(s) && t == at::kFloat) || (s == at::kFloat && is_half_like(t));
 }
 
-template <typename S, typename T, typename A>
-void run_fused(const KDParams& p, const A* grad_scale_dev, double grad_scale_host) {
-  constexpr int W = vec_elems<S, T>();
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const bool soft = p.soft_weight > 0;
-  const bool any_grad = p.grad_student != nullptr || p.grad_teacher != nullptr;
+// Per (kernel, device): what the binary holds and what the device allows. Queried once and
+// cached, so that per-call host work is a map lookup and the launch plan -- hence the bits of the
+// result -- cannot change between calls (a driver answer that varied would otherwise change them).
+struct KernelFacts {
+  bool clusters = false;       // sm_90 device AND sm_90 code in the binary AND sm_90 PTX source
+  int64_t smem_optin = 0;      // dynamic shared memory available to one CTA
+  int num_sms = 0;
+  std::map<std::pair<int, int64_t>, bool> cluster_fits;  // (split, smem bytes) -> schedulable
+};
 
-  KernelArgs<A> a{};
-  a.grad_scale_dev = grad_scale_dev;
-  a.grad_scale_host = static_cast<A>(grad_scale_host);
-  a.inv_t = static_cast<A>(p.inv_temperature);
-  a.inv_t_l2e = static_cast<A>(p.inv_temperature * kLog2e);
-  a.flags = make_flag_bits(p);
-  a.mode = Mode::Fused;
-  a.split = 1;
-  a.chunk = p.vocab;
-  a.stage = false;
-  a.cluster = false;
-  a.workspace = nullptr;
+std::mutex& facts_mutex() {
+  static std::mutex m;
+  return m;
+}
 
-  // Clusters need an sm_90 device *and* sm_90 code in the binary for it (an sm_80-only build runs
-  // its sm_80 code on Hopper, and that code has no cluster path).
-  auto block_kernel = &kd_block_kernel<S, T, A>;
+// Read once per process: KDFUSED_CUDA_NO_CLUSTERS=1 takes the sm_80 policy on sm_90 too.
+bool env_no_clusters() {
+  static const bool v = [] {
+    const char* e = std::getenv("KDFUSED_CUDA_NO_CLUSTERS");
+    return e != nullptr && e[0] == '1';
+  }();
+  return v;
+}
+
+// A GPU older than sm_80 has no kernel image in this build: say so at the first call, naming the
+// build's architectures, instead of failing with "no kernel image is available".
+void check_device_arch(const cudaDeviceProp& prop) {
+  TORCH_CHECK(prop.major >= 8, "kdfused: the GPU ", prop.name, " is sm_", prop.major, prop.minor,
+              "; kdfused's CUDA kernels need sm_80 or newer (this build has: ", KDFUSED_CUDA_ARCHS,
+              ")");
+}
+
+template <typename Kernel>
+KernelFacts& kernel_facts(Kernel kernel, int device, const cudaDeviceProp& prop) {
+  static std::map<std::pair<const void*, int>, KernelFacts> cache;
+  std::lock_guard<std::mutex> lock(facts_mutex());
+  auto key = std::make_pair(reinterpret_cast<const void*>(kernel), device);
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
   cudaFuncAttributes attr;
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, block_kernel));
-  // KDFUSED_CUDA_NO_CLUSTERS=1 takes the sm_80 policy on sm_90 too (tests of the two-phase path).
-  const char* no_clusters = std::getenv("KDFUSED_CUDA_NO_CLUSTERS");
-  const bool has_clusters = prop->major >= 9 && attr.binaryVersion >= 90 &&
-                            !(no_clusters != nullptr && no_clusters[0] == '1');
-  const int64_t smem_optin = static_cast<int64_t>(prop->sharedMemPerBlockOptin) - static_cast<int64_t>(attr.sharedSizeBytes);
-  auto plan_for = [&](int max_cluster) {
-    return choose_plan(p.n_rows, p.vocab, sizeof(S), sizeof(T), W, soft, any_grad, prop->multiProcessorCount,
-                       max_cluster, smem_optin);
-  };
-  // Whether a cluster of the plan's shape can be co-scheduled (a host query, no sync). A 16-CTA
-  // cluster is non-portable (H100/H200 allow it, a MIG slice may not), and shared memory may be
-  // carved out by another context: ask rather than fail at launch.
-  auto cluster_fits = [&](const LaunchPlan& pl) {
-    if (pl.split > kPortableClusterSplit) {
-      if (cudaFuncSetAttribute(block_kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess) {
-        (void)cudaGetLastError();
-        return false;
-      }
-    }
-    if (pl.smem_bytes > 48 * 1024) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(block_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(pl.smem_bytes)));
-    }
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  KernelFacts f;
+  // Clusters need an sm_90 device *and* code compiled for sm_90: binaryVersion is what runs
+  // (an sm_80-only build runs its sm_80 code on Hopper), ptxVersion what it was compiled from (a
+  // "+PTX" build of compute_80 JIT-compiled on Hopper has binaryVersion 90 but no cluster path).
+  f.clusters = prop.major >= 9 && attr.binaryVersion >= 90 && attr.ptxVersion >= 90 &&
+               !env_no_clusters();
+  f.smem_optin = static_cast<int64_t>(prop.sharedMemPerBlockOptin) -
+                 static_cast<int64_t>(attr.sharedSizeBytes);
+  f.num_sms = prop.multiProcessorCount;
+  return cache.emplace(key, std::move(f)).first->second;
+}
+
+// Whether a cluster of the plan's shape can be co-scheduled (a host query, no sync), cached. A
+// 16-CTA cluster is non-portable (H100/H200 allow it, a MIG slice may not), and shared memory may
+// be carved out by another context: ask rather than fail at launch.
+template <typename Kernel>
+bool cluster_fits(Kernel kernel, KernelFacts& facts, const LaunchPlan& pl) {
+  std::lock_guard<std::mutex> lock(facts_mutex());
+  const auto key = std::make_pair(pl.split, pl.smem_bytes);
+  auto it = facts.cluster_fits.find(key);
+  if (it != facts.cluster_fits.end()) return it->second;
+  bool ok = true;
+  if (pl.split > kPortableClusterSplit &&
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess) {
+    (void)cudaGetLastError();
+    ok = false;
+  }
+  if (ok && pl.smem_bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(pl.smem_bytes)));
+  }
+  if (ok) {
     cudaLaunchConfig_t qcfg = {};
     qcfg.gridDim = dim3(static_cast<unsigned>(pl.split), 1, 1);
     qcfg.blockDim = dim3(kBlockThreads, 1, 1);
@@ -103,19 +142,81 @@ void run_fused(const KDParams& p, const A* grad_scale_dev, double grad_scale_hos
     qcfg.attrs = qattr;
     qcfg.numAttrs = 1;
     int clusters = 0;
-    if (cudaOccupancyMaxActiveClusters(&clusters, block_kernel, &qcfg) != cudaSuccess) {
+    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &qcfg) != cudaSuccess) {
       (void)cudaGetLastError();  // a failed query is not sticky; clear it
-      return false;
+      ok = false;
+    } else {
+      ok = clusters >= 1;
     }
-    return clusters >= 1;
+  }
+  facts.cluster_fits.emplace(key, ok);
+  return ok;
+}
+
+// The plan the user forced with set_cuda_plan (tests, self-test, benchmarks), or std::nullopt.
+std::optional<LaunchPlan> forced_plan(const PlanOverride& o, int64_t V, int vec_elems,
+                                      int64_t bytes_per_elem, bool any_grad, bool mix,
+                                      bool clusters, int64_t stage_cap) {
+  if (o.kind == PlanOverride::Kind::Auto) return std::nullopt;
+  LaunchPlan pl;
+  if (o.kind == PlanOverride::Kind::Warp) return pl;  // kind Warp, defaults
+  pl.kind = Kind::Block;
+  pl.split = o.kind == PlanOverride::Kind::Block ? 1 : o.split;
+  pl.cluster = o.kind == PlanOverride::Kind::Cluster;
+  pl.two_phase = o.kind == PlanOverride::Kind::TwoPhase;
+  TORCH_CHECK(!pl.cluster || clusters,
+              "kdfused: CUDA plan 'cluster:", o.split, "' needs an sm_90 GPU and sm_90 code");
+  TORCH_CHECK(!(pl.two_phase && mix),
+              "kdfused: CUDA plan 'two_phase' does not support the jsd / tvd divergences");
+  pl.slice_vecs = (V / vec_elems + pl.split - 1) / pl.split;
+  const int64_t slice_bytes = pl.slice_vecs * vec_elems * bytes_per_elem;
+  pl.stage = (any_grad || mix) && !pl.two_phase && slice_bytes <= stage_cap;
+  pl.smem_bytes = pl.stage ? slice_bytes : 0;
+  return pl;
+}
+
+std::string describe(const LaunchPlan& pl) {
+  if (pl.kind == Kind::Warp) return "warp";
+  std::string d = "block split=" + std::to_string(pl.split);
+  if (pl.cluster) d += " cluster";
+  if (pl.two_phase) d += " two_phase";
+  if (pl.stage) d += " stage";
+  return d;
+}
+
+template <typename S, typename T, typename A, DivFamily F>
+void run_fused_kernels(const KDParams& p, KernelArgs<A> a) {
+  constexpr int W = vec_elems<S, T>();
+  const int device = at::cuda::current_device();
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const RowConfig<A>& cfg = a.cfg;
+  const bool any_grad = cfg.want_gs || cfg.want_gt;
+
+  auto block_kernel = &kd_block_kernel<S, T, A, F>;
+  KernelFacts& facts = kernel_facts(block_kernel, device, *prop);
+  auto plan_for = [&](int max_cluster) {
+    return choose_plan(p.n_rows, p.vocab, sizeof(S), sizeof(T), W, cfg.soft, any_grad, cfg.mix,
+                       facts.num_sms, max_cluster, facts.smem_optin);
   };
-  LaunchPlan plan = plan_for(has_clusters ? kMaxClusterSplit : 0);
-  if (plan.cluster && !cluster_fits(plan)) plan = plan_for(kPortableClusterSplit);
-  if (plan.cluster && !cluster_fits(plan)) plan = plan_for(0);
+  const int64_t stage_cap = std::min<int64_t>(facts.smem_optin, kMaxStageBytes);
+  const int64_t bytes_per_elem = sizeof(S) + (cfg.soft ? sizeof(T) : 0);
+  LaunchPlan plan;
+  if (auto f = forced_plan(cuda_plan_override(), p.vocab, W, bytes_per_elem, any_grad, cfg.mix,
+                           facts.clusters, stage_cap)) {
+    plan = *f;
+    TORCH_CHECK(!plan.cluster || cluster_fits(block_kernel, facts, plan),
+                "kdfused: CUDA plan '", cuda_plan_spec(), "' cannot be scheduled on this GPU");
+  } else {
+    plan = plan_for(facts.clusters ? kMaxClusterSplit : 0);
+    if (plan.cluster && !cluster_fits(block_kernel, facts, plan)) plan = plan_for(kPortableClusterSplit);
+    if (plan.cluster && !cluster_fits(block_kernel, facts, plan)) plan = plan_for(0);
+  }
+  set_last_cuda_plan(describe(plan));
 
   if (plan.kind == Kind::Warp) {
     const int64_t blocks = std::min<int64_t>((p.n_rows + kWarpsPerBlock - 1) / kWarpsPerBlock, kMaxGridRows);
-    kd_warp_kernel<S, T, A><<<static_cast<unsigned>(blocks), kWarpBlockThreads, 0, stream>>>(p, a);
+    kd_warp_kernel<S, T, A, F><<<static_cast<unsigned>(blocks), kWarpBlockThreads, 0, stream>>>(p, a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
@@ -135,7 +236,7 @@ void run_fused(const KDParams& p, const A* grad_scale_dev, double grad_scale_hos
   if (plan.two_phase) {
     // Partial states of every (row, slice); phase 2 merges a row's states in rank order.
     at::Tensor ws = at::empty({p.n_rows * plan.split * static_cast<int64_t>(sizeof(RowState<A>))},
-                              at::TensorOptions().device(at::kCUDA, at::cuda::current_device()).dtype(at::kByte));
+                              at::TensorOptions().device(at::kCUDA, device).dtype(at::kByte));
     a.workspace = reinterpret_cast<RowState<A>*>(ws.data_ptr());
     a.mode = Mode::Phase1;
     block_kernel<<<grid, kBlockThreads, smem, stream>>>(p, a);
@@ -147,25 +248,45 @@ void run_fused(const KDParams& p, const A* grad_scale_dev, double grad_scale_hos
   }
 
   if (plan.cluster) {
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(grid, 1, 1);
-    cfg.blockDim = dim3(kBlockThreads, 1, 1);
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = stream;
+    cudaLaunchConfig_t lcfg = {};
+    lcfg.gridDim = dim3(grid, 1, 1);
+    lcfg.blockDim = dim3(kBlockThreads, 1, 1);
+    lcfg.dynamicSmemBytes = smem;
+    lcfg.stream = stream;
     cudaLaunchAttribute attrs[1];
     attrs[0].id = cudaLaunchAttributeClusterDimension;
     attrs[0].val.clusterDim.x = static_cast<unsigned>(plan.split);
     attrs[0].val.clusterDim.y = 1;
     attrs[0].val.clusterDim.z = 1;
-    cfg.attrs = attrs;
-    cfg.numAttrs = 1;
-    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, block_kernel, p, a));
+    lcfg.attrs = attrs;
+    lcfg.numAttrs = 1;
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&lcfg, block_kernel, p, a));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
 
   block_kernel<<<grid, kBlockThreads, smem, stream>>>(p, a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename S, typename T, typename A>
+void run_fused(const KDParams& p, const A* grad_scale_dev, double grad_scale_host) {
+  check_device_arch(*at::cuda::getCurrentDeviceProperties());
+  KernelArgs<A> a{};
+  a.cfg = make_row_config<A>(p);
+  a.grad_scale_dev = grad_scale_dev;
+  a.grad_scale_host = static_cast<A>(grad_scale_host);
+  a.mode = Mode::Fused;
+  a.split = 1;
+  a.chunk = p.vocab;
+  a.stage = false;
+  a.cluster = false;
+  a.workspace = nullptr;
+  if (family_of(p.divergence) == DivFamily::Plain) {
+    run_fused_kernels<S, T, A, DivFamily::Plain>(p, a);
+  } else {
+    run_fused_kernels<S, T, A, DivFamily::Other>(p, a);
+  }
 }
 
 // Calls f(S{}, T{}) for the native pair of (s, t).
@@ -215,8 +336,6 @@ KDOutputs kd_loss_cuda(const at::Tensor& student, const at::Tensor& teacher,
   Prepared prep = prepare(s_in, t_in, labels, temperature, soft_weight, hard_weight, div, beta,
                           ignore_index, red, grad_student, grad_teacher);
   const KDParams& p = prep.params;
-  TORCH_CHECK_NOT_IMPLEMENTED(p.divergence == Divergence::KL || p.divergence == Divergence::CE,
-                              "kdfused: divergence '", std::string(div), "' is not implemented yet");
   const bool mean = p.reduction == Reduction::Mean;
   const bool use_double = prep.loss.scalar_type() == at::kDouble;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
