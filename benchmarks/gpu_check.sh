@@ -32,7 +32,9 @@
 #
 # Environment: PYTHON (default: .venv/bin/python of the repo if present, else python3),
 # GPU_CHECK_BUDGET_S (whole run, default 450 s; every step's time box is cut to fit, and the
-# later steps keep a minimum), TORCH_CUDA_ARCH_LIST, MAX_JOBS (default 16), KDFUSED_CUDA.
+# later steps keep a minimum), GPU_CHECK_SELFTEST_ARGS (extra self-test arguments, e.g.
+# "--divergences kl,ce"), TORCH_CUDA_ARCH_LIST, MAX_JOBS (default 16; 2 without a GPU),
+# KDFUSED_CUDA (default 1; 0 without a GPU).
 set -uo pipefail
 
 if [ $# -ne 1 ] || [ "${1:0:1}" = "-" ]; then
@@ -51,6 +53,8 @@ if [ -z "$PY" ]; then
   else PY=python; fi
 fi
 BUDGET_S="${GPU_CHECK_BUDGET_S:-450}"
+SELFTEST_ARGS="${GPU_CHECK_SELFTEST_ARGS:-}"
+export PY ROOT BUDGET_S
 T0=$(date +%s)
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")" || exit 2
 trap 'rm -rf "$WORK"' EXIT
@@ -74,6 +78,10 @@ step() {
   fi
   [ "$box" -gt "$left" ] && box=$left
   echo "== [$name] (time box ${box} s) $*"
+  if declare -F "$1" >/dev/null; then  # a function of this script: run it in a child bash
+    export -f "$1"
+    set -- bash -c "$1"
+  fi
   local t
   t=$(date +%s)
   timeout --kill-after=10 "$box" "$@" >"$WORK/$name.log" 2>&1
@@ -111,6 +119,7 @@ env_info() {
 step env 60 0 env_info
 GPU=$("$PY" -c 'import torch; print(int(torch.cuda.is_available()))' 2>/dev/null || echo 0)
 [ "$GPU" = 1 ] && MODE=gpu || MODE=nogpu
+export MODE
 if [ "$MODE" = nogpu ]; then
   echo "no GPU present: pre-flight checks only (exit 3 if they pass)"
 fi
@@ -125,13 +134,13 @@ check_files() {
   done
   bash -n benchmarks/gpu_check.sh || ok=1
   "$PY" - <<'EOF' || ok=1
-import py_compile, sys
+import sys
 bad = 0
 for f in ["benchmarks/gpu_steps.py", "benchmarks/gpu_summary.py", "benchmarks/run.py",
           "benchmarks/_worker.py", "benchmarks/_providers.py", "benchmarks/plot.py",
           "kdfused/selftest.py", "kdfused/_selftest_cases.py"]:
     try:
-        py_compile.compile(f, doraise=True, cfile="/dev/null")
+        compile(open(f).read(), f, "exec")
     except Exception as exc:
         print("does not compile:", f, exc); bad = 1
 print("python sources compile" if not bad else "python sources: errors above")
@@ -147,12 +156,13 @@ if [ -d "$ROOT/wheels" ]; then  # offline wheels (pytest, hypothesis, ...), if c
 fi
 
 # ---- build -------------------------------------------------------------------------------------
-export MAX_JOBS="${MAX_JOBS:-16}"
 if [ "$MODE" = gpu ]; then
+  export MAX_JOBS="${MAX_JOBS:-16}"
   export KDFUSED_CUDA="${KDFUSED_CUDA:-1}"
   ARCH="${TORCH_CUDA_ARCH_LIST:-$("$PY" benchmarks/gpu_steps.py arch 2>/dev/null)}"
   export TORCH_CUDA_ARCH_LIST="${ARCH:-9.0}"
 else
+  export MAX_JOBS="${MAX_JOBS:-2}"
   export KDFUSED_CUDA="${KDFUSED_CUDA:-0}"  # the CPU build is what can be checked here
 fi
 build() {
@@ -160,7 +170,11 @@ build() {
   rm -f kdfused/_C*.so  # a failed build must not leave an older library to import
   "$PY" setup.py build_ext --inplace
 }
-[ "$MODE" = gpu ] && RESERVE=200 || RESERVE=60
+# Seconds kept for each later step: the budget cuts the earlier steps' time boxes first.
+if [ "$MODE" = gpu ]; then MIN_SELFTEST=60 MIN_PYTEST=45 MIN_SAN=45 MIN_BENCH=75
+else MIN_SELFTEST=20 MIN_PYTEST=20 MIN_SAN=5 MIN_BENCH=30; fi
+AFTER_SELFTEST=$((MIN_PYTEST + MIN_SAN + MIN_BENCH))
+RESERVE=$((MIN_SELFTEST + AFTER_SELFTEST + 15))
 BUILD_OK=0
 step build 300 "$RESERVE" build && BUILD_OK=1
 check_import() {
@@ -186,9 +200,9 @@ else skip import "the build failed"; fi
 # ---- self-test ---------------------------------------------------------------------------------
 if [ $BUILD_OK = 1 ]; then
   if [ "$MODE" = gpu ]; then
-    step selftest 150 170 "$PY" -m kdfused.selftest --device all
+    step selftest 120 "$AFTER_SELFTEST" "$PY" -m kdfused.selftest --device all $SELFTEST_ARGS
   else
-    step selftest 60 40 "$PY" -m kdfused.selftest --device cpu --quick
+    step selftest 60 "$AFTER_SELFTEST" "$PY" -m kdfused.selftest --device cpu --quick $SELFTEST_ARGS
   fi
   copy_capped "$WORK/selftest.log" "$OUT/selftest.txt"
 else
@@ -197,13 +211,20 @@ else
 fi
 
 # ---- CUDA tests --------------------------------------------------------------------------------
-left_for() { echo $((BUDGET_S - ($(date +%s) - T0) - $1)); }
+# box_for MAX RESERVE: MAX seconds, or less if the budget must keep RESERVE for later steps.
+box_for() {
+  local b=$((BUDGET_S - ($(date +%s) - T0) - $2))
+  [ "$b" -gt "$1" ] && b=$1
+  echo "$b"
+}
+inner() { [ "$1" -gt 20 ] && echo $(($1 - 15)) || echo 5; }  # a step's own deadline, inside its box
 if [ "$MODE" = gpu ] && [ $BUILD_OK = 1 ]; then
-  B=$(left_for 140); [ "$B" -gt 160 ] && B=160
-  step pytest $((B + 15)) 125 "$PY" benchmarks/gpu_steps.py pytest "$WORK/pytest.txt" \
-    --budget "$B"
+  B=$(box_for 120 $((MIN_SAN + MIN_BENCH)))
+  step pytest "$B" $((MIN_SAN + MIN_BENCH)) "$PY" benchmarks/gpu_steps.py pytest \
+    "$WORK/pytest.txt" --budget "$(inner "$B")"
 elif [ "$MODE" = nogpu ]; then
-  step pytest 60 30 "$PY" benchmarks/gpu_steps.py pytest "$WORK/pytest.txt" --list
+  step pytest 60 $((MIN_SAN + MIN_BENCH)) "$PY" benchmarks/gpu_steps.py pytest \
+    "$WORK/pytest.txt" --list
 else
   skip pytest "the build failed"
 fi
@@ -212,10 +233,9 @@ copy_capped "$WORK/pytest.txt" "$OUT/pytest.txt" ||
 
 # ---- compute-sanitizer -------------------------------------------------------------------------
 if [ $BUILD_OK = 1 ] || [ "$MODE" = nogpu ]; then
-  B=$(left_for 95); [ "$B" -gt 160 ] && B=160
-  [ "$MODE" = nogpu ] && B=30
-  step sanitizer $((B + 15)) 80 "$PY" benchmarks/gpu_steps.py sanitizer "$WORK/sanitizer.txt" \
-    --budget "$B"
+  B=$(box_for 90 "$MIN_BENCH")
+  step sanitizer "$B" "$MIN_BENCH" "$PY" benchmarks/gpu_steps.py sanitizer "$WORK/sanitizer.txt" \
+    --budget "$(inner "$B")" -- $SELFTEST_ARGS
 else
   skip sanitizer "the build failed"
 fi
@@ -224,8 +244,8 @@ copy_capped "$WORK/sanitizer.txt" "$OUT/sanitizer.txt" ||
 
 # ---- benchmark ---------------------------------------------------------------------------------
 if [ "$MODE" = gpu ] && [ $BUILD_OK = 1 ]; then
-  B=$(left_for 5)
-  step bench $((B + 10)) 0 "$PY" benchmarks/gpu_steps.py bench "$WORK/bench" --budget "$B"
+  B=$(box_for 600 0)
+  step bench "$B" 0 "$PY" benchmarks/gpu_steps.py bench "$WORK/bench" --budget "$(inner "$B")"
   for f in bench.csv bench.json bench.png; do copy_capped "$WORK/bench/$f" "$OUT/$f"; done
 elif [ "$MODE" = nogpu ] && [ $BUILD_OK = 1 ]; then
   step bench 90 0 "$PY" benchmarks/gpu_steps.py bench "$WORK/bench" --cpu-smoke

@@ -68,9 +68,9 @@ def detail(name, work, out, mode):
                                                    r"|no GPU|compute-sanitizer: tool)", x)]
         return "; ".join(got)
     if name == "bench":
-        if mode == "nogpu":
-            return last_match(log, r"runs in .* s; wrote") or (log[-1][:150] if log else "")
-        return last_match(log, r"runs in .* s; wrote") or (log[-1][:150] if log else "")
+        done = last_match(log, r"runs in .* s; wrote").split(";")[0]
+        what = "tiny CPU run of the benchmark pipeline: " if mode == "nogpu" else ""
+        return what + (done or (log[-1][:150] if log else ""))
     return log[-1][:150] if log else ""
 
 

@@ -57,6 +57,7 @@ class Path:
     seconds: float = 0.0
     failures: list = field(default_factory=list)
     plans_seen: set = field(default_factory=set)
+    refusals: list = field(default_factory=list)
     status: str = ""
 
     def enter(self) -> None:
@@ -188,7 +189,7 @@ def run_path(path: Path, cases: list, inputs: dict, exps: dict) -> None:
                 if path.kind == "plan" and isinstance(exc, RuntimeError) and \
                         not _is_cuda_fault(exc):
                     path.refused += 1  # the forced plan cannot run this case: said, not failed
-                    path.plans_seen.add(f"refused #{case.idx}: {str(exc).splitlines()[0][:90]}")
+                    path.refusals.append(f"#{case.idx}: {str(exc).splitlines()[0][:100]}")
                     continue
                 worst, where = math.inf, f"#{case.idx} call"
                 msgs = [f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
@@ -296,6 +297,9 @@ def main(argv=None) -> int:
     for p in paths:
         if p.kind == "plan" and p.plans_seen:
             print(f"{p.name} launched: {'; '.join(sorted(p.plans_seen))}")
+        if p.refusals:
+            more = f" (+{len(p.refusals) - 3} more)" if len(p.refusals) > 3 else ""
+            print(f"{p.name} refused {len(p.refusals)} case(s): {'; '.join(p.refusals[:3])}{more}")
     failures = build_failures + [f for p in paths for f in p.failures]
     for n in notes:
         print(f"note: {n}")

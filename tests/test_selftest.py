@@ -18,7 +18,8 @@ from kdfused import selftest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ISAS = kdfused.build_info()["cpu_isa_compiled"]
 # Divergences this build accepts; the others must make the self-test fail (tested below).
-SUPPORTED, UNSUPPORTED = selftest.supported_divergences(list(C.DIVERGENCES))
+SUPPORTED, _ = selftest.supported_divergences(list(C.DIVERGENCES))
+UNSUPPORTED = [d for d in C.DIVERGENCES if d not in SUPPORTED]
 
 
 def _run(*args, timeout=120):
@@ -41,17 +42,18 @@ def test_quick_cpu_selftest_passes_and_lists_every_isa():
 
 
 @pytest.mark.skipif(not UNSUPPORTED, reason="this build supports every divergence")
-def test_a_divergence_the_build_lacks_is_a_failure():
-    r = _run("--device", "cpu", "--quick", "--paths", f"cpu:{ISAS[0]}")
-    assert r.returncode == 1
-    assert "not supported by this build" in r.stdout
+def test_a_divergence_the_build_lacks_is_a_failure(capsys):
+    rc = selftest.main(["--device", "cpu", "--quick", "--paths", f"cpu:{ISAS[0]}",
+                        "--divergences", ",".join([SUPPORTED[0]] + UNSUPPORTED[:1])])
+    out = capsys.readouterr().out
+    assert rc == 1 and "not supported by this build" in out, out
 
 
-def test_cuda_without_a_gpu_is_nothing_to_test():
+def test_cuda_without_a_gpu_is_nothing_to_test(capsys):
     if torch.cuda.is_available() and kdfused.build_info()["cuda"]:
         pytest.skip("this machine has a GPU")
-    r = _run("--device", "cuda")
-    assert r.returncode == 2 and "nothing to test" in r.stdout
+    assert selftest.main(["--device", "cuda"]) == 2
+    assert "nothing to test" in capsys.readouterr().out
 
 
 def test_error_ratio_sees_a_perturbation():
@@ -131,3 +133,73 @@ def test_expected_values_agree_with_the_reference_for_kl_and_ce():
         if not c.loss_only:
             (loss * go).sum().backward()
             assert C.error_ratio(s.grad, exp["grad_s"], exp["grad_s_tol"]) <= 1e-3
+
+
+# --------------------------------------------------------------------------- forced CUDA plans
+# The plan logic runs here on the CPU with stand-ins for set_cuda_plan/last_cuda_plan, so that
+# it is known to work before a GPU session.
+
+
+@pytest.mark.parametrize("forced, seen, ok", [
+    ("warp", "warp", True),
+    ("block", "block split=1 stage", True),
+    ("block", "block split=8 cluster stage", False),
+    ("cluster:4", "block split=4 cluster stage", True),
+    ("cluster:4", "block split=8 cluster stage", False),
+    ("cluster:8", "warp", False),
+    ("two_phase:2", "block split=2 two-phase", True),
+    ("two_phase:4", "two_phase split=2", False),
+])
+def test_plan_mismatch(forced, seen, ok):
+    assert (selftest.plan_mismatch(forced, seen) is None) == ok
+
+
+def _fake_plans(monkeypatch, launch, kd=None):
+    state = {"plan": "auto"}
+    monkeypatch.setattr(selftest._C, "set_cuda_plan", lambda p: state.update(plan=p),
+                        raising=False)
+    monkeypatch.setattr(selftest._C, "last_cuda_plan", lambda: launch(state["plan"]),
+                        raising=False)
+    if kd is not None:
+        monkeypatch.setattr(selftest, "KD_LOSS", kd)
+
+
+def _plan_path(plan, optional=False):
+    return selftest.Path(f"fake:{plan}", "cpu", "plan", plan, optional=optional)
+
+
+def _cases():
+    cases = C.make_cases([SUPPORTED[0]], quick=True)
+    inputs = {c.idx: C.make_inputs(c, 5) for c in cases}
+    return cases, inputs, {c.idx: C.expected(c, inputs[c.idx]) for c in cases}
+
+
+def test_forced_plan_that_launches_is_checked(monkeypatch):
+    cases, inputs, exps = _cases()
+    _fake_plans(monkeypatch, lambda p: f"block split={p.split(':')[1]} cluster stage")
+    good = _plan_path("cluster:4")
+    selftest.run_path(good, cases, inputs, exps)
+    assert good.status == "PASS" and good.cases == len(cases), good.failures
+    _fake_plans(monkeypatch, lambda p: "warp")  # the forced plan was not the one launched
+    bad = _plan_path("cluster:4")
+    selftest.run_path(bad, cases, inputs, exps)
+    assert bad.status == "FAIL" and "forced 'cluster:4'" in bad.failures[0]
+
+
+def _refuse(*a, **k):
+    raise RuntimeError("kdfused: launch plan 'cluster:16' cannot run on this device")
+
+
+def _fault(*a, **k):
+    raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+
+@pytest.mark.parametrize("kd, optional, status", [(_refuse, True, "n/a"),
+                                                   (_refuse, False, "FAIL"),
+                                                   (_fault, True, "FAIL")])
+def test_refused_plans(monkeypatch, kd, optional, status):
+    cases, inputs, exps = _cases()
+    _fake_plans(monkeypatch, lambda p: "block split=16 cluster", kd)
+    path = _plan_path("cluster:16", optional=optional)
+    selftest.run_path(path, cases, inputs, exps)
+    assert path.status.startswith(status), (path.status, path.failures)
