@@ -186,6 +186,22 @@ def write(path, lines):
 SAN_ERR = re.compile(r"^========= (Invalid|Error|Program hit|Barrier|Race|.*hazard|Uninit|Leak)")
 
 
+def sanitizer_verdict(rc, secs, lines):
+    """("ok: ..." or what went wrong, the error lines) of one compute-sanitizer run."""
+    errs = [x for x in lines if SAN_ERR.match(x) and "SUMMARY" not in x]
+    summ = [x.strip("= ") for x in lines if "ERROR SUMMARY" in x or "RACECHECK SUMMARY" in x]
+    selftest = next((x for x in reversed(lines) if "kdfused self-test" in x), "")
+    if rc == "timeout":
+        return (f"TIMEOUT after {secs:.0f} s: {len(errs)} error lines before it" if errs
+                else f"TIMEOUT after {secs:.0f} s, no errors in the part that ran"), errs
+    if rc == 9 or errs:
+        return f"ERRORS FOUND ({'; '.join(summ) or len(errs)})", errs
+    if rc == 0:
+        return f"ok: {'; '.join(summ) or 'no errors'}", errs
+    return (f"FAILED under the tool (exit code {rc}): "
+            f"{selftest or (lines[-1] if lines else 'no output')}"), errs
+
+
 def cmd_sanitizer(args) -> int:
     deadline = time.monotonic() + args.budget
     out = []
@@ -236,19 +252,7 @@ def cmd_sanitizer(args) -> int:
     status = 0
     for tool, rc, secs, log in results:
         lines = tail(log, 10**6)
-        errs = [x for x in lines if SAN_ERR.match(x) and "SUMMARY" not in x]
-        summ = [x.strip("= ") for x in lines if "ERROR SUMMARY" in x or "RACECHECK SUMMARY" in x]
-        selftest = next((x for x in reversed(lines) if "kdfused self-test" in x), "")
-        if rc == "timeout":
-            verdict = (f"TIMEOUT after {secs:.0f} s: {len(errs)} error lines before it"
-                       if errs else f"TIMEOUT after {secs:.0f} s, no errors in the part that ran")
-        elif rc == 9 or errs:
-            verdict = f"ERRORS FOUND ({'; '.join(summ) or len(errs)})"
-        elif rc == 0:
-            verdict = f"ok: {'; '.join(summ) or 'no errors'}"
-        else:
-            verdict = (f"FAILED under the tool (exit code {rc}): "
-                       f"{selftest or (lines[-1] if lines else 'no output')}")
+        verdict, errs = sanitizer_verdict(rc, secs, lines)
         if not verdict.startswith("ok"):
             status = 1
         out.append(f"{tool}: {verdict} ({secs:.0f} s)")

@@ -97,12 +97,12 @@ def bench_table(out):
 
     for (_, label), by in sorted(cases.items()):
         k = by.get("kdfused", {})
-        f = lambda key, fmt: format(k[key], fmt) if key in k else "-"  # noqa: E731
+        f = lambda key, fmt: format(k[key], fmt) + "x" if key in k else "-"  # noqa: E731
         bw = f"{100 * k['fwdbwd_bw_frac']:.0f}%" if "fwdbwd_bw_frac" in k else "-"
         rows.append(f"| {label} | {ms(by.get('kdfused'))} | {ms(by.get('eager'))} | "
                     f"{ms(by.get('compile'))} | {ms(by.get('liger_kl'))} | "
-                    f"{f('fwdbwd_speedup_vs_eager', '.2f')}x | "
-                    f"{f('fwdbwd_speedup_vs_compile', '.2f')}x | {bw} |")
+                    f"{f('fwdbwd_speedup_vs_eager', '.2f')} | "
+                    f"{f('fwdbwd_speedup_vs_compile', '.2f')} | {bw} |")
     return rows
 
 
