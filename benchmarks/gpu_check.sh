@@ -166,7 +166,8 @@ else
   export KDFUSED_CUDA="${KDFUSED_CUDA:-0}"  # the CPU build is what can be checked here
 fi
 build() {
-  echo "KDFUSED_CUDA=$KDFUSED_CUDA TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-} MAX_JOBS=$MAX_JOBS"
+  echo "KDFUSED_CUDA=$KDFUSED_CUDA TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-}" \
+    "MAX_JOBS=$MAX_JOBS"
   rm -f kdfused/_C*.so  # a failed build must not leave an older library to import
   "$PY" setup.py build_ext --inplace
 }
@@ -235,7 +236,7 @@ copy_capped "$WORK/pytest.txt" "$OUT/pytest.txt" ||
 if [ $BUILD_OK = 1 ] || [ "$MODE" = nogpu ]; then
   B=$(box_for 90 "$MIN_BENCH")
   step sanitizer "$B" "$MIN_BENCH" "$PY" benchmarks/gpu_steps.py sanitizer "$WORK/sanitizer.txt" \
-    --budget "$(inner "$B")" -- $SELFTEST_ARGS
+    --budget "$(inner "$B")" --selftest-args "$SELFTEST_ARGS"
 else
   skip sanitizer "the build failed"
 fi

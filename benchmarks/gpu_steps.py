@@ -4,7 +4,7 @@
     python benchmarks/gpu_steps.py env                      machine, GPU, torch, nvcc, packages
     python benchmarks/gpu_steps.py arch                     the GPU's TORCH_CUDA_ARCH_LIST ("9.0")
     python benchmarks/gpu_steps.py pytest REPORT [--budget S] [--list]
-    python benchmarks/gpu_steps.py sanitizer REPORT [--budget S]
+    python benchmarks/gpu_steps.py sanitizer REPORT [--budget S] [--selftest-args "..."]
     python benchmarks/gpu_steps.py bench OUTDIR [--budget S] [--cpu-smoke]
 
 pytest: the CUDA tests (``-k cuda``). Tests that give an out-of-range label value to the GPU stop
@@ -13,9 +13,9 @@ are left out of the main run and run each in a process of their own. ``--list`` 
 and prints that split (no GPU needed). Exit 0 when everything passed.
 
 sanitizer: compute-sanitizer memcheck, racecheck and synccheck, side by side, on ``python -m
-kdfused.selftest --device cuda --quick``. Exit 0: no errors; 1: errors found (or the self-test failed or timed
-out under the tool); 3: the tool is not available on this machine (absent, or it cannot run
-even a trivial CUDA program there, as on some virtualised GPUs) or there is no GPU.
+kdfused.selftest --device cuda --quick``. Exit 0: no errors; 1: errors found (or the self-test
+failed or timed out under the tool); 3: the tool is not available on this machine (absent, or
+it cannot run even a trivial CUDA program there, as on some virtualised GPUs) or no GPU.
 
 bench: benchmarks/run.py on the GPU-sized quick set (kdfused, eager, compile, and Liger's losses
 when importable), with per-case time limits that fit the budget; writes bench.csv/json/png.
@@ -29,6 +29,7 @@ import glob
 import importlib.util
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -38,7 +39,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 PY = sys.executable
 # Bad-input tests whose label *values* are checked on the GPU (a device-side assert).
-DEVICE_ASSERT = re.compile(r"test_bad_input\[cuda-labels-(?!shape|float|bool)")
+DEVICE_ASSERT = re.compile(
+    r"^tests/test_inputs\.py::test_bad_input\[cuda-labels-(?!shape|float|bool)")
 
 
 def have(module: str) -> bool:
@@ -234,7 +236,8 @@ def cmd_sanitizer(args) -> int:
         out += [f"    {x}" for x in tail(probe, 8)]
         write(args.report, out)
         return 3
-    target = [PY, "-m", "kdfused.selftest", "--device", "cuda", "--quick"] + args.selftest_args
+    target = [PY, "-m", "kdfused.selftest", "--device", "cuda", "--quick"]
+    target += shlex.split(args.selftest_args)
     tools = ["memcheck", "racecheck", "synccheck"]
 
     def one(tool):  # the three tools run side by side, each with the whole time left
@@ -297,7 +300,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("sanitizer")
     p.add_argument("report")
     p.add_argument("--budget", type=float, default=150)
-    p.add_argument("selftest_args", nargs="*", help="extra self-test arguments, after --")
+    p.add_argument("--selftest-args", default="", help="extra self-test arguments, one string")
     p = sub.add_parser("bench")
     p.add_argument("outdir")
     p.add_argument("--budget", type=float, default=150)

@@ -47,7 +47,8 @@ def last_match(seq, pattern):
 def detail(name, work, out, mode):
     log = lines(os.path.join(work, f"{name}.log"))
     if name == "env":
-        return "; ".join(x for x in log if x.startswith(("device", "torch "))) or "(no env log)"
+        keep = ("device", "torch ", "nvcc ", "compute-sanitizer ")
+        return "; ".join(x for x in log if x.startswith(keep)) or "(no env log)"
     if name == "build":
         err = next((x.strip() for x in log if re.search(r"\berror\b", x, re.I)), "")
         head = next((x for x in log if x.startswith("kdfused: building")), "")

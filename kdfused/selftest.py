@@ -1,6 +1,6 @@
 """Self-test of an installed kdfused: every compiled code path against float64 expected values.
 
-    python -m kdfused.selftest                  # the CPU paths, and the CUDA ones when a GPU is seen
+    python -m kdfused.selftest                  # CPU paths, and the CUDA ones when a GPU is seen
     python -m kdfused.selftest --device cuda    # only the CUDA launch policies
     python -m kdfused.selftest --quick          # a third of the cases (seconds)
     python -m kdfused.selftest --seed 1234      # replay the random inputs of an earlier run
@@ -79,7 +79,8 @@ class Path:
 
 
 def cpu_paths() -> list:
-    return [Path(f"cpu:{isa}", "cpu", "isa", isa) for isa in kdfused.build_info()["cpu_isa_compiled"]]
+    isas = kdfused.build_info()["cpu_isa_compiled"]
+    return [Path(f"cpu:{isa}", "cpu", "isa", isa) for isa in isas]
 
 
 def cuda_paths() -> list:

@@ -79,3 +79,9 @@ def test_summary_exit_status(tmp_path, capsys):
     code, md = _summary(tmp_path / "f", "nogpu", OK + [("import", "1", "2", "60")])
     assert code == 1 and "FAILED" in md
     assert "kdfused GPU check" in capsys.readouterr().out  # printed as well
+
+
+def test_own_test_ids_are_not_isolated():
+    tid = ("tests/test_gpu_check.py::test_device_assert_tests_are_isolated["
+           "tests/test_inputs.py::test_bad_input[cuda-labels-too-big]-True]")
+    assert not steps.DEVICE_ASSERT.search(tid)
