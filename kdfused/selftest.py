@@ -58,6 +58,7 @@ class Path:
     failures: list = field(default_factory=list)
     plans_seen: set = field(default_factory=set)
     refusals: list = field(default_factory=list)
+    fault: bool = False  # a CUDA fault: the process's CUDA context is unusable from here on
     status: str = ""
 
     def enter(self) -> None:
@@ -195,13 +196,20 @@ def run_path(path: Path, cases: list, inputs: dict, exps: dict) -> None:
                 worst, where = math.inf, f"#{case.idx} call"
                 msgs = [f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
                         if str(exc) else type(exc).__name__]
+                path.fault = path.fault or (path.device == "cuda" and _is_cuda_fault(exc)) and \
+                    "out of memory" not in str(exc)
             if not worst <= path.worst:
                 path.worst, path.worst_where = worst, where
             path.failures += [f"{path.name} {case.describe()}: {m}" for m in msgs]
+            if path.fault:
+                path.failures.append(f"{path.name}: stopped after a CUDA fault (run the "
+                                     "sanitizers, or this path alone with --paths)")
+                break
         if path.device == "cuda":
             torch.cuda.synchronize()
     except Exception as exc:  # noqa: BLE001 - e.g. a fault surfacing at the synchronize
         path.failures.append(f"{path.name}: {type(exc).__name__}: {exc}")
+        path.fault = path.fault or (path.device == "cuda" and _is_cuda_fault(exc))
     finally:
         path.leave()
         path.seconds = time.perf_counter() - t0
@@ -290,8 +298,14 @@ def main(argv=None) -> int:
     exps = {c.idx: C.expected(c, inputs[c.idx]) for c in cases}
     print(f"{len(cases)} cases, float64 expected values in {time.perf_counter() - t0:.1f} s; "
           f"paths: {', '.join(p.name for p in paths)}", flush=True)
+    lost = None  # the path whose CUDA fault left the CUDA context unusable
     for p in paths:
+        if lost and p.device == "cuda":
+            p.status = "not run"
+            p.failures.append(f"{p.name}: not run, the CUDA context was lost in {lost}")
+            continue
         run_path(p, cases, inputs, exps)
+        lost = lost or (p.name if p.fault else None)
         print(f"  {p.name}: {p.status} ({p.cases} cases, {p.seconds:.1f} s)", flush=True)
     print()
     print(table(paths))

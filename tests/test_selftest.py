@@ -203,3 +203,15 @@ def test_refused_plans(monkeypatch, kd, optional, status):
     path = _plan_path("cluster:16", optional=optional)
     selftest.run_path(path, cases, inputs, exps)
     assert path.status.startswith(status), (path.status, path.failures)
+
+
+def test_a_cuda_fault_stops_the_cuda_paths(monkeypatch):
+    cases, inputs, exps = _cases()
+    _fake_plans(monkeypatch, lambda p: "warp", _fault)
+    path = selftest.Path("fake:warp", "cuda", "plan", "warp")
+    on_cpu = C.on_device
+    monkeypatch.setattr(C, "on_device", lambda inp, case, device: on_cpu(inp, case, "cpu"))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    selftest.run_path(path, cases, inputs, exps)
+    assert path.fault and path.cases == 1 and path.status == "FAIL"
+    assert "stopped after a CUDA fault" in path.failures[-1]
