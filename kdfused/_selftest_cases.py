@@ -1,0 +1,280 @@
+"""Cases, float64 expected values and tolerances for ``python -m kdfused.selftest``.
+
+The expected values are computed here in plain float64 PyTorch with autograd, from the *given*
+(already rounded) inputs, so that a correct kernel can differ from them only by its own
+accumulation error and the rounding of its outputs. Per row, with p = softmax(t/T) (teacher),
+q = softmax(s/T) (student), sums over the columns where the distributions have mass:
+
+    kl          KL(p||q) = sum p (log p - log q)
+    ce          -sum p log q
+    reverse_kl  KL(q||p) = sum q (log q - log p)
+    jsd         beta KL(p||m) + (1 - beta) KL(q||m),  m = beta p + (1 - beta) q, for 0 < beta < 1;
+                KL(p||q) at beta = 0 and KL(q||p) at beta = 1
+    tvd         0.5 sum |p - q|
+    row loss    soft_weight * T^2 * D  +  hard_weight * (logsumexp(s) - s[label])
+
+Tolerances (an output element passes when |got - expected| <= tol; the self-test reports the
+largest |got - expected| / tol, so 1.0 is the limit):
+
+    tol = rtol_out[out dtype] * |expected| + tol_acc(V, acc) * scale + floor[out dtype, acc]
+
+    rtol_out   3 half-ulps relative of the output dtype (a gradient is rounded twice when
+               grad_output != 1, plus margin): 3 * 2^-8 bfloat16, 3 * 2^-11 float16,
+               3 * 2^-24 float32, 3 * 2^-53 float64
+    tol_acc    16 eps_acc (4 + sqrt(V)): accumulation over a row of length V in float32 (float64
+               when either input is float64)
+    scale      loss: soft_weight T^2 sum (p + q)(|log p| + |log q| + 1) + hard_weight (|LSE(s)| +
+               |s_y|), reduced like the loss (the size of the terms a kernel adds and cancels);
+               gradients: per row, max(largest |expected| of the row, (soft_weight T +
+               hard_weight) |grad_output| / n_valid)
+    floor      2^-24 for float16 outputs (subnormal spacing), 2^-100 for a float32 accumulator
+               (exp() underflow and flush-to-zero), 2^-1000 for float64
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
+DTYPE_NAMES = {F16: "f16", BF16: "bf16", F32: "f32", F64: "f64"}
+HALF = (F16, BF16)
+DIVERGENCES = ("kl", "ce", "reverse_kl", "jsd", "tvd")
+REDUCTIONS = ("batchmean", "mean", "sum", "none")
+RTOL_OUT = {BF16: 3 * 2.0**-8, F16: 3 * 2.0**-11, F32: 3 * 2.0**-24, F64: 3 * 2.0**-53}
+FLOOR_OUT = {F16: 2.0**-24, BF16: 0.0, F32: 0.0, F64: 0.0}
+FLOOR_ACC = {F32: 2.0**-100, F64: 2.0**-1000}
+PAIRS = [(F32, F32), (BF16, BF16), (F16, F16), (F64, F64), (BF16, F32), (F32, BF16),
+         (F16, F32), (F16, BF16), (BF16, F64)]
+V_CORE = [1, 2, 7, 100, 1000, 2049, 4099, 5001, 8191, 33, 640]
+BIG = [  # (V, N, student dtype, teacher dtype) of the one large-vocabulary case per divergence
+    (128256, 3, BF16, BF16), (32000, 4, F32, F32), (256000, 2, BF16, F32),
+    (65537, 3, F16, F16), (151936, 2, F32, BF16)]
+
+
+@dataclass
+class Case:
+    idx: int
+    divergence: str
+    sdt: torch.dtype
+    tdt: torch.dtype
+    lead: tuple
+    V: int
+    reduction: str
+    temperature: float = 2.0
+    soft_weight: float = 1.0
+    hard_weight: float = 0.0
+    beta: float = 0.5
+    labels: bool = True  # labels passed (rows with ignore_index are ignored)
+    ignore: str = "some"  # "none", "some" or "all" rows ignored
+    ignore_index: int = -100
+    masked: bool = True  # -inf in both at shared columns of some rows
+    strided: bool = False  # row-strided views of wider tensors
+    teacher_grad: bool = False
+    grad_output: str = "random"  # "one" or "random"
+    loss_only: bool = False  # under torch.no_grad()
+    big: bool = False
+    tags: list = field(default_factory=list)
+
+    def describe(self) -> str:
+        dims = "x".join(str(d) for d in self.lead) + f"x{self.V}"
+        parts = [f"#{self.idx}", self.divergence + (f"(beta={self.beta})" if
+                                                    self.divergence == "jsd" else ""),
+                 f"{DTYPE_NAMES[self.sdt]}x{DTYPE_NAMES[self.tdt]}", dims, self.reduction,
+                 f"T={self.temperature}", f"w={self.soft_weight}/{self.hard_weight}"]
+        parts += [x for x, on in (("strided", self.strided), ("masked", self.masked),
+                                  (f"ignored:{self.ignore}", self.labels and self.ignore != "none"),
+                                  ("no-labels", not self.labels), ("teacher-grad",
+                                  self.teacher_grad), ("grad_output=1", self.grad_output == "one"),
+                                  ("no_grad", self.loss_only)) if on]
+        return " ".join(parts)
+
+
+def make_cases(divergences, quick: bool = False) -> list:
+    """Every divergence x every dtype pair with cycling options, then the large-V cases."""
+    cases = []
+    betas = [0.5, 0.0, 1.0, 0.3]
+    for di, div in enumerate(divergences):
+        for pi, (sdt, tdt) in enumerate(PAIRS):
+            i = len(cases)
+            V = V_CORE[i % len(V_CORE)]
+            N = 2 + (i * 5) % 13
+            lead = (2, (N + 1) // 2) if i % 5 == 4 else (N,)
+            hw = [0.0, 0.3, 0.5][i % 3]
+            c = Case(i, div, sdt, tdt, lead, V, REDUCTIONS[i % 4],
+                     temperature=[1.0, 2.0, 0.5, 4.0][(i // 2) % 4], soft_weight=0.7,
+                     hard_weight=hw, beta=betas[pi % 4], labels=hw > 0 or i % 2 == 1,
+                     ignore="none" if i % 4 == 1 else "some", ignore_index=[-100, -1][i % 2],
+                     masked=V >= 4 and i % 3 != 2,
+                     strided=(sdt in HALF or tdt in HALF) and i % 3 != 1 or i % 7 == 0,
+                     teacher_grad=i % 2 == 1, grad_output="one" if i % 3 == 0 else "random",
+                     loss_only=i % 7 == 3)
+            if i % 11 == 5:  # the hard term alone
+                c.soft_weight, c.hard_weight, c.labels = 0.0, 1.0, True
+            cases.append(c)
+    if quick:
+        cases = [c for c in cases if c.idx % 3 == 0]
+    n0 = len(cases) and cases[-1].idx + 1
+    for di, div in enumerate(divergences):
+        V, N, sdt, tdt = BIG[di % len(BIG)]
+        if quick and V not in (128256, 256000):
+            continue
+        cases.append(Case(n0 + di, div, sdt, tdt, (N,), V, REDUCTIONS[di % 4], temperature=2.0,
+                          soft_weight=0.5, hard_weight=0.5, beta=0.25, strided=sdt in HALF,
+                          teacher_grad=di % 2 == 0, grad_output="random", big=True))
+    n0 += len(divergences)
+    if not quick:
+        d0 = divergences[0]
+        cases += [  # many rows (grid-stride loops); every row ignored; loss only at large V
+            Case(n0, d0, BF16, BF16, (300,), 3000, "mean", hard_weight=0.2, strided=True,
+                 teacher_grad=True),
+            Case(n0 + 1, divergences[-1], F32, F32, (4,), 5000, "mean", hard_weight=0.5,
+                 ignore="all"),
+            Case(n0 + 2, d0, BF16, BF16, (4,), 128256, "sum", hard_weight=0.5, strided=True,
+                 loss_only=True, big=True),
+        ]
+    return cases
+
+
+def make_inputs(case: Case, seed: int) -> dict:
+    """CPU inputs of a case: 'base_s'/'base_t' (wider tensors when strided), 'view' (the slice
+    to take of them on the device), labels, grad_output. Replayable from (seed, case.idx)."""
+    g = torch.Generator().manual_seed(seed * 1000003 + case.idx)
+    R, V = math.prod(case.lead), case.V
+    pad_s, pad_t, off_t = (7, 3, 1) if case.strided else (0, 0, 0)
+    s = (3 * torch.randn(R, V + pad_s, generator=g, dtype=F64)).to(case.sdt)
+    t = (3 * torch.randn(R, V + pad_t, generator=g, dtype=F64)).to(case.tdt)
+    y = torch.randint(0, V, (R,), generator=g)
+    if case.masked and V >= 4:  # shared -inf columns in every third row, never at the label
+        cols = torch.randperm(V, generator=g)[: V // 4]
+        for r in range(0, R, 3):
+            keep = cols[cols != y[r]]
+            s[r, keep] = float("-inf")
+            t[r, keep + off_t] = float("-inf")
+    if case.labels and case.ignore == "some":
+        y[1::3] = case.ignore_index
+    elif case.labels and case.ignore == "all":
+        y[:] = case.ignore_index
+    if case.reduction == "none":
+        go = torch.rand(R, generator=g, dtype=F64) + 0.5
+        if case.grad_output == "one":
+            go = torch.ones(R, dtype=F64)
+    else:
+        go = torch.tensor(1.0 if case.grad_output == "one" else 1.75, dtype=F64)
+    return {"s": s, "t": t, "ss": (0, V), "ts": (off_t, off_t + V),
+            "y": y.reshape(case.lead) if case.labels else None,
+            "go": go.reshape(case.lead) if case.reduction == "none" else go}
+
+
+def on_device(inp: dict, case: Case, device: str):
+    """(student, teacher, labels, grad_output) on the device, the views taken there."""
+    s = inp["s"].to(device)[:, inp["ss"][0]:inp["ss"][1]]
+    t = inp["t"].to(device)[:, inp["ts"][0]:inp["ts"][1]]
+    if case.strided and (s.is_contiguous() or t.is_contiguous()):
+        raise AssertionError(f"case {case.idx}: the strided inputs came out contiguous")
+    if len(case.lead) > 1:  # rows viewed as (B, L), keeping the row stride
+        s, t = s.unflatten(0, case.lead), t.unflatten(0, case.lead)
+    y = inp["y"].to(device) if inp["y"] is not None else None
+    go = inp["go"].to(device)
+    return s, t, y, go
+
+
+def _divergence(div, lp, lq, p, q, beta):
+    if div == "kl":
+        return (p * (lp - lq)).sum(-1)
+    if div == "ce":
+        return -(p * lq).sum(-1)
+    if div == "reverse_kl":
+        return (q * (lq - lp)).sum(-1)
+    if div == "jsd" and beta == 0:  # the end points are the limits of JSD / beta, JSD / (1-beta)
+        return _divergence("kl", lp, lq, p, q, beta)
+    if div == "jsd" and beta == 1:
+        return _divergence("reverse_kl", lp, lq, p, q, beta)
+    if div == "jsd":
+        m = beta * p + (1 - beta) * q
+        lm = torch.log(torch.where(m > 0, m, torch.ones_like(m)))
+        return beta * (p * (lp - lm)).sum(-1) + (1 - beta) * (q * (lq - lm)).sum(-1)
+    if div == "tvd":
+        return 0.5 * (p - q).abs().sum(-1)
+    raise ValueError(f"unknown divergence {div!r}")
+
+
+def expected(case: Case, inp: dict) -> dict:
+    """float64 loss, gradients and the tolerance of every output element (CPU tensors)."""
+    V = case.V
+    s = inp["s"][:, inp["ss"][0]:inp["ss"][1]].to(F64).requires_grad_(not case.loss_only)
+    t = inp["t"][:, inp["ts"][0]:inp["ts"][1]].to(F64).requires_grad_(not case.loss_only)
+    T, sw, hw = case.temperature, case.soft_weight, case.hard_weight
+    R = s.shape[0]
+    y = inp["y"].reshape(-1) if inp["y"] is not None else None
+    valid = (y != case.ignore_index) if y is not None else torch.ones(R, dtype=torch.bool)
+    zero = torch.zeros(R, dtype=F64)
+    row, scale = zero.clone(), zero.clone()
+    with torch.set_grad_enabled(not case.loss_only):
+        if sw != 0:
+            mask = torch.isinf(t)  # the masked columns (-inf in both)
+            lq = torch.where(mask, 0.0, F.log_softmax(s / T, -1))
+            lp = torch.where(mask, 0.0, F.log_softmax(t / T, -1))
+            p = torch.where(mask, 0.0, lp.exp())
+            q = torch.where(mask, 0.0, lq.exp())
+            row = row + sw * T * T * _divergence(case.divergence, lp, lq, p, q, case.beta)
+            scale = scale + sw * T * T * ((p + q) * (lp.abs() + lq.abs() + 1)).sum(-1).detach()
+        if hw != 0:
+            yy = torch.where(valid, y, 0)
+            lse = torch.logsumexp(s, -1)
+            sy = s.gather(1, yy[:, None])[:, 0]
+            row = row + hw * (lse - sy)
+            scale = scale + hw * (lse.abs() + sy.abs()).detach()
+        row = torch.where(valid, row, 0.0)
+        scale = torch.where(valid, scale, 0.0)
+        n_valid = max(int(valid.sum()), 1)
+        if case.reduction == "none":
+            loss, lscale, w = row.reshape(case.lead), scale.reshape(case.lead), 1.0
+        elif case.reduction == "sum":
+            loss, lscale, w = row.sum(), scale.sum(), 1.0
+        else:
+            loss, lscale, w = row.sum() / n_valid, scale.sum() / n_valid, 1.0 / n_valid
+    acc = F64 if F64 in (case.sdt, case.tdt) else F32
+    ta = tol_acc(V, acc)
+    ldt = acc
+    out = {"loss": loss.detach(), "loss_tol": tol(loss.detach(), ldt, acc, ta * lscale)}
+    if not case.loss_only:
+        (loss * inp["go"]).sum().backward()
+        go_row = inp["go"].reshape(-1).abs() if case.reduction == "none" else \
+            inp["go"].abs().expand(R)
+        floor_row = torch.where(valid, (sw * T + hw) * go_row * w, 0.0)
+        for name, x, dt in (("grad_s", s, case.sdt), ("grad_t", t, case.tdt)):
+            gexp = x.grad if x.grad is not None else torch.zeros_like(x)  # term not used
+            gscale = torch.maximum(gexp.abs().amax(-1), floor_row)[:, None]
+            out[name] = gexp.reshape(*case.lead, V)
+            out[name + "_tol"] = tol(gexp, dt, acc, ta * gscale).reshape(*case.lead, V)
+    return out
+
+
+def tol_acc(V: int, acc: torch.dtype) -> float:
+    return 16.0 * torch.finfo(acc).eps * (4.0 + math.sqrt(max(V, 1)))
+
+
+def tol(exp: torch.Tensor, out_dtype, acc, acc_term) -> torch.Tensor:
+    return (RTOL_OUT[out_dtype] * exp.abs() + acc_term
+            + max(FLOOR_OUT[out_dtype], FLOOR_ACC[acc]))
+
+
+def error_ratio(got: Optional[torch.Tensor], exp: torch.Tensor, tol_: torch.Tensor) -> float:
+    """max |got - exp| / tol over the elements; inf for a wrong shape, a missing nonzero
+    gradient, or non-finite values (NaN, inf) where they are not expected."""
+    if got is None:  # autograd's "no gradient": right only where the gradient is all zero
+        return 0.0 if not exp.any() else math.inf
+    if tuple(got.shape) != tuple(exp.shape):
+        return math.inf
+    g = got.detach().to("cpu", F64)
+    fin = torch.isfinite(exp)
+    if not torch.equal(fin, torch.isfinite(g)) or not torch.equal(g[~fin], exp[~fin]):
+        return math.inf
+    if not fin.any():
+        return 0.0
+    return float(((g[fin] - exp[fin]).abs() / tol_[fin]).max())

@@ -1,0 +1,336 @@
+"""Self-test of an installed kdfused: every compiled code path against float64 expected values.
+
+    python -m kdfused.selftest                  # CPU paths, and the CUDA ones when a GPU is seen
+    python -m kdfused.selftest --device cuda    # only the CUDA launch policies
+    python -m kdfused.selftest --quick          # a third of the cases (seconds)
+    python -m kdfused.selftest --seed 1234      # replay the random inputs of an earlier run
+
+Code paths: the CPU kernel of every instruction set compiled into this build (``scalar`` runs
+the same per-element device functions as the CUDA kernels), forced one by one; on a GPU every
+launch policy (warp, block, cluster:2/4/8/16 on sm_90, two_phase:2/4/8), forced one by one
+(only the automatic choice where this build cannot force one). Each path runs the same cases:
+every divergence, every dtype and mixed student/teacher pair, V from 1 to 256000, odd V,
+row-strided 16-bit views, 3-d inputs, ignored rows, masked (-inf) vocabulary, grad_output != 1,
+teacher gradients, every reduction, loss-only calls; each is run twice (results must be bitwise
+equal) and its inputs must come back unchanged. Expected values and tolerances: see
+``kdfused/_selftest_cases.py``. Inputs are random with a seed printed at the start.
+
+Exit status: 0 every check passed; 1 something failed (the failures are listed); 2 nothing could
+be tested (e.g. ``--device cuda`` without a GPU, or an unknown ``--paths`` name).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+import kdfused
+from kdfused import _C
+from kdfused import _selftest_cases as C
+
+KD_LOSS = kdfused.kd_loss  # the function under test (the tests replace it to inject an error)
+CUDA_PLANS = ["auto", "warp", "block", "cluster:2", "cluster:4", "cluster:8", "cluster:16",
+              "two_phase:2", "two_phase:4", "two_phase:8"]
+OPTIONAL_PLANS = {"cluster:16"}  # non-portable cluster size: a device may refuse it
+ERR_SHOW = 25  # failure lines printed
+
+
+@dataclass
+class Path:
+    name: str
+    device: str
+    kind: str  # "isa", "plan" or "env"
+    value: str
+    optional: bool = False  # may be refused by this machine without failing
+    big: bool = True  # runs the large-vocabulary cases
+    cases: int = 0
+    refused: int = 0
+    worst: float = 0.0
+    worst_where: str = "-"
+    seconds: float = 0.0
+    failures: list = field(default_factory=list)
+    plans_seen: set = field(default_factory=set)
+    refusals: list = field(default_factory=list)
+    fault: bool = False  # a CUDA fault: the process's CUDA context is unusable from here on
+    status: str = ""
+
+    def enter(self) -> None:
+        if self.kind == "isa":
+            _C.set_cpu_isa(self.value)
+        elif self.kind == "plan":
+            _C.set_cuda_plan(self.value)
+        elif self.kind == "env":
+            os.environ["KDFUSED_CUDA_NO_CLUSTERS"] = self.value
+
+    def leave(self) -> None:
+        with contextlib.suppress(Exception):
+            if self.kind == "isa":
+                _C.set_cpu_isa("auto")
+            elif self.kind == "plan":
+                _C.set_cuda_plan("auto")
+            elif self.kind == "env":
+                os.environ.pop("KDFUSED_CUDA_NO_CLUSTERS", None)
+
+
+def cpu_paths() -> list:
+    isas = kdfused.build_info()["cpu_isa_compiled"]
+    return [Path(f"cpu:{isa}", "cpu", "isa", isa) for isa in isas]
+
+
+def cuda_paths() -> list:
+    major, _ = torch.cuda.get_device_capability()
+    if not hasattr(_C, "set_cuda_plan"):  # a build that cannot force a launch policy
+        return [Path("cuda:auto", "cuda", "none", ""),
+                Path("cuda:no-clusters", "cuda", "env", "1")]
+    paths = []
+    for plan in CUDA_PLANS:
+        if plan.startswith("cluster") and major < 9:
+            continue  # thread-block clusters need sm_90
+        paths.append(Path(f"cuda:{plan}", "cuda", "plan", plan, optional=plan in OPTIONAL_PLANS,
+                          big=plan != "warp"))
+    return paths
+
+
+def plan_mismatch(forced: str, seen: str):
+    """Why last_cuda_plan() does not describe the forced plan (None when it does)."""
+    norm = seen.lower().replace("-", "").replace("_", "").replace(" ", "")
+    kind, _, n = forced.partition(":")
+    want = {"warp": "warp", "block": "block", "cluster": "cluster", "two_phase": "twophase"}[kind]
+    if want not in norm or (kind == "block" and ("cluster" in norm or "twophase" in norm)):
+        return f"forced {forced!r} but the launch was {seen!r}"
+    if n and "split=" in norm and f"split={n}" not in norm:
+        return f"forced {forced!r} but the launch was {seen!r}"
+    return None
+
+
+def _is_cuda_fault(exc: BaseException) -> bool:
+    text = str(exc)
+    return any(w in text for w in ("CUDA error", "illegal", "device-side", "CUDA kernel errors",
+                                   "misaligned", "out of memory"))
+
+
+def run_case(path: Path, case: C.Case, inp: dict, exp: dict) -> tuple:
+    """(worst error/tolerance, where, [failure messages]); raises on an error in the call."""
+    s, t, y, go = C.on_device(inp, case, path.device)
+    s0, t0 = s.clone(), t.clone()
+    kw = dict(temperature=case.temperature, soft_weight=case.soft_weight,
+              hard_weight=case.hard_weight, divergence=case.divergence,
+              ignore_index=case.ignore_index, reduction=case.reduction)
+    if case.divergence == "jsd":
+        kw["beta"] = case.beta
+    runs = []
+    for _ in range(2):
+        ss = s.detach().requires_grad_(not case.loss_only)
+        tt = t.detach().requires_grad_(case.teacher_grad and not case.loss_only)
+        with torch.no_grad() if case.loss_only else contextlib.nullcontext():
+            loss = KD_LOSS(ss, tt, y, **kw)
+        if path.kind == "plan":
+            seen = _C.last_cuda_plan()
+            path.plans_seen.add(seen)
+        if not case.loss_only:
+            loss.backward(go.to(loss.dtype))
+        runs.append((loss.detach(), ss.grad, tt.grad))
+    msgs = []
+    if path.kind == "plan" and path.value != "auto":
+        why = plan_mismatch(path.value, seen)
+        if why:
+            msgs.append(why)
+    acc = C.F64 if C.F64 in (case.sdt, case.tdt) else C.F32
+    loss, gs, gt = runs[0]
+    if loss.dtype != acc:
+        msgs.append(f"loss dtype {loss.dtype}, expected {acc}")
+    checks = [("loss", loss)]
+    if not case.loss_only:
+        checks.append(("grad_s", gs))
+        if gs is not None and gs.dtype != case.sdt:
+            msgs.append(f"grad_s dtype {gs.dtype}, expected {case.sdt}")
+    if case.teacher_grad and not case.loss_only:
+        checks.append(("grad_t", gt))
+        if gt is not None and gt.dtype != case.tdt:
+            msgs.append(f"grad_t dtype {gt.dtype}, expected {case.tdt}")
+    worst, where = 0.0, "-"
+    for name, got in checks:
+        r = C.error_ratio(got, exp[name], exp[name + "_tol"])
+        if not r <= 1.0:
+            msgs.append(f"{name}: error {r:.3g} x tolerance")
+        if not r <= worst:  # NaN-safe
+            worst, where = r, f"#{case.idx} {name}"
+    for a, b, name in zip(runs[0], runs[1], ("loss", "grad_s", "grad_t")):
+        if (a is None) != (b is None) or (a is not None and not torch.equal(a, b)):
+            msgs.append(f"{name} differs between two identical calls (not deterministic)")
+    if not (torch.equal(s, s0) and torch.equal(t, t0)):
+        msgs.append("the inputs were modified")
+    return worst, where, msgs
+
+
+def run_path(path: Path, cases: list, inputs: dict, exps: dict) -> None:
+    t0 = time.perf_counter()
+    try:
+        path.enter()
+    except Exception as exc:  # noqa: BLE001 - reported as the path's result
+        path.status = f"n/a: {exc}" if path.optional or isinstance(exc, ValueError) and \
+            path.kind == "isa" else "FAIL"
+        if path.status == "FAIL":
+            path.failures.append(f"{path.name}: cannot be selected: {exc}")
+        return
+    try:
+        for case in cases:
+            if case.big and not path.big:
+                continue
+            path.cases += 1
+            try:
+                worst, where, msgs = run_case(path, case, inputs[case.idx], exps[case.idx])
+            except Exception as exc:  # noqa: BLE001
+                if path.kind == "plan" and isinstance(exc, RuntimeError) and \
+                        not _is_cuda_fault(exc):
+                    path.refused += 1  # the forced plan cannot run this case: said, not failed
+                    path.refusals.append(f"#{case.idx}: {str(exc).splitlines()[0][:100]}")
+                    continue
+                worst, where = math.inf, f"#{case.idx} call"
+                msgs = [f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+                        if str(exc) else type(exc).__name__]
+                path.fault = path.fault or (path.device == "cuda" and _is_cuda_fault(exc)) and \
+                    "out of memory" not in str(exc)
+            if not worst <= path.worst:
+                path.worst, path.worst_where = worst, where
+            path.failures += [f"{path.name} {case.describe()}: {m}" for m in msgs]
+            if path.fault:
+                path.failures.append(f"{path.name}: stopped after a CUDA fault (run the "
+                                     "sanitizers, or this path alone with --paths)")
+                break
+        if path.device == "cuda":
+            torch.cuda.synchronize()
+    except Exception as exc:  # noqa: BLE001 - e.g. a fault surfacing at the synchronize
+        path.failures.append(f"{path.name}: {type(exc).__name__}: {exc}")
+        path.fault = path.fault or (path.device == "cuda" and _is_cuda_fault(exc))
+    finally:
+        path.leave()
+        path.seconds = time.perf_counter() - t0
+    if path.refused == path.cases and path.cases:
+        if path.optional:
+            path.status = "n/a: refused every case on this device"
+            return
+        path.failures.append(f"{path.name}: the forced plan refused every case")
+    path.status = "FAIL" if path.failures else "PASS"
+
+
+def supported_divergences(wanted: list) -> tuple:
+    ok, missing = [], []
+    s, t = torch.randn(2, 5), torch.randn(2, 5)
+    for d in wanted:
+        try:
+            KD_LOSS(s, t, divergence=d, **({"beta": 0.5} if d == "jsd" else {}))
+            ok.append(d)
+        except (ValueError, TypeError) as exc:
+            missing.append(f"divergence {d!r} is not supported by this build: {exc}")
+    return ok, missing
+
+
+def table(paths: list) -> str:
+    head = ["path", "cases", "refused", "max err/tol", "where", "time s", "result"]
+    rows = [[p.name, str(p.cases), str(p.refused), f"{p.worst:.3g}", p.worst_where,
+             f"{p.seconds:.1f}", p.status] for p in paths]
+    w = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+    fmt = lambda r: "  ".join(x.ljust(n) for x, n in zip(r, w)).rstrip()  # noqa: E731
+    return "\n".join([fmt(head), fmt(["-" * n for n in w])] + [fmt(r) for r in rows])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m kdfused.selftest",
+                                 description=__doc__.split("\n")[0])
+    ap.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
+    ap.add_argument("--quick", action="store_true", help="a third of the cases")
+    ap.add_argument("--divergences", default=",".join(C.DIVERGENCES),
+                    help=f"comma list (default: {','.join(C.DIVERGENCES)})")
+    ap.add_argument("--seed", type=int, help="replay the inputs of an earlier run")
+    ap.add_argument("--paths", help="comma list of path names to run, e.g. cpu:scalar,cuda:warp")
+    args = ap.parse_args(argv)
+    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little") >> 1
+    divs = [d.strip() for d in args.divergences.split(",") if d.strip()]
+    bad = [d for d in divs if d not in C.DIVERGENCES]
+    if bad:
+        ap.error(f"unknown divergence(s) {bad}; choose from {','.join(C.DIVERGENCES)}")
+    info = kdfused.build_info()
+    cuda_ok = torch.cuda.is_available() and bool(info.get("cuda"))
+    notes, paths = [], []
+    if args.device in ("cpu", "all"):
+        paths += cpu_paths()
+        if "scalar" not in info["cpu_isa_compiled"]:
+            notes.append("this build has no 'scalar' CPU path (the CUDA per-element functions)")
+    if args.device in ("cuda", "all"):
+        if cuda_ok:
+            paths += cuda_paths()
+            if not hasattr(_C, "set_cuda_plan"):
+                notes.append("this build cannot force a CUDA launch policy (no set_cuda_plan): "
+                             "only the automatic choice, with and without clusters, is checked")
+        else:
+            why = ("torch sees no CUDA device" if not torch.cuda.is_available()
+                   else "this kdfused build has no CUDA kernels")
+            if args.device == "cuda":
+                print(f"kdfused self-test: nothing to test on cuda: {why}")
+                return 2
+            notes.append(f"CUDA paths not checked: {why}")
+    if args.paths:
+        wanted = [p.strip() for p in args.paths.split(",") if p.strip()]
+        unknown = [w for w in wanted if w not in {p.name for p in paths}]
+        if unknown:
+            print(f"kdfused self-test: unknown path(s) {unknown}; this machine has "
+                  f"{', '.join(p.name for p in paths)}")
+            return 2
+        paths = [p for p in paths if p.name in wanted]
+    divs, build_failures = supported_divergences(divs)
+
+    replay = f"python -m kdfused.selftest --seed {seed} --device {args.device}" + \
+        (" --quick" if args.quick else "") + f" --divergences {args.divergences}"
+    print(f"kdfused self-test  seed {seed}  (replay: {replay})")
+    dev = f", {torch.cuda.get_device_name()}" if cuda_ok else ""
+    print(f"torch {torch.__version__}, kdfused {kdfused.__version__}, build {info}{dev}")
+    t0 = time.perf_counter()
+    cases = C.make_cases(divs, quick=args.quick)
+    inputs = {c.idx: C.make_inputs(c, seed) for c in cases}
+    exps = {c.idx: C.expected(c, inputs[c.idx]) for c in cases}
+    print(f"{len(cases)} cases, float64 expected values in {time.perf_counter() - t0:.1f} s; "
+          f"paths: {', '.join(p.name for p in paths)}", flush=True)
+    lost = None  # the path whose CUDA fault left the CUDA context unusable
+    for p in paths:
+        if lost and p.device == "cuda":
+            p.status = "not run"
+            p.failures.append(f"{p.name}: not run, the CUDA context was lost in {lost}")
+            continue
+        run_path(p, cases, inputs, exps)
+        lost = lost or (p.name if p.fault else None)
+        print(f"  {p.name}: {p.status} ({p.cases} cases, {p.seconds:.1f} s)", flush=True)
+    print()
+    print(table(paths))
+    for p in paths:
+        if p.kind == "plan" and p.plans_seen:
+            print(f"{p.name} launched: {'; '.join(sorted(p.plans_seen))}")
+        if p.refusals:
+            more = f" (+{len(p.refusals) - 3} more)" if len(p.refusals) > 3 else ""
+            print(f"{p.name} refused {len(p.refusals)} case(s): {'; '.join(p.refusals[:3])}{more}")
+    failures = build_failures + [f for p in paths for f in p.failures]
+    for n in notes:
+        print(f"note: {n}")
+    for f in failures[:ERR_SHOW]:
+        print(f"FAIL {f}")
+    if len(failures) > ERR_SHOW:
+        print(f"... and {len(failures) - ERR_SHOW} more failures")
+    ran = [p for p in paths if p.status in ("PASS", "FAIL")]
+    total = time.perf_counter() - t0
+    if failures or not ran:
+        why = f"{len(failures)} failure(s)" if failures else "no path could run"
+        print(f"kdfused self-test FAILED: {why}; {len(ran)} paths, {total:.1f} s, seed {seed}")
+        return 1
+    print(f"kdfused self-test PASSED: {len(ran)} paths x {len(cases)} cases, {total:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

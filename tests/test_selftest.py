@@ -1,0 +1,217 @@
+"""``python -m kdfused.selftest``: passes on this machine's CPU paths, lists every compiled
+instruction set, and fails when a result is wrong (its checks can fail)."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kdfused
+from kdfused import _selftest_cases as C
+from kdfused import selftest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ISAS = kdfused.build_info()["cpu_isa_compiled"]
+# Divergences this build accepts; the others must make the self-test fail (tested below).
+SUPPORTED, _ = selftest.supported_divergences(list(C.DIVERGENCES))
+UNSUPPORTED = [d for d in C.DIVERGENCES if d not in SUPPORTED]
+
+
+def _run(*args, timeout=120):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "kdfused.selftest", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_quick_cpu_selftest_passes_and_lists_every_isa():
+    args = ["--device", "cpu", "--quick"]
+    if UNSUPPORTED:
+        args += ["--divergences", ",".join(SUPPORTED)]
+    r = _run(*args)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    table = [x.split()[0] for x in r.stdout.splitlines() if x.startswith("cpu:")]
+    for isa in ISAS:
+        assert f"cpu:{isa}" in table, f"{isa} missing from the table:\n{r.stdout}"
+    assert "kdfused self-test PASSED" in r.stdout
+    assert "seed" in r.stdout.splitlines()[0]
+
+
+@pytest.mark.skipif(not UNSUPPORTED, reason="this build supports every divergence")
+def test_a_divergence_the_build_lacks_is_a_failure(capsys):
+    rc = selftest.main(["--device", "cpu", "--quick", "--paths", f"cpu:{ISAS[0]}",
+                        "--divergences", ",".join([SUPPORTED[0]] + UNSUPPORTED[:1])])
+    out = capsys.readouterr().out
+    assert rc == 1 and "not supported by this build" in out, out
+
+
+def test_cuda_without_a_gpu_is_nothing_to_test(capsys):
+    if torch.cuda.is_available() and kdfused.build_info()["cuda"]:
+        pytest.skip("this machine has a GPU")
+    assert selftest.main(["--device", "cuda"]) == 2
+    assert "nothing to test" in capsys.readouterr().out
+
+
+def test_error_ratio_sees_a_perturbation():
+    exp = torch.linspace(-1, 1, 101, dtype=torch.float64)
+    tol = C.tol(exp, torch.float32, torch.float32, 1e-6)
+    got = exp.float()
+    assert C.error_ratio(got, exp, tol) <= 1
+    bad = got.clone()
+    bad[17] *= 1 + 1e-4
+    assert C.error_ratio(bad, exp, tol) > 1
+    bad[17] = float("nan")
+    assert C.error_ratio(bad, exp, tol) == math.inf
+    assert C.error_ratio(got[:-1], exp, tol) == math.inf
+    assert C.error_ratio(None, exp, tol) == math.inf  # a missing, nonzero gradient
+    assert C.error_ratio(None, torch.zeros(3, dtype=torch.float64), tol[:3]) == 0.0
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the gradient flowing back is scaled (a wrong gradient, right loss)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 1.05
+
+
+def _wrong_loss(s, t, y=None, **kw):
+    return kdfused.kd_loss(s, t, y, **kw) * (1 + 1e-3)
+
+
+def _wrong_grad(s, t, y=None, **kw):
+    return kdfused.kd_loss(_ScaleGrad.apply(s), t, y, **kw)
+
+
+def _nondeterministic(s, t, y=None, **kw):
+    loss = kdfused.kd_loss(s, t, y, **kw)
+    _nondeterministic.calls = getattr(_nondeterministic, "calls", 0) + 1
+    return loss + (_nondeterministic.calls % 2) * 1e-12
+
+
+@pytest.mark.parametrize("wrong, message", [(_wrong_loss, "loss: error"),
+                                            (_wrong_grad, "grad_s: error"),
+                                            (_nondeterministic, "not deterministic")])
+def test_a_wrong_result_fails_the_selftest(monkeypatch, capsys, wrong, message):
+    monkeypatch.setattr(selftest, "KD_LOSS", wrong)
+    rc = selftest.main(["--device", "cpu", "--quick", "--paths", f"cpu:{ISAS[0]}",
+                        "--divergences", SUPPORTED[0], "--seed", "7"])
+    out = capsys.readouterr().out
+    assert rc == 1, out
+    assert message in out and "kdfused self-test FAILED" in out
+
+
+def test_strided_cases_really_are_strided():
+    cases = [c for c in C.make_cases(["kl"]) if c.strided and (c.sdt in C.HALF)]
+    assert cases
+    for c in cases:
+        s, t, _, _ = C.on_device(C.make_inputs(c, 3), c, "cpu")
+        assert not s.is_contiguous() and not t.is_contiguous()
+        assert s.shape == (*c.lead, c.V) and s.dtype == c.sdt
+
+
+def test_expected_values_agree_with_the_reference_for_kl_and_ce():
+    """The self-test's own float64 formulas against kdfused.reference on a few cases."""
+    for c in C.make_cases(["kl", "ce"], quick=True)[:6]:
+        inp = C.make_inputs(c, 11)
+        exp = C.expected(c, inp)
+        s, t, y, go = C.on_device(inp, c, "cpu")
+        s, t = s.double().requires_grad_(), t.double().requires_grad_()
+        kw = dict(temperature=c.temperature, soft_weight=c.soft_weight,
+                  hard_weight=c.hard_weight, divergence=c.divergence,
+                  ignore_index=c.ignore_index, reduction=c.reduction)
+        loss = kdfused.reference.kd_loss(s, t, y, **kw)
+        assert C.error_ratio(loss, exp["loss"], exp["loss_tol"]) <= 1e-3, c.describe()
+        if not c.loss_only:
+            (loss * go).sum().backward()
+            assert C.error_ratio(s.grad, exp["grad_s"], exp["grad_s_tol"]) <= 1e-3
+
+
+# --------------------------------------------------------------------------- forced CUDA plans
+# The plan logic runs here on the CPU with stand-ins for set_cuda_plan/last_cuda_plan, so that
+# it is known to work before a GPU session.
+
+
+@pytest.mark.parametrize("forced, seen, ok", [
+    ("warp", "warp", True),
+    ("block", "block split=1 stage", True),
+    ("block", "block split=8 cluster stage", False),
+    ("cluster:4", "block split=4 cluster stage", True),
+    ("cluster:4", "block split=8 cluster stage", False),
+    ("cluster:8", "warp", False),
+    ("two_phase:2", "block split=2 two-phase", True),
+    ("two_phase:4", "two_phase split=2", False),
+])
+def test_plan_mismatch(forced, seen, ok):
+    assert (selftest.plan_mismatch(forced, seen) is None) == ok
+
+
+def _fake_plans(monkeypatch, launch, kd=None):
+    state = {"plan": "auto"}
+    monkeypatch.setattr(selftest._C, "set_cuda_plan", lambda p: state.update(plan=p),
+                        raising=False)
+    monkeypatch.setattr(selftest._C, "last_cuda_plan", lambda: launch(state["plan"]),
+                        raising=False)
+    if kd is not None:
+        monkeypatch.setattr(selftest, "KD_LOSS", kd)
+
+
+def _plan_path(plan, optional=False):
+    return selftest.Path(f"fake:{plan}", "cpu", "plan", plan, optional=optional)
+
+
+def _cases():
+    cases = C.make_cases([SUPPORTED[0]], quick=True)
+    inputs = {c.idx: C.make_inputs(c, 5) for c in cases}
+    return cases, inputs, {c.idx: C.expected(c, inputs[c.idx]) for c in cases}
+
+
+def test_forced_plan_that_launches_is_checked(monkeypatch):
+    cases, inputs, exps = _cases()
+    _fake_plans(monkeypatch, lambda p: f"block split={p.split(':')[1]} cluster stage")
+    good = _plan_path("cluster:4")
+    selftest.run_path(good, cases, inputs, exps)
+    assert good.status == "PASS" and good.cases == len(cases), good.failures
+    _fake_plans(monkeypatch, lambda p: "warp")  # the forced plan was not the one launched
+    bad = _plan_path("cluster:4")
+    selftest.run_path(bad, cases, inputs, exps)
+    assert bad.status == "FAIL" and "forced 'cluster:4'" in bad.failures[0]
+
+
+def _refuse(*a, **k):
+    raise RuntimeError("kdfused: launch plan 'cluster:16' cannot run on this device")
+
+
+def _fault(*a, **k):
+    raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+
+@pytest.mark.parametrize("kd, optional, status", [(_refuse, True, "n/a"),
+                                                   (_refuse, False, "FAIL"),
+                                                   (_fault, True, "FAIL")])
+def test_refused_plans(monkeypatch, kd, optional, status):
+    cases, inputs, exps = _cases()
+    _fake_plans(monkeypatch, lambda p: "block split=16 cluster", kd)
+    path = _plan_path("cluster:16", optional=optional)
+    selftest.run_path(path, cases, inputs, exps)
+    assert path.status.startswith(status), (path.status, path.failures)
+
+
+def test_a_cuda_fault_stops_the_cuda_paths(monkeypatch):
+    cases, inputs, exps = _cases()
+    _fake_plans(monkeypatch, lambda p: "warp", _fault)
+    path = selftest.Path("fake:warp", "cuda", "plan", "warp")
+    on_cpu = C.on_device
+    monkeypatch.setattr(C, "on_device", lambda inp, case, device: on_cpu(inp, case, "cpu"))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    selftest.run_path(path, cases, inputs, exps)
+    assert path.fault and path.cases == 1 and path.status == "FAIL"
+    assert "stopped after a CUDA fault" in path.failures[-1]
