@@ -1,6 +1,7 @@
 """The CPU kernel is compiled once per instruction set (portable, AVX2, AVX-512) and the widest one
-the CPU supports is used. These tests run every compiled variant on the same inputs, so that the
-paths a user's CPU may take are all checked, not only the one this machine picks."""
+the CPU supports is used; the "scalar" path runs the CUDA kernels' per-element code on the host.
+These tests run every compiled variant on the same inputs, so that the paths a user's CPU may take
+(and every line of maths the GPU runs) are all checked, not only the one this machine picks."""
 
 from __future__ import annotations
 
@@ -21,12 +22,14 @@ def isa(request):
     _C.set_cpu_isa(before)
 
 
-def _case(dtype, V, seed):
+def _case(dtype, V, seed, divergence):
     g = torch.Generator().manual_seed(seed)
     N = 9
     s = (torch.randn(N, V, generator=g) * 4).to(dtype)
     t = (torch.randn(N, V, generator=g) * 4).to(dtype)
     t[0, : V // 3] = float("-inf")  # masked teacher vocabulary (never the whole row)
+    if divergence == "reverse_kl":
+        s[0, : V // 3] = float("-inf")  # shared mask (student mass there would make it +inf)
     y = torch.randint(0, V, (N,), generator=g)
     y[3] = -100
     return s, t, y
@@ -35,10 +38,10 @@ def _case(dtype, V, seed):
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("V", [1, 5, 16, 2049, 4099])
-@pytest.mark.parametrize("divergence", ["kl", "ce"])
+@pytest.mark.parametrize("divergence", ["kl", "ce", "reverse_kl", "jsd", "tvd"])
 def test_every_isa_matches_float64_reference(isa, dtype, V, divergence):
-    s, t, y = _case(dtype, V, seed=torch.seed() % 2**31)
-    kw = dict(temperature=2.5, soft_weight=0.7, hard_weight=0.4, divergence=divergence)
+    s, t, y = _case(dtype, V, seed=torch.seed() % 2**31, divergence=divergence)
+    kw = dict(temperature=2.5, soft_weight=0.7, hard_weight=0.4, divergence=divergence, beta=0.3)
     s1 = s.clone().requires_grad_()
     t1 = t.clone().requires_grad_()
     loss = kdfused.kd_loss(s1, t1, y, **kw)

@@ -42,18 +42,20 @@
 // and the plan depends only on (V, N, dtypes, flags, device). Results are bitwise reproducible on
 // a given device.
 //
-// Resources (nvcc 13.0 -O3, torch's flags, ptxas -v; registers per thread, spills in bytes):
-//                         sm_90                      sm_80
-//   kd_block_kernel       80 regs, 0 spill, 304 B    80 regs, 0 spill, 288 B static smem
-//                         (fp32/fp32: 79; fp64: 122 under the 2-CTA bound; sm_80 fp32/fp32 keeps a
-//                         4-byte spill stored once per CTA and reloaded once per row, outside the
-//                         element loops)
-//   kd_warp_kernel        70-100 regs, 0 spill         69-91 regs, 0 spill (fp64 96 / 77)
-//   small kernels         15-40 regs, 0 spill
+// Resources (nvcc 13.0 -O3, torch's flags, ptxas -v, sm_90; registers per thread, spills in bytes).
+// Every kernel is compiled per divergence family (kd_math.h DivFamily: kl/ce, and reverse_kl/jsd/tvd):
+//   kd_block_kernel   80 regs (fp64: 128 under the 2-CTA bound). kl/ce: 0 spill for fp32 and the
+//                     16-bit x fp32 pairs; 16-bit pairs 24 B stores / 60 B loads. jsd family: up
+//                     to 44 / 116 B (16-bit pairs).
+//   kd_warp_kernel    80 regs under the 3-CTA bound; 0 spill for fp32 pairs, 32 / 64 B (kl/ce) and
+//                     88 / 192 B (jsd family) for 16-bit pairs, more for fp64.
+// Every spill instruction sits outside the loops (cuobjdump -sass: no STL/LDL between a loop's
+// head and its backward branch), i.e. in per-row setup, not per element.
 // SASS (cuobjdump, sm_90, bf16/bf16): the statistics loop issues 4 LDG.E.128.CONSTANT (2 vectors
 // of s and t) and 4 STS.128 (the stage) per iteration; the gradient loop LDS.128 from the stage
-// and STG.E.128; cluster merge: UCGABAR_ARV/WAIT + DSMEM loads; no local memory.
-// Compile time for kd_loss_cuda.cu (sm_80 + sm_90, 8 dtype pairs): ~1.5 min of CPU time.
+// and STG.E.128; cluster merge: UCGABAR_ARV/WAIT + DSMEM loads; no local memory in the loops.
+// Compile time for kd_loss_cuda.cu: ~3.5 min of CPU time per architecture (8 dtype pairs x 2
+// families x 2 kernels).
 #pragma once
 
 #include <cstdint>
