@@ -77,7 +77,8 @@ def kd_loss(
         ignore_index: label value marking rows to ignore.
         reduction: ``"batchmean"`` or ``"mean"`` (sum over valid rows / number of valid rows, 0.0
             when there is none; note that ``"mean"`` is per *row*, unlike ``F.kl_div``'s per-element
-            mean), ``"sum"``, or ``"none"`` (shape ``student_logits.shape[:-1]``, 0 at ignored rows).
+            mean), ``"sum"``, or ``"none"`` (shape ``student_logits.shape[:-1]``, 0 at ignored
+            rows).
 
     Returns:
         The loss: float32 for 16/32-bit inputs, float64 if either input is float64.
@@ -145,7 +146,8 @@ class KDLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, soft_weight={self.soft_weight}, "
-                f"hard_weight={self.hard_weight}, divergence={self.divergence!r}, beta={self.beta}, "
+                f"hard_weight={self.hard_weight}, divergence={self.divergence!r}, "
+                f"beta={self.beta}, "
                 f"ignore_index={self.ignore_index}, reduction={self.reduction!r}")
 
 

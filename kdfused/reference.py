@@ -157,7 +157,8 @@ def kd_loss(
     # Zero, but linked to both inputs (gradient exactly 0, never NaN), so that the loss needs
     # grad and each input gets a gradient even when a term is off, as from the fused op.
     no = torch.zeros_like(vm)
-    row = (torch.where(no, s, torch.zeros_like(s)) + torch.where(no, t, torch.zeros_like(t))).sum(-1)
+    row = (torch.where(no, s, torch.zeros_like(s))
+           + torch.where(no, t, torch.zeros_like(t))).sum(-1)
     if ws != 0:
         D = divergence_rows(_tempered_log_softmax(t, T), _tempered_log_softmax(s, T), divergence,
                             float(beta))
