@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import importlib.util
 import json
 import math
 import platform
@@ -114,24 +113,23 @@ def digits_config(**overrides) -> Config:
 def load_kd_loss(backend: str) -> Callable:
     """Return ``kd_loss`` from ``kdfused`` (fused op) or ``kdfused.reference`` (pure PyTorch).
 
-    If the package is not importable (extension not built), ``reference`` falls back to loading
-    ``kdfused/reference.py`` from this checkout by path; ``kdfused`` then fails with a message.
+    ``kdfused.reference`` needs no compiled extension; ``kdfused`` fails with a message when the
+    extension is not built. (This checkout is a fallback at the end of sys.path.)
     """
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.append(root)
+    import kdfused.reference
+
+    if backend == "reference":
+        return kdfused.reference.kd_loss
     try:
-        import kdfused
-        import kdfused.reference
+        return kdfused.kd_loss
     except ImportError as exc:
-        if backend == "kdfused":
-            raise SystemExit(
-                f"cannot import kdfused ({exc}); build it with "
-                "`pip install --no-build-isolation -e .` or run with --loss-backend reference"
-            ) from exc
-        path = Path(__file__).resolve().parents[1] / "kdfused" / "reference.py"
-        spec = importlib.util.spec_from_file_location("kdfused_reference", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module.kd_loss
-    return kdfused.kd_loss if backend == "kdfused" else kdfused.reference.kd_loss
+        raise SystemExit(
+            f"cannot load the fused kdfused op ({exc}); build it with `make install` (or "
+            "`python setup.py build_ext --inplace`) or run with --loss-backend reference"
+        ) from exc
 
 
 # --------------------------------------------------------------------------- model and data helpers

@@ -4,7 +4,6 @@ that a failure message ends with."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from oracle import DTYPE_IDS, DTYPES
 

@@ -10,13 +10,8 @@ import pytest
 import torch
 
 from oracle import DTYPE_IDS, check_against_oracle, make_labels, make_logits
-
-REDUCTIONS = ["batchmean", "mean", "sum", "none"]
-
-
-def _ctx(seed, **kw):
-    return f"\n  [seed={seed} {' '.join(f'{k}={v}' for k, v in kw.items())}]"
-
+from params import REDUCTIONS
+from params import ctx as _ctx
 
 # ------------------------------------------------------------------------------------------------
 # kdfused.reference vs the oracle (runs whatever --kd-impl says: it is about the reference)
