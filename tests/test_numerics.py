@@ -1,5 +1,5 @@
-"""Numerical rules (DESIGN.md section 2): masked vocabulary (-inf), +inf and NaN rules, weights that
-are exactly 0, huge logits, extreme temperatures."""
+"""Numerical rules (docs/design.md section 1): masked vocabulary (-inf), +inf and NaN rules,
+weights that are exactly 0, huge logits, extreme temperatures."""
 
 from __future__ import annotations
 
