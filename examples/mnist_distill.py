@@ -8,7 +8,7 @@
 3. distilled the same student trained on the teacher's soft targets at T = 20 (kdfused loss),
              soft targets only, and again with a small hard-label weight;
 4. the soft-target run repeated with ``kdfused.reference`` (pure PyTorch) to show the same curve
-   and to time the loss in both;
+   and to time the loss in both (mnist_compare.py);
 5. "mythical digit": the distilled student trained on a transfer set with every 3 removed,
    evaluated as is, with the paper's +3.5 on the class-3 bias, and with a bias shift chosen on
    held-out training data.
@@ -43,9 +43,10 @@ except ImportError:  # pragma: no cover - progress bars are optional
     tqdm = None
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The fused-vs-reference comparison lives in mnist_compare.py, the reporting in mnist_report.py
+# (PAPER and write_results are re-exported for callers).
+from mnist_compare import TimedLoss, compare_on_batch, reference_check, time_losses  # noqa: E402
 from mnist_data import DataNotFoundError, Dataset, load_dataset  # noqa: E402
-
-# Reporting lives in mnist_report.py; PAPER and write_results are re-exported for callers.
 from mnist_report import MYTHICAL, PAPER, markdown_table, write_results  # noqa: E402,F401
 
 
@@ -153,11 +154,6 @@ def count_errors(logits: torch.Tensor, y: torch.Tensor, cls: int = MYTHICAL) -> 
     return int(wrong.sum()), int(wrong[y == cls].sum())
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 # --------------------------------------------------------------------------- training
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float,
           cfg: Config, data: dict, name: str, loss_fn: Optional[Callable] = None,
@@ -168,8 +164,8 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr
 
     Without ``teacher_logits`` the loss is cross-entropy on ``y``; with them it is
     ``loss_fn(student, teacher, y, temperature, soft_weight, hard_weight)`` (kdfused or its
-    reference). The time spent in the loss alone (its forward and backward, measured on a
-    detached copy of the logits) is accumulated separately. Returns the per-epoch history.
+    reference). When ``loss_fn`` keeps the time spent in it (``mnist_compare.TimedLoss``), that
+    time is recorded as ``loss_seconds``. Returns the per-epoch history.
     """
     torch.manual_seed(seed)  # init already happened; this fixes dropout masks
     gen = torch.Generator().manual_seed(seed)
@@ -198,21 +194,11 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr
             logits = model(xb)
             if teacher_logits is None:
                 loss = F.cross_entropy(logits, yb)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-            else:
-                # Loss forward + backward on a leaf copy, timed on its own, then backprop the
-                # resulting logit gradient through the network: same numbers, separable timing.
-                z = logits.detach().requires_grad_()
-                _sync(dev)
-                t0 = time.perf_counter()
-                loss = loss_fn(z, teacher_logits[idx], yb, temperature=cfg.temperature,
+            else:  # the distillation loss: kdfused.kd_loss (or kdfused.reference.kd_loss)
+                loss = loss_fn(logits, teacher_logits[idx], yb, temperature=cfg.temperature,
                                soft_weight=soft_weight, hard_weight=hard_weight)
-                loss.backward()
-                _sync(dev)
-                hist["loss_seconds"] += time.perf_counter() - t0
-                opt.zero_grad(set_to_none=True)
-                logits.backward(z.grad)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
             opt.step()
             sched.step()
             if max_norm:
@@ -232,44 +218,8 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr
             print(f"  {name:<22} epoch {epoch:>3}/{epochs}  loss {loss_sum / n_seen:.5f}  "
                   f"test errors {test_err:>5}  held-out errors {held_err:>4}", flush=True)
     hist["train_seconds"] = time.perf_counter() - t_start
+    hist["loss_seconds"] = float(getattr(loss_fn, "seconds", 0.0))
     return hist
-
-
-def compare_on_batch(kd: Callable, ref: Callable, model: nn.Module, x: torch.Tensor,
-                     teacher_logits: torch.Tensor, temperature: float) -> dict:
-    """Loss and logit-gradient of two loss implementations on one batch, same inputs (float32),
-    and the reference's loss in float64 as the exact value."""
-    logits = model(x).detach()
-    vals, grads = [], []
-    for fn in (kd, ref):
-        z = logits.clone().requires_grad_()
-        loss = fn(z, teacher_logits, None, temperature=temperature)
-        loss.backward()
-        vals.append(float(loss.detach()))
-        grads.append(z.grad)
-    exact = float(ref(logits.double(), teacher_logits.double(), None, temperature=temperature))
-    return {"first_batch_loss_kdfused": vals[0], "first_batch_loss_reference": vals[1],
-            "first_batch_loss_float64": exact,
-            "first_batch_max_abs_grad_diff": float((grads[0] - grads[1]).abs().max()),
-            "first_batch_max_abs_grad": float(grads[1].abs().max())}
-
-
-def time_losses(fns: dict, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                temperature: float, rounds: int = 10, reps: int = 20) -> dict:
-    """Milliseconds per loss forward + backward for each function in ``fns``, measured in
-    alternating rounds so that all of them see the same machine load; median over rounds."""
-    dev = student_logits.device
-    times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            _sync(dev)
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                z = student_logits.detach().requires_grad_()
-                fn(z, teacher_logits, None, temperature=temperature).backward()
-            _sync(dev)
-            times[name].append((time.perf_counter() - t0) / reps * 1e3)
-    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def choose_bias_shift(logits: torch.Tensor, y: torch.Tensor, grid: tuple,
@@ -345,6 +295,7 @@ def run(cfg: Config, ds: Optional[Dataset] = None, data_dir=None, loss_backend: 
 
     # 3. distilled students (kdfused), soft only and soft + small hard weight;
     # 4. the soft-only run again with kdfused.reference as the loss
+    # (the fused-vs-reference comparison is in mnist_compare.py)
     if compare_reference:
         first_batch = compare_on_batch(kd, load_kd_loss("reference"), student(),
                                        x[: cfg.batch_size], t_logits[: cfg.batch_size],
@@ -356,15 +307,16 @@ def run(cfg: Config, ds: Optional[Dataset] = None, data_dir=None, loss_backend: 
     for key, fn, sw, hw in runs:
         s = student()
         hist = train(s, x, y, epochs=cfg.student_epochs, lr=cfg.student_lr, cfg=cfg, data=data,
-                     name=key, loss_fn=fn, teacher_logits=t_logits, soft_weight=sw,
-                     hard_weight=hw, seed=1)
+                     name=key, loss_fn=TimedLoss(fn, dev), teacher_logits=t_logits,
+                     soft_weight=sw, hard_weight=hw, seed=1)
         record(key, predict(s, data["x_test"]), hist, soft_weight=sw, hard_weight=hw)
 
     # 5. mythical digit: no 3s in the transfer set, then shift the class-3 bias
     keep = y != MYTHICAL
     s = student()
     hist = train(s, x[keep], y[keep], epochs=cfg.student_epochs, lr=cfg.student_lr, cfg=cfg,
-                 data=data, name="mythical", loss_fn=kd, teacher_logits=t_logits[keep], seed=1)
+                 data=data, name="mythical", loss_fn=TimedLoss(kd, dev),
+                 teacher_logits=t_logits[keep], seed=1)
     test_logits = predict(s, data["x_test"])
     record("mythical", test_logits, hist, transfer_set_size=int(keep.sum()))
     shift, bias_curve = choose_bias_shift(predict(s, data["x_held"]), data["y_held"], cfg.bias_grid)
@@ -392,23 +344,9 @@ def run(cfg: Config, ds: Optional[Dataset] = None, data_dir=None, loss_backend: 
         bs = cfg.batch_size
         ms = time_losses({"kdfused": kd, "reference": load_kd_loss("reference")},
                          predict(s, x[:bs]), t_logits[:bs], cfg.temperature)
-        a, b = curves["distilled_soft"], curves["distilled_reference"]
-        diff = np.abs(np.subtract(a["train_loss"], b["train_loss"]))
-        per_step = np.abs(np.subtract(steps["distilled_soft"], steps["distilled_reference"]))
-        n = math.ceil(len(per_step) / cfg.student_epochs)  # steps per epoch
-        out["reference_check"] = {
-            **first_batch,
-            "max_abs_diff_step_loss_per_epoch": [float(per_step[i : i + n].max())
-                                                 for i in range(0, len(per_step), n)],
-            "step_loss_first_epoch_kdfused": steps["distilled_soft"][:n],
-            "step_loss_first_epoch_reference": steps["distilled_reference"][:n],
-            "max_abs_diff_epoch_loss": float(np.max(diff)),
-            "max_rel_diff_epoch_loss": float(np.max(diff / np.abs(b["train_loss"]))),
-            "test_errors_kdfused": a["test_errors"], "test_errors_reference": b["test_errors"],
-            "loss_seconds_kdfused": a["loss_seconds"], "loss_seconds_reference": b["loss_seconds"],
-            "loss_ms_per_batch_interleaved_kdfused": ms["kdfused"],
-            "loss_ms_per_batch_interleaved_reference": ms["reference"],
-        }
+        out["reference_check"] = reference_check(
+            curves["distilled_soft"], curves["distilled_reference"], steps["distilled_soft"],
+            steps["distilled_reference"], cfg.student_epochs, first_batch, ms)
     out["total_seconds"] = round(time.perf_counter() - t_all, 1)
     return out
 
