@@ -2,16 +2,32 @@
 #   make demo   installs everything into .venv and runs the quick benchmark (the main job)
 #   make test   installs everything into .venv and runs the test suite
 # The install uses a CUDA build of torch so that the CUDA kernel is compiled even without a GPU
-# (nvcc needed; without nvcc only the CPU kernel is built), and --no-build-isolation so that the
-# build sees that torch instead of downloading another.
+# (nvcc needed; without nvcc only the CPU kernel is built), and the extension is built in place
+# (python setup.py build_ext --inplace) with the venv's torch, no build isolation.
+#
+# Re-running a target on an unchanged tree builds nothing: the build is a stamp that depends on
+# csrc/** and setup.py, and when a source did change, ninja (in build/, kept) recompiles only the
+# objects that depend on it.
+#   make cpu          the same build, CPU kernel only (KDFUSED_CUDA=0; also: make test KDFUSED_CUDA=0)
+#   make lint         ruff (lint + format check) and clang-format --dry-run, as CI runs them
 
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.14.1
 PYTEST_ARGS ?=
+# KDFUSED_CUDA=0 builds the CPU kernel only; unset: CUDA too when nvcc is found (setup.py)
+KDFUSED_CUDA ?=
+export KDFUSED_CUDA
 
-.PHONY: all install demo test bench bench-full mnist cmake-build clean
+CSRC := $(shell find csrc -type f \( -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' \))
+BUILD_STAMP := build/.kdfused-$(if $(filter 0,$(KDFUSED_CUDA)),cpu,auto).stamp
+# the tests of the loss's semantics, which also run against kdfused.reference
+SEMANTIC_TESTS := tests/test_kd_loss.py tests/test_inputs.py tests/test_numerics.py \
+                  tests/test_autograd.py tests/test_divergences.py tests/test_properties.py
+LINT_PY := kdfused tests benchmarks examples setup.py
+
+.PHONY: all install cpu demo test test-reference lint bench bench-full mnist cmake-build clean FORCE
 
 all: test
 
@@ -23,15 +39,37 @@ $(VENV)/.deps-stamp: requirements-dev.txt | $(BIN)/python
 	$(BIN)/pip install "$(TORCH_SPEC)" -r requirements-dev.txt
 	touch $@
 
-install: $(VENV)/.deps-stamp
-	$(BIN)/pip install --no-build-isolation --no-deps -e .
+# The checkout on the venv's sys.path (what `pip install -e .` would do, without its rebuild).
+$(VENV)/.path-stamp: | $(VENV)/.deps-stamp
+	echo "$(CURDIR)" > "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/kdfused-checkout.pth"
+	touch $@
+
+# (rebuilt also when the extension module itself is missing)
+$(BUILD_STAMP): $(CSRC) setup.py $(VENV)/.deps-stamp $(if $(wildcard kdfused/_C*.so),,FORCE)
+	$(BIN)/python setup.py build_ext --inplace
+	@mkdir -p build && touch $@
+
+install: $(BUILD_STAMP) $(VENV)/.path-stamp
 	$(BIN)/python -c "import kdfused; print('kdfused build:', kdfused.build_info())"
+
+cpu:
+	$(MAKE) install KDFUSED_CUDA=0
 
 demo: install
 	$(BIN)/python benchmarks/run.py
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS) tests benchmarks/test_bench.py --benchmark-disable
+	$(MAKE) test-reference
+
+# The semantic tests against kdfused.reference, the executable specification (no GPU copies).
+test-reference: $(VENV)/.path-stamp
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS) --kd-impl=reference -k "not cuda" $(SEMANTIC_TESTS)
+
+lint: $(VENV)/.deps-stamp
+	$(BIN)/ruff check $(LINT_PY)
+	$(BIN)/ruff format --check $(LINT_PY)
+	$(BIN)/clang-format --dry-run --Werror $(CSRC)
 
 bench: install
 	$(BIN)/python benchmarks/run.py --set standard

@@ -1,9 +1,11 @@
 """Build kdfused: the C++ CPU kernel always, the CUDA kernel when a CUDA build of PyTorch and nvcc
-are present (no GPU needed to compile). Install with ``pip install --no-build-isolation -e .`` so the
-build sees the installed torch.
+are present (no GPU needed to compile). Build in place with ``python setup.py build_ext --inplace``
+(what the Makefile does; ninja rebuilds only what changed) or install with
+``pip install --no-build-isolation -e .``, so that the build sees the installed torch.
 
 Environment:
-  KDFUSED_CUDA=0/1        force the CUDA sources off/on (default: on when torch.version.cuda and nvcc)
+  KDFUSED_CUDA=0/1        force the CUDA sources off/on (default: on when torch.version.cuda
+                          and nvcc)
   TORCH_CUDA_ARCH_LIST    GPU architectures (default: the visible GPU's own; without a visible GPU
                           "8.0;9.0+PTX", i.e. A100 and H100/H200 code plus PTX that newer GPUs
                           JIT-compile)
@@ -47,7 +49,8 @@ def want_cuda(torch_cuda, cuda_home):
     flag = os.environ.get("KDFUSED_CUDA", "").strip()
     if flag in ("0", "1"):
         if flag == "1" and (torch_cuda is None or cuda_home is None):
-            sys.exit("KDFUSED_CUDA=1 but torch has no CUDA build or no CUDA toolkit (nvcc) was found")
+            sys.exit("KDFUSED_CUDA=1 but torch has no CUDA build or no CUDA toolkit (nvcc) "
+                     "was found")
         return flag == "1"
     return torch_cuda is not None and cuda_home is not None
 
@@ -119,14 +122,17 @@ if WITH_CUDA:
     shim = pip_cuda_include_shim(CUDA_HOME)
     if shim:
         include_dirs.append(shim)
-    ext = CUDAExtension("kdfused._C", sources, include_dirs=include_dirs, define_macros=define_macros,
+    ext = CUDAExtension("kdfused._C", sources, include_dirs=include_dirs,
+                        define_macros=define_macros,
                         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags})
 else:
-    ext = CppExtension("kdfused._C", sources, include_dirs=include_dirs, define_macros=define_macros,
+    ext = CppExtension("kdfused._C", sources, include_dirs=include_dirs,
+                       define_macros=define_macros,
                        extra_compile_args={"cxx": cxx_flags})
 
 print(f"kdfused: building with CUDA={'on' if WITH_CUDA else 'off'}"
-      + (f" (CUDA_HOME={CUDA_HOME}, arch {os.environ['TORCH_CUDA_ARCH_LIST']})" if WITH_CUDA else ""))
+      + (f" (CUDA_HOME={CUDA_HOME}, arch {os.environ['TORCH_CUDA_ARCH_LIST']})"
+         if WITH_CUDA else ""))
 
 setup(
     name="kdfused",

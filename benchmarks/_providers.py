@@ -13,8 +13,8 @@ and ``fn(...).backward()`` (forward + backward). A provider that cannot run here
 
 from __future__ import annotations
 
-import importlib.util
 import os
+import sys
 from typing import Callable
 
 import torch
@@ -62,12 +62,14 @@ def people_loss(
 
 
 def load_reference():
-    """``kdfused.reference`` loaded by path, so it works even when the extension is not built."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "kdfused", "reference.py")
-    spec = importlib.util.spec_from_file_location("_kdfused_reference", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """``kdfused.reference``: pure Python, importable whether or not the extension was built.
+    (This checkout is a fallback at the end of sys.path, so an installed kdfused wins.)"""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if root not in sys.path:
+        sys.path.append(root)
+    from kdfused import reference
+
+    return reference
 
 
 def reference_loss(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor, rows: int = 0) -> float:

@@ -8,7 +8,7 @@
 3. distilled the same student trained on the teacher's soft targets at T = 20 (kdfused loss),
              soft targets only, and again with a small hard-label weight;
 4. the soft-target run repeated with ``kdfused.reference`` (pure PyTorch) to show the same curve
-   and to time the loss in both;
+   and to time the loss in both (mnist_compare.py);
 5. "mythical digit": the distilled student trained on a transfer set with every 3 removed,
    evaluated as is, with the paper's +3.5 on the class-3 bias, and with a bias shift chosen on
    held-out training data.
@@ -23,10 +23,7 @@ Writes a table (markdown, CSV, JSON) comparing with the paper and a PNG of train
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import importlib.util
-import json
 import math
 import platform
 import sys
@@ -46,33 +43,11 @@ except ImportError:  # pragma: no cover - progress bars are optional
     tqdm = None
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The fused-vs-reference comparison lives in mnist_compare.py, the reporting in mnist_report.py
+# (PAPER and write_results are re-exported for callers).
+from mnist_compare import TimedLoss, compare_on_batch, reference_check, time_losses  # noqa: E402
 from mnist_data import DataNotFoundError, Dataset, load_dataset  # noqa: E402
-
-MYTHICAL = 3  # the class left out of the transfer set
-
-# Hinton, Vinyals & Dean (2015), section 3: test errors out of 10,000 (and on the 1010 test 3s).
-PAPER = {
-    "teacher": (67, None),
-    "student_hard": (146, None),
-    "distilled_soft": (74, None),
-    "distilled_soft_hard": (None, None),
-    "distilled_reference": (74, None),
-    "mythical": (206, 133),
-    "mythical_bias_3.5": (109, 14),
-    "mythical_bias_heldout": (None, None),
-}
-DESCRIPTION = {  # formatted with the run's config and the row's result
-    "teacher": "teacher {teacher_hidden}-{teacher_hidden}, dropout + max-norm + {jitter}px jitter",
-    "student_hard": "student {student_hidden}-{student_hidden}, hard labels only",
-    "distilled_soft": "student {student_hidden}-{student_hidden}, kdfused T={temperature:g}, "
-                      "soft only",
-    "distilled_soft_hard": "student {student_hidden}-{student_hidden}, kdfused T={temperature:g}, "
-                           "soft {soft_weight:g} + hard {hard_weight:g}",
-    "distilled_reference": "same as soft only, with kdfused.reference as the loss",
-    "mythical": "mythical 3: soft only, no 3s in the transfer set",
-    "mythical_bias_3.5": "mythical 3, class-3 bias +3.5 (the paper's shift)",
-    "mythical_bias_heldout": "mythical 3, class-3 bias +{bias_shift:.1f} (chosen on held-out data)",
-}
+from mnist_report import MYTHICAL, PAPER, markdown_table, write_results  # noqa: E402,F401
 
 
 @dataclass
@@ -114,24 +89,23 @@ def digits_config(**overrides) -> Config:
 def load_kd_loss(backend: str) -> Callable:
     """Return ``kd_loss`` from ``kdfused`` (fused op) or ``kdfused.reference`` (pure PyTorch).
 
-    If the package is not importable (extension not built), ``reference`` falls back to loading
-    ``kdfused/reference.py`` from this checkout by path; ``kdfused`` then fails with a message.
+    ``kdfused.reference`` needs no compiled extension; ``kdfused`` fails with a message when the
+    extension is not built. (This checkout is a fallback at the end of sys.path.)
     """
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.append(root)
+    import kdfused.reference
+
+    if backend == "reference":
+        return kdfused.reference.kd_loss
     try:
-        import kdfused
-        import kdfused.reference
+        return kdfused.kd_loss
     except ImportError as exc:
-        if backend == "kdfused":
-            raise SystemExit(
-                f"cannot import kdfused ({exc}); build it with "
-                "`pip install --no-build-isolation -e .` or run with --loss-backend reference"
-            ) from exc
-        path = Path(__file__).resolve().parents[1] / "kdfused" / "reference.py"
-        spec = importlib.util.spec_from_file_location("kdfused_reference", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module.kd_loss
-    return kdfused.kd_loss if backend == "kdfused" else kdfused.reference.kd_loss
+        raise SystemExit(
+            f"cannot load the fused kdfused op ({exc}); build it with `make install` (or "
+            "`python setup.py build_ext --inplace`) or run with --loss-backend reference"
+        ) from exc
 
 
 # --------------------------------------------------------------------------- model and data helpers
@@ -180,11 +154,6 @@ def count_errors(logits: torch.Tensor, y: torch.Tensor, cls: int = MYTHICAL) -> 
     return int(wrong.sum()), int(wrong[y == cls].sum())
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 # --------------------------------------------------------------------------- training
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float,
           cfg: Config, data: dict, name: str, loss_fn: Optional[Callable] = None,
@@ -195,8 +164,8 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr
 
     Without ``teacher_logits`` the loss is cross-entropy on ``y``; with them it is
     ``loss_fn(student, teacher, y, temperature, soft_weight, hard_weight)`` (kdfused or its
-    reference). The time spent in the loss alone (its forward and backward, measured on a
-    detached copy of the logits) is accumulated separately. Returns the per-epoch history.
+    reference). When ``loss_fn`` keeps the time spent in it (``mnist_compare.TimedLoss``), that
+    time is recorded as ``loss_seconds``. Returns the per-epoch history.
     """
     torch.manual_seed(seed)  # init already happened; this fixes dropout masks
     gen = torch.Generator().manual_seed(seed)
@@ -225,21 +194,11 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr
             logits = model(xb)
             if teacher_logits is None:
                 loss = F.cross_entropy(logits, yb)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-            else:
-                # Loss forward + backward on a leaf copy, timed on its own, then backprop the
-                # resulting logit gradient through the network: same numbers, separable timing.
-                z = logits.detach().requires_grad_()
-                _sync(dev)
-                t0 = time.perf_counter()
-                loss = loss_fn(z, teacher_logits[idx], yb, temperature=cfg.temperature,
+            else:  # the distillation loss: kdfused.kd_loss (or kdfused.reference.kd_loss)
+                loss = loss_fn(logits, teacher_logits[idx], yb, temperature=cfg.temperature,
                                soft_weight=soft_weight, hard_weight=hard_weight)
-                loss.backward()
-                _sync(dev)
-                hist["loss_seconds"] += time.perf_counter() - t0
-                opt.zero_grad(set_to_none=True)
-                logits.backward(z.grad)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
             opt.step()
             sched.step()
             if max_norm:
@@ -259,44 +218,8 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr
             print(f"  {name:<22} epoch {epoch:>3}/{epochs}  loss {loss_sum / n_seen:.5f}  "
                   f"test errors {test_err:>5}  held-out errors {held_err:>4}", flush=True)
     hist["train_seconds"] = time.perf_counter() - t_start
+    hist["loss_seconds"] = float(getattr(loss_fn, "seconds", 0.0))
     return hist
-
-
-def compare_on_batch(kd: Callable, ref: Callable, model: nn.Module, x: torch.Tensor,
-                     teacher_logits: torch.Tensor, temperature: float) -> dict:
-    """Loss and logit-gradient of two loss implementations on one batch, same inputs (float32),
-    and the reference's loss in float64 as the exact value."""
-    logits = model(x).detach()
-    vals, grads = [], []
-    for fn in (kd, ref):
-        z = logits.clone().requires_grad_()
-        loss = fn(z, teacher_logits, None, temperature=temperature)
-        loss.backward()
-        vals.append(float(loss.detach()))
-        grads.append(z.grad)
-    exact = float(ref(logits.double(), teacher_logits.double(), None, temperature=temperature))
-    return {"first_batch_loss_kdfused": vals[0], "first_batch_loss_reference": vals[1],
-            "first_batch_loss_float64": exact,
-            "first_batch_max_abs_grad_diff": float((grads[0] - grads[1]).abs().max()),
-            "first_batch_max_abs_grad": float(grads[1].abs().max())}
-
-
-def time_losses(fns: dict, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                temperature: float, rounds: int = 10, reps: int = 20) -> dict:
-    """Milliseconds per loss forward + backward for each function in ``fns``, measured in
-    alternating rounds so that all of them see the same machine load; median over rounds."""
-    dev = student_logits.device
-    times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            _sync(dev)
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                z = student_logits.detach().requires_grad_()
-                fn(z, teacher_logits, None, temperature=temperature).backward()
-            _sync(dev)
-            times[name].append((time.perf_counter() - t0) / reps * 1e3)
-    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def choose_bias_shift(logits: torch.Tensor, y: torch.Tensor, grid: tuple,
@@ -372,6 +295,7 @@ def run(cfg: Config, ds: Optional[Dataset] = None, data_dir=None, loss_backend: 
 
     # 3. distilled students (kdfused), soft only and soft + small hard weight;
     # 4. the soft-only run again with kdfused.reference as the loss
+    # (the fused-vs-reference comparison is in mnist_compare.py)
     if compare_reference:
         first_batch = compare_on_batch(kd, load_kd_loss("reference"), student(),
                                        x[: cfg.batch_size], t_logits[: cfg.batch_size],
@@ -383,15 +307,16 @@ def run(cfg: Config, ds: Optional[Dataset] = None, data_dir=None, loss_backend: 
     for key, fn, sw, hw in runs:
         s = student()
         hist = train(s, x, y, epochs=cfg.student_epochs, lr=cfg.student_lr, cfg=cfg, data=data,
-                     name=key, loss_fn=fn, teacher_logits=t_logits, soft_weight=sw,
-                     hard_weight=hw, seed=1)
+                     name=key, loss_fn=TimedLoss(fn, dev), teacher_logits=t_logits,
+                     soft_weight=sw, hard_weight=hw, seed=1)
         record(key, predict(s, data["x_test"]), hist, soft_weight=sw, hard_weight=hw)
 
     # 5. mythical digit: no 3s in the transfer set, then shift the class-3 bias
     keep = y != MYTHICAL
     s = student()
     hist = train(s, x[keep], y[keep], epochs=cfg.student_epochs, lr=cfg.student_lr, cfg=cfg,
-                 data=data, name="mythical", loss_fn=kd, teacher_logits=t_logits[keep], seed=1)
+                 data=data, name="mythical", loss_fn=TimedLoss(kd, dev),
+                 teacher_logits=t_logits[keep], seed=1)
     test_logits = predict(s, data["x_test"])
     record("mythical", test_logits, hist, transfer_set_size=int(keep.sum()))
     shift, bias_curve = choose_bias_shift(predict(s, data["x_held"]), data["y_held"], cfg.bias_grid)
@@ -419,176 +344,11 @@ def run(cfg: Config, ds: Optional[Dataset] = None, data_dir=None, loss_backend: 
         bs = cfg.batch_size
         ms = time_losses({"kdfused": kd, "reference": load_kd_loss("reference")},
                          predict(s, x[:bs]), t_logits[:bs], cfg.temperature)
-        a, b = curves["distilled_soft"], curves["distilled_reference"]
-        diff = np.abs(np.subtract(a["train_loss"], b["train_loss"]))
-        per_step = np.abs(np.subtract(steps["distilled_soft"], steps["distilled_reference"]))
-        n = math.ceil(len(per_step) / cfg.student_epochs)  # steps per epoch
-        out["reference_check"] = {
-            **first_batch,
-            "max_abs_diff_step_loss_per_epoch": [float(per_step[i : i + n].max())
-                                                 for i in range(0, len(per_step), n)],
-            "step_loss_first_epoch_kdfused": steps["distilled_soft"][:n],
-            "step_loss_first_epoch_reference": steps["distilled_reference"][:n],
-            "max_abs_diff_epoch_loss": float(np.max(diff)),
-            "max_rel_diff_epoch_loss": float(np.max(diff / np.abs(b["train_loss"]))),
-            "test_errors_kdfused": a["test_errors"], "test_errors_reference": b["test_errors"],
-            "loss_seconds_kdfused": a["loss_seconds"], "loss_seconds_reference": b["loss_seconds"],
-            "loss_ms_per_batch_interleaved_kdfused": ms["kdfused"],
-            "loss_ms_per_batch_interleaved_reference": ms["reference"],
-        }
+        out["reference_check"] = reference_check(
+            curves["distilled_soft"], curves["distilled_reference"], steps["distilled_soft"],
+            steps["distilled_reference"], cfg.student_epochs, first_batch, ms)
     out["total_seconds"] = round(time.perf_counter() - t_all, 1)
     return out
-
-
-# --------------------------------------------------------------------------- reporting
-def table_rows(out: dict) -> list[dict]:
-    """One row per result: model, ours and the paper's errors (total and on the test 3s)."""
-    rows = []
-    for key, r in out["results"].items():
-        paper, paper3 = PAPER[key]
-        rows.append({
-            "key": key,
-            "model": DESCRIPTION[key].format_map({**out["config"], **r}),
-            "ours_errors": r["errors"],
-            "ours_errors_on_3": r["errors_on_3"],
-            "paper_errors": "" if paper is None else paper,
-            "paper_errors_on_3": "" if paper3 is None else paper3,
-        })
-    return rows
-
-
-def markdown_table(out: dict) -> str:
-    """The comparison table as markdown ('-': the paper gives no number)."""
-    d = out["data"]
-    lines = [f"| model | ours: errors / {d['test']} | ours: errors on the {d['test_3s']} test 3s "
-             "| paper: errors / 10000 | paper: errors on the 1010 test 3s |",
-             "|---|---:|---:|---:|---:|"]
-    for r in table_rows(out):
-        cells = [r["model"], r["ours_errors"], r["ours_errors_on_3"], r["paper_errors"],
-                 r["paper_errors_on_3"]]
-        lines.append("| " + " | ".join(str(c) if c != "" else "-" for c in cells) + " |")
-    return "\n".join(lines)
-
-
-def run_notes(out: dict) -> str:
-    """Markdown lines on how the run differs from the paper's setup, from the recorded numbers."""
-    c, d, env = out["config"], out["data"], out["environment"]
-    lines = [
-        f"Data: {d['source']}; {d['train']} training images ({d['heldout']} more held out for "
-        f"choosing the bias shift), {d['test']} test images. Teacher {c['teacher_epochs']} epochs, "
-        f"students {c['student_epochs']} epochs each, SGD momentum {c['momentum']:g}, batch "
-        f"{c['batch_size']}, cosine learning-rate decay from {c['teacher_lr']:g} (teacher) and "
-        f"{c['student_lr']:g} (students); seed {c['seed']}; {env['device']}, {env['threads']} "
-        f"thread(s), torch {env['torch']}; whole run {out['total_seconds'] / 60:.1f} min.",
-    ]
-    if "reference_check" in out:
-        rc = out["reference_check"]
-        text = "kdfused.kd_loss vs kdfused.reference. "
-        if "first_batch_loss_float64" in rc:  # (absent from results written by older versions)
-            text += (
-                f"On the same batch and weights the float32 losses are "
-                f"{rc['first_batch_loss_kdfused']:.7g} vs {rc['first_batch_loss_reference']:.7g} "
-                f"(float64: {rc['first_batch_loss_float64']:.7g}; at T = "
-                f"{out['config']['temperature']:g} the loss is T^2 times a small KL, so float32 "
-                f"rounding shows in its value) and the logit gradients differ by at most "
-                f"{rc['first_batch_max_abs_grad_diff']:.1e} (largest entry "
-                f"{rc['first_batch_max_abs_grad']:.1e}). ")
-        text += "Trained from the same seed and data order, "
-        if "max_abs_diff_step_loss_per_epoch" in rc:
-            per_epoch = rc["max_abs_diff_step_loss_per_epoch"]
-            text += (f"the step losses differ by at most {per_epoch[0]:.1e} in the first epoch "
-                     f"and {max(per_epoch):.1e} over the run, ")
-        text += (
-            f"the per-epoch mean losses by at most {rc['max_abs_diff_epoch_loss']:.1e} (relative "
-            f"{rc['max_rel_diff_epoch_loss']:.1e}): float rounding differences that SGD amplifies,"
-            f" as it would for any change of summation order. Final test errors "
-            f"{rc['test_errors_kdfused'][-1]} vs {rc['test_errors_reference'][-1]}. Time in the "
-            f"loss alone (forward + backward) during training: {rc['loss_seconds_kdfused']:.2f} s "
-            f"with kdfused, {rc['loss_seconds_reference']:.2f} s with the reference (totals that "
-            f"depend on the machine's load during each run)")
-        if "loss_ms_per_batch_interleaved_kdfused" in rc:
-            text += (f"; per batch, measured alternately under the same load: "
-                     f"{rc['loss_ms_per_batch_interleaved_kdfused']:.3f} ms vs "
-                     f"{rc['loss_ms_per_batch_interleaved_reference']:.3f} ms")
-        text += "."
-        lines.append(text)
-    return "\n\n".join(lines)
-
-
-def plot(out: dict, path: Path) -> bool:
-    """Training curves: test errors per epoch, kdfused vs reference loss, bias-shift search."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: skipping the plot", file=sys.stderr)
-        return False
-    c = out["curves"]
-    fig, ax = plt.subplots(1, 3, figsize=(16, 4.6))
-    for key, style in (("teacher", "k.-"), ("student_hard", "C3.-"), ("distilled_soft", "C0.-"),
-                       ("distilled_soft_hard", "C2.-"), ("mythical", "C1.-")):
-        if key in c:
-            ax[0].plot(c[key]["epoch"], c[key]["test_errors"], style, label=key)
-    title = "test errors"
-    if out["config"]["dataset"] == "mnist":
-        for key in ("teacher", "distilled_soft", "student_hard", "mythical"):
-            ax[0].axhline(PAPER[key][0], color="grey", lw=0.8, ls=":")
-        title += " (dotted: the paper's 67, 74, 146, 206)"
-    ax[0].set(yscale="log", xlabel="epoch", ylabel=f"test errors / {out['data']['test']}",
-              title=title)
-    ax[0].legend(fontsize=8)
-    if "distilled_reference" in c:
-        a, b = c["distilled_soft"], c["distilled_reference"]
-        rc = out["reference_check"]
-        ax[1].plot(a["epoch"], a["train_loss"], "C0o-", lw=3, alpha=0.5,
-                   label=f"kdfused.kd_loss ({rc['loss_seconds_kdfused']:.2f} s in loss)")
-        ax[1].plot(b["epoch"], b["train_loss"], "k.--", lw=1,
-                   label=f"kdfused.reference ({rc['loss_seconds_reference']:.2f} s in loss)")
-        ax[1].set(yscale="log", xlabel="epoch", ylabel="mean training loss (T=20, soft only)",
-                  title="same run, two loss implementations\n"
-                        f"max |diff| = {rc['max_abs_diff_epoch_loss']:.1e}")
-        handles, labels = ax[1].get_legend_handles_labels()
-        if "max_abs_diff_step_loss_per_epoch" in rc:
-            twin = ax[1].twinx()
-            twin.plot(a["epoch"], rc["max_abs_diff_step_loss_per_epoch"], "C7s:", ms=3,
-                      label="largest |difference| of a step's loss in the epoch")
-            twin.set(yscale="log", ylabel="|kdfused - reference|")
-            handles += twin.get_legend_handles_labels()[0]
-            labels += twin.get_legend_handles_labels()[1]
-        ax[1].legend(handles, labels, fontsize=8)
-    bs = out["bias_shift"]
-    ax[2].plot(*zip(*bs["heldout_curve"]), "C1-",
-               label=f"held-out ({out['data']['heldout']} images)")
-    ax[2].plot(*zip(*bs["test_curve"]), "C0-", label=f"test ({out['data']['test']} images)")
-    ax[2].axvline(bs["chosen"], color="C1", ls="--", lw=1,
-                  label=f"chosen on held-out: {bs['chosen']:.1f}")
-    ax[2].axvline(3.5, color="grey", ls=":", lw=1, label="paper: 3.5")
-    ax[2].set(yscale="log", xlabel="added to the class-3 bias", ylabel="errors",
-              title="mythical 3: bias shift")
-    ax[2].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
-
-def write_results(out: dict, out_dir: Path, stem: str) -> dict:
-    """Write ``<stem>.md``, ``.csv``, ``.json`` and ``_curves.png`` into ``out_dir``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {ext: out_dir / f"{stem}.{ext}" for ext in ("md", "csv", "json")}
-    rows = table_rows(out)
-    with open(paths["csv"], "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    paths["json"].write_text(json.dumps(out, indent=1) + "\n")
-    paths["md"].write_text(markdown_table(out) + "\n\n" + run_notes(out) + "\n")
-    paths["png"] = out_dir / f"{stem}_curves.png"
-    if not plot(out, paths["png"]):
-        del paths["png"]
-    return paths
 
 
 def main(argv=None) -> dict:

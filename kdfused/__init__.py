@@ -3,12 +3,44 @@
     loss = kdfused.kd_loss(student_logits, teacher_logits, labels, temperature=4.0,
                            soft_weight=0.9, hard_weight=0.1)
 
-``kdfused.reference`` holds a pure-PyTorch implementation of the same semantics.
+``kdfused.reference`` holds a pure-PyTorch implementation of the same semantics; it needs no
+compiled extension. The fused op (``kd_loss``, ``KDLoss``, ``KDLossFunction``, ``build_info``,
+``empty_cache``) loads the extension ``kdfused._C`` on first use, so that ``import kdfused`` and
+``import kdfused.reference`` work where the extension was never built.
 """
 
-from . import reference
-from ._C import build_info, empty_cache
-from .loss import KDLoss, kd_loss
+from __future__ import annotations
 
-__all__ = ["kd_loss", "KDLoss", "reference", "build_info", "empty_cache"]
+from typing import TYPE_CHECKING
+
+from . import reference
+
+__all__ = ["kd_loss", "KDLoss", "KDLossFunction", "reference", "build_info", "empty_cache"]
 __version__ = "0.1.0"
+
+# name -> module that defines it; imported on first attribute access (PEP 562)
+_LAZY = {
+    "kd_loss": "loss",
+    "KDLoss": "loss",
+    "KDLossFunction": "loss",
+    "build_info": "_C",
+    "empty_cache": "_C",
+}
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily
+    from ._C import build_info, empty_cache  # noqa: F401
+    from .loss import KDLoss, KDLossFunction, kd_loss  # noqa: F401
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value  # later lookups skip __getattr__
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -69,21 +69,27 @@ def _graph_kept() -> bool:
     return True if keep is None else bool(keep())
 
 
-def _backward(ctx, grad_loss, _gs, _gt, _scale):
+def saved_grads_backward(ctx, grad_loss):
+    """The backward of kd_loss: the gradients the forward saved on ``ctx`` (``ctx.kd_grads`` =
+    (grad_student, grad_teacher, grad_scale), ``ctx.kd_need`` = which of them were asked for),
+    scaled to ``grad_loss``. Returns (grad_student or None, grad_teacher or None).
+
+    Shared by the op's registered autograd (``_backward``) and :class:`kdfused.KDLossFunction`:
+    one implementation of the in-place scaling, the retain_graph copy, the traced path and the
+    refusal of double backward.
+    """
     gs, gt, scale = ctx.kd_grads
     need_s, need_t = ctx.kd_need
+    if grad_loss is not None and _traced(grad_loss):
+        g = grad_loss.unsqueeze(-1) if grad_loss.dim() > 0 else grad_loss
+        return (gs * g if need_s else None), (gt * g if need_t else None)
     kept = _graph_kept()
     if not kept:
         # Last backward through this graph: let go of the saved gradients, so that autograd can
         # hand them on (e.g. into a leaf's .grad) without a copy, and the memory goes with them.
         ctx.kd_grads = None
     if grad_loss is None:
-        return (None,) * 12
-    if _traced(grad_loss):
-        g = grad_loss.unsqueeze(-1) if grad_loss.dim() > 0 else grad_loss
-        gs = gs * g if need_s else None
-        gt = gt * g if need_t else None
-        return (gs, gt) + (None,) * 10
+        return None, None
     if torch.is_grad_enabled():
         # create_graph=True: the saved gradients are constants to autograd, so a second derivative
         # through them would silently come out as zero. Refuse rather than be wrong.
@@ -95,7 +101,11 @@ def _backward(ctx, grad_loss, _gs, _gt, _scale):
     # The usual loss.backward(): scaled in place, and not at all when grad_output == 1 (the op
     # compares on the device, no sync).
     torch.ops.kdfused.kd_scale_grads_(gs, gt, scale, grad_loss)
-    return (gs if need_s else None, gt if need_t else None) + (None,) * 10
+    return (gs if need_s else None), (gt if need_t else None)
+
+
+def _backward(ctx, grad_loss, _gs, _gt, _scale):
+    return saved_grads_backward(ctx, grad_loss) + (None,) * 10
 
 
 torch.library.register_autograd("kdfused::kd_loss", _backward, setup_context=_setup_context)

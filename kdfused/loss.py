@@ -1,4 +1,19 @@
-"""Public API: :func:`kd_loss` and the :class:`KDLoss` module."""
+"""Public API: :func:`kd_loss`, the :class:`KDLoss` module and :class:`KDLossFunction`.
+
+Two autograd paths lead to the same backward code (``_ops.saved_grads_backward``):
+
+- :func:`kd_loss` (and :class:`KDLoss`) call the custom op ``torch.ops.kdfused.kd_loss``, whose
+  autograd is registered with ``torch.library.register_autograd`` (``_ops.py``). That is the
+  path torch.compile, AOTAutograd and ``torch.library.opcheck`` know for a custom op (dynamo
+  treats the op as opaque; AOTAutograd traces its registered backward). It stays the main path
+  rather than going
+  through :class:`KDLossFunction`, because the op's registered autograd must exist anyway (for
+  ``torch.ops.kdfused.kd_loss`` callers and opcheck), and stacking a Function on top of it would
+  only add a second autograd node per call.
+- :class:`KDLossFunction` is a ``torch.autograd.Function`` over the same op, for code that
+  composes Functions (``Function.apply`` with positional arguments). Its backward calls the same
+  ``saved_grads_backward``: one implementation of the scaling, not two copies.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +22,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import _C
-from ._ops import kd_loss_op
+from . import _checks
+from ._ops import _lib_ops, kd_loss_op, saved_grads_backward
 
 
 def kd_loss(
@@ -32,9 +47,20 @@ def kd_loss(
     .. math::
         \ell_r = w_s T^2 D(p \,\|\, q) + w_h \, \mathrm{CE}(s_r, y_r)
 
-    where :math:`D` is :math:`\mathrm{KL}(p\|q)` (``divergence="kl"``) or the soft-target
-    cross-entropy :math:`-\sum p \log q` (``"ce"``), and the hard term is the ordinary cross-entropy
-    at :math:`T = 1`. A term whose weight is exactly 0 is not computed at all.
+    where :math:`D` is one of
+
+    - ``"kl"``: :math:`\mathrm{KL}(p\|q) = \sum p (\log p - \log q)` (the default);
+    - ``"ce"``: the soft-target cross-entropy :math:`-\sum p \log q`;
+    - ``"reverse_kl"``: :math:`\mathrm{KL}(q\|p)`;
+    - ``"jsd"``: the generalised Jensen-Shannon divergence
+      :math:`\beta\,\mathrm{KL}(p\|m) + (1-\beta)\,\mathrm{KL}(q\|m)`,
+      :math:`m = \beta p + (1-\beta) q`; ``beta=0`` is exactly ``"kl"`` and ``beta=1`` exactly
+      ``"reverse_kl"`` (as in TRL's GKD and Liger's JSD);
+    - ``"tvd"``: the total variation distance :math:`\tfrac12 \sum |p - q|` (subgradient 0 where
+      :math:`p = q`);
+
+    and the hard term is the ordinary cross-entropy at :math:`T = 1`. A term whose weight is
+    exactly 0 is not computed at all.
 
     Args:
         student_logits: ``(..., V)`` float16/bfloat16/float32/float64. Row-strided views (e.g.
@@ -46,18 +72,23 @@ def kd_loss(
             and to every gradient.
         temperature: :math:`T > 0`, finite.
         soft_weight, hard_weight: :math:`w_s, w_h \ge 0`, finite.
-        divergence: ``"kl"`` or ``"ce"``.
+        divergence: ``"kl"``, ``"ce"``, ``"reverse_kl"``, ``"jsd"`` or ``"tvd"``.
+        beta: the JSD's mixture weight, in :math:`[0, 1]` (used by ``"jsd"`` only).
         ignore_index: label value marking rows to ignore.
         reduction: ``"batchmean"`` or ``"mean"`` (sum over valid rows / number of valid rows, 0.0
             when there is none; note that ``"mean"`` is per *row*, unlike ``F.kl_div``'s per-element
-            mean), ``"sum"``, or ``"none"`` (shape ``student_logits.shape[:-1]``, 0 at ignored rows).
+            mean), ``"sum"``, or ``"none"`` (shape ``student_logits.shape[:-1]``, 0 at ignored
+            rows).
 
     Returns:
         The loss: float32 for 16/32-bit inputs, float64 if either input is float64.
 
-    Masked vocabulary: a ``-inf`` teacher logit has probability 0 and contributes nothing (never
-    NaN); a ``-inf`` student logit where the teacher has mass makes the loss ``+inf``; a row that is
-    ``-inf`` everywhere has no distribution and gives NaN, like ``torch.softmax``.
+    Masked vocabulary: a ``-inf`` column shared by student and teacher contributes nothing (never
+    NaN, in the loss and in both gradients); a ``-inf`` teacher logit has probability 0 and
+    contributes nothing to ``"kl"`` / ``"ce"``; a ``-inf`` logit on one side where the other side
+    has mass makes ``"kl"`` / ``"reverse_kl"`` ``+inf`` (``"jsd"`` and ``"tvd"`` stay finite); a
+    row that is ``-inf`` everywhere has no distribution and gives NaN, like ``torch.softmax``.
+    Ignored rows give 0 loss and 0 gradient whatever they hold.
 
     The gradients are computed in the forward call (one fused pass) when an input requires grad;
     ``loss.backward()`` then costs no pass over the logits. Under ``torch.no_grad()`` only the loss
@@ -66,6 +97,8 @@ def kd_loss(
     For float16/bfloat16 inputs and ``grad_output != 1`` the gradient is rounded twice (once in the
     forward, once when scaled), i.e. within one ulp more than a single rounding.
     Double backward (``create_graph=True``) is not supported and raises ``RuntimeError``.
+    :class:`KDLossFunction` is the same loss as a ``torch.autograd.Function`` (positional
+    arguments); ``kdfused.reference.kd_loss`` the same loss in plain PyTorch.
 
     Example::
 
@@ -74,18 +107,8 @@ def kd_loss(
         >>> loss = kd_loss(s, t, y, temperature=4.0, soft_weight=0.9, hard_weight=0.1)
         >>> loss.backward()
     """
-    if not isinstance(student_logits, torch.Tensor) or not isinstance(teacher_logits, torch.Tensor):
-        raise TypeError("kdfused: student_logits and teacher_logits must be tensors")
-    if labels is not None and not isinstance(labels, torch.Tensor):
-        raise TypeError(f"kdfused: labels must be a tensor or None, got {type(labels).__name__}")
-    for name, value in (("temperature", temperature), ("soft_weight", soft_weight),
-                        ("hard_weight", hard_weight), ("beta", beta)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"kdfused: {name} must be a real number, got {type(value).__name__}")
-    if not isinstance(divergence, str) or not isinstance(reduction, str):
-        raise TypeError("kdfused: divergence and reduction must be strings")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"kdfused: ignore_index must be an int, got {type(ignore_index).__name__}")
+    _checks.check_types(student_logits, teacher_logits, labels, temperature, soft_weight,
+                        hard_weight, divergence, beta, ignore_index, reduction)
     return kd_loss_op(student_logits, teacher_logits, labels, temperature, soft_weight,
                       hard_weight, divergence, beta, ignore_index, reduction)
 
@@ -103,8 +126,9 @@ class KDLoss(nn.Module):
                  divergence: str = "kl", beta: float = 0.5, ignore_index: int = -100,
                  reduction: str = "batchmean"):
         super().__init__()
-        _C.check_options(float(temperature), float(soft_weight), float(hard_weight), divergence,
-                         float(beta), reduction)
+        _checks.check_option_types(temperature, soft_weight, hard_weight, divergence, beta,
+                                   reduction)
+        _checks.check_options(temperature, soft_weight, hard_weight, divergence, beta, reduction)
         self.beta = float(beta)
         self.temperature = float(temperature)
         self.soft_weight = float(soft_weight)
@@ -122,5 +146,45 @@ class KDLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, soft_weight={self.soft_weight}, "
-                f"hard_weight={self.hard_weight}, divergence={self.divergence!r}, beta={self.beta}, "
+                f"hard_weight={self.hard_weight}, divergence={self.divergence!r}, "
+                f"beta={self.beta}, "
                 f"ignore_index={self.ignore_index}, reduction={self.reduction!r}")
+
+
+class KDLossFunction(torch.autograd.Function):
+    """:func:`kd_loss` as a ``torch.autograd.Function``, with positional arguments::
+
+        loss = KDLossFunction.apply(student_logits, teacher_logits, labels, temperature,
+                                    soft_weight, hard_weight, divergence, ignore_index, reduction,
+                                    beta)  # beta optional (default 0.5)
+
+    Every argument means what it means for :func:`kd_loss` (``labels`` may be ``None``); the loss
+    and both gradients are the same, bitwise. The gradients are computed in the forward call by
+    the same fused op, and the backward is the op's own (scaling in place, nothing to do for
+    ``loss.backward()``; ``retain_graph=True`` works; double backward raises ``RuntimeError``).
+    Works under ``torch.compile(fullgraph=True)``.
+
+    Example::
+
+        >>> loss = KDLossFunction.apply(s, t, y, 4.0, 0.9, 0.1, "kl", -100, "batchmean")
+        >>> loss.backward()
+    """
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, labels, temperature, soft_weight,
+                hard_weight, divergence, ignore_index, reduction, beta=0.5):
+        _checks.check_types(student_logits, teacher_logits, labels, temperature, soft_weight,
+                            hard_weight, divergence, beta, ignore_index, reduction)
+        need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        loss, gs, gt, scale = _lib_ops.kd_loss(
+            student_logits, teacher_logits, labels, float(temperature), float(soft_weight),
+            float(hard_weight), divergence, float(beta), int(ignore_index), reduction, need_s,
+            need_t)
+        # The op's saved state, as the registered autograd keeps it (_ops._setup_context).
+        ctx.kd_grads = (gs, gt, scale)
+        ctx.kd_need = (need_s, need_t)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        return saved_grads_backward(ctx, grad_loss) + (None,) * 8

@@ -1,24 +1,115 @@
-"""Pure-PyTorch reference implementation of :func:`kdfused.kd_loss`.
+"""Pure-PyTorch reference implementation of :func:`kdfused.kd_loss`: the executable specification.
 
-Same signature and semantics as the fused op, written with ordinary tensor ops so that autograd
-supplies the gradients. It materialises several N x V tensors and is meant for testing and as a
-readable specification, not for speed. Accumulation is float32 for 16/32-bit inputs and float64
-when either input is float64.
+Same signature, the same argument checks (``kdfused._checks``: same exception types and messages
+as the fused op) and the same semantics, written with ordinary tensor ops so that autograd
+supplies the gradients (of the student and, when it requires grad, of the teacher). It needs no
+compiled extension: ``import kdfused.reference`` works where kdfused was never built. It
+materialises several N x V tensors and is meant for testing and as a readable specification, not
+for speed. The maths, and how the kernels compute the same quantities, are in docs/design.md.
+
+Per row, with T the temperature, p = softmax(t / T) (teacher) and q = softmax(s / T) (student):
+
+    loss_row = soft_weight * T^2 * D(p, q) + hard_weight * CE(s, y)
+
+    "kl"          D = KL(p || q)  = sum p (log p - log q)
+    "ce"          D = -sum p log q
+    "reverse_kl"  D = KL(q || p)  = sum q (log q - log p)
+    "jsd"         D = beta KL(p || m) + (1 - beta) KL(q || m),  m = beta p + (1 - beta) q;
+                  beta = 0 is exactly "kl", beta = 1 exactly "reverse_kl" (the same code path)
+    "tvd"         D = 0.5 sum |p - q|   (subgradient 0 where p == q)
+
+Rules (the fused op's):
+
+- Accumulation in float32 for 16/32-bit inputs, float64 when either input is float64; the loss
+  has that dtype; each gradient comes back in its input's dtype.
+- Tempered logits are taken relative to the row maximum, (x - max x) / T, so that T = 0.05 with
+  logits ~1e4 loses no precision (x / T would round every exponent).
+- A term whose weight is exactly 0 is not computed: nothing the teacher holds (inf, NaN) reaches
+  the loss when soft_weight == 0, nor a -inf student logit at the label when hard_weight == 0.
+- Masked vocabulary: an entry with probability 0 on the side that weights it contributes 0, never
+  0 * inf = NaN (loss and gradients): a -inf column shared by student and teacher contributes
+  nothing; where one side has mass and the other a -inf logit, KL / reverse KL is +inf;
+  log(q / m) at q = 0 contributes 0. A row that is -inf everywhere gives NaN, like softmax.
+- Rows whose label equals ignore_index contribute 0 to the loss and exactly 0 to every gradient,
+  whatever they hold (-inf, NaN): they are replaced by zeros before anything is computed.
+- Reductions: the row losses are summed in float64 in row order; "batchmean" / "mean" divide by
+  the number of valid rows (0.0 when there is none).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-DIVERGENCES = ("kl", "ce")
-REDUCTIONS = ("batchmean", "mean", "sum", "none")
+from . import _checks
+from ._checks import DIVERGENCES, REDUCTIONS
+
+__all__ = ["kd_loss", "divergence_rows", "DIVERGENCES", "REDUCTIONS"]
 
 
 def _acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(x.dtype == torch.float64 for x in tensors) else torch.float32
+
+
+def effective_divergence(divergence: str, beta: float) -> str:
+    """The generalised JSD's end points are the two KLs (as TRL and Liger define them): beta = 0
+    is KL(p || q), beta = 1 is KL(q || p), computed by exactly those code paths."""
+    if divergence == "jsd" and beta == 0.0:
+        return "kl"
+    if divergence == "jsd" and beta == 1.0:
+        return "reverse_kl"
+    return divergence
+
+
+def _tempered_log_softmax(x: torch.Tensor, T: float) -> torch.Tensor:
+    """log softmax(x / T) over the last dim, from the differences to the row maximum. The shift
+    is detached: it is a constant of the softmax, and its (mathematically zero) gradient would
+    only add rounding noise at the arg-max. A row that is -inf everywhere stays NaN."""
+    m = x.detach().amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return F.log_softmax((x - m) / T, dim=-1)
+
+
+def _masked(no_mass: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    # torch.where passes a zero gradient to the branch it did not select; the values in that
+    # branch must still be finite, or its backward computes 0 * inf = NaN. Hence the logs are
+    # replaced (not only the terms) wherever the weighting probability is 0.
+    return torch.where(no_mass, torch.zeros_like(x), x)
+
+
+def divergence_rows(log_p: torch.Tensor, log_q: torch.Tensor, divergence: str,
+                    beta: float = 0.5) -> torch.Tensor:
+    """D(p, q) per row from the log-probabilities (the last dim is the vocabulary)."""
+    divergence = effective_divergence(divergence, beta)
+    p, q = log_p.exp(), log_q.exp()
+    # "== 0", not "> 0": a NaN probability (a row with no distribution) must stay NaN.
+    p0, q0 = p == 0, q == 0
+    if divergence == "kl":
+        lp, lq = _masked(p0, log_p), _masked(p0, log_q)
+        return _masked(p0, p * (lp - lq)).sum(-1)
+    if divergence == "ce":
+        return _masked(p0, -p * _masked(p0, log_q)).sum(-1)
+    if divergence == "reverse_kl":
+        lq, lp = _masked(q0, log_q), _masked(q0, log_p)
+        return _masked(q0, q * (lq - lp)).sum(-1)
+    if divergence == "jsd":
+        # 0 < beta < 1 here. log m = log(beta p + (1 - beta) q) in log space (logaddexp), so that
+        # log(p / m) keeps its precision where p and q are tiny; where one side has no mass,
+        # log m is the other side's term alone. Where neither has mass nothing is used.
+        lb, l1b = math.log(beta), math.log1p(-beta)
+        lp, lq = _masked(p0, log_p), _masked(q0, log_q)
+        both = torch.logaddexp(lb + lp, l1b + lq)
+        lm = torch.where(p0, l1b + lq, torch.where(q0, lb + lp, both))
+        kl_pm = _masked(p0, p * (lp - lm)).sum(-1)
+        kl_qm = _masked(q0, q * (lq - lm)).sum(-1)
+        return beta * kl_pm + (1.0 - beta) * kl_qm
+    if divergence == "tvd":
+        # |x|'s autograd subgradient at 0 is 0: no gradient where p == q (e.g. masked columns).
+        return 0.5 * (p - q).abs().sum(-1)
+    raise AssertionError(divergence)  # (checked before)
 
 
 def kd_loss(
@@ -30,69 +121,57 @@ def kd_loss(
     soft_weight: float = 1.0,
     hard_weight: float = 0.0,
     divergence: str = "kl",
+    beta: float = 0.5,
     ignore_index: int = -100,
     reduction: str = "batchmean",
 ) -> torch.Tensor:
-    """Knowledge-distillation loss, pure PyTorch (see :func:`kdfused.kd_loss` for the contract)."""
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"student and teacher logits must have the same shape, got "
-            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
-        )
-    if hard_weight > 0 and labels is None:
-        raise ValueError("hard_weight > 0 needs labels")
+    """Knowledge-distillation loss, pure PyTorch (see :func:`kdfused.kd_loss` for the contract
+    and this module's docstring for the formulas and rules)."""
+    _checks.check_types(student_logits, teacher_logits, labels, temperature, soft_weight,
+                        hard_weight, divergence, beta, ignore_index, reduction)
+    _checks.check_inputs(student_logits, teacher_logits, labels, temperature, soft_weight,
+                         hard_weight, divergence, beta, reduction)
+    V = student_logits.shape[-1]
+    _checks.check_label_values(labels, V, ignore_index)
 
-    T = float(temperature)
+    T, ws, wh = float(temperature), float(soft_weight), float(hard_weight)
     acc = _acc_dtype(student_logits, teacher_logits)
     lead = student_logits.shape[:-1]
-    V = student_logits.shape[-1]
     s = student_logits.to(acc).reshape(-1, V)
-    t = teacher_logits.to(acc).reshape(-1, V)
     n = s.shape[0]
-
-    row = torch.zeros(n, dtype=acc, device=s.device)
-    if soft_weight != 0:
-        log_q = F.log_softmax(s / T, dim=-1)
-        log_p = F.log_softmax(t / T, dim=-1)
-        p = log_p.exp()
-        # Where the teacher has no mass (p == 0, e.g. a masked -inf logit) the term is 0 by
-        # definition; computing it would give 0 * (-inf) = NaN, hence the where(). A NaN p (a
-        # teacher row that is -inf everywhere has no distribution) stays NaN.
-        # The logs are replaced where there is no mass too: where() passes a zero gradient to the
-        # branch it did not select, and 0 * (-inf) in that branch's backward would still be NaN.
-        no_mass = p == 0
-        zero = torch.zeros_like(p)
-        log_p = torch.where(no_mass, zero, log_p)
-        log_q = torch.where(no_mass, zero, log_q)
-        if divergence == "kl":
-            term = torch.where(no_mass, zero, p * (log_p - log_q))
-        else:
-            term = torch.where(no_mass, zero, -p * log_q)
-        row = row + soft_weight * T * T * term.sum(-1)
+    device = s.device
 
     if labels is not None:
-        y = labels.reshape(-1)
-        if y.shape[0] != n:
-            raise ValueError(f"labels must have shape {tuple(lead)}, got {tuple(labels.shape)}")
+        y = labels.reshape(-1).to(torch.int64)
         valid = y != ignore_index
     else:
         y = None
-        valid = torch.ones(n, dtype=torch.bool, device=s.device)
+        valid = torch.ones(n, dtype=torch.bool, device=device)
+    # Ignored rows are replaced by zeros: whatever they hold (-inf padding, NaN) reaches neither
+    # the loss nor a gradient (where() gives them a zero gradient).
+    vm = valid.unsqueeze(1)
+    s = torch.where(vm, s, torch.zeros_like(s))
 
-    if hard_weight != 0:
+    t = teacher_logits.to(acc).reshape(-1, V)
+    t = torch.where(vm, t, torch.zeros_like(t))
+    # Zero, but linked to both inputs (gradient exactly 0, never NaN), so that the loss needs
+    # grad and each input gets a gradient even when a term is off, as from the fused op.
+    no = torch.zeros_like(vm)
+    row = (torch.where(no, s, torch.zeros_like(s))
+           + torch.where(no, t, torch.zeros_like(t))).sum(-1)
+    if ws != 0:
+        D = divergence_rows(_tempered_log_softmax(t, T), _tempered_log_softmax(s, T), divergence,
+                            float(beta))
+        row = row + ws * T * T * D
+    if wh != 0:
         safe_y = torch.where(valid, y, torch.zeros_like(y))
         hard = -F.log_softmax(s, dim=-1).gather(1, safe_y.unsqueeze(1)).squeeze(1)
-        row = row + hard_weight * hard
-
+        row = row + wh * hard
     row = torch.where(valid, row, torch.zeros_like(row))
+
     if reduction == "none":
         return row.reshape(lead)
-    total = row.sum()
-    if reduction == "sum":
-        return total
-    n_valid = valid.sum().clamp(min=1).to(acc)
-    return total / n_valid
+    total = row.to(torch.float64).sum()  # in float64, in row order, as the kernels reduce
+    if reduction != "sum":
+        total = total / valid.sum().clamp(min=1).to(torch.float64)
+    return total.to(acc)

@@ -5,11 +5,18 @@ Implementation under test: the fused op (``kdfused.kd_loss``) by default. ``--kd
 instead; tests that need the compiled op (custom-op checks, KDLoss, torch.compile) are then
 skipped. Every device-parametrised test runs on "cpu" and on "cuda"; "cuda" is skipped when
 torch.cuda.is_available() is False.
+
+Randomness: one seed per test run, fresh each run (or KDFUSED_TEST_SEED=<n> to replay one),
+printed in the pytest header. Each test's own seed (the ``seed`` fixture, printed with a failure)
+is derived from it and the test's node id, so one test can be replayed alone:
+``KDFUSED_TEST_SEED=<n> pytest 'tests/test_x.py::test_y[...]'``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import secrets
 import sys
 
 import pytest
@@ -17,7 +24,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from oracle import new_seed  # noqa: E402
+
+def _run_seed() -> int:
+    env = os.environ.get("KDFUSED_TEST_SEED", "").strip()
+    return int(env) if env else secrets.randbits(48)
+
+
+RUN_SEED = _run_seed()
 
 _CUDA = torch.cuda.is_available()
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not _CUDA, reason="no GPU"))]
@@ -32,7 +45,29 @@ def pytest_addoption(parser):
     )
 
 
+def _seed_line() -> str:
+    return f"kdfused test seed: {RUN_SEED} (replay with KDFUSED_TEST_SEED={RUN_SEED})"
+
+
+def pytest_report_header(config):
+    return _seed_line()
+
+
+def pytest_terminal_summary(terminalreporter):
+    # again at the end: `pytest -q` prints no header
+    terminalreporter.write_line(_seed_line())
+
+
+def seed_for(nodeid: str) -> int:
+    """The seed of the test `nodeid` in this run (stable across processes, unlike hash())."""
+    digest = hashlib.blake2b(f"{RUN_SEED}:{nodeid}".encode(), digest_size=6).digest()
+    return int.from_bytes(digest, "little")
+
+
 def pytest_configure(config):
+    # hypothesis draws its examples from the run's seed too (unless --hypothesis-seed is given)
+    if hasattr(config.option, "hypothesis_seed") and config.option.hypothesis_seed is None:
+        config.option.hypothesis_seed = RUN_SEED
     config.addinivalue_line("markers", "fused_only: needs the compiled kdfused op")
 
 
@@ -87,11 +122,18 @@ def device(request) -> str:
     return request.param
 
 
+@pytest.fixture(autouse=True)
+def _seed_global_rng(request):
+    """torch's global generator (used by tests that draw without `gen`) seeded per test too."""
+    torch.manual_seed(seed_for(request.node.nodeid))
+
+
 @pytest.fixture
-def seed() -> int:
-    """A fresh seed per test (from os.urandom); printed so that a failure can be reproduced."""
-    sd = new_seed()
-    print(f"seed = {sd}")
+def seed(request) -> int:
+    """This test's seed: derived from the run's seed and the test's node id; printed so that a
+    failure can be reproduced (the run seed is in the pytest header)."""
+    sd = seed_for(request.node.nodeid)
+    print(f"seed = {sd} (KDFUSED_TEST_SEED={RUN_SEED})")
     return sd
 
 

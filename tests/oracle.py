@@ -1,13 +1,15 @@
 """Independent float64 oracle for kdfused.kd_loss, plus the comparison helpers the tests share.
 
-The oracle follows DESIGN.md section 2 in closed form (it does NOT call kdfused.reference and does
-not use autograd): per row, a = s/T, b = t/T, log q = a - LSE(a), log p = b - LSE(b),
+The oracle follows docs/design.md in closed form (it does NOT call kdfused.reference and does not
+use autograd): per row, a = s/T, b = t/T, log q = a - LSE(a), log p = b - LSE(b),
 
     KL   = sum_{p>0} p (log p - log q)          CE = -sum_{p>0} p log q          hard = LSE(s) - s_y
     row  = soft_weight T^2 D + hard_weight hard     (a term with weight exactly 0 is not computed)
     d/ds = soft_weight T (q - p) + hard_weight (softmax(s) - onehot(y))
     d/dt = soft_weight T p (log p - log q - KL)     (KL)
          = soft_weight T p (-log q - CE)            (CE)
+
+and reverse KL, the generalised JSD (beta) and TVD with their gradients (_soft_new below).
 
 Everything is computed in float64 from the *given* (already quantised) inputs, so the only error a
 correct implementation can show is its own accumulation error and the rounding of its outputs.
@@ -24,15 +26,16 @@ kernel that loses accuracy for logits ~ 1e4 because it forms LSE(a) explicitly i
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 F64 = torch.float64
+DIVERGENCES = ("kl", "ce", "reverse_kl", "jsd", "tvd")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-DTYPE_IDS = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32", torch.float64: "f64"}
+DTYPE_IDS = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32",
+             torch.float64: "f64"}
 
 # Relative rounding of a correctly rounded output of each dtype (half an ulp, relative).
 RTOL_OUT = {
@@ -100,11 +103,16 @@ def oracle(
     soft_weight: float = 1.0,
     hard_weight: float = 0.0,
     divergence: str = "kl",
+    beta: float = 0.5,
     ignore_index: int = -100,
     reduction: str = "batchmean",
     grad_output=None,
 ) -> OracleResult:
-    assert divergence in ("kl", "ce") and reduction in ("batchmean", "mean", "sum", "none")
+    assert divergence in DIVERGENCES and reduction in ("batchmean", "mean", "sum", "none")
+    assert 0.0 <= beta <= 1.0
+    # the generalised JSD's end points are the two KLs (as the fused op defines them)
+    if divergence == "jsd" and beta in (0.0, 1.0):
+        divergence = "kl" if beta == 0.0 else "reverse_kl"
     lead = tuple(student.shape[:-1])
     V = student.shape[-1]
     s = student.detach().to("cpu", F64).reshape(-1, V)
@@ -141,28 +149,21 @@ def oracle(
         ma, La, logq = _lse_parts(a)
         mb, Lb, logp = _lse_parts(b)
         q, p = torch.exp(logq), torch.exp(logp)
-        has = p > 0
-        if divergence == "kl":
-            D = _where0(has, p * (logp - logq)).sum(-1, keepdim=True)
+        if divergence in ("kl", "ce"):
+            D, g_a, g_b, unit, ea, eb = _soft_kl_ce(divergence, p, q, logp, logq, a, b, La, Lb,
+                                                    ma, mb)
         else:
-            D = _where0(has, -p * logq).sum(-1, keepdim=True)
+            D, g_a, g_b, unit, ea, eb = _soft_new(divergence, float(beta), p, q, logp, logq, a, b,
+                                                  La, Lb, ma, mb, V, acc_dtype(student.dtype,
+                                                                               teacher.dtype))
+        # D, g_a, g_b: the divergence per row and its derivatives by a = s/T and b = t/T; the
+        # loss is ws T^2 D, so the gradients by s and t are ws T g_a and ws T g_b.
         row = row + ws * T * T * D.squeeze(-1)
-        gs = gs + ws * T * (q - p)
-        if divergence == "kl":
-            gt = gt + ws * T * _where0(has, p * (logp - logq - D))
-        else:
-            gt = gt + ws * T * _where0(has, p * (-logq - D))
-        # error scales (per unit of relative roundoff)
-        absl = _where0(has, p * (logp.abs() + logq.abs())).sum(-1, keepdim=True)
-        bma = _where0(has, p * (b - a).abs()).sum(-1, keepdim=True)
-        unit = 1.0 + La + Lb + absl + bma + (mb - ma).abs() + D.abs()
+        gs = gs + ws * T * g_a
+        gt = gt + ws * T * g_b
         row_err = row_err + ws * T * T * unit.squeeze(-1)
-        qpart = _where0(q > 0, q * (1.0 + logq.abs() + 2 * La))
-        ppart = _where0(has, p * (1.0 + logp.abs() + 2 * Lb))
-        gs_err = gs_err + ws * T * (qpart + ppart)
-        gt_err = gt_err + ws * T * _where0(
-            has, p * (1.0 + logp.abs() + logq.abs() + (b - a).abs() + 2 * La + 2 * Lb + unit)
-        )
+        gs_err = gs_err + ws * T * ea
+        gt_err = gt_err + ws * T * eb
 
     if N > 0 and wh != 0.0:
         assert y is not None, "hard_weight > 0 needs labels"
@@ -215,6 +216,91 @@ def oracle(
         grad_t_err=gt_err.reshape(shape),
         n_valid=n_valid,
     )
+
+
+def _soft_kl_ce(divergence, p, q, logp, logq, a, b, La, Lb, ma, mb):
+    """KL(p || q) or -sum p log q per row, its derivatives by a and b, and error scales."""
+    has = p > 0
+    if divergence == "kl":
+        D = _where0(has, p * (logp - logq)).sum(-1, keepdim=True)
+        g_b = _where0(has, p * (logp - logq - D))
+    else:
+        D = _where0(has, -p * logq).sum(-1, keepdim=True)
+        g_b = _where0(has, p * (-logq - D))
+    g_a = q - p
+    # error scales (per unit of relative roundoff)
+    absl = _where0(has, p * (logp.abs() + logq.abs())).sum(-1, keepdim=True)
+    bma = _where0(has, p * (b - a).abs()).sum(-1, keepdim=True)
+    unit = 1.0 + La + Lb + absl + bma + (mb - ma).abs() + D.abs()
+    qpart = _where0(q > 0, q * (1.0 + logq.abs() + 2 * La))
+    ppart = _where0(has, p * (1.0 + logp.abs() + 2 * Lb))
+    ea = qpart + ppart
+    eb = _where0(has, p * (1.0 + logp.abs() + logq.abs() + (b - a).abs() + 2 * La + 2 * Lb + unit))
+    return D, g_a, g_b, unit, ea, eb
+
+
+def _soft_new(divergence, beta, p, q, logp, logq, a, b, La, Lb, ma, mb, V, acc):
+    """reverse KL, JSD (0 < beta < 1) and TVD per row, their derivatives by a = s/T and b = t/T
+    (docs/design.md), and error scales:
+
+        R = KL(q || p)        dR/da = q (log q - log p - R)          dR/db = p - q
+        J = beta KL(p || m) + (1 - beta) KL(q || m),  m = beta p + (1 - beta) q
+                              dJ/da = (1 - beta) q (log(q/m) - KL(q || m))
+                              dJ/db = beta p (log(p/m) - KL(p || m))
+        TVD = 0.5 sum |p - q|,  h = 0.5 sign(q - p)
+                              dD/da = q (h - sum q h)                dD/db = p (sum p h - h)
+    """
+    hp, hq = p > 0, q > 0
+    lpa, lqa = _where0(hp, logp.abs()), _where0(hq, logq.abs())
+    bma = _where0(hp & hq, (b - a).abs())
+    # relative error of each probability from its exponent: (1 + |log p| + 2 LSE)
+    ep = _where0(hp, p * (1.0 + lpa + 2 * Lb))
+    eq = _where0(hq, q * (1.0 + lqa + 2 * La))
+    common = 1.0 + La + Lb + (mb - ma).abs()
+    if divergence == "reverse_kl":
+        D = _where0(hq, q * (logq - logp)).sum(-1, keepdim=True)
+        g_a = _where0(hq, q * (logq - logp - D))
+        g_b = p - q
+        unit = common + _where0(hq, q * (lqa + logp.abs() + bma)).sum(-1, keepdim=True) + D.abs()
+        ea = _where0(hq, q * (1.0 + lqa + logp.abs() + bma + 2 * La + 2 * Lb + unit))
+        eb = ep + eq
+    elif divergence == "jsd":
+        lm = torch.logaddexp(math.log(beta) + logp, math.log1p(-beta) + logq)
+        kpm = _where0(hp, p * (logp - lm)).sum(-1, keepdim=True)
+        kqm = _where0(hq, q * (logq - lm)).sum(-1, keepdim=True)
+        D = beta * kpm + (1.0 - beta) * kqm
+        g_a = (1.0 - beta) * _where0(hq, q * (logq - lm - kqm))
+        g_b = beta * _where0(hp, p * (logp - lm - kpm))
+        lma = _where0(hp | hq, lm.abs())
+        unit = (common + ((ep + eq) * (1.0 + lpa + lqa + lma)).sum(-1, keepdim=True)
+                + _where0(hp | hq, (p + q) * bma).sum(-1, keepdim=True) + D.abs())
+        ea = (1.0 - beta) * (_where0(hq, q * (1.0 + lqa + lma + 2 * La + 2 * Lb + unit))
+                             + eq * (1.0 + lqa + lma))
+        eb = beta * (_where0(hp, p * (1.0 + lpa + lma + 2 * La + 2 * Lb + unit))
+                     + ep * (1.0 + lpa + lma))
+    elif divergence == "tvd":
+        diff = q - p
+        D = 0.5 * diff.abs().sum(-1, keepdim=True)
+        h = 0.5 * torch.sign(diff)
+        sq = (q * h).sum(-1, keepdim=True)
+        sp = (p * h).sum(-1, keepdim=True)
+        g_a = q * (h - sq)
+        g_b = p * (sp - h)
+        e = ep + eq  # the error of p_k - q_k
+        unit = common + e.sum(-1, keepdim=True)
+        ea = eq * 2.0 + q * (e.sum(-1, keepdim=True))
+        eb = ep * 2.0 + p * (e.sum(-1, keepdim=True))
+        # Near ties (|q_k - p_k| within rounding) the subgradient's sign is a coin flip for any
+        # float evaluation: element k may be off by q_k (p_k), every element i by q_i (p_i)
+        # times the tied mass. Allow that (the scale is divided by the tolerance factor).
+        tie = (diff != 0) & (diff.abs() <= 4.0 * tol_acc(V, acc) * e)
+        if bool(tie.any()):
+            k = 1.0 / tol_acc(V, acc)
+            ea = ea + k * (_where0(tie, q) + q * _where0(tie, q).sum(-1, keepdim=True))
+            eb = eb + k * (_where0(tie, p) + p * _where0(tie, p).sum(-1, keepdim=True))
+    else:
+        raise AssertionError(divergence)
+    return D, g_a, g_b, unit, ea, eb
 
 
 # ------------------------------------------------------------------------------------------------
@@ -299,10 +385,6 @@ def max_ratio(got, expected, err, *, out_dtype, V, acc) -> float:
 # ------------------------------------------------------------------------------------------------
 # inputs
 # ------------------------------------------------------------------------------------------------
-
-
-def new_seed() -> int:
-    return int.from_bytes(os.urandom(6), "little")
 
 
 def make_logits(shape, dtype, device, gen, scale=3.0, offset=0.0):

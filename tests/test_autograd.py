@@ -8,8 +8,6 @@ import pytest
 import torch
 
 from oracle import (
-    DTYPE_IDS,
-    DTYPES,
     acc_dtype,
     assert_matches,
     check_against_oracle,
@@ -18,13 +16,8 @@ from oracle import (
     make_logits,
     oracle,
 )
-
-DT = [pytest.param(d, id=DTYPE_IDS[d]) for d in DTYPES]
-REDUCTIONS = ["batchmean", "mean", "sum", "none"]
-
-
-def _ctx(seed, **kw):
-    return f"\n  [seed={seed} {' '.join(f'{k}={v}' for k, v in kw.items())}]"
+from params import DT, REDUCTIONS
+from params import ctx as _ctx
 
 
 def _inputs(device, gen, dtype=torch.float32, shape=(3, 4, 29), ignore=0.25):

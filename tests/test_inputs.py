@@ -11,20 +11,15 @@ import torch
 
 from oracle import (
     DTYPE_IDS,
-    DTYPES,
     check_against_oracle,
     loss_dtype_for,
     make_labels,
     make_logits,
 )
+from params import DT, ERRORS
+from params import ctx as _ctx
 
-DT = [pytest.param(d, id=DTYPE_IDS[d]) for d in DTYPES]
-ERRORS = (ValueError, TypeError, RuntimeError)
 N, V = 6, 11
-
-
-def _ctx(seed, **kw):
-    return f"\n  [seed={seed} {' '.join(f'{k}={v}' for k, v in kw.items())}]"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -40,6 +35,12 @@ def _f(shape, device, dtype=torch.float32):
 
 def _y(device, shape=(N,), dtype=torch.int64):
     return torch.randint(0, V, shape, device=device).to(dtype)
+
+
+def _option_case(**option):
+    """A case whose inputs are fine and whose one option is bad (labels for hard_weight)."""
+    with_labels = "hard_weight" in option
+    return lambda d: (_f((N, V), d), _f((N, V), d), _y(d) if with_labels else None, option)
 
 
 BAD = {
@@ -92,27 +93,12 @@ BAD = {
     "hard-without-labels": (lambda d: (_f((N, V), d), _f((N, V), d), None,
                                        dict(hard_weight=0.5)), "label"),
     # scalars
-    **{
-        f"temperature={T}": (
-            (lambda T: lambda d: (_f((N, V), d), _f((N, V), d), None, dict(temperature=T)))(T),
-            "temperature",
-        )
-        for T in [0.0, -1.0, math.nan, math.inf, -math.inf]
-    },
-    **{
-        f"soft_weight={w}": (
-            (lambda w: lambda d: (_f((N, V), d), _f((N, V), d), None, dict(soft_weight=w)))(w),
-            "weight",
-        )
-        for w in [-0.1, math.nan, math.inf]
-    },
-    **{
-        f"hard_weight={w}": (
-            (lambda w: lambda d: (_f((N, V), d), _f((N, V), d), _y(d), dict(hard_weight=w)))(w),
-            "weight",
-        )
-        for w in [-1.0, math.nan, math.inf]
-    },
+    **{f"temperature={T}": (_option_case(temperature=T), "temperature")
+       for T in [0.0, -1.0, math.nan, math.inf, -math.inf]},
+    **{f"soft_weight={w}": (_option_case(soft_weight=w), "weight")
+       for w in [-0.1, math.nan, math.inf]},
+    **{f"hard_weight={w}": (_option_case(hard_weight=w), "weight")
+       for w in [-1.0, math.nan, math.inf]},
     "divergence-js": (lambda d: (_f((N, V), d), _f((N, V), d), None, dict(divergence="js")),
                       "divergence"),
     "divergence-empty": (lambda d: (_f((N, V), d), _f((N, V), d), None, dict(divergence="")),

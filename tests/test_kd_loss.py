@@ -10,10 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from oracle import DTYPE_IDS, DTYPES, check_against_oracle, make_labels, make_logits
+from oracle import check_against_oracle, make_labels, make_logits
+from params import CLASSIC_DIVERGENCES as DIVERGENCES
+from params import DT, REDUCTIONS
+from params import ctx as _ctx
 
-DIVERGENCES = ["kl", "ce"]
-REDUCTIONS = ["batchmean", "mean", "sum", "none"]
 TEMPERATURES = [0.5, 1.0, 4.0, 20.0]
 # (soft_weight, hard_weight, labels?)  hard_weight > 0 needs labels; labels with hard_weight == 0
 # still select the valid rows.
@@ -24,11 +25,6 @@ WEIGHTS = [
     pytest.param(0.0, 1.0, True, id="hard"),
     pytest.param(0.5, 2.0, True, id="mix2"),
 ]
-DT = [pytest.param(d, id=DTYPE_IDS[d]) for d in DTYPES]
-
-
-def _ctx(seed, **kw):
-    return f"\n  [seed={seed} {' '.join(f'{k}={v}' for k, v in kw.items())}]"
 
 
 @pytest.mark.parametrize("dtype", DT)
@@ -44,8 +40,8 @@ def test_grid(kd_loss, device, gen, seed, divergence, reduction, soft_weight, ha
     labels = make_labels(shape[:-1], shape[-1], device, gen, 0.3) if with_labels else None
     kw = dict(temperature=temperature, soft_weight=soft_weight, hard_weight=hard_weight,
               divergence=divergence, reduction=reduction)
-    check_against_oracle(kd_loss, s, t, labels, grad_teacher=True, ctx=_ctx(seed, shape=shape, **kw),
-                         **kw)
+    check_against_oracle(kd_loss, s, t, labels, grad_teacher=True,
+                         ctx=_ctx(seed, shape=shape, **kw), **kw)
 
 
 def _rows_for(V):

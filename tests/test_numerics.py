@@ -1,5 +1,5 @@
-"""Numerical rules (DESIGN.md section 2): masked vocabulary (-inf), +inf and NaN rules, weights that
-are exactly 0, huge logits, extreme temperatures."""
+"""Numerical rules (docs/design.md section 1): masked vocabulary (-inf), +inf and NaN rules,
+weights that are exactly 0, huge logits, extreme temperatures."""
 
 from __future__ import annotations
 
@@ -8,14 +8,11 @@ import math
 import pytest
 import torch
 
-from oracle import DTYPE_IDS, DTYPES, check_against_oracle, make_labels, make_logits, oracle
+from oracle import check_against_oracle, make_labels, make_logits, oracle
+from params import DT
+from params import ctx as _ctx
 
-DT = [pytest.param(d, id=DTYPE_IDS[d]) for d in DTYPES]
 NEG_INF = float("-inf")
-
-
-def _ctx(seed, **kw):
-    return f"\n  [seed={seed} {' '.join(f'{k}={v}' for k, v in kw.items())}]"
 
 
 def _run(kd_loss, s, t, labels=None, grad_output=None, **kw):
@@ -275,8 +272,9 @@ def test_high_temperature_relative_accuracy(kd_loss, device, gen, seed, dtype):
         kw = dict(temperature=100.0, divergence=divergence, reduction="none")
         rows = kd_loss(s, t, None, **kw)
         ref = oracle(s, t, None, **kw).loss
+        where = f"{divergence} seed={seed}"
         torch.testing.assert_close(rows.double().cpu(), ref, rtol=1e-2, atol=0,
-                                   msg=lambda m: f"{divergence} seed={seed}: {m}")
+                                   msg=lambda m, where=where: f"{where}: {m}")
 
 
 @pytest.mark.parametrize("dtype", DT)

@@ -1,0 +1,136 @@
+"""Argument checks of :func:`kdfused.kd_loss`, in pure Python.
+
+Used by the Python wrappers (``kdfused.loss``) and by the pure-PyTorch specification
+(``kdfused.reference``), so that both reject the same inputs with the same exception types and
+messages as the C++ op (``csrc/kdfused.cpp``: ``check_options`` / ``check_inputs``; the label
+range is checked by each backend before anything is computed). The C++ op keeps its own copy of
+these checks: it is callable without Python (``torch.ops.kdfused.kd_loss``, the C++ build).
+
+Exception types: a bad value is a ``ValueError``, a bad type (or dtype) a ``TypeError``, a device
+mismatch a ``RuntimeError`` -- what ``TORCH_CHECK_VALUE`` / ``TORCH_CHECK_TYPE`` / ``TORCH_CHECK``
+raise in Python.
+
+Nothing here imports the compiled extension.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+DIVERGENCES = ("kl", "ce", "reverse_kl", "jsd", "tvd")
+REDUCTIONS = ("batchmean", "mean", "sum", "none")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+LABEL_DTYPES = (torch.int64, torch.int32)
+
+# c10's names of the scalar types, as the C++ messages print them.
+_C10_NAMES = {
+    torch.uint8: "Byte", torch.int8: "Char", torch.int16: "Short", torch.int32: "Int",
+    torch.int64: "Long", torch.float16: "Half", torch.float32: "Float", torch.float64: "Double",
+    torch.bfloat16: "BFloat16", torch.bool: "Bool", torch.complex64: "ComplexFloat",
+    torch.complex128: "ComplexDouble",
+}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return _C10_NAMES.get(dtype, str(dtype))
+
+
+def _num(x: float) -> str:
+    """A double as C++'s ostream prints it (6 significant digits, 'nan', 'inf')."""
+    return format(float(x), "g")
+
+
+def _shape(shape) -> str:
+    return str(tuple(int(d) for d in shape))
+
+
+def check_types(student_logits, teacher_logits, labels, temperature, soft_weight, hard_weight,
+                divergence, beta, ignore_index, reduction) -> None:
+    """The Python-level argument types (the op's schema would reject them less clearly)."""
+    if not isinstance(student_logits, torch.Tensor) or not isinstance(teacher_logits, torch.Tensor):
+        raise TypeError("kdfused: student_logits and teacher_logits must be tensors")
+    if labels is not None and not isinstance(labels, torch.Tensor):
+        raise TypeError(f"kdfused: labels must be a tensor or None, got {type(labels).__name__}")
+    check_option_types(temperature, soft_weight, hard_weight, divergence, beta, reduction)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"kdfused: ignore_index must be an int, got {type(ignore_index).__name__}")
+
+
+def check_option_types(temperature, soft_weight, hard_weight, divergence, beta, reduction) -> None:
+    for name, value in (("temperature", temperature), ("soft_weight", soft_weight),
+                        ("hard_weight", hard_weight), ("beta", beta)):
+        # (int, float) rather than numbers.Real: torch.compile traces this check.
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"kdfused: {name} must be a real number, got {type(value).__name__}")
+    if not isinstance(divergence, str) or not isinstance(reduction, str):
+        raise TypeError("kdfused: divergence and reduction must be strings")
+
+
+def check_options(temperature, soft_weight, hard_weight, divergence, beta, reduction) -> None:
+    """The option values (csrc/kdfused.cpp: check_options). Assumes check_option_types passed."""
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"kdfused: temperature must be finite and > 0, got {_num(temperature)}")
+    if not (math.isfinite(soft_weight) and soft_weight >= 0):
+        raise ValueError(f"kdfused: soft_weight must be finite and >= 0, got {_num(soft_weight)}")
+    if not (math.isfinite(hard_weight) and hard_weight >= 0):
+        raise ValueError(f"kdfused: hard_weight must be finite and >= 0, got {_num(hard_weight)}")
+    if divergence not in DIVERGENCES:
+        raise ValueError("kdfused: divergence must be one of 'kl', 'ce', 'reverse_kl', 'jsd', "
+                         f"'tvd', got '{divergence}'")
+    if not (0 <= beta <= 1):  # (NaN fails both comparisons)
+        raise ValueError(f"kdfused: beta must be in [0, 1], got {_num(beta)}")
+    if reduction not in REDUCTIONS:
+        raise ValueError("kdfused: reduction must be one of 'batchmean', 'mean', 'sum', 'none', "
+                         f"got '{reduction}'")
+
+
+def check_inputs(student, teacher, labels: Optional[torch.Tensor], temperature, soft_weight,
+                 hard_weight, divergence, beta, reduction) -> None:
+    """Options, then the tensors' dtypes, shapes and devices (csrc/kdfused.cpp: check_inputs),
+    in the same order as the C++ op so that the same problem is reported first."""
+    check_options(temperature, soft_weight, hard_weight, divergence, beta, reduction)
+    for name, x in (("student_logits", student), ("teacher_logits", teacher)):
+        if x.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"kdfused: {name} must be float16, bfloat16, float32 or float64, "
+                            f"got {_dtype_name(x.dtype)}")
+    if student.dim() < 1:
+        raise ValueError("kdfused: logits must have at least 1 dimension (..., V), got a 0-dim "
+                         "tensor")
+    if student.shape != teacher.shape:
+        raise ValueError("kdfused: student and teacher logits must have the same shape, got "
+                         f"{_shape(student.shape)} and {_shape(teacher.shape)}")
+    if student.shape[-1] < 1:
+        raise ValueError("kdfused: the vocabulary (last) dimension must not be empty")
+    if student.device != teacher.device:
+        raise RuntimeError("kdfused: student and teacher logits must be on the same device, got "
+                           f"{student.device} and {teacher.device}")
+    if labels is not None:
+        if labels.dtype not in LABEL_DTYPES:
+            raise TypeError(f"kdfused: labels must be int64 (or int32), got "
+                            f"{_dtype_name(labels.dtype)}")
+        lead = student.shape[:-1]
+        if labels.shape != lead:
+            raise ValueError(f"kdfused: labels must have shape {_shape(lead)} (the logits' leading "
+                             f"dims), got {_shape(labels.shape)}")
+        if labels.device != student.device:
+            raise RuntimeError(f"kdfused: labels must be on the logits' device ({student.device}), "
+                               f"got {labels.device}")
+    elif hard_weight != 0:
+        raise ValueError("kdfused: hard_weight > 0 needs labels (got labels=None)")
+
+
+def check_label_values(labels: Optional[torch.Tensor], vocab: int, ignore_index: int) -> None:
+    """Every label is in [0, vocab) or equals ignore_index (the backends check this before they
+    compute anything, whether or not the hard term is on: labels also select the valid rows).
+    Reads the labels (a device sync on a GPU)."""
+    if labels is None or labels.numel() == 0:
+        return
+    y = labels.reshape(-1)
+    bad = (y != ignore_index) & ((y < 0) | (y >= vocab))
+    if bool(bad.any()):
+        r = int(bad.nonzero()[0, 0])
+        raise ValueError(f"kdfused: labels must be in [0, {vocab}) or equal ignore_index "
+                         f"({ignore_index}), got {int(y[r])} at row {r}")
