@@ -3,9 +3,10 @@
 Every provider computes the same combined distillation loss on logits ``s`` (student, N x V, the
 only input that requires grad), ``t`` (teacher, N x V) and integer labels ``y`` (N):
 
-    loss = SOFT_WEIGHT * T^2 * KL(softmax(t/T) || softmax(s/T)) + HARD_WEIGHT * CE(s, y)
+    loss = SOFT_WEIGHT * T^2 * D(softmax(t/T) || softmax(s/T)) + HARD_WEIGHT * CE(s, y)
 
-averaged over the N rows ("batchmean"), with T = TEMPERATURE. ``make(name, device)`` returns a
+averaged over the N rows ("batchmean"), with T = TEMPERATURE and D the divergence chosen with
+``configure()`` (``--divergence``; default "kl"; "jsd" with ``--beta``). ``make(name, device)`` returns a
 closure ``fn(s, t, y) -> scalar loss``; the caller times ``fn`` under ``torch.no_grad()`` (forward)
 and ``fn(...).backward()`` (forward + backward). A provider that cannot run here raises
 :class:`Unavailable` with the reason, so that it is reported rather than dropped.
@@ -13,6 +14,7 @@ and ``fn(...).backward()`` (forward + backward). A provider that cannot run here
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from typing import Callable
@@ -23,16 +25,28 @@ import torch.nn.functional as F
 TEMPERATURE = 2.0
 SOFT_WEIGHT = 0.5
 HARD_WEIGHT = 0.5
+DIVERGENCE = "kl"
+BETA = 0.5
+DIVERGENCES = ("kl", "ce", "reverse_kl", "jsd", "tvd")
+
+
+def configure(divergence: str = "kl", beta: float = 0.5) -> None:
+    """Sets the divergence every provider computes (the worker calls it from the case spec)."""
+    global DIVERGENCE, BETA
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    DIVERGENCE, BETA = divergence, float(beta)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 DESCRIPTIONS = {
     "kdfused": "kdfused.kd_loss (fused loss + gradient)",
-    "eager": "F.kl_div(log_softmax, log_softmax, log_target=True) + F.cross_entropy, eager",
+    "eager": "F.kl_div(log_softmax, log_softmax, log_target=True) (or the chosen divergence's "
+    "formula) + F.cross_entropy, eager",
     "compile": "the same eager code under torch.compile (default options)",
     "liger_kl": "Liger LigerKLDIVLoss on torch log_softmax outputs + F.cross_entropy (CUDA only)",
-    "liger_jsd": "Liger LigerJSD(beta=0) = forward KL, on torch log_softmax outputs "
-    "+ F.cross_entropy (CUDA only)",
+    "liger_jsd": "Liger LigerJSD (beta 0 = forward KL, 1 = reverse KL, or --beta for jsd) on "
+    "torch log_softmax outputs + F.cross_entropy (CUDA only)",
     "reference": "kdfused.reference.kd_loss (pure-PyTorch specification; not a peer)",
 }
 DEFAULT_PROVIDERS = ("kdfused", "eager", "compile")
@@ -51,14 +65,25 @@ def people_loss(
     soft_weight: float = SOFT_WEIGHT,
     hard_weight: float = HARD_WEIGHT,
 ) -> torch.Tensor:
-    """The distillation loss as people write it today in plain PyTorch."""
-    soft = F.kl_div(
-        F.log_softmax(s / T, dim=-1),
-        F.log_softmax(t / T, dim=-1),
-        log_target=True,
-        reduction="batchmean",
-    ) * (T * T)
-    return soft_weight * soft + hard_weight * F.cross_entropy(s, y)
+    """The distillation loss as people write it today in plain PyTorch (for "jsd", as TRL's
+    ``generalized_jsd_loss`` writes the mixture: a logsumexp of the two log-distributions)."""
+    log_q = F.log_softmax(s / T, dim=-1)
+    log_p = F.log_softmax(t / T, dim=-1)
+    n = s.shape[0]
+    if DIVERGENCE == "kl":
+        d = F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
+    elif DIVERGENCE == "ce":
+        d = -(log_p.exp() * log_q).sum() / n
+    elif DIVERGENCE == "reverse_kl":
+        d = F.kl_div(log_p, log_q, log_target=True, reduction="batchmean")
+    elif DIVERGENCE == "jsd":
+        b = BETA
+        log_m = torch.logsumexp(torch.stack([log_q + math.log(1 - b), log_p + math.log(b)]), 0)
+        d = (b * F.kl_div(log_m, log_p, log_target=True, reduction="batchmean")
+             + (1 - b) * F.kl_div(log_m, log_q, log_target=True, reduction="batchmean"))
+    else:  # tvd
+        d = 0.5 * (log_p.exp() - log_q.exp()).abs().sum() / n
+    return soft_weight * T * T * d + hard_weight * F.cross_entropy(s, y)
 
 
 def load_reference():
@@ -87,7 +112,7 @@ def reference_loss(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor, rows: int 
             a, b = s[i : i + rows], t[i : i + rows]
             total += ref.kd_loss(
                 a, b, y[i : i + rows], temperature=TEMPERATURE, soft_weight=SOFT_WEIGHT,
-                hard_weight=HARD_WEIGHT, reduction="sum",
+                hard_weight=HARD_WEIGHT, divergence=DIVERGENCE, beta=BETA, reduction="sum",
             ).item()
     return total / n
 
@@ -102,7 +127,8 @@ def _kdfused(device: str) -> LossFn:
 
     def fn(s, t, y):
         return kdfused.kd_loss(
-            s, t, y, temperature=TEMPERATURE, soft_weight=SOFT_WEIGHT, hard_weight=HARD_WEIGHT
+            s, t, y, temperature=TEMPERATURE, soft_weight=SOFT_WEIGHT, hard_weight=HARD_WEIGHT,
+            divergence=DIVERGENCE, beta=BETA,
         )
 
     return fn
@@ -128,9 +154,15 @@ def _liger(device: str, which: str) -> LossFn:
         raise Unavailable(f"liger_kernel not importable: {exc}") from exc
     T = TEMPERATURE
     if which == "kl":
+        if DIVERGENCE != "kl":
+            raise Unavailable("liger_kl computes forward KL only")
         div = LigerKLDIVLoss(reduction="batchmean", log_target=True)
     else:
-        div = LigerJSD(beta=0.0)  # beta = 0 is forward KL(p_teacher || q_student)
+        # Liger's generalised JSD: beta = 0 is forward KL(p_teacher || q_student), 1 reverse KL.
+        beta = {"kl": 0.0, "reverse_kl": 1.0, "jsd": BETA}.get(DIVERGENCE)
+        if beta is None:
+            raise Unavailable(f"Liger's JSD cannot express {DIVERGENCE!r}")
+        div = LigerJSD(beta=beta)
 
     # Liger takes log-probabilities, so the log_softmax it needs is part of its cost.
     # The hard-label term stays F.cross_entropy: LigerCrossEntropyLoss overwrites its input
@@ -148,7 +180,8 @@ def _reference(device: str) -> LossFn:
 
     def fn(s, t, y):
         return ref.kd_loss(
-            s, t, y, temperature=TEMPERATURE, soft_weight=SOFT_WEIGHT, hard_weight=HARD_WEIGHT
+            s, t, y, temperature=TEMPERATURE, soft_weight=SOFT_WEIGHT, hard_weight=HARD_WEIGHT,
+            divergence=DIVERGENCE, beta=BETA,
         )
 
     return fn

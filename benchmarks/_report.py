@@ -145,12 +145,16 @@ def table(records: list[dict], meta: dict) -> str:
         out.append(line(row if row[0] != prev else [""] + row[1:]))
         prev = row[0]
     copy = meta.get("copy_gbps")
+    loss = meta.get("loss", {})
+    div = {"kl": "KL(p_T||q_T)", "ce": "CE(p_T, q_T)", "reverse_kl": "KL(q_T||p_T)",
+           "tvd": "TVD(p_T, q_T)"}.get(loss.get("divergence", "kl"),
+                                      f"JSD_beta={loss.get('beta')}(p_T, q_T)")
     notes = [
         f"{meta['device_name']} | {meta['threads']} threads | torch {meta['torch']}"
         f"{' | CUDA ' + meta['cuda'] if meta['device'] == 'cuda' else ''} | "
         f"copy bandwidth {_fmt(copy)} GB/s | load avg {meta['loadavg_1min']['start']} | "
         f"commit {meta['git_commit'][:12]}",
-        "loss: 0.5*T^2*KL(p_T||q_T) + 0.5*CE, T=2, batchmean. fwd = loss under no_grad; "
+        f"loss: 0.5*T^2*{div} + 0.5*CE, T=2, batchmean. fwd = loss under no_grad; "
         "fwd+bwd = loss + backward (grad of the student logits); times are medians.",
         "vs eager / vs compile: fwd+bwd speed-up over the eager / torch.compile'd PyTorch code. "
         "peak MiB: fwd+bwd peak memory above the inputs",
@@ -181,7 +185,7 @@ def metadata(args, env: dict) -> dict:
         "set": args.set_name,
         "providers": args.provider_list,
         "loss": {"temperature": 2.0, "soft_weight": 0.5, "hard_weight": 0.5,
-                 "divergence": "kl", "reduction": "batchmean"},
+                 "divergence": args.divergence, "beta": args.beta, "reduction": "batchmean"},
         "timing": {"warmup": args.warmup, "target_s": args.target_s, "min_reps": args.min_reps,
                    "max_reps": args.max_reps,
                    "clock": "CUDA events" if args.device == "cuda" else "time.perf_counter"},

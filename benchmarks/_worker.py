@@ -191,6 +191,7 @@ def measure_case(spec: dict) -> dict:
     start = time.perf_counter()
     s = t = y = None
     try:
+        P.configure(spec.get("divergence", "kl"), spec.get("beta", 0.5))
         fn = P.make(provider, device)
         gen = torch.Generator(device=device).manual_seed(1234)
         s = (2 * torch.randn(n, v, generator=gen, device=device)).to(dtype).requires_grad_(True)

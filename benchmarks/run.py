@@ -7,7 +7,8 @@
     python benchmarks/run.py --device cuda --out DIR
     python benchmarks/run.py --sizes 2048x32000,1024x128256:bf16 --providers kdfused,eager
 
-Loss (every provider): 0.5 * T^2 * KL(p_T || q_T) + 0.5 * cross-entropy, T = 2, batchmean.
+Loss (every provider): 0.5 * T^2 * D(p_T || q_T) + 0.5 * cross-entropy, T = 2, batchmean, with
+D = KL by default (--divergence ce|reverse_kl|jsd|tvd, --beta for jsd).
 Each (case, provider) runs in a fresh subprocess on the CPU (peak RSS is per process); on CUDA one
 subprocess per provider runs all sizes (peak memory from the caching allocator's statistics).
 Writes ``<device>-<set>.csv`` (long format), ``.json`` (metadata + records) and ``.png`` to
@@ -50,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--sizes", help="comma list NxV[:dtype], e.g. 2048x32000,1024x32000:bf16")
     ap.add_argument("--providers", help=f"comma list from {','.join(P.ALL_PROVIDERS)} "
                     f"(default: {','.join(P.DEFAULT_PROVIDERS)}, plus Liger's on cuda)")
+    ap.add_argument("--divergence", default="kl", choices=P.DIVERGENCES,
+                    help="the soft term's divergence for every provider (default kl)")
+    ap.add_argument("--beta", type=float, default=0.5, help="jsd's beta (default 0.5)")
     ap.add_argument("--out", default=os.path.join(HERE, "results"), help="results folder")
     ap.add_argument("--tag", help="file name stem (default: <device>-<set>)")
     ap.add_argument("--target-s", type=float, default=1.0,
@@ -77,7 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             ap.error(f"unknown provider {p!r}")
     args.warmup = args.warmup or (1 if args.device == "cpu" else 3)
     args.isolate = args.isolate or ("case" if args.device == "cpu" else "provider")
-    args.tag = args.tag or f"{args.device}-{args.set_name}"
+    div = "" if args.divergence == "kl" else f"-{args.divergence}"
+    args.tag = args.tag or f"{args.device}-{args.set_name}{div}"
     return args
 
 
@@ -135,7 +140,8 @@ def main(argv=None) -> int:
         print(f"warning: load average {load_before:.1f} on {os.cpu_count()} cores; CPU timings "
               "will be noisy (multi-threaded ops stall when their threads are descheduled)",
               file=sys.stderr)
-    common = dict(device=args.device, threads=args.threads, warmup=args.warmup,
+    common = dict(device=args.device, divergence=args.divergence, beta=args.beta,
+                  threads=args.threads, warmup=args.warmup,
                   target_s=args.target_s, min_reps=args.min_reps, max_reps=args.max_reps,
                   check=not args.no_check)
     records, skipped, env = [], [], {}
