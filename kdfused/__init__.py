@@ -9,6 +9,8 @@
 from . import reference
 from ._C import build_info, empty_cache
 from .loss import KDLoss, kd_loss
+from .topk import TopKKDLoss, topk_kd_loss, topk_teacher
 
-__all__ = ["kd_loss", "KDLoss", "reference", "build_info", "empty_cache"]
+__all__ = ["kd_loss", "KDLoss", "reference", "build_info", "empty_cache", "topk_kd_loss",
+           "TopKKDLoss", "topk_teacher"]
 __version__ = "0.1.0"
