@@ -73,12 +73,14 @@ def run_fused(s, idx, vals, y, **kw):
     loss = kdfused.topk_kd_loss(s1, idx, vals, y, **kw)
     go = torch.ones_like(loss)
     loss.backward(go)
-    return loss, s1.grad
+    return loss.detach(), s1.grad  # detached: the graph (and s1 with its .grad) can go
 
 
 def run_ref(s, idx, vals, y, **kw):
     s2 = s.detach().double().requires_grad_()
     loss = ref_topk_kd_loss(s2, idx, vals.double(), y, **kw)
+    if not loss.requires_grad:  # both weights 0: a constant
+        return loss, torch.zeros_like(s2)
     loss.backward(torch.ones_like(loss))
     return loss, s2.grad
 
@@ -93,7 +95,8 @@ def tolerances(dtype, vdtype, kw, V):
     eps = 1e-12 if acc64 else 3e-6
     lv = 1.0 + math.log(V)
     loss_atol = eps * lv * 4 * (sw * T * T + hw)
-    g_round = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}.get(dtype, 0.0)
+    g_round = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 2.0**-22}.get(
+        dtype, 0.0)
     grad_atol = eps * 4 * (sw * T + hw) + g_round * (sw * T + hw) * 0.05
     grad_rtol = max(eps * 10, g_round)
     return loss_atol, max(eps * 10, 1e-12), grad_atol, grad_rtol
@@ -399,7 +402,7 @@ def test_bad_input(gen, case, exc, match):
         vals = vals.requires_grad_()
     elif case == "not_tensor":
         vals = vals.tolist()
-    s = s.requires_grad_()
+    s = s.requires_grad_(s.is_floating_point())
     with pytest.raises(exc, match=match):
         kdfused.topk_kd_loss(s, idx, vals, y, **kw)
     assert s.grad is None
