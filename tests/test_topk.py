@@ -432,7 +432,8 @@ def test_opcheck(device, gen, reduction, labels, grad, dtype):
     torch.library.opcheck(torch.ops.kdfused.topk_kd_loss, args)
 
 
-def test_torch_compile_fullgraph(gen):
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(gen, backend):
     torch._dynamo.reset()
     s, idx, vals, y = make_case((3, 4), 300, 8, gen)
     kw = dict(temperature=2.0, soft_weight=0.9, hard_weight=0.1)
@@ -440,7 +441,7 @@ def test_torch_compile_fullgraph(gen):
     def step(s, idx, vals, y):
         return kdfused.topk_kd_loss(s, idx, vals, y, **kw) * 2.0
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(step, fullgraph=True, backend=backend)
     s1 = s.clone().requires_grad_()
     out = compiled(s1, idx, vals, y)
     out.backward()
@@ -449,6 +450,24 @@ def test_torch_compile_fullgraph(gen):
     ref.backward()
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(s1.grad, s2.grad)
+
+
+def test_torch_compile_dynamic_shapes(gen):
+    torch._dynamo.reset()
+
+    def f(s, idx, vals, y):
+        return kdfused.topk_kd_loss(s, idx, vals, y, temperature=1.5, hard_weight=0.5,
+                                    reduction="none").sum()
+
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager", dynamic=True)
+    for n in (4, 7):
+        s, idx, vals, y = make_case((n,), 50, 5, gen, dtype=torch.float64)
+        s1, s2 = s.clone().requires_grad_(), s.clone().requires_grad_()
+        a, b = cf(s1, idx, vals, y), f(s2, idx, vals, y)
+        a.backward()
+        b.backward()
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-12, atol=1e-14)
 
 
 # ---- topk_teacher ----------------------------------------------------------------------------
