@@ -3,8 +3,8 @@
 //
 // One row: student logits s (V entries), teacher indices i_1..i_k (distinct) and teacher logits
 // v_1..v_k at those indices, temperature T.
-//   ms = max s                     za = sum_i exp((s_i - ms) / T)     log q_i = (s_i - ms)/T - log za
-//   mv = max v                     zb = sum_j exp((v_j - mv) / T)     log p_j = (v_j - mv)/T - log zb
+//   ms = max s        za = sum_i exp((s_i - ms) / T)        log q_i = (s_i - ms)/T - log za
+//   mv = max v        zb = sum_j exp((v_j - mv) / T)        log p_j = (v_j - mv)/T - log zb
 //   KL = sum_j p_j (log p_j - log q_{i_j})
 //      = (1/zb) sum_j e_j ((v_j - mv) - (s_{i_j} - ms)) / T  -  log zb  +  log za,  e_j = zb p_j
 //   CE = -sum_j p_j log q_{i_j} = (1/zb) sum_j e_j (-(s_{i_j} - ms) / T)  +  log za

@@ -13,7 +13,8 @@ enum class SType : int32_t { Float16 = 0, BFloat16 = 1, Float32 = 2, Float64 = 3
 // Plain data only: the CPU kernels (compiled once per instruction set) and the CUDA kernels see
 // exactly this.
 struct TopKParams {
-  const void* student = nullptr;   // [n_rows, vocab], last dim contiguous, rows student_stride apart
+  const void* student = nullptr;   // [n_rows, vocab], last dim contiguous, rows student_stride
+                                   // elements apart
   SType student_dtype = SType::Float32;
   int64_t student_stride = 0;      // elements between rows
   const int64_t* indices = nullptr;  // [n_rows, k] contiguous, int64

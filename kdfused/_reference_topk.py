@@ -1,4 +1,5 @@
-"""Pure-PyTorch reference of :func:`kdfused.topk_kd_loss` (distillation from a stored top-k teacher).
+"""Pure-PyTorch reference of :func:`kdfused.topk_kd_loss` (distillation from a stored top-k
+teacher).
 
 Same signature and semantics as the fused op, written with ordinary tensor ops so that autograd
 supplies the gradient. It imports nothing compiled and materialises several N x V tensors: it is a

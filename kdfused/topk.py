@@ -33,8 +33,8 @@ def _check_meta(student, indices, values, labels, temperature, soft_weight, hard
                            ("hard_weight", hard_weight, 0)):
         ok = val == val and abs(val) != float("inf") and (val > 0 if low is None else val >= 0)
         if not ok:
-            raise ValueError(f"kdfused: {name} must be finite and {'> 0' if low is None else '>= 0'}"
-                             f", got {val}")
+            bound = "> 0" if low is None else ">= 0"
+            raise ValueError(f"kdfused: {name} must be finite and {bound}, got {val}")
     if student.dtype not in _FLOATS:
         raise TypeError(f"kdfused: student_logits must be float16, bfloat16, float32 or float64, "
                         f"got {student.dtype}")

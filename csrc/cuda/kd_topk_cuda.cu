@@ -239,7 +239,8 @@ __global__ void __launch_bounds__(kThreads)
       if (use_bitmap) group_sync<G>();  // every atomicOr done before the bitmap is reused
       zb = group_reduce<G>(zb_part, sum_op, red.a);
       terms = group_reduce<G>(terms, sum_op, red.a);
-      loss += static_cast<A>(p.soft_weight) * temp * temp * topk::divergence(terms, zb, log_za, p.ce);
+      const A d = topk::divergence(terms, zb, log_za, p.ce);
+      loss += static_cast<A>(p.soft_weight) * temp * temp * d;
     }
     if (hard) {
       const A s_y = y_ok ? to_acc<S, A>(srow[y]) : A(NAN);

@@ -56,7 +56,8 @@ inline Vectorized<A> vexp(const Vectorized<A>& x) {
 // each chunk's maximum, and for V = 1 the whole distribution (loss and gradient exactly 0).
 template <>
 inline Vectorized<float> vexp(const Vectorized<float>& x) {
-  return Vectorized<float>::blendv(x.exp_u20(), Vectorized<float>(1.f), x == Vectorized<float>(0.f));
+  const Vectorized<float> one(1.f);
+  return Vectorized<float>::blendv(x.exp_u20(), one, x == Vectorized<float>(0.f));
 }
 
 template <typename A>
