@@ -499,3 +499,23 @@ def test_topk_teacher_round_trip_equals_full_kd_loss(gen):
     a = kdfused.topk_kd_loss(s, idx.int(), vals, temperature=2.0)
     b = kdfused.kd_loss(s, t, temperature=2.0)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_fake_kernel_checks_shapes(gen):
+    """Under torch.compile the fake kernel sees bad shapes first: the same errors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    s, idx, vals, y = make_case((4,), 50, 5, gen)
+    short = vals[:, :4].contiguous()
+    with FakeTensorMode() as mode:
+        fs, fi = mode.from_tensor(s), mode.from_tensor(idx)
+        fv = mode.from_tensor(vals)
+        loss, gs, scale = torch.ops.kdfused.topk_kd_loss(fs, fi, fv, None, 2.0, 1.0, 0.0, "kl",
+                                                          -100, "none", True)
+        assert loss.shape == (4,) and gs.shape == s.shape and scale.shape == (4,)
+        with pytest.raises(ValueError, match="teacher_values must have the shape"):
+            torch.ops.kdfused.topk_kd_loss(fs, fi, mode.from_tensor(short), None, 1.0, 1.0,
+                                           0.0, "kl", -100, "batchmean", False)
+        with pytest.raises(ValueError, match="'kl' or 'ce'"):
+            torch.ops.kdfused.topk_kd_loss(fs, fi, fv, None, 1.0, 1.0, 0.0, "jsd", -100,
+                                           "batchmean", False)
