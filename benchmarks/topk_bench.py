@@ -133,7 +133,6 @@ def run(args):
     ks = [4, 16] if args.quick else args.k
     reps = args.reps or (3 if args.quick else 5)
     torch.manual_seed(0)
-    compiled = torch.compile(eager_topk_loss, dynamic=False)
     rows = []
     for N, V in sizes:
         for dname in args.dtypes:
@@ -153,6 +152,10 @@ def run(args):
                 ref = eager_topk_loss(s[:64].double(), idx[:64], vals[:64].double()).item()
                 got = kdfused_topk_loss(s[:64], idx[:64], vals[:64]).item()
                 res["loss_rel_diff_vs_fp64_eager"] = abs(got - ref) / max(abs(ref), 1e-30)
+                # A fresh compilation per case: past dynamo's recompile limit (8 shapes) the
+                # compiled function would silently run eagerly.
+                torch._dynamo.reset()
+                compiled = torch.compile(eager_topk_loss, dynamic=False)
                 for name, fn, fargs in (("topk", kdfused_topk_loss, (idx, vals)),
                                         ("eager", eager_topk_loss, (idx, vals)),
                                         ("compile", compiled, (idx, vals))):

@@ -193,7 +193,8 @@ def topk_kd_loss(
     values on the host would need a device-to-host sync, so the kernel checks them: an index out of
     range, a duplicate index in a row (found with a shared-memory bitmap of the row's vocabulary
     when ``V <= 393216``, not checked above that) or a label out of range stops the kernel with a
-    device-side assert, like PyTorch's own indexing and cross-entropy kernels.
+    device-side assert, like PyTorch's own indexing and cross-entropy kernels. (The indices are
+    only read, and so only checked, when ``soft_weight > 0``.)
     """
     for name, x in (("student_logits", student_logits), ("teacher_indices", teacher_indices),
                     ("teacher_values", teacher_values)):
