@@ -110,6 +110,11 @@ sources = [
     "csrc/cpu/kd_kernel_scalar.cpp",
     "csrc/cpu/kd_kernel_avx2.cpp",
     "csrc/cpu/kd_kernel_avx512.cpp",
+    "csrc/kd_topk.cpp",
+    "csrc/cpu/kd_topk_cpu.cpp",
+    "csrc/cpu/topk/kd_topk_default.cpp",
+    "csrc/cpu/topk/kd_topk_avx2.cpp",
+    "csrc/cpu/topk/kd_topk_avx512.cpp",
 ]
 cxx_flags = ["-O3", "-fvisibility=hidden"]
 nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 
 from . import reference
 
-__all__ = ["kd_loss", "KDLoss", "KDLossFunction", "reference", "build_info", "empty_cache"]
+__all__ = ["kd_loss", "KDLoss", "KDLossFunction", "reference", "build_info", "empty_cache",
+           "topk_kd_loss", "TopKKDLoss", "topk_teacher"]
 __version__ = "0.1.0"
 
 # name -> module that defines it; imported on first attribute access (PEP 562)
@@ -25,11 +26,15 @@ _LAZY = {
     "KDLossFunction": "loss",
     "build_info": "_C",
     "empty_cache": "_C",
+    "topk_kd_loss": "topk",
+    "TopKKDLoss": "topk",
+    "topk_teacher": "topk",
 }
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily
     from ._C import build_info, empty_cache  # noqa: F401
     from .loss import KDLoss, KDLossFunction, kd_loss  # noqa: F401
+    from .topk import TopKKDLoss, topk_kd_loss, topk_teacher  # noqa: F401
 
 
 def __getattr__(name: str):

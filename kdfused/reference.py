@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from . import _checks
 from ._checks import DIVERGENCES, REDUCTIONS
 
-__all__ = ["kd_loss", "divergence_rows", "DIVERGENCES", "REDUCTIONS"]
+__all__ = ["kd_loss", "topk_kd_loss", "divergence_rows", "DIVERGENCES", "REDUCTIONS"]
 
 
 def _acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -175,3 +175,7 @@ def kd_loss(
     if reduction != "sum":
         total = total / valid.sum().clamp(min=1).to(torch.float64)
     return total.to(acc)
+
+
+# The top-k op's specification lives in its own module (pure PyTorch as well).
+from ._reference_topk import topk_kd_loss  # noqa: E402

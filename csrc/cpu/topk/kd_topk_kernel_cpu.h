@@ -1,0 +1,330 @@
+// kd_topk_kernel_cpu.h -- the CPU kernel of topk_kd_loss, compiled once per instruction set.
+//
+// Included by kd_topk_{default,avx2,avx512}.cpp, each of which defines CPU_CAPABILITY (the at::vec
+// namespace) and KD_TOPK_ENTRY (the name of its entry point) first; everything lives in an
+// ISA-specific inline namespace so the copies never meet at link time.
+//
+// Maths (kd_topk_math.h): per row, with a = s/T, q = softmax(a) over all V, p = softmax(v/T) over
+// the k stored teacher entries at indices i_j,
+//   KL = sum_j p_j (log p_j - log q_{i_j}),   CE = -sum_j p_j log q_{i_j},   hard = CE(s, y) at T=1
+//   row = sw T^2 D + hw hard,   d row/d s_i = sw T (q_i - p~_i) + hw (softmax(s)_i - [i == y]).
+//
+// Per row (rows over threads with at::parallel_for, one thread per row: the result does not
+// depend on the thread count), one read of the student row:
+//   1. statistics sweep, chunk by chunk: the chunk's maximum, then exp((s - max)/T) for each
+//      element, kept (in the fp32/fp64 gradient output itself when the student has the
+//      accumulation type, else in a per-thread row buffer) together with the chunk's (max, sum);
+//      the chunks' (max, sum) states are merged in order;
+//   2. the k teacher terms: gather s at the indices, the teacher softmax over k, the row loss;
+//   3. gradient sweep: q = kept exponential * one factor per chunk (no exp per element), the
+//      dense part sw T q + hw softmax(s) written chunk by chunk, the sparse parts (-sw T p_j at the
+//      indices, sorted once per row, and -hw at the label) added to the chunk before it is
+//      converted to the student's dtype (one rounding).
+// One exp per element (two for the hard term at T != 1, 2).
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "../../kd_topk_params.h"
+#include "../../kd_topk_math.h"
+#include "kd_topk_cpu_dispatch.h"
+
+namespace kdfused::cpu_topk {
+inline namespace CPU_CAPABILITY {
+
+using at::vec::Vectorized;
+using topk::MaxSum;
+using topk::TopKParams;
+
+// Elements per chunk: the chunk stays in L1/L2 between the max and the exp loops, and its maximum
+// is exact (no per-element rescaling).
+constexpr int64_t kChunk = 2048;
+
+template <typename A>
+inline Vectorized<A> vexp(const Vectorized<A>& x) {
+  return x.exp();
+}
+// exp_u20 (<= 20 ulp, several times cheaper than the 1-ulp exp) with exp(0) pinned to 1: x = 0 is
+// each chunk's maximum, and for V = 1 the whole distribution (loss and gradient exactly 0).
+template <>
+inline Vectorized<float> vexp(const Vectorized<float>& x) {
+  const Vectorized<float> one(1.f);
+  return Vectorized<float>::blendv(x.exp_u20(), one, x == Vectorized<float>(0.f));
+}
+
+template <typename A>
+inline A hsum(const Vectorized<A>& v) {
+  alignas(64) A tmp[Vectorized<A>::size()];
+  v.store(tmp);
+  A s = A(0);
+  for (int i = 0; i < Vectorized<A>::size(); ++i) s += tmp[i];  // fixed order: deterministic
+  return s;
+}
+
+template <typename A>
+inline A hmax(const Vectorized<A>& v) {
+  alignas(64) A tmp[Vectorized<A>::size()];
+  v.store(tmp);
+  A m = tmp[0];
+  for (int i = 1; i < Vectorized<A>::size(); ++i) m = kd_max(m, tmp[i]);
+  return m;
+}
+
+// Vector i of n elements; lanes past n read as -inf (exp gives 0, max ignores them).
+template <typename A>
+inline Vectorized<A> load_part(const A* x, int64_t i, int64_t n) {
+  constexpr int64_t W = Vectorized<A>::size();
+  if (i + W <= n) return Vectorized<A>::loadu(x + i);
+  return Vectorized<A>::set(Vectorized<A>(-kd_inf<A>()), Vectorized<A>::loadu(x + i, n - i), n - i);
+}
+
+template <typename A>
+inline void store_part(const Vectorized<A>& v, A* x, int64_t i, int64_t n) {
+  constexpr int64_t W = Vectorized<A>::size();
+  if (i + W <= n) {
+    v.store(x + i);
+  } else {
+    v.store(x + i, n - i);
+  }
+}
+
+// n student elements in the accumulation type: the input itself when it has that type, else a
+// converted copy in buf.
+template <typename S, typename A>
+inline const A* chunk_as(const S* src, A* buf, int64_t n) {
+  if constexpr (std::is_same_v<S, A>) {
+    (void)buf;
+    (void)n;
+    return src;
+  } else {
+    at::vec::convert(src, buf, n);
+    return buf;
+  }
+}
+
+// One teacher entry of the current row, for the sparse part of the gradient.
+struct Entry {
+  int64_t idx;
+  double weight;  // e_j (unnormalised teacher weight), in double to hold either accumulation type
+};
+
+template <typename A>
+struct Scratch {
+  int64_t n_chunks;
+  std::vector<A> s;             // one chunk of the student converted (when S != A)
+  std::vector<A> ea, eh;        // the row's exponentials (when not kept in the output)
+  std::vector<A> g;             // one chunk of gradient before conversion (when S != A)
+  std::vector<A> cm, cza, czh;  // each chunk's maximum and sums
+  std::vector<Entry> entries;   // the row's teacher entries, sorted by index
+
+  Scratch(int64_t V, int64_t k, bool convert, bool keep_a, bool keep_h) {
+    constexpr int64_t W = Vectorized<A>::size();
+    n_chunks = (V + kChunk - 1) / kChunk;
+    cm.resize(n_chunks);
+    cza.resize(n_chunks);
+    czh.resize(n_chunks);
+    if (convert) {
+      s.resize(kChunk + W);
+      g.resize(kChunk + W);
+    }
+    if (keep_a && convert) ea.resize(V + W);
+    if (keep_h) eh.resize(V + W);
+    entries.resize(k);
+  }
+};
+
+template <typename S, typename A>
+void topk_rows(const TopKParams& p, int64_t begin, int64_t end) {
+  using Vec = Vectorized<A>;
+  constexpr int64_t W = Vec::size();
+  constexpr bool convert = !std::is_same_v<S, A>;
+  const int64_t V = p.vocab;
+  const int64_t K = p.k;
+  // Flags in locals: the gradient stores might alias a field of p, which the compiler would then
+  // reload in every iteration.
+  const bool soft = p.soft_weight > 0;
+  const bool hard = p.hard_weight > 0;
+  const bool ce = p.ce;
+  const bool want_g = p.grad_student != nullptr;
+  // Without the soft term only T = 1 statistics are needed: compute those as the "a" ones.
+  const A inv_t = soft ? static_cast<A>(p.inv_temperature) : A(1);
+  const A temp = static_cast<A>(p.temperature);
+  const bool need_h = hard && soft && p.temperature != 1.0;
+  // At T = 2, exp(s - m) = exp((s - m)/2)^2: a multiply instead of an exp (and no stored copy).
+  const bool square_h = need_h && p.temperature == 2.0;
+  const bool keep_h = need_h && !square_h && want_g;
+  Scratch<A> sc(V, K, convert, want_g, keep_h);
+
+  const S* s_base = static_cast<const S*>(p.student);
+  const A* v_base = static_cast<const A*>(p.values);
+  A* row_loss = static_cast<A*>(p.row_loss);
+  const A sw = static_cast<A>(p.soft_weight);
+  const A hw = static_cast<A>(p.hard_weight);
+  const A scale = static_cast<A>(p.grad_scale);
+  const Vec vinv_t(inv_t);
+
+  for (int64_t r = begin; r < end; ++r) {
+    const S* srow = s_base + r * p.student_stride;
+    S* grow = want_g ? static_cast<S*>(p.grad_student) + r * V : nullptr;
+    const int64_t y = p.labels ? p.labels[r] : -1;
+    const bool valid = !p.labels || y != p.ignore_index;
+    if (!valid || (!soft && !hard)) {
+      row_loss[r] = A(0);
+      if (grow) std::fill(grow, grow + V, S(0));
+      continue;
+    }
+    // Where the exponentials are kept: in the gradient output itself when it has the
+    // accumulation type (the gradient sweep then reads and writes the same cache lines).
+    A* ea_row = nullptr;
+    if (want_g) {
+      if constexpr (convert) {
+        ea_row = sc.ea.data();
+      } else {
+        ea_row = grow;
+      }
+    }
+
+    // ---- 1. statistics sweep ----------------------------------------------------------------
+    for (int64_t c = 0; c < sc.n_chunks; ++c) {
+      const int64_t c0 = c * kChunk;
+      const int64_t n = std::min(kChunk, V - c0);
+      const A* xs = chunk_as(srow + c0, sc.s.data(), n);
+      Vec vm(-kd_inf<A>());
+      for (int64_t i = 0; i < n; i += W) vm = at::vec::maximum(vm, load_part(xs, i, n));
+      const A cm = hmax(vm);
+      // An all -inf chunk: shift by 0, so every exp is exp(-inf) = 0 rather than NaN.
+      const Vec sh(cm == -kd_inf<A>() ? A(0) : cm);
+      Vec za(A(0)), zh(A(0));
+      for (int64_t i = 0; i < n; i += W) {
+        const Vec ds = load_part(xs, i, n) - sh;
+        const Vec e_a = vexp(ds * vinv_t);
+        za += e_a;
+        if (ea_row) store_part(e_a, ea_row + c0, i, n);
+        if (need_h) {
+          const Vec e_h = square_h ? e_a * e_a : vexp(ds);
+          zh += e_h;
+          if (keep_h) store_part(e_h, sc.eh.data() + c0, i, n);
+        }
+      }
+      sc.cm[c] = cm;
+      sc.cza[c] = hsum(za);
+      sc.czh[c] = hsum(zh);
+    }
+    MaxSum<A> a{-kd_inf<A>(), A(0)}, h{-kd_inf<A>(), A(0)};
+    for (int64_t c = 0; c < sc.n_chunks; ++c) {
+      a = topk::merge(a, MaxSum<A>{sc.cm[c], sc.cza[c]}, inv_t);
+      if (need_h) h = topk::merge(h, MaxSum<A>{sc.cm[c], sc.czh[c]}, A(1));
+    }
+    const A ms = a.m;
+    const A log_za = kd_log(a.z);
+    const A log_zh = need_h ? kd_log(h.z) : log_za;
+
+    // ---- 2. teacher terms and the row loss ----------------------------------------------------
+    A loss = A(0);
+    A zb = A(1);
+    const int64_t* ix = p.indices + r * K;
+    const A* vv = v_base + r * K;
+    if (soft) {
+      A mv = -kd_inf<A>();
+      for (int64_t j = 0; j < K; ++j) mv = kd_max(mv, vv[j]);
+      A terms = A(0);
+      zb = A(0);
+      for (int64_t j = 0; j < K; ++j) {
+        const A e = topk::teacher_weight(vv[j], mv, inv_t);
+        zb += e;
+        terms += topk::teacher_term(e, vv[j], mv, static_cast<A>(srow[ix[j]]), ms, inv_t, ce);
+        if (want_g) sc.entries[j] = Entry{ix[j], static_cast<double>(e)};
+      }
+      loss += sw * temp * temp * topk::divergence(terms, zb, log_za, ce);
+    }
+    if (hard) loss += hw * topk::hard_term(log_zh, static_cast<A>(srow[y]), ms);
+    row_loss[r] = loss;
+    if (!want_g) continue;
+
+    // ---- 3. gradient sweep --------------------------------------------------------------------
+    const topk::GradCoef<A> coef{soft ? sw * temp * scale : A(0), hard ? hw * scale : A(0)};
+    if (soft) {
+      std::sort(sc.entries.begin(), sc.entries.end(),
+                [](const Entry& x, const Entry& z) { return x.idx < z.idx; });
+    }
+    const Vec ks(coef.ks), kh(coef.kh);
+    int64_t next = 0;  // the first sorted entry not yet applied
+    for (int64_t c = 0; c < sc.n_chunks; ++c) {
+      const int64_t c0 = c * kChunk;
+      const int64_t n = std::min(kChunk, V - c0);
+      // Probabilities are the kept exponentials times one factor per chunk. An all -inf chunk
+      // has factor exp(-inf) = 0; an all -inf row NaN (no distribution, as softmax).
+      const Vec fa(kd_exp((sc.cm[c] - ms) * inv_t - log_za));
+      const Vec fh(need_h ? kd_exp((sc.cm[c] - ms) - log_zh) : A(0));
+      const A* ea = ea_row + c0;
+      A* out;
+      if constexpr (convert) {
+        out = sc.g.data();
+      } else {
+        out = grow + c0;
+      }
+      for (int64_t i = 0; i < n; i += W) {
+        const Vec e_a = load_part(ea, i, n);
+        Vec g;
+        if (!need_h) {
+          // T = 1 or no soft term: softmax(s) = q.
+          g = (ks + kh) * (e_a * fa);
+        } else {
+          const Vec e_h = square_h ? e_a * e_a : load_part(sc.eh.data() + c0, i, n);
+          g = ks * (e_a * fa) + kh * (e_h * fh);
+        }
+        store_part(g, out, i, n);
+      }
+      for (; next < K && soft && sc.entries[next].idx < c0 + n; ++next) {
+        const Entry& en = sc.entries[next];
+        out[en.idx - c0] += topk::grad_teacher_part(coef, static_cast<A>(en.weight), zb);
+      }
+      if (hard && y >= c0 && y < c0 + n) out[y - c0] -= coef.kh;
+      if constexpr (convert) at::vec::convert(out, grow + c0, n);
+    }
+  }
+}
+
+template <typename S, typename A>
+void topk_typed(const TopKParams& p) {
+  // Rows per task: enough work per task to amortise the scratch allocation.
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(p.vocab, 1));
+  at::parallel_for(0, p.n_rows, grain,
+                   [&](int64_t begin, int64_t end) { topk_rows<S, A>(p, begin, end); });
+}
+
+template <typename S>
+void topk_student(const TopKParams& p, bool acc_double) {
+  if constexpr (std::is_same_v<S, double>) {
+    topk_typed<double, double>(p);
+  } else if (acc_double) {
+    topk_typed<S, double>(p);
+  } else {
+    topk_typed<S, float>(p);
+  }
+}
+
+// Accumulation type float64 when the student or the (converted) teacher values are float64.
+inline void topk_forward(const TopKParams& p, bool acc_double) {
+  switch (p.student_dtype) {
+    case topk::SType::Float16: return topk_student<c10::Half>(p, acc_double);
+    case topk::SType::BFloat16: return topk_student<c10::BFloat16>(p, acc_double);
+    case topk::SType::Float32: return topk_student<float>(p, acc_double);
+    case topk::SType::Float64: return topk_student<double>(p, acc_double);
+  }
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace kdfused::cpu_topk
+
+namespace kdfused::cpu_topk {
+TopKForwardFn KD_TOPK_ENTRY() { return &CPU_CAPABILITY::topk_forward; }
+}  // namespace kdfused::cpu_topk

@@ -1,0 +1,52 @@
+// kd_topk.h -- the top-k distillation op: its host/kernel contract and the host-side helpers the
+// CPU and CUDA backends share (kd_topk.cpp).
+//
+// Offline distillation from a stored teacher: per row, only the teacher's k largest logits and
+// their vocabulary indices are kept. The loss is the distillation loss against the teacher
+// distribution renormalised over those k entries (kd_topk_math.h has the maths).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <optional>
+#include <string_view>
+#include <tuple>
+
+#include "kd_topk_params.h"
+
+namespace kdfused::topk {
+
+// Every check that needs no tensor data (shapes, dtypes, devices, options). ValueError/TypeError.
+void check_topk_inputs(const at::Tensor& student, const at::Tensor& indices,
+                       const at::Tensor& values, const std::optional<at::Tensor>& labels,
+                       double temperature, double soft_weight, double hard_weight,
+                       std::string_view divergence, std::string_view reduction);
+
+// Inputs as the kernels read them, the outputs to fill, and the params pointing at both.
+struct TopKPrepared {
+  TopKParams params;
+  at::Tensor student;         // possibly a contiguous copy (only when no [n_rows, V] view exists)
+  at::Tensor indices;         // int64, contiguous [n_rows, k]
+  at::Tensor values;          // accumulation type, contiguous [n_rows, k]
+  at::Tensor labels;          // int64, contiguous [n_rows], or undefined
+  at::Tensor loss, row_loss;  // row_loss aliases loss for reduction "none"
+  at::Tensor grad_student;    // student shape and dtype, contiguous; or empty [0]
+  at::Tensor grad_scale;      // the grad_output the gradient is scaled for (1)
+};
+
+TopKPrepared prepare_topk(const at::Tensor& student, const at::Tensor& indices,
+                          const at::Tensor& values, const std::optional<at::Tensor>& labels,
+                          double temperature, double soft_weight, double hard_weight,
+                          std::string_view divergence, int64_t ignore_index,
+                          std::string_view reduction, bool grad_student);
+
+at::ScalarType topk_accumulate_type(const at::Tensor& student, const at::Tensor& values);
+
+using TopKOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+inline TopKOutputs topk_outputs_of(const TopKPrepared& prep) {
+  return {prep.loss, prep.grad_student, prep.grad_scale};
+}
+
+}  // namespace kdfused::topk

@@ -1,0 +1,297 @@
+"""Offline distillation from a stored top-k teacher: :func:`topk_kd_loss`, :class:`TopKKDLoss`
+and :func:`topk_teacher`, with the fake kernel and the autograd registration of the op
+``torch.ops.kdfused.topk_kd_loss``.
+
+The op returns the loss *and* the gradient of the reduced loss w.r.t. the student for
+grad_output = 1; the backward only rescales it, with the same ``kd_scale_grads_`` op that
+:func:`kdfused.kd_loss` uses (in place, nothing moves when grad_output == 1).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+from . import _C  # noqa: F401  (loads the library that defines torch.ops.kdfused)
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_N_INPUTS = 11
+
+
+def _check_meta(student, indices, values, labels, temperature, soft_weight, hard_weight,
+                divergence, reduction):
+    """The op's checks that need no data, for fake tensors (the C++ op runs the same checks)."""
+    if divergence not in ("kl", "ce"):
+        raise ValueError(f"kdfused: topk_kd_loss supports divergence 'kl' or 'ce', got "
+                         f"{divergence!r}")
+    if reduction not in ("batchmean", "mean", "sum", "none"):
+        raise ValueError(f"kdfused: reduction must be one of 'batchmean', 'mean', 'sum', 'none', "
+                         f"got {reduction!r}")
+    for name, val, low in (("temperature", temperature, None), ("soft_weight", soft_weight, 0),
+                           ("hard_weight", hard_weight, 0)):
+        ok = val == val and abs(val) != float("inf") and (val > 0 if low is None else val >= 0)
+        if not ok:
+            bound = "> 0" if low is None else ">= 0"
+            raise ValueError(f"kdfused: {name} must be finite and {bound}, got {val}")
+    if student.dtype not in _FLOATS:
+        raise TypeError(f"kdfused: student_logits must be float16, bfloat16, float32 or float64, "
+                        f"got {student.dtype}")
+    if indices.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"kdfused: teacher_indices must be int64 or int32, got {indices.dtype}")
+    if values.dtype not in _FLOATS:
+        raise TypeError(f"kdfused: teacher_values must be float16, bfloat16, float32 or float64, "
+                        f"got {values.dtype}")
+    if student.dim() < 1 or student.shape[-1] < 1:
+        raise ValueError("kdfused: student_logits must be (..., V) with V >= 1")
+    lead = tuple(student.shape[:-1])
+    if indices.dim() != student.dim() or tuple(indices.shape[:-1]) != lead:
+        raise ValueError(f"kdfused: teacher_indices must have shape (..., k) with the student's "
+                         f"leading dims {lead}, got {tuple(indices.shape)}")
+    if values.shape != indices.shape:
+        raise ValueError(f"kdfused: teacher_values must have the shape of teacher_indices "
+                         f"{tuple(indices.shape)}, got {tuple(values.shape)}")
+    k, V = indices.shape[-1], student.shape[-1]
+    if k < 1:
+        raise ValueError("kdfused: k (the last dim of teacher_indices) must be >= 1, got 0")
+    if k > V:
+        raise ValueError(f"kdfused: k = {k} teacher entries per row but the vocabulary has only "
+                         f"V = {V}")
+    if labels is not None:
+        if labels.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"kdfused: labels must be int64 (or int32), got {labels.dtype}")
+        if tuple(labels.shape) != lead:
+            raise ValueError(f"kdfused: labels must have shape {lead}, got {tuple(labels.shape)}")
+    elif hard_weight != 0:
+        raise ValueError("kdfused: hard_weight > 0 needs labels (got labels=None)")
+
+
+@torch.library.register_fake("kdfused::topk_kd_loss")
+def _topk_kd_loss_fake(student, indices, values, labels, temperature, soft_weight, hard_weight,
+                       divergence, ignore_index, reduction, grad_student):
+    # With symbolic shapes the checks run when the compiled graph calls the real kernel.
+    if not any(isinstance(d, torch.SymInt) for x in (student, indices, values, labels)
+               if x is not None for d in x.shape):
+        _check_meta(student, indices, values, labels, temperature, soft_weight, hard_weight,
+                    divergence, reduction)
+    acc = torch.float64 if torch.float64 in (student.dtype, values.dtype) else torch.float32
+    loss = student.new_empty(student.shape[:-1] if reduction == "none" else (), dtype=acc)
+    gs = torch.empty(student.shape, dtype=student.dtype, device=student.device) if grad_student \
+        else student.new_empty((0,))
+    return loss, gs, torch.empty_like(loss)
+
+
+def _setup_context(ctx, inputs, output):
+    if inputs[2].requires_grad:
+        raise ValueError("kdfused: teacher_values must not require grad: topk_kd_loss gives no "
+                         "teacher gradient (detach the stored teacher)")
+    _, gs, scale = output
+    ctx.mark_non_differentiable(gs, scale)
+    ctx.set_materialize_grads(False)  # no N x V zeros for the non-differentiable outputs
+    # Plain attributes, not save_for_backward: kd_scale_grads_ updates them in place.
+    ctx.kd_grads = (gs, scale)
+    ctx.kd_need = inputs[10]
+
+
+def _graph_kept() -> bool:
+    keep = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if keep is None else bool(keep())
+
+
+def _backward(ctx, grad_loss, _gs, _scale):
+    gs, scale = ctx.kd_grads
+    need = ctx.kd_need
+    kept = _graph_kept()
+    if not kept:
+        ctx.kd_grads = None  # the last backward: hand the gradient on without a copy
+    if grad_loss is None or not need:
+        return (None,) * _N_INPUTS
+    if torch.compiler.is_compiling() or type(grad_loss) is not torch.Tensor:
+        # Traced backward (torch.compile / AOTAutograd): functional, out of place.
+        g = grad_loss.unsqueeze(-1) if grad_loss.dim() > 0 else grad_loss
+        return (gs * g,) + (None,) * (_N_INPUTS - 1)
+    if torch.is_grad_enabled():
+        # The saved gradient is a constant to autograd: a second derivative would silently be 0.
+        raise RuntimeError("kdfused.topk_kd_loss does not support double backward "
+                           "(create_graph=True)")
+    if kept:
+        # retain_graph=True: another backward may follow with another grad_output.
+        gs, scale = gs.clone(), scale.clone()
+    torch.ops.kdfused.kd_scale_grads_(gs, gs.new_empty((0,)), scale, grad_loss)
+    return (gs,) + (None,) * (_N_INPUTS - 1)
+
+
+torch.library.register_autograd("kdfused::topk_kd_loss", _backward, setup_context=_setup_context)
+
+
+def _check_python_args(temperature, soft_weight, hard_weight, divergence, reduction, ignore_index):
+    for name, value in (("temperature", temperature), ("soft_weight", soft_weight),
+                        ("hard_weight", hard_weight)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"kdfused: {name} must be a real number, got {type(value).__name__}")
+    if not isinstance(divergence, str) or not isinstance(reduction, str):
+        raise TypeError("kdfused: divergence and reduction must be strings")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"kdfused: ignore_index must be an int, got {type(ignore_index).__name__}")
+
+
+def topk_kd_loss(
+    student_logits: torch.Tensor,
+    teacher_indices: torch.Tensor,
+    teacher_values: torch.Tensor,
+    labels: Optional[torch.Tensor] = None,
+    *,
+    temperature: float = 1.0,
+    soft_weight: float = 1.0,
+    hard_weight: float = 0.0,
+    divergence: str = "kl",
+    ignore_index: int = -100,
+    reduction: str = "batchmean",
+) -> torch.Tensor:
+    r"""Distillation loss against a stored top-k teacher, fused (offline distillation).
+
+    Per row :math:`r` of the flattened leading dimensions, with :math:`T` the temperature, the
+    teacher distribution is renormalised over its :math:`k` stored entries,
+    :math:`p = \mathrm{softmax}(v_r / T)` (``v`` = ``teacher_values``), and the student's is over
+    the whole vocabulary, :math:`q = \mathrm{softmax}(s_r / T)`:
+
+    .. math::
+        \mathrm{KL} = \sum_j p_j (\log p_j - \log q_{i_j}), \qquad
+        \mathrm{CE} = -\sum_j p_j \log q_{i_j}, \qquad
+        \ell_r = w_s T^2 D + w_h \, \mathrm{CE}(s_r, y_r)
+
+    with :math:`i_j` the ``teacher_indices``; the hard term is the ordinary cross-entropy at
+    :math:`T = 1` over the full student row. A term whose weight is exactly 0 is not computed.
+    With :math:`k = V` (all entries, any order) this is :func:`kdfused.kd_loss`.
+
+    Args:
+        student_logits: ``(..., V)`` float16/bfloat16/float32/float64.
+        teacher_indices: ``(..., k)`` int64 or int32, ``1 <= k <= V``, in ``[0, V)`` and distinct
+            within a row (e.g. from :func:`topk_teacher`).
+        teacher_values: ``(..., k)`` any float dtype: the teacher's logits at those indices.
+            ``-inf`` marks an entry without mass (it contributes nothing, never NaN; a row whose
+            k values are all ``-inf`` has no distribution and gives NaN, like softmax). Must not
+            require grad (``ValueError``): no teacher gradient is computed.
+        labels: ``(...)`` int64/int32 class indices or ``None`` (needed when ``hard_weight > 0``).
+            Rows whose label equals ``ignore_index`` give 0 loss and 0 gradient.
+        temperature, soft_weight, hard_weight, divergence (``"kl"`` or ``"ce"``), ignore_index,
+            reduction (``"batchmean"``/``"mean"``: sum over valid rows / their number,
+            ``"sum"``, ``"none"``): as in :func:`kdfused.kd_loss`.
+
+    Returns:
+        The loss: float32, or float64 if ``student_logits`` or ``teacher_values`` is float64
+        (also the accumulation type).
+
+    The gradient w.r.t. ``student_logits`` is computed in the forward call when it requires grad
+    (dense: :math:`w_s T (q - \tilde p) + w_h(\mathrm{softmax}(s) - \mathrm{onehot}(y))`, with
+    :math:`\tilde p` the teacher distribution scattered to its indices); ``loss.backward()`` then
+    costs no pass over the logits. Results are bitwise deterministic.
+
+    Bad input raises ``ValueError``/``TypeError`` before anything is computed. On the CPU that
+    includes index values (out of range, duplicates in a row) and labels. On CUDA, checking
+    values on the host would need a device-to-host sync, so the kernel checks them: an index out of
+    range, a duplicate index in a row (found with a shared-memory bitmap of the row's vocabulary
+    when ``V <= 393216``, not checked above that) or a label out of range stops the kernel with a
+    device-side assert, like PyTorch's own indexing and cross-entropy kernels. (The indices are
+    only read, and so only checked, when ``soft_weight > 0``.)
+    """
+    for name, x in (("student_logits", student_logits), ("teacher_indices", teacher_indices),
+                    ("teacher_values", teacher_values)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"kdfused: {name} must be a tensor, got {type(x).__name__}")
+    if labels is not None and not isinstance(labels, torch.Tensor):
+        raise TypeError(f"kdfused: labels must be a tensor or None, got {type(labels).__name__}")
+    _check_python_args(temperature, soft_weight, hard_weight, divergence, reduction, ignore_index)
+    if teacher_values.requires_grad:
+        raise ValueError("kdfused: teacher_values must not require grad: topk_kd_loss gives no "
+                         "teacher gradient (detach the stored teacher)")
+    need = torch.is_grad_enabled() and student_logits.requires_grad
+    loss, _, _ = torch.ops.kdfused.topk_kd_loss(
+        student_logits, teacher_indices, teacher_values, labels, float(temperature),
+        float(soft_weight), float(hard_weight), divergence, int(ignore_index), reduction, need)
+    return loss
+
+
+class TopKKDLoss(nn.Module):
+    """Module form of :func:`topk_kd_loss`; the keywords are checked when the module is built.
+
+    Example::
+
+        >>> crit = TopKKDLoss(temperature=2.0, soft_weight=0.9, hard_weight=0.1)
+        >>> loss = crit(student_logits, stored_indices, stored_values, labels)
+    """
+
+    def __init__(self, temperature: float = 1.0, soft_weight: float = 1.0,
+                 hard_weight: float = 0.0, divergence: str = "kl", ignore_index: int = -100,
+                 reduction: str = "batchmean"):
+        super().__init__()
+        _check_python_args(temperature, soft_weight, hard_weight, divergence, reduction,
+                           ignore_index)
+        if divergence not in ("kl", "ce"):
+            raise ValueError(f"kdfused: topk_kd_loss supports divergence 'kl' or 'ce', got "
+                             f"{divergence!r}")
+        _C.check_options(float(temperature), float(soft_weight), float(hard_weight), divergence,
+                         reduction)
+        self.temperature = float(temperature)
+        self.soft_weight = float(soft_weight)
+        self.hard_weight = float(hard_weight)
+        self.divergence = divergence
+        self.ignore_index = int(ignore_index)
+        self.reduction = reduction
+
+    def forward(self, student_logits: torch.Tensor, teacher_indices: torch.Tensor,
+                teacher_values: torch.Tensor,
+                labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return topk_kd_loss(student_logits, teacher_indices, teacher_values, labels,
+                            temperature=self.temperature, soft_weight=self.soft_weight,
+                            hard_weight=self.hard_weight, divergence=self.divergence,
+                            ignore_index=self.ignore_index, reduction=self.reduction)
+
+    def extra_repr(self) -> str:
+        return (f"temperature={self.temperature}, soft_weight={self.soft_weight}, "
+                f"hard_weight={self.hard_weight}, divergence={self.divergence!r}, "
+                f"ignore_index={self.ignore_index}, reduction={self.reduction!r}")
+
+
+@torch.no_grad()
+def topk_teacher(teacher_logits: torch.Tensor, k: int,
+                 rows_per_chunk: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's ``k`` largest logits per row and their indices, to store for
+    :func:`topk_kd_loss`: returns ``(indices, values)``, both ``(..., k)``, indices int64 (store
+    them as int32 to halve the file when ``V < 2**31``), values in the logits' dtype, each row in
+    descending order of value.
+
+    Works in chunks of the first dimension (about ``rows_per_chunk`` rows each, default: 64 MiB of
+    logits), in the logits' dtype: a non-contiguous input is never copied whole and no N x V
+    float32 copy of a 16-bit input is made.
+    """
+    if not isinstance(teacher_logits, torch.Tensor):
+        raise TypeError(f"kdfused: teacher_logits must be a tensor, got "
+                        f"{type(teacher_logits).__name__}")
+    if teacher_logits.dtype not in _FLOATS:
+        raise TypeError(f"kdfused: teacher_logits must be float16, bfloat16, float32 or float64, "
+                        f"got {teacher_logits.dtype}")
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"kdfused: k must be an int, got {type(k).__name__}")
+    if teacher_logits.dim() < 1:
+        raise ValueError("kdfused: teacher_logits must be (..., V)")
+    V = teacher_logits.shape[-1]
+    if not 1 <= k <= V:
+        raise ValueError(f"kdfused: k must be in [1, V = {V}], got {k}")
+    if teacher_logits.dim() == 1:
+        val, idx = torch.topk(teacher_logits, k, dim=-1, largest=True, sorted=True)
+        return idx, val
+    # Chunks of the first dim (topk reads any strides; a chunk that needs a copy is copied alone).
+    inner = teacher_logits[0].numel() if teacher_logits.shape[0] else 1
+    if rows_per_chunk is None:
+        rows_per_chunk = max(1, (64 << 20) // max(1, V * teacher_logits.element_size()))
+    step = max(1, rows_per_chunk // max(1, inner // V))
+    out_shape = teacher_logits.shape[:-1] + (k,)
+    idx = torch.empty(out_shape, dtype=torch.int64, device=teacher_logits.device)
+    val = torch.empty(out_shape, dtype=teacher_logits.dtype, device=teacher_logits.device)
+    for a in range(0, teacher_logits.shape[0], step):
+        b = min(teacher_logits.shape[0], a + step)
+        torch.topk(teacher_logits[a:b], k, dim=-1, largest=True, sorted=True,
+                   out=(val[a:b], idx[a:b]))
+    return idx, val
