@@ -142,6 +142,7 @@ struct Ew {
   static KD_HD X exp(X x) { return kd_exp(x); }
   static KD_HD X log(X x) { return kd_log(x); }
   static KD_HD X abs(X x) { return x < X(0) ? -x : x; }
+  static KD_HD X max(X a, X b) { return a > b ? a : b; }
   static KD_HD M gt(X a, X b) { return a > b; }
   static KD_HD M eq(X a, X b) { return a == b; }
   static KD_HD X where(M m, X a, X b) { return m ? a : b; }
@@ -159,6 +160,8 @@ struct RowConfig {
   A soft_weight;  // > 0 iff soft
   A hard_weight;  // > 0 iff hard
   A beta;         // jsd only
+  A log_beta;     // jsd: log(beta), log(1 - beta) (finite: 0 < beta < 1 once jsd reaches a kernel)
+  A log_1mbeta;
   Divergence div;
   bool soft;      // soft_weight > 0: the teacher is read and the soft term computed
   bool hard;      // hard_weight > 0
@@ -183,6 +186,8 @@ inline RowConfig<A> make_row_config(const KDParams& p) {
   c.soft_weight = static_cast<A>(p.soft_weight);
   c.hard_weight = static_cast<A>(p.hard_weight);
   c.beta = static_cast<A>(p.beta);
+  c.log_beta = static_cast<A>(std::log(p.beta));
+  c.log_1mbeta = static_cast<A>(std::log1p(-p.beta));
   c.div = p.divergence;
   c.soft = p.soft_weight > 0;
   c.hard = p.hard_weight > 0;
@@ -471,15 +476,21 @@ KD_HD MixSums<X> mix_zero() {
 }
 
 // log(q / m) and log(p / m) for jsd. log q and log p come from the differences to the maxima
-// (exact in the log domain even where q underflows); only log m needs a log per element.
+// (exact in the log domain even where q underflows); only log m needs a log per element. Why the
+// max: m >= (1 - beta) q and m >= beta p, but the product (1 - beta) q of a denormal q can round
+// to 0 (log m = -inf, log(q / m) = +inf); the log-domain bounds keep both ratios finite,
+// log(q / m) <= -log(1 - beta) and log(p / m) <= -log(beta), as they are exactly.
 template <typename X, typename A>
 KD_HD void jsd_logs(const RowResult<A>& r, const RowConfig<A>& c, X ds, X dt, X q, X p, X& lqm,
                     X& lpm) {
   using E = Ew<X>;
-  const X lm = E::log(E::splat(c.beta) * p + E::splat(A(1) - c.beta) * q);
   const X inv_t = E::splat(c.inv_t);
-  lqm = ds * inv_t - E::splat(r.log_za) - lm;
-  lpm = dt * inv_t - E::splat(r.log_zb) - lm;
+  const X lq = ds * inv_t - E::splat(r.log_za);
+  const X lp = dt * inv_t - E::splat(r.log_zb);
+  X lm = E::log(E::splat(c.beta) * p + E::splat(A(1) - c.beta) * q);
+  lm = E::max(lm, E::max(lq + E::splat(c.log_1mbeta), lp + E::splat(c.log_beta)));
+  lqm = lq - lm;
+  lpm = lp - lm;
 }
 
 // 0.5 sign(q - p) (0 where equal: the subgradient of |.| at 0).
@@ -499,9 +510,10 @@ KD_HD void mix_at(MixSums<X>& mx, const RowResult<A>& r, const RowConfig<A>& c, 
   if (c.div == Divergence::JSD) {
     X lqm, lpm;
     jsd_logs(r, c, ds, dt, q, p, lqm, lpm);
-    // Terms without mass are 0 by definition (never 0 * -inf).
-    mx.a += E::where(E::gt(q, zero), q * lqm, zero);
-    mx.b += E::where(E::gt(p, zero), p * lpm, zero);
+    // Terms without mass are 0 by definition (never 0 * -inf); a NaN q or p (a row without a
+    // distribution) stays NaN.
+    mx.a += E::where(E::eq(q, zero), zero, q * lqm);
+    mx.b += E::where(E::eq(p, zero), zero, p * lpm);
   } else {
     const X g = tvd_sign(q, p);
     mx.a += E::abs(q - p);

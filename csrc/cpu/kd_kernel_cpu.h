@@ -69,6 +69,7 @@ struct Ew<at::vec::CPU_CAPABILITY::Vectorized<A>> {
   static X exp(const X& x) { return cpu::CPU_CAPABILITY::vexp(x); }
   static X log(const X& x) { return x.log(); }
   static X abs(const X& x) { return x.abs(); }
+  static X max(const X& a, const X& b) { return at::vec::maximum(a, b); }
   static M gt(const X& a, const X& b) { return a > b; }
   static M eq(const X& a, const X& b) { return a == b; }
   static X where(const M& m, const X& a, const X& b) { return X::blendv(b, a, m); }
