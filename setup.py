@@ -35,8 +35,12 @@ def find_cuda_home():
     if nvcc is None:
         return "/usr/local/cuda" if os.path.exists("/usr/local/cuda/bin/nvcc") else None
     try:
-        out = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
-                             capture_output=True, text=True, timeout=120)
+        out = subprocess.run(
+            [nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         m = re.search(r"^#\$ TOP=(.*)$", out.stdout + out.stderr, re.M)
         if m:
             return os.path.realpath(m.group(1).strip())
@@ -49,8 +53,9 @@ def want_cuda(torch_cuda, cuda_home):
     flag = os.environ.get("KDFUSED_CUDA", "").strip()
     if flag in ("0", "1"):
         if flag == "1" and (torch_cuda is None or cuda_home is None):
-            sys.exit("KDFUSED_CUDA=1 but torch has no CUDA build or no CUDA toolkit (nvcc) "
-                     "was found")
+            sys.exit(
+                "KDFUSED_CUDA=1 but torch has no CUDA build or no CUDA toolkit (nvcc) was found"
+            )
         return flag == "1"
     return torch_cuda is not None and cuda_home is not None
 
@@ -68,7 +73,8 @@ def pip_cuda_include_shim(cuda_home):
         for inc in sorted(glob.glob(os.path.join(sp, "nvidia", "*", "include"))):
             for name in os.listdir(inc):
                 if not os.path.exists(os.path.join(toolkit_inc, name)) and not os.path.lexists(
-                        os.path.join(shim, name)):
+                    os.path.join(shim, name)
+                ):
                     os.symlink(os.path.join(inc, name), os.path.join(shim, name))
                     added += 1
     return shim if added else None
@@ -127,17 +133,26 @@ if WITH_CUDA:
     shim = pip_cuda_include_shim(CUDA_HOME)
     if shim:
         include_dirs.append(shim)
-    ext = CUDAExtension("kdfused._C", sources, include_dirs=include_dirs,
-                        define_macros=define_macros,
-                        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags})
+    ext = CUDAExtension(
+        "kdfused._C",
+        sources,
+        include_dirs=include_dirs,
+        define_macros=define_macros,
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+    )
 else:
-    ext = CppExtension("kdfused._C", sources, include_dirs=include_dirs,
-                       define_macros=define_macros,
-                       extra_compile_args={"cxx": cxx_flags})
+    ext = CppExtension(
+        "kdfused._C",
+        sources,
+        include_dirs=include_dirs,
+        define_macros=define_macros,
+        extra_compile_args={"cxx": cxx_flags},
+    )
 
-print(f"kdfused: building with CUDA={'on' if WITH_CUDA else 'off'}"
-      + (f" (CUDA_HOME={CUDA_HOME}, arch {os.environ['TORCH_CUDA_ARCH_LIST']})"
-         if WITH_CUDA else ""))
+print(
+    f"kdfused: building with CUDA={'on' if WITH_CUDA else 'off'}"
+    + (f" (CUDA_HOME={CUDA_HOME}, arch {os.environ['TORCH_CUDA_ARCH_LIST']})" if WITH_CUDA else "")
+)
 
 setup(
     name="kdfused",

@@ -6,10 +6,11 @@ only input that requires grad), ``t`` (teacher, N x V) and integer labels ``y`` 
     loss = SOFT_WEIGHT * T^2 * D(softmax(t/T) || softmax(s/T)) + HARD_WEIGHT * CE(s, y)
 
 averaged over the N rows ("batchmean"), with T = TEMPERATURE and D the divergence chosen with
-``configure()`` (``--divergence``; default "kl"; "jsd" with ``--beta``). ``make(name, device)`` returns a
-closure ``fn(s, t, y) -> scalar loss``; the caller times ``fn`` under ``torch.no_grad()`` (forward)
-and ``fn(...).backward()`` (forward + backward). A provider that cannot run here raises
-:class:`Unavailable` with the reason, so that it is reported rather than dropped.
+``configure()`` (``--divergence``; default "kl"; "jsd" with ``--beta``). ``make(name, device)``
+returns a closure ``fn(s, t, y) -> scalar loss``; the caller times ``fn`` under
+``torch.no_grad()`` (forward) and ``fn(...).backward()`` (forward + backward). A provider that
+cannot run here raises :class:`Unavailable` with the reason, so that it is reported rather than
+dropped.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def configure(divergence: str = "kl", beta: float = 0.5) -> None:
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
     DIVERGENCE, BETA = divergence, float(beta)
+
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -79,8 +81,9 @@ def people_loss(
     elif DIVERGENCE == "jsd":
         b = BETA
         log_m = torch.logsumexp(torch.stack([log_q + math.log(1 - b), log_p + math.log(b)]), 0)
-        d = (b * F.kl_div(log_m, log_p, log_target=True, reduction="batchmean")
-             + (1 - b) * F.kl_div(log_m, log_q, log_target=True, reduction="batchmean"))
+        d = b * F.kl_div(log_m, log_p, log_target=True, reduction="batchmean") + (1 - b) * F.kl_div(
+            log_m, log_q, log_target=True, reduction="batchmean"
+        )
     else:  # tvd
         d = 0.5 * (log_p.exp() - log_q.exp()).abs().sum() / n
     return soft_weight * T * T * d + hard_weight * F.cross_entropy(s, y)
@@ -111,8 +114,15 @@ def reference_loss(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor, rows: int 
         for i in range(0, n, rows):
             a, b = s[i : i + rows], t[i : i + rows]
             total += ref.kd_loss(
-                a, b, y[i : i + rows], temperature=TEMPERATURE, soft_weight=SOFT_WEIGHT,
-                hard_weight=HARD_WEIGHT, divergence=DIVERGENCE, beta=BETA, reduction="sum",
+                a,
+                b,
+                y[i : i + rows],
+                temperature=TEMPERATURE,
+                soft_weight=SOFT_WEIGHT,
+                hard_weight=HARD_WEIGHT,
+                divergence=DIVERGENCE,
+                beta=BETA,
+                reduction="sum",
             ).item()
     return total / n
 
@@ -127,8 +137,14 @@ def _kdfused(device: str) -> LossFn:
 
     def fn(s, t, y):
         return kdfused.kd_loss(
-            s, t, y, temperature=TEMPERATURE, soft_weight=SOFT_WEIGHT, hard_weight=HARD_WEIGHT,
-            divergence=DIVERGENCE, beta=BETA,
+            s,
+            t,
+            y,
+            temperature=TEMPERATURE,
+            soft_weight=SOFT_WEIGHT,
+            hard_weight=HARD_WEIGHT,
+            divergence=DIVERGENCE,
+            beta=BETA,
         )
 
     return fn
@@ -180,8 +196,14 @@ def _reference(device: str) -> LossFn:
 
     def fn(s, t, y):
         return ref.kd_loss(
-            s, t, y, temperature=TEMPERATURE, soft_weight=SOFT_WEIGHT, hard_weight=HARD_WEIGHT,
-            divergence=DIVERGENCE, beta=BETA,
+            s,
+            t,
+            y,
+            temperature=TEMPERATURE,
+            soft_weight=SOFT_WEIGHT,
+            hard_weight=HARD_WEIGHT,
+            divergence=DIVERGENCE,
+            beta=BETA,
         )
 
     return fn

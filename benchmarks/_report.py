@@ -17,10 +17,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def git_commit() -> str:
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=HERE, capture_output=True, text=True).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=HERE,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -85,8 +90,23 @@ METRICS = [  # (csv metric, record key, sub-key or None, unit)
 
 def write_csv(path: str, records: list[dict], meta: dict) -> None:
     """Long format: one row per case x provider x metric (one 'status' row for failures)."""
-    cols = ["device", "set", "case", "label", "N", "V", "dtype", "provider", "status", "metric",
-            "value", "p20", "p80", "reps", "unit"]
+    cols = [
+        "device",
+        "set",
+        "case",
+        "label",
+        "N",
+        "V",
+        "dtype",
+        "provider",
+        "status",
+        "metric",
+        "value",
+        "p20",
+        "p80",
+        "reps",
+        "unit",
+    ]
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
@@ -96,16 +116,29 @@ def write_csv(path: str, records: list[dict], meta: dict) -> None:
             for metric, key, sub, unit in METRICS:
                 val = r.get(key)
                 if isinstance(val, dict):
-                    extra = {"p20": val.get("p20_ms"), "p80": val.get("p80_ms"),
-                             "reps": val.get("reps")} if sub == "median_ms" else {}
+                    extra = (
+                        {
+                            "p20": val.get("p20_ms"),
+                            "p80": val.get("p80_ms"),
+                            "reps": val.get("reps"),
+                        }
+                        if sub == "median_ms"
+                        else {}
+                    )
                     val = val.get(sub)
                 else:
                     extra = {}
                 if val is None:
                     continue
-                w.writerow({**base, "metric": metric, "value": f"{val:.6g}", "unit": unit,
-                            **{k: f"{v:.6g}" if isinstance(v, float) else v
-                               for k, v in extra.items()}})
+                w.writerow(
+                    {
+                        **base,
+                        "metric": metric,
+                        "value": f"{val:.6g}",
+                        "unit": unit,
+                        **{k: f"{v:.6g}" if isinstance(v, float) else v for k, v in extra.items()},
+                    }
+                )
                 rows += 1
             if rows == 0:
                 w.writerow({**base, "metric": "status"})
@@ -117,24 +150,36 @@ def _fmt(x, spec=".1f", none="-"):
 
 def table(records: list[dict], meta: dict) -> str:
     """The human-readable summary printed at the end of a run."""
-    head = ["case", "provider", "fwd ms", "fwd+bwd ms [p20-p80]", "vs eager", "vs compile",
-            "peak MiB", "floor MiB", "% copy BW", "status"]
+    head = [
+        "case",
+        "provider",
+        "fwd ms",
+        "fwd+bwd ms [p20-p80]",
+        "vs eager",
+        "vs compile",
+        "peak MiB",
+        "floor MiB",
+        "% copy BW",
+        "status",
+    ]
     rows = []
     for r in records:
         ok = "fwdbwd" in r
         fb = r.get("fwdbwd", {})
-        rows.append([
-            f"{r['label']} {r['N']}x{r['V']} {r['dtype']}",
-            r["provider"],
-            _fmt(r.get("fwd", {}).get("median_ms")),
-            f"{fb['median_ms']:.1f} [{fb['p20_ms']:.1f}-{fb['p80_ms']:.1f}]" if ok else "-",
-            _fmt(r.get("fwdbwd_speedup_vs_eager"), ".2f") + ("x" if ok else ""),
-            _fmt(r.get("fwdbwd_speedup_vs_compile"), ".2f") + ("x" if ok else ""),
-            _fmt(r.get("fwdbwd_peak_mib"), ".0f"),
-            _fmt(r.get("grad_mib"), ".0f"),
-            _fmt(r["fwdbwd_bw_frac"] * 100 if "fwdbwd_bw_frac" in r else None, ".1f"),
-            r["status"],
-        ])
+        rows.append(
+            [
+                f"{r['label']} {r['N']}x{r['V']} {r['dtype']}",
+                r["provider"],
+                _fmt(r.get("fwd", {}).get("median_ms")),
+                f"{fb['median_ms']:.1f} [{fb['p20_ms']:.1f}-{fb['p80_ms']:.1f}]" if ok else "-",
+                _fmt(r.get("fwdbwd_speedup_vs_eager"), ".2f") + ("x" if ok else ""),
+                _fmt(r.get("fwdbwd_speedup_vs_compile"), ".2f") + ("x" if ok else ""),
+                _fmt(r.get("fwdbwd_peak_mib"), ".0f"),
+                _fmt(r.get("grad_mib"), ".0f"),
+                _fmt(r["fwdbwd_bw_frac"] * 100 if "fwdbwd_bw_frac" in r else None, ".1f"),
+                r["status"],
+            ]
+        )
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
     out = [line(head), line(["-" * w for w in widths])]
@@ -146,9 +191,12 @@ def table(records: list[dict], meta: dict) -> str:
         prev = row[0]
     copy = meta.get("copy_gbps")
     loss = meta.get("loss", {})
-    div = {"kl": "KL(p_T||q_T)", "ce": "CE(p_T, q_T)", "reverse_kl": "KL(q_T||p_T)",
-           "tvd": "TVD(p_T, q_T)"}.get(loss.get("divergence", "kl"),
-                                      f"JSD_beta={loss.get('beta')}(p_T, q_T)")
+    div = {
+        "kl": "KL(p_T||q_T)",
+        "ce": "CE(p_T, q_T)",
+        "reverse_kl": "KL(q_T||p_T)",
+        "tvd": "TVD(p_T, q_T)",
+    }.get(loss.get("divergence", "kl"), f"JSD_beta={loss.get('beta')}(p_T, q_T)")
     notes = [
         f"{meta['device_name']} | {meta['threads']} threads | torch {meta['torch']}"
         f"{' | CUDA ' + meta['cuda'] if meta['device'] == 'cuda' else ''} | "
@@ -184,11 +232,21 @@ def metadata(args, env: dict) -> dict:
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "set": args.set_name,
         "providers": args.provider_list,
-        "loss": {"temperature": 2.0, "soft_weight": 0.5, "hard_weight": 0.5,
-                 "divergence": args.divergence, "beta": args.beta, "reduction": "batchmean"},
-        "timing": {"warmup": args.warmup, "target_s": args.target_s, "min_reps": args.min_reps,
-                   "max_reps": args.max_reps,
-                   "clock": "CUDA events" if args.device == "cuda" else "time.perf_counter"},
+        "loss": {
+            "temperature": 2.0,
+            "soft_weight": 0.5,
+            "hard_weight": 0.5,
+            "divergence": args.divergence,
+            "beta": args.beta,
+            "reduction": "batchmean",
+        },
+        "timing": {
+            "warmup": args.warmup,
+            "target_s": args.target_s,
+            "min_reps": args.min_reps,
+            "max_reps": args.max_reps,
+            "clock": "CUDA events" if args.device == "cuda" else "time.perf_counter",
+        },
         "isolate": args.isolate,
         "command": "python benchmarks/run.py " + " ".join(sys.argv[1:]),
     }

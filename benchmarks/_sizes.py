@@ -14,8 +14,12 @@ CORE = ("core", 2048, 32000, "fp32")
 # (label, N, V, dtype). "core" is the headline case; "classifier" V <= 1000; "lm" large V.
 SETS = {
     "quick": [("classifier", 4096, 1000, "fp32"), CORE, ("lm", 1024, 32000, "bf16")],
-    "quick-cuda": [("classifier", 4096, 1000, "fp32"), CORE, ("lm", 8192, 128256, "bf16"),
-                   ("lm", 16384, 151936, "bf16")],
+    "quick-cuda": [
+        ("classifier", 4096, 1000, "fp32"),
+        CORE,
+        ("lm", 8192, 128256, "bf16"),
+        ("lm", 16384, 151936, "bf16"),
+    ],
     "standard": (
         [("classifier", 256, 1000, "fp32")]
         + [("classifier", 4096, v, "fp32") for v in (10, 100, 1000)]
@@ -30,8 +34,12 @@ SETS = {
     "full": (
         [("classifier", n, v, "fp32") for n in (256, 1024, 4096) for v in (10, 100, 1000)]
         + [CORE]
-        + [("lm", n, v, d) for d in ("fp32", "bf16") for n in (1024, 4096, 8192, 32768)
-           for v in LM_VOCABS]
+        + [
+            ("lm", n, v, d)
+            for d in ("fp32", "bf16")
+            for n in (1024, 4096, 8192, 32768)
+            for v in LM_VOCABS
+        ]
     ),
 }
 
@@ -62,6 +70,8 @@ def memory_guard(case: tuple, device: str) -> str | None:
     except (OSError, StopIteration):
         return None
     if need > 0.9 * avail:
-        return f"skipped: inputs + gradient need {need / 2**30:.1f} GiB, " \
-               f"{avail / 2**30:.1f} GiB available"
+        return (
+            f"skipped: inputs + gradient need {need / 2**30:.1f} GiB, "
+            f"{avail / 2**30:.1f} GiB available"
+        )
     return None

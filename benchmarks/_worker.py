@@ -117,8 +117,9 @@ def _once(call, device: str) -> float:
     return time.perf_counter() - t0
 
 
-def time_call(call, before, device: str, warmup: int, target_s: float, min_reps: int,
-              max_reps: int) -> dict:
+def time_call(
+    call, before, device: str, warmup: int, target_s: float, min_reps: int, max_reps: int
+) -> dict:
     """Warm up, then repeat ``before(); call()`` (only ``call`` timed) enough times to fill
     about ``target_s`` seconds (within [min_reps, max_reps])."""
     first = None
@@ -208,8 +209,13 @@ def measure_case(spec: dict) -> dict:
         def clear_grad():
             s.grad = None
 
-        knobs = dict(device=device, warmup=spec["warmup"], target_s=spec["target_s"],
-                     min_reps=spec["min_reps"], max_reps=spec["max_reps"])
+        knobs = dict(
+            device=device,
+            warmup=spec["warmup"],
+            target_s=spec["target_s"],
+            min_reps=spec["min_reps"],
+            max_reps=spec["max_reps"],
+        )
         out["fwd"] = time_call(fwd, clear_grad, **knobs)
         out["fwdbwd"] = time_call(fwdbwd, clear_grad, **knobs)
         out["fwd_peak_mib"] = peak_extra_mib(fwd, clear_grad, device)
@@ -246,24 +252,38 @@ def copy_bandwidth(device: str) -> dict:
     numel = (256 << 20) if device == "cuda" else (64 << 20)
     src = torch.ones(numel, device=device)
     dst = torch.empty_like(src)
-    r = time_call(lambda: dst.copy_(src), lambda: None, device, warmup=3, target_s=1.0,
-                  min_reps=10, max_reps=100)
+    r = time_call(
+        lambda: dst.copy_(src),
+        lambda: None,
+        device,
+        warmup=3,
+        target_s=1.0,
+        min_reps=10,
+        max_reps=100,
+    )
     nbytes = 2 * src.numel() * src.element_size()
-    return {"copy_gbps": nbytes / (r["median_ms"] / 1e3) / 1e9, "copy_bytes": nbytes,
-            "copy_ms": r["median_ms"]}
+    return {
+        "copy_gbps": nbytes / (r["median_ms"] / 1e3) / 1e9,
+        "copy_bytes": nbytes,
+        "copy_ms": r["median_ms"],
+    }
 
 
 def environment(device: str) -> dict:
     """What the worker sees: threads, device name, versions, memory method."""
-    info = {"threads": torch.get_num_threads(), "torch": torch.__version__,
-            "cuda": torch.version.cuda}
+    info = {
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+    }
     if device == "cuda":
         info["device_name"] = torch.cuda.get_device_name()
         info["memory_method"] = "torch.cuda.max_memory_allocated"
     else:
         info["memory_method"] = (
             "process peak RSS (VmHWM reset via clear_refs) minus RSS after inputs"
-            if cpu_memory_method() == "rss" else "unavailable on this OS"
+            if cpu_memory_method() == "rss"
+            else "unavailable on this OS"
         )
     try:
         import kdfused

@@ -40,7 +40,8 @@ ROOT = os.path.dirname(HERE)
 PY = sys.executable
 # Bad-input tests whose label *values* are checked on the GPU (a device-side assert).
 DEVICE_ASSERT = re.compile(
-    r"^tests/test_inputs\.py::test_bad_input\[cuda-labels-(?!shape|float|bool)")
+    r"^tests/test_inputs\.py::test_bad_input\[cuda-labels-(?!shape|float|bool)"
+)
 
 
 def have(module: str) -> bool:
@@ -51,8 +52,9 @@ def run(cmd, log, timeout, env=None):
     """Runs cmd with its output to the file ``log``; (return code or 'timeout', seconds)."""
     t0 = time.monotonic()
     with open(log, "w") as f:
-        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
-                             start_new_session=True)
+        p = subprocess.Popen(
+            cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True
+        )
         try:
             rc = p.wait(timeout=max(1.0, timeout))
         except subprocess.TimeoutExpired:
@@ -78,19 +80,38 @@ def cmd_env(_args) -> int:
     try:
         import torch
 
-        print("torch", torch.__version__, "cuda", torch.version.cuda,
-              "available", torch.cuda.is_available())
+        print(
+            "torch",
+            torch.__version__,
+            "cuda",
+            torch.version.cuda,
+            "available",
+            torch.cuda.is_available(),
+        )
         if torch.cuda.is_available():
             p = torch.cuda.get_device_properties(0)
-            print(f"device {p.name} sm_{p.major}{p.minor} SMs {p.multi_processor_count} "
-                  f"mem {p.total_memory / 2**30:.1f} GiB")
+            print(
+                f"device {p.name} sm_{p.major}{p.minor} SMs {p.multi_processor_count} "
+                f"mem {p.total_memory / 2**30:.1f} GiB"
+            )
         else:
             print("device none: no GPU present")
     except Exception as exc:  # noqa: BLE001
         print("torch import failed:", exc)
         return 1
-    for m in ("pytest", "hypothesis", "pytest_benchmark", "numpy", "matplotlib", "tqdm",
-              "triton", "ninja", "pybind11", "liger_kernel", "transformers"):
+    for m in (
+        "pytest",
+        "hypothesis",
+        "pytest_benchmark",
+        "numpy",
+        "matplotlib",
+        "tqdm",
+        "triton",
+        "ninja",
+        "pybind11",
+        "liger_kernel",
+        "transformers",
+    ):
         print(m, "present" if have(m) else "MISSING")
     for tool in ("nvcc", "nvidia-smi", "compute-sanitizer"):
         print(tool, find_tool(tool) or "not found")
@@ -111,7 +132,8 @@ def cmd_arch(_args) -> int:
     if not torch.cuda.is_available():
         print("no GPU present", file=sys.stderr)
         return 1
-    print("%d.%d" % torch.cuda.get_device_capability(0))
+    major, minor = torch.cuda.get_device_capability(0)
+    print(f"{major}.{minor}")
     return 0
 
 
@@ -130,12 +152,17 @@ def cmd_pytest(args) -> int:
         write(args.report, out)
         return 3
     col = os.path.join(os.path.dirname(os.path.abspath(args.report)), "pytest-collect.log")
-    rc, _ = run(pytest_base() + ["--collect-only", "-q", "--continue-on-collection-errors"], col,
-                deadline - time.monotonic())
+    rc, _ = run(
+        pytest_base() + ["--collect-only", "-q", "--continue-on-collection-errors"],
+        col,
+        deadline - time.monotonic(),
+    )
     ids = [x.strip() for x in tail(col, 10**6) if "::" in x and not x.startswith(" ")]
     isolated = [i for i in ids if DEVICE_ASSERT.search(i)]
-    out.append(f"collected {len(ids)} CUDA test ids (collection exit code {rc}), of which "
-               f"{len(isolated)} run one per process")
+    out.append(
+        f"collected {len(ids)} CUDA test ids (collection exit code {rc}), of which "
+        f"{len(isolated)} run one per process"
+    )
     out.append("one per process (bad label values stop the kernel with a device-side assert):")
     out += [f"  {i}" for i in isolated]
     if rc not in (0, 5) or not ids:
@@ -172,9 +199,12 @@ def cmd_pytest(args) -> int:
         ok = ok and all(rc == 0 for _, rc, _, _ in results)
     last = next((x for x in reversed(body) if re.search(r"passed|failed|error|no tests", x)), "")
     n_iso = sum(rc == 0 for _, rc, _, _ in results)
-    out += ["", f"CUDA tests {'PASSED' if ok else 'FAILED'}: main run: "
-            f"{'TIMEOUT' if rc_main == 'timeout' else last.strip('= ')}; "
-            f"isolated: {n_iso}/{len(isolated)} passed"]
+    out += [
+        "",
+        f"CUDA tests {'PASSED' if ok else 'FAILED'}: main run: "
+        f"{'TIMEOUT' if rc_main == 'timeout' else last.strip('= ')}; "
+        f"isolated: {n_iso}/{len(isolated)} passed",
+    ]
     write(args.report, out)
     return 0 if ok else 1
 
@@ -194,14 +224,19 @@ def sanitizer_verdict(rc, secs, lines):
     summ = [x.strip("= ") for x in lines if "ERROR SUMMARY" in x or "RACECHECK SUMMARY" in x]
     selftest = next((x for x in reversed(lines) if "kdfused self-test" in x), "")
     if rc == "timeout":
-        return (f"TIMEOUT after {secs:.0f} s: {len(errs)} error lines before it" if errs
-                else f"TIMEOUT after {secs:.0f} s, no errors in the part that ran"), errs
+        return (
+            f"TIMEOUT after {secs:.0f} s: {len(errs)} error lines before it"
+            if errs
+            else f"TIMEOUT after {secs:.0f} s, no errors in the part that ran"
+        ), errs
     if rc == 9 or errs:
         return f"ERRORS FOUND ({'; '.join(summ) or len(errs)})", errs
     if rc == 0:
         return f"ok: {'; '.join(summ) or 'no errors'}", errs
-    return (f"FAILED under the tool (exit code {rc}): "
-            f"{selftest or (lines[-1] if lines else 'no output')}"), errs
+    return (
+        f"FAILED under the tool (exit code {rc}): "
+        f"{selftest or (lines[-1] if lines else 'no output')}"
+    ), errs
 
 
 def cmd_sanitizer(args) -> int:
@@ -215,8 +250,10 @@ def cmd_sanitizer(args) -> int:
     except Exception:  # noqa: BLE001
         gpu = False
     if not cs:
-        out.append("compute-sanitizer: tool unavailable on this machine (not on PATH, not in "
-                   "$CUDA_HOME/bin or /usr/local/cuda*/bin)")
+        out.append(
+            "compute-sanitizer: tool unavailable on this machine (not on PATH, not in "
+            "$CUDA_HOME/bin or /usr/local/cuda*/bin)"
+        )
     else:
         out.append(f"compute-sanitizer: {cs}")
     if not gpu:
@@ -226,13 +263,20 @@ def cmd_sanitizer(args) -> int:
         return 3
     logdir = os.path.dirname(os.path.abspath(args.report))
     probe = os.path.join(logdir, "sanitizer-probe.log")
-    code = ("import torch; x = torch.ones(8, device='cuda'); torch.cuda.synchronize(); "
-            "print('probe ok', float(x.sum()))")
-    rc, _ = run([cs, "--tool", "memcheck", "--error-exitcode", "9", PY, "-c", code], probe,
-                min(90.0, deadline - time.monotonic()))
+    code = (
+        "import torch; x = torch.ones(8, device='cuda'); torch.cuda.synchronize(); "
+        "print('probe ok', float(x.sum()))"
+    )
+    rc, _ = run(
+        [cs, "--tool", "memcheck", "--error-exitcode", "9", PY, "-c", code],
+        probe,
+        min(90.0, deadline - time.monotonic()),
+    )
     if rc != 0 or not any("probe ok" in x for x in tail(probe, 50)):
-        out.append(f"tool unavailable on this machine: compute-sanitizer cannot run a trivial "
-                   f"CUDA program here (exit code {rc}); its last lines:")
+        out.append(
+            f"tool unavailable on this machine: compute-sanitizer cannot run a trivial "
+            f"CUDA program here (exit code {rc}); its last lines:"
+        )
         out += [f"    {x}" for x in tail(probe, 8)]
         write(args.report, out)
         return 3
@@ -246,8 +290,18 @@ def cmd_sanitizer(args) -> int:
         if tool == "memcheck":  # every tensor its own allocation: out-of-bounds is seen
             env["PYTORCH_NO_CUDA_MEMORY_CACHING"] = "1"
         # API errors are not reported: the launcher queries cluster support and clears the error
-        cmd = [cs, "--tool", tool, "--error-exitcode", "9", "--print-limit", "30",
-               "--report-api-errors", "no", *target]
+        cmd = [
+            cs,
+            "--tool",
+            tool,
+            "--error-exitcode",
+            "9",
+            "--print-limit",
+            "30",
+            "--report-api-errors",
+            "no",
+            *target,
+        ]
         return (tool, *run(cmd, log, deadline - time.monotonic(), env), log)
 
     with concurrent.futures.ThreadPoolExecutor(len(tools)) as ex:
@@ -273,17 +327,49 @@ def cmd_bench(args) -> int:
     import run as bench_run  # benchmarks/run.py
 
     if args.cpu_smoke:  # no GPU: the pipeline on a tiny CPU case (providers, CSV/JSON, plot)
-        cmd = [PY, os.path.join(HERE, "run.py"), "--device", "cpu", "--sizes", "64x1000",
-               "--providers", "kdfused,eager", "--target-s", "0.05", "--min-reps", "2",
-               "--out", args.outdir, "--tag", "bench-cpu-smoke", "--timeout", "120"]
+        cmd = [
+            PY,
+            os.path.join(HERE, "run.py"),
+            "--device",
+            "cpu",
+            "--sizes",
+            "64x1000",
+            "--providers",
+            "kdfused,eager",
+            "--target-s",
+            "0.05",
+            "--min-reps",
+            "2",
+            "--out",
+            args.outdir,
+            "--tag",
+            "bench-cpu-smoke",
+            "--timeout",
+            "120",
+        ]
     else:
         provs = ["kdfused", "eager", "compile"]
         provs += ["liger_kl", "liger_jsd"] if have("liger_kernel") else []
         sizes = bench_run.SETS["quick-cuda"]
         per_case = max(8.0, (args.budget - 30) / (len(provs) * len(sizes) + 2))
-        cmd = [PY, os.path.join(HERE, "run.py"), "--device", "cuda", "--set", "quick",
-               "--providers", ",".join(provs), "--target-s", "0.2", "--out", args.outdir,
-               "--tag", "bench", "--timeout", f"{per_case:.0f}"]
+        cmd = [
+            PY,
+            os.path.join(HERE, "run.py"),
+            "--device",
+            "cuda",
+            "--set",
+            "quick",
+            "--providers",
+            ",".join(provs),
+            "--target-s",
+            "0.2",
+            "--out",
+            args.outdir,
+            "--tag",
+            "bench",
+            "--timeout",
+            f"{per_case:.0f}",
+        ]
     print("$", " ".join(cmd), flush=True)
     return subprocess.run(cmd, cwd=ROOT, stdin=subprocess.DEVNULL).returncode
 
@@ -306,8 +392,13 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, default=150)
     p.add_argument("--cpu-smoke", action="store_true")
     args = ap.parse_args(argv)
-    return {"env": cmd_env, "arch": cmd_arch, "pytest": cmd_pytest, "sanitizer": cmd_sanitizer,
-            "bench": cmd_bench}[args.cmd](args)
+    return {
+        "env": cmd_env,
+        "arch": cmd_arch,
+        "pytest": cmd_pytest,
+        "sanitizer": cmd_sanitizer,
+        "bench": cmd_bench,
+    }[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ def detail(name, work, out, mode):
         head = next((x for x in log if x.startswith("kdfused: building")), "")
         return (err[:150] if err else head[9:].strip()) or (log[-1][:150] if log else "")
     if name == "import":
-        return (log[-1][:160] if log else "")
+        return log[-1][:160] if log else ""
     if name == "selftest":
         txt = lines(os.path.join(out, "selftest.txt"))
         fails = sum(x.startswith("FAIL ") for x in txt)
@@ -65,8 +65,15 @@ def detail(name, work, out, mode):
         return last_match(txt, r"^CUDA tests|^collected|not installed")
     if name == "sanitizer":
         txt = lines(os.path.join(out, "sanitizer.txt"))
-        got = [x.strip() for x in txt if re.match(r"(memcheck|racecheck|synccheck|tool unavail"
-                                                   r"|no GPU|compute-sanitizer: tool)", x)]
+        got = [
+            x.strip()
+            for x in txt
+            if re.match(
+                r"(memcheck|racecheck|synccheck|tool unavail"
+                r"|no GPU|compute-sanitizer: tool)",
+                x,
+            )
+        ]
         return "; ".join(got)
     if name == "bench":
         done = last_match(log, r"runs in .* s; wrote").split(";")[0]
@@ -82,14 +89,19 @@ def bench_table(out):
     except (OSError, ValueError):
         return []
     meta, recs = data.get("meta", {}), data.get("results", [])
-    rows = ["", f"Benchmark ({meta.get('device_name', '?')}, copy bandwidth "
-            f"{meta.get('copy_gbps') or 0:.0f} GB/s), fwd+bwd median ms:", "",
-            "| case | kdfused | eager | compile | liger_kl | vs eager | vs compile | % copy BW |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = [
+        "",
+        f"Benchmark ({meta.get('device_name', '?')}, copy bandwidth "
+        f"{meta.get('copy_gbps') or 0:.0f} GB/s), fwd+bwd median ms:",
+        "",
+        "| case | kdfused | eager | compile | liger_kl | vs eager | vs compile | % copy BW |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     cases = {}
     for r in recs:
         cases.setdefault((r["case"], f"{r['label']} {r['N']}x{r['V']} {r['dtype']}"), {})[
-            r["provider"]] = r
+            r["provider"]
+        ] = r
 
     def ms(r):
         if r is None:
@@ -98,12 +110,14 @@ def bench_table(out):
 
     for (_, label), by in sorted(cases.items()):
         k = by.get("kdfused", {})
-        f = lambda key, fmt: format(k[key], fmt) + "x" if key in k else "-"  # noqa: E731
+        f = lambda key, fmt, k=k: format(k[key], fmt) + "x" if key in k else "-"  # noqa: E731
         bw = f"{100 * k['fwdbwd_bw_frac']:.0f}%" if "fwdbwd_bw_frac" in k else "-"
-        rows.append(f"| {label} | {ms(by.get('kdfused'))} | {ms(by.get('eager'))} | "
-                    f"{ms(by.get('compile'))} | {ms(by.get('liger_kl'))} | "
-                    f"{f('fwdbwd_speedup_vs_eager', '.2f')} | "
-                    f"{f('fwdbwd_speedup_vs_compile', '.2f')} | {bw} |")
+        rows.append(
+            f"| {label} | {ms(by.get('kdfused'))} | {ms(by.get('eager'))} | "
+            f"{ms(by.get('compile'))} | {ms(by.get('liger_kl'))} | "
+            f"{f('fwdbwd_speedup_vs_eager', '.2f')} | "
+            f"{f('fwdbwd_speedup_vs_compile', '.2f')} | {bw} |"
+        )
     return rows
 
 
@@ -134,22 +148,35 @@ def main(argv) -> int:
     env = lines(os.path.join(work, "env.log"))
     dev = next((x[7:] for x in env if x.startswith("device ")), "?")
     if mode == "nogpu":
-        verdict = ("NO GPU PRESENT: pre-flight checks passed, nothing was run on a GPU (exit 3)"
-                   if not failed else f"NO GPU PRESENT, and pre-flight checks FAILED: "
-                   f"{', '.join(failed)} (exit 1)")
+        verdict = (
+            "NO GPU PRESENT: pre-flight checks passed, nothing was run on a GPU (exit 3)"
+            if not failed
+            else f"NO GPU PRESENT, and pre-flight checks FAILED: {', '.join(failed)} (exit 1)"
+        )
         code = 1 if failed else 3
     else:
-        verdict = "PASS: every step passed (exit 0)" if not failed else \
-            f"FAIL: {', '.join(failed)} (exit 1)"
+        verdict = (
+            "PASS: every step passed (exit 0)"
+            if not failed
+            else f"FAIL: {', '.join(failed)} (exit 1)"
+        )
         code = 1 if failed else 0
     commit = next((x[5:] for x in env if x.startswith("git: ")), "?")
-    md = [f"# kdfused GPU check: {verdict}", "",
-          f"device: {dev} | commit {commit} | {total:.0f} s of steps", "",
-          "| step | result | s | details |", "|---|---|---:|---|"] + rows
+    md = [
+        f"# kdfused GPU check: {verdict}",
+        "",
+        f"device: {dev} | commit {commit} | {total:.0f} s of steps",
+        "",
+        "| step | result | s | details |",
+        "|---|---|---:|---|",
+    ] + rows
     if mode == "gpu":
         md += bench_table(out)
-    md += ["", "Files: selftest.txt (self-test table), pytest.txt (CUDA tests), sanitizer.txt, "
-           "bench.csv/json/png, logs.tar.gz (every step's full log)."]
+    md += [
+        "",
+        "Files: selftest.txt (self-test table), pytest.txt (CUDA tests), sanitizer.txt, "
+        "bench.csv/json/png, logs.tar.gz (every step's full log).",
+    ]
     what = [f"{k}: {v}" for k, v in WHAT.items() if any(s[0] == k for s in steps)]
     md += ["", "Steps: " + "; ".join(what) + "."]
     text = "\n".join(md) + "\n"

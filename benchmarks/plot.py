@@ -22,8 +22,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
-COLORS = {"kdfused": "tab:red", "eager": "tab:blue", "compile": "tab:green",
-          "liger_kl": "tab:purple", "liger_jsd": "tab:orange", "reference": "tab:gray"}
+COLORS = {
+    "kdfused": "tab:red",
+    "eager": "tab:blue",
+    "compile": "tab:green",
+    "liger_kl": "tab:purple",
+    "liger_jsd": "tab:orange",
+    "reference": "tab:gray",
+}
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
 ELEMENT_SIZE = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -35,8 +41,9 @@ def _family(r: dict) -> tuple:
 def plot(records: list[dict], meta: dict, path: str) -> None:
     """Write the time/memory-vs-V figure of ``records`` to ``path`` (PNG)."""
     ok = [r for r in records if "fwdbwd" in r]
-    families = sorted({_family(r) for r in ok},
-                      key=lambda f: (f[0] != "classifier", f[1] != "fp32", f[1]))
+    families = sorted(
+        {_family(r) for r in ok}, key=lambda f: (f[0] != "classifier", f[1] != "fp32", f[1])
+    )
     if not families:
         raise ValueError("no successful measurements to plot")
     ns = sorted({r["N"] for r in ok})
@@ -50,8 +57,11 @@ def plot(records: list[dict], meta: dict, path: str) -> None:
         rows = [r for r in ok if _family(r) == fam]
         for n in sorted({r["N"] for r in rows}):
             for p in providers:
-                pts = sorted((r["V"], r["fwdbwd"]["median_ms"], r.get("fwdbwd_peak_mib"))
-                             for r in rows if r["N"] == n and r["provider"] == p)
+                pts = sorted(
+                    (r["V"], r["fwdbwd"]["median_ms"], r.get("fwdbwd_peak_mib"))
+                    for r in rows
+                    if r["N"] == n and r["provider"] == p
+                )
                 if not pts:
                     continue
                 vs = [x[0] for x in pts]
@@ -63,8 +73,14 @@ def plot(records: list[dict], meta: dict, path: str) -> None:
             vs = sorted({r["V"] for r in rows if r["N"] == n})
             nbytes = [n * v * ELEMENT_SIZE[fam[1]] for v in vs]
             if copy:
-                ax_t.plot(vs, [3 * b / (copy * 1e9) * 1e3 for b in nbytes], "k--", lw=0.8,
-                          marker=marker[n], ms=3)
+                ax_t.plot(
+                    vs,
+                    [3 * b / (copy * 1e9) * 1e3 for b in nbytes],
+                    "k--",
+                    lw=0.8,
+                    marker=marker[n],
+                    ms=3,
+                )
             ax_m.plot(vs, [b / 2**20 for b in nbytes], "k--", lw=0.8, marker=marker[n], ms=3)
         ax_t.set_title(f"{fam[0]}, {fam[1]}")
         for ax in (ax_t, ax_m):
@@ -85,8 +101,11 @@ def plot(records: list[dict], meta: dict, path: str) -> None:
     handles += [Line2D([], [], color="k", ls="--", lw=0.8, label="floor")]
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), frameon=False)
     dev = meta.get("device_name", meta.get("device", ""))
-    fig.suptitle(f"kdfused benchmark: {dev}, {meta.get('threads', '?')} threads, "
-                 f"torch {meta.get('torch', '?')}  (loss 0.5*T^2*KL + 0.5*CE, T=2)", fontsize=10)
+    fig.suptitle(
+        f"kdfused benchmark: {dev}, {meta.get('threads', '?')} threads, "
+        f"torch {meta.get('torch', '?')}  (loss 0.5*T^2*KL + 0.5*CE, T=2)",
+        fontsize=10,
+    )
     fig.tight_layout(rect=(0, 0.06, 1, 0.96))
     fig.savefig(path, dpi=110)
     plt.close(fig)

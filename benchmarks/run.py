@@ -44,38 +44,61 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--set", choices=["quick", "standard", "full"], default="quick",
-                    help="size set (quick: default; on cuda quick/standard use GPU-sized cases)")
-    ap.add_argument("--full", action="store_const", const="full", dest="set",
-                    help="same as --set full")
+    ap.add_argument(
+        "--set",
+        choices=["quick", "standard", "full"],
+        default="quick",
+        help="size set (quick: default; on cuda quick/standard use GPU-sized cases)",
+    )
+    ap.add_argument(
+        "--full", action="store_const", const="full", dest="set", help="same as --set full"
+    )
     ap.add_argument("--sizes", help="comma list NxV[:dtype], e.g. 2048x32000,1024x32000:bf16")
-    ap.add_argument("--providers", help=f"comma list from {','.join(P.ALL_PROVIDERS)} "
-                    f"(default: {','.join(P.DEFAULT_PROVIDERS)}, plus Liger's on cuda)")
-    ap.add_argument("--divergence", default="kl", choices=P.DIVERGENCES,
-                    help="the soft term's divergence for every provider (default kl)")
+    ap.add_argument(
+        "--providers",
+        help=f"comma list from {','.join(P.ALL_PROVIDERS)} "
+        f"(default: {','.join(P.DEFAULT_PROVIDERS)}, plus Liger's on cuda)",
+    )
+    ap.add_argument(
+        "--divergence",
+        default="kl",
+        choices=P.DIVERGENCES,
+        help="the soft term's divergence for every provider (default kl)",
+    )
     ap.add_argument("--beta", type=float, default=0.5, help="jsd's beta (default 0.5)")
     ap.add_argument("--out", default=os.path.join(HERE, "results"), help="results folder")
     ap.add_argument("--tag", help="file name stem (default: <device>-<set>)")
-    ap.add_argument("--target-s", type=float, default=1.0,
-                    help="seconds of repeated runs per timing (default 1)")
+    ap.add_argument(
+        "--target-s",
+        type=float,
+        default=1.0,
+        help="seconds of repeated runs per timing (default 1)",
+    )
     ap.add_argument("--min-reps", type=int, default=5)
     ap.add_argument("--max-reps", type=int, default=100)
     ap.add_argument("--warmup", type=int, help="untimed calls before timing (cpu 1, cuda 3)")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's, all cores)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per case")
-    ap.add_argument("--isolate", choices=["case", "provider"],
-                    help="one subprocess per case x provider (cpu default) or per provider "
-                    "(cuda default)")
-    ap.add_argument("--no-check", action="store_true",
-                    help="skip the loss check against kdfused.reference")
+    ap.add_argument(
+        "--isolate",
+        choices=["case", "provider"],
+        help="one subprocess per case x provider (cpu default) or per provider (cuda default)",
+    )
+    ap.add_argument(
+        "--no-check", action="store_true", help="skip the loss check against kdfused.reference"
+    )
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    args.cases = parse_sizes(args.sizes) if args.sizes else SETS[
-        args.set + "-cuda" if args.device == "cuda" and args.set != "full" else args.set]
+    args.cases = (
+        parse_sizes(args.sizes)
+        if args.sizes
+        else SETS[args.set + "-cuda" if args.device == "cuda" and args.set != "full" else args.set]
+    )
     args.set_name = "custom" if args.sizes else args.set
-    args.provider_list = (args.providers.split(",") if args.providers
-                          else P.default_providers(args.device))
+    args.provider_list = (
+        args.providers.split(",") if args.providers else P.default_providers(args.device)
+    )
     for p in args.provider_list:
         if p not in P.ALL_PROVIDERS:
             ap.error(f"unknown provider {p!r}")
@@ -93,11 +116,15 @@ def run_worker(specs: list[dict], timeout: float, on_result) -> None:
     with tempfile.TemporaryFile(mode="w+") as err:
         proc = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(specs)],
-            stdout=subprocess.PIPE, stderr=err, text=True, cwd=HERE,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            cwd=HERE,
         )
         lines: queue.Queue = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout] + [lines.put(None)],
-                         daemon=True).start()
+        threading.Thread(
+            target=lambda: [lines.put(x) for x in proc.stdout] + [lines.put(None)], daemon=True
+        ).start()
         deadline = time.monotonic() + timeout * len(specs)
         done, why = 0, None
         while done < len(specs):
@@ -110,18 +137,26 @@ def run_worker(specs: list[dict], timeout: float, on_result) -> None:
             if line is None:
                 break
             if line.startswith("@@RESULT "):
-                on_result(specs[done], json.loads(line[len("@@RESULT "):]))
+                on_result(specs[done], json.loads(line[len("@@RESULT ") :]))
                 done += 1
         rc = proc.wait()
         if done < len(specs):
             err.seek(0)
             tail = [x for x in err.read().splitlines() if x.strip()][-1:] or [""]
             if why is None:
-                why = ("killed (signal 9: out of memory?)" if rc == -9
-                       else f"crashed (exit code {rc}): {tail[0][:160]}")
+                why = (
+                    "killed (signal 9: out of memory?)"
+                    if rc == -9
+                    else f"crashed (exit code {rc}): {tail[0][:160]}"
+                )
             for spec in specs[done:]:
-                on_result(spec, {**{k: spec[k] for k in ("case", "label", "N", "V", "dtype",
-                                                         "provider")}, "status": why})
+                on_result(
+                    spec,
+                    {
+                        **{k: spec[k] for k in ("case", "label", "N", "V", "dtype", "provider")},
+                        "status": why,
+                    },
+                )
 
 
 # --------------------------------------------------------------------------- main
@@ -137,13 +172,22 @@ def main(argv=None) -> int:
 
     load_before = loadavg()
     if load_before and load_before > 0.5 * (os.cpu_count() or 1) and args.device == "cpu":
-        print(f"warning: load average {load_before:.1f} on {os.cpu_count()} cores; CPU timings "
-              "will be noisy (multi-threaded ops stall when their threads are descheduled)",
-              file=sys.stderr)
-    common = dict(device=args.device, divergence=args.divergence, beta=args.beta,
-                  threads=args.threads, warmup=args.warmup,
-                  target_s=args.target_s, min_reps=args.min_reps, max_reps=args.max_reps,
-                  check=not args.no_check)
+        print(
+            f"warning: load average {load_before:.1f} on {os.cpu_count()} cores; CPU timings "
+            "will be noisy (multi-threaded ops stall when their threads are descheduled)",
+            file=sys.stderr,
+        )
+    common = dict(
+        device=args.device,
+        divergence=args.divergence,
+        beta=args.beta,
+        threads=args.threads,
+        warmup=args.warmup,
+        target_s=args.target_s,
+        min_reps=args.min_reps,
+        max_reps=args.max_reps,
+        check=not args.no_check,
+    )
     records, skipped, env = [], [], {}
     specs = []
     for i, case in enumerate(args.cases):
@@ -152,8 +196,12 @@ def main(argv=None) -> int:
             spec = dict(common, case=i, label=label, N=n, V=v, dtype=dtype, provider=p)
             reason = memory_guard(case, args.device)
             if reason:
-                skipped.append({**{k: spec[k] for k in ("case", "label", "N", "V", "dtype",
-                                                        "provider")}, "status": reason})
+                skipped.append(
+                    {
+                        **{k: spec[k] for k in ("case", "label", "N", "V", "dtype", "provider")},
+                        "status": reason,
+                    }
+                )
             else:
                 specs.append(spec)
     if args.isolate == "case":
@@ -182,8 +230,10 @@ def main(argv=None) -> int:
 
     for group in groups:
         first = group[0]
-        bar.set_postfix_str(f"{first['provider']} {first['N']}x{first['V']} {first['dtype']}"
-                            + (f" (+{len(group) - 1} sizes)" if len(group) > 1 else ""))
+        bar.set_postfix_str(
+            f"{first['provider']} {first['N']}x{first['V']} {first['dtype']}"
+            + (f" (+{len(group) - 1} sizes)" if len(group) > 1 else "")
+        )
         run_worker(group, args.timeout, on_result)
     bar.update(-1)  # the copy bandwidth again at the end; the better of the two is the reference
     run_worker(copy_spec, args.timeout, on_env)
@@ -216,8 +266,10 @@ def main(argv=None) -> int:
             print(f"plot failed: {exc}", file=sys.stderr)
     print()
     print(table(records, meta))
-    print(f"\n{len(records)} runs in {meta['wall_s']:.0f} s; wrote "
-          + ", ".join(os.path.relpath(p) for p in written))
+    print(
+        f"\n{len(records)} runs in {meta['wall_s']:.0f} s; wrote "
+        + ", ".join(os.path.relpath(p) for p in written)
+    )
     return 0
 
 

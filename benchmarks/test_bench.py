@@ -23,8 +23,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _providers as P  # noqa: E402
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="no GPU"))]
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")),
+]
 SIZES = [(256, 1000, torch.float32), (512, 32000, torch.float32), (256, 32000, torch.bfloat16)]
 PROVIDERS = ["kdfused", "eager", "compile", "liger_kl", "liger_jsd"]
 DTYPE_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16"}
@@ -44,8 +46,14 @@ def _reference(s, t, y):
     """Loss and student gradient from kdfused.reference in float64."""
     ref = P.load_reference()
     s64 = s.detach().double().requires_grad_(True)
-    loss = ref.kd_loss(s64, t.double(), y, temperature=P.TEMPERATURE,
-                       soft_weight=P.SOFT_WEIGHT, hard_weight=P.HARD_WEIGHT)
+    loss = ref.kd_loss(
+        s64,
+        t.double(),
+        y,
+        temperature=P.TEMPERATURE,
+        soft_weight=P.SOFT_WEIGHT,
+        hard_weight=P.HARD_WEIGHT,
+    )
     loss.backward()
     return loss.item(), s64.grad
 
@@ -74,10 +82,14 @@ def test_bench(benchmark, device, size, provider, mode):
     loss.backward()
     tol = 2e-5 if dtype == torch.float32 else 3e-2
     assert abs(loss.item() - ref_loss) <= tol * max(1.0, abs(ref_loss)), (
-        loss.item(), ref_loss, f"KDFUSED_TEST_SEED={SEED}")
+        loss.item(),
+        ref_loss,
+        f"KDFUSED_TEST_SEED={SEED}",
+    )
     err = (s.grad.double() - ref_grad).abs().max().item()
     assert err <= tol * ref_grad.abs().max().item(), (
-        f"max grad error {err:.3g} (KDFUSED_TEST_SEED={SEED})")
+        f"max grad error {err:.3g} (KDFUSED_TEST_SEED={SEED})"
+    )
 
     def clear():
         s.grad = None
@@ -98,5 +110,6 @@ def test_bench(benchmark, device, size, provider, mode):
     benchmark.group = f"{mode} {n}x{v} {DTYPE_NAME[dtype]} {device}"
     benchmark.extra_info.update(provider=provider, N=n, V=v, dtype=DTYPE_NAME[dtype])
     rounds = max(5, min(50, (1 << 24) // (n * v)))  # more rounds for the tiny, noisier cases
-    benchmark.pedantic(fwd if mode == "fwd" else fwdbwd, setup=clear, rounds=rounds,
-                       warmup_rounds=1)
+    benchmark.pedantic(
+        fwd if mode == "fwd" else fwdbwd, setup=clear, rounds=rounds, warmup_rounds=1
+    )

@@ -57,6 +57,7 @@ def kdfused_full_loss(s, t):
 
 # ---- CPU peak memory --------------------------------------------------------------------------
 
+
 def _status_kib(field):
     try:
         with open("/proc/self/status") as f:
@@ -101,6 +102,7 @@ def peak_mib(call):
 
 # ---- timing ------------------------------------------------------------------------------------
 
+
 def time_fwdbwd(loss_fn, s, args, reps, warmup):
     s = s.detach().requires_grad_()
 
@@ -139,8 +141,11 @@ def run(args):
             dtype = DTYPES[dname]
             s, t = make_inputs(N, V, dtype)
             # kd_loss with the full teacher does not depend on k: once per (V, dtype).
-            full = time_fwdbwd(kdfused_full_loss, s, (t,), reps, 1) if "full_kd" in args.providers \
+            full = (
+                time_fwdbwd(kdfused_full_loss, s, (t,), reps, 1)
+                if "full_kd" in args.providers
                 else None
+            )
             # The stored teacher: sorted top-k, so the first k of the largest k are the top k.
             idx_all, vals_all = kdfused.topk_teacher(t, max(ks))
             del t
@@ -156,18 +161,24 @@ def run(args):
                 # compiled function would silently run eagerly.
                 torch._dynamo.reset()
                 compiled = torch.compile(eager_topk_loss, dynamic=False)
-                for name, fn, fargs in (("topk", kdfused_topk_loss, (idx, vals)),
-                                        ("eager", eager_topk_loss, (idx, vals)),
-                                        ("compile", compiled, (idx, vals))):
+                for name, fn, fargs in (
+                    ("topk", kdfused_topk_loss, (idx, vals)),
+                    ("eager", eager_topk_loss, (idx, vals)),
+                    ("compile", compiled, (idx, vals)),
+                ):
                     if name not in args.providers:
                         continue
                     slow = name in ("eager", "compile")
-                    med, times, mem = time_fwdbwd(fn, s, fargs, max(2, reps - 2) if slow and not
-                                                  args.quick else reps, 1)
+                    med, times, mem = time_fwdbwd(
+                        fn, s, fargs, max(2, reps - 2) if slow and not args.quick else reps, 1
+                    )
                     res[f"{name}_ms"] = med * 1e3
                     res[f"{name}_peak_mib"] = mem
-                    print(f"  N={N} V={V} k={k} {dname} {name}: {med * 1e3:.1f} ms "
-                          f"(peak {mem if mem is None else round(mem)} MiB)", flush=True)
+                    print(
+                        f"  N={N} V={V} k={k} {dname} {name}: {med * 1e3:.1f} ms "
+                        f"(peak {mem if mem is None else round(mem)} MiB)",
+                        flush=True,
+                    )
                 if full is not None:
                     res["full_kd_ms"] = full[0] * 1e3
                     res["full_kd_peak_mib"] = full[2]
@@ -182,18 +193,22 @@ def fmt(x, nd=1):
 
 
 def table(rows):
-    head = ("| N x V, k, dtype | topk | eager | compile | kd_loss full teacher | compile / topk | "
-            "topk / full | peak MiB topk / eager / compile / full |")
+    head = (
+        "| N x V, k, dtype | topk | eager | compile | kd_loss full teacher | compile / topk | "
+        "topk / full | peak MiB topk / eager / compile / full |"
+    )
     lines = [head, "|" + "---|" * 8]
     for r in rows:
         ratio_c = r.get("compile_ms") / r["topk_ms"] if r.get("compile_ms") else None
         ratio_f = r["topk_ms"] / r["full_kd_ms"] if r.get("full_kd_ms") else None
-        mems = " / ".join(fmt(r.get(f"{p}_peak_mib"), 0) for p in ("topk", "eager", "compile",
-                                                                    "full_kd"))
+        mems = " / ".join(
+            fmt(r.get(f"{p}_peak_mib"), 0) for p in ("topk", "eager", "compile", "full_kd")
+        )
         lines.append(
             f"| {r['N']} x {r['V']}, k={r['k']}, {r['dtype']} | {fmt(r.get('topk_ms'))} ms | "
             f"{fmt(r.get('eager_ms'))} ms | {fmt(r.get('compile_ms'))} ms | "
-            f"{fmt(r.get('full_kd_ms'))} ms | {fmt(ratio_c, 2)}x | {fmt(ratio_f, 2)}x | {mems} |")
+            f"{fmt(r.get('full_kd_ms'))} ms | {fmt(ratio_c, 2)}x | {fmt(ratio_f, 2)}x | {mems} |"
+        )
     return "\n".join(lines)
 
 
@@ -204,19 +219,29 @@ def main(argv=None):
     ap.add_argument("--vocab", type=int, nargs="+", default=[32000, 128256])
     ap.add_argument("--k", type=int, nargs="+", default=[16, 64, 128])
     ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
-    ap.add_argument("--providers", nargs="+", default=["topk", "eager", "compile", "full_kd"],
-                    choices=["topk", "eager", "compile", "full_kd"])
+    ap.add_argument(
+        "--providers",
+        nargs="+",
+        default=["topk", "eager", "compile", "full_kd"],
+        choices=["topk", "eager", "compile", "full_kd"],
+    )
     ap.add_argument("--reps", type=int, default=0, help="timed repetitions (default 5; 3 quick)")
-    ap.add_argument("--out", default=None, help="output stem (default benchmarks/results/"
-                    "topk-cpu, or topk-cpu-quick with --quick)")
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="output stem (default benchmarks/results/topk-cpu, or topk-cpu-quick with --quick)",
+    )
     args = ap.parse_args(argv)
     here = os.path.dirname(os.path.abspath(__file__))
-    stem = args.out or os.path.join(here, "results", "topk-cpu-quick" if args.quick else
-                                    "topk-cpu")
-    env = {"torch": torch.__version__, "threads": torch.get_num_threads(),
-           "cpu": platform.processor() or platform.machine(),
-           "kdfused": kdfused.build_info(), "temperature": T,
-           "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])}
+    stem = args.out or os.path.join(here, "results", "topk-cpu-quick" if args.quick else "topk-cpu")
+    env = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "kdfused": kdfused.build_info(),
+        "temperature": T,
+        "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
+    }
     print(f"topk benchmark: {env}", flush=True)
     rows = run(args)
     print()
@@ -224,8 +249,9 @@ def main(argv=None):
     os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
     with open(stem + ".json", "w") as f:
         json.dump({"environment": env, "results": rows}, f, indent=1)
-    keys = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("N", "V", "k", "dtype"),
-                                                                k))
+    keys = sorted(
+        {k for r in rows for k in r}, key=lambda k: (k not in ("N", "V", "k", "dtype"), k)
+    )
     with open(stem + ".csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()

@@ -27,7 +27,8 @@ void check_inputs(const at::Tensor& student, const at::Tensor& teacher,
                   std::string_view reduction);
 
 Divergence parse_divergence(std::string_view divergence);
-// The divergence the kernels run: parse_divergence, with "jsd" at beta 0 / 1 mapped to KL / ReverseKL.
+// The divergence the kernels run: parse_divergence, with "jsd" at beta 0 / 1 mapped to KL /
+// ReverseKL.
 Divergence effective_divergence(std::string_view divergence, double beta);
 Reduction parse_reduction(std::string_view reduction);
 at::ScalarType accumulate_type(const at::Tensor& student, const at::Tensor& teacher);
@@ -41,15 +42,14 @@ struct Prepared {
   at::Tensor loss;              // 0-dim, or the leading shape for reduction "none"
   at::Tensor row_loss;          // [n_rows] (aliases loss for reduction "none")
   at::Tensor grad_student, grad_teacher;  // contiguous, input shape and dtype; or empty [0]
-  at::Tensor grad_scale;        // backward state: the grad_output the gradients are scaled for (1)
+  at::Tensor grad_scale;  // backward state: the grad_output the gradients are scaled for (1)
 };
 
 // Allocates the outputs on the inputs' device and fills KDParams (grad_scale left at 1).
 Prepared prepare(const at::Tensor& student, const at::Tensor& teacher,
                  const std::optional<at::Tensor>& labels, double temperature, double soft_weight,
-                 double hard_weight, std::string_view divergence, double beta,
-                 int64_t ignore_index, std::string_view reduction, bool grad_student,
-                 bool grad_teacher);
+                 double hard_weight, std::string_view divergence, double beta, int64_t ignore_index,
+                 std::string_view reduction, bool grad_student, bool grad_teacher);
 
 using KDOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 

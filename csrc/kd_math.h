@@ -154,8 +154,8 @@ struct Ew {
 // ------------------------------------------------------------------------------------------------
 template <typename A>
 struct RowConfig {
-  A inv_t;        // 1 / T
-  A inv_t_l2e;    // log2(e) / T
+  A inv_t;      // 1 / T
+  A inv_t_l2e;  // log2(e) / T
   A temperature;
   A soft_weight;  // > 0 iff soft
   A hard_weight;  // > 0 iff hard
@@ -452,9 +452,9 @@ KD_HD void probs_at(const RowResult<A>& r, const RowConfig<A>& c, A ds, A dt, A&
   p = c.soft ? kd_exp_scaled(dt, c.inv_t, c.inv_t_l2e) * r.fb : A(0);
   h = A(0);
   if (c.hard) {
-    h = !c.need_zh ? q
-                   : (c.square_h ? e * e * r.fh
-                                 : kd_exp_scaled(ds, A(1), static_cast<A>(kLog2e)) * r.fh);
+    h = !c.need_zh
+            ? q
+            : (c.square_h ? e * e * r.fh : kd_exp_scaled(ds, A(1), static_cast<A>(kLog2e)) * r.fh);
   }
 }
 
@@ -555,8 +555,8 @@ KD_HD void finalize_mix(RowResult<A>& r, const MixSums<A>& mx, const RowConfig<A
 // is left to the caller (one element per row). A p (q) without mass gives an exact 0 where a log
 // of it would meet 0 * -inf; a NaN p or q stays NaN. F compiles the other family's cases out.
 template <DivFamily F = DivFamily::Any, typename X, typename A>
-KD_HD void grad_at(const RowResult<A>& r, const RowConfig<A>& c, X ds, X dt, X q, X p, X h,
-                   X& gs, X& gt) {
+KD_HD void grad_at(const RowResult<A>& r, const RowConfig<A>& c, X ds, X dt, X q, X p, X h, X& gs,
+                   X& gt) {
   using E = Ew<X>;
   const X zero = E::splat(0);
   const X ks = E::splat(r.ks);
@@ -589,8 +589,7 @@ KD_HD void grad_at(const RowResult<A>& r, const RowConfig<A>& c, X ds, X dt, X q
           jsd_logs(r, c, ds, dt, q, p, lqm, lpm);
           gs = E::where(E::eq(q, zero), zero,
                         E::splat(r.ks * (A(1) - c.beta)) * q * (lqm - E::splat(r.k1)));
-          gt = E::where(E::eq(p, zero), zero,
-                        E::splat(r.ks * c.beta) * p * (lpm - E::splat(r.k2)));
+          gt = E::where(E::eq(p, zero), zero, E::splat(r.ks * c.beta) * p * (lpm - E::splat(r.k2)));
         }
         break;
       case Divergence::TVD:

@@ -28,9 +28,9 @@ enum class DType : int32_t { Float16 = 0, BFloat16 = 1, Float32 = 2, Float64 = 3
 
 struct KDParams {
   // ---- inputs -------------------------------------------------------------------------------
-  const void* student = nullptr;     // logits, dtype student_dtype, last dim contiguous
-  const void* teacher = nullptr;     // logits, dtype teacher_dtype, last dim contiguous
-  const int64_t* labels = nullptr;   // [n_rows] contiguous, or nullptr (no labels: all rows valid)
+  const void* student = nullptr;    // logits, dtype student_dtype, last dim contiguous
+  const void* teacher = nullptr;    // logits, dtype teacher_dtype, last dim contiguous
+  const int64_t* labels = nullptr;  // [n_rows] contiguous, or nullptr (no labels: all rows valid)
   DType student_dtype = DType::Float32;
   DType teacher_dtype = DType::Float32;
 
@@ -38,8 +38,8 @@ struct KDParams {
   int64_t vocab = 0;   // V, the last dim
 
   // Row r -> element offset: r is decomposed over row_sizes (last dim fastest) and dotted with the
-  // strides (in elements). Covers contiguous inputs (row_ndim 1, stride V) and row-strided views such
-  // as logits[:, :-1] without a copy.
+  // strides (in elements). Covers contiguous inputs (row_ndim 1, stride V) and row-strided views
+  // such as logits[:, :-1] without a copy.
   int32_t row_ndim = 1;
   int64_t row_sizes[kMaxRowDims] = {0, 0, 0, 0};
   int64_t student_strides[kMaxRowDims] = {0, 0, 0, 0};

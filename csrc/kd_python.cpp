@@ -1,5 +1,6 @@
 // kd_python.cpp -- the small Python module kdfused._C: build information and option checks.
-// The ops themselves are registered with the dispatcher (kdfused.cpp) and live in torch.ops.kdfused.
+// The ops themselves are registered with the dispatcher (kdfused.cpp) and live in
+// torch.ops.kdfused.
 #include <torch/extension.h>
 
 #include "cpu/kd_cpu_dispatch.h"
@@ -27,12 +28,15 @@ pybind11::dict build_info() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "kdfused native module: the ops live in torch.ops.kdfused";
-  m.def("build_info", &build_info, "How this build was compiled: CUDA support, CPU instruction sets.");
+  m.def("build_info", &build_info,
+        "How this build was compiled: CUDA support, CPU instruction sets.");
   m.def("empty_cache", &kdfused::cpu::empty_cache,
         "Frees the cached CPU gradient buffers; returns the number of bytes given back.");
-  m.def("cached_bytes", &kdfused::cpu::cached_bytes, "Bytes of CPU gradient buffers held for reuse.");
-  m.def("set_cpu_isa", &kdfused::cpu::set_isa,
-        "Forces the CPU kernel's instruction set: 'auto', 'scalar', 'default', 'avx2' or 'avx512'.");
+  m.def("cached_bytes", &kdfused::cpu::cached_bytes,
+        "Bytes of CPU gradient buffers held for reuse.");
+  m.def(
+      "set_cpu_isa", &kdfused::cpu::set_isa,
+      "Forces the CPU kernel's instruction set: 'auto', 'scalar', 'default', 'avx2' or 'avx512'.");
   m.def("set_cuda_plan", &kdfused::set_cuda_plan,
         "Forces the CUDA launch policy: 'auto', 'warp', 'block', 'cluster:N' (N = 2, 4, 8, 16; "
         "sm_90) or 'two_phase:N' (N = 2, 4, 8). A plan the device cannot run raises at the call.");
@@ -41,9 +45,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "The plan of the last CUDA launch of the fused kernel ('' before the first).");
   m.def(
       "check_inputs",
-      [](const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
-         double temperature, double soft_weight, double hard_weight, const std::string& divergence,
-         double beta, const std::string& reduction) {
+      [](const at::Tensor& student, const at::Tensor& teacher,
+         const std::optional<at::Tensor>& labels, double temperature, double soft_weight,
+         double hard_weight, const std::string& divergence, double beta,
+         const std::string& reduction) {
         kdfused::check_inputs(student, teacher, labels, temperature, soft_weight, hard_weight,
                               divergence, beta, reduction);
       },

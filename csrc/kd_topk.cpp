@@ -40,8 +40,10 @@ Red parse_reduction(std::string_view r) {
   if (r == "batchmean" || r == "mean") return Red::Mean;
   if (r == "sum") return Red::Sum;
   if (r == "none") return Red::None;
-  TORCH_CHECK_VALUE(false, "kdfused: reduction must be one of 'batchmean', 'mean', 'sum', "
-                    "'none', got '", std::string(r), "'");
+  TORCH_CHECK_VALUE(false,
+                    "kdfused: reduction must be one of 'batchmean', 'mean', 'sum', "
+                    "'none', got '",
+                    std::string(r), "'");
 }
 
 bool parse_ce(std::string_view d) {
@@ -73,23 +75,30 @@ void check_topk_inputs(const at::Tensor& s, const at::Tensor& idx, const at::Ten
   TORCH_CHECK_TYPE(is_float(val.scalar_type()),
                    "kdfused: teacher_values must be float16, bfloat16, float32 or float64, got ",
                    val.scalar_type());
-  TORCH_CHECK_VALUE(s.dim() >= 1, "kdfused: student_logits must have at least 1 dimension "
+  TORCH_CHECK_VALUE(s.dim() >= 1,
+                    "kdfused: student_logits must have at least 1 dimension "
                     "(..., V), got a 0-dim tensor");
   const int64_t V = s.size(-1);
   TORCH_CHECK_VALUE(V >= 1, "kdfused: the vocabulary (last) dimension must not be empty");
   const at::IntArrayRef lead = s.sizes().slice(0, s.dim() - 1);
   TORCH_CHECK_VALUE(idx.dim() == s.dim() && idx.sizes().slice(0, idx.dim() - 1) == lead,
                     "kdfused: teacher_indices must have shape (..., k) with the student's leading "
-                    "dims ", shape_str(lead), ", got ", shape_str(idx.sizes()));
-  TORCH_CHECK_VALUE(val.sizes() == idx.sizes(), "kdfused: teacher_values must have the shape of "
-                    "teacher_indices ", shape_str(idx.sizes()), ", got ", shape_str(val.sizes()));
+                    "dims ",
+                    shape_str(lead), ", got ", shape_str(idx.sizes()));
+  TORCH_CHECK_VALUE(val.sizes() == idx.sizes(),
+                    "kdfused: teacher_values must have the shape of "
+                    "teacher_indices ",
+                    shape_str(idx.sizes()), ", got ", shape_str(val.sizes()));
   const int64_t k = idx.size(-1);
   TORCH_CHECK_VALUE(k >= 1, "kdfused: k (the last dim of teacher_indices) must be >= 1, got 0");
-  TORCH_CHECK_VALUE(k <= V, "kdfused: k = ", k, " teacher entries per row but the vocabulary has "
-                    "only V = ", V);
+  TORCH_CHECK_VALUE(k <= V, "kdfused: k = ", k,
+                    " teacher entries per row but the vocabulary has "
+                    "only V = ",
+                    V);
   TORCH_CHECK(idx.device() == s.device() && val.device() == s.device(),
               "kdfused: student_logits, teacher_indices and teacher_values must be on one device, "
-              "got ", s.device(), ", ", idx.device(), " and ", val.device());
+              "got ",
+              s.device(), ", ", idx.device(), " and ", val.device());
   if (labels.has_value()) {
     const at::Tensor& y = *labels;
     TORCH_CHECK_TYPE(y.scalar_type() == at::kLong || y.scalar_type() == at::kInt,
@@ -105,7 +114,7 @@ void check_topk_inputs(const at::Tensor& s, const at::Tensor& idx, const at::Ten
 
 at::ScalarType topk_accumulate_type(const at::Tensor& s, const at::Tensor& v) {
   return (s.scalar_type() == at::kDouble || v.scalar_type() == at::kDouble) ? at::kDouble
-                                                                             : at::kFloat;
+                                                                            : at::kFloat;
 }
 
 TopKPrepared prepare_topk(const at::Tensor& student, const at::Tensor& indices,

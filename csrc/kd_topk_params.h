@@ -13,10 +13,10 @@ enum class SType : int32_t { Float16 = 0, BFloat16 = 1, Float32 = 2, Float64 = 3
 // Plain data only: the CPU kernels (compiled once per instruction set) and the CUDA kernels see
 // exactly this.
 struct TopKParams {
-  const void* student = nullptr;   // [n_rows, vocab], last dim contiguous, rows student_stride
-                                   // elements apart
+  const void* student = nullptr;  // [n_rows, vocab], last dim contiguous, rows student_stride
+                                  // elements apart
   SType student_dtype = SType::Float32;
-  int64_t student_stride = 0;      // elements between rows
+  int64_t student_stride = 0;        // elements between rows
   const int64_t* indices = nullptr;  // [n_rows, k] contiguous, int64
   const void* values = nullptr;      // [n_rows, k] contiguous, in the accumulation type
   const int64_t* labels = nullptr;   // [n_rows] contiguous, or nullptr (all rows valid)
@@ -30,10 +30,10 @@ struct TopKParams {
   double hard_weight = 0.0;  // the term is not computed at all when 0
   bool ce = false;           // divergence "ce" (else "kl")
   Red reduction = Red::Mean;
-  void* row_loss = nullptr;       // [n_rows], accumulation type; 0 at ignored rows
-  void* loss = nullptr;           // 0-dim, accumulation type (unused for Red::None)
-  void* grad_student = nullptr;   // [n_rows, vocab] contiguous, student dtype; or nullptr
-  double grad_scale = 1.0;        // CPU: 1 / max(n_valid, 1) for Mean, else 1
+  void* row_loss = nullptr;      // [n_rows], accumulation type; 0 at ignored rows
+  void* loss = nullptr;          // 0-dim, accumulation type (unused for Red::None)
+  void* grad_student = nullptr;  // [n_rows, vocab] contiguous, student dtype; or nullptr
+  double grad_scale = 1.0;       // CPU: 1 / max(n_valid, 1) for Mean, else 1
 };
 
 }  // namespace kdfused::topk

@@ -1,5 +1,6 @@
 // kdfused.cpp -- the op schemas, the argument checks every backend shares, KDParams construction.
-// (The Python module is kd_python.cpp; this file is all a C++-only build needs besides the kernels.)
+// (The Python module is kd_python.cpp; this file is all a C++-only build needs besides the
+// kernels.)
 //
 // The schema is the single source of truth; CPU (cpu/kd_loss_cpu.cpp) and CUDA
 // (cuda/kd_loss_cuda.cu) register implementations of it. Autograd and fake tensors are registered
@@ -49,9 +50,9 @@ Divergence parse_divergence(std::string_view d) {
   if (d == "reverse_kl") return Divergence::ReverseKL;
   if (d == "jsd") return Divergence::JSD;
   if (d == "tvd") return Divergence::TVD;
-  TORCH_CHECK_VALUE(false,
-                    "kdfused: divergence must be one of 'kl', 'ce', 'reverse_kl', 'jsd', 'tvd', got '",
-                    std::string(d), "'");
+  TORCH_CHECK_VALUE(
+      false, "kdfused: divergence must be one of 'kl', 'ce', 'reverse_kl', 'jsd', 'tvd', got '",
+      std::string(d), "'");
 }
 
 Divergence effective_divergence(std::string_view d, double beta) {
@@ -68,7 +69,8 @@ Reduction parse_reduction(std::string_view r) {
   if (r == "batchmean" || r == "mean") return Reduction::Mean;
   if (r == "sum") return Reduction::Sum;
   if (r == "none") return Reduction::None;
-  TORCH_CHECK_VALUE(false, "kdfused: reduction must be one of 'batchmean', 'mean', 'sum', 'none', got '",
+  TORCH_CHECK_VALUE(false,
+                    "kdfused: reduction must be one of 'batchmean', 'mean', 'sum', 'none', got '",
                     std::string(r), "'");
 }
 
@@ -97,27 +99,31 @@ void check_inputs(const at::Tensor& s, const at::Tensor& t, const std::optional<
                    t.scalar_type());
   TORCH_CHECK_VALUE(s.dim() >= 1,
                     "kdfused: logits must have at least 1 dimension (..., V), got a 0-dim tensor");
-  TORCH_CHECK_VALUE(s.sizes() == t.sizes(), "kdfused: student and teacher logits must have the same shape, got ",
+  TORCH_CHECK_VALUE(s.sizes() == t.sizes(),
+                    "kdfused: student and teacher logits must have the same shape, got ",
                     shape_str(s.sizes()), " and ", shape_str(t.sizes()));
   TORCH_CHECK_VALUE(s.size(-1) >= 1, "kdfused: the vocabulary (last) dimension must not be empty");
-  TORCH_CHECK(s.device() == t.device(), "kdfused: student and teacher logits must be on the same device, got ",
-              s.device(), " and ", t.device());
+  TORCH_CHECK(s.device() == t.device(),
+              "kdfused: student and teacher logits must be on the same device, got ", s.device(),
+              " and ", t.device());
   if (labels.has_value()) {
     const at::Tensor& y = *labels;
     TORCH_CHECK_TYPE(y.scalar_type() == at::kLong || y.scalar_type() == at::kInt,
                      "kdfused: labels must be int64 (or int32), got ", y.scalar_type());
-    TORCH_CHECK_VALUE(y.sizes() == s.sizes().slice(0, s.dim() - 1), "kdfused: labels must have shape ",
-                      shape_str(s.sizes().slice(0, s.dim() - 1)), " (the logits' leading dims), got ",
-                      shape_str(y.sizes()));
-    TORCH_CHECK(y.device() == s.device(), "kdfused: labels must be on the logits' device (", s.device(),
-                "), got ", y.device());
+    TORCH_CHECK_VALUE(y.sizes() == s.sizes().slice(0, s.dim() - 1),
+                      "kdfused: labels must have shape ",
+                      shape_str(s.sizes().slice(0, s.dim() - 1)),
+                      " (the logits' leading dims), got ", shape_str(y.sizes()));
+    TORCH_CHECK(y.device() == s.device(), "kdfused: labels must be on the logits' device (",
+                s.device(), "), got ", y.device());
   } else {
     TORCH_CHECK_VALUE(hard_weight == 0, "kdfused: hard_weight > 0 needs labels (got labels=None)");
   }
 }
 
 at::ScalarType accumulate_type(const at::Tensor& s, const at::Tensor& t) {
-  return (s.scalar_type() == at::kDouble || t.scalar_type() == at::kDouble) ? at::kDouble : at::kFloat;
+  return (s.scalar_type() == at::kDouble || t.scalar_type() == at::kDouble) ? at::kDouble
+                                                                            : at::kFloat;
 }
 
 namespace {
@@ -164,9 +170,8 @@ bool coalesce_rows(const at::Tensor& s, const at::Tensor& t, KDParams& p) {
 
 Prepared prepare(const at::Tensor& student, const at::Tensor& teacher,
                  const std::optional<at::Tensor>& labels, double temperature, double soft_weight,
-                 double hard_weight, std::string_view divergence, double beta,
-                 int64_t ignore_index, std::string_view reduction, bool grad_student,
-                 bool grad_teacher) {
+                 double hard_weight, std::string_view divergence, double beta, int64_t ignore_index,
+                 std::string_view reduction, bool grad_student, bool grad_teacher) {
   Prepared prep;
   KDParams& p = prep.params;
   const int64_t V = student.size(-1);
@@ -236,14 +241,15 @@ TORCH_LIBRARY(kdfused, m) {
   // Returns (loss, grad_student, grad_teacher, grad_scale); a gradient not asked for is an empty
   // tensor. grad_scale is the backward's state: the grad_output the gradients are scaled for.
   m.def(
-      "kd_loss(Tensor student, Tensor teacher, Tensor? labels, float temperature, float soft_weight, "
+      "kd_loss(Tensor student, Tensor teacher, Tensor? labels, float temperature, float "
+      "soft_weight, "
       "float hard_weight, str divergence, float beta, int ignore_index, str reduction, "
       "bool grad_student, "
       "bool grad_teacher) -> (Tensor, Tensor, Tensor, Tensor)");
   // Backward: rescales the saved gradients in place from grad_scale to grad_output, and records
-  // grad_output in grad_scale. When they are equal (loss.backward(): grad_output = 1) nothing moves.
+  // grad_output in grad_scale. When they are equal (loss.backward(): grad_output = 1) nothing
+  // moves.
   m.def(
       "kd_scale_grads_(Tensor(a!) grad_student, Tensor(b!) grad_teacher, Tensor(c!) grad_scale, "
       "Tensor grad_output) -> ()");
 }
-

@@ -45,8 +45,14 @@ class TimedLoss:
             self.seconds += self._now() - start.pop()
 
 
-def compare_on_batch(kd: Callable, ref: Callable, model: nn.Module, x: torch.Tensor,
-                     teacher_logits: torch.Tensor, temperature: float) -> dict:
+def compare_on_batch(
+    kd: Callable,
+    ref: Callable,
+    model: nn.Module,
+    x: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float,
+) -> dict:
     """Loss and logit-gradient of two loss implementations on one batch, same inputs (float32),
     and the reference's loss in float64 as the exact value."""
     logits = model(x).detach()
@@ -58,14 +64,23 @@ def compare_on_batch(kd: Callable, ref: Callable, model: nn.Module, x: torch.Ten
         vals.append(float(loss.detach()))
         grads.append(z.grad)
     exact = float(ref(logits.double(), teacher_logits.double(), None, temperature=temperature))
-    return {"first_batch_loss_kdfused": vals[0], "first_batch_loss_reference": vals[1],
-            "first_batch_loss_float64": exact,
-            "first_batch_max_abs_grad_diff": float((grads[0] - grads[1]).abs().max()),
-            "first_batch_max_abs_grad": float(grads[1].abs().max())}
+    return {
+        "first_batch_loss_kdfused": vals[0],
+        "first_batch_loss_reference": vals[1],
+        "first_batch_loss_float64": exact,
+        "first_batch_max_abs_grad_diff": float((grads[0] - grads[1]).abs().max()),
+        "first_batch_max_abs_grad": float(grads[1].abs().max()),
+    }
 
 
-def time_losses(fns: dict, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                temperature: float, rounds: int = 10, reps: int = 20) -> dict:
+def time_losses(
+    fns: dict,
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float,
+    rounds: int = 10,
+    reps: int = 20,
+) -> dict:
     """Milliseconds per loss forward + backward for each function in ``fns``, measured in
     alternating rounds so that all of them see the same machine load; median over rounds."""
     dev = student_logits.device
@@ -82,8 +97,9 @@ def time_losses(fns: dict, student_logits: torch.Tensor, teacher_logits: torch.T
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
-def reference_check(a: dict, b: dict, steps_a: list, steps_b: list, epochs: int,
-                    first_batch: dict, ms: dict) -> dict:
+def reference_check(
+    a: dict, b: dict, steps_a: list, steps_b: list, epochs: int, first_batch: dict, ms: dict
+) -> dict:
     """The comparison of the kdfused run ``a`` with the reference run ``b`` (histories from
     ``train``, their per-step losses), the first-batch comparison and the interleaved times."""
     diff = np.abs(np.subtract(a["train_loss"], b["train_loss"]))
@@ -91,14 +107,17 @@ def reference_check(a: dict, b: dict, steps_a: list, steps_b: list, epochs: int,
     n = math.ceil(len(per_step) / epochs)  # steps per epoch
     return {
         **first_batch,
-        "max_abs_diff_step_loss_per_epoch": [float(per_step[i : i + n].max())
-                                             for i in range(0, len(per_step), n)],
+        "max_abs_diff_step_loss_per_epoch": [
+            float(per_step[i : i + n].max()) for i in range(0, len(per_step), n)
+        ],
         "step_loss_first_epoch_kdfused": steps_a[:n],
         "step_loss_first_epoch_reference": steps_b[:n],
         "max_abs_diff_epoch_loss": float(np.max(diff)),
         "max_rel_diff_epoch_loss": float(np.max(diff / np.abs(b["train_loss"]))),
-        "test_errors_kdfused": a["test_errors"], "test_errors_reference": b["test_errors"],
-        "loss_seconds_kdfused": a["loss_seconds"], "loss_seconds_reference": b["loss_seconds"],
+        "test_errors_kdfused": a["test_errors"],
+        "test_errors_reference": b["test_errors"],
+        "loss_seconds_kdfused": a["loss_seconds"],
+        "loss_seconds_reference": b["loss_seconds"],
         "loss_ms_per_batch_interleaved_kdfused": ms["kdfused"],
         "loss_ms_per_batch_interleaved_reference": ms["reference"],
     }

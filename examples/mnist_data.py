@@ -214,8 +214,9 @@ def load_digits_8x8(test_size: int = 497, seed: int = 0) -> Dataset:
     y = d.target.astype(np.int64)
     perm = np.random.default_rng(seed).permutation(len(x))
     test, train = perm[:test_size], perm[test_size:]
-    return Dataset("digits", 8, x[train], y[train], x[test], y[test],
-                   source="sklearn.datasets.load_digits")
+    return Dataset(
+        "digits", 8, x[train], y[train], x[test], y[test], source="sklearn.datasets.load_digits"
+    )
 
 
 def load_dataset(name: str, data_dir=None) -> Dataset:

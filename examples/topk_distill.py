@@ -72,8 +72,14 @@ def train(model, x, y, epochs, lr, loss_fn, seed, batch=64):
     return model
 
 
-def run(quick: bool = False, k: int = 3, temperature: float = 4.0, seed: int = 0,
-        store_path: str | None = None, verbose: bool = True) -> dict:
+def run(
+    quick: bool = False,
+    k: int = 3,
+    temperature: float = 4.0,
+    seed: int = 0,
+    store_path: str | None = None,
+    verbose: bool = True,
+) -> dict:
     t0 = time.perf_counter()
     # Tiny models: one thread is faster than several (and does not fight other processes).
     threads = torch.get_num_threads()
@@ -91,8 +97,15 @@ def _run(quick, k, temperature, seed, store_path, verbose, t0):
     x_small, y_small = x_tr[:n_transfer], y_tr[:n_transfer]
 
     # 1. teacher, on the whole training split
-    teacher = train(mlp([64, 256, 256, 10], dropout=0.2), x_tr, y_tr, epochs=8 if quick else 40,
-                    lr=1e-3, loss_fn=lambda out, b, y: F.cross_entropy(out, y), seed=seed)
+    teacher = train(
+        mlp([64, 256, 256, 10], dropout=0.2),
+        x_tr,
+        y_tr,
+        epochs=8 if quick else 40,
+        lr=1e-3,
+        loss_fn=lambda out, b, y: F.cross_entropy(out, y),
+        seed=seed,
+    )
     acc = {"teacher": accuracy(teacher, x_te, y_te)}
     teacher.eval()
     with torch.no_grad():
@@ -120,19 +133,29 @@ def _run(quick, k, temperature, seed, store_path, verbose, t0):
     losses = {
         "student_hard": lambda out, b, y: F.cross_entropy(out, y),
         "student_full_kd": lambda out, b, y: kdfused.kd_loss(out, full_logits[b], y, **kw),
-        "student_topk_kd": lambda out, b, y: kdfused.topk_kd_loss(out, s_idx[b], s_vals[b], y,
-                                                                  **kw),
+        "student_topk_kd": lambda out, b, y: kdfused.topk_kd_loss(
+            out, s_idx[b], s_vals[b], y, **kw
+        ),
     }
     for name, fn in losses.items():
-        acc[name] = accuracy(train(student(), x_small, y_small, epochs, 3e-3, fn, seed), x_te,
-                             y_te)
+        acc[name] = accuracy(train(student(), x_small, y_small, epochs, 3e-3, fn, seed), x_te, y_te)
 
-    out = {"accuracy": acc, "k": k, "classes": 10, "temperature": temperature,
-           "transfer_set": n_transfer, "test_set": len(y_te), "stored_file_bytes": file_bytes,
-           "stored_path": path, "seconds": round(time.perf_counter() - t0, 1)}
+    out = {
+        "accuracy": acc,
+        "k": k,
+        "classes": 10,
+        "temperature": temperature,
+        "transfer_set": n_transfer,
+        "test_set": len(y_te),
+        "stored_file_bytes": file_bytes,
+        "stored_path": path,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
     if verbose:
-        print(f"digits: teacher trained on {len(y_tr)}, students on {n_transfer} examples, "
-              f"test {len(y_te)}; top-{k} of 10 classes stored in {file_bytes} bytes ({path})")
+        print(
+            f"digits: teacher trained on {len(y_tr)}, students on {n_transfer} examples, "
+            f"test {len(y_te)}; top-{k} of 10 classes stored in {file_bytes} bytes ({path})"
+        )
         for name, a in acc.items():
             print(f"  {name:16s} test accuracy {a * 100:5.1f}%")
         print(f"  ({out['seconds']} s)")
@@ -145,8 +168,11 @@ def main(argv=None):
     ap.add_argument("--k", type=int, default=3)
     ap.add_argument("--temperature", type=float, default=4.0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--store", default=None, help="where to write the top-k file (default: a "
-                    "temporary directory)")
+    ap.add_argument(
+        "--store",
+        default=None,
+        help="where to write the top-k file (default: a temporary directory)",
+    )
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = ap.parse_args(argv)
     np.random.seed(args.seed)

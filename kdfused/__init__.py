@@ -15,8 +15,17 @@ from typing import TYPE_CHECKING
 
 from . import reference
 
-__all__ = ["kd_loss", "KDLoss", "KDLossFunction", "reference", "build_info", "empty_cache",
-           "topk_kd_loss", "TopKKDLoss", "topk_teacher"]
+__all__ = [
+    "kd_loss",
+    "KDLoss",
+    "KDLossFunction",
+    "reference",
+    "build_info",
+    "empty_cache",
+    "topk_kd_loss",
+    "TopKKDLoss",
+    "topk_teacher",
+]
 __version__ = "0.1.0"
 
 # name -> module that defines it; imported on first attribute access (PEP 562)

@@ -27,9 +27,17 @@ LABEL_DTYPES = (torch.int64, torch.int32)
 
 # c10's names of the scalar types, as the C++ messages print them.
 _C10_NAMES = {
-    torch.uint8: "Byte", torch.int8: "Char", torch.int16: "Short", torch.int32: "Int",
-    torch.int64: "Long", torch.float16: "Half", torch.float32: "Float", torch.float64: "Double",
-    torch.bfloat16: "BFloat16", torch.bool: "Bool", torch.complex64: "ComplexFloat",
+    torch.uint8: "Byte",
+    torch.int8: "Char",
+    torch.int16: "Short",
+    torch.int32: "Int",
+    torch.int64: "Long",
+    torch.float16: "Half",
+    torch.float32: "Float",
+    torch.float64: "Double",
+    torch.bfloat16: "BFloat16",
+    torch.bool: "Bool",
+    torch.complex64: "ComplexFloat",
     torch.complex128: "ComplexDouble",
 }
 
@@ -47,8 +55,18 @@ def _shape(shape) -> str:
     return str(tuple(int(d) for d in shape))
 
 
-def check_types(student_logits, teacher_logits, labels, temperature, soft_weight, hard_weight,
-                divergence, beta, ignore_index, reduction) -> None:
+def check_types(
+    student_logits,
+    teacher_logits,
+    labels,
+    temperature,
+    soft_weight,
+    hard_weight,
+    divergence,
+    beta,
+    ignore_index,
+    reduction,
+) -> None:
     """The Python-level argument types (the op's schema would reject them less clearly)."""
     if not isinstance(student_logits, torch.Tensor) or not isinstance(teacher_logits, torch.Tensor):
         raise TypeError("kdfused: student_logits and teacher_logits must be tensors")
@@ -60,8 +78,12 @@ def check_types(student_logits, teacher_logits, labels, temperature, soft_weight
 
 
 def check_option_types(temperature, soft_weight, hard_weight, divergence, beta, reduction) -> None:
-    for name, value in (("temperature", temperature), ("soft_weight", soft_weight),
-                        ("hard_weight", hard_weight), ("beta", beta)):
+    for name, value in (
+        ("temperature", temperature),
+        ("soft_weight", soft_weight),
+        ("hard_weight", hard_weight),
+        ("beta", beta),
+    ):
         # (int, float) rather than numbers.Real: torch.compile traces this check.
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"kdfused: {name} must be a real number, got {type(value).__name__}")
@@ -78,46 +100,71 @@ def check_options(temperature, soft_weight, hard_weight, divergence, beta, reduc
     if not (math.isfinite(hard_weight) and hard_weight >= 0):
         raise ValueError(f"kdfused: hard_weight must be finite and >= 0, got {_num(hard_weight)}")
     if divergence not in DIVERGENCES:
-        raise ValueError("kdfused: divergence must be one of 'kl', 'ce', 'reverse_kl', 'jsd', "
-                         f"'tvd', got '{divergence}'")
+        raise ValueError(
+            "kdfused: divergence must be one of 'kl', 'ce', 'reverse_kl', 'jsd', "
+            f"'tvd', got '{divergence}'"
+        )
     if not (0 <= beta <= 1):  # (NaN fails both comparisons)
         raise ValueError(f"kdfused: beta must be in [0, 1], got {_num(beta)}")
     if reduction not in REDUCTIONS:
-        raise ValueError("kdfused: reduction must be one of 'batchmean', 'mean', 'sum', 'none', "
-                         f"got '{reduction}'")
+        raise ValueError(
+            "kdfused: reduction must be one of 'batchmean', 'mean', 'sum', 'none', "
+            f"got '{reduction}'"
+        )
 
 
-def check_inputs(student, teacher, labels: Optional[torch.Tensor], temperature, soft_weight,
-                 hard_weight, divergence, beta, reduction) -> None:
+def check_inputs(
+    student,
+    teacher,
+    labels: Optional[torch.Tensor],
+    temperature,
+    soft_weight,
+    hard_weight,
+    divergence,
+    beta,
+    reduction,
+) -> None:
     """Options, then the tensors' dtypes, shapes and devices (csrc/kdfused.cpp: check_inputs),
     in the same order as the C++ op so that the same problem is reported first."""
     check_options(temperature, soft_weight, hard_weight, divergence, beta, reduction)
     for name, x in (("student_logits", student), ("teacher_logits", teacher)):
         if x.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"kdfused: {name} must be float16, bfloat16, float32 or float64, "
-                            f"got {_dtype_name(x.dtype)}")
+            raise TypeError(
+                f"kdfused: {name} must be float16, bfloat16, float32 or float64, "
+                f"got {_dtype_name(x.dtype)}"
+            )
     if student.dim() < 1:
-        raise ValueError("kdfused: logits must have at least 1 dimension (..., V), got a 0-dim "
-                         "tensor")
+        raise ValueError(
+            "kdfused: logits must have at least 1 dimension (..., V), got a 0-dim tensor"
+        )
     if student.shape != teacher.shape:
-        raise ValueError("kdfused: student and teacher logits must have the same shape, got "
-                         f"{_shape(student.shape)} and {_shape(teacher.shape)}")
+        raise ValueError(
+            "kdfused: student and teacher logits must have the same shape, got "
+            f"{_shape(student.shape)} and {_shape(teacher.shape)}"
+        )
     if student.shape[-1] < 1:
         raise ValueError("kdfused: the vocabulary (last) dimension must not be empty")
     if student.device != teacher.device:
-        raise RuntimeError("kdfused: student and teacher logits must be on the same device, got "
-                           f"{student.device} and {teacher.device}")
+        raise RuntimeError(
+            "kdfused: student and teacher logits must be on the same device, got "
+            f"{student.device} and {teacher.device}"
+        )
     if labels is not None:
         if labels.dtype not in LABEL_DTYPES:
-            raise TypeError(f"kdfused: labels must be int64 (or int32), got "
-                            f"{_dtype_name(labels.dtype)}")
+            raise TypeError(
+                f"kdfused: labels must be int64 (or int32), got {_dtype_name(labels.dtype)}"
+            )
         lead = student.shape[:-1]
         if labels.shape != lead:
-            raise ValueError(f"kdfused: labels must have shape {_shape(lead)} (the logits' leading "
-                             f"dims), got {_shape(labels.shape)}")
+            raise ValueError(
+                f"kdfused: labels must have shape {_shape(lead)} (the logits' leading "
+                f"dims), got {_shape(labels.shape)}"
+            )
         if labels.device != student.device:
-            raise RuntimeError(f"kdfused: labels must be on the logits' device ({student.device}), "
-                               f"got {labels.device}")
+            raise RuntimeError(
+                f"kdfused: labels must be on the logits' device ({student.device}), "
+                f"got {labels.device}"
+            )
     elif hard_weight != 0:
         raise ValueError("kdfused: hard_weight > 0 needs labels (got labels=None)")
 
@@ -132,5 +179,7 @@ def check_label_values(labels: Optional[torch.Tensor], vocab: int, ignore_index:
     bad = (y != ignore_index) & ((y < 0) | (y >= vocab))
     if bool(bad.any()):
         r = int(bad.nonzero()[0, 0])
-        raise ValueError(f"kdfused: labels must be in [0, {vocab}) or equal ignore_index "
-                         f"({ignore_index}), got {int(y[r])} at row {r}")
+        raise ValueError(
+            f"kdfused: labels must be in [0, {vocab}) or equal ignore_index "
+            f"({ignore_index}), got {int(y[r])} at row {r}"
+        )

@@ -23,21 +23,52 @@ def _acc_dtype(a: torch.Tensor, b: torch.Tensor) -> torch.dtype:
 
 
 @torch.library.register_fake("kdfused::kd_loss")
-def _kd_loss_fake(student, teacher, labels, temperature, soft_weight, hard_weight, divergence,
-                  beta, ignore_index, reduction, grad_student, grad_teacher):
+def _kd_loss_fake(
+    student,
+    teacher,
+    labels,
+    temperature,
+    soft_weight,
+    hard_weight,
+    divergence,
+    beta,
+    ignore_index,
+    reduction,
+    grad_student,
+    grad_teacher,
+):
     # The same checks as the real kernels (one C++ function), where shapes are concrete; with
     # symbolic shapes they run when the compiled graph calls the real kernel.
-    if not any(isinstance(d, torch.SymInt) for x in (student, teacher, labels) if x is not None
-               for d in x.shape):
-        _C.check_inputs(student, teacher, labels, temperature, soft_weight, hard_weight,
-                        divergence, beta, reduction)
+    if not any(
+        isinstance(d, torch.SymInt)
+        for x in (student, teacher, labels)
+        if x is not None
+        for d in x.shape
+    ):
+        _C.check_inputs(
+            student,
+            teacher,
+            labels,
+            temperature,
+            soft_weight,
+            hard_weight,
+            divergence,
+            beta,
+            reduction,
+        )
     acc = _acc_dtype(student, teacher)
     loss_shape = student.shape[:-1] if reduction == "none" else ()
     loss = student.new_empty(loss_shape, dtype=acc)
-    gs = torch.empty(student.shape, dtype=student.dtype, device=student.device) if grad_student \
+    gs = (
+        torch.empty(student.shape, dtype=student.dtype, device=student.device)
+        if grad_student
         else student.new_empty((0,))
-    gt = torch.empty(teacher.shape, dtype=teacher.dtype, device=teacher.device) if grad_teacher \
+    )
+    gt = (
+        torch.empty(teacher.shape, dtype=teacher.dtype, device=teacher.device)
+        if grad_teacher
         else teacher.new_empty((0,))
+    )
     return loss, gs, gt, torch.empty_like(loss)
 
 
@@ -111,14 +142,34 @@ def _backward(ctx, grad_loss, _gs, _gt, _scale):
 torch.library.register_autograd("kdfused::kd_loss", _backward, setup_context=_setup_context)
 
 
-def kd_loss_op(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor],
-               temperature: float, soft_weight: float, hard_weight: float, divergence: str,
-               beta: float, ignore_index: int, reduction: str) -> torch.Tensor:
+def kd_loss_op(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    temperature: float,
+    soft_weight: float,
+    hard_weight: float,
+    divergence: str,
+    beta: float,
+    ignore_index: int,
+    reduction: str,
+) -> torch.Tensor:
     """Calls the fused op, asking for the gradients that autograd will need (none under no_grad)."""
     grad_on = torch.is_grad_enabled()
     need_s = grad_on and student.requires_grad
     need_t = grad_on and teacher.requires_grad
-    loss, _, _, _ = _lib_ops.kd_loss(student, teacher, labels, float(temperature),
-                                     float(soft_weight), float(hard_weight), divergence,
-                                     float(beta), int(ignore_index), reduction, need_s, need_t)
+    loss, _, _, _ = _lib_ops.kd_loss(
+        student,
+        teacher,
+        labels,
+        float(temperature),
+        float(soft_weight),
+        float(hard_weight),
+        divergence,
+        float(beta),
+        int(ignore_index),
+        reduction,
+        need_s,
+        need_t,
+    )
     return loss

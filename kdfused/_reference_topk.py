@@ -45,11 +45,15 @@ def topk_kd_loss(
     V = student_logits.shape[-1]
     lead = student_logits.shape[:-1]
     if teacher_indices.shape[:-1] != lead or teacher_indices.dim() != student_logits.dim():
-        raise ValueError(f"teacher_indices must have shape (..., k) with leading dims "
-                         f"{tuple(lead)}, got {tuple(teacher_indices.shape)}")
+        raise ValueError(
+            f"teacher_indices must have shape (..., k) with leading dims "
+            f"{tuple(lead)}, got {tuple(teacher_indices.shape)}"
+        )
     if teacher_values.shape != teacher_indices.shape:
-        raise ValueError(f"teacher_values must have shape {tuple(teacher_indices.shape)}, got "
-                         f"{tuple(teacher_values.shape)}")
+        raise ValueError(
+            f"teacher_values must have shape {tuple(teacher_indices.shape)}, got "
+            f"{tuple(teacher_values.shape)}"
+        )
     k = teacher_indices.shape[-1]
     if not 1 <= k <= V:
         raise ValueError(f"k must be in [1, V = {V}], got {k}")
@@ -57,8 +61,11 @@ def topk_kd_loss(
         raise ValueError("hard_weight > 0 needs labels")
 
     T = float(temperature)
-    acc = torch.float64 if torch.float64 in (student_logits.dtype, teacher_values.dtype) \
+    acc = (
+        torch.float64
+        if torch.float64 in (student_logits.dtype, teacher_values.dtype)
         else torch.float32
+    )
     s = student_logits.to(acc).reshape(-1, V)
     idx = teacher_indices.reshape(-1, k).long()
     if idx.numel() and (idx.min() < 0 or idx.max() >= V):

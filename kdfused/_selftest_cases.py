@@ -48,12 +48,25 @@ REDUCTIONS = ("batchmean", "mean", "sum", "none")
 RTOL_OUT = {BF16: 3 * 2.0**-8, F16: 3 * 2.0**-11, F32: 3 * 2.0**-24, F64: 3 * 2.0**-53}
 FLOOR_OUT = {F16: 2.0**-24, BF16: 0.0, F32: 0.0, F64: 0.0}
 FLOOR_ACC = {F32: 2.0**-100, F64: 2.0**-1000}
-PAIRS = [(F32, F32), (BF16, BF16), (F16, F16), (F64, F64), (BF16, F32), (F32, BF16),
-         (F16, F32), (F16, BF16), (BF16, F64)]
+PAIRS = [
+    (F32, F32),
+    (BF16, BF16),
+    (F16, F16),
+    (F64, F64),
+    (BF16, F32),
+    (F32, BF16),
+    (F16, F32),
+    (F16, BF16),
+    (BF16, F64),
+]
 V_CORE = [1, 2, 7, 100, 1000, 2049, 4099, 5001, 8191, 33, 640]
 BIG = [  # (V, N, student dtype, teacher dtype) of the one large-vocabulary case per divergence
-    (128256, 3, BF16, BF16), (32000, 4, F32, F32), (256000, 2, BF16, F32),
-    (65537, 3, F16, F16), (151936, 2, F32, BF16)]
+    (128256, 3, BF16, BF16),
+    (32000, 4, F32, F32),
+    (256000, 2, BF16, F32),
+    (65537, 3, F16, F16),
+    (151936, 2, F32, BF16),
+]
 
 
 @dataclass
@@ -82,15 +95,28 @@ class Case:
 
     def describe(self) -> str:
         dims = "x".join(str(d) for d in self.lead) + f"x{self.V}"
-        parts = [f"#{self.idx}", self.divergence + (f"(beta={self.beta})" if
-                                                    self.divergence == "jsd" else ""),
-                 f"{DTYPE_NAMES[self.sdt]}x{DTYPE_NAMES[self.tdt]}", dims, self.reduction,
-                 f"T={self.temperature}", f"w={self.soft_weight}/{self.hard_weight}"]
-        parts += [x for x, on in (("strided", self.strided), ("masked", self.masked),
-                                  (f"ignored:{self.ignore}", self.labels and self.ignore != "none"),
-                                  ("no-labels", not self.labels), ("teacher-grad",
-                                  self.teacher_grad), ("grad_output=1", self.grad_output == "one"),
-                                  ("no_grad", self.loss_only)) if on]
+        parts = [
+            f"#{self.idx}",
+            self.divergence + (f"(beta={self.beta})" if self.divergence == "jsd" else ""),
+            f"{DTYPE_NAMES[self.sdt]}x{DTYPE_NAMES[self.tdt]}",
+            dims,
+            self.reduction,
+            f"T={self.temperature}",
+            f"w={self.soft_weight}/{self.hard_weight}",
+        ]
+        parts += [
+            x
+            for x, on in (
+                ("strided", self.strided),
+                ("masked", self.masked),
+                (f"ignored:{self.ignore}", self.labels and self.ignore != "none"),
+                ("no-labels", not self.labels),
+                ("teacher-grad", self.teacher_grad),
+                ("grad_output=1", self.grad_output == "one"),
+                ("no_grad", self.loss_only),
+            )
+            if on
+        ]
         return " ".join(parts)
 
 
@@ -98,21 +124,34 @@ def make_cases(divergences, quick: bool = False) -> list:
     """Every divergence x every dtype pair with cycling options, then the large-V cases."""
     cases = []
     betas = [0.5, 0.0, 1.0, 0.3]
-    for di, div in enumerate(divergences):
+    for div in divergences:
         for pi, (sdt, tdt) in enumerate(PAIRS):
             i = len(cases)
             V = V_CORE[i % len(V_CORE)]
             N = 2 + (i * 5) % 13
             lead = (2, (N + 1) // 2) if i % 5 == 4 else (N,)
             hw = [0.0, 0.3, 0.5][i % 3]
-            c = Case(i, div, sdt, tdt, lead, V, REDUCTIONS[i % 4],
-                     temperature=[1.0, 2.0, 0.5, 4.0][(i // 2) % 4], soft_weight=0.7,
-                     hard_weight=hw, beta=betas[pi % 4], labels=hw > 0 or i % 2 == 1,
-                     ignore="none" if i % 4 == 1 else "some", ignore_index=[-100, -1][i % 2],
-                     masked=V >= 4 and i % 3 != 2,
-                     strided=(sdt in HALF or tdt in HALF) and i % 3 != 1 or i % 7 == 0,
-                     teacher_grad=i % 2 == 1, grad_output="one" if i % 3 == 0 else "random",
-                     loss_only=i % 7 == 3)
+            c = Case(
+                i,
+                div,
+                sdt,
+                tdt,
+                lead,
+                V,
+                REDUCTIONS[i % 4],
+                temperature=[1.0, 2.0, 0.5, 4.0][(i // 2) % 4],
+                soft_weight=0.7,
+                hard_weight=hw,
+                beta=betas[pi % 4],
+                labels=hw > 0 or i % 2 == 1,
+                ignore="none" if i % 4 == 1 else "some",
+                ignore_index=[-100, -1][i % 2],
+                masked=V >= 4 and i % 3 != 2,
+                strided=(sdt in HALF or tdt in HALF) and i % 3 != 1 or i % 7 == 0,
+                teacher_grad=i % 2 == 1,
+                grad_output="one" if i % 3 == 0 else "random",
+                loss_only=i % 7 == 3,
+            )
             if i % 11 == 5:  # the hard term alone
                 c.soft_weight, c.hard_weight, c.labels = 0.0, 1.0, True
             cases.append(c)
@@ -123,19 +162,57 @@ def make_cases(divergences, quick: bool = False) -> list:
         V, N, sdt, tdt = BIG[di % len(BIG)]
         if quick and V not in (128256, 256000):
             continue
-        cases.append(Case(n0 + di, div, sdt, tdt, (N,), V, REDUCTIONS[di % 4], temperature=2.0,
-                          soft_weight=0.5, hard_weight=0.5, beta=0.25, strided=sdt in HALF,
-                          teacher_grad=di % 2 == 0, grad_output="random", big=True))
+        cases.append(
+            Case(
+                n0 + di,
+                div,
+                sdt,
+                tdt,
+                (N,),
+                V,
+                REDUCTIONS[di % 4],
+                temperature=2.0,
+                soft_weight=0.5,
+                hard_weight=0.5,
+                beta=0.25,
+                strided=sdt in HALF,
+                teacher_grad=di % 2 == 0,
+                grad_output="random",
+                big=True,
+            )
+        )
     n0 += len(divergences)
     if not quick:
         d0 = divergences[0]
         cases += [  # many rows (grid-stride loops); every row ignored; loss only at large V
-            Case(n0, d0, BF16, BF16, (300,), 3000, "mean", hard_weight=0.2, strided=True,
-                 teacher_grad=True),
-            Case(n0 + 1, divergences[-1], F32, F32, (4,), 5000, "mean", hard_weight=0.5,
-                 ignore="all"),
-            Case(n0 + 2, d0, BF16, BF16, (4,), 128256, "sum", hard_weight=0.5, strided=True,
-                 loss_only=True, big=True),
+            Case(
+                n0,
+                d0,
+                BF16,
+                BF16,
+                (300,),
+                3000,
+                "mean",
+                hard_weight=0.2,
+                strided=True,
+                teacher_grad=True,
+            ),
+            Case(
+                n0 + 1, divergences[-1], F32, F32, (4,), 5000, "mean", hard_weight=0.5, ignore="all"
+            ),
+            Case(
+                n0 + 2,
+                d0,
+                BF16,
+                BF16,
+                (4,),
+                128256,
+                "sum",
+                hard_weight=0.5,
+                strided=True,
+                loss_only=True,
+                big=True,
+            ),
         ]
     return cases
 
@@ -165,15 +242,20 @@ def make_inputs(case: Case, seed: int) -> dict:
             go = torch.ones(R, dtype=F64)
     else:
         go = torch.tensor(1.0 if case.grad_output == "one" else 1.75, dtype=F64)
-    return {"s": s, "t": t, "ss": (0, V), "ts": (off_t, off_t + V),
-            "y": y.reshape(case.lead) if case.labels else None,
-            "go": go.reshape(case.lead) if case.reduction == "none" else go}
+    return {
+        "s": s,
+        "t": t,
+        "ss": (0, V),
+        "ts": (off_t, off_t + V),
+        "y": y.reshape(case.lead) if case.labels else None,
+        "go": go.reshape(case.lead) if case.reduction == "none" else go,
+    }
 
 
 def on_device(inp: dict, case: Case, device: str):
     """(student, teacher, labels, grad_output) on the device, the views taken there."""
-    s = inp["s"].to(device)[:, inp["ss"][0]:inp["ss"][1]]
-    t = inp["t"].to(device)[:, inp["ts"][0]:inp["ts"][1]]
+    s = inp["s"].to(device)[:, inp["ss"][0] : inp["ss"][1]]
+    t = inp["t"].to(device)[:, inp["ts"][0] : inp["ts"][1]]
     if case.strided and (s.is_contiguous() or t.is_contiguous()):
         raise AssertionError(f"case {case.idx}: the strided inputs came out contiguous")
     if len(case.lead) > 1:  # rows viewed as (B, L), keeping the row stride
@@ -206,8 +288,8 @@ def _divergence(div, lp, lq, p, q, beta):
 def expected(case: Case, inp: dict) -> dict:
     """float64 loss, gradients and the tolerance of every output element (CPU tensors)."""
     V = case.V
-    s = inp["s"][:, inp["ss"][0]:inp["ss"][1]].to(F64).requires_grad_(not case.loss_only)
-    t = inp["t"][:, inp["ts"][0]:inp["ts"][1]].to(F64).requires_grad_(not case.loss_only)
+    s = inp["s"][:, inp["ss"][0] : inp["ss"][1]].to(F64).requires_grad_(not case.loss_only)
+    t = inp["t"][:, inp["ts"][0] : inp["ts"][1]].to(F64).requires_grad_(not case.loss_only)
     T, sw, hw = case.temperature, case.soft_weight, case.hard_weight
     R = s.shape[0]
     y = inp["y"].reshape(-1) if inp["y"] is not None else None
@@ -244,8 +326,9 @@ def expected(case: Case, inp: dict) -> dict:
     out = {"loss": loss.detach(), "loss_tol": tol(loss.detach(), ldt, acc, ta * lscale)}
     if not case.loss_only:
         (loss * inp["go"]).sum().backward()
-        go_row = inp["go"].reshape(-1).abs() if case.reduction == "none" else \
-            inp["go"].abs().expand(R)
+        go_row = (
+            inp["go"].reshape(-1).abs() if case.reduction == "none" else inp["go"].abs().expand(R)
+        )
         floor_row = torch.where(valid, (sw * T + hw) * go_row * w, 0.0)
         for name, x, dt in (("grad_s", s, case.sdt), ("grad_t", t, case.tdt)):
             gexp = x.grad if x.grad is not None else torch.zeros_like(x)  # term not used
@@ -260,8 +343,7 @@ def tol_acc(V: int, acc: torch.dtype) -> float:
 
 
 def tol(exp: torch.Tensor, out_dtype, acc, acc_term) -> torch.Tensor:
-    return (RTOL_OUT[out_dtype] * exp.abs() + acc_term
-            + max(FLOOR_OUT[out_dtype], FLOOR_ACC[acc]))
+    return RTOL_OUT[out_dtype] * exp.abs() + acc_term + max(FLOOR_OUT[out_dtype], FLOOR_ACC[acc])
 
 
 def error_ratio(got: Optional[torch.Tensor], exp: torch.Tensor, tol_: torch.Tensor) -> float:

@@ -107,10 +107,30 @@ def kd_loss(
         >>> loss = kd_loss(s, t, y, temperature=4.0, soft_weight=0.9, hard_weight=0.1)
         >>> loss.backward()
     """
-    _checks.check_types(student_logits, teacher_logits, labels, temperature, soft_weight,
-                        hard_weight, divergence, beta, ignore_index, reduction)
-    return kd_loss_op(student_logits, teacher_logits, labels, temperature, soft_weight,
-                      hard_weight, divergence, beta, ignore_index, reduction)
+    _checks.check_types(
+        student_logits,
+        teacher_logits,
+        labels,
+        temperature,
+        soft_weight,
+        hard_weight,
+        divergence,
+        beta,
+        ignore_index,
+        reduction,
+    )
+    return kd_loss_op(
+        student_logits,
+        teacher_logits,
+        labels,
+        temperature,
+        soft_weight,
+        hard_weight,
+        divergence,
+        beta,
+        ignore_index,
+        reduction,
+    )
 
 
 class KDLoss(nn.Module):
@@ -122,12 +142,20 @@ class KDLoss(nn.Module):
         >>> loss = crit(student_logits, teacher_logits.detach(), labels)
     """
 
-    def __init__(self, temperature: float = 1.0, soft_weight: float = 1.0, hard_weight: float = 0.0,
-                 divergence: str = "kl", beta: float = 0.5, ignore_index: int = -100,
-                 reduction: str = "batchmean"):
+    def __init__(
+        self,
+        temperature: float = 1.0,
+        soft_weight: float = 1.0,
+        hard_weight: float = 0.0,
+        divergence: str = "kl",
+        beta: float = 0.5,
+        ignore_index: int = -100,
+        reduction: str = "batchmean",
+    ):
         super().__init__()
-        _checks.check_option_types(temperature, soft_weight, hard_weight, divergence, beta,
-                                   reduction)
+        _checks.check_option_types(
+            temperature, soft_weight, hard_weight, divergence, beta, reduction
+        )
         _checks.check_options(temperature, soft_weight, hard_weight, divergence, beta, reduction)
         self.beta = float(beta)
         self.temperature = float(temperature)
@@ -137,18 +165,32 @@ class KDLoss(nn.Module):
         self.ignore_index = int(ignore_index)
         self.reduction = reduction
 
-    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return kd_loss(student_logits, teacher_logits, labels, temperature=self.temperature,
-                       soft_weight=self.soft_weight, hard_weight=self.hard_weight,
-                       divergence=self.divergence, beta=self.beta, ignore_index=self.ignore_index,
-                       reduction=self.reduction)
+    def forward(
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        return kd_loss(
+            student_logits,
+            teacher_logits,
+            labels,
+            temperature=self.temperature,
+            soft_weight=self.soft_weight,
+            hard_weight=self.hard_weight,
+            divergence=self.divergence,
+            beta=self.beta,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+        )
 
     def extra_repr(self) -> str:
-        return (f"temperature={self.temperature}, soft_weight={self.soft_weight}, "
-                f"hard_weight={self.hard_weight}, divergence={self.divergence!r}, "
-                f"beta={self.beta}, "
-                f"ignore_index={self.ignore_index}, reduction={self.reduction!r}")
+        return (
+            f"temperature={self.temperature}, soft_weight={self.soft_weight}, "
+            f"hard_weight={self.hard_weight}, divergence={self.divergence!r}, "
+            f"beta={self.beta}, "
+            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}"
+        )
 
 
 class KDLossFunction(torch.autograd.Function):
@@ -171,15 +213,46 @@ class KDLossFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student_logits, teacher_logits, labels, temperature, soft_weight,
-                hard_weight, divergence, ignore_index, reduction, beta=0.5):
-        _checks.check_types(student_logits, teacher_logits, labels, temperature, soft_weight,
-                            hard_weight, divergence, beta, ignore_index, reduction)
+    def forward(
+        ctx,
+        student_logits,
+        teacher_logits,
+        labels,
+        temperature,
+        soft_weight,
+        hard_weight,
+        divergence,
+        ignore_index,
+        reduction,
+        beta=0.5,
+    ):
+        _checks.check_types(
+            student_logits,
+            teacher_logits,
+            labels,
+            temperature,
+            soft_weight,
+            hard_weight,
+            divergence,
+            beta,
+            ignore_index,
+            reduction,
+        )
         need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         loss, gs, gt, scale = _lib_ops.kd_loss(
-            student_logits, teacher_logits, labels, float(temperature), float(soft_weight),
-            float(hard_weight), divergence, float(beta), int(ignore_index), reduction, need_s,
-            need_t)
+            student_logits,
+            teacher_logits,
+            labels,
+            float(temperature),
+            float(soft_weight),
+            float(hard_weight),
+            divergence,
+            float(beta),
+            int(ignore_index),
+            reduction,
+            need_s,
+            need_t,
+        )
         # The op's saved state, as the registered autograd keeps it (_ops._setup_context).
         ctx.kd_grads = (gs, gt, scale)
         ctx.kd_need = (need_s, need_t)

@@ -80,8 +80,9 @@ def _masked(no_mass: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.where(no_mass, torch.zeros_like(x), x)
 
 
-def divergence_rows(log_p: torch.Tensor, log_q: torch.Tensor, divergence: str,
-                    beta: float = 0.5) -> torch.Tensor:
+def divergence_rows(
+    log_p: torch.Tensor, log_q: torch.Tensor, divergence: str, beta: float = 0.5
+) -> torch.Tensor:
     """D(p, q) per row from the log-probabilities (the last dim is the vocabulary)."""
     divergence = effective_divergence(divergence, beta)
     p, q = log_p.exp(), log_q.exp()
@@ -127,10 +128,29 @@ def kd_loss(
 ) -> torch.Tensor:
     """Knowledge-distillation loss, pure PyTorch (see :func:`kdfused.kd_loss` for the contract
     and this module's docstring for the formulas and rules)."""
-    _checks.check_types(student_logits, teacher_logits, labels, temperature, soft_weight,
-                        hard_weight, divergence, beta, ignore_index, reduction)
-    _checks.check_inputs(student_logits, teacher_logits, labels, temperature, soft_weight,
-                         hard_weight, divergence, beta, reduction)
+    _checks.check_types(
+        student_logits,
+        teacher_logits,
+        labels,
+        temperature,
+        soft_weight,
+        hard_weight,
+        divergence,
+        beta,
+        ignore_index,
+        reduction,
+    )
+    _checks.check_inputs(
+        student_logits,
+        teacher_logits,
+        labels,
+        temperature,
+        soft_weight,
+        hard_weight,
+        divergence,
+        beta,
+        reduction,
+    )
     V = student_logits.shape[-1]
     _checks.check_label_values(labels, V, ignore_index)
 
@@ -157,11 +177,13 @@ def kd_loss(
     # Zero, but linked to both inputs (gradient exactly 0, never NaN), so that the loss needs
     # grad and each input gets a gradient even when a term is off, as from the fused op.
     no = torch.zeros_like(vm)
-    row = (torch.where(no, s, torch.zeros_like(s))
-           + torch.where(no, t, torch.zeros_like(t))).sum(-1)
+    row = (torch.where(no, s, torch.zeros_like(s)) + torch.where(no, t, torch.zeros_like(t))).sum(
+        -1
+    )
     if ws != 0:
-        D = divergence_rows(_tempered_log_softmax(t, T), _tempered_log_softmax(s, T), divergence,
-                            float(beta))
+        D = divergence_rows(
+            _tempered_log_softmax(t, T), _tempered_log_softmax(s, T), divergence, float(beta)
+        )
         row = row + ws * T * T * D
     if wh != 0:
         safe_y = torch.where(valid, y, torch.zeros_like(y))

@@ -36,8 +36,18 @@ from kdfused import _C
 from kdfused import _selftest_cases as C
 
 KD_LOSS = kdfused.kd_loss  # the function under test (the tests replace it to inject an error)
-CUDA_PLANS = ["auto", "warp", "block", "cluster:2", "cluster:4", "cluster:8", "cluster:16",
-              "two_phase:2", "two_phase:4", "two_phase:8"]
+CUDA_PLANS = [
+    "auto",
+    "warp",
+    "block",
+    "cluster:2",
+    "cluster:4",
+    "cluster:8",
+    "cluster:16",
+    "two_phase:2",
+    "two_phase:4",
+    "two_phase:8",
+]
 OPTIONAL_PLANS = {"cluster:16"}  # non-portable cluster size: a device may refuse it
 ERR_SHOW = 25  # failure lines printed
 
@@ -87,14 +97,21 @@ def cpu_paths() -> list:
 def cuda_paths() -> list:
     major, _ = torch.cuda.get_device_capability()
     if not hasattr(_C, "set_cuda_plan"):  # a build that cannot force a launch policy
-        return [Path("cuda:auto", "cuda", "none", ""),
-                Path("cuda:no-clusters", "cuda", "env", "1")]
+        return [Path("cuda:auto", "cuda", "none", ""), Path("cuda:no-clusters", "cuda", "env", "1")]
     paths = []
     for plan in CUDA_PLANS:
         if plan.startswith("cluster") and major < 9:
             continue  # thread-block clusters need sm_90
-        paths.append(Path(f"cuda:{plan}", "cuda", "plan", plan, optional=plan in OPTIONAL_PLANS,
-                          big=plan != "warp"))
+        paths.append(
+            Path(
+                f"cuda:{plan}",
+                "cuda",
+                "plan",
+                plan,
+                optional=plan in OPTIONAL_PLANS,
+                big=plan != "warp",
+            )
+        )
     return paths
 
 
@@ -112,17 +129,31 @@ def plan_mismatch(forced: str, seen: str):
 
 def _is_cuda_fault(exc: BaseException) -> bool:
     text = str(exc)
-    return any(w in text for w in ("CUDA error", "illegal", "device-side", "CUDA kernel errors",
-                                   "misaligned", "out of memory"))
+    return any(
+        w in text
+        for w in (
+            "CUDA error",
+            "illegal",
+            "device-side",
+            "CUDA kernel errors",
+            "misaligned",
+            "out of memory",
+        )
+    )
 
 
 def run_case(path: Path, case: C.Case, inp: dict, exp: dict) -> tuple:
     """(worst error/tolerance, where, [failure messages]); raises on an error in the call."""
     s, t, y, go = C.on_device(inp, case, path.device)
     s0, t0 = s.clone(), t.clone()
-    kw = dict(temperature=case.temperature, soft_weight=case.soft_weight,
-              hard_weight=case.hard_weight, divergence=case.divergence,
-              ignore_index=case.ignore_index, reduction=case.reduction)
+    kw = dict(
+        temperature=case.temperature,
+        soft_weight=case.soft_weight,
+        hard_weight=case.hard_weight,
+        divergence=case.divergence,
+        ignore_index=case.ignore_index,
+        reduction=case.reduction,
+    )
     if case.divergence == "jsd":
         kw["beta"] = case.beta
     runs = []
@@ -175,8 +206,11 @@ def run_path(path: Path, cases: list, inputs: dict, exps: dict) -> None:
     try:
         path.enter()
     except Exception as exc:  # noqa: BLE001 - reported as the path's result
-        path.status = f"n/a: {exc}" if path.optional or isinstance(exc, ValueError) and \
-            path.kind == "isa" else "FAIL"
+        path.status = (
+            f"n/a: {exc}"
+            if path.optional or isinstance(exc, ValueError) and path.kind == "isa"
+            else "FAIL"
+        )
         if path.status == "FAIL":
             path.failures.append(f"{path.name}: cannot be selected: {exc}")
         return
@@ -188,22 +222,33 @@ def run_path(path: Path, cases: list, inputs: dict, exps: dict) -> None:
             try:
                 worst, where, msgs = run_case(path, case, inputs[case.idx], exps[case.idx])
             except Exception as exc:  # noqa: BLE001
-                if path.kind == "plan" and isinstance(exc, RuntimeError) and \
-                        not _is_cuda_fault(exc):
+                if (
+                    path.kind == "plan"
+                    and isinstance(exc, RuntimeError)
+                    and not _is_cuda_fault(exc)
+                ):
                     path.refused += 1  # the forced plan cannot run this case: said, not failed
                     path.refusals.append(f"#{case.idx}: {str(exc).splitlines()[0][:100]}")
                     continue
                 worst, where = math.inf, f"#{case.idx} call"
-                msgs = [f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-                        if str(exc) else type(exc).__name__]
-                path.fault = path.fault or (path.device == "cuda" and _is_cuda_fault(exc)) and \
-                    "out of memory" not in str(exc)
+                msgs = [
+                    f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+                    if str(exc)
+                    else type(exc).__name__
+                ]
+                path.fault = (
+                    path.fault
+                    or (path.device == "cuda" and _is_cuda_fault(exc))
+                    and "out of memory" not in str(exc)
+                )
             if not worst <= path.worst:
                 path.worst, path.worst_where = worst, where
             path.failures += [f"{path.name} {case.describe()}: {m}" for m in msgs]
             if path.fault:
-                path.failures.append(f"{path.name}: stopped after a CUDA fault (run the "
-                                     "sanitizers, or this path alone with --paths)")
+                path.failures.append(
+                    f"{path.name}: stopped after a CUDA fault (run the "
+                    "sanitizers, or this path alone with --paths)"
+                )
                 break
         if path.device == "cuda":
             torch.cuda.synchronize()
@@ -235,20 +280,34 @@ def supported_divergences(wanted: list) -> tuple:
 
 def table(paths: list) -> str:
     head = ["path", "cases", "refused", "max err/tol", "where", "time s", "result"]
-    rows = [[p.name, str(p.cases), str(p.refused), f"{p.worst:.3g}", p.worst_where,
-             f"{p.seconds:.1f}", p.status] for p in paths]
+    rows = [
+        [
+            p.name,
+            str(p.cases),
+            str(p.refused),
+            f"{p.worst:.3g}",
+            p.worst_where,
+            f"{p.seconds:.1f}",
+            p.status,
+        ]
+        for p in paths
+    ]
     w = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
     fmt = lambda r: "  ".join(x.ljust(n) for x, n in zip(r, w)).rstrip()  # noqa: E731
     return "\n".join([fmt(head), fmt(["-" * n for n in w])] + [fmt(r) for r in rows])
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kdfused.selftest",
-                                 description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m kdfused.selftest", description=__doc__.split("\n")[0]
+    )
     ap.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
     ap.add_argument("--quick", action="store_true", help="a third of the cases")
-    ap.add_argument("--divergences", default=",".join(C.DIVERGENCES),
-                    help=f"comma list (default: {','.join(C.DIVERGENCES)})")
+    ap.add_argument(
+        "--divergences",
+        default=",".join(C.DIVERGENCES),
+        help=f"comma list (default: {','.join(C.DIVERGENCES)})",
+    )
     ap.add_argument("--seed", type=int, help="replay the inputs of an earlier run")
     ap.add_argument("--paths", help="comma list of path names to run, e.g. cpu:scalar,cuda:warp")
     args = ap.parse_args(argv)
@@ -268,11 +327,16 @@ def main(argv=None) -> int:
         if cuda_ok:
             paths += cuda_paths()
             if not hasattr(_C, "set_cuda_plan"):
-                notes.append("this build cannot force a CUDA launch policy (no set_cuda_plan): "
-                             "only the automatic choice, with and without clusters, is checked")
+                notes.append(
+                    "this build cannot force a CUDA launch policy (no set_cuda_plan): "
+                    "only the automatic choice, with and without clusters, is checked"
+                )
         else:
-            why = ("torch sees no CUDA device" if not torch.cuda.is_available()
-                   else "this kdfused build has no CUDA kernels")
+            why = (
+                "torch sees no CUDA device"
+                if not torch.cuda.is_available()
+                else "this kdfused build has no CUDA kernels"
+            )
             if args.device == "cuda":
                 print(f"kdfused self-test: nothing to test on cuda: {why}")
                 return 2
@@ -281,14 +345,19 @@ def main(argv=None) -> int:
         wanted = [p.strip() for p in args.paths.split(",") if p.strip()]
         unknown = [w for w in wanted if w not in {p.name for p in paths}]
         if unknown:
-            print(f"kdfused self-test: unknown path(s) {unknown}; this machine has "
-                  f"{', '.join(p.name for p in paths)}")
+            print(
+                f"kdfused self-test: unknown path(s) {unknown}; this machine has "
+                f"{', '.join(p.name for p in paths)}"
+            )
             return 2
         paths = [p for p in paths if p.name in wanted]
     divs, build_failures = supported_divergences(divs)
 
-    replay = f"python -m kdfused.selftest --seed {seed} --device {args.device}" + \
-        (" --quick" if args.quick else "") + f" --divergences {args.divergences}"
+    replay = (
+        f"python -m kdfused.selftest --seed {seed} --device {args.device}"
+        + (" --quick" if args.quick else "")
+        + f" --divergences {args.divergences}"
+    )
     print(f"kdfused self-test  seed {seed}  (replay: {replay})")
     dev = f", {torch.cuda.get_device_name()}" if cuda_ok else ""
     print(f"torch {torch.__version__}, kdfused {kdfused.__version__}, build {info}{dev}")
@@ -296,8 +365,11 @@ def main(argv=None) -> int:
     cases = C.make_cases(divs, quick=args.quick)
     inputs = {c.idx: C.make_inputs(c, seed) for c in cases}
     exps = {c.idx: C.expected(c, inputs[c.idx]) for c in cases}
-    print(f"{len(cases)} cases, float64 expected values in {time.perf_counter() - t0:.1f} s; "
-          f"paths: {', '.join(p.name for p in paths)}", flush=True)
+    print(
+        f"{len(cases)} cases, float64 expected values in {time.perf_counter() - t0:.1f} s; "
+        f"paths: {', '.join(p.name for p in paths)}",
+        flush=True,
+    )
     lost = None  # the path whose CUDA fault left the CUDA context unusable
     for p in paths:
         if lost and p.device == "cuda":

@@ -9,7 +9,7 @@ grad_output = 1; the backward only rescales it, with the same ``kd_scale_grads_`
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import nn
@@ -20,44 +20,60 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _N_INPUTS = 11
 
 
-def _check_meta(student, indices, values, labels, temperature, soft_weight, hard_weight,
-                divergence, reduction):
+def _check_meta(
+    student, indices, values, labels, temperature, soft_weight, hard_weight, divergence, reduction
+):
     """The op's checks that need no data, for fake tensors (the C++ op runs the same checks)."""
     if divergence not in ("kl", "ce"):
-        raise ValueError(f"kdfused: topk_kd_loss supports divergence 'kl' or 'ce', got "
-                         f"{divergence!r}")
+        raise ValueError(
+            f"kdfused: topk_kd_loss supports divergence 'kl' or 'ce', got {divergence!r}"
+        )
     if reduction not in ("batchmean", "mean", "sum", "none"):
-        raise ValueError(f"kdfused: reduction must be one of 'batchmean', 'mean', 'sum', 'none', "
-                         f"got {reduction!r}")
-    for name, val, low in (("temperature", temperature, None), ("soft_weight", soft_weight, 0),
-                           ("hard_weight", hard_weight, 0)):
+        raise ValueError(
+            f"kdfused: reduction must be one of 'batchmean', 'mean', 'sum', 'none', "
+            f"got {reduction!r}"
+        )
+    for name, val, low in (
+        ("temperature", temperature, None),
+        ("soft_weight", soft_weight, 0),
+        ("hard_weight", hard_weight, 0),
+    ):
         ok = val == val and abs(val) != float("inf") and (val > 0 if low is None else val >= 0)
         if not ok:
             bound = "> 0" if low is None else ">= 0"
             raise ValueError(f"kdfused: {name} must be finite and {bound}, got {val}")
     if student.dtype not in _FLOATS:
-        raise TypeError(f"kdfused: student_logits must be float16, bfloat16, float32 or float64, "
-                        f"got {student.dtype}")
+        raise TypeError(
+            f"kdfused: student_logits must be float16, bfloat16, float32 or float64, "
+            f"got {student.dtype}"
+        )
     if indices.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"kdfused: teacher_indices must be int64 or int32, got {indices.dtype}")
     if values.dtype not in _FLOATS:
-        raise TypeError(f"kdfused: teacher_values must be float16, bfloat16, float32 or float64, "
-                        f"got {values.dtype}")
+        raise TypeError(
+            f"kdfused: teacher_values must be float16, bfloat16, float32 or float64, "
+            f"got {values.dtype}"
+        )
     if student.dim() < 1 or student.shape[-1] < 1:
         raise ValueError("kdfused: student_logits must be (..., V) with V >= 1")
     lead = tuple(student.shape[:-1])
     if indices.dim() != student.dim() or tuple(indices.shape[:-1]) != lead:
-        raise ValueError(f"kdfused: teacher_indices must have shape (..., k) with the student's "
-                         f"leading dims {lead}, got {tuple(indices.shape)}")
+        raise ValueError(
+            f"kdfused: teacher_indices must have shape (..., k) with the student's "
+            f"leading dims {lead}, got {tuple(indices.shape)}"
+        )
     if values.shape != indices.shape:
-        raise ValueError(f"kdfused: teacher_values must have the shape of teacher_indices "
-                         f"{tuple(indices.shape)}, got {tuple(values.shape)}")
+        raise ValueError(
+            f"kdfused: teacher_values must have the shape of teacher_indices "
+            f"{tuple(indices.shape)}, got {tuple(values.shape)}"
+        )
     k, V = indices.shape[-1], student.shape[-1]
     if k < 1:
         raise ValueError("kdfused: k (the last dim of teacher_indices) must be >= 1, got 0")
     if k > V:
-        raise ValueError(f"kdfused: k = {k} teacher entries per row but the vocabulary has only "
-                         f"V = {V}")
+        raise ValueError(
+            f"kdfused: k = {k} teacher entries per row but the vocabulary has only V = {V}"
+        )
     if labels is not None:
         if labels.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"kdfused: labels must be int64 (or int32), got {labels.dtype}")
@@ -68,24 +84,53 @@ def _check_meta(student, indices, values, labels, temperature, soft_weight, hard
 
 
 @torch.library.register_fake("kdfused::topk_kd_loss")
-def _topk_kd_loss_fake(student, indices, values, labels, temperature, soft_weight, hard_weight,
-                       divergence, ignore_index, reduction, grad_student):
+def _topk_kd_loss_fake(
+    student,
+    indices,
+    values,
+    labels,
+    temperature,
+    soft_weight,
+    hard_weight,
+    divergence,
+    ignore_index,
+    reduction,
+    grad_student,
+):
     # With symbolic shapes the checks run when the compiled graph calls the real kernel.
-    if not any(isinstance(d, torch.SymInt) for x in (student, indices, values, labels)
-               if x is not None for d in x.shape):
-        _check_meta(student, indices, values, labels, temperature, soft_weight, hard_weight,
-                    divergence, reduction)
+    if not any(
+        isinstance(d, torch.SymInt)
+        for x in (student, indices, values, labels)
+        if x is not None
+        for d in x.shape
+    ):
+        _check_meta(
+            student,
+            indices,
+            values,
+            labels,
+            temperature,
+            soft_weight,
+            hard_weight,
+            divergence,
+            reduction,
+        )
     acc = torch.float64 if torch.float64 in (student.dtype, values.dtype) else torch.float32
     loss = student.new_empty(student.shape[:-1] if reduction == "none" else (), dtype=acc)
-    gs = torch.empty(student.shape, dtype=student.dtype, device=student.device) if grad_student \
+    gs = (
+        torch.empty(student.shape, dtype=student.dtype, device=student.device)
+        if grad_student
         else student.new_empty((0,))
+    )
     return loss, gs, torch.empty_like(loss)
 
 
 def _setup_context(ctx, inputs, output):
     if inputs[2].requires_grad:
-        raise ValueError("kdfused: teacher_values must not require grad: topk_kd_loss gives no "
-                         "teacher gradient (detach the stored teacher)")
+        raise ValueError(
+            "kdfused: teacher_values must not require grad: topk_kd_loss gives no "
+            "teacher gradient (detach the stored teacher)"
+        )
     _, gs, scale = output
     ctx.mark_non_differentiable(gs, scale)
     ctx.set_materialize_grads(False)  # no N x V zeros for the non-differentiable outputs
@@ -113,8 +158,9 @@ def _backward(ctx, grad_loss, _gs, _scale):
         return (gs * g,) + (None,) * (_N_INPUTS - 1)
     if torch.is_grad_enabled():
         # The saved gradient is a constant to autograd: a second derivative would silently be 0.
-        raise RuntimeError("kdfused.topk_kd_loss does not support double backward "
-                           "(create_graph=True)")
+        raise RuntimeError(
+            "kdfused.topk_kd_loss does not support double backward (create_graph=True)"
+        )
     if kept:
         # retain_graph=True: another backward may follow with another grad_output.
         gs, scale = gs.clone(), scale.clone()
@@ -126,8 +172,11 @@ torch.library.register_autograd("kdfused::topk_kd_loss", _backward, setup_contex
 
 
 def _check_python_args(temperature, soft_weight, hard_weight, divergence, reduction, ignore_index):
-    for name, value in (("temperature", temperature), ("soft_weight", soft_weight),
-                        ("hard_weight", hard_weight)):
+    for name, value in (
+        ("temperature", temperature),
+        ("soft_weight", soft_weight),
+        ("hard_weight", hard_weight),
+    ):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"kdfused: {name} must be a real number, got {type(value).__name__}")
     if not isinstance(divergence, str) or not isinstance(reduction, str):
@@ -196,20 +245,35 @@ def topk_kd_loss(
     device-side assert, like PyTorch's own indexing and cross-entropy kernels. (The indices are
     only read, and so only checked, when ``soft_weight > 0``.)
     """
-    for name, x in (("student_logits", student_logits), ("teacher_indices", teacher_indices),
-                    ("teacher_values", teacher_values)):
+    for name, x in (
+        ("student_logits", student_logits),
+        ("teacher_indices", teacher_indices),
+        ("teacher_values", teacher_values),
+    ):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"kdfused: {name} must be a tensor, got {type(x).__name__}")
     if labels is not None and not isinstance(labels, torch.Tensor):
         raise TypeError(f"kdfused: labels must be a tensor or None, got {type(labels).__name__}")
     _check_python_args(temperature, soft_weight, hard_weight, divergence, reduction, ignore_index)
     if teacher_values.requires_grad:
-        raise ValueError("kdfused: teacher_values must not require grad: topk_kd_loss gives no "
-                         "teacher gradient (detach the stored teacher)")
+        raise ValueError(
+            "kdfused: teacher_values must not require grad: topk_kd_loss gives no "
+            "teacher gradient (detach the stored teacher)"
+        )
     need = torch.is_grad_enabled() and student_logits.requires_grad
     loss, _, _ = torch.ops.kdfused.topk_kd_loss(
-        student_logits, teacher_indices, teacher_values, labels, float(temperature),
-        float(soft_weight), float(hard_weight), divergence, int(ignore_index), reduction, need)
+        student_logits,
+        teacher_indices,
+        teacher_values,
+        labels,
+        float(temperature),
+        float(soft_weight),
+        float(hard_weight),
+        divergence,
+        int(ignore_index),
+        reduction,
+        need,
+    )
     return loss
 
 
@@ -222,17 +286,26 @@ class TopKKDLoss(nn.Module):
         >>> loss = crit(student_logits, stored_indices, stored_values, labels)
     """
 
-    def __init__(self, temperature: float = 1.0, soft_weight: float = 1.0,
-                 hard_weight: float = 0.0, divergence: str = "kl", ignore_index: int = -100,
-                 reduction: str = "batchmean"):
+    def __init__(
+        self,
+        temperature: float = 1.0,
+        soft_weight: float = 1.0,
+        hard_weight: float = 0.0,
+        divergence: str = "kl",
+        ignore_index: int = -100,
+        reduction: str = "batchmean",
+    ):
         super().__init__()
-        _check_python_args(temperature, soft_weight, hard_weight, divergence, reduction,
-                           ignore_index)
+        _check_python_args(
+            temperature, soft_weight, hard_weight, divergence, reduction, ignore_index
+        )
         if divergence not in ("kl", "ce"):
-            raise ValueError(f"kdfused: topk_kd_loss supports divergence 'kl' or 'ce', got "
-                             f"{divergence!r}")
-        _C.check_options(float(temperature), float(soft_weight), float(hard_weight), divergence,
-                         reduction)
+            raise ValueError(
+                f"kdfused: topk_kd_loss supports divergence 'kl' or 'ce', got {divergence!r}"
+            )
+        _C.check_options(
+            float(temperature), float(soft_weight), float(hard_weight), divergence, reduction
+        )
         self.temperature = float(temperature)
         self.soft_weight = float(soft_weight)
         self.hard_weight = float(hard_weight)
@@ -240,23 +313,38 @@ class TopKKDLoss(nn.Module):
         self.ignore_index = int(ignore_index)
         self.reduction = reduction
 
-    def forward(self, student_logits: torch.Tensor, teacher_indices: torch.Tensor,
-                teacher_values: torch.Tensor,
-                labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return topk_kd_loss(student_logits, teacher_indices, teacher_values, labels,
-                            temperature=self.temperature, soft_weight=self.soft_weight,
-                            hard_weight=self.hard_weight, divergence=self.divergence,
-                            ignore_index=self.ignore_index, reduction=self.reduction)
+    def forward(
+        self,
+        student_logits: torch.Tensor,
+        teacher_indices: torch.Tensor,
+        teacher_values: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        return topk_kd_loss(
+            student_logits,
+            teacher_indices,
+            teacher_values,
+            labels,
+            temperature=self.temperature,
+            soft_weight=self.soft_weight,
+            hard_weight=self.hard_weight,
+            divergence=self.divergence,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+        )
 
     def extra_repr(self) -> str:
-        return (f"temperature={self.temperature}, soft_weight={self.soft_weight}, "
-                f"hard_weight={self.hard_weight}, divergence={self.divergence!r}, "
-                f"ignore_index={self.ignore_index}, reduction={self.reduction!r}")
+        return (
+            f"temperature={self.temperature}, soft_weight={self.soft_weight}, "
+            f"hard_weight={self.hard_weight}, divergence={self.divergence!r}, "
+            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}"
+        )
 
 
 @torch.no_grad()
-def topk_teacher(teacher_logits: torch.Tensor, k: int,
-                 rows_per_chunk: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def topk_teacher(
+    teacher_logits: torch.Tensor, k: int, rows_per_chunk: Optional[int] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The teacher's ``k`` largest logits per row and their indices, to store for
     :func:`topk_kd_loss`: returns ``(indices, values)``, both ``(..., k)``, indices int64 (store
     them as int32 to halve the file when ``V < 2**31``), values in the logits' dtype, each row in
@@ -267,11 +355,14 @@ def topk_teacher(teacher_logits: torch.Tensor, k: int,
     float32 copy of a 16-bit input is made.
     """
     if not isinstance(teacher_logits, torch.Tensor):
-        raise TypeError(f"kdfused: teacher_logits must be a tensor, got "
-                        f"{type(teacher_logits).__name__}")
+        raise TypeError(
+            f"kdfused: teacher_logits must be a tensor, got {type(teacher_logits).__name__}"
+        )
     if teacher_logits.dtype not in _FLOATS:
-        raise TypeError(f"kdfused: teacher_logits must be float16, bfloat16, float32 or float64, "
-                        f"got {teacher_logits.dtype}")
+        raise TypeError(
+            f"kdfused: teacher_logits must be float16, bfloat16, float32 or float64, "
+            f"got {teacher_logits.dtype}"
+        )
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"kdfused: k must be an int, got {type(k).__name__}")
     if teacher_logits.dim() < 1:
@@ -292,6 +383,7 @@ def topk_teacher(teacher_logits: torch.Tensor, k: int,
     val = torch.empty(out_shape, dtype=teacher_logits.dtype, device=teacher_logits.device)
     for a in range(0, teacher_logits.shape[0], step):
         b = min(teacher_logits.shape[0], a + step)
-        torch.topk(teacher_logits[a:b], k, dim=-1, largest=True, sorted=True,
-                   out=(val[a:b], idx[a:b]))
+        torch.topk(
+            teacher_logits[a:b], k, dim=-1, largest=True, sorted=True, out=(val[a:b], idx[a:b])
+        )
     return idx, val

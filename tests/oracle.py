@@ -34,8 +34,12 @@ import torch
 F64 = torch.float64
 DIVERGENCES = ("kl", "ce", "reverse_kl", "jsd", "tvd")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-DTYPE_IDS = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32",
-             torch.float64: "f64"}
+DTYPE_IDS = {
+    torch.float16: "f16",
+    torch.bfloat16: "bf16",
+    torch.float32: "f32",
+    torch.float64: "f64",
+}
 
 # Relative rounding of a correctly rounded output of each dtype (half an ulp, relative).
 RTOL_OUT = {
@@ -150,12 +154,26 @@ def oracle(
         mb, Lb, logp = _lse_parts(b)
         q, p = torch.exp(logq), torch.exp(logp)
         if divergence in ("kl", "ce"):
-            D, g_a, g_b, unit, ea, eb = _soft_kl_ce(divergence, p, q, logp, logq, a, b, La, Lb,
-                                                    ma, mb)
+            D, g_a, g_b, unit, ea, eb = _soft_kl_ce(
+                divergence, p, q, logp, logq, a, b, La, Lb, ma, mb
+            )
         else:
-            D, g_a, g_b, unit, ea, eb = _soft_new(divergence, float(beta), p, q, logp, logq, a, b,
-                                                  La, Lb, ma, mb, V, acc_dtype(student.dtype,
-                                                                               teacher.dtype))
+            D, g_a, g_b, unit, ea, eb = _soft_new(
+                divergence,
+                float(beta),
+                p,
+                q,
+                logp,
+                logq,
+                a,
+                b,
+                La,
+                Lb,
+                ma,
+                mb,
+                V,
+                acc_dtype(student.dtype, teacher.dtype),
+            )
         # D, g_a, g_b: the divergence per row and its derivatives by a = s/T and b = t/T; the
         # loss is ws T^2 D, so the gradients by s and t are ws T g_a and ws T g_b.
         row = row + ws * T * T * D.squeeze(-1)
@@ -272,12 +290,18 @@ def _soft_new(divergence, beta, p, q, logp, logq, a, b, La, Lb, ma, mb, V, acc):
         g_a = (1.0 - beta) * _where0(hq, q * (logq - lm - kqm))
         g_b = beta * _where0(hp, p * (logp - lm - kpm))
         lma = _where0(hp | hq, lm.abs())
-        unit = (common + ((ep + eq) * (1.0 + lpa + lqa + lma)).sum(-1, keepdim=True)
-                + _where0(hp | hq, (p + q) * bma).sum(-1, keepdim=True) + D.abs())
-        ea = (1.0 - beta) * (_where0(hq, q * (1.0 + lqa + lma + 2 * La + 2 * Lb + unit))
-                             + eq * (1.0 + lqa + lma))
-        eb = beta * (_where0(hp, p * (1.0 + lpa + lma + 2 * La + 2 * Lb + unit))
-                     + ep * (1.0 + lpa + lma))
+        unit = (
+            common
+            + ((ep + eq) * (1.0 + lpa + lqa + lma)).sum(-1, keepdim=True)
+            + _where0(hp | hq, (p + q) * bma).sum(-1, keepdim=True)
+            + D.abs()
+        )
+        ea = (1.0 - beta) * (
+            _where0(hq, q * (1.0 + lqa + lma + 2 * La + 2 * Lb + unit)) + eq * (1.0 + lqa + lma)
+        )
+        eb = beta * (
+            _where0(hp, p * (1.0 + lpa + lma + 2 * La + 2 * Lb + unit)) + ep * (1.0 + lpa + lma)
+        )
     elif divergence == "tvd":
         diff = q - p
         D = 0.5 * diff.abs().sum(-1, keepdim=True)
@@ -308,8 +332,9 @@ def _soft_new(divergence, beta, p, q, logp, logq, a, b, La, Lb, ma, mb, V, acc):
 # ------------------------------------------------------------------------------------------------
 
 
-def assert_matches(got, expected, err, *, out_dtype, V, acc, what="", ctx="", slack=1.0,
-                   roundings=1):
+def assert_matches(
+    got, expected, err, *, out_dtype, V, acc, what="", ctx="", slack=1.0, roundings=1
+):
     """Elementwise |got - expected| <= slack * (tol_acc * err) + k (rtol_out |expected| + floor_out)
     with k = `roundings`: how many times the result may be rounded to out_dtype (2 for a gradient
     stored in its dtype by the forward and then scaled by a grad_output != 1).
@@ -436,8 +461,14 @@ def check_against_oracle(
     """Runs fn forward+backward and compares loss (value, dtype, shape) and gradients with the
     oracle. Returns (loss, gs, gt, oracle_result)."""
     loss, gs, gt = run_op(
-        fn, s, t, labels, grad_student=check_grads, grad_teacher=grad_teacher and check_grads,
-        grad_output=grad_output, **kw
+        fn,
+        s,
+        t,
+        labels,
+        grad_student=check_grads,
+        grad_teacher=grad_teacher and check_grads,
+        grad_output=grad_output,
+        **kw,
     )
     ref = oracle(s, t, labels, grad_output=grad_output, **kw)
     # A gradient scaled by a grad_output != 1 may be rounded twice (stored by the forward in its
@@ -449,22 +480,43 @@ def check_against_oracle(
     ldt = loss_dtype_for(s.dtype, t.dtype)
     assert loss.dtype == ldt, f"loss dtype {loss.dtype}, expected {ldt}{ctx}"
     assert loss.device == s.device, f"loss device {loss.device}, expected {s.device}{ctx}"
-    assert_matches(loss, ref.loss, ref.loss_err, out_dtype=ldt, V=V, acc=acc, what="loss",
-                   ctx=ctx, slack=slack)
+    assert_matches(
+        loss, ref.loss, ref.loss_err, out_dtype=ldt, V=V, acc=acc, what="loss", ctx=ctx, slack=slack
+    )
     if check_grads:
         assert gs is not None and gs.dtype == s.dtype and gs.shape == s.shape, (
             f"grad_student {None if gs is None else (gs.dtype, tuple(gs.shape))}{ctx}"
         )
-        assert_matches(gs, ref.grad_s, ref.grad_s_err, out_dtype=s.dtype, V=V, acc=acc,
-                       what="grad_student", ctx=ctx, slack=slack, roundings=rr)
+        assert_matches(
+            gs,
+            ref.grad_s,
+            ref.grad_s_err,
+            out_dtype=s.dtype,
+            V=V,
+            acc=acc,
+            what="grad_student",
+            ctx=ctx,
+            slack=slack,
+            roundings=rr,
+        )
         if grad_teacher and gt is None and (ref.grad_t == 0).all():
             pass  # a teacher gradient that is identically 0 (soft_weight == 0) may be None
         elif grad_teacher:
             assert gt is not None and gt.dtype == t.dtype and gt.shape == t.shape, (
                 f"grad_teacher {None if gt is None else (gt.dtype, tuple(gt.shape))}{ctx}"
             )
-            assert_matches(gt, ref.grad_t, ref.grad_t_err, out_dtype=t.dtype, V=V, acc=acc,
-                           what="grad_teacher", ctx=ctx, slack=slack, roundings=rr)
+            assert_matches(
+                gt,
+                ref.grad_t,
+                ref.grad_t_err,
+                out_dtype=t.dtype,
+                V=V,
+                acc=acc,
+                what="grad_teacher",
+                ctx=ctx,
+                slack=slack,
+                roundings=rr,
+            )
         else:
             assert gt is None
     return loss, gs, gt, ref

@@ -35,12 +35,30 @@ def _cmp_grads(got_s, got_t, ref, s, t, seed, what="", teacher=True, roundings=2
     (by default allowing two roundings to the gradient dtype: see oracle.assert_matches)."""
     V, acc = s.shape[-1], acc_dtype(s.dtype, t.dtype)
     assert got_s is not None and got_s.dtype == s.dtype, (what, got_s)
-    assert_matches(got_s, ref.grad_s, ref.grad_s_err, out_dtype=s.dtype, V=V, acc=acc,
-                   what=f"grad_student {what}", ctx=_ctx(seed), roundings=roundings)
+    assert_matches(
+        got_s,
+        ref.grad_s,
+        ref.grad_s_err,
+        out_dtype=s.dtype,
+        V=V,
+        acc=acc,
+        what=f"grad_student {what}",
+        ctx=_ctx(seed),
+        roundings=roundings,
+    )
     if teacher:
         assert got_t is not None and got_t.dtype == t.dtype, (what, got_t)
-        assert_matches(got_t, ref.grad_t, ref.grad_t_err, out_dtype=t.dtype, V=V, acc=acc,
-                       what=f"grad_teacher {what}", ctx=_ctx(seed), roundings=roundings)
+        assert_matches(
+            got_t,
+            ref.grad_t,
+            ref.grad_t_err,
+            out_dtype=t.dtype,
+            V=V,
+            acc=acc,
+            what=f"grad_teacher {what}",
+            ctx=_ctx(seed),
+            roundings=roundings,
+        )
 
 
 @pytest.mark.parametrize("dtype", DT)
@@ -53,8 +71,16 @@ def test_scalar_grad_output(kd_loss, device, gen, seed, reduction, divergence, d
     for c in [3.7, -0.3, 0.0, 1e-3]:
         # loss.backward(grad_output)
         go = torch.tensor(c, dtype=loss_dtype_for(dtype, dtype), device=device)
-        check_against_oracle(kd_loss, s, t, labels, grad_teacher=True, grad_output=go,
-                             ctx=_ctx(seed, c=c, **kw), **kw)
+        check_against_oracle(
+            kd_loss,
+            s,
+            t,
+            labels,
+            grad_teacher=True,
+            grad_output=go,
+            ctx=_ctx(seed, c=c, **kw),
+            **kw,
+        )
         # (loss * c).backward()
         s_ = s.clone().requires_grad_(True)
         t_ = t.clone().requires_grad_(True)
@@ -72,8 +98,9 @@ def test_none_weighted(kd_loss, device, gen, seed, divergence, dtype):
     kw = dict(KW, divergence=divergence, reduction="none")
     ldt = loss_dtype_for(dtype, dtype)
     w = (torch.randn(labels.shape, generator=gen, dtype=torch.float64) * 2).to(ldt).to(device)
-    check_against_oracle(kd_loss, s, t, labels, grad_teacher=True, grad_output=w,
-                         ctx=_ctx(seed, **kw), **kw)
+    check_against_oracle(
+        kd_loss, s, t, labels, grad_teacher=True, grad_output=w, ctx=_ctx(seed, **kw), **kw
+    )
     s_ = s.clone().requires_grad_(True)
     t_ = t.clone().requires_grad_(True)
     (kd_loss(s_, t_, labels, **kw) * w).sum().backward()
@@ -98,8 +125,14 @@ def test_retain_graph_repeated_backward(kd_loss, device, gen, seed, reduction, g
         zeros_some.view(-1)[::2] = 0.0
         gos = [None, base, base * -2.0, zeros_some, None, torch.zeros_like(base), base * 0.25]
     else:
-        gos = [None, torch.tensor(2.0), torch.tensor(-0.5), torch.tensor(0.0), None,
-               torch.tensor(1.0)]
+        gos = [
+            None,
+            torch.tensor(2.0),
+            torch.tensor(-0.5),
+            torch.tensor(0.0),
+            None,
+            torch.tensor(1.0),
+        ]
     total = total_abs = None
     V = s.shape[-1]
     for k, go in enumerate(gos):
@@ -114,14 +147,28 @@ def test_retain_graph_repeated_backward(kd_loss, device, gen, seed, reduction, g
         ref = oracle(s, t, labels, grad_output=total, **kw)
         # error budget: every backward's contribution (sum_k |c_k| g), rounded once per step
         bud = oracle(s, t, labels, grad_output=total_abs, **kw)
-        what = f"after backward #{k + 1} (grad_outputs so far: {gos[:k + 1]})"
-        assert_matches(s_.grad, ref.grad_s, bud.grad_s_err + (k + 1) * bud.grad_s.abs(),
-                       out_dtype=s.dtype, V=V, acc=torch.float32,
-                       what=f"grad_student {what}", ctx=_ctx(seed))
+        what = f"after backward #{k + 1} (grad_outputs so far: {gos[: k + 1]})"
+        assert_matches(
+            s_.grad,
+            ref.grad_s,
+            bud.grad_s_err + (k + 1) * bud.grad_s.abs(),
+            out_dtype=s.dtype,
+            V=V,
+            acc=torch.float32,
+            what=f"grad_student {what}",
+            ctx=_ctx(seed),
+        )
         if grad_teacher:
-            assert_matches(t_.grad, ref.grad_t, bud.grad_t_err + (k + 1) * bud.grad_t.abs(),
-                           out_dtype=t.dtype, V=V, acc=torch.float32,
-                           what=f"grad_teacher {what}", ctx=_ctx(seed))
+            assert_matches(
+                t_.grad,
+                ref.grad_t,
+                bud.grad_t_err + (k + 1) * bud.grad_t.abs(),
+                out_dtype=t.dtype,
+                V=V,
+                acc=torch.float32,
+                what=f"grad_teacher {what}",
+                ctx=_ctx(seed),
+            )
         else:
             assert t_.grad is None
 
@@ -172,8 +219,16 @@ def test_no_grad(kd_loss, device, gen, seed, reduction):
     assert torch.equal(l0, l1) and torch.equal(l0, l2.detach())
     assert s_.grad is None and t_.grad is None
     ref = oracle(s, t, labels, **kw)
-    assert_matches(l0, ref.loss, ref.loss_err, out_dtype=torch.float32, V=s.shape[-1],
-                   acc=torch.float32, what="loss under no_grad", ctx=_ctx(seed))
+    assert_matches(
+        l0,
+        ref.loss,
+        ref.loss_err,
+        out_dtype=torch.float32,
+        V=s.shape[-1],
+        acc=torch.float32,
+        what="loss under no_grad",
+        ctx=_ctx(seed),
+    )
 
 
 @pytest.mark.parametrize("dtype", DT)
@@ -185,8 +240,16 @@ def test_teacher_only_requires_grad(kd_loss, device, gen, seed, dtype):
     loss.backward()
     ref = oracle(s, t, labels, **KW)
     assert t_.grad is not None and t_.grad.dtype == dtype
-    assert_matches(t_.grad, ref.grad_t, ref.grad_t_err, out_dtype=dtype, V=s.shape[-1],
-                   acc=acc_dtype(dtype), what="grad_teacher", ctx=_ctx(seed))
+    assert_matches(
+        t_.grad,
+        ref.grad_t,
+        ref.grad_t_err,
+        out_dtype=dtype,
+        V=s.shape[-1],
+        acc=acc_dtype(dtype),
+        what="grad_teacher",
+        ctx=_ctx(seed),
+    )
 
 
 @pytest.mark.parametrize("dtype", DT)
@@ -222,8 +285,9 @@ def test_grad_through_expanded_teacher(kd_loss, device, gen, seed):
     kd_loss(s_, t0.expand(N, V), None, temperature=2.0).backward()
     ref = oracle(s, t0.expand(N, V), None, temperature=2.0)
     torch.testing.assert_close(s_.grad.cpu(), ref.grad_s, rtol=1e-10, atol=1e-13)
-    torch.testing.assert_close(t0.grad.cpu(), ref.grad_t.sum(0, keepdim=True), rtol=1e-10,
-                               atol=1e-13)
+    torch.testing.assert_close(
+        t0.grad.cpu(), ref.grad_t.sum(0, keepdim=True), rtol=1e-10, atol=1e-13
+    )
 
 
 def test_non_leaf_inputs(kd_loss, device, gen, seed):
@@ -245,18 +309,48 @@ def test_non_leaf_inputs(kd_loss, device, gen, seed):
 # ------------------------------------------------------------------------------------------------
 
 GC_CASES = [
-    pytest.param(dict(divergence="kl", reduction="batchmean", soft_weight=1.0, hard_weight=0.0,
-                      temperature=2.0), False, id="kl-batchmean-soft"),
-    pytest.param(dict(divergence="kl", reduction="sum", soft_weight=0.6, hard_weight=0.4,
-                      temperature=0.7), True, id="kl-sum-mix"),
-    pytest.param(dict(divergence="ce", reduction="mean", soft_weight=0.5, hard_weight=1.5,
-                      temperature=3.0), True, id="ce-mean-mix"),
-    pytest.param(dict(divergence="ce", reduction="none", soft_weight=1.0, hard_weight=0.0,
-                      temperature=1.0), False, id="ce-none-soft"),
-    pytest.param(dict(divergence="kl", reduction="none", soft_weight=0.3, hard_weight=0.7,
-                      temperature=4.0), True, id="kl-none-mix"),
-    pytest.param(dict(divergence="kl", reduction="batchmean", soft_weight=0.0, hard_weight=1.0,
-                      temperature=1.0), True, id="hard-only"),
+    pytest.param(
+        dict(
+            divergence="kl",
+            reduction="batchmean",
+            soft_weight=1.0,
+            hard_weight=0.0,
+            temperature=2.0,
+        ),
+        False,
+        id="kl-batchmean-soft",
+    ),
+    pytest.param(
+        dict(divergence="kl", reduction="sum", soft_weight=0.6, hard_weight=0.4, temperature=0.7),
+        True,
+        id="kl-sum-mix",
+    ),
+    pytest.param(
+        dict(divergence="ce", reduction="mean", soft_weight=0.5, hard_weight=1.5, temperature=3.0),
+        True,
+        id="ce-mean-mix",
+    ),
+    pytest.param(
+        dict(divergence="ce", reduction="none", soft_weight=1.0, hard_weight=0.0, temperature=1.0),
+        False,
+        id="ce-none-soft",
+    ),
+    pytest.param(
+        dict(divergence="kl", reduction="none", soft_weight=0.3, hard_weight=0.7, temperature=4.0),
+        True,
+        id="kl-none-mix",
+    ),
+    pytest.param(
+        dict(
+            divergence="kl",
+            reduction="batchmean",
+            soft_weight=0.0,
+            hard_weight=1.0,
+            temperature=1.0,
+        ),
+        True,
+        id="hard-only",
+    ),
 ]
 
 
@@ -268,8 +362,9 @@ def test_gradcheck(kd_loss, device, gen, seed, kw, with_labels, shape):
     labels = make_labels(shape[:-1], shape[-1], device, gen, 0.3) if with_labels else None
     if labels is not None:
         labels.view(-1)[0] = 1  # at least one valid row
-    assert torch.autograd.gradcheck(lambda a, b: kd_loss(a, b, labels, **kw), (s, t),
-                                    eps=1e-6, atol=1e-7, rtol=1e-5)
+    assert torch.autograd.gradcheck(
+        lambda a, b: kd_loss(a, b, labels, **kw), (s, t), eps=1e-6, atol=1e-7, rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("kw,with_labels", GC_CASES[:3])
@@ -277,8 +372,9 @@ def test_gradcheck_student_only(kd_loss, device, gen, seed, kw, with_labels):
     s = make_logits((3, 6), torch.float64, device, gen, scale=1.5).requires_grad_(True)
     t = make_logits((3, 6), torch.float64, device, gen, scale=1.5)
     labels = make_labels((3,), 6, device, gen, 0.0) if with_labels else None
-    assert torch.autograd.gradcheck(lambda a: kd_loss(a, t, labels, **kw), (s,), eps=1e-6,
-                                    atol=1e-7, rtol=1e-5)
+    assert torch.autograd.gradcheck(
+        lambda a: kd_loss(a, t, labels, **kw), (s,), eps=1e-6, atol=1e-7, rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("reduction", ["sum", "none"])
@@ -293,14 +389,17 @@ def test_grad_output_not_rounded_to_grad_dtype(kd_loss, device, gen, seed, dtype
     s, t, labels = _inputs(device, gen, dtype, shape=(8, 500), ignore=0.0)
     kw = dict(KW, reduction=reduction)
     ldt = torch.float32
-    go = torch.full(labels.shape if reduction == "none" else (), 3.0 * (1.0 + bump), dtype=ldt,
-                    device=device)
+    go = torch.full(
+        labels.shape if reduction == "none" else (), 3.0 * (1.0 + bump), dtype=ldt, device=device
+    )
     s_ = s.clone().requires_grad_(True)
     t_ = t.clone().requires_grad_(True)
     kd_loss(s_, t_, labels, **kw).backward(go)
     ref = oracle(s, t, labels, grad_output=go, **kw)
-    for got, exp, what in [(s_.grad, ref.grad_s, "grad_student"), (t_.grad, ref.grad_t,
-                                                                     "grad_teacher")]:
+    for got, exp, what in [
+        (s_.grad, ref.grad_s, "grad_student"),
+        (t_.grad, ref.grad_t, "grad_teacher"),
+    ]:
         exp = exp.reshape(-1)
         got = got.double().cpu().reshape(-1)
         sel = exp.abs() > 1e-4 * exp.abs().max()

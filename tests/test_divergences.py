@@ -33,9 +33,13 @@ CASES = [pytest.param("reverse_kl", 0.5, id="reverse_kl"), pytest.param("tvd", 0
     pytest.param("jsd", b, id=f"jsd-beta{b:g}") for b in BETAS
 ]
 # JSD inside (0, 1) only: the code path that is neither KL
-INNER = [pytest.param("reverse_kl", 0.5, id="reverse_kl"), pytest.param("tvd", 0.5, id="tvd"),
-         pytest.param("jsd", 0.1, id="jsd-beta0.1"), pytest.param("jsd", 0.5, id="jsd-beta0.5"),
-         pytest.param("jsd", 0.9, id="jsd-beta0.9")]
+INNER = [
+    pytest.param("reverse_kl", 0.5, id="reverse_kl"),
+    pytest.param("tvd", 0.5, id="tvd"),
+    pytest.param("jsd", 0.1, id="jsd-beta0.1"),
+    pytest.param("jsd", 0.5, id="jsd-beta0.5"),
+    pytest.param("jsd", 0.9, id="jsd-beta0.9"),
+]
 
 
 def _run(kd_loss, s, t, labels=None, grad_output=None, **kw):
@@ -72,10 +76,15 @@ def test_grid(kd_loss, device, gen, seed, divergence, beta, temperature, dtype):
     t = make_logits(shape, dtype, device, gen, scale=3.0)
     labels = make_labels(shape[:-1], shape[-1], device, gen, 0.3)
     for reduction in REDUCTIONS:
-        kw = dict(temperature=temperature, soft_weight=0.7, hard_weight=0.3,
-                  divergence=divergence, beta=beta, reduction=reduction)
-        check_against_oracle(kd_loss, s, t, labels, grad_teacher=True, ctx=ctx(seed, **kw),
-                             **kw)
+        kw = dict(
+            temperature=temperature,
+            soft_weight=0.7,
+            hard_weight=0.3,
+            divergence=divergence,
+            beta=beta,
+            reduction=reduction,
+        )
+        check_against_oracle(kd_loss, s, t, labels, grad_teacher=True, ctx=ctx(seed, **kw), **kw)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
@@ -86,10 +95,8 @@ def test_vocab_sizes(kd_loss, device, gen, seed, V, divergence, beta, dtype):
     s = make_logits((N, V), dtype, device, gen, scale=2.0)
     t = make_logits((N, V), dtype, device, gen, scale=2.0)
     labels = make_labels((N,), V, device, gen, 0.2)
-    kw = dict(temperature=2.0, soft_weight=0.9, hard_weight=0.1, divergence=divergence,
-              beta=beta)
-    check_against_oracle(kd_loss, s, t, labels, grad_teacher=True, ctx=ctx(seed, V=V, **kw),
-                         **kw)
+    kw = dict(temperature=2.0, soft_weight=0.9, hard_weight=0.1, divergence=divergence, beta=beta)
+    check_against_oracle(kd_loss, s, t, labels, grad_teacher=True, ctx=ctx(seed, V=V, **kw), **kw)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
@@ -103,8 +110,9 @@ def test_huge_logits(kd_loss, device, gen, seed, divergence, beta, temperature, 
     s = (torch.randn((N, V), generator=gen, dtype=torch.float64) * 3 + 1e4).to(dtype).to(device)
     t = (torch.randn((N, V), generator=gen, dtype=torch.float64) * 3 - 1e4).to(dtype).to(device)
     kw = dict(temperature=temperature, divergence=divergence, beta=beta, reduction="none")
-    loss, gs, gt, _ = check_against_oracle(kd_loss, s, t, None, grad_teacher=True,
-                                           ctx=ctx(seed, **kw), **kw)
+    loss, gs, gt, _ = check_against_oracle(
+        kd_loss, s, t, None, grad_teacher=True, ctx=ctx(seed, **kw), **kw
+    )
     assert torch.isfinite(loss).all() and torch.isfinite(gs).all() and torch.isfinite(gt).all()
 
 
@@ -116,17 +124,18 @@ def test_grad_output(kd_loss, device, gen, seed, divergence, beta, dtype):
     t = make_logits((3, 4, 29), dtype, device, gen)
     labels = make_labels((3, 4), 29, device, gen, 0.25)
     ldt = loss_dtype_for(dtype, dtype)
-    base = dict(temperature=2.5, soft_weight=0.7, hard_weight=0.3, divergence=divergence,
-                beta=beta)
+    base = dict(temperature=2.5, soft_weight=0.7, hard_weight=0.3, divergence=divergence, beta=beta)
     w = (torch.randn((3, 4), generator=gen, dtype=torch.float64) * 2).to(ldt).to(device)
     kw = dict(base, reduction="none")
-    check_against_oracle(kd_loss, s, t, labels, grad_teacher=True, grad_output=w,
-                         ctx=ctx(seed, **kw), **kw)
+    check_against_oracle(
+        kd_loss, s, t, labels, grad_teacher=True, grad_output=w, ctx=ctx(seed, **kw), **kw
+    )
     for reduction, c in [("sum", -0.3), ("mean", 3.7)]:
         kw = dict(base, reduction=reduction)
         go = torch.tensor(c, dtype=ldt, device=device)
-        check_against_oracle(kd_loss, s, t, labels, grad_teacher=True, grad_output=go,
-                             ctx=ctx(seed, c=c, **kw), **kw)
+        check_against_oracle(
+            kd_loss, s, t, labels, grad_teacher=True, grad_output=go, ctx=ctx(seed, c=c, **kw), **kw
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
@@ -140,8 +149,16 @@ def test_teacher_only_requires_grad(kd_loss, device, gen, seed, divergence, beta
     loss.backward()
     ref = oracle(s, t, None, **kw)
     assert t.grad is not None and t.grad.dtype == dtype
-    assert_matches(t.grad, ref.grad_t, ref.grad_t_err, out_dtype=dtype, V=40, acc=acc_dtype(dtype),
-                   what="grad_teacher", ctx=ctx(seed, **kw))
+    assert_matches(
+        t.grad,
+        ref.grad_t,
+        ref.grad_t_err,
+        out_dtype=dtype,
+        V=40,
+        acc=acc_dtype(dtype),
+        what="grad_teacher",
+        ctx=ctx(seed, **kw),
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -160,8 +177,9 @@ def test_masked_vocab_both(kd_loss, device, gen, seed, V, divergence, beta, dtyp
     s = make_logits((N, V), dtype, device, gen).masked_fill(mask, NEG_INF)
     t = make_logits((N, V), dtype, device, gen).masked_fill(mask, NEG_INF)
     kw = dict(temperature=2.0, divergence=divergence, beta=beta, reduction="none")
-    loss, gs, gt, _ = check_against_oracle(kd_loss, s, t, None, grad_teacher=True,
-                                           ctx=ctx(seed, V=V, **kw), **kw)
+    loss, gs, gt, _ = check_against_oracle(
+        kd_loss, s, t, None, grad_teacher=True, ctx=ctx(seed, V=V, **kw), **kw
+    )
     assert torch.isfinite(loss).all()
     assert torch.isfinite(gs).all() and torch.isfinite(gt).all()
     assert (gs[mask] == 0).all(), "student gradient must be exactly 0 at masked columns"
@@ -190,13 +208,22 @@ def test_mass_against_masked_logit(kd_loss, device, gen, seed, divergence, beta,
         assert rows[1].item() == math.inf, rows
         ok = [0, 2, 3]
         ref = oracle(s[ok], t[ok], None, **kw)
-        assert_matches(rows[ok], ref.loss, ref.loss_err, out_dtype=rows.dtype, V=V,
-                       acc=torch.float64, what="other rows", ctx=ctx(seed, **kw))
+        assert_matches(
+            rows[ok],
+            ref.loss,
+            ref.loss_err,
+            out_dtype=rows.dtype,
+            V=V,
+            acc=torch.float64,
+            what="other rows",
+            ctx=ctx(seed, **kw),
+        )
         for reduction in ["batchmean", "sum"]:
             assert kd_loss(s, t, None, **dict(kw, reduction=reduction)).item() == math.inf
     else:
-        loss, gs, gt, _ = check_against_oracle(kd_loss, s, t, None, grad_teacher=True,
-                                               ctx=ctx(seed, side=side, **kw), **kw)
+        loss, gs, gt, _ = check_against_oracle(
+            kd_loss, s, t, None, grad_teacher=True, ctx=ctx(seed, side=side, **kw), **kw
+        )
         assert torch.isfinite(loss).all() and torch.isfinite(gs).all()
         assert torch.isfinite(gt).all()
 
@@ -213,8 +240,14 @@ def test_ignored_all_inf_row(kd_loss, device, gen, seed, divergence, beta, reduc
     t[2] = NEG_INF
     labels = make_labels((N,), V, device, gen, 0.0)
     labels[2] = -100
-    kw = dict(temperature=2.0, soft_weight=0.6, hard_weight=0.4, divergence=divergence,
-              beta=beta, reduction=reduction)
+    kw = dict(
+        temperature=2.0,
+        soft_weight=0.6,
+        hard_weight=0.4,
+        divergence=divergence,
+        beta=beta,
+        reduction=reduction,
+    )
     loss, gs, gt = _run(kd_loss, s, t, labels, **kw)
     assert not torch.isnan(loss).any(), loss
     assert (gs[2] == 0).all() and (gt[2] == 0).all()
@@ -245,8 +278,16 @@ def test_zero_soft_weight_never_touches_teacher(kd_loss, device, gen, seed, dive
         assert torch.isfinite(loss) and torch.isfinite(gs).all(), (bad, loss)
         assert gt is None or (gt == 0).all(), (bad, gt)
         ref = oracle(s, torch.zeros_like(t), labels, **kw)
-        assert_matches(loss, ref.loss, ref.loss_err, out_dtype=torch.float32, V=25,
-                       acc=torch.float32, what=f"loss (teacher {bad})", ctx=ctx(seed, **kw))
+        assert_matches(
+            loss,
+            ref.loss,
+            ref.loss_err,
+            out_dtype=torch.float32,
+            V=25,
+            acc=torch.float32,
+            what=f"loss (teacher {bad})",
+            ctx=ctx(seed, **kw),
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -270,8 +311,11 @@ def test_jsd_end_points_are_the_kls(kd_loss, device, gen, seed, end, same, reduc
     s = make_logits((N, V), dtype, device, gen).masked_fill(mask, NEG_INF)
     t = make_logits((N, V), dtype, device, gen).masked_fill(mask, NEG_INF)
     labels = make_labels((N,), V, device, gen, 0.3)
-    labels = torch.where(mask.gather(1, labels.clamp(min=0).unsqueeze(1)).squeeze(1)
-                         & (labels >= 0), (~mask).int().argmax(1), labels)
+    labels = torch.where(
+        mask.gather(1, labels.clamp(min=0).unsqueeze(1)).squeeze(1) & (labels >= 0),
+        (~mask).int().argmax(1),
+        labels,
+    )
     kw = dict(temperature=1.5, soft_weight=0.8, hard_weight=0.2, reduction=reduction)
     a = _run(kd_loss, s, t, labels, divergence="jsd", beta=end, **kw)
     b = _run(kd_loss, s, t, labels, divergence=same, beta=0.5, **kw)
@@ -311,8 +355,9 @@ def test_tvd_zero_subgradient_where_equal(kd_loss, device, gen, seed, dtype):
     """Identical student and teacher (p == q everywhere): TVD 0 and both gradients exactly 0
     (the subgradient of |x| at 0)."""
     s = make_logits((4, 50), dtype, device, gen)
-    loss, gs, gt = _run(kd_loss, s, s.clone(), None, temperature=2.0, divergence="tvd",
-                        reduction="none")
+    loss, gs, gt = _run(
+        kd_loss, s, s.clone(), None, temperature=2.0, divergence="tvd", reduction="none"
+    )
     assert (loss == 0).all(), loss
     assert (gs == 0).all() and (gt == 0).all()
 
@@ -331,20 +376,26 @@ def test_trl_generalized_jsd_formula(kd_loss, device, gen, seed):
         teacher_log_probs = F.log_softmax(teacher_logits / temperature, dim=-1)
         beta_t = torch.tensor(beta, dtype=student_log_probs.dtype)
         mixture_log_probs = torch.logsumexp(
-            torch.stack([student_log_probs + torch.log(1 - beta_t),
-                         teacher_log_probs + torch.log(beta_t)]), dim=0)
-        kl_teacher = F.kl_div(mixture_log_probs, teacher_log_probs, reduction="none",
-                              log_target=True)
-        kl_student = F.kl_div(mixture_log_probs, student_log_probs, reduction="none",
-                              log_target=True)
+            torch.stack(
+                [student_log_probs + torch.log(1 - beta_t), teacher_log_probs + torch.log(beta_t)]
+            ),
+            dim=0,
+        )
+        kl_teacher = F.kl_div(
+            mixture_log_probs, teacher_log_probs, reduction="none", log_target=True
+        )
+        kl_student = F.kl_div(
+            mixture_log_probs, student_log_probs, reduction="none", log_target=True
+        )
         jsd = beta_t * kl_teacher + (1 - beta_t) * kl_student
         return jsd.sum(-1)  # per token (TRL then reduces with "batchmean")
 
     sr = s.clone().requires_grad_(True)
     trl = generalized_jsd_loss(sr.cpu(), t.cpu(), beta, T)
     trl.sum().backward()
-    loss, gs, _ = _run(kd_loss, s, t, None, temperature=T, divergence="jsd", beta=beta,
-                       reduction="none")
+    loss, gs, _ = _run(
+        kd_loss, s, t, None, temperature=T, divergence="jsd", beta=beta, reduction="none"
+    )
     torch.testing.assert_close(loss.cpu(), T * T * trl.detach(), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(gs.cpu(), T * T * sr.grad.cpu(), rtol=1e-9, atol=1e-12)
 
@@ -363,10 +414,17 @@ def test_gradcheck(kd_loss, device, gen, seed, divergence, beta, reduction):
     t = make_logits((3, 5), torch.float64, device, gen, scale=1.5).requires_grad_(True)
     labels = make_labels((3,), 5, device, gen, 0.3)
     labels[0] = 1
-    kw = dict(temperature=1.7, soft_weight=0.8, hard_weight=0.4, divergence=divergence,
-              beta=beta, reduction=reduction)
-    assert torch.autograd.gradcheck(lambda a, b: kd_loss(a, b, labels, **kw), (s, t), eps=1e-6,
-                                    atol=1e-7, rtol=1e-5)
+    kw = dict(
+        temperature=1.7,
+        soft_weight=0.8,
+        hard_weight=0.4,
+        divergence=divergence,
+        beta=beta,
+        reduction=reduction,
+    )
+    assert torch.autograd.gradcheck(
+        lambda a, b: kd_loss(a, b, labels, **kw), (s, t), eps=1e-6, atol=1e-7, rtol=1e-5
+    )
 
 
 # ------------------------------------------------------------------------------------------------

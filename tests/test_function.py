@@ -31,9 +31,18 @@ def _both(kdfused_mod, s, t, labels, args, beta=None, go=None, grad_teacher=True
             extra = () if beta is None else (beta,)
             loss = kdfused_mod.KDLossFunction.apply(s_, t_, labels, T, sw, hw, div, ii, red, *extra)
         else:
-            loss = kdfused_mod.kd_loss(s_, t_, labels, temperature=T, soft_weight=sw,
-                                       hard_weight=hw, divergence=div, ignore_index=ii,
-                                       reduction=red, beta=0.5 if beta is None else beta)
+            loss = kdfused_mod.kd_loss(
+                s_,
+                t_,
+                labels,
+                temperature=T,
+                soft_weight=sw,
+                hard_weight=hw,
+                divergence=div,
+                ignore_index=ii,
+                reduction=red,
+                beta=0.5 if beta is None else beta,
+            )
         if go is None:
             (loss if loss.dim() == 0 else loss.sum()).backward()
         else:
@@ -55,8 +64,10 @@ def test_equals_kd_loss(kdfused_mod, device, gen, seed, dtype, divergence, reduc
     t = make_logits((3, 4, 53), dtype, device, gen)
     labels = make_labels((3, 4), 53, device, gen, 0.25)
     args = (2.5, 0.7, 0.3, divergence, -100, reduction)
-    for go in (None, (torch.rand((3, 4) if reduction == "none" else (), generator=gen) + 0.5)
-               .to(device)):
+    for go in (
+        None,
+        (torch.rand((3, 4) if reduction == "none" else (), generator=gen) + 0.5).to(device),
+    ):
         a, b = _both(kdfused_mod, s, t, labels, args, go=go)
         for x, y, what in zip(a, b, ["loss", "grad_student", "grad_teacher"]):
             assert torch.equal(x, y), f"{what} differs{_ctx(seed, go=go, reduction=reduction)}"
@@ -96,18 +107,21 @@ def test_retain_graph(kdfused_mod, device, gen):
     for use_fn in (True, False):
         s_ = s.clone().requires_grad_(True)
         if use_fn:
-            loss = kdfused_mod.KDLossFunction.apply(s_, t, labels, 2.0, 0.5, 0.5, "kl", -100,
-                                                    "none")
+            loss = kdfused_mod.KDLossFunction.apply(
+                s_, t, labels, 2.0, 0.5, 0.5, "kl", -100, "none"
+            )
         else:
-            loss = kdfused_mod.kd_loss(s_, t, labels, temperature=2.0, soft_weight=0.5,
-                                       hard_weight=0.5, reduction="none")
+            loss = kdfused_mod.kd_loss(
+                s_, t, labels, temperature=2.0, soft_weight=0.5, hard_weight=0.5, reduction="none"
+            )
         for c in (1.0, 2.0, -0.5, 1.0):
             loss.backward(torch.full_like(loss, c), retain_graph=True)
         grads.append(s_.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
     s1 = s.clone().requires_grad_(True)
-    kdfused_mod.kd_loss(s1, t, labels, temperature=2.0, soft_weight=0.5, hard_weight=0.5,
-                        reduction="none").sum().backward()
+    kdfused_mod.kd_loss(
+        s1, t, labels, temperature=2.0, soft_weight=0.5, hard_weight=0.5, reduction="none"
+    ).sum().backward()
     torch.testing.assert_close(grads[0], 3.5 * s1.grad, rtol=1e-6, atol=1e-9)
 
 

@@ -12,8 +12,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _load(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks",
-                                                                     f"{name}.py"))
+    spec = importlib.util.spec_from_file_location(
+        name, os.path.join(ROOT, "benchmarks", f"{name}.py")
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -23,31 +24,59 @@ steps = _load("gpu_steps")
 summary = _load("gpu_summary")
 
 
-@pytest.mark.parametrize("test_id, isolated", [
-    ("tests/test_inputs.py::test_bad_input[cuda-labels-too-big]", True),
-    ("tests/test_inputs.py::test_bad_input[cuda-labels-negative]", True),
-    ("tests/test_inputs.py::test_bad_input[cuda-labels-shape-2d]", False),
-    ("tests/test_inputs.py::test_bad_input[cuda-labels-float]", False),
-    ("tests/test_inputs.py::test_bad_input[cpu-labels-too-big]", False),
-    ("tests/test_kd_loss.py::test_matches_oracle[cuda-kl]", False),
-])
+@pytest.mark.parametrize(
+    "test_id, isolated",
+    [
+        ("tests/test_inputs.py::test_bad_input[cuda-labels-too-big]", True),
+        ("tests/test_inputs.py::test_bad_input[cuda-labels-negative]", True),
+        ("tests/test_inputs.py::test_bad_input[cuda-labels-shape-2d]", False),
+        ("tests/test_inputs.py::test_bad_input[cuda-labels-float]", False),
+        ("tests/test_inputs.py::test_bad_input[cpu-labels-too-big]", False),
+        ("tests/test_kd_loss.py::test_matches_oracle[cuda-kl]", False),
+    ],
+)
 def test_device_assert_tests_are_isolated(test_id, isolated):
     assert bool(steps.DEVICE_ASSERT.search(test_id)) == isolated
 
 
-@pytest.mark.parametrize("rc, lines, start", [
-    (0, ["========= ERROR SUMMARY: 0 errors"], "ok"),
-    (0, ["========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)",
-         "========= ERROR SUMMARY: 0 errors"], "ok"),
-    (9, ["========= Invalid __global__ read of size 4 bytes", "========= ERROR SUMMARY: 1 error"],
-     "ERRORS FOUND"),
-    (9, ["========= Error: Race reported between Write access at kd_block_kernel"],
-     "ERRORS FOUND"),
-    (1, ["kdfused self-test FAILED: 2 failure(s)", "========= ERROR SUMMARY: 0 errors"],
-     "FAILED under the tool"),
-    ("timeout", ["kdfused self-test  seed 5"], "TIMEOUT after 90 s, no errors"),
-    ("timeout", ["========= Invalid __shared__ write of size 16 bytes"], "TIMEOUT after 90 s: 1"),
-])
+@pytest.mark.parametrize(
+    "rc, lines, start",
+    [
+        (0, ["========= ERROR SUMMARY: 0 errors"], "ok"),
+        (
+            0,
+            [
+                "========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)",
+                "========= ERROR SUMMARY: 0 errors",
+            ],
+            "ok",
+        ),
+        (
+            9,
+            [
+                "========= Invalid __global__ read of size 4 bytes",
+                "========= ERROR SUMMARY: 1 error",
+            ],
+            "ERRORS FOUND",
+        ),
+        (
+            9,
+            ["========= Error: Race reported between Write access at kd_block_kernel"],
+            "ERRORS FOUND",
+        ),
+        (
+            1,
+            ["kdfused self-test FAILED: 2 failure(s)", "========= ERROR SUMMARY: 0 errors"],
+            "FAILED under the tool",
+        ),
+        ("timeout", ["kdfused self-test  seed 5"], "TIMEOUT after 90 s, no errors"),
+        (
+            "timeout",
+            ["========= Invalid __shared__ write of size 16 bytes"],
+            "TIMEOUT after 90 s: 1",
+        ),
+    ],
+)
 def test_sanitizer_verdict(rc, lines, start):
     verdict, _ = steps.sanitizer_verdict(rc, 90, lines)
     assert verdict.startswith(start), verdict
@@ -82,6 +111,8 @@ def test_summary_exit_status(tmp_path, capsys):
 
 
 def test_own_test_ids_are_not_isolated():
-    tid = ("tests/test_gpu_check.py::test_device_assert_tests_are_isolated["
-           "tests/test_inputs.py::test_bad_input[cuda-labels-too-big]-True]")
+    tid = (
+        "tests/test_gpu_check.py::test_device_assert_tests_are_isolated["
+        "tests/test_inputs.py::test_bad_input[cuda-labels-too-big]-True]"
+    )
     assert not steps.DEVICE_ASSERT.search(tid)

@@ -48,65 +48,142 @@ BAD = {
     "shape-vocab": (lambda d: (_f((N, V), d), _f((N, V + 1), d), None, {}), "shape"),
     "shape-rows": (lambda d: (_f((N, V), d), _f((N + 1, V), d), None, {}), "shape"),
     "shape-ndim": (lambda d: (_f((2, 3, V), d), _f((6, V), d), None, {}), "shape"),
-    "0-dim": (lambda d: (torch.tensor(1.0, device=d), torch.tensor(2.0, device=d), None, {}),
-              "dim|scalar|shape"),
+    "0-dim": (
+        lambda d: (torch.tensor(1.0, device=d), torch.tensor(2.0, device=d), None, {}),
+        "dim|scalar|shape",
+    ),
     # dtypes
-    "int-student": (lambda d: (torch.randint(0, 5, (N, V), device=d), _f((N, V), d), None, {}),
-                    "float"),
-    "int-teacher": (lambda d: (_f((N, V), d), torch.randint(0, 5, (N, V), device=d,
-                                                            dtype=torch.int32), None, {}),
-                    "float"),
-    "bool-logits": (lambda d: (torch.ones((N, V), dtype=torch.bool, device=d),
-                               torch.ones((N, V), dtype=torch.bool, device=d), None, {}),
-                    "float"),
+    "int-student": (
+        lambda d: (torch.randint(0, 5, (N, V), device=d), _f((N, V), d), None, {}),
+        "float",
+    ),
+    "int-teacher": (
+        lambda d: (
+            _f((N, V), d),
+            torch.randint(0, 5, (N, V), device=d, dtype=torch.int32),
+            None,
+            {},
+        ),
+        "float",
+    ),
+    "bool-logits": (
+        lambda d: (
+            torch.ones((N, V), dtype=torch.bool, device=d),
+            torch.ones((N, V), dtype=torch.bool, device=d),
+            None,
+            {},
+        ),
+        "float",
+    ),
     # labels
-    "labels-shape-long": (lambda d: (_f((N, V), d), _f((N, V), d), _y(d, (N + 1,)),
-                                     dict(hard_weight=0.5)), "label"),
-    "labels-shape-2d": (lambda d: (_f((N, V), d), _f((N, V), d), _y(d, (N, 1)),
-                                   dict(hard_weight=0.5)), "label"),
-    "labels-shape-3d-logits": (lambda d: (_f((2, 3, V), d), _f((2, 3, V), d), _y(d, (3, 2)),
-                                          dict(hard_weight=0.5)), "label"),
-    "labels-float": (lambda d: (_f((N, V), d), _f((N, V), d), _y(d, dtype=torch.float32),
-                                dict(hard_weight=0.5)), "label"),
-    "labels-bool": (lambda d: (_f((N, V), d), _f((N, V), d), _y(d, dtype=torch.bool),
-                               dict(hard_weight=0.5)), "label"),
-    "labels-too-big": (lambda d: (_f((N, V), d), _f((N, V), d),
-                                  torch.tensor([0, 1, V, 2, 3, 4], device=d),
-                                  dict(hard_weight=0.5)), "label"),
-    "labels-huge": (lambda d: (_f((N, V), d), _f((N, V), d),
-                               torch.tensor([0, 1, 2, 3, 10**12, 4], device=d),
-                               dict(hard_weight=0.5)), "label"),
-    "labels-negative": (lambda d: (_f((N, V), d), _f((N, V), d),
-                                   torch.tensor([0, -1, 2, 3, 4, 5], device=d),
-                                   dict(hard_weight=0.5)), "label"),
-    "labels-neg-other-ignore": (lambda d: (_f((N, V), d), _f((N, V), d),
-                                           torch.tensor([0, -100, 2, 3, 4, 5], device=d),
-                                           dict(hard_weight=0.5, ignore_index=-1)), "label"),
-    "labels-int32-too-big": (lambda d: (_f((N, V), d), _f((N, V), d),
-                                        torch.tensor([0, 1, 2, 3, 4, V], device=d,
-                                                     dtype=torch.int32),
-                                        dict(hard_weight=0.5)), "label"),
+    "labels-shape-long": (
+        lambda d: (_f((N, V), d), _f((N, V), d), _y(d, (N + 1,)), dict(hard_weight=0.5)),
+        "label",
+    ),
+    "labels-shape-2d": (
+        lambda d: (_f((N, V), d), _f((N, V), d), _y(d, (N, 1)), dict(hard_weight=0.5)),
+        "label",
+    ),
+    "labels-shape-3d-logits": (
+        lambda d: (_f((2, 3, V), d), _f((2, 3, V), d), _y(d, (3, 2)), dict(hard_weight=0.5)),
+        "label",
+    ),
+    "labels-float": (
+        lambda d: (_f((N, V), d), _f((N, V), d), _y(d, dtype=torch.float32), dict(hard_weight=0.5)),
+        "label",
+    ),
+    "labels-bool": (
+        lambda d: (_f((N, V), d), _f((N, V), d), _y(d, dtype=torch.bool), dict(hard_weight=0.5)),
+        "label",
+    ),
+    "labels-too-big": (
+        lambda d: (
+            _f((N, V), d),
+            _f((N, V), d),
+            torch.tensor([0, 1, V, 2, 3, 4], device=d),
+            dict(hard_weight=0.5),
+        ),
+        "label",
+    ),
+    "labels-huge": (
+        lambda d: (
+            _f((N, V), d),
+            _f((N, V), d),
+            torch.tensor([0, 1, 2, 3, 10**12, 4], device=d),
+            dict(hard_weight=0.5),
+        ),
+        "label",
+    ),
+    "labels-negative": (
+        lambda d: (
+            _f((N, V), d),
+            _f((N, V), d),
+            torch.tensor([0, -1, 2, 3, 4, 5], device=d),
+            dict(hard_weight=0.5),
+        ),
+        "label",
+    ),
+    "labels-neg-other-ignore": (
+        lambda d: (
+            _f((N, V), d),
+            _f((N, V), d),
+            torch.tensor([0, -100, 2, 3, 4, 5], device=d),
+            dict(hard_weight=0.5, ignore_index=-1),
+        ),
+        "label",
+    ),
+    "labels-int32-too-big": (
+        lambda d: (
+            _f((N, V), d),
+            _f((N, V), d),
+            torch.tensor([0, 1, 2, 3, 4, V], device=d, dtype=torch.int32),
+            dict(hard_weight=0.5),
+        ),
+        "label",
+    ),
     # out-of-range labels are bad input even when the hard term is off (they select rows)
-    "labels-too-big-soft-only": (lambda d: (_f((N, V), d), _f((N, V), d),
-                                            torch.tensor([0, 1, V + 3, 2, 3, 4], device=d),
-                                            dict(hard_weight=0.0)), "label"),
-    "hard-without-labels": (lambda d: (_f((N, V), d), _f((N, V), d), None,
-                                       dict(hard_weight=0.5)), "label"),
+    "labels-too-big-soft-only": (
+        lambda d: (
+            _f((N, V), d),
+            _f((N, V), d),
+            torch.tensor([0, 1, V + 3, 2, 3, 4], device=d),
+            dict(hard_weight=0.0),
+        ),
+        "label",
+    ),
+    "hard-without-labels": (
+        lambda d: (_f((N, V), d), _f((N, V), d), None, dict(hard_weight=0.5)),
+        "label",
+    ),
     # scalars
-    **{f"temperature={T}": (_option_case(temperature=T), "temperature")
-       for T in [0.0, -1.0, math.nan, math.inf, -math.inf]},
-    **{f"soft_weight={w}": (_option_case(soft_weight=w), "weight")
-       for w in [-0.1, math.nan, math.inf]},
-    **{f"hard_weight={w}": (_option_case(hard_weight=w), "weight")
-       for w in [-1.0, math.nan, math.inf]},
-    "divergence-js": (lambda d: (_f((N, V), d), _f((N, V), d), None, dict(divergence="js")),
-                      "divergence"),
-    "divergence-empty": (lambda d: (_f((N, V), d), _f((N, V), d), None, dict(divergence="")),
-                         "divergence"),
-    "reduction-avg": (lambda d: (_f((N, V), d), _f((N, V), d), None, dict(reduction="avg")),
-                      "reduction"),
-    "reduction-elementwise_mean": (lambda d: (_f((N, V), d), _f((N, V), d), None,
-                                              dict(reduction="elementwise_mean")), "reduction"),
+    **{
+        f"temperature={T}": (_option_case(temperature=T), "temperature")
+        for T in [0.0, -1.0, math.nan, math.inf, -math.inf]
+    },
+    **{
+        f"soft_weight={w}": (_option_case(soft_weight=w), "weight")
+        for w in [-0.1, math.nan, math.inf]
+    },
+    **{
+        f"hard_weight={w}": (_option_case(hard_weight=w), "weight")
+        for w in [-1.0, math.nan, math.inf]
+    },
+    "divergence-js": (
+        lambda d: (_f((N, V), d), _f((N, V), d), None, dict(divergence="js")),
+        "divergence",
+    ),
+    "divergence-empty": (
+        lambda d: (_f((N, V), d), _f((N, V), d), None, dict(divergence="")),
+        "divergence",
+    ),
+    "reduction-avg": (
+        lambda d: (_f((N, V), d), _f((N, V), d), None, dict(reduction="avg")),
+        "reduction",
+    ),
+    "reduction-elementwise_mean": (
+        lambda d: (_f((N, V), d), _f((N, V), d), None, dict(reduction="elementwise_mean")),
+        "reduction",
+    ),
 }
 
 
@@ -172,7 +249,7 @@ def _views(kind, dtype, device, gen):
         t = make_logits((B, L + 1, Vv), dtype, device, gen)[:, 1:]
     elif kind == "padded-rows":  # rows of a wider buffer (stride V+3)
         s = make_logits((B * L, Vv + 3), dtype, device, gen)[:, :Vv]
-        t = make_logits((B * L, Vv + 5), dtype, device, gen)[:, 2:Vv + 2]
+        t = make_logits((B * L, Vv + 5), dtype, device, gen)[:, 2 : Vv + 2]
     elif kind == "transposed":  # last-dim stride != 1
         s = make_logits((Vv, B * L), dtype, device, gen).t()
         t = make_logits((Vv, B * L), dtype, device, gen).t()
@@ -199,8 +276,17 @@ def _views(kind, dtype, device, gen):
     return s, t
 
 
-VIEW_KINDS = ["row-strided", "padded-rows", "transposed", "step2", "permuted-rows",
-              "expanded-teacher", "offset", "many-row-dims", "mixed"]
+VIEW_KINDS = [
+    "row-strided",
+    "padded-rows",
+    "transposed",
+    "step2",
+    "permuted-rows",
+    "expanded-teacher",
+    "offset",
+    "many-row-dims",
+    "mixed",
+]
 
 
 @pytest.mark.parametrize("dtype", DT)
@@ -210,8 +296,15 @@ def test_views(kd_loss, device, gen, seed, kind, reduction, dtype):
     s, t = _views(kind, dtype, device, gen)
     labels = make_labels(s.shape[:-1], s.shape[-1], device, gen, 0.2)
     kw = dict(KW, reduction=reduction)
-    check_against_oracle(kd_loss, s, t, labels, grad_teacher=kind != "expanded-teacher",
-                         ctx=_ctx(seed, kind=kind), **kw)
+    check_against_oracle(
+        kd_loss,
+        s,
+        t,
+        labels,
+        grad_teacher=kind != "expanded-teacher",
+        ctx=_ctx(seed, kind=kind),
+        **kw,
+    )
     # and the same numbers as the contiguous copies
     a = kd_loss(s, t, labels, **kw)
     b = kd_loss(s.contiguous(), t.contiguous(), labels, **kw)
@@ -229,8 +322,7 @@ def test_noncontiguous_labels(kd_loss, device, gen, seed, kind):
     else:
         labels = torch.tensor([4], device=device).expand(N)
     assert not labels.is_contiguous() or kind == "expanded"
-    check_against_oracle(kd_loss, s, t, labels, grad_teacher=True, ctx=_ctx(seed, kind=kind),
-                         **KW)
+    check_against_oracle(kd_loss, s, t, labels, grad_teacher=True, ctx=_ctx(seed, kind=kind), **KW)
 
 
 def test_row_strided_view_is_not_copied(kd_loss, device, gen):
@@ -272,8 +364,9 @@ def test_mixed_dtypes(kd_loss, device, gen, seed, sd, td, divergence):
     labels = make_labels((4, 3), 257, device, gen, 0.2)
     for reduction in ["batchmean", "none"]:
         kw = dict(KW, divergence=divergence, reduction=reduction)
-        loss, gs, gt, _ = check_against_oracle(kd_loss, s, t, labels, grad_teacher=True,
-                                               ctx=_ctx(seed, **kw), **kw)
+        loss, gs, gt, _ = check_against_oracle(
+            kd_loss, s, t, labels, grad_teacher=True, ctx=_ctx(seed, **kw), **kw
+        )
         assert loss.dtype == loss_dtype_for(sd, td)
         assert gs.dtype == sd and gt.dtype == td
 
@@ -310,8 +403,9 @@ def _bits(x: torch.Tensor) -> torch.Tensor:
     return x.view(view)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64],
-                         ids=["f32", "bf16", "f64"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["f32", "bf16", "f64"]
+)
 @pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
 def test_deterministic(kd_loss, device, gen, dtype, reduction):
     """Same inputs -> bitwise the same loss and gradients, run after run."""
@@ -324,8 +418,11 @@ def test_deterministic(kd_loss, device, gen, dtype, reduction):
         s_ = s.clone().requires_grad_(True)
         t_ = t.clone().requires_grad_(True)
         loss = kd_loss(s_, t_, labels, **kw)
-        (loss if loss.dim() == 0 else (loss * torch.linspace(0.5, 2, loss.numel(),
-                                                            device=device)).sum()).backward()
+        (
+            loss
+            if loss.dim() == 0
+            else (loss * torch.linspace(0.5, 2, loss.numel(), device=device)).sum()
+        ).backward()
         results.append((_bits(loss), _bits(s_.grad), _bits(t_.grad)))
     for r in results[1:]:
         for a, b, what in zip(results[0], r, ["loss", "grad_student", "grad_teacher"]):

@@ -32,16 +32,33 @@ WEIGHTS = [
 @pytest.mark.parametrize("soft_weight,hard_weight,with_labels", WEIGHTS)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("divergence", DIVERGENCES)
-def test_grid(kd_loss, device, gen, seed, divergence, reduction, soft_weight, hard_weight,
-              with_labels, temperature, dtype):
+def test_grid(
+    kd_loss,
+    device,
+    gen,
+    seed,
+    divergence,
+    reduction,
+    soft_weight,
+    hard_weight,
+    with_labels,
+    temperature,
+    dtype,
+):
     shape = (2, 3, 37)
     s = make_logits(shape, dtype, device, gen, scale=3.0)
     t = make_logits(shape, dtype, device, gen, scale=3.0)
     labels = make_labels(shape[:-1], shape[-1], device, gen, 0.3) if with_labels else None
-    kw = dict(temperature=temperature, soft_weight=soft_weight, hard_weight=hard_weight,
-              divergence=divergence, reduction=reduction)
-    check_against_oracle(kd_loss, s, t, labels, grad_teacher=True,
-                         ctx=_ctx(seed, shape=shape, **kw), **kw)
+    kw = dict(
+        temperature=temperature,
+        soft_weight=soft_weight,
+        hard_weight=hard_weight,
+        divergence=divergence,
+        reduction=reduction,
+    )
+    check_against_oracle(
+        kd_loss, s, t, labels, grad_teacher=True, ctx=_ctx(seed, shape=shape, **kw), **kw
+    )
 
 
 def _rows_for(V):
@@ -62,8 +79,40 @@ def test_vocab_sizes(kd_loss, device, gen, seed, V, divergence, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize(
-    "V", [3, 8, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 256, 257, 511, 513, 1023,
-          1024, 2047, 2048, 2049, 4095, 4096, 4097, 8191, 8192, 8193, 16385]
+    "V",
+    [
+        3,
+        8,
+        15,
+        16,
+        17,
+        31,
+        32,
+        33,
+        63,
+        64,
+        65,
+        127,
+        128,
+        129,
+        255,
+        256,
+        257,
+        511,
+        513,
+        1023,
+        1024,
+        2047,
+        2048,
+        2049,
+        4095,
+        4096,
+        4097,
+        8191,
+        8192,
+        8193,
+        16385,
+    ],
 )
 def test_vocab_boundaries(kd_loss, device, gen, seed, V, dtype):
     """Sizes around every plausible vector width / chunk length / block size."""
@@ -86,8 +135,9 @@ def test_liger_odd_shape(kd_loss, device, gen, seed, dtype, divergence):
     check_against_oracle(kd_loss, s, t, labels, grad_teacher=True, ctx=_ctx(seed), **kw)
 
 
-@pytest.mark.parametrize("shape", [(7,), (1, 7), (5, 1, 7), (2, 3, 4, 11), (2, 1, 3, 1, 2, 9)],
-                         ids=str)
+@pytest.mark.parametrize(
+    "shape", [(7,), (1, 7), (5, 1, 7), (2, 3, 4, 11), (2, 1, 3, 1, 2, 9)], ids=str
+)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_leading_shapes(kd_loss, device, gen, seed, shape, reduction):
     """Any leading shape, including none (1-D logits, 0-dim labels) and more than 4 dims."""
@@ -95,8 +145,9 @@ def test_leading_shapes(kd_loss, device, gen, seed, shape, reduction):
     t = make_logits(shape, torch.float32, device, gen)
     labels = make_labels(shape[:-1], shape[-1], device, gen, 0.0)
     kw = dict(temperature=2.0, soft_weight=0.6, hard_weight=0.4, reduction=reduction)
-    loss, _, _, _ = check_against_oracle(kd_loss, s, t, labels, grad_teacher=True,
-                                         ctx=_ctx(seed, shape=shape), **kw)
+    loss, _, _, _ = check_against_oracle(
+        kd_loss, s, t, labels, grad_teacher=True, ctx=_ctx(seed, shape=shape), **kw
+    )
     expected_shape = shape[:-1] if reduction == "none" else ()
     assert tuple(loss.shape) == tuple(expected_shape)
 
@@ -125,10 +176,22 @@ def test_max_position(kd_loss, device, gen, seed, order, dtype):
     t = t.to(device)
     labels = make_labels((N,), V, device, gen, 0.0)
     for divergence in DIVERGENCES:
-        kw = dict(temperature=1.5, soft_weight=1.0, hard_weight=0.5, divergence=divergence,
-                  reduction="none")
-        check_against_oracle(kd_loss, s, t, labels, grad_teacher=True,
-                             ctx=_ctx(seed, order=order, divergence=divergence), **kw)
+        kw = dict(
+            temperature=1.5,
+            soft_weight=1.0,
+            hard_weight=0.5,
+            divergence=divergence,
+            reduction="none",
+        )
+        check_against_oracle(
+            kd_loss,
+            s,
+            t,
+            labels,
+            grad_teacher=True,
+            ctx=_ctx(seed, order=order, divergence=divergence),
+            **kw,
+        )
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -207,10 +270,22 @@ def test_custom_ignore_index(kd_loss, device, gen, seed, ignore_index):
     if ignore_index != 5:  # make sure label 5 (a class, unless it is the ignore index) appears
         labels[1] = 5
     for reduction in REDUCTIONS:
-        kw = dict(temperature=1.7, soft_weight=0.3, hard_weight=0.7, ignore_index=ignore_index,
-                  reduction=reduction)
-        check_against_oracle(kd_loss, s, t, labels, grad_teacher=True,
-                             ctx=_ctx(seed, ignore_index=ignore_index, reduction=reduction), **kw)
+        kw = dict(
+            temperature=1.7,
+            soft_weight=0.3,
+            hard_weight=0.7,
+            ignore_index=ignore_index,
+            reduction=reduction,
+        )
+        check_against_oracle(
+            kd_loss,
+            s,
+            t,
+            labels,
+            grad_teacher=True,
+            ctx=_ctx(seed, ignore_index=ignore_index, reduction=reduction),
+            **kw,
+        )
 
 
 @pytest.mark.parametrize("label_dtype", [torch.int64, torch.int32], ids=["i64", "i32"])
@@ -227,8 +302,17 @@ def test_defaults(kd_loss, device, gen):
     s = make_logits((4, 3, 10), torch.float64, device, gen)
     t = make_logits((4, 3, 10), torch.float64, device, gen)
     got = kd_loss(s, t)
-    explicit = kd_loss(s, t, None, temperature=1.0, soft_weight=1.0, hard_weight=0.0,
-                       divergence="kl", ignore_index=-100, reduction="batchmean")
+    explicit = kd_loss(
+        s,
+        t,
+        None,
+        temperature=1.0,
+        soft_weight=1.0,
+        hard_weight=0.0,
+        divergence="kl",
+        ignore_index=-100,
+        reduction="batchmean",
+    )
     assert torch.equal(got, explicit)
     logq = torch.log_softmax(s.cpu(), -1)
     logp = torch.log_softmax(t.cpu(), -1)
@@ -241,8 +325,9 @@ def test_zero_weights(kd_loss, device, gen):
     s = make_logits((4, 10), torch.float32, device, gen)
     t = make_logits((4, 10), torch.float32, device, gen)
     for reduction in REDUCTIONS:
-        loss, gs, gt = _run(kd_loss, s, t, temperature=2.0, soft_weight=0.0, hard_weight=0.0,
-                            reduction=reduction)
+        loss, gs, gt = _run(
+            kd_loss, s, t, temperature=2.0, soft_weight=0.0, hard_weight=0.0, reduction=reduction
+        )
         assert (loss == 0).all()
         assert gs is None or (gs == 0).all()
         assert gt is None or (gt == 0).all()

@@ -24,21 +24,25 @@ def _reference():
     return reference.kd_loss
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64],
-                         ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize(
+    "dtype", [torch.bfloat16, torch.float32, torch.float64], ids=lambda d: DTYPE_IDS[d]
+)
 @pytest.mark.parametrize("temperature", [0.5, 4.0])
 @pytest.mark.parametrize("weights", [(1.0, 0.0), (0.9, 0.1), (0.0, 1.0)], ids=str)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("divergence", ["kl", "ce"])
-def test_reference_vs_oracle(device, gen, seed, divergence, reduction, weights, temperature,
-                             dtype):
+def test_reference_vs_oracle(device, gen, seed, divergence, reduction, weights, temperature, dtype):
     s = make_logits((3, 4, 45), dtype, device, gen)
     t = make_logits((3, 4, 45), dtype, device, gen)
     labels = make_labels((3, 4), 45, device, gen, 0.25)
-    kw = dict(temperature=temperature, soft_weight=weights[0], hard_weight=weights[1],
-              divergence=divergence, reduction=reduction)
-    check_against_oracle(_reference(), s, t, labels, grad_teacher=True, ctx=_ctx(seed, **kw),
-                         **kw)
+    kw = dict(
+        temperature=temperature,
+        soft_weight=weights[0],
+        hard_weight=weights[1],
+        divergence=divergence,
+        reduction=reduction,
+    )
+    check_against_oracle(_reference(), s, t, labels, grad_teacher=True, ctx=_ctx(seed, **kw), **kw)
 
 
 def test_reference_masked_vs_oracle(device, gen, seed):
@@ -48,8 +52,17 @@ def test_reference_masked_vs_oracle(device, gen, seed):
     t[:, :5] = float("-inf")
     t[:, 5:9] = float("-inf")
     for divergence in ["kl", "ce"]:
-        check_against_oracle(_reference(), s, t, None, grad_teacher=True, temperature=2.0,
-                             divergence=divergence, reduction="none", ctx=_ctx(seed))
+        check_against_oracle(
+            _reference(),
+            s,
+            t,
+            None,
+            grad_teacher=True,
+            temperature=2.0,
+            divergence=divergence,
+            reduction="none",
+            ctx=_ctx(seed),
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -75,8 +88,16 @@ def test_signature_matches_reference(kdfused_mod):
     assert [(p.name, p.kind, p.default) for p in a.values()] == [
         (p.name, p.kind, p.default) for p in b.values()
     ]
-    expected = dict(labels=None, temperature=1.0, soft_weight=1.0, hard_weight=0.0,
-                    divergence="kl", beta=0.5, ignore_index=-100, reduction="batchmean")
+    expected = dict(
+        labels=None,
+        temperature=1.0,
+        soft_weight=1.0,
+        hard_weight=0.0,
+        divergence="kl",
+        beta=0.5,
+        ignore_index=-100,
+        reduction="batchmean",
+    )
     for name, default in expected.items():
         assert a[name].default == default, name
     for name in list(expected)[1:]:
@@ -97,8 +118,9 @@ MODULE_CONFIGS = [
 
 
 @pytest.mark.fused_only
-@pytest.mark.parametrize("config", MODULE_CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in
-                                                                          c.items()) or "default")
+@pytest.mark.parametrize(
+    "config", MODULE_CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default"
+)
 def test_module_matches_function(kdfused_mod, device, gen, seed, config):
     """crit = KDLoss(**config); crit(s, t, labels) == kd_loss(s, t, labels, **config), bitwise,
     and both match the oracle."""
@@ -107,8 +129,9 @@ def test_module_matches_function(kdfused_mod, device, gen, seed, config):
     assert list(crit.parameters()) == []
     s = make_logits((4, 5, 60), torch.float32, device, gen)
     t = make_logits((4, 5, 60), torch.float32, device, gen)
-    labels = make_labels((4, 5), 60, device, gen, 0.2,
-                         ignore_index=config.get("ignore_index", -100))
+    labels = make_labels(
+        (4, 5), 60, device, gen, 0.2, ignore_index=config.get("ignore_index", -100)
+    )
     use_labels = labels if config.get("hard_weight", 0.0) > 0 or "ignore_index" in config else None
     s1 = s.clone().requires_grad_(True)
     s2 = s.clone().requires_grad_(True)
@@ -118,8 +141,15 @@ def test_module_matches_function(kdfused_mod, device, gen, seed, config):
     (l1 if l1.dim() == 0 else l1.sum()).backward()
     (l2 if l2.dim() == 0 else l2.sum()).backward()
     assert torch.equal(s1.grad, s2.grad)
-    check_against_oracle(lambda a, b, y, **_: crit(a, b, y), s, t, use_labels, grad_teacher=True,
-                         ctx=_ctx(seed, **config), **config)
+    check_against_oracle(
+        lambda a, b, y, **_: crit(a, b, y),
+        s,
+        t,
+        use_labels,
+        grad_teacher=True,
+        ctx=_ctx(seed, **config),
+        **config,
+    )
 
 
 @pytest.mark.fused_only
@@ -131,14 +161,17 @@ def test_module_labels_optional(kdfused_mod, device, gen):
 
 
 @pytest.mark.fused_only
-@pytest.mark.parametrize("bad,pattern", [
-    (dict(temperature=0.0), "temperature"),
-    (dict(temperature=math.nan), "temperature"),
-    (dict(soft_weight=-1.0), "weight"),
-    (dict(hard_weight=math.inf), "weight"),
-    (dict(divergence="js"), "divergence"),
-    (dict(reduction="avg"), "reduction"),
-])
+@pytest.mark.parametrize(
+    "bad,pattern",
+    [
+        (dict(temperature=0.0), "temperature"),
+        (dict(temperature=math.nan), "temperature"),
+        (dict(soft_weight=-1.0), "weight"),
+        (dict(hard_weight=math.inf), "weight"),
+        (dict(divergence="js"), "divergence"),
+        (dict(reduction="avg"), "reduction"),
+    ],
+)
 def test_module_bad_config(kdfused_mod, bad, pattern):
     """A bad configuration raises (at construction or at the latest at the first call)."""
     s, t = torch.randn(3, 10), torch.randn(3, 10)

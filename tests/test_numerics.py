@@ -52,11 +52,13 @@ def test_masked_vocab_both(kd_loss, device, gen, seed, V, temperature, divergenc
     t = make_logits((N, V), dtype, device, gen).masked_fill(mask, NEG_INF)
     labels = make_labels((N,), V, device, gen, 0.0)
     # labels on unmasked positions (hard CE at a masked label would be +inf)
-    labels = torch.where(mask.gather(1, labels.unsqueeze(1)).squeeze(1),
-                         (~mask).int().argmax(1), labels)
+    labels = torch.where(
+        mask.gather(1, labels.unsqueeze(1)).squeeze(1), (~mask).int().argmax(1), labels
+    )
     kw = dict(temperature=temperature, soft_weight=0.8, hard_weight=0.2, divergence=divergence)
-    loss, gs, gt, _ = check_against_oracle(kd_loss, s, t, labels, grad_teacher=True,
-                                           ctx=_ctx(seed, V=V, **kw), **kw)
+    loss, gs, gt, _ = check_against_oracle(
+        kd_loss, s, t, labels, grad_teacher=True, ctx=_ctx(seed, V=V, **kw), **kw
+    )
     assert torch.isfinite(loss).all()
     assert torch.isfinite(gs).all() and torch.isfinite(gt).all()
     assert (gs[mask] == 0).all(), "student gradient must be exactly 0 at masked positions"
@@ -72,16 +74,18 @@ def test_masked_teacher_only(kd_loss, device, gen, seed, divergence, dtype):
     s = make_logits((N, V), dtype, device, gen)
     t = make_logits((N, V), dtype, device, gen).masked_fill(mask, NEG_INF)
     kw = dict(temperature=2.0, divergence=divergence, reduction="none")
-    loss, gs, gt, _ = check_against_oracle(kd_loss, s, t, None, grad_teacher=True,
-                                           ctx=_ctx(seed, **kw), **kw)
+    loss, gs, gt, _ = check_against_oracle(
+        kd_loss, s, t, None, grad_teacher=True, ctx=_ctx(seed, **kw), **kw
+    )
     assert torch.isfinite(loss).all() and torch.isfinite(gs).all() and torch.isfinite(gt).all()
     assert (gt[mask] == 0).all()
 
 
 @pytest.mark.parametrize("dtype", DT)
 @pytest.mark.parametrize("divergence", ["kl", "ce"])
-def test_masked_student_only_where_teacher_has_no_mass(kd_loss, device, gen, seed, divergence,
-                                                       dtype):
+def test_masked_student_only_where_teacher_has_no_mass(
+    kd_loss, device, gen, seed, divergence, dtype
+):
     """Student -inf only where the teacher is -inf as well, teacher masked in more places."""
     N, V = 5, 64
     tmask = _mask(N, V, gen, 0.5, device)
@@ -89,8 +93,9 @@ def test_masked_student_only_where_teacher_has_no_mass(kd_loss, device, gen, see
     s = make_logits((N, V), dtype, device, gen).masked_fill(smask, NEG_INF)
     t = make_logits((N, V), dtype, device, gen).masked_fill(tmask, NEG_INF)
     kw = dict(temperature=1.0, divergence=divergence, reduction="sum")
-    loss, gs, gt, _ = check_against_oracle(kd_loss, s, t, None, grad_teacher=True,
-                                           ctx=_ctx(seed, **kw), **kw)
+    loss, gs, gt, _ = check_against_oracle(
+        kd_loss, s, t, None, grad_teacher=True, ctx=_ctx(seed, **kw), **kw
+    )
     assert torch.isfinite(loss).all()
 
 
@@ -116,12 +121,38 @@ def test_student_inf_under_teacher_mass_is_inf(kd_loss, device, gen, seed, diver
     from oracle import acc_dtype, assert_matches
 
     acc = acc_dtype(s.dtype, t.dtype)
-    assert_matches(loss[ok], ref.loss[ok.cpu()], ref.loss_err[ok.cpu()], out_dtype=loss.dtype, V=V,
-                   acc=acc, what="loss (other rows)", ctx=_ctx(seed))
-    assert_matches(gs[ok], ref.grad_s[ok.cpu()], ref.grad_s_err[ok.cpu()], out_dtype=s.dtype, V=V,
-                   acc=acc, what="grad_student (other rows)", ctx=_ctx(seed), roundings=2)
-    assert_matches(gt[ok], ref.grad_t[ok.cpu()], ref.grad_t_err[ok.cpu()], out_dtype=t.dtype, V=V,
-                   acc=acc, what="grad_teacher (other rows)", ctx=_ctx(seed), roundings=2)
+    assert_matches(
+        loss[ok],
+        ref.loss[ok.cpu()],
+        ref.loss_err[ok.cpu()],
+        out_dtype=loss.dtype,
+        V=V,
+        acc=acc,
+        what="loss (other rows)",
+        ctx=_ctx(seed),
+    )
+    assert_matches(
+        gs[ok],
+        ref.grad_s[ok.cpu()],
+        ref.grad_s_err[ok.cpu()],
+        out_dtype=s.dtype,
+        V=V,
+        acc=acc,
+        what="grad_student (other rows)",
+        ctx=_ctx(seed),
+        roundings=2,
+    )
+    assert_matches(
+        gt[ok],
+        ref.grad_t[ok.cpu()],
+        ref.grad_t_err[ok.cpu()],
+        out_dtype=t.dtype,
+        V=V,
+        acc=acc,
+        what="grad_teacher (other rows)",
+        ctx=_ctx(seed),
+        roundings=2,
+    )
 
 
 @pytest.mark.parametrize("dtype", DT)
@@ -138,8 +169,15 @@ def test_all_inf_row_is_nan(kd_loss, device, gen, seed, dtype):
     ref = oracle(s, t, None, temperature=2.0, reduction="none")
     from oracle import acc_dtype, assert_matches
 
-    assert_matches(rows[[0, 1, 3]], ref.loss[[0, 1, 3]], ref.loss_err[[0, 1, 3]],
-                   out_dtype=rows.dtype, V=V, acc=acc_dtype(dtype), what="other rows")
+    assert_matches(
+        rows[[0, 1, 3]],
+        ref.loss[[0, 1, 3]],
+        ref.loss_err[[0, 1, 3]],
+        out_dtype=rows.dtype,
+        V=V,
+        acc=acc_dtype(dtype),
+        what="other rows",
+    )
     for reduction in ["batchmean", "mean", "sum"]:
         loss = kd_loss(s, t, None, temperature=2.0, reduction=reduction)
         assert torch.isnan(loss), f"{reduction}: expected NaN, got {loss.item()}"
@@ -180,8 +218,9 @@ def test_zero_soft_weight_never_touches_teacher(kd_loss, device, gen, seed, dtyp
             assert torch.isfinite(loss).all(), (bad, reduction, loss)
             assert torch.isfinite(gs).all()
             assert gt is None or (gt == 0).all(), (bad, gt)
-            check_against_oracle(kd_loss, s, torch.zeros_like(t), labels,
-                                 ctx=_ctx(seed, bad=bad), **kw)
+            check_against_oracle(
+                kd_loss, s, torch.zeros_like(t), labels, ctx=_ctx(seed, bad=bad), **kw
+            )
             ref = oracle(s, torch.zeros_like(t), labels, **kw)
             torch.testing.assert_close(loss.double().cpu(), ref.loss, rtol=1e-4, atol=1e-6)
 
@@ -197,8 +236,9 @@ def test_zero_hard_weight_ignores_label_position(kd_loss, device, gen, seed, dty
     s[torch.arange(N, device=device), labels] = NEG_INF
     t[torch.arange(N, device=device), labels] = NEG_INF
     kw = dict(temperature=2.0, soft_weight=1.0, hard_weight=0.0)
-    loss, gs, gt, _ = check_against_oracle(kd_loss, s, t, labels, grad_teacher=True,
-                                           ctx=_ctx(seed), **kw)
+    loss, gs, gt, _ = check_against_oracle(
+        kd_loss, s, t, labels, grad_teacher=True, ctx=_ctx(seed), **kw
+    )
     assert torch.isfinite(loss) and torch.isfinite(gs).all() and torch.isfinite(gt).all()
 
 
@@ -239,8 +279,9 @@ def test_huge_logits(kd_loss, device, gen, seed, case, temperature, dtype, diver
     s, t = s.to(dtype).to(device), t.to(dtype).to(device)
     labels = make_labels((N,), V, device, gen, 0.2)
     kw = dict(temperature=temperature, soft_weight=0.7, hard_weight=0.3, divergence=divergence)
-    loss, gs, gt, _ = check_against_oracle(kd_loss, s, t, labels, grad_teacher=True,
-                                           ctx=_ctx(seed, case=case, **kw), **kw)
+    loss, gs, gt, _ = check_against_oracle(
+        kd_loss, s, t, labels, grad_teacher=True, ctx=_ctx(seed, case=case, **kw), **kw
+    )
     assert torch.isfinite(loss) and torch.isfinite(gs).all() and torch.isfinite(gt).all()
 
 
@@ -248,16 +289,21 @@ def test_huge_logits(kd_loss, device, gen, seed, case, temperature, dtype, diver
 @pytest.mark.parametrize("temperature", [0.05, 100.0])
 @pytest.mark.parametrize("reduction", ["batchmean", "none"])
 @pytest.mark.parametrize("divergence", ["kl", "ce"])
-def test_extreme_temperature(kd_loss, device, gen, seed, temperature, reduction, divergence,
-                             dtype):
+def test_extreme_temperature(kd_loss, device, gen, seed, temperature, reduction, divergence, dtype):
     N, V = 8, 700
     s = make_logits((N, V), dtype, device, gen, scale=3.0)
     t = make_logits((N, V), dtype, device, gen, scale=3.0)
     labels = make_labels((N,), V, device, gen, 0.2)
-    kw = dict(temperature=temperature, soft_weight=0.9, hard_weight=0.1, divergence=divergence,
-              reduction=reduction)
-    loss, gs, gt, _ = check_against_oracle(kd_loss, s, t, labels, grad_teacher=True,
-                                           ctx=_ctx(seed, **kw), **kw)
+    kw = dict(
+        temperature=temperature,
+        soft_weight=0.9,
+        hard_weight=0.1,
+        divergence=divergence,
+        reduction=reduction,
+    )
+    loss, gs, gt, _ = check_against_oracle(
+        kd_loss, s, t, labels, grad_teacher=True, ctx=_ctx(seed, **kw), **kw
+    )
     assert torch.isfinite(loss).all() and torch.isfinite(gs).all() and torch.isfinite(gt).all()
 
 
@@ -273,8 +319,9 @@ def test_high_temperature_relative_accuracy(kd_loss, device, gen, seed, dtype):
         rows = kd_loss(s, t, None, **kw)
         ref = oracle(s, t, None, **kw).loss
         where = f"{divergence} seed={seed}"
-        torch.testing.assert_close(rows.double().cpu(), ref, rtol=1e-2, atol=0,
-                                   msg=lambda m, where=where: f"{where}: {m}")
+        torch.testing.assert_close(
+            rows.double().cpu(), ref, rtol=1e-2, atol=0, msg=lambda m, where=where: f"{where}: {m}"
+        )
 
 
 @pytest.mark.parametrize("dtype", DT)
@@ -296,10 +343,12 @@ def test_shift_invariance(kd_loss, device, gen, seed, dtype):
     assert torch.equal(s + shift - shift, s) and torch.equal(t - shift + shift, t)
     rt = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-4, torch.float64: 1e-10}
     torch.testing.assert_close(l1, l0, rtol=1e-4 if dtype != torch.float64 else 1e-10, atol=1e-4)
-    torch.testing.assert_close(gs1.double(), gs0.double(), rtol=rt[dtype],
-                               atol=rt[dtype] * gs0.abs().max().item())
-    torch.testing.assert_close(gt1.double(), gt0.double(), rtol=rt[dtype],
-                               atol=rt[dtype] * gt0.abs().max().item())
+    torch.testing.assert_close(
+        gs1.double(), gs0.double(), rtol=rt[dtype], atol=rt[dtype] * gs0.abs().max().item()
+    )
+    torch.testing.assert_close(
+        gt1.double(), gt0.double(), rtol=rt[dtype], atol=rt[dtype] * gt0.abs().max().item()
+    )
 
 
 def test_one_hot_teacher(kd_loss, device, gen, seed):
@@ -314,8 +363,9 @@ def test_one_hot_teacher(kd_loss, device, gen, seed):
     t[:, 5] = 1e4
     for divergence in ["kl", "ce"]:
         kw = dict(temperature=1.0, divergence=divergence, reduction="none")
-        loss, gs, gt, _ = check_against_oracle(kd_loss, s, t, None, grad_teacher=True,
-                                               ctx=_ctx(seed, divergence=divergence), **kw)
+        loss, gs, gt, _ = check_against_oracle(
+            kd_loss, s, t, None, grad_teacher=True, ctx=_ctx(seed, divergence=divergence), **kw
+        )
         expect = -torch.log_softmax(s.double().cpu(), -1)[:, 5]
         torch.testing.assert_close(loss.double().cpu(), expect, rtol=1e-5, atol=1e-5)
 
@@ -326,6 +376,15 @@ def test_vocab_one(kd_loss, device, gen):
     t = make_logits((4, 1), torch.float32, device, gen)
     labels = torch.zeros(4, dtype=torch.int64, device=device)
     for divergence in ["kl", "ce"]:
-        loss, gs, gt = _run(kd_loss, s, t, labels, temperature=3.0, soft_weight=0.5,
-                            hard_weight=0.5, divergence=divergence, reduction="none")
+        loss, gs, gt = _run(
+            kd_loss,
+            s,
+            t,
+            labels,
+            temperature=3.0,
+            soft_weight=0.5,
+            hard_weight=0.5,
+            divergence=divergence,
+            reduction="none",
+        )
         assert (loss == 0).all() and (gs == 0).all() and (gt == 0).all(), (loss, gs, gt)

@@ -34,16 +34,51 @@ def _scale_op():
 
 # (shape, dtype, labels?, T, soft_weight, hard_weight, divergence, reduction, grad_s, grad_t)
 OPCHECK_CASES = [
-    pytest.param((4, 9), torch.float32, False, 1.0, 1.0, 0.0, "kl", "batchmean", True, False,
-                 id="kl-batchmean-student"),
-    pytest.param((2, 3, 17), torch.float32, True, 2.0, 0.7, 0.3, "ce", "none", True, True,
-                 id="ce-none-both-labels"),
-    pytest.param((5, 33), torch.bfloat16, True, 4.0, 0.9, 0.1, "kl", "sum", True, True,
-                 id="kl-sum-bf16-both"),
-    pytest.param((3, 12), torch.float64, True, 0.5, 0.0, 1.0, "kl", "mean", True, False,
-                 id="hard-mean-f64"),
-    pytest.param((3, 12), torch.float16, False, 3.0, 1.0, 0.0, "ce", "batchmean", False, False,
-                 id="ce-nograd-f16"),
+    pytest.param(
+        (4, 9),
+        torch.float32,
+        False,
+        1.0,
+        1.0,
+        0.0,
+        "kl",
+        "batchmean",
+        True,
+        False,
+        id="kl-batchmean-student",
+    ),
+    pytest.param(
+        (2, 3, 17),
+        torch.float32,
+        True,
+        2.0,
+        0.7,
+        0.3,
+        "ce",
+        "none",
+        True,
+        True,
+        id="ce-none-both-labels",
+    ),
+    pytest.param(
+        (5, 33), torch.bfloat16, True, 4.0, 0.9, 0.1, "kl", "sum", True, True, id="kl-sum-bf16-both"
+    ),
+    pytest.param(
+        (3, 12), torch.float64, True, 0.5, 0.0, 1.0, "kl", "mean", True, False, id="hard-mean-f64"
+    ),
+    pytest.param(
+        (3, 12),
+        torch.float16,
+        False,
+        3.0,
+        1.0,
+        0.0,
+        "ce",
+        "batchmean",
+        False,
+        False,
+        id="ce-nograd-f16",
+    ),
 ]
 
 
@@ -66,14 +101,14 @@ def test_opcheck_kd_scale_grads(device, gen, red):
     t = make_logits((3, 4, 20), torch.bfloat16, device, gen)
     labels = make_labels((3, 4), 20, device, gen, 0.25)
     with torch.no_grad():
-        loss, g_s, g_t, scale = _op()(s, t, labels, 2.0, 0.8, 0.2, "kl", 0.5, -100, red,
-                                      True, True)
+        loss, g_s, g_t, scale = _op()(s, t, labels, 2.0, 0.8, 0.2, "kl", 0.5, -100, red, True, True)
     go = torch.rand_like(loss) + 0.5
     torch.library.opcheck(_scale_op(), (g_s.clone(), g_t.clone(), scale, go))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64],
-                         ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float64], ids=lambda d: DTYPE_IDS[d]
+)
 @pytest.mark.parametrize("red", ["batchmean", "mean", "sum", "none"])
 def test_op_semantics(device, gen, seed, red, dtype):
     """op -> (loss, grad_student, grad_teacher, grad_scale); kd_scale_grads_(.., grad_output)
@@ -82,8 +117,7 @@ def test_op_semantics(device, gen, seed, red, dtype):
     t = make_logits((3, 5, 40), dtype, device, gen)
     labels = make_labels((3, 5), 40, device, gen, 0.25)
     kw = dict(temperature=2.0, soft_weight=0.8, hard_weight=0.2, divergence="ce", reduction=red)
-    loss, g_s, g_t, scale = _op()(s, t, labels, 2.0, 0.8, 0.2, "ce", 0.5, -100, red, True,
-                                  True)
+    loss, g_s, g_t, scale = _op()(s, t, labels, 2.0, 0.8, 0.2, "ce", 0.5, -100, red, True, True)
     ldt = loss_dtype_for(dtype, dtype)
     go = (torch.rand(loss.shape, dtype=torch.float64) + 0.5).to(ldt).to(device)
     _scale_op()(g_s, g_t, scale, go)
@@ -91,13 +125,30 @@ def test_op_semantics(device, gen, seed, red, dtype):
     acc = acc_dtype(dtype)
     ctx = f"\n  [seed={seed} reduction={red}]"
     assert loss.dtype == ldt
-    assert_matches(loss, ref.loss, ref.loss_err, out_dtype=ldt, V=40, acc=acc, what="loss",
-                   ctx=ctx)
+    assert_matches(loss, ref.loss, ref.loss_err, out_dtype=ldt, V=40, acc=acc, what="loss", ctx=ctx)
     assert g_s.dtype == dtype and g_t.dtype == dtype
-    assert_matches(g_s, ref.grad_s, ref.grad_s_err, out_dtype=dtype, V=40, acc=acc,
-                   what="grad_student", ctx=ctx, roundings=2)
-    assert_matches(g_t, ref.grad_t, ref.grad_t_err, out_dtype=dtype, V=40, acc=acc,
-                   what="grad_teacher", ctx=ctx, roundings=2)
+    assert_matches(
+        g_s,
+        ref.grad_s,
+        ref.grad_s_err,
+        out_dtype=dtype,
+        V=40,
+        acc=acc,
+        what="grad_student",
+        ctx=ctx,
+        roundings=2,
+    )
+    assert_matches(
+        g_t,
+        ref.grad_t,
+        ref.grad_t_err,
+        out_dtype=dtype,
+        V=40,
+        acc=acc,
+        what="grad_teacher",
+        ctx=ctx,
+        roundings=2,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -124,8 +175,12 @@ def test_compile_fullgraph_batchmean(device, gen):
     torch._dynamo.reset()
 
     def f(s, t, y):
-        return kdfused.kd_loss(s, t, y, temperature=2.0, soft_weight=0.7, hard_weight=0.3,
-                               reduction="batchmean") * 1.5
+        return (
+            kdfused.kd_loss(
+                s, t, y, temperature=2.0, soft_weight=0.7, hard_weight=0.3, reduction="batchmean"
+            )
+            * 1.5
+        )
 
     s = make_logits((2, 5, 50), torch.float32, device, gen)
     t = make_logits((2, 5, 50), torch.float32, device, gen)
@@ -143,8 +198,7 @@ def test_compile_fullgraph_none_weighted(device, gen):
     torch._dynamo.reset()
 
     def f(s, t, w):
-        rows = kdfused.kd_loss(s * 1.0, t, None, temperature=3.0, divergence="ce",
-                               reduction="none")
+        rows = kdfused.kd_loss(s * 1.0, t, None, temperature=3.0, divergence="ce", reduction="none")
         return (rows * w).sum() / w.sum()
 
     s = make_logits((6, 30), torch.bfloat16, device, gen)
@@ -164,8 +218,9 @@ def test_compile_fullgraph_dynamic(device, gen):
     torch._dynamo.reset()
 
     def f(s, t, y):
-        return kdfused.kd_loss(s, t, y, temperature=1.5, soft_weight=0.5, hard_weight=0.5,
-                               reduction="mean")
+        return kdfused.kd_loss(
+            s, t, y, temperature=1.5, soft_weight=0.5, hard_weight=0.5, reduction="mean"
+        )
 
     cf = torch.compile(f, fullgraph=True, backend="aot_eager", dynamic=True)
     for n in (4, 7):

@@ -11,9 +11,11 @@ from hypothesis import strategies as st
 
 from oracle import DTYPES, check_against_oracle, loss_dtype_for
 
-SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                      HealthCheck.too_slow],
-                print_blob=True)
+SETTINGS = dict(
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    print_blob=True,
+)
 
 
 @st.composite
@@ -27,8 +29,7 @@ def kd_cases(draw, allow_mask=True):
     scale = 10.0 ** draw(st.floats(-2.0, 1.7))  # 0.01 .. 50
     t_scale = scale * 10.0 ** draw(st.floats(-0.5, 0.5))
     offset = draw(st.sampled_from([0.0, 0.0, 0.0, 100.0, -1000.0]))
-    T = draw(st.one_of(st.sampled_from([0.05, 0.5, 1.0, 2.0, 4.0, 100.0]),
-                       st.floats(0.05, 100.0)))
+    T = draw(st.one_of(st.sampled_from([0.05, 0.5, 1.0, 2.0, 4.0, 100.0]), st.floats(0.05, 100.0)))
     soft = draw(st.one_of(st.sampled_from([0.0, 1.0, 0.5]), st.floats(0.0, 3.0)))
     hard = draw(st.one_of(st.sampled_from([0.0, 0.0, 1.0, 0.1]), st.floats(0.0, 3.0)))
     if soft == 0 and hard == 0:  # both off is covered by test_kd_loss.py::test_zero_weights
@@ -42,10 +43,27 @@ def kd_cases(draw, allow_mask=True):
     grad_teacher = draw(st.booleans())
     go_kind = draw(st.sampled_from(["one", "random"]))
     seed = draw(st.integers(0, 2**48))
-    return dict(lead=tuple(lead), V=V, sd=sd, td=td, scale=scale, t_scale=t_scale, offset=offset,
-                T=T, soft=soft, hard=hard, with_labels=with_labels, ignore_frac=ignore_frac,
-                ignore_index=ignore_index, divergence=divergence, reduction=reduction,
-                mask_frac=mask_frac, grad_teacher=grad_teacher, go_kind=go_kind, seed=seed)
+    return dict(
+        lead=tuple(lead),
+        V=V,
+        sd=sd,
+        td=td,
+        scale=scale,
+        t_scale=t_scale,
+        offset=offset,
+        T=T,
+        soft=soft,
+        hard=hard,
+        with_labels=with_labels,
+        ignore_frac=ignore_frac,
+        ignore_index=ignore_index,
+        divergence=divergence,
+        reduction=reduction,
+        mask_frac=mask_frac,
+        grad_teacher=grad_teacher,
+        go_kind=go_kind,
+        seed=seed,
+    )
 
 
 def _build(c, device):
@@ -66,14 +84,20 @@ def _build(c, device):
     if c["with_labels"]:
         # labels on unmasked positions; an ignore_index inside [0, V) (0 here) makes the rows
         # with that label ignored, which is the semantics
-        labels = keep.clone() if c["mask_frac"] > 0 else torch.randint(0, c["V"], c["lead"],
-                                                                       generator=g)
+        labels = (
+            keep.clone() if c["mask_frac"] > 0 else torch.randint(0, c["V"], c["lead"], generator=g)
+        )
         drop = torch.rand(c["lead"], generator=g) < c["ignore_frac"]
         labels = torch.where(drop, torch.full_like(labels, c["ignore_index"]), labels)
         labels = labels.to(device)
-    kw = dict(temperature=c["T"], soft_weight=c["soft"], hard_weight=c["hard"],
-              divergence=c["divergence"], ignore_index=c["ignore_index"],
-              reduction=c["reduction"])
+    kw = dict(
+        temperature=c["T"],
+        soft_weight=c["soft"],
+        hard_weight=c["hard"],
+        divergence=c["divergence"],
+        ignore_index=c["ignore_index"],
+        reduction=c["reduction"],
+    )
     go = None
     if c["go_kind"] == "random":
         ldt = loss_dtype_for(c["sd"], c["td"])
@@ -86,8 +110,16 @@ def _build(c, device):
 @given(c=kd_cases())
 def test_random_cases_vs_oracle(kd_loss, device, c):
     s, t, labels, kw, go = _build(c, device)
-    check_against_oracle(kd_loss, s, t, labels, grad_teacher=c["grad_teacher"], grad_output=go,
-                         ctx=f"\n  [case={c}]", **kw)
+    check_against_oracle(
+        kd_loss,
+        s,
+        t,
+        labels,
+        grad_teacher=c["grad_teacher"],
+        grad_output=go,
+        ctx=f"\n  [case={c}]",
+        **kw,
+    )
 
 
 @settings(max_examples=40, **SETTINGS)

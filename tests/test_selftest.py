@@ -24,8 +24,14 @@ UNSUPPORTED = [d for d in C.DIVERGENCES if d not in SUPPORTED]
 
 def _run(*args, timeout=120):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "kdfused.selftest", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "kdfused.selftest", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_quick_cpu_selftest_passes_and_lists_every_isa():
@@ -43,8 +49,17 @@ def test_quick_cpu_selftest_passes_and_lists_every_isa():
 
 @pytest.mark.skipif(not UNSUPPORTED, reason="this build supports every divergence")
 def test_a_divergence_the_build_lacks_is_a_failure(capsys):
-    rc = selftest.main(["--device", "cpu", "--quick", "--paths", f"cpu:{ISAS[0]}",
-                        "--divergences", ",".join([SUPPORTED[0]] + UNSUPPORTED[:1])])
+    rc = selftest.main(
+        [
+            "--device",
+            "cpu",
+            "--quick",
+            "--paths",
+            f"cpu:{ISAS[0]}",
+            "--divergences",
+            ",".join([SUPPORTED[0]] + UNSUPPORTED[:1]),
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 1 and "not supported by this build" in out, out
 
@@ -97,13 +112,29 @@ def _nondeterministic(s, t, y=None, **kw):
     return loss + (_nondeterministic.calls % 2) * 1e-12
 
 
-@pytest.mark.parametrize("wrong, message", [(_wrong_loss, "loss: error"),
-                                            (_wrong_grad, "grad_s: error"),
-                                            (_nondeterministic, "not deterministic")])
+@pytest.mark.parametrize(
+    "wrong, message",
+    [
+        (_wrong_loss, "loss: error"),
+        (_wrong_grad, "grad_s: error"),
+        (_nondeterministic, "not deterministic"),
+    ],
+)
 def test_a_wrong_result_fails_the_selftest(monkeypatch, capsys, wrong, message):
     monkeypatch.setattr(selftest, "KD_LOSS", wrong)
-    rc = selftest.main(["--device", "cpu", "--quick", "--paths", f"cpu:{ISAS[0]}",
-                        "--divergences", SUPPORTED[0], "--seed", "7"])
+    rc = selftest.main(
+        [
+            "--device",
+            "cpu",
+            "--quick",
+            "--paths",
+            f"cpu:{ISAS[0]}",
+            "--divergences",
+            SUPPORTED[0],
+            "--seed",
+            "7",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 1, out
     assert message in out and "kdfused self-test FAILED" in out
@@ -125,9 +156,14 @@ def test_expected_values_agree_with_the_reference_for_kl_and_ce():
         exp = C.expected(c, inp)
         s, t, y, go = C.on_device(inp, c, "cpu")
         s, t = s.double().requires_grad_(), t.double().requires_grad_()
-        kw = dict(temperature=c.temperature, soft_weight=c.soft_weight,
-                  hard_weight=c.hard_weight, divergence=c.divergence,
-                  ignore_index=c.ignore_index, reduction=c.reduction)
+        kw = dict(
+            temperature=c.temperature,
+            soft_weight=c.soft_weight,
+            hard_weight=c.hard_weight,
+            divergence=c.divergence,
+            ignore_index=c.ignore_index,
+            reduction=c.reduction,
+        )
         loss = kdfused.reference.kd_loss(s, t, y, **kw)
         assert C.error_ratio(loss, exp["loss"], exp["loss_tol"]) <= 1e-3, c.describe()
         if not c.loss_only:
@@ -140,26 +176,27 @@ def test_expected_values_agree_with_the_reference_for_kl_and_ce():
 # it is known to work before a GPU session.
 
 
-@pytest.mark.parametrize("forced, seen, ok", [
-    ("warp", "warp", True),
-    ("block", "block split=1 stage", True),
-    ("block", "block split=8 cluster stage", False),
-    ("cluster:4", "block split=4 cluster stage", True),
-    ("cluster:4", "block split=8 cluster stage", False),
-    ("cluster:8", "warp", False),
-    ("two_phase:2", "block split=2 two-phase", True),
-    ("two_phase:4", "two_phase split=2", False),
-])
+@pytest.mark.parametrize(
+    "forced, seen, ok",
+    [
+        ("warp", "warp", True),
+        ("block", "block split=1 stage", True),
+        ("block", "block split=8 cluster stage", False),
+        ("cluster:4", "block split=4 cluster stage", True),
+        ("cluster:4", "block split=8 cluster stage", False),
+        ("cluster:8", "warp", False),
+        ("two_phase:2", "block split=2 two-phase", True),
+        ("two_phase:4", "two_phase split=2", False),
+    ],
+)
 def test_plan_mismatch(forced, seen, ok):
     assert (selftest.plan_mismatch(forced, seen) is None) == ok
 
 
 def _fake_plans(monkeypatch, launch, kd=None):
     state = {"plan": "auto"}
-    monkeypatch.setattr(selftest._C, "set_cuda_plan", lambda p: state.update(plan=p),
-                        raising=False)
-    monkeypatch.setattr(selftest._C, "last_cuda_plan", lambda: launch(state["plan"]),
-                        raising=False)
+    monkeypatch.setattr(selftest._C, "set_cuda_plan", lambda p: state.update(plan=p), raising=False)
+    monkeypatch.setattr(selftest._C, "last_cuda_plan", lambda: launch(state["plan"]), raising=False)
     if kd is not None:
         monkeypatch.setattr(selftest, "KD_LOSS", kd)
 
@@ -194,9 +231,10 @@ def _fault(*a, **k):
     raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
 
-@pytest.mark.parametrize("kd, optional, status", [(_refuse, True, "n/a"),
-                                                   (_refuse, False, "FAIL"),
-                                                   (_fault, True, "FAIL")])
+@pytest.mark.parametrize(
+    "kd, optional, status",
+    [(_refuse, True, "n/a"), (_refuse, False, "FAIL"), (_fault, True, "FAIL")],
+)
 def test_refused_plans(monkeypatch, kd, optional, status):
     cases, inputs, exps = _cases()
     _fake_plans(monkeypatch, lambda p: "block split=16 cluster", kd)

@@ -49,8 +49,19 @@ def device(request) -> str:
     return request.param
 
 
-def make_case(lead, V, k, gen, *, dtype=torch.float32, vdtype=None, idtype=torch.int64,
-              device="cpu", scale=3.0, offset=0.0):
+def make_case(
+    lead,
+    V,
+    k,
+    gen,
+    *,
+    dtype=torch.float32,
+    vdtype=None,
+    idtype=torch.int64,
+    device="cpu",
+    scale=3.0,
+    offset=0.0,
+):
     """Student logits, a teacher's k entries (distinct random indices, values correlated with the
     student so that KL is neither 0 nor huge) and labels with some ignored rows."""
     vdtype = vdtype or dtype
@@ -62,10 +73,12 @@ def make_case(lead, V, k, gen, *, dtype=torch.float32, vdtype=None, idtype=torch
     y = torch.randint(0, V, (N,), generator=gen)
     if N > 2:
         y[1] = -100
-    return (s.reshape(*lead, V).to(dtype).to(device),
-            idx.reshape(*lead, k).to(idtype).to(device),
-            vals.reshape(*lead, k).to(vdtype).to(device),
-            y.reshape(lead).to(device))
+    return (
+        s.reshape(*lead, V).to(dtype).to(device),
+        idx.reshape(*lead, k).to(idtype).to(device),
+        vals.reshape(*lead, k).to(vdtype).to(device),
+        y.reshape(lead).to(device),
+    )
 
 
 def run_fused(s, idx, vals, y, **kw):
@@ -96,7 +109,8 @@ def tolerances(dtype, vdtype, kw, V):
     lv = 1.0 + math.log(V)
     loss_atol = eps * lv * 4 * (sw * T * T + hw)
     g_round = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 2.0**-22}.get(
-        dtype, 0.0)
+        dtype, 0.0
+    )
     grad_atol = eps * 4 * (sw * T + hw) + g_round * (sw * T + hw) * 0.05
     grad_rtol = max(eps * 10, g_round)
     return loss_atol, max(eps * 10, 1e-12), grad_atol, grad_rtol
@@ -117,8 +131,22 @@ def check_against_ref(s, idx, vals, y, **kw):
 
 # ---- semantics against the float64 reference ---------------------------------------------------
 
-@pytest.mark.parametrize("V,k", [(100, 1), (100, 5), (100, 64), (100, 100), (3000, 1), (3000, 5),
-                                 (3000, 64), (3000, 3000), (4099, 64), (1, 1)])
+
+@pytest.mark.parametrize(
+    "V,k",
+    [
+        (100, 1),
+        (100, 5),
+        (100, 64),
+        (100, 100),
+        (3000, 1),
+        (3000, 5),
+        (3000, 64),
+        (3000, 3000),
+        (4099, 64),
+        (1, 1),
+    ],
+)
 @pytest.mark.parametrize("divergence", ["kl", "ce"])
 def test_k_values_against_reference(device, gen, V, k, divergence):
     s, idx, vals, y = make_case((2, 3), V, k, gen, device=device)
@@ -151,10 +179,19 @@ def test_temperatures(device, gen, T, dtype):
 @pytest.mark.parametrize("vdtype", FLOATS)
 @pytest.mark.parametrize("idtype", [torch.int64, torch.int32])
 def test_dtypes_mixed(device, gen, dtype, vdtype, idtype):
-    s, idx, vals, y = make_case((4,), 2100, 20, gen, dtype=dtype, vdtype=vdtype, idtype=idtype,
-                                device=device)
-    check_against_ref(s, idx, vals, y, temperature=2.0, soft_weight=0.9, hard_weight=0.1,
-                      divergence="ce" if vdtype == torch.float16 else "kl")
+    s, idx, vals, y = make_case(
+        (4,), 2100, 20, gen, dtype=dtype, vdtype=vdtype, idtype=idtype, device=device
+    )
+    check_against_ref(
+        s,
+        idx,
+        vals,
+        y,
+        temperature=2.0,
+        soft_weight=0.9,
+        hard_weight=0.1,
+        divergence="ce" if vdtype == torch.float16 else "kl",
+    )
 
 
 def test_large_logit_offset_small_temperature(gen):
@@ -165,10 +202,10 @@ def test_large_logit_offset_small_temperature(gen):
 
 def test_masked_teacher_values(device, gen):
     s, idx, vals, y = make_case((6,), 500, 10, gen, device=device)
-    vals[0, 3:] = float("-inf")       # entries without mass contribute nothing
+    vals[0, 3:] = float("-inf")  # entries without mass contribute nothing
     vals[2, :1] = float("-inf")
     check_against_ref(s, idx, vals, y, temperature=1.5, soft_weight=1.0, hard_weight=0.5)
-    vals[4, :] = float("-inf")        # no teacher distribution at all: NaN, like softmax
+    vals[4, :] = float("-inf")  # no teacher distribution at all: NaN, like softmax
     loss, grad = run_fused(s, idx, vals, y, temperature=1.5, reduction="none")
     loss = loss.cpu()
     assert torch.isnan(loss[4]) and torch.isfinite(loss[torch.arange(6) != 4]).all()
@@ -183,6 +220,7 @@ def test_masked_student_under_teacher_mass_is_inf(gen):
 
 
 # ---- k = V is kd_loss -------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("divergence", ["kl", "ce"])
 @pytest.mark.parametrize("V", [50, 2048, 5000])
@@ -203,6 +241,7 @@ def test_k_equals_V_matches_kd_loss(device, gen, divergence, V):
 
 
 # ---- every compiled CPU instruction set -----------------------------------------------------
+
 
 @pytest.fixture
 def isa(request):
@@ -238,6 +277,7 @@ def test_isas_agree(gen):
 
 
 # ---- gradients: poisoning, grad_output, retain_graph, no_grad ---------------------------------
+
 
 def test_gradient_buffer_is_fully_written(gen):
     """A reused gradient buffer filled with NaN must come back fully overwritten (ignored rows,
@@ -322,8 +362,7 @@ def test_inputs_not_modified_and_strided_student(gen):
 
 def test_module_matches_function(gen):
     s, idx, vals, y = make_case((2, 4), 300, 6, gen)
-    kw = dict(temperature=3.0, soft_weight=0.8, hard_weight=0.2, divergence="ce",
-              reduction="sum")
+    kw = dict(temperature=3.0, soft_weight=0.8, hard_weight=0.2, divergence="ce", reduction="sum")
     crit = kdfused.TopKKDLoss(**kw)
     assert "divergence='ce'" in repr(crit)
     assert torch.equal(crit(s, idx, vals, y), kdfused.topk_kd_loss(s, idx, vals, y, **kw))
@@ -335,31 +374,35 @@ def test_module_matches_function(gen):
 
 # ---- bad input -------------------------------------------------------------------------------
 
+
 def _bad(gen, device="cpu"):
     return make_case((4,), 50, 5, gen, device=device)
 
 
-@pytest.mark.parametrize("case,exc,match", [
-    ("idx_range", ValueError, r"teacher_indices must be in \[0, 50\)"),
-    ("idx_negative", ValueError, r"teacher_indices must be in"),
-    ("idx_duplicate", ValueError, r"distinct"),
-    ("k_gt_V", ValueError, r"k = 51"),
-    ("k_zero", ValueError, r"k \(the last dim"),
-    ("shape_values", ValueError, r"teacher_values must have the shape"),
-    ("shape_indices", ValueError, r"teacher_indices must have shape"),
-    ("idx_float", TypeError, r"teacher_indices must be int64 or int32"),
-    ("values_int", TypeError, r"teacher_values must be float"),
-    ("student_int", TypeError, r"student_logits must be float"),
-    ("labels_range", ValueError, r"labels must be in \[0, 50\)"),
-    ("labels_shape", ValueError, r"labels must have shape"),
-    ("labels_float", TypeError, r"labels must be int64"),
-    ("divergence", ValueError, r"'kl' or 'ce'"),
-    ("reduction", ValueError, r"reduction must be"),
-    ("temperature", ValueError, r"temperature must be finite and > 0"),
-    ("hard_no_labels", ValueError, r"needs labels"),
-    ("values_grad", ValueError, r"teacher_values must not require grad"),
-    ("not_tensor", TypeError, r"must be a tensor"),
-])
+@pytest.mark.parametrize(
+    "case,exc,match",
+    [
+        ("idx_range", ValueError, r"teacher_indices must be in \[0, 50\)"),
+        ("idx_negative", ValueError, r"teacher_indices must be in"),
+        ("idx_duplicate", ValueError, r"distinct"),
+        ("k_gt_V", ValueError, r"k = 51"),
+        ("k_zero", ValueError, r"k \(the last dim"),
+        ("shape_values", ValueError, r"teacher_values must have the shape"),
+        ("shape_indices", ValueError, r"teacher_indices must have shape"),
+        ("idx_float", TypeError, r"teacher_indices must be int64 or int32"),
+        ("values_int", TypeError, r"teacher_values must be float"),
+        ("student_int", TypeError, r"student_logits must be float"),
+        ("labels_range", ValueError, r"labels must be in \[0, 50\)"),
+        ("labels_shape", ValueError, r"labels must have shape"),
+        ("labels_float", TypeError, r"labels must be int64"),
+        ("divergence", ValueError, r"'kl' or 'ce'"),
+        ("reduction", ValueError, r"reduction must be"),
+        ("temperature", ValueError, r"temperature must be finite and > 0"),
+        ("hard_no_labels", ValueError, r"needs labels"),
+        ("values_grad", ValueError, r"teacher_values must not require grad"),
+        ("not_tensor", TypeError, r"must be a tensor"),
+    ],
+)
 def test_bad_input(gen, case, exc, match):
     s, idx, vals, y = _bad(gen)
     kw = {}
@@ -419,16 +462,31 @@ def test_bad_indices_reported_at_first_bad_row(gen):
 
 # ---- custom op: opcheck, torch.compile ---------------------------------------------------------
 
-@pytest.mark.parametrize("reduction,labels,grad,dtype", [
-    ("batchmean", True, True, torch.float32),
-    ("none", True, True, torch.bfloat16),
-    ("sum", False, True, torch.float64),
-    ("mean", True, False, torch.float16),
-])
+
+@pytest.mark.parametrize(
+    "reduction,labels,grad,dtype",
+    [
+        ("batchmean", True, True, torch.float32),
+        ("none", True, True, torch.bfloat16),
+        ("sum", False, True, torch.float64),
+        ("mean", True, False, torch.float16),
+    ],
+)
 def test_opcheck(device, gen, reduction, labels, grad, dtype):
     s, idx, vals, y = make_case((2, 3), 40, 6, gen, dtype=dtype, device=device)
-    args = (s.requires_grad_(grad), idx, vals, y if labels else None, 2.0, 0.7,
-            0.3 if labels else 0.0, "kl", -100, reduction, grad)
+    args = (
+        s.requires_grad_(grad),
+        idx,
+        vals,
+        y if labels else None,
+        2.0,
+        0.7,
+        0.3 if labels else 0.0,
+        "kl",
+        -100,
+        reduction,
+        grad,
+    )
     torch.library.opcheck(torch.ops.kdfused.topk_kd_loss, args)
 
 
@@ -456,8 +514,9 @@ def test_torch_compile_dynamic_shapes(gen):
     torch._dynamo.reset()
 
     def f(s, idx, vals, y):
-        return kdfused.topk_kd_loss(s, idx, vals, y, temperature=1.5, hard_weight=0.5,
-                                    reduction="none").sum()
+        return kdfused.topk_kd_loss(
+            s, idx, vals, y, temperature=1.5, hard_weight=0.5, reduction="none"
+        ).sum()
 
     cf = torch.compile(f, fullgraph=True, backend="aot_eager", dynamic=True)
     for n in (4, 7):
@@ -471,6 +530,7 @@ def test_torch_compile_dynamic_shapes(gen):
 
 
 # ---- topk_teacher ----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_topk_teacher(gen, dtype):
@@ -510,12 +570,15 @@ def test_fake_kernel_checks_shapes(gen):
     with FakeTensorMode() as mode:
         fs, fi = mode.from_tensor(s), mode.from_tensor(idx)
         fv = mode.from_tensor(vals)
-        loss, gs, scale = torch.ops.kdfused.topk_kd_loss(fs, fi, fv, None, 2.0, 1.0, 0.0, "kl",
-                                                          -100, "none", True)
+        loss, gs, scale = torch.ops.kdfused.topk_kd_loss(
+            fs, fi, fv, None, 2.0, 1.0, 0.0, "kl", -100, "none", True
+        )
         assert loss.shape == (4,) and gs.shape == s.shape and scale.shape == (4,)
         with pytest.raises(ValueError, match="teacher_values must have the shape"):
-            torch.ops.kdfused.topk_kd_loss(fs, fi, mode.from_tensor(short), None, 1.0, 1.0,
-                                           0.0, "kl", -100, "batchmean", False)
+            torch.ops.kdfused.topk_kd_loss(
+                fs, fi, mode.from_tensor(short), None, 1.0, 1.0, 0.0, "kl", -100, "batchmean", False
+            )
         with pytest.raises(ValueError, match="'kl' or 'ce'"):
-            torch.ops.kdfused.topk_kd_loss(fs, fi, fv, None, 1.0, 1.0, 0.0, "jsd", -100,
-                                           "batchmean", False)
+            torch.ops.kdfused.topk_kd_loss(
+                fs, fi, fv, None, 1.0, 1.0, 0.0, "jsd", -100, "batchmean", False
+            )

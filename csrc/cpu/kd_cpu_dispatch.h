@@ -1,9 +1,9 @@
 // kd_cpu_dispatch.h -- run-time choice of the CPU kernel's instruction set.
 //
-// kd_kernel_cpu.h is compiled once per instruction set (kd_kernel_{default,avx2,avx512}.cpp); at::vec
-// is only as wide as the flags its file is compiled with. The widest one the CPU supports is picked
-// at run time (as ATen's DispatchStub does); KDFUSED_CPU_ISA=scalar|default|avx2|avx512 or set_isa() can
-// force a narrower one (tests run every compiled path).
+// kd_kernel_cpu.h is compiled once per instruction set (kd_kernel_{default,avx2,avx512}.cpp);
+// at::vec is only as wide as the flags its file is compiled with. The widest one the CPU supports
+// is picked at run time (as ATen's DispatchStub does); KDFUSED_CPU_ISA=scalar|default|avx2|avx512
+// or set_isa() can force a narrower one (tests run every compiled path).
 #pragma once
 
 #include <string>

@@ -48,7 +48,8 @@ void* allocate(size_t bytes) {
   void* p = nullptr;
   // 2 MiB alignment so that the whole buffer can be backed by transparent huge pages: 512 times
   // fewer page faults on first touch. Advice only: errors are ignored.
-  if (posix_memalign(&p, kHugePage, bytes) != 0 || p == nullptr) TORCH_CHECK(false, "kdfused: out of memory allocating ", bytes, " bytes");
+  if (posix_memalign(&p, kHugePage, bytes) != 0 || p == nullptr)
+    TORCH_CHECK(false, "kdfused: out of memory allocating ", bytes, " bytes");
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   madvise(p, bytes, MADV_HUGEPAGE);
 #endif

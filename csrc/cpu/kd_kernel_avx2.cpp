@@ -23,6 +23,8 @@
 #include "kd_kernel_cpu.h"
 #else
 namespace kdfused::cpu {
-ForwardFn forward_avx2() { return nullptr; }
+ForwardFn forward_avx2() {
+  return nullptr;
+}
 }  // namespace kdfused::cpu
 #endif

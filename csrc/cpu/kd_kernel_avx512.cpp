@@ -34,6 +34,8 @@
 #include "kd_kernel_cpu.h"
 #else
 namespace kdfused::cpu {
-ForwardFn forward_avx512() { return nullptr; }
+ForwardFn forward_avx512() {
+  return nullptr;
+}
 }  // namespace kdfused::cpu
 #endif

@@ -6,7 +6,8 @@
 //
 // Per row (rows are spread over threads with at::parallel_for; each row is done by one thread, so
 // the result does not depend on the thread count):
-//   1. statistics sweep, chunk by chunk: convert the chunk to the accumulation type, find its maxima,
+//   1. statistics sweep, chunk by chunk: convert the chunk to the accumulation type, find its
+//   maxima,
 //      compute exp((s - max)/T), exp((t - max)/T) and, for the hard term at T != 1, exp(s - max)
 //      ONCE, keep them in per-thread row buffers, and fold the chunk's RowState into the row's with
 //      kd_math.h merge() (the same merge the CUDA kernel uses across warps and CTAs);
@@ -162,10 +163,10 @@ inline int64_t row_offset(const KDParams& p, int64_t r, const int64_t* strides) 
 template <typename A>
 struct Scratch {
   int64_t n_chunks;
-  std::vector<A> s, t;            // one chunk of inputs in the accumulation type (padded)
-  std::vector<A> ea, eb, eh;      // the row's exponentials (relative to each chunk's maxima)
-  std::vector<A> cms, cmt;        // each chunk's maxima
-  std::vector<A> gs, gt;          // one chunk of gradients before conversion
+  std::vector<A> s, t;        // one chunk of inputs in the accumulation type (padded)
+  std::vector<A> ea, eb, eh;  // the row's exponentials (relative to each chunk's maxima)
+  std::vector<A> cms, cmt;    // each chunk's maxima
+  std::vector<A> gs, gt;      // one chunk of gradients before conversion
 
   // keep: the exponentials are needed after the statistics sweep (gradients, mix sweep).
   Scratch(int64_t V, bool soft, bool need_zh, bool keep) {
@@ -365,7 +366,8 @@ void kd_forward_rows(const KDParams& p, int64_t begin, int64_t end) {
 
 template <typename S, typename T>
 void kd_forward_typed(const KDParams& p) {
-  using A = std::conditional_t<std::is_same_v<S, double> || std::is_same_v<T, double>, double, float>;
+  using A =
+      std::conditional_t<std::is_same_v<S, double> || std::is_same_v<T, double>, double, float>;
   // Rows per task: enough work per task to amortise the scratch allocation.
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(p.vocab, 1));
   at::parallel_for(0, p.n_rows, grain,
@@ -395,5 +397,7 @@ inline void kd_forward(const KDParams& p) {
 }  // namespace kdfused::cpu
 
 namespace kdfused::cpu {
-ForwardFn KD_ISA_ENTRY() { return &CPU_CAPABILITY::kd_forward; }
+ForwardFn KD_ISA_ENTRY() {
+  return &CPU_CAPABILITY::kd_forward;
+}
 }  // namespace kdfused::cpu

@@ -105,7 +105,8 @@ void scalar_rows(const KDParams& p, int64_t begin, int64_t end) {
 
 template <typename S, typename T>
 void scalar_typed(const KDParams& p) {
-  using A = std::conditional_t<std::is_same_v<S, double> || std::is_same_v<T, double>, double, float>;
+  using A =
+      std::conditional_t<std::is_same_v<S, double> || std::is_same_v<T, double>, double, float>;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(p.vocab, 1));
   at::parallel_for(0, p.n_rows, grain,
                    [&](int64_t b, int64_t e) { scalar_rows<S, T, A>(p, b, e); });
@@ -132,6 +133,8 @@ void scalar_forward(const KDParams& p) {
 
 }  // namespace
 
-ForwardFn forward_scalar() { return &scalar_forward; }
+ForwardFn forward_scalar() {
+  return &scalar_forward;
+}
 
 }  // namespace kdfused::cpu

@@ -54,7 +54,9 @@ const char* isa_name(Isa isa) {
   }
 }
 
-bool usable(Isa isa) { return entry(isa) != nullptr && cpu_supports(isa); }
+bool usable(Isa isa) {
+  return entry(isa) != nullptr && cpu_supports(isa);
+}
 
 Isa widest() {
   for (Isa isa : {Isa::AVX512, Isa::AVX2}) {
@@ -86,9 +88,13 @@ std::atomic<int>& selected() {
 
 }  // namespace
 
-void run_forward(const KDParams& p) { entry(static_cast<Isa>(selected().load()))(p); }
+void run_forward(const KDParams& p) {
+  entry(static_cast<Isa>(selected().load()))(p);
+}
 
-std::string selected_isa_name() { return isa_name(static_cast<Isa>(selected().load())); }
+std::string selected_isa_name() {
+  return isa_name(static_cast<Isa>(selected().load()));
+}
 
 std::vector<std::string> compiled_isa_names() {
   std::vector<std::string> names;
@@ -98,7 +104,9 @@ std::vector<std::string> compiled_isa_names() {
   return names;
 }
 
-void set_isa(const std::string& name) { selected().store(static_cast<int>(parse_isa(name))); }
+void set_isa(const std::string& name) {
+  selected().store(static_cast<int>(parse_isa(name)));
+}
 
 }  // namespace kdfused::cpu
 
@@ -107,7 +115,8 @@ namespace kdfused {
 namespace {
 
 // Label values are checked here, before anything is computed (the shapes in check_inputs).
-int64_t count_valid_rows(const at::Tensor& labels, int64_t n_rows, int64_t V, int64_t ignore_index) {
+int64_t count_valid_rows(const at::Tensor& labels, int64_t n_rows, int64_t V,
+                         int64_t ignore_index) {
   if (!labels.defined()) return n_rows;
   const int64_t* y = labels.data_ptr<int64_t>();
   int64_t n_valid = 0;
@@ -131,10 +140,10 @@ void reduce_rows(const KDParams& p, int64_t n_valid) {
 }
 
 KDOutputs kd_loss_cpu(const at::Tensor& student, const at::Tensor& teacher,
-                      const std::optional<at::Tensor>& labels, double temperature, double soft_weight,
-                      double hard_weight, c10::string_view divergence, double beta,
-                      int64_t ignore_index, c10::string_view reduction, bool grad_student,
-                      bool grad_teacher) {
+                      const std::optional<at::Tensor>& labels, double temperature,
+                      double soft_weight, double hard_weight, c10::string_view divergence,
+                      double beta, int64_t ignore_index, c10::string_view reduction,
+                      bool grad_student, bool grad_teacher) {
   const std::string_view div(divergence.data(), divergence.size());
   const std::string_view red(reduction.data(), reduction.size());
   check_inputs(student, teacher, labels, temperature, soft_weight, hard_weight, div, beta, red);
@@ -142,7 +151,9 @@ KDOutputs kd_loss_cpu(const at::Tensor& student, const at::Tensor& teacher,
                           beta, ignore_index, red, grad_student, grad_teacher);
   KDParams& p = prep.params;
   const int64_t n_valid = count_valid_rows(prep.labels, p.n_rows, p.vocab, ignore_index);
-  p.grad_scale = p.reduction == Reduction::Mean ? 1.0 / static_cast<double>(std::max<int64_t>(n_valid, 1)) : 1.0;
+  p.grad_scale = p.reduction == Reduction::Mean
+                     ? 1.0 / static_cast<double>(std::max<int64_t>(n_valid, 1))
+                     : 1.0;
   if (p.n_rows > 0) cpu::run_forward(p);
   if (p.reduction != Reduction::None) {
     if (prep.loss.scalar_type() == at::kDouble) {
@@ -163,7 +174,8 @@ void kd_scale_grads_cpu(at::Tensor& grad_student, at::Tensor& grad_teacher, at::
   if (at::equal(g, grad_scale)) return;  // loss.backward(): nothing to do (CPU tensors, no sync)
   // The factor per row; a gradient last scaled by 0 (or inf/NaN) is lost: NaN, never silently 0.
   at::Tensor factor = g / grad_scale;
-  factor = at::where(at::isfinite(grad_scale) & (grad_scale != 0), factor, at::full_like(factor, NAN));
+  factor =
+      at::where(at::isfinite(grad_scale) & (grad_scale != 0), factor, at::full_like(factor, NAN));
   factor = at::where(g == grad_scale, at::ones_like(factor), factor);
   for (at::Tensor* grad : {&grad_student, &grad_teacher}) {
     if (grad->numel() == 0) continue;

@@ -76,9 +76,10 @@ void check_indices(const at::Tensor& indices, int64_t n_rows, int64_t k, int64_t
     TORCH_CHECK_VALUE(row[j] >= 0 && row[j] < V, "kdfused: teacher_indices must be in [0, ", V,
                       "), got ", row[j], " at row ", r, ", position ", j);
     for (int64_t u = 0; u < j; ++u) {
-      TORCH_CHECK_VALUE(row[u] != row[j], "kdfused: teacher_indices must be distinct within a "
-                        "row, got ", row[j], " twice in row ", r, " (positions ", u, " and ", j,
-                        ")");
+      TORCH_CHECK_VALUE(row[u] != row[j],
+                        "kdfused: teacher_indices must be distinct within a "
+                        "row, got ",
+                        row[j], " twice in row ", r, " (positions ", u, " and ", j, ")");
     }
   }
   TORCH_INTERNAL_ASSERT(false, "kdfused: bad teacher_indices row ", r, " not found again");
@@ -121,9 +122,8 @@ TopKOutputs topk_kd_loss_cpu(const at::Tensor& student, const at::Tensor& indice
   TopKParams& p = prep.params;
   check_indices(prep.indices, p.n_rows, p.k, p.vocab);
   const int64_t n_valid = count_valid_rows(prep.labels, p.n_rows, p.vocab, ignore_index);
-  p.grad_scale = p.reduction == Red::Mean
-                     ? 1.0 / static_cast<double>(std::max<int64_t>(n_valid, 1))
-                     : 1.0;
+  p.grad_scale =
+      p.reduction == Red::Mean ? 1.0 / static_cast<double>(std::max<int64_t>(n_valid, 1)) : 1.0;
   const bool acc_double = prep.loss.scalar_type() == at::kDouble;
   if (p.n_rows > 0) select_kernel()(p, acc_double);
   if (p.reduction != Red::None) {

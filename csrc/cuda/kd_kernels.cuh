@@ -63,7 +63,8 @@ __device__ __forceinline__ X from_acc(A a) {
 template <typename X, int W>
 struct VecWords {
   static constexpr int kWords = static_cast<int>(W * sizeof(X)) / kVecBytes;
-  static_assert(kWords >= 1 && kWords * kVecBytes == static_cast<int>(W * sizeof(X)), "vector size");
+  static_assert(kWords >= 1 && kWords * kVecBytes == static_cast<int>(W * sizeof(X)),
+                "vector size");
   uint4 w[kWords];
 };
 
@@ -71,7 +72,8 @@ template <typename X, int W>
 __device__ __forceinline__ VecWords<X, W> load_words(const X* p) {
   VecWords<X, W> v;
 #pragma unroll
-  for (int i = 0; i < VecWords<X, W>::kWords; ++i) v.w[i] = __ldg(reinterpret_cast<const uint4*>(p) + i);
+  for (int i = 0; i < VecWords<X, W>::kWords; ++i)
+    v.w[i] = __ldg(reinterpret_cast<const uint4*>(p) + i);
   return v;
 }
 
@@ -97,7 +99,8 @@ __device__ __forceinline__ bool aligned16(const void* p) {
 
 // Row r -> element offset (r decomposed over row_sizes, last fastest). Static indexing only (the
 // params live in the constant bank; a dynamic index would copy them to local memory).
-__device__ __forceinline__ int64_t row_offset(const KDParams& p, int64_t r, const int64_t (&strides)[kMaxRowDims]) {
+__device__ __forceinline__ int64_t row_offset(const KDParams& p, int64_t r,
+                                              const int64_t (&strides)[kMaxRowDims]) {
   int64_t off = 0;
 #pragma unroll
   for (int d = kMaxRowDims - 1; d >= 0; --d) {
@@ -116,7 +119,8 @@ __device__ __forceinline__ int64_t row_offset(const KDParams& p, int64_t r, cons
 template <typename X>
 __device__ void zero_range(X* p, int64_t n, int tid, int nthr) {
   constexpr int kW = kVecBytes / static_cast<int>(sizeof(X));
-  const int64_t mis = static_cast<int64_t>((reinterpret_cast<uintptr_t>(p) & (kVecBytes - 1)) / sizeof(X));
+  const int64_t mis =
+      static_cast<int64_t>((reinterpret_cast<uintptr_t>(p) & (kVecBytes - 1)) / sizeof(X));
   const int64_t head = mis == 0 ? 0 : (kW - mis < n ? kW - mis : n);
   for (int64_t i = tid; i < head; i += nthr) p[i] = from_acc<X>(0.0f);
   const int64_t nvec = (n - head) / kW;
@@ -223,8 +227,8 @@ __device__ __forceinline__ int64_t align_head(const X* x) {
 // misalignment, e.g. only one of them is a sliced view) the row has no vectors and the slices are
 // plain element ranges.
 template <typename S, typename T, int W>
-__device__ __forceinline__ SliceGeom slice_geom(const S* srow, const T* trow, bool read_t, int64_t V,
-                                                int split, int rank, int64_t chunk) {
+__device__ __forceinline__ SliceGeom slice_geom(const S* srow, const T* trow, bool read_t,
+                                                int64_t V, int split, int rank, int64_t chunk) {
   SliceGeom g;
   const int64_t hs = align_head(srow);
   int64_t head = hs;
@@ -337,8 +341,8 @@ __device__ __forceinline__ RowState<A> stats_sweep(const S* srow, const T* trow,
 template <typename S, typename T, typename A, int W, typename FScalar, typename FVec>
 __device__ __forceinline__ void for_slice(const S* srow, const T* trow, bool read_t,
                                           const SliceGeom& g, int tid, int nthr,
-                                          const uint4* stage_s, const uint4* stage_t,
-                                          FScalar&& fs, FVec&& fv) {
+                                          const uint4* stage_s, const uint4* stage_t, FScalar&& fs,
+                                          FVec&& fv) {
   using WS = VecWords<S, W>;
   using WT = VecWords<T, W>;
   // Scalar head and tail: re-read (at most 2 (W - 1) elements, or a misaligned row).
@@ -393,7 +397,7 @@ __device__ __forceinline__ MixSums<A> mix_sweep(const S* srow, const T* trow, co
   };
   for_slice<S, T, A, W>(
       srow, trow, true, g, tid, nthr, stage_s, stage_t, [&](int64_t, A s, A t) { one(s, t); },
-      [&](int, const A (&s)[W], const A (&t)[W]) {
+      [&](int, const A(&s)[W], const A(&t)[W]) {
 #pragma unroll
         for (int i = 0; i < W; ++i) one(s[i], t[i]);
       });
@@ -432,12 +436,13 @@ __device__ __forceinline__ void grad_sweep(const S* srow, const T* trow, bool re
         if (gsrow) gsrow[i] = from_acc<S>(gs);
         if (gtrow) gtrow[i] = from_acc<T>(gt);
       },
-      [&](int j, const A (&s)[W], const A (&t)[W]) {
+      [&](int j, const A(&s)[W], const A(&t)[W]) {
         // Results go straight into their packed output words (half the registers of A[W] for
         // 16-bit outputs: the block kernel's 80-register budget).
         const int64_t base = static_cast<int64_t>(j) * W;
         // The label's lane in this vector (-1: none): a 32-bit compare with a constant.
-        const int lab = (ylocal >= base && ylocal < base + W) ? static_cast<int>(ylocal - base) : -1;
+        const int lab =
+            (ylocal >= base && ylocal < base + W) ? static_cast<int>(ylocal - base) : -1;
         WS os;
         WT ot;
         S* xs = reinterpret_cast<S*>(os.w);
@@ -483,14 +488,14 @@ __device__ __forceinline__ void grad_sweep(const S* srow, const T* trow, bool re
 template <typename A>
 struct KernelArgs {
   RowConfig<A> cfg;
-  const A* grad_scale_dev;   // device gradient scale (Mean with labels), or nullptr
-  A grad_scale_host;         // used when grad_scale_dev is nullptr
+  const A* grad_scale_dev;  // device gradient scale (Mean with labels), or nullptr
+  A grad_scale_host;        // used when grad_scale_dev is nullptr
   Mode mode;
-  int split;                 // CTAs per row (kBlock)
-  int64_t chunk;             // vectors per slice
-  bool stage;                // keep the slice in shared memory
-  bool cluster;              // split over a thread-block cluster (sm_90)
-  RowState<A>* workspace;    // two-phase: [n_rows][split] partial states
+  int split;               // CTAs per row (kBlock)
+  int64_t chunk;           // vectors per slice
+  bool stage;              // keep the slice in shared memory
+  bool cluster;            // split over a thread-block cluster (sm_90)
+  RowState<A>* workspace;  // two-phase: [n_rows][split] partial states
 };
 
 // The label of row r (-1 without labels) and whether the row counts. An out-of-range label stops
@@ -554,15 +559,15 @@ __global__ void __launch_bounds__(kWarpBlockThreads, kWarpMinBlocksPerSM)
     RowResult<A> res = finalize(st, cfg, s_label, scale);
     if (cfg.mix) {
       // The row was read by this warp a moment ago: the re-reads hit L1/L2, not HBM.
-      MixSums<A> mx = mix_sweep<S, T, A, W>(srow, trow, g, lane, kWarpSize, res, cfg, nullptr,
-                                            nullptr);
+      MixSums<A> mx =
+          mix_sweep<S, T, A, W>(srow, trow, g, lane, kWarpSize, res, cfg, nullptr, nullptr);
       finalize_mix(res, shfl_mix(warp_sum_mix(mx), 0), cfg);
     }
     if (lane == 0) row_loss[r] = res.loss;
     if (cfg.zero_gt) zero_range(gtrow, V, lane, kWarpSize);
     if (cfg.want_gs || cfg.want_gt) {
       grad_sweep<S, T, A, W, F>(srow, trow, read_t, gsrow, cfg.want_gt ? gtrow : nullptr, g, lane,
-                             kWarpSize, res, cfg, y, nullptr, nullptr);
+                                kWarpSize, res, cfg, y, nullptr, nullptr);
     }
   }
 }
@@ -650,8 +655,8 @@ __global__ void __launch_bounds__(kBlockThreads,
     // ---- statistics of this CTA's slice, merged over the CTA ----------------------------------
     RowState<A> st = RowState<A>::empty();
     if (stats_here) {
-      st = stats_sweep<S, T, A, W>(srow, trow, read_t, g, tid, kBlockThreads, cfg, stage_s,
-                                   stage_t);
+      st =
+          stats_sweep<S, T, A, W>(srow, trow, read_t, g, tid, kBlockThreads, cfg, stage_s, stage_t);
       st = warp_merge(st, cfg);
       if (lane == 0) warp_states[warp] = st;
       __syncthreads();
@@ -705,8 +710,8 @@ __global__ void __launch_bounds__(kBlockThreads,
       // Two-phase splits are never planned for jsd / tvd (kd_launch.h): here split is 1 or a
       // cluster, and every CTA has the whole row's statistics.
       const RowResult<A> res = row_res;
-      MixSums<A> mx = mix_sweep<S, T, A, W>(srow, trow, g, tid, kBlockThreads, res, cfg, stage_s,
-                                            stage_t);
+      MixSums<A> mx =
+          mix_sweep<S, T, A, W>(srow, trow, g, tid, kBlockThreads, res, cfg, stage_s, stage_t);
       mx = block_sum_mix<A, kWarps>(mx, warp_mix, lane, warp);
 #if KD_HAS_CLUSTERS
       if (a.cluster) {
@@ -732,7 +737,7 @@ __global__ void __launch_bounds__(kBlockThreads,
       // Copied before the next row's first barrier, after which thread 0 may overwrite row_res.
       const RowResult<A> res = row_res;
       grad_sweep<S, T, A, W, F>(srow, trow, read_t, gsrow, cfg.want_gt ? gtrow : nullptr, g, tid,
-                             kBlockThreads, res, cfg, y, stage_s, stage_t);
+                                kBlockThreads, res, cfg, y, stage_s, stage_t);
     }
 #if KD_HAS_CLUSTERS
     // Every CTA of the cluster is done reading this CTA's shared state (see barrier_arrive).
@@ -749,7 +754,8 @@ __global__ void __launch_bounds__(kBlockThreads,
 // Integer sums in a fixed tree: deterministic.
 template <typename A>
 __global__ void __launch_bounds__(kCountThreads)
-    kd_count_kernel(const int64_t* labels, int64_t n, int64_t ignore_index, A* grad_scale, int64_t* n_valid) {
+    kd_count_kernel(const int64_t* labels, int64_t n, int64_t ignore_index, A* grad_scale,
+                    int64_t* n_valid) {
   __shared__ long long part[kCountThreads];
   long long c = 0;
   for (int64_t i = threadIdx.x; i < n; i += kCountThreads) c += labels[i] != ignore_index ? 1 : 0;
@@ -770,8 +776,8 @@ __global__ void __launch_bounds__(kCountThreads)
 // (strided per thread, then a tree), like the CPU backend's double sum: deterministic.
 template <typename A>
 __global__ void __launch_bounds__(kReduceThreads)
-    kd_reduce_kernel(const A* row_loss, int64_t n, bool mean, const int64_t* n_valid_dev, int64_t n_valid_host,
-                     A* loss) {
+    kd_reduce_kernel(const A* row_loss, int64_t n, bool mean, const int64_t* n_valid_dev,
+                     int64_t n_valid_host, A* loss) {
   __shared__ double part[kReduceThreads];
   double acc = 0;
   for (int64_t i = threadIdx.x; i < n; i += kReduceThreads) acc += static_cast<double>(row_loss[i]);
@@ -814,12 +820,14 @@ __global__ void kd_scale_factor_kernel(const F* g, F* c, F* factor) {
 // float for half/bfloat16/float gradients with a float factor, double when either is double
 // (never the gradient's 16-bit type: a bfloat16 factor would turn 3.7 into 3.703).
 template <typename G, typename F>
-using OpMath = std::conditional_t<std::is_same_v<G, double> || std::is_same_v<F, double>, double, float>;
+using OpMath =
+    std::conditional_t<std::is_same_v<G, double> || std::is_same_v<F, double>, double, float>;
 
 template <typename G, typename M>
 __device__ __forceinline__ void scale_range(G* p, int64_t n, M f, int64_t tid, int64_t nthr) {
   constexpr int kW = kVecBytes / static_cast<int>(sizeof(G));
-  const int64_t mis = static_cast<int64_t>((reinterpret_cast<uintptr_t>(p) & (kVecBytes - 1)) / sizeof(G));
+  const int64_t mis =
+      static_cast<int64_t>((reinterpret_cast<uintptr_t>(p) & (kVecBytes - 1)) / sizeof(G));
   const int64_t head = mis == 0 ? 0 : (kW - mis < n ? kW - mis : n);
   for (int64_t i = tid; i < head; i += nthr) p[i] = static_cast<G>(static_cast<M>(p[i]) * f);
   const int64_t nvec = (n - head) / kW;
@@ -839,7 +847,8 @@ __device__ __forceinline__ void scale_range(G* p, int64_t n, M f, int64_t tid, i
 // Scalar reductions: every element times the device factor. Decided on the device: with factor 1
 // (loss.backward(), grad_output == 1) every CTA returns at once, no pass over the gradient.
 template <typename G, typename F>
-__global__ void __launch_bounds__(kScaleThreads) kd_scale_flat_kernel(G* grad, int64_t n, const F* factor) {
+__global__ void __launch_bounds__(kScaleThreads)
+    kd_scale_flat_kernel(G* grad, int64_t n, const F* factor) {
   const F fv = *factor;
   if (fv == F(1)) return;
   scale_range(grad, n, static_cast<OpMath<G, F>>(fv),
@@ -854,7 +863,8 @@ __global__ void __launch_bounds__(kScaleThreads)
     kd_scale_rows_kernel(G* grad, int64_t n_rows, int64_t V, const F* g, const F* c) {
   const int lane = threadIdx.x % kWarpSize;
   const int64_t warps_total = static_cast<int64_t>(gridDim.x) * (kScaleThreads / kWarpSize);
-  for (int64_t r = static_cast<int64_t>(blockIdx.x) * (kScaleThreads / kWarpSize) + threadIdx.x / kWarpSize;
+  for (int64_t r =
+           static_cast<int64_t>(blockIdx.x) * (kScaleThreads / kWarpSize) + threadIdx.x / kWarpSize;
        r < n_rows; r += warps_total) {
     const F fv = scale_factor(g[r], c[r]);
     if (fv == F(1)) continue;

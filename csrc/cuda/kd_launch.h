@@ -5,36 +5,36 @@
 // Policy (by row length V, bytes per row and number of rows N):
 //
 //   kWarp     V <= kWarpMaxV. One warp per row, kWarpsPerBlock rows per CTA. The gradient sweep
-//             re-reads the row, which this warp has just read: it is in L1/L2 (<= 16 KB per row), so
-//             HBM sees one read. No __syncthreads at all: the row's statistics are merged with warp
-//             shuffles only.
+//             re-reads the row, which this warp has just read: it is in L1/L2 (<= 16 KB per row),
+//             so HBM sees one read. No __syncthreads at all: the row's statistics are merged with
+//             warp shuffles only.
 //   kBlock    a CTA per row (split 1) or per row slice (split > 1), kBlockThreads threads.
 //             * The CTA keeps its slice of s and t in shared memory as it reads it (the "stage"),
-//               so the gradient sweep reads shared memory, not HBM: 6 B/element for bf16, the floor.
-//               Every thread reads back only the vectors it wrote itself, so the stage needs no
-//               barrier. A slice is staged when it fits kMaxStageBytes.
+//               so the gradient sweep reads shared memory, not HBM: 6 B/element for bf16, the
+//               floor. Every thread reads back only the vectors it wrote itself, so the stage needs
+//               no barrier. A slice is staged when it fits kMaxStageBytes.
 //             * sm_90: a row too long for one CTA is split over a thread-block cluster of `split`
 //               CTAs (2, 4, 8 or 16; 8 is the portable maximum, 16 is allowed on H100/H200 as a
 //               non-portable size and is tried first, with a fallback to 8 and then to no cluster
-//               when the occupancy query says it cannot be scheduled). Each CTA stages its 1/split of the
-//               row, the split partial RowStates are merged through distributed shared memory in
-//               rank order (every CTA merges the same states in the same order: all get the same
-//               bits), and each CTA writes the gradient of its own slice from its own stage.
-//               Why clusters and not "re-read from L2": with bf16 V = 128256 a row is 500 KB of s+t;
-//               ~2 rows in flight per SM would be 130+ MB, far over H200's L2 (50 MB): the second
-//               sweep would come from HBM (10 B/element, 1.67x the floor). A cluster of 8 CTAs holds
-//               the row on chip in 8 x 62.6 KB of shared memory, 3 CTAs per SM. With split 16
-//               every LM vocabulary up to 256k fits in bf16, and up to 131k in fp32.
-//               Rows whose 1/16 slice still does not fit (fp32 V > 131k, fp64 V > 65k) keep the
-//               largest split and re-read their slice right after the merge: mostly from L2 (3
-//               slices of <= 2x the stage per SM in flight, comparable to L2), partly from HBM.
+//               when the occupancy query says it cannot be scheduled). Each CTA stages its 1/split
+//               of the row, the split partial RowStates are merged through distributed shared
+//               memory in rank order (every CTA merges the same states in the same order: all get
+//               the same bits), and each CTA writes the gradient of its own slice from its own
+//               stage. Why clusters and not "re-read from L2": with bf16 V = 128256 a row is 500 KB
+//               of s+t; ~2 rows in flight per SM would be 130+ MB, far over H200's L2 (50 MB): the
+//               second sweep would come from HBM (10 B/element, 1.67x the floor). A cluster of 8
+//               CTAs holds the row on chip in 8 x 62.6 KB of shared memory, 3 CTAs per SM. With
+//               split 16 every LM vocabulary up to 256k fits in bf16, and up to 131k in fp32. Rows
+//               whose 1/16 slice still does not fit (fp32 V > 131k, fp64 V > 65k) keep the largest
+//               split and re-read their slice right after the merge: mostly from L2 (3 slices of <=
+//               2x the stage per SM in flight, comparable to L2), partly from HBM.
 //             * Few rows (N * split < kFillCTAs(num_SMs)): the split is doubled (up to 8, while a
 //               slice keeps >= kMinSliceElems elements) so that all SMs get work.
 //             * sm_80 (no clusters): rows that fit are staged as above. Rows that do not fit are
 //               read twice (the second time mostly from L2) by a CTA per row when there are enough
 //               rows; with few rows they are split over `split` CTAs in two phases: phase 1 writes
-//               each slice's partial RowState to a global workspace, phase 2 merges the split states
-//               of its row in rank order (same bits in every CTA), finalizes and writes the
+//               each slice's partial RowState to a global workspace, phase 2 merges the split
+//               states of its row in rank order (same bits in every CTA), finalizes and writes the
 //               gradient of its slice, re-reading it (L2: the working set of few rows is small).
 //
 // Determinism: no float atomics anywhere; every merge (lanes, warps, CTAs of a cluster, phase-1
@@ -43,7 +43,8 @@
 // a given device.
 //
 // Resources (nvcc 13.0 -O3, torch's flags, ptxas -v, sm_90; registers per thread, spills in bytes).
-// Every kernel is compiled per divergence family (kd_math.h DivFamily: kl/ce, and reverse_kl/jsd/tvd):
+// Every kernel is compiled per divergence family (kd_math.h DivFamily: kl/ce, and
+// reverse_kl/jsd/tvd):
 //   kd_block_kernel   80 regs (fp64: 128 under the 2-CTA bound). kl/ce: 0 spill for fp32 and the
 //                     16-bit x fp32 pairs; 16-bit pairs 24 B stores / 60 B loads. jsd family: up
 //                     to 44 / 116 B (16-bit pairs).
@@ -64,17 +65,17 @@ namespace kdfused::cuda {
 
 // ---- kernel shapes ------------------------------------------------------------------------------
 constexpr int kWarpSize = 32;
-constexpr int kWarpsPerBlock = 8;         // kWarp: rows per CTA
+constexpr int kWarpsPerBlock = 8;  // kWarp: rows per CTA
 constexpr int kWarpBlockThreads = kWarpSize * kWarpsPerBlock;
 // __launch_bounds__ of kd_warp_kernel: 3 CTAs (24 warps) per SM caps it at 85 registers. Without
 // the bound ptxas used up to 102 (fp32/fp32 with both gradients), i.e. 2 CTAs = 25% occupancy for
 // a kernel whose rows are short and whose latency is hidden only by other warps.
 constexpr int kWarpMinBlocksPerSM = 3;
-constexpr int kBlockThreads = 256;        // kBlock: threads per CTA
-constexpr int kBlockMinBlocksPerSM = 3;   // __launch_bounds__: <= 80 registers, 3 CTAs/SM with
-                                          // a 64 KB stage (the cluster policy's occupancy)
-constexpr int kBlockMinBlocksPerSMF64 = 2; // float64: twice the registers per value
-constexpr int kVecBytes = 16;             // one LDG.128 / STG.128 / STS.128
+constexpr int kBlockThreads = 256;          // kBlock: threads per CTA
+constexpr int kBlockMinBlocksPerSM = 3;     // __launch_bounds__: <= 80 registers, 3 CTAs/SM with
+                                            // a 64 KB stage (the cluster policy's occupancy)
+constexpr int kBlockMinBlocksPerSMF64 = 2;  // float64: twice the registers per value
+constexpr int kVecBytes = 16;               // one LDG.128 / STG.128 / STS.128
 // Vectors per statistics-loop iteration: 2 (64 B of loads in flight per thread) for the 16-bit
 // pairs (8 elements, 32 B of s+t per vector); 1 for the 48-byte vectors of 16-bit x fp32 pairs and
 // for fp32/fp64 (4/2 elements): with 2 those spill at the 80-register budget (ptxas, sm_90).
@@ -82,17 +83,21 @@ constexpr int stats_unroll(int vec_bytes_s_plus_t, int vec_elems) {
   return (vec_bytes_s_plus_t <= 32 && vec_elems >= 8) ? 2 : 1;
 }
 
-// ---- policy thresholds ---------------------------------------------------------------------------
-constexpr int64_t kWarpMaxV = 2048;             // kWarp up to here (a row is <= 2 x 16 KB in fp64)
-constexpr int64_t kMaxStageBytes = 64 * 1024;   // s+t slice kept in shared memory (3 CTAs/SM on
-                                                // H100/H200: 3 x 64 KB of 227 KB)
-constexpr int kMaxClusterSplit = 16;            // non-portable cluster size (H100/H200)
-constexpr int kPortableClusterSplit = 8;        // fallback: the portable cluster size limit
-constexpr int kMaxTwoPhaseSplit = 8;            // sm_80 split of few long rows
-constexpr int64_t kMinSliceElems = 4096;        // don't split a row below this many elements/CTA
-inline int64_t kFillCTAs(int num_sms) { return 2 * static_cast<int64_t>(num_sms); }
+// ---- policy thresholds
+// ---------------------------------------------------------------------------
+constexpr int64_t kWarpMaxV = 2048;            // kWarp up to here (a row is <= 2 x 16 KB in fp64)
+constexpr int64_t kMaxStageBytes = 64 * 1024;  // s+t slice kept in shared memory (3 CTAs/SM on
+                                               // H100/H200: 3 x 64 KB of 227 KB)
+constexpr int kMaxClusterSplit = 16;           // non-portable cluster size (H100/H200)
+constexpr int kPortableClusterSplit = 8;       // fallback: the portable cluster size limit
+constexpr int kMaxTwoPhaseSplit = 8;           // sm_80 split of few long rows
+constexpr int64_t kMinSliceElems = 4096;       // don't split a row below this many elements/CTA
+inline int64_t kFillCTAs(int num_sms) {
+  return 2 * static_cast<int64_t>(num_sms);
+}
 
-// ---- the small kernels ---------------------------------------------------------------------------
+// ---- the small kernels
+// ---------------------------------------------------------------------------
 constexpr int kCountThreads = 1024;   // label count: one CTA, fixed-order integer tree
 constexpr int kReduceThreads = 1024;  // loss reduction: one CTA, fixed-order tree (double)
 constexpr int kScaleThreads = 256;    // kd_scale_grads_ (flat and per-row kernels)
@@ -100,19 +105,19 @@ constexpr int kScaleMaxBlocksPerSM = 4;
 
 enum class Kind : int { Warp = 0, Block = 1 };
 enum class Mode : int {
-  Fused = 0,      // statistics + gradient in one kernel (split 1, or a cluster of `split` CTAs)
-  Phase1 = 1,     // two-phase split: statistics of the slice -> workspace
-  Phase2 = 2,     // two-phase split: merge the row's states, finalize, gradient of the slice
+  Fused = 0,   // statistics + gradient in one kernel (split 1, or a cluster of `split` CTAs)
+  Phase1 = 1,  // two-phase split: statistics of the slice -> workspace
+  Phase2 = 2,  // two-phase split: merge the row's states, finalize, gradient of the slice
 };
 
 struct LaunchPlan {
   Kind kind = Kind::Warp;
-  int split = 1;        // CTAs per row (kBlock)
-  bool cluster = false; // split > 1 through a thread-block cluster (sm_90)
+  int split = 1;         // CTAs per row (kBlock)
+  bool cluster = false;  // split > 1 through a thread-block cluster (sm_90)
   bool two_phase = false;
-  bool stage = false;   // slices kept in shared memory for the gradient sweep
-  int64_t slice_vecs = 0;   // vectors per slice (kBlock): ceil(full vectors of the row / split)
-  int64_t smem_bytes = 0;   // dynamic shared memory per CTA (the stage)
+  bool stage = false;      // slices kept in shared memory for the gradient sweep
+  int64_t slice_vecs = 0;  // vectors per slice (kBlock): ceil(full vectors of the row / split)
+  int64_t smem_bytes = 0;  // dynamic shared memory per CTA (the stage)
 };
 
 // Chooses the kernel for a problem. elem_bytes_s/t are the sizes of the student/teacher element,
@@ -146,7 +151,8 @@ inline LaunchPlan choose_plan(int64_t n_rows, int64_t V, int elem_bytes_s, int e
     while (split < max_cluster && slice_bytes(split) > stage_cap) split *= 2;
     // Few rows: more CTAs per row, but never past the portable size for this reason alone.
     const int fill_max = max_cluster < kPortableClusterSplit ? max_cluster : kPortableClusterSplit;
-    while (split < fill_max && n_rows * split < kFillCTAs(num_sms) && V / (2 * split) >= kMinSliceElems) {
+    while (split < fill_max && n_rows * split < kFillCTAs(num_sms) &&
+           V / (2 * split) >= kMinSliceElems) {
       split *= 2;
     }
     plan.split = split;

@@ -42,7 +42,9 @@ namespace {
 // Grid caps: the kernels loop over rows (grid-stride), so any N works with a bounded grid.
 constexpr int64_t kMaxGridRows = int64_t(1) << 22;
 
-bool is_half_like(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
+bool is_half_like(at::ScalarType t) {
+  return t == at::kHalf || t == at::kBFloat16;
+}
 
 // The virtual architectures this file was compiled for, from nvcc (e.g. "800,900").
 #define KD_STRINGIFY2(x) #x
@@ -61,8 +63,8 @@ bool native_pair(at::ScalarType s, at::ScalarType t) {
 // cached, so that per-call host work is a map lookup and the launch plan -- hence the bits of the
 // result -- cannot change between calls (a driver answer that varied would otherwise change them).
 struct KernelFacts {
-  bool clusters = false;       // sm_90 device AND sm_90 code in the binary AND sm_90 PTX source
-  int64_t smem_optin = 0;      // dynamic shared memory available to one CTA
+  bool clusters = false;   // sm_90 device AND sm_90 code in the binary AND sm_90 PTX source
+  int64_t smem_optin = 0;  // dynamic shared memory available to one CTA
   int num_sms = 0;
   std::map<std::pair<int, int64_t>, bool> cluster_fits;  // (split, smem bytes) -> schedulable
 };
@@ -102,8 +104,8 @@ KernelFacts& kernel_facts(Kernel kernel, int device, const cudaDeviceProp& prop)
   // Clusters need an sm_90 device *and* code compiled for sm_90: binaryVersion is what runs
   // (an sm_80-only build runs its sm_80 code on Hopper), ptxVersion what it was compiled from (a
   // "+PTX" build of compute_80 JIT-compiled on Hopper has binaryVersion 90 but no cluster path).
-  f.clusters = prop.major >= 9 && attr.binaryVersion >= 90 && attr.ptxVersion >= 90 &&
-               !env_no_clusters();
+  f.clusters =
+      prop.major >= 9 && attr.binaryVersion >= 90 && attr.ptxVersion >= 90 && !env_no_clusters();
   f.smem_optin = static_cast<int64_t>(prop.sharedMemPerBlockOptin) -
                  static_cast<int64_t>(attr.sharedSizeBytes);
   f.num_sms = prop.multiProcessorCount;
@@ -121,7 +123,8 @@ bool cluster_fits(Kernel kernel, KernelFacts& facts, const LaunchPlan& pl) {
   if (it != facts.cluster_fits.end()) return it->second;
   bool ok = true;
   if (pl.split > kPortableClusterSplit &&
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess) {
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) !=
+          cudaSuccess) {
     (void)cudaGetLastError();
     ok = false;
   }
@@ -164,8 +167,8 @@ std::optional<LaunchPlan> forced_plan(const PlanOverride& o, int64_t V, int vec_
   pl.split = o.kind == PlanOverride::Kind::Block ? 1 : o.split;
   pl.cluster = o.kind == PlanOverride::Kind::Cluster;
   pl.two_phase = o.kind == PlanOverride::Kind::TwoPhase;
-  TORCH_CHECK(!pl.cluster || clusters,
-              "kdfused: CUDA plan 'cluster:", o.split, "' needs an sm_90 GPU and sm_90 code");
+  TORCH_CHECK(!pl.cluster || clusters, "kdfused: CUDA plan 'cluster:", o.split,
+              "' needs an sm_90 GPU and sm_90 code");
   TORCH_CHECK(!(pl.two_phase && mix),
               "kdfused: CUDA plan 'two_phase' does not support the jsd / tvd divergences");
   pl.slice_vecs = (V / vec_elems + pl.split - 1) / pl.split;
@@ -205,18 +208,21 @@ void run_fused_kernels(const KDParams& p, KernelArgs<A> a) {
   if (auto f = forced_plan(cuda_plan_override(), p.vocab, W, bytes_per_elem, any_grad, cfg.mix,
                            facts.clusters, stage_cap)) {
     plan = *f;
-    TORCH_CHECK(!plan.cluster || cluster_fits(block_kernel, facts, plan),
-                "kdfused: CUDA plan '", cuda_plan_spec(), "' cannot be scheduled on this GPU");
+    TORCH_CHECK(!plan.cluster || cluster_fits(block_kernel, facts, plan), "kdfused: CUDA plan '",
+                cuda_plan_spec(), "' cannot be scheduled on this GPU");
   } else {
     plan = plan_for(facts.clusters ? kMaxClusterSplit : 0);
-    if (plan.cluster && !cluster_fits(block_kernel, facts, plan)) plan = plan_for(kPortableClusterSplit);
+    if (plan.cluster && !cluster_fits(block_kernel, facts, plan))
+      plan = plan_for(kPortableClusterSplit);
     if (plan.cluster && !cluster_fits(block_kernel, facts, plan)) plan = plan_for(0);
   }
   set_last_cuda_plan(describe(plan));
 
   if (plan.kind == Kind::Warp) {
-    const int64_t blocks = std::min<int64_t>((p.n_rows + kWarpsPerBlock - 1) / kWarpsPerBlock, kMaxGridRows);
-    kd_warp_kernel<S, T, A, F><<<static_cast<unsigned>(blocks), kWarpBlockThreads, 0, stream>>>(p, a);
+    const int64_t blocks =
+        std::min<int64_t>((p.n_rows + kWarpsPerBlock - 1) / kWarpsPerBlock, kMaxGridRows);
+    kd_warp_kernel<S, T, A, F>
+        <<<static_cast<unsigned>(blocks), kWarpBlockThreads, 0, stream>>>(p, a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
@@ -308,16 +314,18 @@ void dispatch_pair(at::ScalarType s, at::ScalarType t, F&& f) {
 }
 
 KDOutputs kd_loss_cuda(const at::Tensor& student, const at::Tensor& teacher,
-                       const std::optional<at::Tensor>& labels, double temperature, double soft_weight,
-                       double hard_weight, c10::string_view divergence, double beta,
-                       int64_t ignore_index, c10::string_view reduction, bool grad_student,
-                       bool grad_teacher) {
+                       const std::optional<at::Tensor>& labels, double temperature,
+                       double soft_weight, double hard_weight, c10::string_view divergence,
+                       double beta, int64_t ignore_index, c10::string_view reduction,
+                       bool grad_student, bool grad_teacher) {
   const std::string_view div(divergence.data(), divergence.size());
   const std::string_view red(reduction.data(), reduction.size());
   check_inputs(student, teacher, labels, temperature, soft_weight, hard_weight, div, beta, red);
-  TORCH_CHECK(student.is_cuda() && teacher.is_cuda(), "kdfused: CUDA kernel called with non-CUDA logits");
-  TORCH_CHECK_VALUE(student.size(-1) <= INT_MAX / 16, "kdfused: the vocabulary dimension is too large (",
-                    student.size(-1), ") for the CUDA kernel");
+  TORCH_CHECK(student.is_cuda() && teacher.is_cuda(),
+              "kdfused: CUDA kernel called with non-CUDA logits");
+  TORCH_CHECK_VALUE(student.size(-1) <= INT_MAX / 16,
+                    "kdfused: the vocabulary dimension is too large (", student.size(-1),
+                    ") for the CUDA kernel");
   const c10::cuda::CUDAGuard guard(student.device());
 
   const at::ScalarType s_type = student.scalar_type();
@@ -346,34 +354,36 @@ KDOutputs kd_loss_cuda(const at::Tensor& student, const at::Tensor& teacher,
     at::Tensor scale_dev, n_valid_dev;
     const A* scale_ptr = nullptr;
     const int64_t* n_valid_ptr = nullptr;
-    const double scale_host = mean ? 1.0 / static_cast<double>(std::max<int64_t>(p.n_rows, 1)) : 1.0;
+    const double scale_host =
+        mean ? 1.0 / static_cast<double>(std::max<int64_t>(p.n_rows, 1)) : 1.0;
     if (mean && p.labels != nullptr && p.n_rows > 0) {
       scale_dev = at::empty({}, prep.loss.options());
       n_valid_dev = at::empty({}, prep.loss.options().dtype(at::kLong));
       kd_count_kernel<A><<<1, kCountThreads, 0, stream>>>(p.labels, p.n_rows, p.ignore_index,
-                                                          scale_dev.data_ptr<A>(), n_valid_dev.data_ptr<int64_t>());
+                                                          scale_dev.data_ptr<A>(),
+                                                          n_valid_dev.data_ptr<int64_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       scale_ptr = scale_dev.data_ptr<A>();
       n_valid_ptr = n_valid_dev.data_ptr<int64_t>();
     }
     // 2. The fused kernel (nothing to launch for N = 0: a grid of 0 is an error).
     if (p.n_rows > 0) {
-      dispatch_pair(s_in.scalar_type(), t_in.scalar_type(),
-                    [&](auto s_tag, auto t_tag) {
-                      using S = decltype(s_tag);
-                      using T = decltype(t_tag);
-                      using AA = std::conditional_t<std::is_same_v<S, double>, double, float>;
-                      if constexpr (std::is_same_v<AA, A>) {
-                        run_fused<S, T, A>(p, scale_ptr, scale_host);
-                      } else {
-                        TORCH_INTERNAL_ASSERT(false, "kdfused: accumulation type mismatch");
-                      }
-                    });
+      dispatch_pair(s_in.scalar_type(), t_in.scalar_type(), [&](auto s_tag, auto t_tag) {
+        using S = decltype(s_tag);
+        using T = decltype(t_tag);
+        using AA = std::conditional_t<std::is_same_v<S, double>, double, float>;
+        if constexpr (std::is_same_v<AA, A>) {
+          run_fused<S, T, A>(p, scale_ptr, scale_host);
+        } else {
+          TORCH_INTERNAL_ASSERT(false, "kdfused: accumulation type mismatch");
+        }
+      });
     }
     // 3. The reduction of the row losses (also for N = 0: the loss is 0).
     if (p.reduction != Reduction::None) {
-      kd_reduce_kernel<A><<<1, kReduceThreads, 0, stream>>>(static_cast<const A*>(p.row_loss), p.n_rows, mean,
-                                                           n_valid_ptr, p.n_rows, static_cast<A*>(p.loss));
+      kd_reduce_kernel<A><<<1, kReduceThreads, 0, stream>>>(static_cast<const A*>(p.row_loss),
+                                                            p.n_rows, mean, n_valid_ptr, p.n_rows,
+                                                            static_cast<A*>(p.loss));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   };
@@ -390,9 +400,10 @@ KDOutputs kd_loss_cuda(const at::Tensor& student, const at::Tensor& teacher,
 
 void kd_scale_grads_cuda(at::Tensor& grad_student, at::Tensor& grad_teacher, at::Tensor& grad_scale,
                          const at::Tensor& grad_output) {
-  TORCH_CHECK(grad_output.sizes() == grad_scale.sizes(), "kdfused: grad_output has shape ", grad_output.sizes(),
-              ", expected ", grad_scale.sizes());
-  TORCH_CHECK(grad_scale.is_cuda() && grad_scale.is_contiguous(), "kdfused: grad_scale must be a contiguous CUDA tensor");
+  TORCH_CHECK(grad_output.sizes() == grad_scale.sizes(), "kdfused: grad_output has shape ",
+              grad_output.sizes(), ", expected ", grad_scale.sizes());
+  TORCH_CHECK(grad_scale.is_cuda() && grad_scale.is_contiguous(),
+              "kdfused: grad_scale must be a contiguous CUDA tensor");
   const c10::cuda::CUDAGuard guard(grad_scale.device());
   const int64_t n_scale = grad_scale.numel();
   if (n_scale == 0) return;
@@ -408,34 +419,42 @@ void kd_scale_grads_cuda(at::Tensor& grad_student, at::Tensor& grad_teacher, at:
     if (scalar) {
       factor = at::empty({}, grad_scale.options());
       // factor = f(g, old c), then c = g (one thread; the scaling kernel reads only `factor`).
-      kd_scale_factor_kernel<F><<<1, 1, 0, stream>>>(g.data_ptr<F>(), grad_scale.data_ptr<F>(), factor.data_ptr<F>());
+      kd_scale_factor_kernel<F>
+          <<<1, 1, 0, stream>>>(g.data_ptr<F>(), grad_scale.data_ptr<F>(), factor.data_ptr<F>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     for (at::Tensor* grad : {&grad_student, &grad_teacher}) {
       if (grad->numel() == 0) continue;
-      TORCH_CHECK(grad->is_cuda() && grad->is_contiguous() && grad->device() == grad_scale.device(),
-                  "kdfused: saved gradients must be contiguous tensors on the device of grad_scale");
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad->scalar_type(), "kd_scale_grads_", [&] {
-        using G = scalar_t;
-        constexpr int kW = kVecBytes / static_cast<int>(sizeof(G));
-        const int64_t n = grad->numel();
-        if (scalar) {
-          const int64_t want = (n / kW + kScaleThreads - 1) / kScaleThreads + 1;
-          const int64_t blocks = std::min<int64_t>(want, static_cast<int64_t>(sms) * kScaleMaxBlocksPerSM);
-          kd_scale_flat_kernel<G, F><<<static_cast<unsigned>(blocks), kScaleThreads, 0, stream>>>(
-              grad->data_ptr<G>(), n, factor.data_ptr<F>());
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        } else {
-          TORCH_CHECK(n % n_scale == 0, "kdfused: saved gradient of ", n, " elements for ", n_scale, " rows");
-          const int64_t V = n / n_scale;
-          constexpr int kRowsPerBlock = kScaleThreads / kWarpSize;
-          const int64_t blocks = std::min<int64_t>((n_scale + kRowsPerBlock - 1) / kRowsPerBlock,
-                                                   static_cast<int64_t>(sms) * kScaleMaxBlocksPerSM * 4);
-          kd_scale_rows_kernel<G, F><<<static_cast<unsigned>(blocks), kScaleThreads, 0, stream>>>(
-              grad->data_ptr<G>(), n_scale, V, g.data_ptr<F>(), grad_scale.data_ptr<F>());
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        }
-      });
+      TORCH_CHECK(
+          grad->is_cuda() && grad->is_contiguous() && grad->device() == grad_scale.device(),
+          "kdfused: saved gradients must be contiguous tensors on the device of grad_scale");
+      AT_DISPATCH_FLOATING_TYPES_AND2(
+          at::kHalf, at::kBFloat16, grad->scalar_type(), "kd_scale_grads_", [&] {
+            using G = scalar_t;
+            constexpr int kW = kVecBytes / static_cast<int>(sizeof(G));
+            const int64_t n = grad->numel();
+            if (scalar) {
+              const int64_t want = (n / kW + kScaleThreads - 1) / kScaleThreads + 1;
+              const int64_t blocks =
+                  std::min<int64_t>(want, static_cast<int64_t>(sms) * kScaleMaxBlocksPerSM);
+              kd_scale_flat_kernel<G, F>
+                  <<<static_cast<unsigned>(blocks), kScaleThreads, 0, stream>>>(
+                      grad->data_ptr<G>(), n, factor.data_ptr<F>());
+              C10_CUDA_KERNEL_LAUNCH_CHECK();
+            } else {
+              TORCH_CHECK(n % n_scale == 0, "kdfused: saved gradient of ", n, " elements for ",
+                          n_scale, " rows");
+              const int64_t V = n / n_scale;
+              constexpr int kRowsPerBlock = kScaleThreads / kWarpSize;
+              const int64_t blocks =
+                  std::min<int64_t>((n_scale + kRowsPerBlock - 1) / kRowsPerBlock,
+                                    static_cast<int64_t>(sms) * kScaleMaxBlocksPerSM * 4);
+              kd_scale_rows_kernel<G, F>
+                  <<<static_cast<unsigned>(blocks), kScaleThreads, 0, stream>>>(
+                      grad->data_ptr<G>(), n_scale, V, g.data_ptr<F>(), grad_scale.data_ptr<F>());
+              C10_CUDA_KERNEL_LAUNCH_CHECK();
+            }
+          });
     }
     // Reduction "none": c = g after every row kernel has read the old c (stream order).
     if (!scalar) grad_scale.copy_(g);

@@ -54,12 +54,12 @@ namespace {
 using topk::MaxSum;
 using topk::TopKParams;
 
-constexpr int kThreads = 256;              // threads per CTA (both variants)
+constexpr int kThreads = 256;  // threads per CTA (both variants)
 constexpr int kWarp = 32;
-constexpr int64_t kWarpMaxV = 1024;        // warp per row up to here
+constexpr int64_t kWarpMaxV = 1024;             // warp per row up to here
 constexpr int64_t kBitmapMaxV = 48 * 1024 * 8;  // 48 KiB of shared memory: the duplicate check
 constexpr int64_t kMaxGrid = int64_t(1) << 20;  // grid-stride loop over rows beyond this
-constexpr int kSmallThreads = 256;         // count and reduce kernels
+constexpr int kSmallThreads = 256;              // count and reduce kernels
 
 template <typename S, typename A>
 __device__ __forceinline__ A to_acc(S x) {
@@ -322,16 +322,16 @@ void launch(const TopKParams& p, const A* scale_dev, A scale_host, cudaStream_t 
   if (p.vocab <= kWarpMaxV) {
     constexpr int kGroups = kThreads / kWarp;
     const int64_t blocks = std::min<int64_t>((p.n_rows + kGroups - 1) / kGroups, kMaxGrid);
-    topk_kernel<S, A, kWarp><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        p, scale_dev, scale_host);
+    topk_kernel<S, A, kWarp>
+        <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p, scale_dev, scale_host);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
   const bool bitmap = p.soft_weight > 0 && p.k > 1 && p.vocab <= kBitmapMaxV;
   const size_t smem = bitmap ? static_cast<size_t>((p.vocab + 31) / 32) * sizeof(unsigned) : 0;
   const int64_t blocks = std::min<int64_t>(p.n_rows, kMaxGrid);
-  topk_kernel<S, A, kThreads><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(
-      p, scale_dev, scale_host);
+  topk_kernel<S, A, kThreads>
+      <<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p, scale_dev, scale_host);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -343,13 +343,13 @@ topk::TopKOutputs topk_kd_loss_cuda(const at::Tensor& student, const at::Tensor&
                                     c10::string_view reduction, bool grad_student) {
   const std::string_view div(divergence.data(), divergence.size());
   const std::string_view red(reduction.data(), reduction.size());
-  topk::check_topk_inputs(student, indices, values, labels, temperature, soft_weight,
-                          hard_weight, div, red);
+  topk::check_topk_inputs(student, indices, values, labels, temperature, soft_weight, hard_weight,
+                          div, red);
   TORCH_CHECK(student.is_cuda(), "kdfused: CUDA kernel called with non-CUDA logits");
   const c10::cuda::CUDAGuard guard(student.device());
-  topk::TopKPrepared prep = topk::prepare_topk(student, indices, values, labels, temperature,
-                                               soft_weight, hard_weight, div, ignore_index, red,
-                                               grad_student);
+  topk::TopKPrepared prep =
+      topk::prepare_topk(student, indices, values, labels, temperature, soft_weight, hard_weight,
+                         div, ignore_index, red, grad_student);
   const TopKParams& p = prep.params;
   const bool mean = p.reduction == topk::Red::Mean;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -359,8 +359,8 @@ topk::TopKOutputs topk_kd_loss_cuda(const at::Tensor& student, const at::Tensor&
     at::Tensor scale_t, n_valid_t;
     const A* scale_dev = nullptr;
     const int64_t* n_valid_dev = nullptr;
-    const A scale_host = static_cast<A>(
-        mean ? 1.0 / static_cast<double>(std::max<int64_t>(p.n_rows, 1)) : 1.0);
+    const A scale_host =
+        static_cast<A>(mean ? 1.0 / static_cast<double>(std::max<int64_t>(p.n_rows, 1)) : 1.0);
     if (mean && p.labels != nullptr && p.n_rows > 0) {
       scale_t = at::empty({}, prep.loss.options());
       n_valid_t = at::empty({}, prep.loss.options().dtype(at::kLong));
@@ -372,15 +372,11 @@ topk::TopKOutputs topk_kd_loss_cuda(const at::Tensor& student, const at::Tensor&
     }
     if (p.n_rows > 0) {
       switch (p.student_dtype) {
-        case topk::SType::Float16:
-          launch<c10::Half, A>(p, scale_dev, scale_host, stream);
-          break;
+        case topk::SType::Float16: launch<c10::Half, A>(p, scale_dev, scale_host, stream); break;
         case topk::SType::BFloat16:
           launch<c10::BFloat16, A>(p, scale_dev, scale_host, stream);
           break;
-        case topk::SType::Float32:
-          launch<float, A>(p, scale_dev, scale_host, stream);
-          break;
+        case topk::SType::Float32: launch<float, A>(p, scale_dev, scale_host, stream); break;
         case topk::SType::Float64:
           if constexpr (std::is_same_v<A, double>) {
             launch<double, double>(p, scale_dev, scale_host, stream);
@@ -391,9 +387,9 @@ topk::TopKOutputs topk_kd_loss_cuda(const at::Tensor& student, const at::Tensor&
       }
     }
     if (p.reduction != topk::Red::None) {
-      topk_reduce_kernel<A><<<1, kSmallThreads, 0, stream>>>(
-          static_cast<const A*>(p.row_loss), p.n_rows, mean, n_valid_dev, p.n_rows,
-          static_cast<A*>(p.loss));
+      topk_reduce_kernel<A><<<1, kSmallThreads, 0, stream>>>(static_cast<const A*>(p.row_loss),
+                                                             p.n_rows, mean, n_valid_dev, p.n_rows,
+                                                             static_cast<A*>(p.loss));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   };

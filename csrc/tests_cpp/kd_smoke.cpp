@@ -31,9 +31,8 @@ namespace {
 
 using KDOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using KDLossFn = KDOut(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                       double, double, double, c10::string_view, double, int64_t,
-                       c10::string_view, bool,
-                       bool);
+                       double, double, double, c10::string_view, double, int64_t, c10::string_view,
+                       bool, bool);
 using KDScaleFn = void(at::Tensor&, at::Tensor&, at::Tensor&, const at::Tensor&);
 
 struct Case {
@@ -46,7 +45,9 @@ struct Case {
   bool strided;  // feed logits[..., :-1, :] views (row-strided, no copy in the op)
 };
 
-[[noreturn]] void fail(const std::string& msg) { throw std::runtime_error(msg); }
+[[noreturn]] void fail(const std::string& msg) {
+  throw std::runtime_error(msg);
+}
 
 void expect_close(const std::string& what, const at::Tensor& got, const at::Tensor& want,
                   double rtol, double atol) {
@@ -61,8 +62,8 @@ void expect_close(const std::string& what, const at::Tensor& got, const at::Tens
   const at::Tensor bound = atol + rtol * w.abs();
   if (!(err <= bound).all().item<bool>() || !g.isfinite().all().item<bool>()) {
     std::ostringstream os;
-    os << what << ": max |got - want| = " << err.max().item<double>()
-       << " (rtol " << rtol << ", atol " << atol << ")";
+    os << what << ": max |got - want| = " << err.max().item<double>() << " (rtol " << rtol
+       << ", atol " << atol << ")";
     fail(os.str());
   }
 }
@@ -85,7 +86,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reference(const Case& c, const at
     const at::Tensor log_q = at::log_softmax(s2 / T, -1);
     const at::Tensor log_p = at::log_softmax(t2 / T, -1);
     const at::Tensor p = log_p.exp();
-    const at::Tensor d = c.divergence == "kl" ? (p * (log_p - log_q)).sum(-1) : -(p * log_q).sum(-1);
+    const at::Tensor d =
+        c.divergence == "kl" ? (p * (log_p - log_q)).sum(-1) : -(p * log_q).sum(-1);
     row = row + c.soft_weight * T * T * d;
   }
   if (y_in.has_value()) {
@@ -133,15 +135,17 @@ void run_case(const Case& c, const c10::TypedOperatorHandle<KDLossFn>& kd_loss,
   }
 
   auto [loss, gs, gt, scale] =
-      kd_loss.call(s, t, labels, c.temperature, c.soft_weight, c.hard_weight, c.divergence, 0.5, kIgnore,
-                   c.reduction, /*grad_student=*/true, /*grad_teacher=*/true);
+      kd_loss.call(s, t, labels, c.temperature, c.soft_weight, c.hard_weight, c.divergence, 0.5,
+                   kIgnore, c.reduction, /*grad_student=*/true, /*grad_teacher=*/true);
   auto [ref_loss, ref_gs, ref_gt] = reference(c, s, t, labels, kIgnore);
 
   const bool dbl = c.dtype == at::kDouble;
   const double rtol = dbl ? 1e-10 : 1e-4;
   const double atol = dbl ? 1e-12 : 1e-6;
-  if (loss.scalar_type() != (dbl ? at::kDouble : at::kFloat)) fail(c.name + ": unexpected loss dtype");
-  if (gs.scalar_type() != c.dtype || gt.scalar_type() != c.dtype) fail(c.name + ": unexpected grad dtype");
+  if (loss.scalar_type() != (dbl ? at::kDouble : at::kFloat))
+    fail(c.name + ": unexpected loss dtype");
+  if (gs.scalar_type() != c.dtype || gt.scalar_type() != c.dtype)
+    fail(c.name + ": unexpected grad dtype");
   expect_close(c.name + " loss", loss, ref_loss, rtol, atol);
   expect_close(c.name + " grad_student", gs, ref_gs, rtol, atol);
   expect_close(c.name + " grad_teacher", gt, ref_gt, rtol, atol);
@@ -162,7 +166,8 @@ int main(int argc, char** argv) {
   try {
     if (argc == 3 && std::strcmp(argv[1], "--dlopen") == 0) {
 #if defined(__unix__) || defined(__APPLE__)
-      if (!dlopen(argv[2], RTLD_NOW | RTLD_GLOBAL)) fail(std::string("dlopen failed: ") + dlerror());
+      if (!dlopen(argv[2], RTLD_NOW | RTLD_GLOBAL))
+        fail(std::string("dlopen failed: ") + dlerror());
 #else
       fail("--dlopen is not supported on this platform");
 #endif
@@ -188,10 +193,20 @@ int main(int argc, char** argv) {
     const auto kd_scale = scale_op.typed<KDScaleFn>();
 
     const Case cases[] = {
-        // name                 shape        dtype        labels T    ws   wh   div   reduction  strided
+        // name                 shape        dtype        labels T    ws   wh   div   reduction
+        // strided
         {"f32 kl batchmean", {5, 37}, at::kFloat, true, 2.0, 0.7, 0.3, "kl", "batchmean", false},
         {"f32 kl sum V=3000", {3, 3000}, at::kFloat, true, 4.0, 0.9, 0.1, "kl", "sum", false},
-        {"f32 ce none 3-D strided", {2, 3, 19}, at::kFloat, false, 1.5, 1.0, 0.0, "ce", "none", true},
+        {"f32 ce none 3-D strided",
+         {2, 3, 19},
+         at::kFloat,
+         false,
+         1.5,
+         1.0,
+         0.0,
+         "ce",
+         "none",
+         true},
         {"f64 kl mean T=1", {4, 65}, at::kDouble, true, 1.0, 1.0, 0.5, "kl", "mean", false},
         {"f64 ce sum", {3, 130}, at::kDouble, true, 3.0, 0.5, 0.5, "ce", "sum", false},
     };

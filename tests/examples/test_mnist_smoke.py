@@ -120,8 +120,21 @@ def test_digits_pipeline_end_to_end(tmp_path, pytestconfig):
 
 
 def test_cli_digits(tmp_path, pytestconfig):
-    out = mnist_distill.main(["--dataset", "digits", "--out", str(tmp_path), "--no-progress",
-                              "--teacher-epochs", "1", "--no-reference-check", "--device", "cpu",
-                              "--loss-backend", _backend(pytestconfig)])
+    out = mnist_distill.main(
+        [
+            "--dataset",
+            "digits",
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+            "--teacher-epochs",
+            "1",
+            "--no-reference-check",
+            "--device",
+            "cpu",
+            "--loss-backend",
+            _backend(pytestconfig),
+        ]
+    )
     assert (tmp_path / "digits_distill.md").is_file()
     assert "reference_check" not in out

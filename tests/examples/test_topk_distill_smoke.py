@@ -17,8 +17,9 @@ import topk_distill  # noqa: E402
 
 def test_topk_distill_quick(tmp_path):
     store = tmp_path / "teacher_topk.pt"
-    out = topk_distill.main(["--quick", "--store", str(store), "--json",
-                             str(tmp_path / "out.json")])
+    out = topk_distill.main(
+        ["--quick", "--store", str(store), "--json", str(tmp_path / "out.json")]
+    )
     acc = out["accuracy"]
     assert set(acc) == {"teacher", "student_hard", "student_full_kd", "student_topk_kd"}
     # chance is 10%; every model must have learnt something even in the short run

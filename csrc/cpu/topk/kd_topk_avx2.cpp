@@ -23,6 +23,8 @@
 #include "kd_topk_kernel_cpu.h"
 #else
 namespace kdfused::cpu_topk {
-TopKForwardFn topk_forward_avx2() { return nullptr; }
+TopKForwardFn topk_forward_avx2() {
+  return nullptr;
+}
 }  // namespace kdfused::cpu_topk
 #endif

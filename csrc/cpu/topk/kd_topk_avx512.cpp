@@ -34,6 +34,8 @@
 #include "kd_topk_kernel_cpu.h"
 #else
 namespace kdfused::cpu_topk {
-TopKForwardFn topk_forward_avx512() { return nullptr; }
+TopKForwardFn topk_forward_avx512() {
+  return nullptr;
+}
 }  // namespace kdfused::cpu_topk
 #endif

@@ -33,8 +33,8 @@
 #include <type_traits>
 #include <vector>
 
-#include "../../kd_topk_params.h"
 #include "../../kd_topk_math.h"
+#include "../../kd_topk_params.h"
 #include "kd_topk_cpu_dispatch.h"
 
 namespace kdfused::cpu_topk {
@@ -326,5 +326,7 @@ inline void topk_forward(const TopKParams& p, bool acc_double) {
 }  // namespace kdfused::cpu_topk
 
 namespace kdfused::cpu_topk {
-TopKForwardFn KD_TOPK_ENTRY() { return &CPU_CAPABILITY::topk_forward; }
+TopKForwardFn KD_TOPK_ENTRY() {
+  return &CPU_CAPABILITY::topk_forward;
+}
 }  // namespace kdfused::cpu_topk
