@@ -8,7 +8,9 @@
 
 from . import reference
 from ._C import build_info, empty_cache
+from .linear import LinearKDLoss, linear_kd_loss
 from .loss import KDLoss, kd_loss
 
-__all__ = ["kd_loss", "KDLoss", "reference", "build_info", "empty_cache"]
+__all__ = ["kd_loss", "KDLoss", "linear_kd_loss", "LinearKDLoss", "reference", "build_info",
+           "empty_cache"]
 __version__ = "0.1.0"
