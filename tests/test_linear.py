@@ -242,13 +242,14 @@ def test_module(gen):
 def test_torch_compile_fullgraph(gen, reduction):
     d = make(gen, 11, 8, 23, torch.float32)
 
-    def fn(sh, sw, sb, th, tw, y):
-        loss = kdfused.linear_kd_loss(sh, sw, th, tw, y, student_bias=sb, temperature=2.0,
-                                      hard_weight=0.5, reduction=reduction, chunk_size=4)
+    def fn(sh, sw, sb, th, tw, tb, y):
+        loss = kdfused.linear_kd_loss(sh, sw, th, tw, y, student_bias=sb, teacher_bias=tb,
+                                      temperature=2.0, hard_weight=0.5, reduction=reduction,
+                                      chunk_size=4)
         return (loss * 3.0).sum()  # grad_output 3 reaches the op's backward
 
     args = [d[k] for k in ("student_hidden", "student_weight", "student_bias", "teacher_hidden",
-                           "teacher_weight", "labels")]
+                           "teacher_weight", "teacher_bias", "labels")]
     torch._dynamo.reset()
     out = torch.compile(fn, fullgraph=True, backend="aot_eager")(*args)
     out.backward()
@@ -283,7 +284,8 @@ def _bad_cases(d):
         (dict(student_weight=torch.randn(V, H + 1, **f64)), ValueError, "H = "),
         (dict(student_weight=torch.randn(V, H, dtype=torch.float32)), TypeError, "one dtype"),
         (dict(student_bias=torch.randn(V + 1, **f64)), ValueError, "student_bias"),
-        (dict(teacher_weight=torch.randn(V + 2, H, **f64)), ValueError, "teacher_weight has V"),
+        (dict(teacher_weight=torch.randn(V + 2, H, **f64), teacher_bias=None), ValueError,
+         "teacher_weight has V"),
         (dict(teacher_hidden=torch.randn(N + 1, H, **f64)), ValueError, "leading dims"),
         (dict(teacher_logits=torch.randn(N, V, **f64)), ValueError, "not both"),
         (dict(teacher_hidden=None, teacher_weight=None, teacher_bias=None), ValueError,
