@@ -1,4 +1,4 @@
-// kd_linear.cpp -- schema of the fused linear + chunked distillation loss (kdfused::kd_linear_loss).
+// kd_linear.cpp -- schema of the fused linear + chunked distillation loss, kdfused::kd_linear_loss.
 //
 // The CPU implementation is cpu/kd_linear_cpu.cpp. There is no CUDA implementation yet: on CUDA
 // tensors the dispatcher raises NotImplementedError. Autograd and the fake kernel are registered

@@ -185,6 +185,10 @@ def linear_kd_loss(
         raise TypeError(f"kdfused.linear_kd_loss: ignore_index must be an int, got "
                         f"{type(ignore_index).__name__}")
     chunk = _check_chunk_size(chunk_size)
+    if student_hidden.device.type == "cuda":
+        raise NotImplementedError(
+            "kdfused.linear_kd_loss: CUDA tensors are not supported yet (CPU only); use "
+            "kdfused.kd_loss on materialised logits on the GPU")
     grad_on = torch.is_grad_enabled()
     if grad_on:
         for name in _TEACHER_NAMES:
