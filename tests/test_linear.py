@@ -238,8 +238,9 @@ def test_module(gen):
         kdfused.LinearKDLoss(temperature=-1.0)
 
 
-@pytest.mark.parametrize("reduction", ["batchmean", "none"])
-def test_torch_compile_fullgraph(gen, reduction):
+@pytest.mark.parametrize("reduction,backend", [("batchmean", "inductor"),
+                                               ("batchmean", "aot_eager"), ("none", "aot_eager")])
+def test_torch_compile_fullgraph(gen, reduction, backend):
     d = make(gen, 11, 8, 23, torch.float32)
 
     def fn(sh, sw, sb, th, tw, tb, y):
@@ -251,7 +252,7 @@ def test_torch_compile_fullgraph(gen, reduction):
     args = [d[k] for k in ("student_hidden", "student_weight", "student_bias", "teacher_hidden",
                            "teacher_weight", "teacher_bias", "labels")]
     torch._dynamo.reset()
-    out = torch.compile(fn, fullgraph=True, backend="aot_eager")(*args)
+    out = torch.compile(fn, fullgraph=True, backend=backend)(*args)
     out.backward()
     ref = reference_loss(d, grad_output=torch.full((11,) if reduction == "none" else (), 3.0),
                          temperature=2.0, hard_weight=0.5, reduction=reduction)
