@@ -156,8 +156,10 @@ def linear_kd_loss(
     all ignored skip their GEMMs. The loss does not depend on the chunk size (rows are reduced in
     a fixed order, in double); the gradients of ``student_weight`` and ``student_bias`` are sums
     over chunks and so may differ across chunk sizes by floating-point summation order (for
-    16-bit weights they are accumulated in float32 and rounded once). For a fixed chunk size and
-    thread count, results are deterministic. Double backward raises RuntimeError.
+    16-bit weights they are accumulated in float32 and rounded once). For a fixed chunk size the
+    results are deterministic (every reduction has a fixed order; the tests check bitwise equality
+    across runs and across 1 and 2 threads, which relies on the BLAS being deterministic too).
+    Double backward raises RuntimeError.
 
     Devices: CPU only for now. On CUDA tensors the op raises NotImplementedError (no CUDA kernel
     is registered for ``kdfused::kd_linear_loss``); use :func:`kdfused.kd_loss` on logits there.

@@ -25,7 +25,7 @@ namespace {
 // The automatic chunk: as many rows as make one chunk's student logits about this many bytes. The
 // live extra memory is then about 3-4x this (student and teacher logits, the logit gradient, and
 // for 16-bit inputs its float32 copy for grad_weight), while each GEMM still has >= hundreds of
-// rows for the usual vocabularies (V = 32000 float32: 524 rows).
+// rows for the usual vocabularies (V = 32000 float32: 512 rows after rounding).
 constexpr int64_t kChunkLogitBytes = int64_t{64} << 20;
 
 std::string shape_str(at::IntArrayRef s) {
