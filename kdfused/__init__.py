@@ -25,6 +25,8 @@ __all__ = [
     "topk_kd_loss",
     "TopKKDLoss",
     "topk_teacher",
+    "linear_kd_loss",
+    "LinearKDLoss",
 ]
 __version__ = "0.1.0"
 
@@ -38,10 +40,13 @@ _LAZY = {
     "topk_kd_loss": "topk",
     "TopKKDLoss": "topk",
     "topk_teacher": "topk",
+    "linear_kd_loss": "linear",
+    "LinearKDLoss": "linear",
 }
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily
     from ._C import build_info, empty_cache  # noqa: F401
+    from .linear import LinearKDLoss, linear_kd_loss  # noqa: F401
     from .loss import KDLoss, KDLossFunction, kd_loss  # noqa: F401
     from .topk import TopKKDLoss, topk_kd_loss, topk_teacher  # noqa: F401
 

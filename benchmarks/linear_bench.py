@@ -1,0 +1,288 @@
+"""Benchmark of kdfused.linear_kd_loss (fused linear + chunked KD loss) against materialised logits.
+
+Providers (each run in its own subprocess, so that its peak memory is its own):
+  kdfused-linear    kdfused.linear_kd_loss on the hidden states (no N x V logits)
+  kdfused           F.linear logits, then kdfused.kd_loss
+  eager             F.linear + F.kl_div(log_softmax) + F.cross_entropy
+  compile           torch.compile of eager
+  chunked-eager     torchtune-style chunked KD: per chunk of rows F.linear + log_softmax + KL
+                    (+ CE), autograd through every chunk
+
+Loss: 0.5 * T^2 * KL(teacher || student) + 0.5 * CE(student, labels), T = 2, batchmean, every row
+valid; the teacher is (hidden, weight) without grad. Reported: median time of forward + backward,
+peak RSS above the inputs (peak RSS over the measured runs, VmHWM after a reset, minus the RSS
+once the inputs exist; ru_maxrss where the reset is not allowed), and the
+time of the four N x V x H GEMMs every provider needs (measured alone) as a share of the total.
+
+    python benchmarks/linear_bench.py --quick
+    python benchmarks/linear_bench.py --out benchmarks/results/linear-cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+PROVIDERS = ["kdfused-linear", "kdfused", "eager", "compile", "chunked-eager"]
+T, SOFT, HARD = 2.0, 0.5, 0.5
+CHUNKED_EAGER_ROWS = 512  # rows per chunk of the torchtune-style loss
+
+
+def _status_mib(key: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024.0  # kB
+    raise KeyError(key)
+
+
+def _reset_peak() -> bool:
+    """Linux: writing 5 to clear_refs resets the peak RSS (VmHWM) to the current RSS."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_mib(reset: bool) -> float:
+    if reset:
+        return _status_mib("VmHWM")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def _make(N, H, V, dtype):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    sh = torch.randn(N, H, generator=g, dtype=dtype).requires_grad_()
+    sw = (torch.randn(V, H, generator=g, dtype=dtype) * (3.0 / H**0.5)).requires_grad_()
+    th = torch.randn(N, H, generator=g, dtype=dtype)
+    tw = torch.randn(V, H, generator=g, dtype=dtype) * (3.0 / H**0.5)
+    y = torch.randint(0, V, (N,), generator=g)
+    return sh, sw, th, tw, y
+
+
+def _eager(sh, sw, th, tw, y):
+    import torch
+    import torch.nn.functional as F
+
+    s = F.linear(sh, sw)
+    with torch.no_grad():
+        t = F.linear(th, tw)
+    kl = F.kl_div(
+        F.log_softmax(s / T, -1), F.log_softmax(t / T, -1), reduction="batchmean", log_target=True
+    )
+    return SOFT * T * T * kl + HARD * F.cross_entropy(s, y)
+
+
+def _chunked_eager(sh, sw, th, tw, y):
+    import torch
+    import torch.nn.functional as F
+
+    total = sh.new_zeros((), dtype=torch.float32)
+    for h_c, th_c, y_c in zip(
+        sh.split(CHUNKED_EAGER_ROWS), th.split(CHUNKED_EAGER_ROWS), y.split(CHUNKED_EAGER_ROWS)
+    ):
+        s = F.linear(h_c, sw).float()
+        with torch.no_grad():
+            t = F.linear(th_c, tw).float()
+        log_q = F.log_softmax(s / T, -1)
+        log_p = F.log_softmax(t / T, -1)
+        kl = (log_p.exp() * (log_p - log_q)).sum()
+        total = total + SOFT * T * T * kl + HARD * F.cross_entropy(s, y_c, reduction="sum")
+    return total / sh.shape[0]
+
+
+def worker(provider, N, H, V, dtype_name, repeats):
+    import torch
+    import torch.nn.functional as F
+
+    import kdfused
+
+    dtype = getattr(torch, dtype_name)
+    sh, sw, th, tw, y = _make(N, H, V, dtype)
+    if provider == "kdfused-linear":
+
+        def fn():
+            return kdfused.linear_kd_loss(
+                sh, sw, th, tw, y, temperature=T, soft_weight=SOFT, hard_weight=HARD
+            )
+    elif provider == "kdfused":
+
+        def fn():
+            s = F.linear(sh, sw)
+            with torch.no_grad():
+                t = F.linear(th, tw)
+            return kdfused.kd_loss(s, t, y, temperature=T, soft_weight=SOFT, hard_weight=HARD)
+    elif provider == "eager":
+
+        def fn():
+            return _eager(sh, sw, th, tw, y)
+    elif provider == "compile":
+        compiled = torch.compile(_eager)
+
+        def fn():
+            return compiled(sh, sw, th, tw, y)
+    elif provider == "chunked-eager":
+
+        def fn():
+            return _chunked_eager(sh, sw, th, tw, y)
+    elif provider == "gemm":
+        return gemm_worker(sh, sw, th, tw, repeats)
+    else:
+        raise SystemExit(f"unknown provider {provider}")
+    # Peak above the inputs: RSS once the inputs exist is the base; the peak is taken over the
+    # measured runs (after a warm-up run, which also compiles for "compile"). What the warm-up
+    # leaves behind (kdfused's gradient cache, the compiled code) counts.
+    base = _status_mib("VmRSS")
+    times, loss, reset = [], None, False
+    for i in range(repeats + 1):  # the first run warms up (allocator, oneDNN primitives)
+        sh.grad = sw.grad = None
+        if i == 1:
+            reset = _reset_peak()
+        t0 = time.perf_counter()
+        loss = fn()
+        loss.backward()
+        dt = time.perf_counter() - t0
+        if i:
+            times.append(dt)
+    peak = _peak_mib(reset) - base
+    print(
+        json.dumps(
+            dict(
+                provider=provider,
+                ms=1e3 * statistics.median(times),
+                ms_all=[1e3 * t for t in times],
+                peak_mib=peak,
+                loss=loss.item(),
+                peak_source="VmHWM" if reset else "ru_maxrss",
+                threads=torch.get_num_threads(),
+            )
+        )
+    )
+
+
+def gemm_worker(sh, sw, th, tw, repeats):
+    """The four GEMMs of forward + backward (student and teacher logits, grad_hidden,
+    grad_weight), full size, timed alone."""
+    import torch
+
+    sh, sw = sh.detach(), sw.detach()
+    with torch.no_grad():
+        g = sh @ sw.t()
+        times = []
+        for i in range(repeats + 1):
+            dt = 0.0
+            for f in (lambda: sh @ sw.t(), lambda: th @ tw.t(), lambda: g @ sw, lambda: g.t() @ sh):
+                t0 = time.perf_counter()
+                out = f()
+                dt += time.perf_counter() - t0
+                del out
+            if i:
+                times.append(dt)
+    print(json.dumps(dict(provider="gemm", ms=1e3 * statistics.median(times))))
+
+
+def run_one(provider, N, H, V, dtype, repeats):
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        provider,
+        str(N),
+        str(H),
+        str(V),
+        dtype,
+        str(repeats),
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        return dict(provider=provider, error=out.stderr.strip().splitlines()[-1:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--worker", nargs=6, metavar=("PROVIDER", "N", "H", "V", "DTYPE", "REPEATS"))
+    ap.add_argument(
+        "--quick", action="store_true", help="one small case (N, H, V) = (512, 256, 8000)"
+    )
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--providers", default=",".join(PROVIDERS))
+    ap.add_argument("--out", help="write OUT.csv and OUT.json")
+    args = ap.parse_args()
+    if args.worker:
+        p, N, H, V, dt, r = args.worker
+        return worker(p, int(N), int(H), int(V), dt, int(r))
+    sizes = [(512, 256, 8000)] if args.quick else [(4096, 1024, 32000)]
+    rows = []
+    for N, H, V in sizes:
+        gemm = run_one("gemm", N, H, V, args.dtype, args.repeats)
+        for prov in args.providers.split(","):
+            r = run_one(prov, N, H, V, args.dtype, args.repeats)
+            r.update(N=N, H=H, V=V, dtype=args.dtype)
+            if "ms" in r:
+                r["gemm_share"] = gemm["ms"] / r["ms"]
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+    by = {(r["N"], r["H"], r["V"], r["provider"]): r for r in rows}
+    print(f"\n{'N,H,V':>18} {'provider':>15} {'ms':>9} {'peak MiB':>9} {'gemm%':>6} {'loss':>12}")
+    for r in rows:
+        if "ms" not in r:
+            print(f"{r['provider']}: failed: {r.get('error')}")
+            continue
+        print(
+            f"{r['N']},{r['H']},{r['V']:>7} {r['provider']:>15} {r['ms']:9.1f} "
+            f"{r['peak_mib']:9.1f} {100 * r['gemm_share']:6.1f} {r['loss']:12.6f}"
+        )
+    for N, H, V in sizes:
+        lin, mat = by.get((N, H, V, "kdfused-linear")), by.get((N, H, V, "kdfused"))
+        eag, com = by.get((N, H, V, "eager")), by.get((N, H, V, "compile"))
+        if all(x and "ms" in x for x in (lin, mat, eag, com)):
+            print(
+                f"({N}, {H}, {V}): memory vs kdfused {lin['peak_mib'] / mat['peak_mib']:.3f}, "
+                f"vs eager {lin['peak_mib'] / eag['peak_mib']:.3f}; time vs kdfused "
+                f"{lin['ms'] / mat['ms']:.3f}x, speed-up vs compile {com['ms'] / lin['ms']:.2f}x"
+            )
+    if args.out:
+        import torch
+
+        meta = dict(
+            torch=torch.__version__,
+            machine=platform.machine(),
+            cpus=os.cpu_count(),
+            command=" ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
+        )
+        with open(args.out + ".json", "w") as f:
+            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+        keys = [
+            "N",
+            "H",
+            "V",
+            "dtype",
+            "provider",
+            "ms",
+            "peak_mib",
+            "gemm_share",
+            "loss",
+            "threads",
+        ]
+        with open(args.out + ".csv", "w", newline="") as f:
+            w = csv.DictWriter(f, keys, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(r for r in rows if "ms" in r)
+
+
+if __name__ == "__main__":
+    main()

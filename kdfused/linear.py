@@ -1,0 +1,348 @@
+"""Fused linear + chunked distillation loss: :func:`linear_kd_loss` and :class:`LinearKDLoss`.
+
+The loss of :func:`kdfused.kd_loss` on ``F.linear(hidden, weight, bias)`` logits, computed a chunk
+of rows at a time by one C++ op (``torch.ops.kdfused.kd_linear_loss``), so that the N x V logits
+(and their gradient) never exist. Like ``kd_loss``, the op returns the gradients with the loss; the
+backward only scales them (``kd_scale_grads_``, with the same retain_graph / torch.compile / no
+double backward behaviour, through the helpers of ``kdfused._ops``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import _C
+from ._ops import _graph_kept, _traced
+
+_N_INPUTS = 20  # arguments of kdfused::kd_linear_loss
+_TEACHER_NAMES = ("teacher_hidden", "teacher_weight", "teacher_bias", "teacher_logits")
+
+
+@torch.library.register_fake("kdfused::kd_linear_loss")
+def _kd_linear_loss_fake(
+    sh,
+    sw,
+    sb,
+    th,
+    tw,
+    tb,
+    tl,
+    labels,
+    row_weight,
+    temperature,
+    soft_weight,
+    hard_weight,
+    divergence,
+    beta,
+    ignore_index,
+    reduction,
+    chunk_size,
+    grad_hidden,
+    grad_weight,
+    grad_bias,
+):
+    teacher = th if th is not None else tl
+    dtypes = (sh.dtype, teacher.dtype if teacher is not None else sh.dtype)
+    acc = torch.float64 if torch.float64 in dtypes else torch.float32
+    loss = sh.new_empty(sh.shape[:-1] if reduction == "none" else (), dtype=acc)
+    gh = sh.new_empty(sh.shape) if grad_hidden else sh.new_empty((0,))
+    gw = sw.new_empty(sw.shape) if grad_weight else sw.new_empty((0,))
+    gb = sb.new_empty(sb.shape) if grad_bias and sb is not None else sw.new_empty((0,))
+    return loss, gh, gw, gb, torch.empty_like(loss)
+
+
+def _setup_context(ctx, inputs, output):
+    _, gh, gw, gb, scale = output
+    ctx.mark_non_differentiable(gh, gw, gb, scale)
+    ctx.set_materialize_grads(False)
+    ctx.kd_need = (inputs[17], inputs[18], inputs[19] and inputs[2] is not None)
+    ctx.kd_none = inputs[15] == "none"
+    if ctx.kd_none:
+        # Reduction "none": grad_weight = sum_r g_r (dlogits_r)^T h_r needs every row's own
+        # grad_output g_r, so the backward runs the chunked op again with row_weight = g (no N x V
+        # state is kept between forward and backward).
+        ctx.save_for_backward(*inputs[:8])
+        ctx.kd_args = inputs[9:17]
+        ctx.kd_grads = None
+    else:
+        # Plain attributes, as for kd_loss: kd_scale_grads_ updates them in place.
+        ctx.kd_grads = (gh, gw, gb, scale)
+
+
+def _backward(ctx, grad_loss, _gh, _gw, _gb, _scale):
+    need_h, need_w, need_b = ctx.kd_need
+    none = (None,) * (_N_INPUTS - 3)
+    if ctx.kd_none:
+        if grad_loss is None:
+            return (None,) * _N_INPUTS
+        if torch.is_grad_enabled() and not _traced(grad_loss):
+            raise RuntimeError(
+                "kdfused.linear_kd_loss does not support double backward (create_graph=True)"
+            )
+        saved = ctx.saved_tensors
+        _, gh, gw, gb, _ = torch.ops.kdfused.kd_linear_loss(
+            *saved, grad_loss, *ctx.kd_args, need_h, need_w, need_b
+        )
+        return (gh if need_h else None, gw if need_w else None, gb if need_b else None) + none
+    gh, gw, gb, scale = ctx.kd_grads
+    kept = _graph_kept()
+    if not kept:
+        ctx.kd_grads = None  # hand the saved gradients on without a copy
+    if grad_loss is None:
+        return (None,) * _N_INPUTS
+    if _traced(grad_loss):
+        gh = gh * grad_loss if need_h else None
+        gw = gw * grad_loss if need_w else None
+        gb = gb * grad_loss if need_b else None
+        return (gh, gw, gb) + none
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "kdfused.linear_kd_loss does not support double backward (create_graph=True)"
+        )
+    if kept:
+        gh, gw, gb, scale = gh.clone(), gw.clone(), gb.clone(), scale.clone()
+    # kd_scale_grads_ scales two gradients per call and records grad_output in its scale: the
+    # first call gets a copy of the scale, so that the second still scales from the old one.
+    torch.ops.kdfused.kd_scale_grads_(gh, gw, scale.clone(), grad_loss)
+    torch.ops.kdfused.kd_scale_grads_(gb, gb.new_empty((0,)), scale, grad_loss)
+    return (gh if need_h else None, gw if need_w else None, gb if need_b else None) + none
+
+
+torch.library.register_autograd("kdfused::kd_linear_loss", _backward, setup_context=_setup_context)
+
+
+def _check_chunk_size(chunk_size) -> int:
+    if chunk_size is None:
+        return 0  # automatic
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise TypeError(
+            f"kdfused.linear_kd_loss: chunk_size must be an int or None, got "
+            f"{type(chunk_size).__name__}"
+        )
+    if chunk_size <= 0:
+        raise ValueError(f"kdfused.linear_kd_loss: chunk_size must be > 0, got {chunk_size}")
+    return chunk_size
+
+
+def linear_kd_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: Optional[torch.Tensor] = None,
+    teacher_weight: Optional[torch.Tensor] = None,
+    labels: Optional[torch.Tensor] = None,
+    *,
+    student_bias: Optional[torch.Tensor] = None,
+    teacher_bias: Optional[torch.Tensor] = None,
+    teacher_logits: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    soft_weight: float = 1.0,
+    hard_weight: float = 0.0,
+    divergence: str = "kl",
+    beta: float = 0.5,
+    ignore_index: int = -100,
+    reduction: str = "batchmean",
+    chunk_size: Optional[int] = None,
+) -> torch.Tensor:
+    r"""Distillation loss of the student's (and teacher's) output layer, without N x V logits.
+
+    Equals ``kdfused.kd_loss(F.linear(student_hidden, student_weight, student_bias), teacher,
+    labels, ...)`` with the same options, where ``teacher`` is ``F.linear(teacher_hidden,
+    teacher_weight, teacher_bias)`` or ``teacher_logits``. The rows are processed ``chunk_size``
+    at a time: per chunk the logits (chunk x V) come from one GEMM each, the fused kd_loss kernel
+    gives the row losses and the logit gradient, and two more GEMMs fold that gradient into the
+    gradients of ``student_hidden`` and ``student_weight`` (and a column sum into
+    ``student_bias``). Extra memory is O(chunk x V) plus the gradients themselves.
+
+    Args:
+        student_hidden: ``(..., H)``; student_weight ``(V, H)``; student_bias ``(V,)`` or None; one
+            float dtype (float16, bfloat16, float32, float64). Each gets a gradient when it
+            requires grad.
+        teacher_hidden, teacher_weight, teacher_bias: the teacher's layer: ``(..., H_t)`` with the
+            student's leading dims, ``(V, H_t)``, ``(V,)``; ``H_t`` may differ from ``H``. Or
+        teacher_logits: ``(..., V)``. Exactly one of the two forms; the teacher gets no gradient
+            (a teacher tensor that requires grad raises ValueError: detach it, or use
+            :func:`kdfused.kd_loss` on materialised logits for mutual distillation).
+        labels, temperature, soft_weight, hard_weight, divergence, beta, ignore_index, reduction:
+            as for :func:`kdfused.kd_loss`.
+        chunk_size: rows per chunk, > 0; ``None`` picks as many rows as make one chunk's student
+            logits about 64 MiB (``64 MiB // (V * element size)``, rounded down to a multiple of
+            16 when >= 64; V = 32000 float32: 512 rows). The extra memory is about 3-4 such buffers.
+
+    Returns:
+        The loss, as :func:`kdfused.kd_loss` returns it (float32, or float64 for float64 inputs).
+
+    The gradients are computed in the forward call; ``loss.backward()`` then only scales them by
+    grad_output (nothing at all when it is 1). For ``reduction="none"`` no gradient is kept: the
+    backward runs the chunked computation again with each row's grad_output. Chunks whose rows are
+    all ignored skip their GEMMs. The loss does not depend on the chunk size (rows are reduced in
+    a fixed order, in double); the gradients of ``student_weight`` and ``student_bias`` are sums
+    over chunks and so may differ across chunk sizes by floating-point summation order (for
+    16-bit weights they are accumulated in float32 and rounded once). For a fixed chunk size the
+    results are deterministic (every reduction has a fixed order; the tests check bitwise equality
+    across runs and across 1 and 2 threads, which relies on the BLAS being deterministic too).
+    Double backward raises RuntimeError.
+
+    Devices: CPU only for now. On CUDA tensors the op raises NotImplementedError (no CUDA kernel
+    is registered for ``kdfused::kd_linear_loss``); use :func:`kdfused.kd_loss` on logits there.
+    """
+    tensors = {"student_hidden": student_hidden, "student_weight": student_weight}
+    optional = {
+        "teacher_hidden": teacher_hidden,
+        "teacher_weight": teacher_weight,
+        "labels": labels,
+        "student_bias": student_bias,
+        "teacher_bias": teacher_bias,
+        "teacher_logits": teacher_logits,
+    }
+    for name, value in tensors.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(
+                f"kdfused.linear_kd_loss: {name} must be a tensor, got {type(value).__name__}"
+            )
+    for name, value in optional.items():
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise TypeError(
+                f"kdfused.linear_kd_loss: {name} must be a tensor or None, got "
+                f"{type(value).__name__}"
+            )
+    for name, value in (
+        ("temperature", temperature),
+        ("soft_weight", soft_weight),
+        ("hard_weight", hard_weight),
+        ("beta", beta),
+    ):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(
+                f"kdfused.linear_kd_loss: {name} must be a real number, got {type(value).__name__}"
+            )
+    if not isinstance(divergence, str) or not isinstance(reduction, str):
+        raise TypeError("kdfused.linear_kd_loss: divergence and reduction must be strings")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(
+            f"kdfused.linear_kd_loss: ignore_index must be an int, got "
+            f"{type(ignore_index).__name__}"
+        )
+    chunk = _check_chunk_size(chunk_size)
+    if student_hidden.device.type == "cuda":
+        raise NotImplementedError(
+            "kdfused.linear_kd_loss: CUDA tensors are not supported yet (CPU only); use "
+            "kdfused.kd_loss on materialised logits on the GPU"
+        )
+    grad_on = torch.is_grad_enabled()
+    if grad_on:
+        for name in _TEACHER_NAMES:
+            t = optional[name]
+            if t is not None and t.requires_grad:
+                raise ValueError(
+                    f"kdfused.linear_kd_loss: {name} requires grad, but the teacher gets no "
+                    f"gradient here; pass {name}.detach() (for mutual distillation use "
+                    f"kdfused.kd_loss on materialised logits)"
+                )
+    need_h = grad_on and student_hidden.requires_grad
+    need_w = grad_on and student_weight.requires_grad
+    need_b = grad_on and student_bias is not None and student_bias.requires_grad
+    loss = torch.ops.kdfused.kd_linear_loss(
+        student_hidden,
+        student_weight,
+        student_bias,
+        teacher_hidden,
+        teacher_weight,
+        teacher_bias,
+        teacher_logits,
+        labels,
+        None,
+        float(temperature),
+        float(soft_weight),
+        float(hard_weight),
+        divergence,
+        float(beta),
+        int(ignore_index),
+        reduction,
+        chunk,
+        need_h,
+        need_w,
+        need_b,
+    )[0]
+    return loss
+
+
+class LinearKDLoss(nn.Module):
+    """Module form of :func:`linear_kd_loss`; the keywords are checked when the module is built.
+
+    Example::
+
+        >>> crit = LinearKDLoss(temperature=2.0, soft_weight=0.5, hard_weight=0.5)
+        >>> loss = crit(h_student, lm_head.weight, h_teacher.detach(), teacher_head.weight, labels)
+    """
+
+    def __init__(
+        self,
+        temperature: float = 1.0,
+        soft_weight: float = 1.0,
+        hard_weight: float = 0.0,
+        divergence: str = "kl",
+        beta: float = 0.5,
+        ignore_index: int = -100,
+        reduction: str = "batchmean",
+        chunk_size: Optional[int] = None,
+    ):
+        super().__init__()
+        _C.check_options(
+            float(temperature),
+            float(soft_weight),
+            float(hard_weight),
+            divergence,
+            float(beta),
+            reduction,
+        )
+        _check_chunk_size(chunk_size)
+        self.temperature = float(temperature)
+        self.soft_weight = float(soft_weight)
+        self.hard_weight = float(hard_weight)
+        self.divergence = divergence
+        self.beta = float(beta)
+        self.ignore_index = int(ignore_index)
+        self.reduction = reduction
+        self.chunk_size = chunk_size
+
+    def forward(
+        self,
+        student_hidden: torch.Tensor,
+        student_weight: torch.Tensor,
+        teacher_hidden: Optional[torch.Tensor] = None,
+        teacher_weight: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        *,
+        student_bias: Optional[torch.Tensor] = None,
+        teacher_bias: Optional[torch.Tensor] = None,
+        teacher_logits: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        return linear_kd_loss(
+            student_hidden,
+            student_weight,
+            teacher_hidden,
+            teacher_weight,
+            labels,
+            student_bias=student_bias,
+            teacher_bias=teacher_bias,
+            teacher_logits=teacher_logits,
+            temperature=self.temperature,
+            soft_weight=self.soft_weight,
+            hard_weight=self.hard_weight,
+            divergence=self.divergence,
+            beta=self.beta,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            chunk_size=self.chunk_size,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"temperature={self.temperature}, soft_weight={self.soft_weight}, "
+            f"hard_weight={self.hard_weight}, divergence={self.divergence!r}, "
+            f"beta={self.beta}, ignore_index={self.ignore_index}, "
+            f"reduction={self.reduction!r}, chunk_size={self.chunk_size}"
+        )
