@@ -109,11 +109,7 @@ def reference_loss(d, grad_output=None, **kw):
             d["teacher_weight"].to(F64),
             tb.to(F64) if tb is not None else None,
         )
-    if kw.get("divergence", "kl") in reference.DIVERGENCES:
-        kw = {k: v for k, v in kw.items() if k != "beta"}
-        loss = reference.kd_loss(s, t, d["labels"], **kw)
-    else:
-        loss = kdfused.kd_loss(s, t, d["labels"], **kw)
+    loss = reference.kd_loss(s, t, d["labels"], **kw)
     go = torch.ones_like(loss) if grad_output is None else grad_output.to(F64)
     grads = torch.autograd.grad(loss, [sh, sw] + ([sb] if sb is not None else []), go)
     return (loss.detach(),) + tuple(grads) + ((None,) if sb is None else ())
