@@ -62,7 +62,8 @@ def main() -> None:
                 times[k].append((time.perf_counter() - t0) / a.inner)
         med = {k: statistics.median(v) for k, v in times.items()}
         row = "  ".join(f"{k} {m * 1e6:8.1f} us" for k, m in med.items())
-        print(f"N={a.rows} V={V:>4} fwd+bwd: {row}  kdfused/eager {med['kdfused'] / med['eager']:.2f}")
+        ratio = med["kdfused"] / med["eager"]
+        print(f"N={a.rows} V={V:>4} fwd+bwd: {row}  kdfused/eager {ratio:.2f}")
 
 
 if __name__ == "__main__":

@@ -213,6 +213,19 @@ struct VecSums {
   Vectorized<A> za{A(0)}, zh{A(0)}, zb{A(0)}, cx{A(0)}, ch{A(0)}, cr{A(0)};
 };
 
+// kd_math.h's scalar functions (make_row_config, merge, finalize, ...) are inline templates in
+// namespace kdfused, instantiated identically named in every ISA's file: the linker keeps ONE
+// copy for all of them, compiled with whichever ISA's flags came first (FMA contraction, even
+// AVX-512 instructions on the default path). So every member below that calls them is flattened:
+// they are inlined into this ISA's code instead of called.
+#ifndef KD_FLATTEN
+#if defined(__GNUC__) || defined(__clang__)
+#define KD_FLATTEN __attribute__((flatten))
+#else
+#define KD_FLATTEN
+#endif
+#endif
+
 // The three sweeps of a row, one chunk at a time, so that a row can be run on one thread (chunks
 // in order) or split over threads (chunks in parallel, their states merged in chunk order): both
 // run exactly the same operations in the same order, hence give bitwise the same result.
@@ -248,6 +261,7 @@ struct RowKernel {
   const bool grad_logits;
   const bool keep;  // the exponentials are needed after the statistics sweep
 
+  KD_FLATTEN
   explicit RowKernel(const KDParams& params)
       : p(params),
         cfg(make_row_config<A>(params)),
@@ -282,6 +296,7 @@ struct RowKernel {
   }
 
   // ---- 1. statistics sweep of chunk c: exact chunk maxima, kd_math.h accumulate_at per vector --
+  KD_FLATTEN
   RowState<A> stats_chunk(const Row& w, int64_t c, RowBufs<A>& rb, ChunkBufs<S, T, A>& cb) const {
     // A local copy: inside the loops the compiler keeps its fields in registers (a member could
     // alias the exponential stores and would be reloaded for every vector).
@@ -331,6 +346,7 @@ struct RowKernel {
   }
 
   // ---- 2. the row's loss, from its merged statistics -----------------------------------------
+  KD_FLATTEN
   Fin finalize_row(const Row& w, const RowState<A>& st) const {
     const A s_label = cfg.hard ? static_cast<A>(w.s[w.y]) : A(0);
     Fin f;
@@ -343,6 +359,7 @@ struct RowKernel {
   // exponentials are relative to each chunk's maximum and are already in memory, so the sweeps
   // cost no exp at all). For an all -inf chunk the factor is exp(-inf) = 0; for an all -inf row
   // it is NaN (no distribution, as softmax).
+  KD_FLATTEN
   void chunk_factors(const Fin& f, const RowBufs<A>& rb, int64_t c, Vec& fa, Vec& fb,
                      Vec& fh) const {
     const RowResult<A>& res = f.res;
@@ -352,6 +369,7 @@ struct RowKernel {
   }
 
   // ---- 2b. jsd / tvd: the mix sums of chunk c (the row's are their sum in chunk order) ---------
+  KD_FLATTEN
   MixSums<A> mix_chunk(const Row& w, const Fin& f, int64_t c, const RowBufs<A>& rb,
                        ChunkBufs<S, T, A>& cb) const {
     const RowConfig<A> cfg = this->cfg;
@@ -381,6 +399,7 @@ struct RowKernel {
   }
 
   // ---- 3. gradient sweep of chunk c: kd_math.h grad_at per vector, no exp --------------------
+  KD_FLATTEN
   void gradient_chunk(const Row& w, const Fin& f, int64_t c, const RowBufs<A>& rb,
                       ChunkBufs<S, T, A>& cb) const {
     const RowConfig<A> cfg = this->cfg;
@@ -420,6 +439,7 @@ struct RowKernel {
   }
 
   // One row on the calling thread, chunks in order.
+  KD_FLATTEN
   void row_serial(int64_t r, RowBufs<A>& rb, ChunkBufs<S, T, A>& cb) const {
     const Row w = row(r);
     if (!w.valid) return invalid_row(r, w);
@@ -439,6 +459,7 @@ struct RowKernel {
 
   // One row with its chunks spread over threads: per-chunk states and sums are stored, then
   // merged on this thread in the order row_serial merges them (bitwise the same result).
+  KD_FLATTEN
   void row_split(int64_t r, RowBufs<A>& rb) const {
     const Row w = row(r);
     if (!w.valid) return invalid_row(r, w);
