@@ -336,12 +336,14 @@ struct RowKernel {
       if (eb) e_b.store(eb + i);
       if (eh) e_h.store(eh + i);
     }
+    // Only the sums this configuration accumulates (the others are 0 in cs already): for small
+    // V these horizontal sums are a good part of the row's time.
     cs.za = hsum(vs.za);
-    cs.zh = hsum(vs.zh);
-    cs.zb = hsum(vs.zb);
-    cs.cx = hsum(vs.cx);
-    cs.ch = hsum(vs.ch);
-    cs.cr = hsum(vs.cr);
+    if (cfg.need_zh) cs.zh = hsum(vs.zh);
+    if (cfg.soft) cs.zb = hsum(vs.zb);
+    if (cfg.need_cx) cs.cx = hsum(vs.cx);
+    if (cfg.need_ch) cs.ch = hsum(vs.ch);
+    if (cfg.need_cr) cs.cr = hsum(vs.cr);
     return cs;
   }
 
@@ -438,13 +440,15 @@ struct RowKernel {
     if (outt) finish_chunk(outt, w.gt + c0, n);
   }
 
-  // One row on the calling thread, chunks in order.
+  // One row on the calling thread, chunks in order. The row's state starts as its first chunk's
+  // (not merged into an empty state: that merge costs exps for nothing, per row, for small V).
+  // A row has at least one chunk (V >= 1).
   KD_FLATTEN
   void row_serial(int64_t r, RowBufs<A>& rb, ChunkBufs<S, T, A>& cb) const {
     const Row w = row(r);
     if (!w.valid) return invalid_row(r, w);
-    RowState<A> st = RowState<A>::empty();
-    for (int64_t c = 0; c < n_chunks; ++c) st = merge(st, stats_chunk(w, c, rb, cb), cfg);
+    RowState<A> st = stats_chunk(w, 0, rb, cb);
+    for (int64_t c = 1; c < n_chunks; ++c) st = merge(st, stats_chunk(w, c, rb, cb), cfg);
     Fin f = finalize_row(w, st);
     if (cfg.mix) {
       MixSums<A> mx = mix_zero<A>();
@@ -467,8 +471,8 @@ struct RowKernel {
       ChunkBufs<S, T, A> cb = chunk_bufs();
       for (int64_t c = b; c < e; ++c) rb.cst[c] = stats_chunk(w, c, rb, cb);
     });
-    RowState<A> st = RowState<A>::empty();
-    for (int64_t c = 0; c < n_chunks; ++c) st = merge(st, rb.cst[c], cfg);
+    RowState<A> st = rb.cst[0];
+    for (int64_t c = 1; c < n_chunks; ++c) st = merge(st, rb.cst[c], cfg);
     Fin f = finalize_row(w, st);
     if (cfg.mix) {
       at::parallel_for(0, n_chunks, 1, [&](int64_t b, int64_t e) {
