@@ -17,9 +17,14 @@ namespace {
 constexpr size_t kHugePage = size_t(2) << 20;
 // Small buffers are cheap to allocate: only gradients of at least this size are cached.
 constexpr size_t kMinCachedBytes = size_t(4) << 20;
-// At most this many free buffers are kept (a student and a teacher gradient, or two sizes).
-constexpr size_t kMaxCachedBlocks = 2;
 
+// What a training loop needs: each step asks for the same gradients (a student one, perhaps a
+// teacher one) of the same size, and frees them before the next step asks again. So only buffers
+// of the size of the last request are kept, and only as many as were in use at once since that
+// size was first asked for (one per live gradient): the cache never holds more than the loop's
+// own gradients. A request of another size (last batch of an epoch, evaluation) starts a new
+// generation: the cached buffers are freed then, and buffers of older generations are freed when
+// their tensors are, instead of being kept.
 struct Block {
   void* ptr;
   size_t bytes;
@@ -27,7 +32,9 @@ struct Block {
 
 struct Cache {
   std::mutex mu;
-  std::deque<Block> free;  // most recently freed at the back
+  std::deque<Block> free;   // free buffers of the current generation's size
+  size_t bytes = 0;         // the size of the last request (the current generation's)
+  uint64_t generation = 0;  // bumped whenever the requested size changes
 };
 
 // Never destroyed: buffers may be freed by tensors that outlive static destruction.
@@ -56,18 +63,18 @@ void* allocate(size_t bytes) {
   return p;
 }
 
-void release(void* p, size_t bytes) {
+void release(void* p, size_t bytes, uint64_t generation) {
   Cache& c = cache();
-  Block evicted{nullptr, 0};
   {
     std::lock_guard<std::mutex> lock(c.mu);
-    c.free.push_back({p, bytes});
-    if (c.free.size() > kMaxCachedBlocks) {
-      evicted = c.free.front();
-      c.free.pop_front();
+    if (generation == c.generation) {
+      // Every buffer of this generation was handed out while in use, so the cache never holds
+      // more of them than were in use at once.
+      c.free.push_back({p, bytes});
+      return;
     }
   }
-  std::free(evicted.ptr);
+  std::free(p);
 }
 
 }  // namespace
@@ -78,19 +85,28 @@ at::Tensor cached_empty(at::IntArrayRef sizes, const at::TensorOptions& options)
   const size_t bytes = static_cast<size_t>(numel) * options.dtype().itemsize();
   if (!enabled() || bytes < kMinCachedBytes) return at::empty(sizes, options);
   void* p = nullptr;
+  uint64_t generation = 0;
+  std::deque<Block> stale;
   {
     Cache& c = cache();
     std::lock_guard<std::mutex> lock(c.mu);
-    for (auto it = c.free.rbegin(); it != c.free.rend(); ++it) {
-      if (it->bytes == bytes) {
-        p = it->ptr;
-        c.free.erase(std::next(it).base());
-        break;
-      }
+    if (bytes != c.bytes) {
+      // A new size: the cached buffers of the old one are not what the loop needs any more.
+      stale.swap(c.free);
+      c.bytes = bytes;
+      ++c.generation;
     }
+    if (!c.free.empty()) {
+      p = c.free.back().ptr;
+      c.free.pop_back();
+    }
+    generation = c.generation;
   }
+  for (const Block& b : stale) std::free(b.ptr);  // outside the lock
   if (p == nullptr) p = allocate(bytes);
-  return at::from_blob(p, sizes, [bytes](void* q) { release(q, bytes); }, options.device(at::kCPU));
+  return at::from_blob(
+      p, sizes, [bytes, generation](void* q) { release(q, bytes, generation); },
+      options.device(at::kCPU));
 }
 
 size_t empty_cache() {

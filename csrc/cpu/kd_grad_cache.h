@@ -3,10 +3,11 @@
 // Every training step asks for a fresh N x V gradient. A fresh buffer of that size comes from the
 // kernel as untouched pages: each first touch is a page fault and a page of zeroing, which measured
 // here cost more than the whole kernel (a 262 MB gradient: ~75 ms of faults and zeroing against
-// ~20 ms to write it). Like PyTorch's CUDA caching allocator, the CPU op keeps the last few freed
-// gradient buffers and hands them out again when a gradient of the same size is asked for, so a
-// training loop pays for the pages once. KDFUSED_CPU_GRAD_CACHE=0 turns this off;
-// kdfused.empty_cache() returns the cached buffers to the system.
+// ~20 ms to write it). Like PyTorch's CUDA caching allocator, the CPU op keeps freed gradient
+// buffers and hands them out again when a gradient of the same size is asked for, so a training
+// loop pays for the pages once. Bounded by what the loop uses: only buffers of the last requested
+// size, no more than were in use at once (kd_grad_cache.cpp). KDFUSED_CPU_GRAD_CACHE=0 turns this
+// off; kdfused.empty_cache() returns the cached buffers to the system.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -28,6 +28,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -159,30 +160,50 @@ inline int64_t row_offset(const KDParams& p, int64_t r, const int64_t* strides) 
   return off;
 }
 
-// Per-thread scratch, sized once per parallel_for task.
-template <typename A>
-struct Scratch {
-  int64_t n_chunks;
-  std::vector<A> s, t;        // one chunk of inputs in the accumulation type (padded)
-  std::vector<A> ea, eb, eh;  // the row's exponentials (relative to each chunk's maxima)
-  std::vector<A> cms, cmt;    // each chunk's maxima
-  std::vector<A> gs, gt;      // one chunk of gradients before conversion
+// Chunk-sized buffers of one thread: inputs converted to the accumulation type and gradients
+// before conversion. Only the ones a conversion needs are allocated (an input that already has
+// the accumulation type is read in place), and no larger than the row: many-row small-V calls
+// allocate them once per task.
+template <typename S, typename T, typename A>
+struct ChunkBufs {
+  std::vector<A> s, t, gs, gt;
+  ChunkBufs(int64_t V, bool soft, bool want_gs, bool want_gt) {
+    constexpr int64_t W = Vectorized<A>::size();
+    const int64_t n = (std::min(kChunk, V) + W - 1) / W * W + W;
+    if (!std::is_same_v<S, A>) s.resize(n);
+    if (!std::is_same_v<T, A> && soft) t.resize(n);
+    if (!std::is_same_v<S, A> && want_gs) gs.resize(n);
+    if (!std::is_same_v<T, A> && want_gt) gt.resize(n);
+  }
+};
 
-  // keep: the exponentials are needed after the statistics sweep (gradients, mix sweep).
-  Scratch(int64_t V, bool soft, bool need_zh, bool keep) {
+// Per-row buffers: the row's exponentials (relative to each chunk's maxima) and each chunk's
+// maxima; for a row split over threads also each chunk's statistics and mix sums, merged in chunk
+// order afterwards. The exponentials are left uninitialised (every element read is written by the
+// statistics sweep first, padding lanes included): zeroing them would be a serial pass over
+// memory in front of the parallel sweeps.
+template <typename A>
+struct RowBufs {
+  int64_t n_chunks;
+  std::unique_ptr<A[]> ea, eb, eh;
+  std::vector<A> cms, cmt;
+  std::vector<RowState<A>> cst;
+  std::vector<MixSums<A>> cmx;
+
+  RowBufs(int64_t V, bool soft, bool keep_h, bool keep, bool split) {
     constexpr int64_t W = Vectorized<A>::size();
     n_chunks = (V + kChunk - 1) / kChunk;
-    const int64_t padded = n_chunks * kChunk + W;
-    s.resize(kChunk + W);
-    t.resize(kChunk + W);
+    const int64_t padded = V + W;  // the last chunk's vectors are stored whole
     cms.resize(n_chunks);
     cmt.resize(n_chunks);
     if (keep) {
-      ea.resize(padded);
-      if (soft) eb.resize(padded);
-      if (need_zh) eh.resize(padded);
-      gs.resize(kChunk + W);
-      gt.resize(kChunk + W);
+      ea.reset(new A[padded]);
+      if (soft) eb.reset(new A[padded]);
+      if (keep_h) eh.reset(new A[padded]);
+    }
+    if (split) {
+      cst.resize(n_chunks);
+      cmx.resize(n_chunks);
     }
   }
 };
@@ -194,184 +215,310 @@ struct VecSums {
   Vectorized<A> za{A(0)}, zh{A(0)}, zb{A(0)}, cx{A(0)}, ch{A(0)}, cr{A(0)};
 };
 
+// kd_math.h's scalar functions (make_row_config, merge, finalize, ...) are inline templates in
+// namespace kdfused, instantiated identically named in every ISA's file: the linker keeps ONE
+// copy for all of them, compiled with whichever ISA's flags came first (FMA contraction, even
+// AVX-512 instructions on the default path). So every member below that calls them is flattened:
+// they are inlined into this ISA's code instead of called.
+#ifndef KD_FLATTEN
+#if defined(__GNUC__) || defined(__clang__)
+#define KD_FLATTEN __attribute__((flatten))
+#else
+#define KD_FLATTEN
+#endif
+#endif
+
+// The three sweeps of a row, one chunk at a time, so that a row can be run on one thread (chunks
+// in order) or split over threads (chunks in parallel, their states merged in chunk order): both
+// run exactly the same operations in the same order, hence give bitwise the same result.
 template <typename S, typename T, typename A>
-void kd_forward_rows(const KDParams& p, int64_t begin, int64_t end) {
+struct RowKernel {
   using Vec = Vectorized<A>;
-  using E = Ew<Vec>;
-  constexpr int64_t W = Vec::size();
-  const int64_t V = p.vocab;
-  // A local copy: inside the loops the compiler keeps its fields in registers (a field of p could
-  // alias the gradient stores and would be reloaded for every vector).
-  const RowConfig<A> cfg = make_row_config<A>(p);
+  static constexpr int64_t W = Vec::size();
+
+  struct Row {
+    const S* s;
+    const T* t;
+    S* gs;
+    T* gt;
+    int64_t y;
+    bool valid;
+  };
+  // Per-row constants of the mix and gradient sweeps.
+  struct Fin {
+    RowResult<A> res;
+    A log_zh;
+  };
+
+  const KDParams& p;
+  const RowConfig<A> cfg;
+  const int64_t V;
+  const int64_t n_chunks;
   // At T = 2 the T = 1 exponentials are squares of the tempered ones: recomputed in the gradient
   // sweep (a multiply) instead of kept (a store and a load per element).
-  const bool keep_h = cfg.need_zh && !cfg.square_h;
-  const bool any_grad = cfg.want_gs || cfg.want_gt;
+  const bool keep_h;
+  const bool any_grad;
   // kl / ce student gradients need only the probabilities; everything else also needs the
   // logits' differences to the maxima, re-read from the (cached) chunk.
-  const bool plain = cfg.div == Divergence::KL || cfg.div == Divergence::CE;
-  const bool grad_logits = cfg.want_gt || (cfg.want_gs && cfg.soft && !plain);
-  Scratch<A> sc(V, cfg.soft, keep_h, any_grad || cfg.mix);
+  const bool grad_logits;
+  const bool keep;  // the exponentials are needed after the statistics sweep
 
-  const S* s_base = static_cast<const S*>(p.student);
-  const T* t_base = static_cast<const T*>(p.teacher);
-  A* row_loss = static_cast<A*>(p.row_loss);
-  const Vec inv_t(cfg.inv_t);
-  const Vec zero(A(0));
-  const Vec ninf(-kd_inf<A>());
+  KD_FLATTEN
+  explicit RowKernel(const KDParams& params)
+      : p(params),
+        cfg(make_row_config<A>(params)),
+        V(params.vocab),
+        n_chunks((params.vocab + kChunk - 1) / kChunk),
+        keep_h(cfg.need_zh && !cfg.square_h),
+        any_grad(cfg.want_gs || cfg.want_gt),
+        grad_logits(cfg.want_gt || (cfg.want_gs && cfg.soft && cfg.div != Divergence::KL &&
+                                    cfg.div != Divergence::CE)),
+        keep(any_grad || cfg.mix) {}
 
-  for (int64_t r = begin; r < end; ++r) {
-    const S* srow = s_base + row_offset(p, r, p.student_strides);
-    const T* trow = t_base + row_offset(p, r, p.teacher_strides);
-    S* gsrow = cfg.want_gs ? static_cast<S*>(p.grad_student) + r * V : nullptr;
-    T* gtrow = p.grad_teacher ? static_cast<T*>(p.grad_teacher) + r * V : nullptr;
-    const int64_t y = p.labels ? p.labels[r] : -1;
-    const bool valid = !p.labels || y != p.ignore_index;
-
-    if (!valid) {
-      row_loss[r] = A(0);
-      if (gsrow) std::fill(gsrow, gsrow + V, S(0));
-      if (gtrow) std::fill(gtrow, gtrow + V, T(0));
-      continue;
-    }
-
-    // ---- 1. statistics sweep: exact chunk maxima, kd_math.h accumulate_at per vector -----------
-    RowState<A> st = RowState<A>::empty();
-    for (int64_t c = 0; c < sc.n_chunks; ++c) {
-      const int64_t c0 = c * kChunk;
-      const int64_t n = std::min(kChunk, V - c0);
-      const int64_t nv = (n + W - 1) / W * W;  // padded to whole vectors
-      const A* xs = chunk_as(srow + c0, sc.s.data(), n);
-      const A* xt = cfg.soft ? chunk_as(trow + c0, sc.t.data(), n) : nullptr;
-
-      Vec vms(-kd_inf<A>()), vmt(-kd_inf<A>());
-      for (int64_t i = 0; i < nv; i += W) {
-        vms = at::vec::maximum(vms, load_chunk(xs, i, n));
-        if (cfg.soft) vmt = at::vec::maximum(vmt, load_chunk(xt, i, n));
-      }
-      RowState<A> cs = RowState<A>::empty();
-      cs.ms = hmax(vms);
-      cs.mt = cfg.soft ? hmax(vmt) : -kd_inf<A>();
-      sc.cms[c] = cs.ms;
-      sc.cmt[c] = cs.mt;
-      // A chunk that is all -inf has max -inf; subtracting it would give -inf - -inf = NaN.
-      // Shift by 0 instead: every exp is then exp(-inf) = 0 and the chunk state stays empty.
-      const Vec sh_s(cs.ms == -kd_inf<A>() ? A(0) : cs.ms);
-      const Vec sh_t(cs.mt == -kd_inf<A>() ? A(0) : cs.mt);
-
-      VecSums<A> vs;
-      A* ea = sc.ea.empty() ? nullptr : sc.ea.data() + c0;
-      A* eb = sc.eb.empty() ? nullptr : sc.eb.data() + c0;
-      A* eh = keep_h && !sc.eh.empty() ? sc.eh.data() + c0 : nullptr;
-      for (int64_t i = 0; i < nv; i += W) {
-        const Vec ds = load_chunk(xs, i, n) - sh_s;
-        const Vec dt = cfg.soft ? load_chunk(xt, i, n) - sh_t : ninf;
-        Vec e_a, e_b, e_h;
-        accumulate_at(vs, ds, dt, cfg, e_a, e_b, e_h);
-        if (ea) e_a.store(ea + i);
-        if (eb) e_b.store(eb + i);
-        if (eh) e_h.store(eh + i);
-      }
-      cs.za = hsum(vs.za);
-      cs.zh = hsum(vs.zh);
-      cs.zb = hsum(vs.zb);
-      cs.cx = hsum(vs.cx);
-      cs.ch = hsum(vs.ch);
-      cs.cr = hsum(vs.cr);
-      st = merge(st, cs, cfg);
-    }
-
-    // ---- 2. the row's loss -------------------------------------------------------------------
-    const A s_label = cfg.hard ? static_cast<A>(srow[y]) : A(0);
-    RowResult<A> res = finalize(st, cfg, s_label, static_cast<A>(p.grad_scale));
-
-    // Probabilities are the kept exponentials times one factor per chunk (why not probs_at: the
-    // exponentials are relative to each chunk's maximum and are already in memory, so the sweeps
-    // cost no exp at all). For an all -inf chunk the factor is exp(-inf) = 0; for an all -inf row
-    // it is NaN (no distribution, as softmax).
-    const A log_zh = cfg.need_zh ? kd_log(st.zh) : A(0);
-    auto chunk_factors = [&](int64_t c, Vec& fa, Vec& fb, Vec& fh) {
-      fa = Vec(kd_exp((sc.cms[c] - res.ms) * cfg.inv_t - res.log_za));
-      fb = Vec(cfg.soft ? kd_exp((sc.cmt[c] - res.mt) * cfg.inv_t - res.log_zb) : A(0));
-      fh = cfg.need_zh ? Vec(kd_exp((sc.cms[c] - res.ms) - log_zh)) : fa;
-    };
-
-    // ---- 2b. jsd / tvd: the mix sweep over the normalised distributions ------------------------
-    if (cfg.mix) {
-      MixSums<Vec> mv = mix_zero<Vec>();
-      const Vec ms(res.ms), mt(res.mt);
-      for (int64_t c = 0; c < sc.n_chunks; ++c) {
-        const int64_t c0 = c * kChunk;
-        const int64_t n = std::min(kChunk, V - c0);
-        const int64_t nv = (n + W - 1) / W * W;
-        const A* xs = chunk_as(srow + c0, sc.s.data(), n);
-        const A* xt = chunk_as(trow + c0, sc.t.data(), n);
-        Vec fa, fb, fh;
-        chunk_factors(c, fa, fb, fh);
-        for (int64_t i = 0; i < nv; i += W) {
-          // Padding lanes: q = p = 0 (their exponentials are 0): they add nothing.
-          const Vec q = Vec::loadu(sc.ea.data() + c0 + i) * fa;
-          const Vec pr = Vec::loadu(sc.eb.data() + c0 + i) * fb;
-          mix_at(mv, res, cfg, load_chunk(xs, i, n) - ms, load_chunk(xt, i, n) - mt, q, pr);
-        }
-      }
-      MixSums<A> mx;
-      mx.a = hsum(mv.a);
-      mx.b = hsum(mv.b);
-      mx.c = hsum(mv.c);
-      finalize_mix(res, mx, cfg);
-    }
-    row_loss[r] = res.loss;
-
-    if (cfg.zero_gt) std::fill(gtrow, gtrow + V, T(0));
-    if (!any_grad) continue;
-
-    // ---- 3. gradient sweep: kd_math.h grad_at per vector, no exp -------------------------------
-    const Vec kh(res.kh);
-    const Vec ms(res.ms), mt(res.mt);
-    for (int64_t c = 0; c < sc.n_chunks; ++c) {
-      const int64_t c0 = c * kChunk;
-      const int64_t n = std::min(kChunk, V - c0);
-      const int64_t nv = (n + W - 1) / W * W;
-      Vec fa, fb, fh;
-      chunk_factors(c, fa, fb, fh);
-      const A* ea = sc.ea.data() + c0;
-      const A* eb = cfg.soft ? sc.eb.data() + c0 : nullptr;
-      const A* eh = keep_h ? sc.eh.data() + c0 : ea;
-      const A* xs = grad_logits ? chunk_as(srow + c0, sc.s.data(), n) : nullptr;
-      const A* xt = grad_logits ? chunk_as(trow + c0, sc.t.data(), n) : nullptr;
-      A* outs = cfg.want_gs ? grad_chunk(gsrow + c0, sc.gs.data()) : nullptr;
-      A* outt = cfg.want_gt ? grad_chunk(gtrow + c0, sc.gt.data()) : nullptr;
-      for (int64_t i = 0; i < nv; i += W) {
-        const Vec e_a = Vec::loadu(ea + i);
-        const Vec q = e_a * fa;
-        const Vec pr = cfg.soft ? Vec::loadu(eb + i) * fb : zero;
-        Vec h = zero;
-        if (cfg.hard) h = (cfg.square_h ? e_a * e_a : Vec::loadu(eh + i)) * fh;
-        const Vec ds = xs ? load_chunk(xs, i, n) - ms : zero;
-        const Vec dt = xt ? load_chunk(xt, i, n) - mt : zero;
-        Vec g_s, g_t;
-        grad_at(res, cfg, ds, dt, q, pr, h, g_s, g_t);
-        if (outs) store_chunk(g_s, outs, i, n);
-        if (outt) store_chunk(g_t, outt, i, n);
-      }
-      if (outs) {
-        if (cfg.hard && y >= c0 && y < c0 + n) outs[y - c0] -= res.kh;
-        finish_chunk(outs, gsrow + c0, n);
-      }
-      if (outt) finish_chunk(outt, gtrow + c0, n);
-    }
+  RowBufs<A> row_bufs(bool split) const { return RowBufs<A>(V, cfg.soft, keep_h, keep, split); }
+  ChunkBufs<S, T, A> chunk_bufs() const {
+    return ChunkBufs<S, T, A>(V, cfg.soft, cfg.want_gs, cfg.want_gt);
   }
-}
+
+  Row row(int64_t r) const {
+    Row w;
+    w.s = static_cast<const S*>(p.student) + row_offset(p, r, p.student_strides);
+    w.t = static_cast<const T*>(p.teacher) + row_offset(p, r, p.teacher_strides);
+    w.gs = cfg.want_gs ? static_cast<S*>(p.grad_student) + r * V : nullptr;
+    w.gt = p.grad_teacher ? static_cast<T*>(p.grad_teacher) + r * V : nullptr;
+    w.y = p.labels ? p.labels[r] : -1;
+    w.valid = !p.labels || w.y != p.ignore_index;
+    return w;
+  }
+
+  void invalid_row(int64_t r, const Row& w) const {
+    static_cast<A*>(p.row_loss)[r] = A(0);
+    if (w.gs) std::fill(w.gs, w.gs + V, S(0));
+    if (w.gt) std::fill(w.gt, w.gt + V, T(0));
+  }
+
+  // ---- 1. statistics sweep of chunk c: exact chunk maxima, kd_math.h accumulate_at per vector --
+  KD_FLATTEN
+  RowState<A> stats_chunk(const Row& w, int64_t c, RowBufs<A>& rb, ChunkBufs<S, T, A>& cb) const {
+    // A local copy: inside the loops the compiler keeps its fields in registers (a member could
+    // alias the exponential stores and would be reloaded for every vector).
+    const RowConfig<A> cfg = this->cfg;
+    const int64_t c0 = c * kChunk;
+    const int64_t n = std::min(kChunk, V - c0);
+    const int64_t nv = (n + W - 1) / W * W;  // padded to whole vectors
+    const A* xs = chunk_as(w.s + c0, cb.s.data(), n);
+    const A* xt = cfg.soft ? chunk_as(w.t + c0, cb.t.data(), n) : nullptr;
+
+    Vec vms(-kd_inf<A>()), vmt(-kd_inf<A>());
+    for (int64_t i = 0; i < nv; i += W) {
+      vms = at::vec::maximum(vms, load_chunk(xs, i, n));
+      if (cfg.soft) vmt = at::vec::maximum(vmt, load_chunk(xt, i, n));
+    }
+    RowState<A> cs = RowState<A>::empty();
+    cs.ms = hmax(vms);
+    cs.mt = cfg.soft ? hmax(vmt) : -kd_inf<A>();
+    rb.cms[c] = cs.ms;
+    rb.cmt[c] = cs.mt;
+    // A chunk that is all -inf has max -inf; subtracting it would give -inf - -inf = NaN.
+    // Shift by 0 instead: every exp is then exp(-inf) = 0 and the chunk state stays empty.
+    const Vec sh_s(cs.ms == -kd_inf<A>() ? A(0) : cs.ms);
+    const Vec sh_t(cs.mt == -kd_inf<A>() ? A(0) : cs.mt);
+    const Vec ninf(-kd_inf<A>());
+
+    VecSums<A> vs;
+    A* ea = rb.ea ? rb.ea.get() + c0 : nullptr;
+    A* eb = rb.eb ? rb.eb.get() + c0 : nullptr;
+    A* eh = rb.eh ? rb.eh.get() + c0 : nullptr;
+    for (int64_t i = 0; i < nv; i += W) {
+      const Vec ds = load_chunk(xs, i, n) - sh_s;
+      const Vec dt = cfg.soft ? load_chunk(xt, i, n) - sh_t : ninf;
+      Vec e_a, e_b, e_h;
+      accumulate_at(vs, ds, dt, cfg, e_a, e_b, e_h);
+      if (ea) e_a.store(ea + i);
+      if (eb) e_b.store(eb + i);
+      if (eh) e_h.store(eh + i);
+    }
+    // Only the sums this configuration accumulates (the others are 0 in cs already): for small
+    // V these horizontal sums are a good part of the row's time.
+    cs.za = hsum(vs.za);
+    if (cfg.need_zh) cs.zh = hsum(vs.zh);
+    if (cfg.soft) cs.zb = hsum(vs.zb);
+    if (cfg.need_cx) cs.cx = hsum(vs.cx);
+    if (cfg.need_ch) cs.ch = hsum(vs.ch);
+    if (cfg.need_cr) cs.cr = hsum(vs.cr);
+    return cs;
+  }
+
+  // ---- 2. the row's loss, from its merged statistics -----------------------------------------
+  KD_FLATTEN
+  Fin finalize_row(const Row& w, const RowState<A>& st) const {
+    const A s_label = cfg.hard ? static_cast<A>(w.s[w.y]) : A(0);
+    Fin f;
+    f.res = finalize(st, cfg, s_label, static_cast<A>(p.grad_scale));
+    f.log_zh = cfg.need_zh ? kd_log(st.zh) : A(0);
+    return f;
+  }
+
+  // Probabilities are the kept exponentials times one factor per chunk (why not probs_at: the
+  // exponentials are relative to each chunk's maximum and are already in memory, so the sweeps
+  // cost no exp at all). For an all -inf chunk the factor is exp(-inf) = 0; for an all -inf row
+  // it is NaN (no distribution, as softmax).
+  KD_FLATTEN
+  void chunk_factors(const Fin& f, const RowBufs<A>& rb, int64_t c, Vec& fa, Vec& fb,
+                     Vec& fh) const {
+    const RowResult<A>& res = f.res;
+    fa = Vec(kd_exp((rb.cms[c] - res.ms) * cfg.inv_t - res.log_za));
+    fb = Vec(cfg.soft ? kd_exp((rb.cmt[c] - res.mt) * cfg.inv_t - res.log_zb) : A(0));
+    fh = cfg.need_zh ? Vec(kd_exp((rb.cms[c] - res.ms) - f.log_zh)) : fa;
+  }
+
+  // ---- 2b. jsd / tvd: the mix sums of chunk c (the row's are their sum in chunk order) ---------
+  KD_FLATTEN
+  MixSums<A> mix_chunk(const Row& w, const Fin& f, int64_t c, const RowBufs<A>& rb,
+                       ChunkBufs<S, T, A>& cb) const {
+    const RowConfig<A> cfg = this->cfg;
+    const RowResult<A> res = f.res;
+    const int64_t c0 = c * kChunk;
+    const int64_t n = std::min(kChunk, V - c0);
+    const int64_t nv = (n + W - 1) / W * W;
+    const A* xs = chunk_as(w.s + c0, cb.s.data(), n);
+    const A* xt = chunk_as(w.t + c0, cb.t.data(), n);
+    const A* ea = rb.ea.get() + c0;
+    const A* eb = rb.eb.get() + c0;
+    const Vec ms(res.ms), mt(res.mt);
+    Vec fa, fb, fh;
+    chunk_factors(f, rb, c, fa, fb, fh);
+    MixSums<Vec> mv = mix_zero<Vec>();
+    for (int64_t i = 0; i < nv; i += W) {
+      // Padding lanes: q = p = 0 (their exponentials are 0): they add nothing.
+      const Vec q = Vec::loadu(ea + i) * fa;
+      const Vec pr = Vec::loadu(eb + i) * fb;
+      mix_at(mv, res, cfg, load_chunk(xs, i, n) - ms, load_chunk(xt, i, n) - mt, q, pr);
+    }
+    MixSums<A> mx;
+    mx.a = hsum(mv.a);
+    mx.b = hsum(mv.b);
+    mx.c = hsum(mv.c);
+    return mx;
+  }
+
+  // ---- 3. gradient sweep of chunk c: kd_math.h grad_at per vector, no exp --------------------
+  KD_FLATTEN
+  void gradient_chunk(const Row& w, const Fin& f, int64_t c, const RowBufs<A>& rb,
+                      ChunkBufs<S, T, A>& cb) const {
+    const RowConfig<A> cfg = this->cfg;
+    const RowResult<A> res = f.res;
+    const int64_t c0 = c * kChunk;
+    const int64_t n = std::min(kChunk, V - c0);
+    const int64_t nv = (n + W - 1) / W * W;
+    const Vec zero(A(0));
+    const Vec ms(res.ms), mt(res.mt);
+    Vec fa, fb, fh;
+    chunk_factors(f, rb, c, fa, fb, fh);
+    const A* ea = rb.ea.get() + c0;
+    const A* eb = cfg.soft ? rb.eb.get() + c0 : nullptr;
+    const A* eh = keep_h ? rb.eh.get() + c0 : ea;
+    const A* xs = grad_logits ? chunk_as(w.s + c0, cb.s.data(), n) : nullptr;
+    const A* xt = grad_logits ? chunk_as(w.t + c0, cb.t.data(), n) : nullptr;
+    A* outs = cfg.want_gs ? grad_chunk(w.gs + c0, cb.gs.data()) : nullptr;
+    A* outt = cfg.want_gt ? grad_chunk(w.gt + c0, cb.gt.data()) : nullptr;
+    for (int64_t i = 0; i < nv; i += W) {
+      const Vec e_a = Vec::loadu(ea + i);
+      const Vec q = e_a * fa;
+      const Vec pr = cfg.soft ? Vec::loadu(eb + i) * fb : zero;
+      Vec h = zero;
+      if (cfg.hard) h = (cfg.square_h ? e_a * e_a : Vec::loadu(eh + i)) * fh;
+      const Vec ds = xs ? load_chunk(xs, i, n) - ms : zero;
+      const Vec dt = xt ? load_chunk(xt, i, n) - mt : zero;
+      Vec g_s, g_t;
+      grad_at(res, cfg, ds, dt, q, pr, h, g_s, g_t);
+      if (outs) store_chunk(g_s, outs, i, n);
+      if (outt) store_chunk(g_t, outt, i, n);
+    }
+    if (outs) {
+      if (cfg.hard && w.y >= c0 && w.y < c0 + n) outs[w.y - c0] -= res.kh;
+      finish_chunk(outs, w.gs + c0, n);
+    }
+    if (outt) finish_chunk(outt, w.gt + c0, n);
+  }
+
+  // One row on the calling thread, chunks in order. The row's state starts as its first chunk's
+  // (not merged into an empty state: that merge costs exps for nothing, per row, for small V).
+  // A row has at least one chunk (V >= 1).
+  KD_FLATTEN
+  void row_serial(int64_t r, RowBufs<A>& rb, ChunkBufs<S, T, A>& cb) const {
+    const Row w = row(r);
+    if (!w.valid) return invalid_row(r, w);
+    RowState<A> st = stats_chunk(w, 0, rb, cb);
+    for (int64_t c = 1; c < n_chunks; ++c) st = merge(st, stats_chunk(w, c, rb, cb), cfg);
+    Fin f = finalize_row(w, st);
+    if (cfg.mix) {
+      MixSums<A> mx = mix_zero<A>();
+      for (int64_t c = 0; c < n_chunks; ++c) mx = mix_add(mx, mix_chunk(w, f, c, rb, cb));
+      finalize_mix(f.res, mx, cfg);
+    }
+    static_cast<A*>(p.row_loss)[r] = f.res.loss;
+    if (cfg.zero_gt) std::fill(w.gt, w.gt + V, T(0));
+    if (!any_grad) return;
+    for (int64_t c = 0; c < n_chunks; ++c) gradient_chunk(w, f, c, rb, cb);
+  }
+
+  // One row with its chunks spread over threads: per-chunk states and sums are stored, then
+  // merged on this thread in the order row_serial merges them (bitwise the same result).
+  KD_FLATTEN
+  void row_split(int64_t r, RowBufs<A>& rb) const {
+    const Row w = row(r);
+    if (!w.valid) return invalid_row(r, w);
+    at::parallel_for(0, n_chunks, 1, [&](int64_t b, int64_t e) {
+      ChunkBufs<S, T, A> cb = chunk_bufs();
+      for (int64_t c = b; c < e; ++c) rb.cst[c] = stats_chunk(w, c, rb, cb);
+    });
+    RowState<A> st = rb.cst[0];
+    for (int64_t c = 1; c < n_chunks; ++c) st = merge(st, rb.cst[c], cfg);
+    Fin f = finalize_row(w, st);
+    if (cfg.mix) {
+      at::parallel_for(0, n_chunks, 1, [&](int64_t b, int64_t e) {
+        ChunkBufs<S, T, A> cb = chunk_bufs();
+        for (int64_t c = b; c < e; ++c) rb.cmx[c] = mix_chunk(w, f, c, rb, cb);
+      });
+      MixSums<A> mx = mix_zero<A>();
+      for (int64_t c = 0; c < n_chunks; ++c) mx = mix_add(mx, rb.cmx[c]);
+      finalize_mix(f.res, mx, cfg);
+    }
+    static_cast<A*>(p.row_loss)[r] = f.res.loss;
+    if (cfg.zero_gt) std::fill(w.gt, w.gt + V, T(0));
+    if (!any_grad) return;
+    at::parallel_for(0, n_chunks, 1, [&](int64_t b, int64_t e) {
+      ChunkBufs<S, T, A> cb = chunk_bufs();
+      for (int64_t c = b; c < e; ++c) gradient_chunk(w, f, c, rb, cb);
+    });
+  }
+};
+
+// Rows are split over threads only when there are too few of them to keep every thread busy and
+// each has enough chunks to share; below this many chunks the split's synchronisation costs more
+// than it saves.
+constexpr int64_t kMinSplitChunks = 4;
 
 template <typename S, typename T>
 void kd_forward_typed(const KDParams& p) {
   using A =
       std::conditional_t<std::is_same_v<S, double> || std::is_same_v<T, double>, double, float>;
-  // Rows per task: enough work per task to amortise the scratch allocation.
+  const RowKernel<S, T, A> k(p);
+  const int64_t threads = at::get_num_threads();
+  if (threads > 1 && !at::in_parallel_region() && p.n_rows < 2 * threads &&
+      k.n_chunks >= kMinSplitChunks) {
+    RowBufs<A> rb = k.row_bufs(/*split=*/true);
+    for (int64_t r = 0; r < p.n_rows; ++r) k.row_split(r, rb);
+    return;
+  }
+  // Rows per task: enough work per task to amortise the buffers' allocation.
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(p.vocab, 1));
-  at::parallel_for(0, p.n_rows, grain,
-                   [&](int64_t begin, int64_t end) { kd_forward_rows<S, T, A>(p, begin, end); });
+  at::parallel_for(0, p.n_rows, grain, [&](int64_t begin, int64_t end) {
+    RowBufs<A> rb = k.row_bufs(/*split=*/false);
+    ChunkBufs<S, T, A> cb = k.chunk_bufs();
+    for (int64_t r = begin; r < end; ++r) k.row_serial(r, rb, cb);
+  });
 }
 
 template <typename S>
