@@ -16,6 +16,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.14.1
 PYTEST_ARGS ?=
+# extra arguments for cmake's configure step (make cmake-build), e.g. -DKDFUSED_CUDA=OFF
+CMAKE_ARGS ?=
 # KDFUSED_CUDA=0 builds the CPU kernel only; unset: CUDA too when nvcc is found (setup.py)
 KDFUSED_CUDA ?=
 export KDFUSED_CUDA
@@ -83,7 +85,7 @@ mnist: install
 
 # The C++ build of the same sources through find_package(Torch), for C++ users (CI builds it).
 cmake-build: install
-	PATH="$(abspath $(BIN)):$$PATH" cmake -S . -B build/cmake -DPython3_EXECUTABLE=$(abspath $(BIN)/python) \
+	PATH="$(abspath $(BIN)):$$PATH" cmake -S . -B build/cmake $(CMAKE_ARGS) -DPython3_EXECUTABLE=$(abspath $(BIN)/python) \
 	  -DCMAKE_PREFIX_PATH="$$($(abspath $(BIN)/python) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
 	cmake --build build/cmake -j 2
 	cd build/cmake && ctest --output-on-failure

@@ -47,8 +47,8 @@ bool is_half_like(at::ScalarType t) {
 }
 
 // The virtual architectures this file was compiled for, from nvcc (e.g. "800,900").
-#define KD_STRINGIFY2(x) #x
-#define KD_STRINGIFY(x) KD_STRINGIFY2(x)
+#define KD_STRINGIFY2(...) #__VA_ARGS__  // variadic: the list holds commas
+#define KD_STRINGIFY(...) KD_STRINGIFY2(__VA_ARGS__)
 #if defined(__CUDA_ARCH_LIST__)
 #define KDFUSED_CUDA_ARCHS "compute " KD_STRINGIFY(__CUDA_ARCH_LIST__)
 #else
