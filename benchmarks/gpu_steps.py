@@ -1,6 +1,9 @@
 #!/usr/bin/env python
 """The steps of benchmarks/gpu_check.sh that are easier in Python than in bash.
 
+Size: one function per step of gpu_check.sh, each short; kept in one file so that the script
+calls one program.
+
     python benchmarks/gpu_steps.py env                      machine, GPU, torch, nvcc, packages
     python benchmarks/gpu_steps.py arch                     the GPU's TORCH_CUDA_ARCH_LIST ("9.0")
     python benchmarks/gpu_steps.py pytest REPORT [--budget S] [--list]

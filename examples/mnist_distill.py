@@ -1,5 +1,8 @@
 """Reproduce the MNIST experiments of Hinton, Vinyals & Dean (2015) with kdfused as the loss.
 
+Size: the paper's three experiments (teacher, students, mythical digit 3) with their training
+loops; data loading is in mnist_data.py and reporting in mnist_report.py.
+
 "Distilling the Knowledge in a Neural Network", section 3. Runs, in order:
 
 1. teacher   784-1200-1200-10 ReLU, dropout, max-norm weight constraint, inputs jittered by up

@@ -1,5 +1,7 @@
 """Self-test of an installed kdfused: every compiled code path against float64 expected values.
 
+Size: the runner, its table and its CLI; the cases and tolerances are in _selftest_cases.py.
+
     python -m kdfused.selftest                  # CPU paths, and the CUDA ones when a GPU is seen
     python -m kdfused.selftest --device cuda    # only the CUDA launch policies
     python -m kdfused.selftest --quick          # a third of the cases (seconds)

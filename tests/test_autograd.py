@@ -1,6 +1,10 @@
 """Autograd behaviour: grad_output != 1, reduction="none" with a weight vector, retain_graph and
 repeated backward, gradient accumulation, no_grad, which inputs get gradients, views/expand,
-non-leaf inputs, and torch.autograd.gradcheck in float64 for both inputs."""
+non-leaf inputs, and torch.autograd.gradcheck in float64 for both inputs.
+
+Size: one file for every backward behaviour (scaling, retain_graph, compile, double backward),
+which share their fixtures.
+"""
 
 from __future__ import annotations
 

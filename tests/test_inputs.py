@@ -1,6 +1,9 @@
 """Inputs: every bad input raises a clear error; strided, transposed, expanded and offset views;
 mixed student/teacher dtypes; inputs are never modified; results are bitwise deterministic;
-empty batches."""
+empty batches.
+
+Size: the table of every bad input and its error, kept together so that it reads as the contract.
+"""
 
 from __future__ import annotations
 

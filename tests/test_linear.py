@@ -5,6 +5,8 @@ on the same (rounded) inputs, then kdfused.reference.kd_loss (kl, ce) or, for th
 pure-PyTorch reference does not have, kdfused.kd_loss on those float64 logits; gradients by
 autograd through F.linear. Inputs are fresh random ones; the seed is KDFUSED_TEST_SEED or random,
 and printed (pytest -s, or in the failure message).
+
+Size: the linear op's whole contract (values, three gradients, chunks, options, errors).
 """
 
 from __future__ import annotations

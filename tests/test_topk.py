@@ -4,6 +4,8 @@
 Inputs are random on every run: the module seed comes from $KDFUSED_TEST_SEED when set, else from
 os.urandom, and is printed (each test mixes in its own name, also printed) so that a failure can
 be reproduced with KDFUSED_TEST_SEED=<seed>.
+
+Size: the top-k op's whole contract (values, gradient, dtypes, options, errors, compile).
 """
 
 from __future__ import annotations

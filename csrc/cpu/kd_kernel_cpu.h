@@ -18,6 +18,9 @@
 //      of the 6 of a recomputing kernel (2 for the common T = 1 and T = 2 even with the hard term);
 //      jsd adds a log per element in each of sweeps 2b and 3.
 // The per-element maths is kd_math.h's, instantiated on at::vec vectors through Ew<> (below).
+//
+// Size: one kernel with its per-thread scratch, chunk helpers and the row-splitting path, kept
+// together because the three sweeps share their buffers.
 #pragma once
 
 #include <ATen/Parallel.h>

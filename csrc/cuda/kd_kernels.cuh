@@ -15,6 +15,10 @@
 //   4. gradient sweep over the same slice (from the stage, or re-read), writing grad_student and
 //      grad_teacher with 16-byte stores when the output row is aligned like the input row.
 // Ignored rows (label == ignore_index) read nothing and get exact zeros.
+//
+// Size: the two fused kernels and the device helpers only they use (loads, slice geometry,
+// sweeps, reductions) are kept in one header so that each kernel reads top to bottom; the maths is
+// in kd_math.h, the policy in kd_launch.h, the host code in kd_loss_cuda.cu.
 #pragma once
 
 #include <c10/macros/Macros.h>

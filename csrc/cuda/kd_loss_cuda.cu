@@ -13,6 +13,9 @@
 // here, exactly: float16 x bfloat16 -> the teacher to float32; anything with float64 -> both to
 // float64 (the accumulation type is float64 then anyway). Gradients of converted inputs are
 // converted back to the input's dtype (rounded once, as a native kernel's store would be).
+//
+// Size: the host side of the CUDA op: cached kernel facts, forced plans, the launch of each
+// policy and the gradient-scaling op; the kernels themselves are in kd_kernels.cuh.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>

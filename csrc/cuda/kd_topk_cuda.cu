@@ -25,6 +25,8 @@
 //
 // Launch: no host syncs anywhere (the gradient scale of "mean" with labels is counted on the
 // device); int64 offsets; every launch is checked.
+//
+// Size: the whole top-k CUDA op (kernels and host wrapper) in one file, as the CPU side is.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
