@@ -303,8 +303,9 @@ class TopKKDLoss(nn.Module):
             raise ValueError(
                 f"kdfused: topk_kd_loss supports divergence 'kl' or 'ce', got {divergence!r}"
             )
+        # beta is jsd's, which top-k does not support: the neutral default.
         _C.check_options(
-            float(temperature), float(soft_weight), float(hard_weight), divergence, reduction
+            float(temperature), float(soft_weight), float(hard_weight), divergence, 0.5, reduction
         )
         self.temperature = float(temperature)
         self.soft_weight = float(soft_weight)
