@@ -397,6 +397,13 @@ def train_step(model, opt, sched, fn, teacher, ids, cfg) -> tuple[float, float, 
     return loss.item(), dt, mem.mib
 
 
+def _freeze() -> None:
+    """Move every object alive now (modules, models) out of the collector's reach, so that the
+    collection before each measured step (PeakMemory) takes microseconds, not a second."""
+    gc.collect()
+    gc.freeze()
+
+
 def evaluation(ce: float, n_tokens: int, n_bytes: int) -> dict:
     return {
         "ce": ce,
@@ -415,12 +422,6 @@ def median(xs):
 def run(cfg: Config, teacher_name=None, student_name=None, verbose=True) -> dict:
     t_all = time.perf_counter()
     load_start = loadavg()
-    import transformers  # noqa: F401  (imported here, before gc.freeze)
-
-    # Everything imported so far is never garbage: keep the collections before each measured
-    # step (PeakMemory) fast.
-    gc.collect()
-    gc.freeze()
     say = print if verbose else (lambda *a, **k: None)
 
     # 1. corpus and tokenizer
@@ -468,6 +469,7 @@ def run(cfg: Config, teacher_name=None, student_name=None, verbose=True) -> dict
         raise SystemExit("the teacher's vocabulary is smaller than its tokenizer's")
     V = teacher.get_output_embeddings().weight.shape[0]
     t_hist = {"loss": [], "step_seconds": [], "peak_mib": [], "eval": []}
+    _freeze()
     if not teacher_name and cfg.teacher_steps:
         opt, sched = optimizer(teacher, cfg.teacher_lr, cfg.teacher_steps)
         tb = batches(train_ids, cfg.teacher_steps, cfg.batch, cfg.seq, cfg.seed + 11)
@@ -512,6 +514,7 @@ def run(cfg: Config, teacher_name=None, student_name=None, verbose=True) -> dict
         students[way] = copy.deepcopy(student0).train()
         opts[way] = optimizer(students[way], cfg.student_lr, cfg.student_steps)
         hist[way] = {"loss": [], "step_seconds": [], "peak_mib": [], "eval": [[0, ce0]]}
+    _freeze()
     for i, ids in enumerate(sb):
         order = WAYS[i % 3 :] + WAYS[: i % 3]  # rotate, so that no way always runs first
         for way in order:
@@ -661,7 +664,8 @@ def markdown(out: dict, command: str) -> str:
         f"decay to 10%; batch {c['batch']} x {c['seq']} tokens; teacher {c['teacher_steps']} "
         f"steps, each student {n} steps on the same batches, from the same initialisation. "
         f"Distillation: T = {c['temperature']:g}, {c['soft_weight']:g} soft (T^2 KL) + "
-        f"{c['hard_weight']:g} hard; linear_kd_loss with chunk_size {c['chunk_size'] or 'automatic'} "
+        f"{c['hard_weight']:g} hard; linear_kd_loss with chunk_size "
+        f"{c['chunk_size'] or 'automatic'} "
         f"(rows per chunk, of {c['batch'] * (c['seq'] - 1)} rows per step). Seed {c['seed']}.\n\n"
         f"The two kdfused ways train the same: first-step losses "
         f"{out['students']['kd_loss']['loss'][0]:.7f} (kd_loss) and "
