@@ -545,8 +545,11 @@ def run(cfg: Config, teacher_name=None, student_name=None, verbose=True) -> dict
     diffs = [abs(x - y) for x, y in zip(a, b)]
     rel = [d / abs(x) for d, x in zip(diffs, a)]
     pa = dict(students["kd_loss"].named_parameters())
+    pb = dict(students["linear"].named_parameters())
     with torch.no_grad():
-        pmax = max(float((p - pa[n]).abs().max()) for n, p in students["linear"].named_parameters())
+        pmax, pname = max((float((pb[n] - p).abs().max()), n) for n, p in pa.items())
+        num = sum(float((pb[n] - p).double().pow(2).sum()) for n, p in pa.items())
+        den = sum(float(p.double().pow(2).sum()) for p in pa.values())
     agreement = {
         "first_step_abs_diff": diffs[0],
         "first_step_rel_diff": rel[0],
@@ -556,6 +559,8 @@ def run(cfg: Config, teacher_name=None, student_name=None, verbose=True) -> dict
         "final_perplexity_kd_loss": hist["kd_loss"]["final"]["perplexity"],
         "final_perplexity_linear": hist["linear"]["final"]["perplexity"],
         "final_max_abs_param_diff": pmax,
+        "final_max_abs_param_diff_name": pname,
+        "final_param_rel_norm_diff": math.sqrt(num / den),
         "first_step_eager": first["eager"],
         "first_step_eager_rel_diff": abs(first["eager"] - a[0]) / abs(a[0]),
         "first_step_no_grad": {k: v for k, v in first.items() if k != "eager"},
@@ -675,7 +680,8 @@ def markdown(out: dict, command: str) -> str:
         f"{ag['max_abs_diff']:.1e} (relative {ag['max_rel_diff']:.1e}, step "
         f"{ag['max_rel_diff_step']}); final held-out perplexity "
         f"{ag['final_perplexity_kd_loss']:.4f} vs {ag['final_perplexity_linear']:.4f}; largest "
-        f"parameter difference after training {ag['final_max_abs_param_diff']:.1e}.\n\n"
+        f"parameter difference after training {ag['final_max_abs_param_diff']:.1e}"
+        f"{_param_note(ag)}.\n\n"
         f"Time per step: median over steps 2 to {n} of forward (student, and the teacher for the "
         f"distillations), loss, backward and optimizer step; the three students ran in lockstep "
         f"(one step of each in turn), so all three saw the same machine load. Peak memory: "
@@ -686,6 +692,15 @@ def markdown(out: dict, command: str) -> str:
         f"{env['tokenizers']}, Python {env['python']}. Load average (1, 5, 15 min) "
         f"{env['load_average_start']} at the start, {env['load_average_end']} at the end; "
         f"whole run {out['wall_seconds'] / 60:.1f} min.\n"
+    )
+
+
+def _param_note(ag: dict) -> str:
+    if "final_param_rel_norm_diff" not in ag:
+        return ""
+    return (
+        f" (in {ag['final_max_abs_param_diff_name']}; over all parameters, |difference| / "
+        f"|parameters| = {ag['final_param_rel_norm_diff']:.1e})"
     )
 
 
@@ -729,7 +744,7 @@ def plot(out: dict, path: str) -> bool:
     d = [max(abs(x - y), 1e-9) for x, y in zip(a, b)]
     ax[1, 1].semilogy(range(1, len(d) + 1), d, color="C4", lw=0.8)
     ax[1, 1].set(
-        title="|loss(kd_loss) - loss(linear)| per step",
+        title="|loss(kd_loss) - loss(linear)| per step (0 drawn at 1e-9)",
         xlabel="step",
         ylabel="absolute difference",
     )
