@@ -626,12 +626,12 @@ def table(out: dict) -> str:
         "| model | training | held-out ppl | bits/byte | time/step (median) | peak MiB/step |",
         "|---|---|---:|---:|---:|---:|",
     ]
-    tt = median(t["step_seconds"][1:]) if t["step_seconds"] else float("nan")
+    tt = f"{median(t['step_seconds'][1:]) * 1e3:.0f} ms" if t["step_seconds"][1:] else "-"
     tp = max((m for m in t["peak_mib"] if m is not None), default=None)
+    how = f"hard labels, {len(t['loss'])} steps" if t["loss"] else "pretrained, not trained here"
     rows.append(
-        f"| teacher ({t['params'] / 1e6:.2f}M) | hard labels, {len(t['loss'])} steps | "
-        f"{t['final']['perplexity']:.2f} | {t['final']['bits_per_byte']:.3f} | "
-        f"{tt * 1e3:.0f} ms | {_mib(tp)} |"
+        f"| teacher ({t['params'] / 1e6:.2f}M) | {how} | "
+        f"{t['final']['perplexity']:.2f} | {t['final']['bits_per_byte']:.3f} | {tt} | {_mib(tp)} |"
     )
     s0 = out["student_initial"]
     rows.append(
@@ -662,9 +662,7 @@ def markdown(out: dict, command: str) -> str:
         f"{len(co['held_out_files'])} held out (every {c['held_out_every']}th by name; "
         f"perplexity on {co['eval_windows']} windows of {c['seq']} tokens, {co['eval_tokens']} "
         f"predicted tokens, {co['eval_bytes']} bytes). Tokenizer: {out['tokenizer']['kind']}, "
-        f"V = {out['tokenizer']['vocab_size']}. Teacher: Llama, {c['teacher_layers']} layers, "
-        f"hidden {c['teacher_hidden']}; student: {c['student_layers']} layers, hidden "
-        f"{c['student_hidden']}; untied lm_head. AdamW (betas 0.9, 0.95), lr "
+        f"V = {out['tokenizer']['vocab_size']}. {_models(out)} AdamW (betas 0.9, 0.95), lr "
         f"{c['teacher_lr']:g} (teacher) / {c['student_lr']:g} (students), 10% warm-up, cosine "
         f"decay to 10%; batch {c['batch']} x {c['seq']} tokens; teacher {c['teacher_steps']} "
         f"steps, each student {n} steps on the same batches, from the same initialisation. "
@@ -692,6 +690,16 @@ def markdown(out: dict, command: str) -> str:
         f"{env['tokenizers']}, Python {env['python']}. Load average (1, 5, 15 min) "
         f"{env['load_average_start']} at the start, {env['load_average_end']} at the end; "
         f"whole run {out['wall_seconds'] / 60:.1f} min.\n"
+    )
+
+
+def _models(out: dict) -> str:
+    c = out["config"]
+    if out["teacher_model"] != "LlamaConfig" or out["student_model"] != "LlamaConfig":
+        return f"Teacher: {out['teacher_model']}; student: {out['student_model']}."
+    return (
+        f"Teacher: Llama, {c['teacher_layers']} layers, hidden {c['teacher_hidden']}; student: "
+        f"{c['student_layers']} layers, hidden {c['student_hidden']}; untied lm_head."
     )
 
 
