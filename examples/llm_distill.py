@@ -334,6 +334,14 @@ def loadavg():
         return None
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process so far (user + system, all threads)."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -421,6 +429,7 @@ def median(xs):
 # --------------------------------------------------------------------------- the experiment
 def run(cfg: Config, teacher_name=None, student_name=None, verbose=True) -> dict:
     t_all = time.perf_counter()
+    cpu0 = _cpu_seconds()
     load_start = loadavg()
     say = print if verbose else (lambda *a, **k: None)
 
@@ -602,6 +611,7 @@ def run(cfg: Config, teacher_name=None, student_name=None, verbose=True) -> dict
             "load_average_end": loadavg(),
         },
         "wall_seconds": round(wall, 1),
+        "cpu_seconds": round(_cpu_seconds() - cpu0, 1),
     }
 
 
@@ -689,7 +699,16 @@ def markdown(out: dict, command: str) -> str:
         f"threads; torch {env['torch']}, transformers {env['transformers']}, tokenizers "
         f"{env['tokenizers']}, Python {env['python']}. Load average (1, 5, 15 min) "
         f"{env['load_average_start']} at the start, {env['load_average_end']} at the end; "
-        f"whole run {out['wall_seconds'] / 60:.1f} min.\n"
+        f"whole run {out['wall_seconds'] / 60:.1f} min{_cpu_note(out)}.\n"
+    )
+
+
+def _cpu_note(out: dict) -> str:
+    if "cpu_seconds" not in out:
+        return ""
+    return (
+        f", of which it had {out['cpu_seconds'] / 60:.1f} min of CPU time (about the time it needs "
+        f"with {out['environment']['threads']} thread(s) on a machine to itself)"
     )
 
 
@@ -819,7 +838,7 @@ def main(argv=None):
         write(out, outdir, command)
         print(f"wrote {os.path.join(outdir, 'llm_distill')}.{{json,md,png}}")
     print(table(out))
-    print(f"whole run {out['wall_seconds']:.1f} s")
+    print(f"whole run {out['wall_seconds']:.1f} s, CPU time {out['cpu_seconds']:.1f} s")
     ag = out["agreement"]
     if ag["first_step_rel_diff"] > 1e-5 or ag["first_step_eager_rel_diff"] > 1e-5:
         raise SystemExit("the first-step losses disagree")
