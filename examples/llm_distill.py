@@ -7,8 +7,8 @@ out for perplexity. Tokenizer: a byte-level BPE trained on the training files wi
 ``tokenizers``). Nothing is downloaded.
 
 1. A teacher (LlamaConfig: 4 layers, hidden 256) is trained on hard labels.
-2. A student (2 layers, hidden 128) is trained from one initialisation, on the same batches, and
-   in lockstep (one step of each in turn, so that all three see the same machine load):
+2. Three copies of one student (2 layers, hidden 128) are trained on the same batches, in
+   lockstep (one step of each in turn, so that all three see the same machine load):
      hard     hard labels only: the model's own loss, ``student(ids, labels=ids).loss``
      kd_loss  ``kdfused.kd_loss`` on the materialised logits of student and teacher
      linear   ``kdfused.linear_kd_loss`` on the last hidden states and the ``lm_head`` weights:
@@ -20,7 +20,7 @@ out for perplexity. Tokenizer: a byte-level BPE trained on the training files wi
 
     pip install transformers tokenizers matplotlib
     python examples/llm_distill.py            # the committed run (see examples/README.md)
-    python examples/llm_distill.py --quick    # a smoke run of a few seconds, tiny models
+    python examples/llm_distill.py --quick    # tiny models, a smoke run (under a minute)
 
 --teacher / --student take Hugging Face model names or paths instead (loaded with
 ``from_pretrained``; they must share a vocabulary; the teacher's tokenizer is used and the teacher
