@@ -481,9 +481,10 @@ def main(argv=None) -> int:
         why = f"{len(failures)} failure(s)" if failures else "no path could run"
         print(f"kdfused self-test FAILED: {why}; {len(ran)} paths, {total:.1f} s, seed {seed}")
         return 1
+    n_lin = sum(p.kind == "linear" for p in ran)
     print(
-        f"kdfused self-test PASSED: {len(ran)} paths x {len(cases)} cases "
-        f"(linear paths: {len(lcases)} cases), {total:.1f} s"
+        f"kdfused self-test PASSED: {len(ran)} paths ({len(ran) - n_lin} x {len(cases)} cases, "
+        f"{n_lin} linear x {len(lcases)} cases), {total:.1f} s"
     )
     return 0
 
