@@ -1,8 +1,8 @@
 // kd_linear.cpp -- schema of the fused linear + chunked distillation loss, kdfused::kd_linear_loss.
 //
-// The CPU implementation is cpu/kd_linear_cpu.cpp. There is no CUDA implementation yet: on CUDA
-// tensors the dispatcher raises NotImplementedError. Autograd and the fake kernel are registered
-// from Python (kdfused/linear.py).
+// The chunk loop is kd_linear_host.cpp, shared by the CPU (cpu/kd_linear_cpu.cpp) and CUDA
+// (cuda/kd_linear_cuda.cu) implementations. Autograd and the fake kernel are registered from
+// Python (kdfused/linear.py).
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(kdfused, m) {

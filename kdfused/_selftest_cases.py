@@ -338,6 +338,196 @@ def expected(case: Case, inp: dict) -> dict:
     return out
 
 
+# ------------------------------------------------------------------------------------------------
+# The fused linear op (kdfused.linear_kd_loss): one path per device ("cpu:linear", "cuda:linear")
+# ------------------------------------------------------------------------------------------------
+# Its logits come from GEMMs in the student's (teacher's) dtype, so they carry the rounding of
+# that dtype, which the per-element model above does not describe. A linear output passes when
+#     |got - expected| <= LIN_RTOL[dtype] * max |expected|   (over the output tensor)
+# with dtype the coarser of the two sides' dtypes; float64 expected values from the given inputs.
+LIN_RTOL = {F64: 1e-10, F32: 2e-5, F16: 1e-2, BF16: 4e-2}
+LIN_PAIRS = [(F32, F32), (BF16, BF16), (F16, F32), (F64, F64), (BF16, F16), (F32, F64)]
+
+
+@dataclass
+class LinearCase:
+    idx: int
+    divergence: str
+    sdt: torch.dtype
+    tdt: torch.dtype
+    lead: tuple
+    H: int
+    Ht: int
+    V: int
+    reduction: str
+    chunk_size: Optional[int]
+    temperature: float = 2.0
+    soft_weight: float = 0.7
+    hard_weight: float = 0.3
+    beta: float = 0.3
+    labels: bool = True
+    ignore: str = "some"  # "none", "some", "chunk" (every row of the second chunk) or "all"
+    ignore_index: int = -100
+    teacher: str = "hidden"  # or "logits"
+    bias: bool = True
+    grad_output: str = "random"
+    loss_only: bool = False
+    big: bool = False
+
+    def describe(self) -> str:
+        dims = "x".join(str(d) for d in self.lead) + f" H={self.H} V={self.V}"
+        parts = [
+            f"linear#{self.idx}",
+            self.divergence + (f"(beta={self.beta})" if self.divergence == "jsd" else ""),
+            f"{DTYPE_NAMES[self.sdt]}x{DTYPE_NAMES[self.tdt]}",
+            dims,
+            self.reduction,
+            f"chunk={self.chunk_size}",
+            f"teacher={self.teacher}",
+            f"w={self.soft_weight}/{self.hard_weight}",
+        ]
+        parts += [
+            x
+            for x, on in (
+                (f"ignored:{self.ignore}", self.labels and self.ignore != "none"),
+                ("no-labels", not self.labels),
+                ("no-bias", not self.bias),
+                ("grad_output=1", self.grad_output == "one"),
+                ("no_grad", self.loss_only),
+            )
+            if on
+        ]
+        return " ".join(parts)
+
+
+def make_linear_cases(divergences, quick: bool = False) -> list:
+    """Two cases per divergence (one with --quick), cycling dtype pairs, reductions, V (the CUDA
+    kernel's warp and block paths), chunk sizes, teacher forms, ignored rows and chunks."""
+    cases = []
+    for di, div in enumerate(divergences):
+        for k in range(1 if quick else 2):
+            i = 2 * di + k
+            sdt, tdt = LIN_PAIRS[i % len(LIN_PAIRS)]
+            V = [37, 3001, 1000, 5003, 129][i % 5]
+            hw = [0.3, 0.0, 0.5][i % 3]
+            cases.append(
+                LinearCase(
+                    i,
+                    div,
+                    sdt,
+                    tdt,
+                    (2, 9) if i % 4 == 3 else (2 + (7 * i) % 29,),
+                    H=[16, 40, 64][i % 3],
+                    Ht=[16, 24][i % 2],
+                    V=V,
+                    reduction=REDUCTIONS[i % 4],
+                    chunk_size=[4, None, 7, 5][i % 4],
+                    temperature=[1.0, 2.0, 0.5, 4.0][i % 4],
+                    hard_weight=hw,
+                    labels=hw > 0 or i % 2 == 0,
+                    ignore=["some", "chunk", "none", "some", "all"][i % 5],
+                    ignore_index=[-100, -1][i % 2],
+                    teacher="logits" if i % 3 == 2 else "hidden",
+                    bias=i % 4 != 1,
+                    grad_output="one" if i % 3 == 1 else "random",
+                    loss_only=i % 7 == 5,
+                )
+            )
+    return cases
+
+
+def make_linear_inputs(case: LinearCase, seed: int) -> dict:
+    """CPU inputs of a linear case, replayable from (seed, case.idx); logits come out O(3)."""
+    g = torch.Generator().manual_seed(seed * 1000033 + case.idx)
+    R, V = math.prod(case.lead), case.V
+
+    def rnd(*shape, scale=1.0, dt=case.sdt):
+        return (scale * torch.randn(shape, generator=g, dtype=F64)).to(dt)
+
+    x = {"sh": rnd(*case.lead, case.H), "sw": rnd(V, case.H, scale=3.0 / case.H**0.5)}
+    x["sb"] = rnd(V, scale=0.5) if case.bias else None
+    x["th"] = x["tw"] = x["tb"] = x["tl"] = None
+    if case.teacher == "hidden":
+        x["th"] = rnd(*case.lead, case.Ht, dt=case.tdt)
+        x["tw"] = rnd(V, case.Ht, scale=3.0 / case.Ht**0.5, dt=case.tdt)
+        x["tb"] = rnd(V, scale=0.5, dt=case.tdt) if case.bias else None
+    else:
+        x["tl"] = rnd(*case.lead, V, scale=3.0, dt=case.tdt)
+    y = torch.randint(0, V, (R,), generator=g)
+    chunk = case.chunk_size or R
+    if case.ignore == "some":
+        y[1::3] = case.ignore_index
+    elif case.ignore == "chunk":
+        y[chunk : 2 * chunk] = case.ignore_index
+    elif case.ignore == "all":
+        y[:] = case.ignore_index
+    x["y"] = y.reshape(case.lead) if case.labels else None
+    if case.reduction == "none":
+        go = torch.rand(R, generator=g, dtype=F64) + 0.5
+        go = (torch.ones(R, dtype=F64) if case.grad_output == "one" else go).reshape(case.lead)
+    else:
+        go = torch.tensor(1.0 if case.grad_output == "one" else 1.75, dtype=F64)
+    x["go"] = go
+    return x
+
+
+def linear_on_device(inp: dict, device: str) -> dict:
+    return {k: (v.to(device) if v is not None else None) for k, v in inp.items()}
+
+
+def linear_expected(case: LinearCase, inp: dict) -> dict:
+    """float64 loss and gradients of student_hidden / weight / bias (CPU tensors), and their
+    tolerances (LIN_RTOL)."""
+    grad_on = not case.loss_only
+    f64 = {k: (v.to(F64) if v is not None else None) for k, v in inp.items() if k != "y"}
+    sh, sw, sb = (
+        f64[k].requires_grad_(grad_on) if f64[k] is not None else None for k in ("sh", "sw", "sb")
+    )
+    T, w_soft, w_hard = case.temperature, case.soft_weight, case.hard_weight
+    with torch.set_grad_enabled(grad_on):
+        s = F.linear(sh, sw, sb).reshape(-1, case.V)
+        if case.teacher == "hidden":
+            t = F.linear(f64["th"], f64["tw"], f64["tb"]).reshape(-1, case.V)
+        else:
+            t = f64["tl"].reshape(-1, case.V)
+        R = s.shape[0]
+        y = inp["y"].reshape(-1) if inp["y"] is not None else None
+        valid = (y != case.ignore_index) if y is not None else torch.ones(R, dtype=torch.bool)
+        row = torch.zeros(R, dtype=F64)
+        if w_soft != 0:
+            lq, lp = F.log_softmax(s / T, -1), F.log_softmax(t / T, -1)
+            row = row + w_soft * T * T * _divergence(
+                case.divergence, lp, lq, lp.exp(), lq.exp(), case.beta
+            )
+        if w_hard != 0:
+            yy = torch.where(valid, y, 0)
+            row = row + w_hard * (torch.logsumexp(s, -1) - s.gather(1, yy[:, None])[:, 0])
+        row = torch.where(valid, row, 0.0)
+        if case.reduction == "none":
+            loss = row.reshape(case.lead)
+        elif case.reduction == "sum":
+            loss = row.sum()
+        else:
+            loss = row.sum() / max(int(valid.sum()), 1)
+    rtol = max(LIN_RTOL[case.sdt], LIN_RTOL[case.tdt])
+
+    def with_tol(name, x):
+        x = x.detach()
+        out[name] = x
+        top = x.abs().max().item() if x.numel() else 0.0
+        out[name + "_tol"] = torch.full_like(x, rtol * top + FLOOR_ACC[F64])
+
+    out = {}
+    with_tol("loss", loss)
+    if grad_on:
+        (loss * inp["go"]).sum().backward()
+        with_tol("grad_h", sh.grad)
+        with_tol("grad_w", sw.grad)
+        if sb is not None:
+            with_tol("grad_b", sb.grad)
+    return out
+
+
 def tol_acc(V: int, acc: torch.dtype) -> float:
     return 16.0 * torch.finfo(acc).eps * (4.0 + math.sqrt(max(V, 1)))
 

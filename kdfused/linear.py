@@ -185,8 +185,12 @@ def linear_kd_loss(
     across runs and across 1 and 2 threads, which relies on the BLAS being deterministic too).
     Double backward raises RuntimeError.
 
-    Devices: CPU only for now. On CUDA tensors the op raises NotImplementedError (no CUDA kernel
-    is registered for ``kdfused::kd_linear_loss``); use :func:`kdfused.kd_loss` on logits there.
+    Devices: CPU and CUDA, the same chunk loop on both. On the CPU the GEMMs are MKL / oneDNN,
+    label values are checked before any GEMM (ValueError) and chunks whose rows are all ignored
+    skip their GEMMs. On CUDA the GEMMs are cuBLAS and the kernel the fused CUDA kd_loss kernel, on
+    the current stream, with no host sync: the valid rows are counted on the device, every chunk
+    runs its GEMMs, and a label out of range stops the kernel with a device-side assert (as
+    :func:`kdfused.kd_loss` does on CUDA).
     """
     tensors = {"student_hidden": student_hidden, "student_weight": student_weight}
     optional = {
@@ -226,11 +230,6 @@ def linear_kd_loss(
             f"{type(ignore_index).__name__}"
         )
     chunk = _check_chunk_size(chunk_size)
-    if student_hidden.device.type == "cuda":
-        raise NotImplementedError(
-            "kdfused.linear_kd_loss: CUDA tensors are not supported yet (CPU only); use "
-            "kdfused.kd_loss on materialised logits on the GPU"
-        )
     grad_on = torch.is_grad_enabled()
     if grad_on:
         for name in _TEACHER_NAMES:

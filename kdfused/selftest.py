@@ -14,8 +14,11 @@ launch policy (warp, block, cluster:2/4/8/16 on sm_90, two_phase:2/4/8), forced 
 every divergence, every dtype and mixed student/teacher pair, V from 1 to 256000, odd V,
 row-strided 16-bit views, 3-d inputs, ignored rows, masked (-inf) vocabulary, grad_output != 1,
 teacher gradients, every reduction, loss-only calls; each is run twice (results must be bitwise
-equal) and its inputs must come back unchanged. Expected values and tolerances: see
-``kdfused/_selftest_cases.py``. Inputs are random with a seed printed at the start.
+equal) and its inputs must come back unchanged. One more path per device (``cpu:linear``,
+``cuda:linear``) runs the fused linear op (``kdfused.linear_kd_loss``: GEMMs + the fused kernel,
+chunk by chunk) on its own small cases, with the same checks, against float64 values of the
+materialised logits. Expected values and tolerances: see ``kdfused/_selftest_cases.py``. Inputs
+are random with a seed printed at the start.
 
 Exit status: 0 every check passed; 1 something failed (the failures are listed); 2 nothing could
 be tested (e.g. ``--device cuda`` without a GPU, or an unknown ``--paths`` name).
@@ -38,6 +41,7 @@ from kdfused import _C
 from kdfused import _selftest_cases as C
 
 KD_LOSS = kdfused.kd_loss  # the function under test (the tests replace it to inject an error)
+LINEAR = kdfused.linear_kd_loss  # the function the linear paths test
 CUDA_PLANS = [
     "auto",
     "warp",
@@ -58,7 +62,7 @@ ERR_SHOW = 25  # failure lines printed
 class Path:
     name: str
     device: str
-    kind: str  # "isa", "plan" or "env"
+    kind: str  # "isa", "plan", "env" or "linear"
     value: str
     optional: bool = False  # may be refused by this machine without failing
     big: bool = True  # runs the large-vocabulary cases
@@ -115,6 +119,10 @@ def cuda_paths() -> list:
             )
         )
     return paths
+
+
+def linear_path(device: str) -> Path:
+    return Path(f"{device}:linear", device, "linear", "")
 
 
 def plan_mismatch(forced: str, seen: str):
@@ -203,8 +211,72 @@ def run_case(path: Path, case: C.Case, inp: dict, exp: dict) -> tuple:
     return worst, where, msgs
 
 
+def run_linear_case(path: Path, case: C.LinearCase, inp: dict, exp: dict) -> tuple:
+    """As run_case, for the fused linear op: (worst error/tolerance, where, [failure messages])."""
+    x = C.linear_on_device(inp, path.device)
+    x0 = {k: v.clone() for k, v in x.items() if v is not None}
+    kw = dict(
+        temperature=case.temperature,
+        soft_weight=case.soft_weight,
+        hard_weight=case.hard_weight,
+        divergence=case.divergence,
+        beta=case.beta,
+        ignore_index=case.ignore_index,
+        reduction=case.reduction,
+        chunk_size=case.chunk_size,
+    )
+    runs = []
+    for _ in range(2):
+        sh, sw, sb = (
+            x[k].detach().requires_grad_(not case.loss_only) if x[k] is not None else None
+            for k in ("sh", "sw", "sb")
+        )
+        with torch.no_grad() if case.loss_only else contextlib.nullcontext():
+            loss = LINEAR(
+                sh,
+                sw,
+                x["th"],
+                x["tw"],
+                x["y"],
+                student_bias=sb,
+                teacher_bias=x["tb"],
+                teacher_logits=x["tl"],
+                **kw,
+            )
+        if not case.loss_only:
+            loss.backward(x["go"].to(loss.dtype))
+        runs.append((loss.detach(), sh.grad, sw.grad, sb.grad if sb is not None else None))
+    msgs = []
+    acc = C.F64 if C.F64 in (case.sdt, case.tdt) else C.F32
+    loss = runs[0][0]
+    if loss.dtype != acc:
+        msgs.append(f"loss dtype {loss.dtype}, expected {acc}")
+    checks = [("loss", loss)]
+    if not case.loss_only:
+        for name, got in zip(("grad_h", "grad_w", "grad_b"), runs[0][1:]):
+            if name not in exp:
+                continue  # no bias
+            checks.append((name, got))
+            if got is not None and got.dtype != case.sdt:
+                msgs.append(f"{name} dtype {got.dtype}, expected {case.sdt}")
+    worst, where = 0.0, "-"
+    for name, got in checks:
+        r = C.error_ratio(got, exp[name], exp[name + "_tol"])
+        if not r <= 1.0:
+            msgs.append(f"{name}: error {r:.3g} x tolerance")
+        if not r <= worst:  # NaN-safe
+            worst, where = r, f"linear#{case.idx} {name}"
+    for a, b, name in zip(runs[0], runs[1], ("loss", "grad_h", "grad_w", "grad_b")):
+        if (a is None) != (b is None) or (a is not None and not torch.equal(a, b)):
+            msgs.append(f"{name} differs between two identical calls (not deterministic)")
+    if not all(torch.equal(x[k], v) for k, v in x0.items()):
+        msgs.append("the inputs were modified")
+    return worst, where, msgs
+
+
 def run_path(path: Path, cases: list, inputs: dict, exps: dict) -> None:
     t0 = time.perf_counter()
+    run = run_linear_case if path.kind == "linear" else run_case
     try:
         path.enter()
     except Exception as exc:  # noqa: BLE001 - reported as the path's result
@@ -222,7 +294,7 @@ def run_path(path: Path, cases: list, inputs: dict, exps: dict) -> None:
                 continue
             path.cases += 1
             try:
-                worst, where, msgs = run_case(path, case, inputs[case.idx], exps[case.idx])
+                worst, where, msgs = run(path, case, inputs[case.idx], exps[case.idx])
             except Exception as exc:  # noqa: BLE001
                 if (
                     path.kind == "plan"
@@ -232,7 +304,8 @@ def run_path(path: Path, cases: list, inputs: dict, exps: dict) -> None:
                     path.refused += 1  # the forced plan cannot run this case: said, not failed
                     path.refusals.append(f"#{case.idx}: {str(exc).splitlines()[0][:100]}")
                     continue
-                worst, where = math.inf, f"#{case.idx} call"
+                where = f"linear#{case.idx} call" if path.kind == "linear" else f"#{case.idx} call"
+                worst = math.inf
                 msgs = [
                     f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
                     if str(exc)
@@ -322,12 +395,12 @@ def main(argv=None) -> int:
     cuda_ok = torch.cuda.is_available() and bool(info.get("cuda"))
     notes, paths = [], []
     if args.device in ("cpu", "all"):
-        paths += cpu_paths()
+        paths += cpu_paths() + [linear_path("cpu")]
         if "scalar" not in info["cpu_isa_compiled"]:
             notes.append("this build has no 'scalar' CPU path (the CUDA per-element functions)")
     if args.device in ("cuda", "all"):
         if cuda_ok:
-            paths += cuda_paths()
+            paths += cuda_paths() + [linear_path("cuda")]
             if not hasattr(_C, "set_cuda_plan"):
                 notes.append(
                     "this build cannot force a CUDA launch policy (no set_cuda_plan): "
@@ -367,9 +440,12 @@ def main(argv=None) -> int:
     cases = C.make_cases(divs, quick=args.quick)
     inputs = {c.idx: C.make_inputs(c, seed) for c in cases}
     exps = {c.idx: C.expected(c, inputs[c.idx]) for c in cases}
+    lcases = C.make_linear_cases(divs, quick=args.quick)
+    linputs = {c.idx: C.make_linear_inputs(c, seed) for c in lcases}
+    lexps = {c.idx: C.linear_expected(c, linputs[c.idx]) for c in lcases}
     print(
-        f"{len(cases)} cases, float64 expected values in {time.perf_counter() - t0:.1f} s; "
-        f"paths: {', '.join(p.name for p in paths)}",
+        f"{len(cases)} cases (+{len(lcases)} linear), float64 expected values in "
+        f"{time.perf_counter() - t0:.1f} s; paths: {', '.join(p.name for p in paths)}",
         flush=True,
     )
     lost = None  # the path whose CUDA fault left the CUDA context unusable
@@ -378,7 +454,10 @@ def main(argv=None) -> int:
             p.status = "not run"
             p.failures.append(f"{p.name}: not run, the CUDA context was lost in {lost}")
             continue
-        run_path(p, cases, inputs, exps)
+        if p.kind == "linear":
+            run_path(p, lcases, linputs, lexps)
+        else:
+            run_path(p, cases, inputs, exps)
         lost = lost or (p.name if p.fault else None)
         print(f"  {p.name}: {p.status} ({p.cases} cases, {p.seconds:.1f} s)", flush=True)
     print()
@@ -402,7 +481,11 @@ def main(argv=None) -> int:
         why = f"{len(failures)} failure(s)" if failures else "no path could run"
         print(f"kdfused self-test FAILED: {why}; {len(ran)} paths, {total:.1f} s, seed {seed}")
         return 1
-    print(f"kdfused self-test PASSED: {len(ran)} paths x {len(cases)} cases, {total:.1f} s")
+    n_lin = sum(p.kind == "linear" for p in ran)
+    print(
+        f"kdfused self-test PASSED: {len(ran)} paths ({len(ran) - n_lin} x {len(cases)} cases, "
+        f"{n_lin} linear x {len(lcases)} cases), {total:.1f} s"
+    )
     return 0
 
 

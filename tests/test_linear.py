@@ -1,10 +1,10 @@
-"""kdfused.linear_kd_loss / LinearKDLoss / torch.ops.kdfused.kd_linear_loss (CPU).
+"""kdfused.linear_kd_loss / LinearKDLoss / torch.ops.kdfused.kd_linear_loss (CPU and CUDA).
 
-Every value and gradient is compared with a float64 materialised reference: F.linear in float64
-on the same (rounded) inputs, then kdfused.reference.kd_loss (kl, ce) or, for the divergences the
-pure-PyTorch reference does not have, kdfused.kd_loss on those float64 logits; gradients by
-autograd through F.linear. Inputs are fresh random ones; the seed is KDFUSED_TEST_SEED or random,
-and printed (pytest -s, or in the failure message).
+Every value and gradient is compared with a float64 materialised reference on the CPU: F.linear in
+float64 on the same (rounded) inputs, then kdfused.reference.kd_loss; gradients by autograd
+through F.linear. Inputs are fresh random ones, drawn on the CPU and moved to the device; the seed
+is KDFUSED_TEST_SEED or random, and printed (pytest -s, or in the failure message). The tests
+that take the ``device`` fixture run on "cpu" and on "cuda" (skipped without a GPU).
 
 Size: the linear op's whole contract (values, three gradients, chunks, options, errors).
 """
@@ -53,12 +53,16 @@ def make(
     teacher="hidden",
     ignore_frac=0.3,
     labels=True,
+    device="cpu",
+    tdtype=None,
 ):
-    """Random student/teacher layers; the hidden states are scaled so logits are O(3)."""
+    """Random student/teacher layers on `device` (drawn on the CPU); the hidden states are scaled
+    so logits are O(3). tdtype: the teacher's dtype (default: the student's)."""
     Ht = Ht or H
+    tdtype = tdtype or dtype
 
-    def rnd(*shape, scale=1.0):
-        return (torch.randn(shape, generator=gen, dtype=F64) * scale).to(dtype)
+    def rnd(*shape, scale=1.0, dt=dtype):
+        return (torch.randn(shape, generator=gen, dtype=F64) * scale).to(device=device, dtype=dt)
 
     lead = lead or (N,)
     d = dict(
@@ -67,15 +71,15 @@ def make(
         student_bias=rnd(V, scale=0.5).requires_grad_() if bias else None,
     )
     if teacher == "hidden":
-        d["teacher_hidden"] = rnd(*lead, Ht)
-        d["teacher_weight"] = rnd(V, Ht, scale=3.0 / Ht**0.5)
-        d["teacher_bias"] = rnd(V, scale=0.5) if bias else None
+        d["teacher_hidden"] = rnd(*lead, Ht, dt=tdtype)
+        d["teacher_weight"] = rnd(V, Ht, scale=3.0 / Ht**0.5, dt=tdtype)
+        d["teacher_bias"] = rnd(V, scale=0.5, dt=tdtype) if bias else None
     else:
-        d["teacher_logits"] = rnd(*lead, V, scale=3.0)
+        d["teacher_logits"] = rnd(*lead, V, scale=3.0, dt=tdtype)
     if labels:
         y = torch.randint(0, V, lead, generator=gen)
         drop = torch.rand(lead, generator=gen) < ignore_frac
-        d["labels"] = torch.where(drop, torch.full_like(y, -100), y)
+        d["labels"] = torch.where(drop, torch.full_like(y, -100), y).to(device)
     else:
         d["labels"] = None
     return d
@@ -96,23 +100,24 @@ def call(fn, d, **kw):
 
 
 def reference_loss(d, grad_output=None, **kw):
-    """(loss, grad_hidden, grad_weight, grad_bias), all float64, from materialised logits."""
-    sh = d["student_hidden"].detach().to(F64).requires_grad_()
-    sw = d["student_weight"].detach().to(F64).requires_grad_()
+    """(loss, grad_hidden, grad_weight, grad_bias), all float64 on the CPU, from materialised
+    logits."""
+
+    def f64(x):
+        return x.detach().to("cpu", F64) if x is not None else None
+
+    sh = f64(d["student_hidden"]).requires_grad_()
+    sw = f64(d["student_weight"]).requires_grad_()
     sb = d["student_bias"]
-    sb = sb.detach().to(F64).requires_grad_() if sb is not None else None
+    sb = f64(sb).requires_grad_() if sb is not None else None
     s = F.linear(sh, sw, sb)
     if d.get("teacher_logits") is not None:
-        t = d["teacher_logits"].to(F64)
+        t = f64(d["teacher_logits"])
     else:
-        tb = d.get("teacher_bias")
-        t = F.linear(
-            d["teacher_hidden"].to(F64),
-            d["teacher_weight"].to(F64),
-            tb.to(F64) if tb is not None else None,
-        )
-    loss = reference.kd_loss(s, t, d["labels"], **kw)
-    go = torch.ones_like(loss) if grad_output is None else grad_output.to(F64)
+        t = F.linear(f64(d["teacher_hidden"]), f64(d["teacher_weight"]), f64(d.get("teacher_bias")))
+    y = d["labels"].cpu() if d["labels"] is not None else None
+    loss = reference.kd_loss(s, t, y, **kw)
+    go = torch.ones_like(loss) if grad_output is None else f64(grad_output)
     grads = torch.autograd.grad(loss, [sh, sw] + ([sb] if sb is not None else []), go)
     return (loss.detach(),) + tuple(grads) + ((None,) if sb is None else ())
 
@@ -121,12 +126,12 @@ def assert_close(got, want, tol, what):
     """Max abs error relative to the reference's max magnitude (gradients have many ~0 entries)."""
     assert got is not None and want is not None, what
     assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    err = (got.detach().to(F64) - want).abs().max().item() if want.numel() else 0.0
+    err = (got.detach().to("cpu", F64) - want).abs().max().item() if want.numel() else 0.0
     scale = max(want.abs().max().item() if want.numel() else 0.0, 1e-12)
     assert err <= tol * scale, f"{what}: max abs err {err:.3e} > {tol:.1e} * {scale:.3e}"
 
 
-TOL = {F64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 4e-2}
+TOL = {F64: 1e-10, torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 4e-2}
 
 
 def run_and_check(d, tol, ctx, grad_output=None, **kw):
@@ -134,7 +139,7 @@ def run_and_check(d, tol, ctx, grad_output=None, **kw):
     ref = reference_loss(
         d, grad_output=grad_output, **{k: v for k, v in kw.items() if k != "chunk_size"}
     )
-    go = torch.ones_like(loss) if grad_output is None else grad_output.to(loss.dtype)
+    go = torch.ones_like(loss) if grad_output is None else grad_output.to(loss.device, loss.dtype)
     loss.backward(go)
     assert_close(loss, ref[0], tol, f"loss {ctx}")
     names = ("student_hidden", "student_weight", "student_bias")
@@ -150,9 +155,9 @@ def run_and_check(d, tol, ctx, grad_output=None, **kw):
 
 @pytest.mark.parametrize("divergence", DIVS)
 @pytest.mark.parametrize("reduction", REDS)
-def test_every_divergence_and_reduction(gen, divergence, reduction):
+def test_every_divergence_and_reduction(gen, device, divergence, reduction):
     N, H, V = 13, 8, 37
-    d = make(gen, N, H, V, F64)
+    d = make(gen, N, H, V, F64, device=device)
     kw = dict(
         temperature=2.0,
         soft_weight=0.7,
@@ -168,16 +173,16 @@ def test_every_divergence_and_reduction(gen, divergence, reduction):
 
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 13, 40, None])
-def test_chunk_boundaries(gen, chunk_size):
+def test_chunk_boundaries(gen, device, chunk_size):
     N, H, V = 13, 6, 29
-    d = make(gen, N, H, V, F64)
+    d = make(gen, N, H, V, F64, device=device)
     run_and_check(
         d, TOL[F64], _ctx(chunk=chunk_size), temperature=1.5, hard_weight=0.5, chunk_size=chunk_size
     )
 
 
-def test_loss_independent_of_chunk_size(gen):
-    d = make(gen, 23, 16, 50, torch.float32)
+def test_loss_independent_of_chunk_size(gen, device):
+    d = make(gen, 23, 16, 50, torch.float32, device=device)
     losses = [
         call(kdfused.linear_kd_loss, d, chunk_size=c, hard_weight=1.0).item()
         for c in (1, 4, 7, 23, 100)
@@ -186,17 +191,17 @@ def test_loss_independent_of_chunk_size(gen):
     assert max(losses) - min(losses) <= 1e-6 * abs(losses[0]), (losses, _ctx())
 
 
-def test_whole_chunk_ignored(gen):
+def test_whole_chunk_ignored(gen, device):
     N, H, V = 12, 5, 19
-    d = make(gen, N, H, V, F64, ignore_frac=0.0)
+    d = make(gen, N, H, V, F64, ignore_frac=0.0, device=device)
     d["labels"][3:9] = -100  # chunks 1 and 2 of size 3: every row ignored
     loss = run_and_check(d, TOL[F64], _ctx(), hard_weight=0.5, chunk_size=3)
     assert torch.all(d["student_hidden"].grad[3:9] == 0)
     assert loss.item() != 0
 
 
-def test_all_rows_ignored(gen):
-    d = make(gen, 6, 4, 11, F64, ignore_frac=1.0)
+def test_all_rows_ignored(gen, device):
+    d = make(gen, 6, 4, 11, F64, ignore_frac=1.0, device=device)
     loss = call(kdfused.linear_kd_loss, d, hard_weight=1.0, chunk_size=2)
     loss.backward()
     assert loss.item() == 0.0
@@ -206,8 +211,8 @@ def test_all_rows_ignored(gen):
 
 @pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("teacher", ["hidden", "logits"])
-def test_dtypes_and_teacher_forms(gen, dtype, teacher):
-    d = make(gen, 17, 24, 70, dtype, Ht=12, teacher=teacher)
+def test_dtypes_and_teacher_forms(gen, device, dtype, teacher):
+    d = make(gen, 17, 24, 70, dtype, Ht=12, teacher=teacher, device=device)
     run_and_check(
         d,
         TOL[dtype],
@@ -219,11 +224,11 @@ def test_dtypes_and_teacher_forms(gen, dtype, teacher):
     )
 
 
-def test_leading_dims_no_bias_no_labels(gen):
-    d = make(gen, 0, 8, 21, F64, lead=(2, 5), bias=False, labels=False)
+def test_leading_dims_no_bias_no_labels(gen, device):
+    d = make(gen, 0, 8, 21, F64, lead=(2, 5), bias=False, labels=False, device=device)
     run_and_check(d, TOL[F64], _ctx(), divergence="jsd", beta=0.6, chunk_size=4)
     run_and_check(
-        make(gen, 0, 8, 21, F64, lead=(2, 5), bias=False, labels=False),
+        make(gen, 0, 8, 21, F64, lead=(2, 5), bias=False, labels=False, device=device),
         TOL[F64],
         _ctx(),
         reduction="none",
@@ -232,8 +237,8 @@ def test_leading_dims_no_bias_no_labels(gen):
     )
 
 
-def test_only_some_inputs_require_grad(gen):
-    d = make(gen, 9, 4, 13, F64)
+def test_only_some_inputs_require_grad(gen, device):
+    d = make(gen, 9, 4, 13, F64, device=device)
     d["student_weight"].requires_grad_(False)
     loss = call(kdfused.linear_kd_loss, d, chunk_size=2)
     loss.backward()
@@ -247,8 +252,8 @@ def test_only_some_inputs_require_grad(gen):
 
 
 @pytest.mark.parametrize("reduction", ["batchmean", "none"])
-def test_retain_graph(gen, reduction):
-    d = make(gen, 10, 6, 17, F64)
+def test_retain_graph(gen, device, reduction):
+    d = make(gen, 10, 6, 17, F64, device=device)
     loss = call(kdfused.linear_kd_loss, d, hard_weight=0.3, reduction=reduction, chunk_size=4)
     shape = loss.shape
     gos = [
@@ -259,21 +264,21 @@ def test_retain_graph(gen, reduction):
     for i, go in enumerate(gos):
         for name in ("student_hidden", "student_weight", "student_bias"):
             d[name].grad = None
-        loss.backward(go, retain_graph=i + 1 < len(gos))
+        loss.backward(go.to(device), retain_graph=i + 1 < len(gos))
         ref = reference_loss(d, grad_output=go, hard_weight=0.3, reduction=reduction)
         for name, want in zip(("student_hidden", "student_weight", "student_bias"), ref[1:]):
             assert_close(d[name].grad, want, TOL[F64], f"{name} backward #{i} {_ctx()}")
 
 
-def test_double_backward_refused(gen):
-    d = make(gen, 5, 4, 9, F64)
+def test_double_backward_refused(gen, device):
+    d = make(gen, 5, 4, 9, F64, device=device)
     loss = call(kdfused.linear_kd_loss, d)
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(loss, d["student_hidden"], create_graph=True)
 
 
-def test_module(gen):
-    d = make(gen, 8, 6, 15, F64)
+def test_module(gen, device):
+    d = make(gen, 8, 6, 15, F64, device=device)
     crit = kdfused.LinearKDLoss(temperature=3.0, hard_weight=0.5, divergence="tvd", chunk_size=3)
     got = call(crit, d)
     want = reference_loss(d, temperature=3.0, hard_weight=0.5, divergence="tvd")[0]
@@ -289,8 +294,8 @@ def test_module(gen):
     "reduction,backend",
     [("batchmean", "inductor"), ("batchmean", "aot_eager"), ("none", "aot_eager")],
 )
-def test_torch_compile_fullgraph(gen, reduction, backend):
-    d = make(gen, 11, 8, 23, torch.float32)
+def test_torch_compile_fullgraph(gen, device, reduction, backend):
+    d = make(gen, 11, 8, 23, torch.float32, device=device)
 
     def fn(sh, sw, sb, th, tw, tb, y):
         loss = kdfused.linear_kd_loss(
@@ -337,9 +342,11 @@ def test_torch_compile_fullgraph(gen, reduction, backend):
 
 
 @pytest.mark.parametrize("case", ["grads", "nograd", "logits_none", "bf16"])
-def test_opcheck(gen, case):
+def test_opcheck(gen, device, case):
     dtype = torch.bfloat16 if case == "bf16" else F64
-    d = make(gen, 7, 5, 11, dtype, teacher="logits" if case == "logits_none" else "hidden")
+    d = make(
+        gen, 7, 5, 11, dtype, teacher="logits" if case == "logits_none" else "hidden", device=device
+    )
     red = "none" if case == "logits_none" else "batchmean"
     need = case != "nograd"
     if not need:
@@ -373,7 +380,8 @@ def test_opcheck(gen, case):
 def _bad_cases(d):
     V, H = d["student_weight"].shape
     N = d["student_hidden"].shape[0]
-    f64 = dict(dtype=F64)
+    dev = d["student_hidden"].device
+    f64 = dict(dtype=F64, device=dev)
     return [
         (dict(student_weight=torch.randn(V, H + 1, **f64)), ValueError, "H = "),
         (dict(student_weight=torch.randn(V, H, dtype=torch.float32)), TypeError, "one dtype"),
@@ -391,19 +399,29 @@ def _bad_cases(d):
             "not neither",
         ),
         (dict(teacher_weight=None), ValueError, "teacher_weight is missing"),
-        (dict(labels=torch.full((N,), V)), ValueError, "labels must be in"),
-        (dict(labels=torch.zeros(N + 1, dtype=torch.long)), ValueError, "labels must have shape"),
-        (dict(labels=torch.zeros(N)), TypeError, "labels must be int64"),
-        (dict(student_hidden=torch.zeros(N, H, dtype=torch.long)), TypeError, "student_hidden"),
+        (dict(labels=torch.full((N,), V, device=dev)), ValueError, "labels must be in"),
+        (
+            dict(labels=torch.zeros(N + 1, dtype=torch.long, device=dev)),
+            ValueError,
+            "labels must have shape",
+        ),
+        (dict(labels=torch.zeros(N, device=dev)), TypeError, "labels must be int64"),
+        (
+            dict(student_hidden=torch.zeros(N, H, dtype=torch.long, device=dev)),
+            TypeError,
+            "student_hidden",
+        ),
         (dict(student_hidden=[[1.0]]), TypeError, "student_hidden must be a tensor"),
         (dict(teacher_hidden=d["teacher_hidden"].clone().requires_grad_()), ValueError, "detach"),
     ]
 
 
 @pytest.mark.parametrize("i", range(14))
-def test_bad_inputs(gen, i):
-    d = make(gen, 6, 4, 9, F64)
+def test_bad_inputs(gen, device, i):
+    d = make(gen, 6, 4, 9, F64, device=device)
     change, exc, match = _bad_cases(d)[i]
+    if device == "cuda" and match == "labels must be in":
+        pytest.skip("label values are checked by the CUDA kernel: test_bad_label_cuda_assert")
     d.update(change)
     with pytest.raises(exc, match=match):
         call(kdfused.linear_kd_loss, d)
@@ -420,15 +438,15 @@ def test_bad_inputs(gen, i):
         (dict(reduction="avg"), ValueError, "reduction"),
     ],
 )
-def test_bad_options(gen, kw, exc, match):
-    d = make(gen, 6, 4, 9, F64)
+def test_bad_options(gen, device, kw, exc, match):
+    d = make(gen, 6, 4, 9, F64, device=device)
     with pytest.raises(exc, match=match):
         call(kdfused.linear_kd_loss, d, **kw)
     assert d["student_hidden"].grad is None
 
 
-def test_deterministic_across_runs_and_threads(gen):
-    d = make(gen, 300, 32, 500, torch.float32)
+def test_deterministic_across_runs_and_threads(gen, device):
+    d = make(gen, 300, 32, 500, torch.float32, device=device)
     results = []
     threads = torch.get_num_threads()
     try:
@@ -446,6 +464,116 @@ def test_deterministic_across_runs_and_threads(gen):
         torch.set_num_threads(threads)
     for r in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], r)), _ctx()
+
+
+@pytest.mark.parametrize(
+    "sdt,tdt",
+    [
+        (torch.float32, F64),
+        (F64, torch.float32),
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.bfloat16),
+        (torch.float32, torch.float16),
+    ],
+    ids=["f32-f64", "f64-f32", "bf16-f32", "f16-bf16", "f32-f16"],
+)
+@pytest.mark.parametrize("teacher", ["hidden", "logits"])
+def test_mixed_student_teacher_dtypes(gen, device, sdt, tdt, teacher):
+    # On CUDA the pairs without a kernel (f16 x bf16, anything with f64) are converted per chunk.
+    d = make(gen, 15, 12, 45, sdt, tdtype=tdt, teacher=teacher, device=device)
+    tol = max(TOL[sdt], TOL[tdt])
+    loss = run_and_check(
+        d,
+        tol,
+        _ctx(sdt=sdt, tdt=tdt, teacher=teacher),
+        grad_output=torch.tensor(1.5, dtype=F64),
+        temperature=2.0,
+        hard_weight=0.3,
+        reduction="mean",
+        chunk_size=4,
+    )
+    assert loss.dtype == (F64 if F64 in (sdt, tdt) else torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("divergence", ["kl", "jsd"])
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_large_vocab(gen, device, dtype, divergence, reduction):
+    # V > 2048: the CUDA kernel's per-CTA path; 3 chunks, the last one short.
+    N, H, V = 40, 16, 5003
+    d = make(gen, N, H, V, dtype, Ht=24, device=device, ignore_frac=0.5)
+    shape = (N,) if reduction == "none" else ()
+    go = torch.rand(shape, generator=gen, dtype=F64) + 0.5
+    run_and_check(
+        d,
+        TOL[dtype],
+        _ctx(dtype=dtype, div=divergence, red=reduction),
+        grad_output=go,
+        temperature=2.0,
+        soft_weight=0.6,
+        hard_weight=0.4,
+        divergence=divergence,
+        beta=0.3,
+        reduction=reduction,
+        chunk_size=16,
+    )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+@pytest.mark.parametrize("where", ["student_weight", "student_hidden", "labels", "teacher_logits"])
+def test_device_mismatch_cuda(gen, where):
+    d = make(gen, 6, 4, 9, F64, device="cuda", teacher="logits")
+    d[where] = d[where].detach().cpu()
+    with pytest.raises(ValueError, match="device"):
+        call(kdfused.linear_kd_loss, d)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+def test_matches_cpu_cuda(gen):
+    # The same inputs on both devices: the results agree to the GEMMs' rounding.
+    d = make(gen, 33, 20, 3001, torch.float32, ignore_frac=0.4)
+    dc = {
+        k: (v.detach().cuda().requires_grad_(v.requires_grad) if v is not None else None)
+        for k, v in d.items()
+    }
+    kw = dict(temperature=2.0, hard_weight=0.5, divergence="tvd", chunk_size=8)
+    out = []
+    for dd in (d, dc):
+        loss = call(kdfused.linear_kd_loss, dd, **kw)
+        loss.backward()
+        out.append(
+            [loss] + [dd[k].grad for k in ("student_hidden", "student_weight", "student_bias")]
+        )
+    for name, a, b in zip(("loss", "grad_hidden", "grad_weight", "grad_bias"), *out):
+        assert_close(b, a.detach().to(F64), 1e-5, f"cuda vs cpu {name} {_ctx()}")
+
+
+_BAD_LABEL_SCRIPT = r"""
+import torch, kdfused
+sh = torch.randn(6, 4, device="cuda", requires_grad=True)
+sw = torch.randn(9, 4, device="cuda", requires_grad=True)
+tl = torch.randn(6, 9, device="cuda")
+y = torch.tensor([0, 1, 9, 2, -100, 3], device="cuda")  # 9 is out of [0, 9)
+loss = kdfused.linear_kd_loss(sh, sw, labels=y, teacher_logits=tl, hard_weight=0.5, chunk_size=2)
+torch.cuda.synchronize()
+print("no error, loss", loss.item())
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+def test_bad_label_cuda_assert():
+    # On CUDA label values are checked by the fused kernel (a device-side assert, no host sync),
+    # which leaves the CUDA context unusable: run in a process of its own.
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _BAD_LABEL_SCRIPT], capture_output=True, text=True, timeout=300
+    )
+    text = out.stdout + out.stderr
+    if out.returncode == 0 and "no error" in text:
+        pytest.skip(f"this torch build has no CUDA kernel asserts ({text.strip()[-200:]})")
+    assert out.returncode != 0 and "assert" in text.lower(), text[-2000:]
 
 
 _MEMORY_SCRIPT = r"""

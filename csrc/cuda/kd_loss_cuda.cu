@@ -35,6 +35,7 @@
 
 #include "../kd_cuda_plan.h"
 #include "../kd_host.h"
+#include "kd_fused_cuda.h"
 #include "kd_kernels.cuh"
 #include "kd_launch.h"
 
@@ -464,7 +465,34 @@ void kd_scale_grads_cuda(at::Tensor& grad_student, at::Tensor& grad_teacher, at:
   });
 }
 
+at::ScalarType scalar_type_of(DType d) {
+  switch (d) {
+    case DType::Float16: return at::kHalf;
+    case DType::BFloat16: return at::kBFloat16;
+    case DType::Float32: return at::kFloat;
+    case DType::Float64: return at::kDouble;
+  }
+  TORCH_INTERNAL_ASSERT(false, "kdfused: unknown dtype code ", static_cast<int>(d));
+}
+
 }  // namespace
+
+std::pair<at::ScalarType, at::ScalarType> fused_kernel_dtypes(at::ScalarType s, at::ScalarType t) {
+  if (native_pair(s, t)) return {s, t};
+  if (s == at::kDouble || t == at::kDouble) return {at::kDouble, at::kDouble};
+  return {s, at::kFloat};  // float16 x bfloat16: both are exact in float32
+}
+
+void run_fused_kernel(const KDParams& p, const void* grad_scale_dev, double grad_scale_host) {
+  TORCH_INTERNAL_ASSERT(p.n_rows > 0, "kdfused: run_fused_kernel needs rows");
+  dispatch_pair(scalar_type_of(p.student_dtype), scalar_type_of(p.teacher_dtype),
+                [&](auto s_tag, auto t_tag) {
+                  using S = decltype(s_tag);
+                  using T = decltype(t_tag);
+                  using A = std::conditional_t<std::is_same_v<S, double>, double, float>;
+                  run_fused<S, T, A>(p, static_cast<const A*>(grad_scale_dev), grad_scale_host);
+                });
+}
 
 }  // namespace kdfused::cuda
 
