@@ -111,6 +111,7 @@ sources = [
     "csrc/kd_python.cpp",
     "csrc/kd_cuda_plan.cpp",
     "csrc/kd_linear.cpp",
+    "csrc/kd_vocab_parallel.cpp",
     "csrc/cpu/kd_loss_cpu.cpp",
     "csrc/cpu/kd_grad_cache.cpp",
     "csrc/cpu/kd_linear_cpu.cpp",
