@@ -595,8 +595,8 @@ KD_HD RowFinal<A> finalize_slices(const SliceStats<A>* slices, int64_t n, int64_
 
 // Completes a jsd / tvd row from its n slices' mix sums, added in slice order.
 template <typename A>
-KD_HD void finalize_slices_mix(RowFinal<A>& f, const MixSums<A>* slices, int64_t n,
-                               int64_t stride, const RowConfig<A>& c) {
+KD_HD void finalize_slices_mix(RowFinal<A>& f, const MixSums<A>* slices, int64_t n, int64_t stride,
+                               const RowConfig<A>& c) {
   MixSums<A> mx = slices[0];
   for (int64_t k = 1; k < n; ++k) mx = mix_add(mx, slices[k * stride]);
   finalize_mix(f.res, mx, c);

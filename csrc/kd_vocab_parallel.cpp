@@ -84,8 +84,8 @@ at::Tensor kd_vp_stats_cpu(const at::Tensor& student, const at::Tensor& teacher,
                            int64_t vocab_total, double temperature, double soft_weight,
                            double hard_weight, c10::string_view divergence, double beta,
                            int64_t ignore_index) {
-  TORCH_CHECK_VALUE(vocab_total >= vocab_offset + student.size(-1),
-                    "kdfused: the slice [", vocab_offset, ", ", vocab_offset + student.size(-1),
+  TORCH_CHECK_VALUE(vocab_total >= vocab_offset + student.size(-1), "kdfused: the slice [",
+                    vocab_offset, ", ", vocab_offset + student.size(-1),
                     ") is not inside the vocabulary of ", vocab_total, " columns");
   // Shapes first (check_inputs in run_step), then label values: both before the kernel runs.
   check_inputs(student, teacher, labels, temperature, soft_weight, hard_weight, sv(divergence),
@@ -152,14 +152,16 @@ at::Tensor kd_vp_merge_cpu(const at::Tensor& slice_stats, const std::optional<at
                            double temperature, double soft_weight, double hard_weight,
                            c10::string_view divergence, double beta, int64_t ignore_index,
                            c10::string_view reduction) {
-  KDParams p = options_params(temperature, soft_weight, hard_weight, sv(divergence), beta,
-                              sv(reduction));
+  KDParams p =
+      options_params(temperature, soft_weight, hard_weight, sv(divergence), beta, sv(reduction));
   TORCH_CHECK(slice_stats.dim() == 3 && slice_stats.size(0) >= 1,
               "kdfused: slice_stats must have shape (group size, rows, ", kStatsFields, ")");
   const int64_t n_rows = slice_stats.size(1);
   const at::ScalarType acc = slice_stats.scalar_type();
-  TORCH_CHECK(acc == at::kFloat || acc == at::kDouble, "kdfused: slice_stats must be float32 or "
-              "float64, got ", acc);
+  TORCH_CHECK(acc == at::kFloat || acc == at::kDouble,
+              "kdfused: slice_stats must be float32 or "
+              "float64, got ",
+              acc);
   check_record(slice_stats, 3, n_rows, kStatsFields, acc, "slice_stats");
   const at::Tensor y =
       labels.has_value() ? labels->reshape({-1}).to(at::kLong).contiguous() : at::Tensor();
@@ -215,8 +217,7 @@ at::Tensor kd_vp_merge_mix_cpu(const at::Tensor& row_final, const at::Tensor& sl
 }
 
 template <typename A>
-at::Tensor reduce_final(const at::Tensor& fin, Reduction red, at::IntArrayRef lead,
-                        double scale) {
+at::Tensor reduce_final(const at::Tensor& fin, Reduction red, at::IntArrayRef lead, double scale) {
   const int64_t n_rows = fin.size(0);
   const auto* rows = reinterpret_cast<const RowFinal<A>*>(fin.data_ptr<A>());
   if (red == Reduction::None) {
@@ -242,14 +243,13 @@ KDOutputs kd_vp_grad_cpu(const at::Tensor& student, const at::Tensor& teacher,
   at::Tensor unused;
   // With no gradient asked for, the kernel has nothing to do (the loss is in row_final).
   const bool any = grad_student || grad_teacher;
-  Prepared prep =
-      any ? run_step(Phase::Grad, student, teacher, labels, vocab_offset, &row_final, &unused,
-                     temperature, soft_weight, hard_weight, sv(divergence), beta, ignore_index,
-                     grad_student, grad_teacher)
-          : prepare(student, teacher, labels, temperature, soft_weight, hard_weight,
-                    sv(divergence), beta, ignore_index, "sum", false, false);
-  check_record(row_final, 2, prep.params.n_rows, kFinalFields,
-               accumulate_type(student, teacher), "row_final");
+  Prepared prep = any ? run_step(Phase::Grad, student, teacher, labels, vocab_offset, &row_final,
+                                 &unused, temperature, soft_weight, hard_weight, sv(divergence),
+                                 beta, ignore_index, grad_student, grad_teacher)
+                      : prepare(student, teacher, labels, temperature, soft_weight, hard_weight,
+                                sv(divergence), beta, ignore_index, "sum", false, false);
+  check_record(row_final, 2, prep.params.n_rows, kFinalFields, accumulate_type(student, teacher),
+               "row_final");
   // The mean's scale: 1 / n_valid, as the merge used for the gradients.
   const at::Tensor y = prep.labels;
   const double scale = reduction_scale(red, y, prep.params.n_rows, ignore_index);

@@ -115,9 +115,7 @@ def exchange_metadata(
         dtype=torch.int64,
         device=device,
     )
-    gathered = torch.empty((world, mine.numel()), dtype=torch.int64, device=device)
-    dist.all_gather_into_tensor(gathered, mine, group=group)
-    table = gathered.cpu().tolist()
+    table = gather(mine, group, world).cpu().tolist()
     failed = [r for r, row in enumerate(table) if row[0]]
     if local_error is not None:
         raise local_error
@@ -153,10 +151,17 @@ def exchange_metadata(
     return Slice(sum(sizes[:rank]), sum(sizes), sizes, rank, world)
 
 
-def _gather(x: torch.Tensor, group, world: int) -> torch.Tensor:
-    out = torch.empty((world,) + tuple(x.shape), dtype=x.dtype, device=x.device)
-    dist.all_gather_into_tensor(out, x.contiguous(), group=group)
-    return out
+def gather(x: torch.Tensor, group, world: int) -> torch.Tensor:
+    """Every process's ``x`` (same shape everywhere), stacked in rank order: ``(world, *x.shape)``.
+    One collective (``all_gather_single``, called ``all_gather_into_tensor`` before torch 2.14),
+    into the concatenated form that every backend accepts."""
+    x = x.contiguous()
+    out = torch.empty((world * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    _ALL_GATHER(out, x, group=group)
+    return out.view((world,) + tuple(x.shape))
+
+
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def slice_loss(
@@ -182,14 +187,14 @@ def slice_loss(
         student, teacher, labels, sl.offset, sl.total, *opts, int(ignore_index)
     )
     fin = _lib_ops.kd_vp_merge(
-        _gather(stats, group, sl.world), labels, *opts, int(ignore_index), reduction
+        gather(stats, group, sl.world), labels, *opts, int(ignore_index), reduction
     )
     mixes = soft_weight > 0 and divergence in ("jsd", "tvd")
     if divergence == "jsd" and beta in (0.0, 1.0):
         mixes = False  # kl / reverse_kl (the kernels' own mapping)
     if mixes:
         mix = _lib_ops.kd_vp_mix(student, teacher, labels, fin, sl.offset, *opts, int(ignore_index))
-        fin = _lib_ops.kd_vp_merge_mix(fin, _gather(mix, group, sl.world), *opts)
+        fin = _lib_ops.kd_vp_merge_mix(fin, gather(mix, group, sl.world), *opts)
     return _lib_ops.kd_vp_grad(
         student,
         teacher,

@@ -13,10 +13,9 @@ gradient parts (group size x N x H).
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from .parallel import exchange_metadata, slice_loss
+from .parallel import exchange_metadata, gather, slice_loss
 
 # Rows per chunk when chunk_size is None: as the single-process op, from the logit row size; the
 # same on every process (computed from the whole vocabulary), since each chunk is a collective.
@@ -79,8 +78,7 @@ def _run(args, row_weight, need_h, need_w, need_b):
     if gh is not None:
         # The whole hidden-state gradient: every slice's part, summed in rank order (the same
         # operations on the same data everywhere: bitwise identical on every process).
-        parts = torch.empty((sl.world,) + tuple(gh.shape), dtype=gh.dtype)
-        dist.all_gather_into_tensor(parts, gh.contiguous(), group=group)
+        parts = gather(gh, group, sl.world)
         gh = parts[0].clone()
         for k in range(1, sl.world):
             gh += parts[k]

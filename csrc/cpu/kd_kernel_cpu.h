@@ -541,8 +541,7 @@ void kd_forward_typed(const KDParams& p) {
   const int64_t threads = at::get_num_threads();
   // (The vocabulary-parallel steps always go row by row.)
   if (p.phase == Phase::Full && threads > 1 && !at::in_parallel_region() &&
-      p.n_rows < 2 * threads &&
-      k.n_chunks >= kMinSplitChunks) {
+      p.n_rows < 2 * threads && k.n_chunks >= kMinSplitChunks) {
     RowBufs<A> rb = k.row_bufs(/*split=*/true);
     for (int64_t r = 0; r < p.n_rows; ++r) k.row_split(r, rb);
     return;

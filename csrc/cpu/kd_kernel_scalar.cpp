@@ -91,10 +91,9 @@ void scalar_rows(const KDParams& p, int64_t begin, int64_t end) {
           SliceStats<A>{st, label_here ? s_at(y) : A(0)};
       continue;
     }
-    RowResult<A> res =
-        p.phase == Phase::Full
-            ? finalize(st, cfg, cfg.hard ? s_at(y) : A(0), static_cast<A>(p.grad_scale))
-            : static_cast<const RowFinal<A>*>(p.row_final)[r].res;
+    RowResult<A> res = p.phase == Phase::Full ? finalize(st, cfg, cfg.hard ? s_at(y) : A(0),
+                                                         static_cast<A>(p.grad_scale))
+                                              : static_cast<const RowFinal<A>*>(p.row_final)[r].res;
     if (cfg.mix && p.phase != Phase::Grad) {
       MixSums<A> mx = mix_zero<A>();
       for (int64_t i = 0; i < V; ++i) {
