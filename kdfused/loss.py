@@ -110,7 +110,7 @@ def kd_loss(
     others). ``labels`` hold *global* vocabulary indices and must be identical on every process,
     as must the leading shape, the dtypes and the options. The returned loss is the loss of the
     whole rows, bitwise identical on every process; the gradients are this process's slices of
-    the whole gradients. Communication per call: one ``all_gather`` of 7 int64 per process
+    the whole gradients. Communication per call: one ``all_gather`` of 8 int64 per process
     (shapes, dtypes, options and a labels checksum, so that inconsistent inputs raise the same
     ``ValueError`` on every process instead of blocking), one ``all_gather`` of 9 floats per row
     and process (36 bytes in float32, 72 in float64: each slice's maxima and sums), and for

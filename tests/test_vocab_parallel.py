@@ -1,7 +1,8 @@
 """Vocabulary-parallel loss (``process_group=``) in real process groups: gloo on CPU, groups of 1, 2
 and 3 processes with uneven slices (tests/vp_worker.py runs the cases in each process).
 
-Every case is compared, on every process, with the single-process loss on the whole rows and with
+Groups of 1 and 2 run the widest CPU instruction set, the group of 3 the scalar path. Every case
+is compared, on every process, with the single-process loss on the whole rows and with
 the float64 reference; the loss must be bitwise equal across processes. Bad input must raise on
 every process. Each group runs under a timeout (collectives 60 s, the whole group 10 min), so a
 bug fails the test instead of hanging the suite.
@@ -57,6 +58,10 @@ def _run_group(world: int, tmp_path) -> dict:
     names = WORLD_CASES[world]
     procs, outs = [], []
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    if world == 3:
+        # The group of 3 runs the CPU scalar path (the CUDA kernels' per-element code), the others
+        # the default (widest) instruction set: every case on both.
+        env["KDFUSED_CPU_ISA"] = "scalar"
     for rank in range(world):
         out = tmp_path / f"rank{rank}.json"
         outs.append(out)
