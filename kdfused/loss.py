@@ -140,20 +140,13 @@ def kd_loss(
         reduction,
     )
     if process_group is not None:
-        from .parallel import vocab_parallel_kd_loss
+        from .parallel import options_of, vocab_parallel_kd_loss
 
+        options = options_of(
+            temperature, soft_weight, hard_weight, divergence, beta, ignore_index, reduction
+        )
         return vocab_parallel_kd_loss(
-            student_logits,
-            teacher_logits,
-            labels,
-            process_group,
-            temperature,
-            soft_weight,
-            hard_weight,
-            divergence,
-            beta,
-            ignore_index,
-            reduction,
+            student_logits, teacher_logits, labels, process_group, options
         )
     return kd_loss_op(
         student_logits,

@@ -170,115 +170,63 @@ def slice_loss(
     labels: Optional[torch.Tensor],
     sl: Slice,
     group,
-    temperature: float,
-    soft_weight: float,
-    hard_weight: float,
-    divergence: str,
-    beta: float,
-    ignore_index: int,
+    options: tuple,
     reduction: str,
     grad_student: bool,
     grad_teacher: bool,
 ):
     """The steps of the module docstring on this process's slice; returns kd_vp_grad's
-    (loss, grad_student, grad_teacher, grad_scale)."""
-    opts = (float(temperature), float(soft_weight), float(hard_weight), divergence, float(beta))
-    stats = _lib_ops.kd_vp_stats(
-        student, teacher, labels, sl.offset, sl.total, *opts, int(ignore_index)
-    )
+    (loss, grad_student, grad_teacher, grad_scale). ``options``: see :func:`options_of`."""
+    opts, ignore_index = options[:5], options[5]
+    _, soft_weight, _, divergence, beta = opts
+    stats = _lib_ops.kd_vp_stats(student, teacher, labels, sl.offset, sl.total, *opts, ignore_index)
     fin = _lib_ops.kd_vp_merge(
-        gather(stats, group, sl.world), labels, *opts, int(ignore_index), reduction
+        gather(stats, group, sl.world), labels, *opts, ignore_index, reduction
     )
     mixes = soft_weight > 0 and divergence in ("jsd", "tvd")
     if divergence == "jsd" and beta in (0.0, 1.0):
         mixes = False  # kl / reverse_kl (the kernels' own mapping)
     if mixes:
-        mix = _lib_ops.kd_vp_mix(student, teacher, labels, fin, sl.offset, *opts, int(ignore_index))
+        mix = _lib_ops.kd_vp_mix(student, teacher, labels, fin, sl.offset, *opts, ignore_index)
         fin = _lib_ops.kd_vp_merge_mix(fin, gather(mix, group, sl.world), *opts)
     return _lib_ops.kd_vp_grad(
-        student,
-        teacher,
-        labels,
-        fin,
-        sl.offset,
-        *opts,
+        student, teacher, labels, fin, sl.offset, *opts, ignore_index, reduction,
+        grad_student, grad_teacher,
+    )  # fmt: skip
+
+
+def options_of(temperature, soft_weight, hard_weight, divergence, beta, ignore_index, reduction):
+    """The loss options as one tuple, in the schema's order (what every process must agree on)."""
+    return (
+        float(temperature),
+        float(soft_weight),
+        float(hard_weight),
+        divergence,
+        float(beta),
         int(ignore_index),
         reduction,
-        grad_student,
-        grad_teacher,
     )
 
 
 class _VocabParallelKD(torch.autograd.Function):
     @staticmethod
-    def forward(
-        ctx,
-        student,
-        teacher,
-        labels,
-        group,
-        temperature,
-        soft_weight,
-        hard_weight,
-        divergence,
-        beta,
-        ignore_index,
-        reduction,
-    ):
+    def forward(ctx, student, teacher, labels, group, options):
         need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         rows = student.numel() // max(student.shape[-1], 1) if student.dim() else 1
-        options = (
-            float(temperature),
-            float(soft_weight),
-            float(hard_weight),
-            divergence,
-            float(beta),
-            int(ignore_index),
-            reduction,
-        )
+        reduction = options[6]
         local_error = None
         try:
             # Everything that can be checked without the others' inputs, before any collective.
-            _C.check_inputs(
-                student,
-                teacher,
-                labels,
-                float(temperature),
-                float(soft_weight),
-                float(hard_weight),
-                divergence,
-                float(beta),
-                reduction,
-            )
+            _C.check_inputs(student, teacher, labels, *options[:5], reduction)
         except (ValueError, TypeError, RuntimeError) as e:
             local_error = e
+        width = student.shape[-1] if student.dim() else 0
         sl = exchange_metadata(
-            "kdfused.kd_loss",
-            group,
-            student.device,
-            rows,
-            student.shape[-1] if student.dim() else 0,
-            student,
-            teacher,
-            labels,
-            options,
-            local_error=local_error,
-        )
+            "kdfused.kd_loss", group, student.device, rows, width, student, teacher, labels,
+            options, local_error=local_error,
+        )  # fmt: skip
         loss, gs, gt, scale = slice_loss(
-            student,
-            teacher,
-            labels,
-            sl,
-            group,
-            temperature,
-            soft_weight,
-            hard_weight,
-            divergence,
-            beta,
-            ignore_index,
-            reduction,
-            need_s,
-            need_t,
+            student, teacher, labels, sl, group, options, reduction, need_s, need_t
         )
         ctx.set_materialize_grads(False)
         ctx.kd_grads = (gs, gt, scale)
@@ -287,24 +235,13 @@ class _VocabParallelKD(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        return saved_grads_backward(ctx, grad_loss) + (None,) * 9
+        return saved_grads_backward(ctx, grad_loss) + (None,) * 3
 
 
 @torch.compiler.disable
-def vocab_parallel_kd_loss(
-    student_logits,
-    teacher_logits,
-    labels,
-    process_group,
-    temperature,
-    soft_weight,
-    hard_weight,
-    divergence,
-    beta,
-    ignore_index,
-    reduction,
-):
-    """:func:`kdfused.kd_loss` with ``process_group`` (arguments already type-checked).
+def vocab_parallel_kd_loss(student_logits, teacher_logits, labels, process_group, options):
+    """:func:`kdfused.kd_loss` with ``process_group`` (arguments already type-checked;
+    ``options`` from :func:`options_of`).
 
     Runs eagerly: under ``torch.compile`` this call is a graph break (``fullgraph=True`` raises),
     because the exchange between the kernel steps is a host-side sequence of collectives.
@@ -313,16 +250,4 @@ def vocab_parallel_kd_loss(
         raise NotImplementedError(
             "kdfused.kd_loss: process_group is implemented for CPU tensors (gloo) only so far"
         )
-    return _VocabParallelKD.apply(
-        student_logits,
-        teacher_logits,
-        labels,
-        process_group,
-        temperature,
-        soft_weight,
-        hard_weight,
-        divergence,
-        beta,
-        ignore_index,
-        reduction,
-    )
+    return _VocabParallelKD.apply(student_logits, teacher_logits, labels, process_group, options)

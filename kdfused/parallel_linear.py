@@ -61,7 +61,7 @@ def _run(args, row_weight, need_h, need_w, need_b):
         s_c = _linear(h[a:b], sw, sb)
         t_c = _linear(ht[a:b], tw, tb) if ht is not None else tlog[a:b]
         loss_c, g, _, _ = slice_loss(
-            s_c, t_c, y_c, sl, group, *opts, ignore_index, "none", grads, False
+            s_c, t_c, y_c, sl, group, (*opts, ignore_index), "none", grads, False
         )
         rows[a:b] = loss_c
         if not grads:
