@@ -11,7 +11,8 @@
 //
 // The merges run the same code on the same gathered records in every process, so the loss is
 // bitwise identical everywhere. The kernels are the ordinary ones (cpu::run_forward) with
-// KDParams::phase set. CPU only: on CUDA tensors the dispatcher raises NotImplementedError.
+// KDParams::phase set. CUDA: cuda/kd_vocab_parallel_cuda.cu (the host helpers it shares with this
+// file are declared in kd_vocab_parallel.h).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -23,6 +24,7 @@
 #include "cpu/kd_cpu_dispatch.h"
 #include "kd_host.h"
 #include "kd_math.h"
+#include "kd_vocab_parallel.h"
 
 namespace kdfused {
 
@@ -33,29 +35,24 @@ static_assert(sizeof(RowFinal<float>) == 13 * sizeof(float), "RowFinal<float> la
 static_assert(sizeof(RowFinal<double>) == 13 * sizeof(double), "RowFinal<double> layout");
 static_assert(sizeof(MixSums<float>) == 3 * sizeof(float), "MixSums<float> layout");
 static_assert(sizeof(MixSums<double>) == 3 * sizeof(double), "MixSums<double> layout");
-constexpr int64_t kStatsFields = 9, kFinalFields = 13, kMixFields = 3;
-
-namespace {
-
-std::string_view sv(c10::string_view s) {
-  return {s.data(), s.size()};
-}
+static_assert(kStatsFields == 9 && kFinalFields == 13 && kMixFields == 3, "record fields");
 
 void check_record(const at::Tensor& x, int64_t dim, int64_t n_rows, int64_t fields,
-                  at::ScalarType acc, const char* name) {
+                  at::ScalarType acc, const char* name, at::Device device) {
   TORCH_CHECK(x.dim() == dim && x.size(-2) == n_rows && x.size(-1) == fields &&
-                  x.scalar_type() == acc && x.is_contiguous() && x.is_cpu(),
-              "kdfused: ", name, " must be a contiguous CPU ", acc, " tensor of shape (",
+                  x.scalar_type() == acc && x.is_contiguous() && x.device() == device,
+              "kdfused: ", name, " must be a contiguous ",
+              device.is_cpu() ? std::string("CPU") : device.str(), " ", acc, " tensor of shape (",
               dim == 3 ? "group size, " : "", n_rows, ", ", fields, "), got ", x.sizes(), " ",
-              x.scalar_type());
+              x.scalar_type(), " on ", x.device());
 }
 
-// Runs one kernel step on the slice; returns the prepared call (outputs, labels, params).
-Prepared run_step(Phase phase, const at::Tensor& student, const at::Tensor& teacher,
-                  const std::optional<at::Tensor>& labels, int64_t vocab_offset,
-                  const at::Tensor* row_final, at::Tensor* out, double temperature,
-                  double soft_weight, double hard_weight, std::string_view div, double beta,
-                  int64_t ignore_index, bool grad_student, bool grad_teacher) {
+// The host part of one kernel step on the slice (see kd_vocab_parallel.h).
+Prepared prepare_step(Phase phase, const at::Tensor& student, const at::Tensor& teacher,
+                      const std::optional<at::Tensor>& labels, int64_t vocab_offset,
+                      const at::Tensor* row_final, at::Tensor* out, double temperature,
+                      double soft_weight, double hard_weight, std::string_view div, double beta,
+                      int64_t ignore_index, bool grad_student, bool grad_teacher) {
   check_inputs(student, teacher, labels, temperature, soft_weight, hard_weight, div, beta, "sum");
   TORCH_CHECK_VALUE(vocab_offset >= 0, "kdfused: vocab_offset must be >= 0, got ", vocab_offset);
   Prepared prep = prepare(student, teacher, labels, temperature, soft_weight, hard_weight, div,
@@ -65,7 +62,7 @@ Prepared run_step(Phase phase, const at::Tensor& student, const at::Tensor& teac
   p.vocab_offset = vocab_offset;
   const at::ScalarType acc = accumulate_type(student, teacher);
   if (row_final != nullptr) {
-    check_record(*row_final, 2, p.n_rows, kFinalFields, acc, "row_final");
+    check_record(*row_final, 2, p.n_rows, kFinalFields, acc, "row_final", student.device());
     p.row_final = row_final->data_ptr();
   }
   if (phase == Phase::Stats) {
@@ -75,7 +72,21 @@ Prepared run_step(Phase phase, const at::Tensor& student, const at::Tensor& teac
     *out = at::empty({p.n_rows, kMixFields}, student.options().dtype(acc));
     p.slice_mix = out->data_ptr();
   }
-  if (p.n_rows > 0) cpu::run_forward(p);
+  return prep;
+}
+
+namespace {
+
+// Runs one kernel step on the slice; returns the prepared call (outputs, labels, params).
+Prepared run_step(Phase phase, const at::Tensor& student, const at::Tensor& teacher,
+                  const std::optional<at::Tensor>& labels, int64_t vocab_offset,
+                  const at::Tensor* row_final, at::Tensor* out, double temperature,
+                  double soft_weight, double hard_weight, std::string_view div, double beta,
+                  int64_t ignore_index, bool grad_student, bool grad_teacher) {
+  Prepared prep =
+      prepare_step(phase, student, teacher, labels, vocab_offset, row_final, out, temperature,
+                   soft_weight, hard_weight, div, beta, ignore_index, grad_student, grad_teacher);
+  if (prep.params.n_rows > 0) cpu::run_forward(prep.params);
   return prep;
 }
 
@@ -133,6 +144,8 @@ double reduction_scale(Reduction red, const at::Tensor& labels, int64_t n_rows,
   return 1.0 / static_cast<double>(std::max<int64_t>(n_valid, 1));
 }
 
+}  // namespace
+
 // KDParams carrying only the options (the merges read no logits).
 KDParams options_params(double temperature, double soft_weight, double hard_weight,
                         std::string_view div, double beta, std::string_view red) {
@@ -147,6 +160,8 @@ KDParams options_params(double temperature, double soft_weight, double hard_weig
   p.reduction = parse_reduction(red);
   return p;
 }
+
+namespace {
 
 at::Tensor kd_vp_merge_cpu(const at::Tensor& slice_stats, const std::optional<at::Tensor>& labels,
                            double temperature, double soft_weight, double hard_weight,

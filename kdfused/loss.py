@@ -104,7 +104,8 @@ def kd_loss(
     :class:`KDLossFunction` is the same loss as a ``torch.autograd.Function`` (positional
     arguments); ``kdfused.reference.kd_loss`` the same loss in plain PyTorch.
 
-    Vocabulary-parallel (``process_group`` given; CPU tensors with gloo so far): the last dim of
+    Vocabulary-parallel (``process_group`` given; CPU tensors with gloo; CUDA tensors with nccl:
+    compiled, not run on a GPU yet): the last dim of
     ``student_logits`` and ``teacher_logits`` is this process's contiguous slice of the vocabulary;
     slices are in group-rank order and may differ in width (the offsets are found from the
     others). ``labels`` hold *global* vocabulary indices and must be identical on every process,

@@ -245,9 +245,15 @@ def vocab_parallel_kd_loss(student_logits, teacher_logits, labels, process_group
 
     Runs eagerly: under ``torch.compile`` this call is a graph break (``fullgraph=True`` raises),
     because the exchange between the kernel steps is a host-side sequence of collectives.
+
+    Devices: CPU tensors (gloo): tested. CUDA tensors (nccl): compiled, not run on a GPU yet (the
+    kd_vp_* CUDA ops are csrc/cuda/kd_vocab_parallel_cuda.cu; the metadata and the records are
+    created on the logits' device, and the gathers work with nccl). Other devices raise
+    ``NotImplementedError``.
     """
-    if student_logits.device.type != "cpu":
+    if student_logits.device.type not in ("cpu", "cuda"):
         raise NotImplementedError(
-            "kdfused.kd_loss: process_group is implemented for CPU tensors (gloo) only so far"
+            "kdfused.kd_loss: process_group is implemented for CPU (gloo) and CUDA (nccl) tensors "
+            f"only, got {student_logits.device.type}"
         )
     return _VocabParallelKD.apply(student_logits, teacher_logits, labels, process_group, options)
