@@ -112,6 +112,7 @@ sources = [
     "csrc/kd_cuda_plan.cpp",
     "csrc/kd_linear.cpp",
     "csrc/kd_linear_host.cpp",
+    "csrc/kd_vocab_parallel.cpp",
     "csrc/cpu/kd_loss_cpu.cpp",
     "csrc/cpu/kd_grad_cache.cpp",
     "csrc/cpu/kd_linear_cpu.cpp",

@@ -550,6 +550,59 @@ KD_HD void finalize_mix(RowResult<A>& r, const MixSums<A>& mx, const RowConfig<A
 }
 
 // ------------------------------------------------------------------------------------------------
+// Vocabulary-parallel records: a row's columns split over processes (kd_vocab_parallel.cpp). Each
+// process runs the sweeps on its slice; the records below are what they exchange.
+// ------------------------------------------------------------------------------------------------
+
+// One slice's statistics of one row, and the student logit at the row's label when the label is
+// in the slice (else 0: summed over the slices, exactly the label's logit).
+template <typename A>
+struct SliceStats {
+  RowState<A> st;
+  A s_label;
+};
+
+// The constants of a whole row for the mix and gradient sweeps (the CPU kernel's per-row record).
+template <typename A>
+struct RowFinal {
+  RowResult<A> res;
+  A log_zh;  // log sum exp(s - ms)    (need_zh)
+};
+
+template <typename A>
+KD_HD RowFinal<A> finalize_row_final(const RowState<A>& st, const RowConfig<A>& c, A s_label,
+                                     A grad_scale) {
+  RowFinal<A> f;
+  f.res = finalize(st, c, s_label, grad_scale);
+  f.log_zh = c.need_zh ? kd_log(st.zh) : A(0);
+  return f;
+}
+
+// A whole row's constants from its n slices' statistics (slices[k * stride], k = 0..n-1), merged
+// in slice order: every process does the same operations on the same records, so every process
+// gets bitwise the same row (and loss), whatever the timing.
+template <typename A>
+KD_HD RowFinal<A> finalize_slices(const SliceStats<A>* slices, int64_t n, int64_t stride,
+                                  const RowConfig<A>& c, A grad_scale) {
+  RowState<A> st = slices[0].st;
+  A s_label = slices[0].s_label;
+  for (int64_t k = 1; k < n; ++k) {
+    st = merge(st, slices[k * stride].st, c);
+    s_label += slices[k * stride].s_label;
+  }
+  return finalize_row_final(st, c, s_label, grad_scale);
+}
+
+// Completes a jsd / tvd row from its n slices' mix sums, added in slice order.
+template <typename A>
+KD_HD void finalize_slices_mix(RowFinal<A>& f, const MixSums<A>* slices, int64_t n, int64_t stride,
+                               const RowConfig<A>& c) {
+  MixSums<A> mx = slices[0];
+  for (int64_t k = 1; k < n; ++k) mx = mix_add(mx, slices[k * stride]);
+  finalize_mix(f.res, mx, c);
+}
+
+// ------------------------------------------------------------------------------------------------
 // Sweep 3: gradients of one element
 // ------------------------------------------------------------------------------------------------
 

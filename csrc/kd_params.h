@@ -26,6 +26,17 @@ enum class Reduction : int32_t { Mean = 0, Sum = 1, None = 2 };
 
 enum class DType : int32_t { Float16 = 0, BFloat16 = 1, Float32 = 2, Float64 = 3 };
 
+// What a kernel call computes. Full: everything, for whole rows. The other three are the steps of
+// the vocabulary-parallel loss (kd_vocab_parallel.cpp), where a row's columns are split over
+// processes: each process runs them on its own slice, and the per-row records they exchange
+// (kd_math.h SliceStats, MixSums, RowFinal) are combined between the steps.
+enum class Phase : int32_t {
+  Full = 0,
+  Stats = 1,  // writes the slice's SliceStats per row (to slice_stats); nothing else
+  Mix = 2,    // jsd / tvd: reads the row constants (row_final), writes the slice's MixSums
+  Grad = 3,   // reads the complete row constants (row_final), writes the slice's gradients
+};
+
 struct KDParams {
   // ---- inputs -------------------------------------------------------------------------------
   const void* student = nullptr;    // logits, dtype student_dtype, last dim contiguous
@@ -56,8 +67,16 @@ struct KDParams {
   double beta = 0.5;  // JSD mixing weight (only read for Divergence::JSD)
   Reduction reduction = Reduction::Mean;
 
+  // ---- vocabulary-parallel steps (Phase other than Full) ------------------------------------
+  Phase phase = Phase::Full;
+  int64_t vocab_offset = 0;         // global index of this slice's first column (labels are global)
+  void* slice_stats = nullptr;      // Stats: [n_rows] SliceStats<A> (out)
+  const void* row_final = nullptr;  // Mix, Grad: [n_rows] RowFinal<A> of the whole row (in)
+  void* slice_mix = nullptr;        // Mix: [n_rows] MixSums<A> (out)
+
   // ---- outputs ------------------------------------------------------------------------------
   // Per-row loss in the accumulation type (float, or double for float64 inputs), 0 at ignored rows.
+  // Written in Phase::Full only (the host forms the vocabulary-parallel row losses).
   void* row_loss = nullptr;
   // Reduced loss (0-dim, accumulation type); unused for Reduction::None.
   void* loss = nullptr;

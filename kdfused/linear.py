@@ -145,6 +145,7 @@ def linear_kd_loss(
     ignore_index: int = -100,
     reduction: str = "batchmean",
     chunk_size: Optional[int] = None,
+    process_group=None,
 ) -> torch.Tensor:
     r"""Distillation loss of the student's (and teacher's) output layer, without N x V logits.
 
@@ -170,6 +171,22 @@ def linear_kd_loss(
         chunk_size: rows per chunk, > 0; ``None`` picks as many rows as make one chunk's student
             logits about 64 MiB (``64 MiB // (V * element size)``, rounded down to a multiple of
             16 when >= 64; V = 32000 float32: 512 rows). The extra memory is about 3-4 such buffers.
+        process_group: ``None``, or a ``torch.distributed`` process group over which the
+            vocabulary is split (CPU tensors with gloo so far): ``student_weight`` /
+            ``student_bias`` (and ``teacher_weight`` / ``teacher_bias``, or the last dim of
+            ``teacher_logits``) hold this process's contiguous slice of the vocabulary, slices in
+            rank order, of any widths; hidden states and labels (global indices) are the same on
+            every process. The loss is the whole loss, bitwise identical on every process; the
+            weight and bias gradients are this process's slices; the ``student_hidden`` gradient
+            is the *whole* one (the slices' parts summed over the group in rank order, identical
+            on every process) -- with a Megatron-style column-parallel lm-head whose backward
+            all-reduces the input gradient itself, divide it by the group size or feed the
+            head's local output instead. Communication: one ``all_gather`` of 8 int64 per
+            process (consistency checks), per chunk one of 9 floats per row (two more for jsd /
+            tvd: 3 floats), and one of the N x H hidden gradient parts; ``chunk_size=None``
+            picks the chunk from the whole vocabulary, so every process chunks alike. Under
+            ``torch.compile`` the call is a graph break. Reduction ``"none"`` runs the
+            collectives again in backward.
 
     Returns:
         The loss, as :func:`kdfused.kd_loss` returns it (float32, or float64 for float64 inputs).
@@ -230,6 +247,24 @@ def linear_kd_loss(
             f"{type(ignore_index).__name__}"
         )
     chunk = _check_chunk_size(chunk_size)
+    if process_group is not None:
+        from .parallel_linear import vocab_parallel_linear_kd_loss
+
+        return vocab_parallel_linear_kd_loss(
+            student_hidden,
+            student_weight,
+            teacher_hidden,
+            teacher_weight,
+            labels,
+            student_bias,
+            teacher_bias,
+            teacher_logits,
+            process_group,
+            (float(temperature), float(soft_weight), float(hard_weight), divergence, float(beta)),
+            int(ignore_index),
+            reduction,
+            chunk,
+        )
     grad_on = torch.is_grad_enabled()
     if grad_on:
         for name in _TEACHER_NAMES:
@@ -287,6 +322,7 @@ class LinearKDLoss(nn.Module):
         ignore_index: int = -100,
         reduction: str = "batchmean",
         chunk_size: Optional[int] = None,
+        process_group=None,
     ):
         super().__init__()
         _C.check_options(
@@ -306,6 +342,7 @@ class LinearKDLoss(nn.Module):
         self.ignore_index = int(ignore_index)
         self.reduction = reduction
         self.chunk_size = chunk_size
+        self.process_group = process_group
 
     def forward(
         self,
@@ -336,6 +373,7 @@ class LinearKDLoss(nn.Module):
             ignore_index=self.ignore_index,
             reduction=self.reduction,
             chunk_size=self.chunk_size,
+            process_group=self.process_group,
         )
 
     def extra_repr(self) -> str:

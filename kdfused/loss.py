@@ -38,6 +38,7 @@ def kd_loss(
     beta: float = 0.5,
     ignore_index: int = -100,
     reduction: str = "batchmean",
+    process_group=None,
 ) -> torch.Tensor:
     r"""Knowledge-distillation loss (Hinton, Vinyals & Dean 2015), fused.
 
@@ -79,6 +80,9 @@ def kd_loss(
             when there is none; note that ``"mean"`` is per *row*, unlike ``F.kl_div``'s per-element
             mean), ``"sum"``, or ``"none"`` (shape ``student_logits.shape[:-1]``, 0 at ignored
             rows).
+        process_group: ``None`` (the default: each call sees whole rows), or a
+            ``torch.distributed`` process group (e.g. ``torch.distributed.group.WORLD``) over
+            which the vocabulary is split: see "Vocabulary-parallel" below.
 
     Returns:
         The loss: float32 for 16/32-bit inputs, float64 if either input is float64.
@@ -100,6 +104,23 @@ def kd_loss(
     :class:`KDLossFunction` is the same loss as a ``torch.autograd.Function`` (positional
     arguments); ``kdfused.reference.kd_loss`` the same loss in plain PyTorch.
 
+    Vocabulary-parallel (``process_group`` given; CPU tensors with gloo; CUDA tensors with nccl:
+    compiled, not run on a GPU yet): the last dim of
+    ``student_logits`` and ``teacher_logits`` is this process's contiguous slice of the vocabulary;
+    slices are in group-rank order and may differ in width (the offsets are found from the
+    others). ``labels`` hold *global* vocabulary indices and must be identical on every process,
+    as must the leading shape, the dtypes and the options. The returned loss is the loss of the
+    whole rows, bitwise identical on every process; the gradients are this process's slices of
+    the whole gradients. Communication per call: one ``all_gather`` of 8 int64 per process
+    (shapes, dtypes, options and a labels checksum, so that inconsistent inputs raise the same
+    ``ValueError`` on every process instead of blocking), one ``all_gather`` of 9 floats per row
+    and process (36 bytes in float32, 72 in float64: each slice's maxima and sums), and for
+    ``"jsd"`` / ``"tvd"`` one more of 3 floats per row; none in backward. Label values outside the
+    whole vocabulary raise on every process. What cannot be checked before a collective: a
+    process that never calls the loss (the others block until the group's timeout). Under
+    ``torch.compile`` the call is a graph break (``fullgraph=True`` raises). See
+    docs/design.md, "Vocabulary-parallel".
+
     Example::
 
         >>> s = torch.randn(8, 100, requires_grad=True); t = torch.randn(8, 100)
@@ -119,6 +140,15 @@ def kd_loss(
         ignore_index,
         reduction,
     )
+    if process_group is not None:
+        from .parallel import options_of, vocab_parallel_kd_loss
+
+        options = options_of(
+            temperature, soft_weight, hard_weight, divergence, beta, ignore_index, reduction
+        )
+        return vocab_parallel_kd_loss(
+            student_logits, teacher_logits, labels, process_group, options
+        )
     return kd_loss_op(
         student_logits,
         teacher_logits,
@@ -134,7 +164,8 @@ def kd_loss(
 
 
 class KDLoss(nn.Module):
-    """Module form of :func:`kd_loss`; the keywords are checked when the module is built.
+    """Module form of :func:`kd_loss`; the keywords are checked when the module is built
+    (``process_group`` as for :func:`kd_loss`).
 
     Example::
 
@@ -151,6 +182,7 @@ class KDLoss(nn.Module):
         beta: float = 0.5,
         ignore_index: int = -100,
         reduction: str = "batchmean",
+        process_group=None,
     ):
         super().__init__()
         _checks.check_option_types(
@@ -164,6 +196,7 @@ class KDLoss(nn.Module):
         self.divergence = divergence
         self.ignore_index = int(ignore_index)
         self.reduction = reduction
+        self.process_group = process_group
 
     def forward(
         self,
@@ -182,6 +215,7 @@ class KDLoss(nn.Module):
             beta=self.beta,
             ignore_index=self.ignore_index,
             reduction=self.reduction,
+            process_group=self.process_group,
         )
 
     def extra_repr(self) -> str:
@@ -190,6 +224,7 @@ class KDLoss(nn.Module):
             f"hard_weight={self.hard_weight}, divergence={self.divergence!r}, "
             f"beta={self.beta}, "
             f"ignore_index={self.ignore_index}, reduction={self.reduction!r}"
+            + ("" if self.process_group is None else ", process_group=...")
         )
 
 

@@ -125,9 +125,19 @@ def kd_loss(
     beta: float = 0.5,
     ignore_index: int = -100,
     reduction: str = "batchmean",
+    process_group=None,
 ) -> torch.Tensor:
     """Knowledge-distillation loss, pure PyTorch (see :func:`kdfused.kd_loss` for the contract
-    and this module's docstring for the formulas and rules)."""
+    and this module's docstring for the formulas and rules).
+
+    With ``process_group`` (vocabulary-parallel: each process holds a slice of the last dim, in
+    rank order) the slices are gathered with plain ``torch.distributed.all_gather`` into whole
+    rows, the loss above is computed on them, and autograd gives each process the gradient of its
+    own slice (the other slices enter as constants). Memory: the whole rows, on every process."""
+    if process_group is not None:
+        student_logits, teacher_logits = _gather_vocab(
+            student_logits, teacher_logits, process_group
+        )
     _checks.check_types(
         student_logits,
         teacher_logits,
@@ -197,6 +207,28 @@ def kd_loss(
     if reduction != "sum":
         total = total / valid.sum().clamp(min=1).to(torch.float64)
     return total.to(acc)
+
+
+def _gather_vocab(student: torch.Tensor, teacher: torch.Tensor, group):
+    """Whole rows from every process's slice (in rank order); this process's own slice stays the
+    tensor it was (so its gradient flows back to it), the others are detached copies."""
+    import torch.distributed as dist
+
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    width = torch.tensor([student.shape[-1]], dtype=torch.int64, device=student.device)
+    widths = [torch.empty_like(width) for _ in range(world)]
+    dist.all_gather(widths, width, group=group)
+    widths = [int(w.item()) for w in widths]
+    wmax = max(widths)
+    whole = []
+    for x in (student, teacher):
+        pad = torch.full(x.shape[:-1] + (wmax,), float("nan"), dtype=x.dtype, device=x.device)
+        pad[..., : x.shape[-1]] = x.detach()
+        parts = [torch.empty_like(pad) for _ in range(world)]
+        dist.all_gather(parts, pad.contiguous(), group=group)
+        pieces = [x if k == rank else parts[k][..., : widths[k]] for k in range(world)]
+        whole.append(torch.cat(pieces, dim=-1))
+    return whole[0], whole[1]
 
 
 # The top-k op's specification lives in its own module (pure PyTorch as well).

@@ -248,10 +248,7 @@ struct RowKernel {
     bool valid;
   };
   // Per-row constants of the mix and gradient sweeps.
-  struct Fin {
-    RowResult<A> res;
-    A log_zh;
-  };
+  using Fin = RowFinal<A>;
 
   const KDParams& p;
   const RowConfig<A> cfg;
@@ -289,13 +286,26 @@ struct RowKernel {
     w.t = static_cast<const T*>(p.teacher) + row_offset(p, r, p.teacher_strides);
     w.gs = cfg.want_gs ? static_cast<S*>(p.grad_student) + r * V : nullptr;
     w.gt = p.grad_teacher ? static_cast<T*>(p.grad_teacher) + r * V : nullptr;
-    w.y = p.labels ? p.labels[r] : -1;
-    w.valid = !p.labels || w.y != p.ignore_index;
+    const int64_t y = p.labels ? p.labels[r] : -1;
+    w.valid = !p.labels || y != p.ignore_index;
+    // The label's column in this slice (the whole row unless vocabulary-parallel); outside
+    // [0, V) when the label is in another process's slice.
+    w.y = y - p.vocab_offset;
     return w;
   }
 
   void invalid_row(int64_t r, const Row& w) const {
-    static_cast<A*>(p.row_loss)[r] = A(0);
+    if (p.phase == Phase::Stats) {
+      SliceStats<A>& out = static_cast<SliceStats<A>*>(p.slice_stats)[r];
+      out.st = RowState<A>::empty();
+      out.s_label = A(0);
+      return;
+    }
+    if (p.phase == Phase::Mix) {
+      static_cast<MixSums<A>*>(p.slice_mix)[r] = mix_zero<A>();
+      return;
+    }
+    if (p.phase == Phase::Full) static_cast<A*>(p.row_loss)[r] = A(0);
     if (w.gs) std::fill(w.gs, w.gs + V, S(0));
     if (w.gt) std::fill(w.gt, w.gt + V, T(0));
   }
@@ -356,10 +366,21 @@ struct RowKernel {
   KD_FLATTEN
   Fin finalize_row(const Row& w, const RowState<A>& st) const {
     const A s_label = cfg.hard ? static_cast<A>(w.s[w.y]) : A(0);
-    Fin f;
-    f.res = finalize(st, cfg, s_label, static_cast<A>(p.grad_scale));
-    f.log_zh = cfg.need_zh ? kd_log(st.zh) : A(0);
-    return f;
+    return finalize_row_final(st, cfg, s_label, static_cast<A>(p.grad_scale));
+  }
+
+  // Vocabulary-parallel steps: what a slice's merged statistics become. Returns true when the
+  // row is done (Stats writes its record and stops; Mix and Grad take the whole row's constants).
+  KD_FLATTEN
+  bool slice_step(int64_t r, const Row& w, const RowState<A>& st, Fin& f) const {
+    if (p.phase == Phase::Stats) {
+      SliceStats<A>& out = static_cast<SliceStats<A>*>(p.slice_stats)[r];
+      out.st = st;
+      out.s_label = (cfg.hard && w.y >= 0 && w.y < V) ? static_cast<A>(w.s[w.y]) : A(0);
+      return true;
+    }
+    f = static_cast<const Fin*>(p.row_final)[r];
+    return false;
   }
 
   // Probabilities are the kept exponentials times one factor per chunk (why not probs_at: the
@@ -454,13 +475,22 @@ struct RowKernel {
     if (!w.valid) return invalid_row(r, w);
     RowState<A> st = stats_chunk(w, 0, rb, cb);
     for (int64_t c = 1; c < n_chunks; ++c) st = merge(st, stats_chunk(w, c, rb, cb), cfg);
-    Fin f = finalize_row(w, st);
-    if (cfg.mix) {
+    Fin f;
+    if (p.phase == Phase::Full) {
+      f = finalize_row(w, st);
+    } else if (slice_step(r, w, st, f)) {
+      return;
+    }
+    if (cfg.mix && p.phase != Phase::Grad) {
       MixSums<A> mx = mix_zero<A>();
       for (int64_t c = 0; c < n_chunks; ++c) mx = mix_add(mx, mix_chunk(w, f, c, rb, cb));
+      if (p.phase == Phase::Mix) {
+        static_cast<MixSums<A>*>(p.slice_mix)[r] = mx;
+        return;
+      }
       finalize_mix(f.res, mx, cfg);
     }
-    static_cast<A*>(p.row_loss)[r] = f.res.loss;
+    if (p.phase == Phase::Full) static_cast<A*>(p.row_loss)[r] = f.res.loss;
     if (cfg.zero_gt) std::fill(w.gt, w.gt + V, T(0));
     if (!any_grad) return;
     for (int64_t c = 0; c < n_chunks; ++c) gradient_chunk(w, f, c, rb, cb);
@@ -509,8 +539,9 @@ void kd_forward_typed(const KDParams& p) {
       std::conditional_t<std::is_same_v<S, double> || std::is_same_v<T, double>, double, float>;
   const RowKernel<S, T, A> k(p);
   const int64_t threads = at::get_num_threads();
-  if (threads > 1 && !at::in_parallel_region() && p.n_rows < 2 * threads &&
-      k.n_chunks >= kMinSplitChunks) {
+  // (The vocabulary-parallel steps always go row by row.)
+  if (p.phase == Phase::Full && threads > 1 && !at::in_parallel_region() &&
+      p.n_rows < 2 * threads && k.n_chunks >= kMinSplitChunks) {
     RowBufs<A> rb = k.row_bufs(/*split=*/true);
     for (int64_t r = 0; r < p.n_rows; ++r) k.row_split(r, rb);
     return;

@@ -46,9 +46,18 @@ void scalar_rows(const KDParams& p, int64_t begin, int64_t end) {
     const T* trow = static_cast<const T*>(p.teacher) + row_offset(p, r, p.teacher_strides);
     S* gsrow = cfg.want_gs ? static_cast<S*>(p.grad_student) + r * V : nullptr;
     T* gtrow = p.grad_teacher ? static_cast<T*>(p.grad_teacher) + r * V : nullptr;
-    const int64_t y = p.labels ? p.labels[r] : -1;
-    if (p.labels && y == p.ignore_index) {
-      row_loss[r] = A(0);
+    const int64_t y_raw = p.labels ? p.labels[r] : -1;
+    const int64_t y = y_raw - p.vocab_offset;  // the label's column in this slice (if in it)
+    if (p.labels && y_raw == p.ignore_index) {
+      if (p.phase == Phase::Stats) {
+        static_cast<SliceStats<A>*>(p.slice_stats)[r] = SliceStats<A>{RowState<A>::empty(), A(0)};
+        continue;
+      }
+      if (p.phase == Phase::Mix) {
+        static_cast<MixSums<A>*>(p.slice_mix)[r] = mix_zero<A>();
+        continue;
+      }
+      if (p.phase == Phase::Full) row_loss[r] = A(0);
       if (gsrow) std::fill(gsrow, gsrow + V, S(0));
       if (gtrow) std::fill(gtrow, gtrow + V, T(0));
       continue;
@@ -74,9 +83,18 @@ void scalar_rows(const KDParams& p, int64_t begin, int64_t end) {
     }
     const RowState<A>& st = lane[0];
 
-    // 2. the row's results (and the mix sweep for jsd / tvd).
-    RowResult<A> res = finalize(st, cfg, cfg.hard ? s_at(y) : A(0), static_cast<A>(p.grad_scale));
-    if (cfg.mix) {
+    // 2. the row's results (and the mix sweep for jsd / tvd); vocabulary-parallel: this slice's
+    // record, or the whole row's results computed from all slices' records.
+    const bool label_here = cfg.hard && y >= 0 && y < V;
+    if (p.phase == Phase::Stats) {
+      static_cast<SliceStats<A>*>(p.slice_stats)[r] =
+          SliceStats<A>{st, label_here ? s_at(y) : A(0)};
+      continue;
+    }
+    RowResult<A> res = p.phase == Phase::Full ? finalize(st, cfg, cfg.hard ? s_at(y) : A(0),
+                                                         static_cast<A>(p.grad_scale))
+                                              : static_cast<const RowFinal<A>*>(p.row_final)[r].res;
+    if (cfg.mix && p.phase != Phase::Grad) {
       MixSums<A> mx = mix_zero<A>();
       for (int64_t i = 0; i < V; ++i) {
         const A ds = s_at(i) - res.ms, dt = t_at(i) - res.mt;
@@ -84,9 +102,13 @@ void scalar_rows(const KDParams& p, int64_t begin, int64_t end) {
         probs_at(res, cfg, ds, dt, q, pr, h);
         mix_at(mx, res, cfg, ds, dt, q, pr);
       }
+      if (p.phase == Phase::Mix) {
+        static_cast<MixSums<A>*>(p.slice_mix)[r] = mx;
+        continue;
+      }
       finalize_mix(res, mx, cfg);
     }
-    row_loss[r] = res.loss;
+    if (p.phase == Phase::Full) row_loss[r] = res.loss;
     if (cfg.zero_gt) std::fill(gtrow, gtrow + V, T(0));
 
     // 3. gradients.

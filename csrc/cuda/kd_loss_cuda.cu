@@ -8,11 +8,8 @@
 //   3. (mean/sum) kd_reduce_kernel: the fixed-order sum of the row losses.
 // kd_scale_grads_: rescales the saved gradients on the device (see the kernels' comments).
 //
-// Dtype pairs. Kernels are compiled for the same-dtype pairs and for {float16, bfloat16} x float32
-// both ways (8 instantiations per kernel, to keep compile time down). Other pairs are converted
-// here, exactly: float16 x bfloat16 -> the teacher to float32; anything with float64 -> both to
-// float64 (the accumulation type is float64 then anyway). Gradients of converted inputs are
-// converted back to the input's dtype (rounded once, as a native kernel's store would be).
+// Dtype pairs: kd_dtype_dispatch.h (8 native pairs; the others are converted exactly, and their
+// gradients converted back).
 //
 // Size: the host side of the CUDA op: cached kernel facts, forced plans, the launch of each
 // policy and the gradient-scaling op; the kernels themselves are in kd_kernels.cuh.
@@ -31,10 +28,12 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <tuple>
 #include <utility>
 
 #include "../kd_cuda_plan.h"
 #include "../kd_host.h"
+#include "kd_dtype_dispatch.h"
 #include "kd_fused_cuda.h"
 #include "kd_kernels.cuh"
 #include "kd_launch.h"
@@ -45,23 +44,6 @@ namespace {
 
 // Grid caps: the kernels loop over rows (grid-stride), so any N works with a bounded grid.
 constexpr int64_t kMaxGridRows = int64_t(1) << 22;
-
-bool is_half_like(at::ScalarType t) {
-  return t == at::kHalf || t == at::kBFloat16;
-}
-
-// The virtual architectures this file was compiled for, from nvcc (e.g. "800,900").
-#define KD_STRINGIFY2(...) #__VA_ARGS__  // variadic: the list holds commas
-#define KD_STRINGIFY(...) KD_STRINGIFY2(__VA_ARGS__)
-#if defined(__CUDA_ARCH_LIST__)
-#define KDFUSED_CUDA_ARCHS "compute " KD_STRINGIFY(__CUDA_ARCH_LIST__)
-#else
-#define KDFUSED_CUDA_ARCHS "unknown"
-#endif
-
-bool native_pair(at::ScalarType s, at::ScalarType t) {
-  return s == t || (is_half_like(s) && t == at::kFloat) || (s == at::kFloat && is_half_like(t));
-}
 
 // Per (kernel, device): what the binary holds and what the device allows. Queried once and
 // cached, so that per-call host work is a map lookup and the launch plan -- hence the bits of the
@@ -85,14 +67,6 @@ bool env_no_clusters() {
     return e != nullptr && e[0] == '1';
   }();
   return v;
-}
-
-// A GPU older than sm_80 has no kernel image in this build: say so at the first call, naming the
-// build's architectures, instead of failing with "no kernel image is available".
-void check_device_arch(const cudaDeviceProp& prop) {
-  TORCH_CHECK(prop.major >= 8, "kdfused: the GPU ", prop.name, " is sm_", prop.major, prop.minor,
-              "; kdfused's CUDA kernels need sm_80 or newer (this build has: ", KDFUSED_CUDA_ARCHS,
-              ")");
 }
 
 template <typename Kernel>
@@ -299,24 +273,6 @@ void run_fused(const KDParams& p, const A* grad_scale_dev, double grad_scale_hos
   }
 }
 
-// Calls f(S{}, T{}) for the native pair of (s, t).
-template <typename F>
-void dispatch_pair(at::ScalarType s, at::ScalarType t, F&& f) {
-  using at::kBFloat16;
-  using at::kDouble;
-  using at::kFloat;
-  using at::kHalf;
-  if (s == kHalf && t == kHalf) return f(c10::Half{}, c10::Half{});
-  if (s == kBFloat16 && t == kBFloat16) return f(c10::BFloat16{}, c10::BFloat16{});
-  if (s == kFloat && t == kFloat) return f(float{}, float{});
-  if (s == kDouble && t == kDouble) return f(double{}, double{});
-  if (s == kHalf && t == kFloat) return f(c10::Half{}, float{});
-  if (s == kBFloat16 && t == kFloat) return f(c10::BFloat16{}, float{});
-  if (s == kFloat && t == kHalf) return f(float{}, c10::Half{});
-  if (s == kFloat && t == kBFloat16) return f(float{}, c10::BFloat16{});
-  TORCH_INTERNAL_ASSERT(false, "kdfused: no CUDA kernel for ", s, " x ", t);
-}
-
 KDOutputs kd_loss_cuda(const at::Tensor& student, const at::Tensor& teacher,
                        const std::optional<at::Tensor>& labels, double temperature,
                        double soft_weight, double hard_weight, c10::string_view divergence,
@@ -334,16 +290,8 @@ KDOutputs kd_loss_cuda(const at::Tensor& student, const at::Tensor& teacher,
 
   const at::ScalarType s_type = student.scalar_type();
   const at::ScalarType t_type = teacher.scalar_type();
-  at::Tensor s_in = student;
-  at::Tensor t_in = teacher;
-  if (!native_pair(s_type, t_type)) {
-    if (s_type == at::kDouble || t_type == at::kDouble) {
-      s_in = student.to(at::kDouble);
-      t_in = teacher.to(at::kDouble);
-    } else {
-      t_in = teacher.to(at::kFloat);  // float16 x bfloat16: both are exact in float32
-    }
-  }
+  at::Tensor s_in, t_in;
+  std::tie(s_in, t_in) = native_inputs(student, teacher);
 
   Prepared prep = prepare(s_in, t_in, labels, temperature, soft_weight, hard_weight, div, beta,
                           ignore_index, red, grad_student, grad_teacher);
@@ -478,9 +426,7 @@ at::ScalarType scalar_type_of(DType d) {
 }  // namespace
 
 std::pair<at::ScalarType, at::ScalarType> fused_kernel_dtypes(at::ScalarType s, at::ScalarType t) {
-  if (native_pair(s, t)) return {s, t};
-  if (s == at::kDouble || t == at::kDouble) return {at::kDouble, at::kDouble};
-  return {s, at::kFloat};  // float16 x bfloat16: both are exact in float32
+  return native_dtypes(s, t);
 }
 
 void run_fused_kernel(const KDParams& p, const void* grad_scale_dev, double grad_scale_host) {
