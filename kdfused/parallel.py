@@ -148,7 +148,20 @@ def exchange_metadata(
             f"{who}: every process must hold at least one vocabulary column; slice widths per "
             f"rank: {sizes}"
         )
-    return Slice(sum(sizes[:rank]), sum(sizes), sizes, rank, world)
+    total = sum(sizes)
+    if labels is not None:
+        # Labels are identical everywhere (checksum above): every process raises the same error,
+        # before any kernel runs (on CUDA a kernel could only assert).
+        ignore_index = options[5]
+        y = labels.reshape(-1)
+        bad = (y != ignore_index) & ((y < 0) | (y >= total))
+        if bool(bad.any()):
+            r = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"{who}: labels must be in [0, {total}) (the whole vocabulary over the process "
+                f"group) or equal ignore_index ({ignore_index}), got {int(y[r])} at row {r}"
+            )
+    return Slice(sum(sizes[:rank]), total, sizes, rank, world)
 
 
 def gather(x: torch.Tensor, group, world: int) -> torch.Tensor:

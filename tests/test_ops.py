@@ -21,13 +21,15 @@ pytestmark = pytest.mark.fused_only
 
 
 def _op():
-    import kdfused  # noqa: F401  (registers the ops)
+    # `import kdfused` alone loads nothing (lazy attributes): _ops loads the extension and
+    # registers the fake kernels and autograd that opcheck checks.
+    import kdfused._ops  # noqa: F401
 
     return torch.ops.kdfused.kd_loss
 
 
 def _scale_op():
-    import kdfused  # noqa: F401
+    import kdfused._ops  # noqa: F401
 
     return torch.ops.kdfused.kd_scale_grads_
 

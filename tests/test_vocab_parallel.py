@@ -33,6 +33,7 @@ WORKER = os.path.join(os.path.dirname(__file__), "vp_worker.py")
 CASES = list(case_table())
 SPECIAL = [
     "error-label-range",
+    "error-linear-label-range",
     "error-rows",
     "error-labels-differ",
     "error-dtype",

@@ -260,6 +260,14 @@ def run_special(name: str, rank: int, world: int) -> None:
         tt = t[:, :2] if rank == 0 else t
         text = "same shape" if rank == 0 else "failed their checks"
         expect_raise(lambda: kdfused.kd_loss(s, tt, y, **kw), ValueError, text)
+    elif name == "error-linear-label-range":
+        h = torch.randn(N, 5, generator=g, dtype=torch.float64)
+        w = torch.randn(3, 5, generator=g, dtype=torch.float64)
+        bad = y.clone()
+        bad[1] = -5
+        expect_raise(
+            lambda: kdfused.linear_kd_loss(h, w, h, w, bad, **kw), ValueError, "whole vocabulary"
+        )
     elif name == "compile-graph-break":
         sl = s.clone().requires_grad_(True)
 
