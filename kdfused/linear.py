@@ -171,22 +171,21 @@ def linear_kd_loss(
         chunk_size: rows per chunk, > 0; ``None`` picks as many rows as make one chunk's student
             logits about 64 MiB (``64 MiB // (V * element size)``, rounded down to a multiple of
             16 when >= 64; V = 32000 float32: 512 rows). The extra memory is about 3-4 such buffers.
-        process_group: ``None``, or a ``torch.distributed`` process group over which the
-            vocabulary is split (CPU tensors with gloo so far): ``student_weight`` /
-            ``student_bias`` (and ``teacher_weight`` / ``teacher_bias``, or the last dim of
-            ``teacher_logits``) hold this process's contiguous slice of the vocabulary, slices in
-            rank order, of any widths; hidden states and labels (global indices) are the same on
-            every process. The loss is the whole loss, bitwise identical on every process; the
-            weight and bias gradients are this process's slices; the ``student_hidden`` gradient
-            is the *whole* one (the slices' parts summed over the group in rank order, identical
-            on every process) -- with a Megatron-style column-parallel lm-head whose backward
-            all-reduces the input gradient itself, divide it by the group size or feed the
-            head's local output instead. Communication: one ``all_gather`` of 8 int64 per
-            process (consistency checks), per chunk one of 9 floats per row (two more for jsd /
-            tvd: 3 floats), and one of the N x H hidden gradient parts; ``chunk_size=None``
-            picks the chunk from the whole vocabulary, so every process chunks alike. Under
-            ``torch.compile`` the call is a graph break. Reduction ``"none"`` runs the
-            collectives again in backward.
+        process_group: ``None``, or a ``torch.distributed`` process group over which the vocabulary
+            is split (CPU tensors with gloo; CUDA with nccl, not run on a GPU yet):
+            ``student_weight`` / ``student_bias`` (and ``teacher_weight`` / ``teacher_bias``, or the
+            last dim of ``teacher_logits``) hold this process's contiguous slice of the vocabulary,
+            slices in rank order, of any widths; hidden states and labels (global indices) are the
+            same on every process. The loss is the whole loss, bitwise identical on every process;
+            the weight and bias gradients are this process's slices; the ``student_hidden`` gradient
+            is the *whole* one (the slices' parts summed over the group in rank order, identical on
+            every process) -- with a Megatron-style column-parallel lm-head whose backward all-
+            reduces the input gradient itself, divide it by the group size or feed the head's local
+            output instead. Communication: one ``all_gather`` of 8 int64 per process (consistency
+            checks), per chunk one of 9 floats per row (two more for jsd / tvd: 3 floats), and one
+            of the N x H hidden gradient parts; ``chunk_size=None`` picks the chunk from the whole
+            vocabulary, so every process chunks alike. Under ``torch.compile`` the call is a graph
+            break. Reduction ``"none"`` runs the collectives again in backward.
 
     Returns:
         The loss, as :func:`kdfused.kd_loss` returns it (float32, or float64 for float64 inputs).

@@ -45,18 +45,20 @@ def _run(args, row_weight, need_h, need_w, need_b):
     grads = row_weight is not None
     w_acc = torch.float32 if sw.dtype in (torch.float16, torch.bfloat16) else sw.dtype
     gh = torch.zeros_like(h) if grads and need_h else None
-    gw = torch.zeros(sw.shape, dtype=w_acc) if grads and need_w else None
-    gb = torch.zeros(sb.shape, dtype=w_acc) if grads and need_b else None
+    gw = torch.zeros(sw.shape, dtype=w_acc, device=sw.device) if grads and need_w else None
+    gb = torch.zeros(sb.shape, dtype=w_acc, device=sw.device) if grads and need_b else None
     acc = (
         torch.float64
         if torch.float64 in (sh.dtype, (th if th is not None else tl).dtype)
         else (torch.float32)
     )
-    rows = torch.zeros(N, dtype=acc)
+    rows = torch.zeros(N, dtype=acc, device=sh.device)
+    # Which chunks are all ignored, decided on the host once (one copy of the labels on CUDA).
+    y_host = y.cpu() if y is not None else None
     for a in range(0, N, chunk):
         b = min(N, a + chunk)
         y_c = y[a:b] if y is not None else None
-        if y_c is not None and bool((y_c == ignore_index).all()):
+        if y_host is not None and bool((y_host[a:b] == ignore_index).all()):
             continue  # the same on every process (labels are identical): no collective skipped
         s_c = _linear(h[a:b], sw, sb)
         t_c = _linear(ht[a:b], tw, tb) if ht is not None else tlog[a:b]
@@ -132,7 +134,7 @@ class _VocabParallelLinearKD(torch.autograd.Function):
         weight = None
         if any_grad and not none:
             scale = 1.0 / max(n_valid, 1) if reduction in ("mean", "batchmean") else 1.0
-            weight = torch.full((N,), scale, dtype=torch.float64)
+            weight = torch.full((N,), scale, dtype=torch.float64, device=sh.device)
         rows, gh, gw, gb = _run(args, weight, need_h, need_w, need_b)
         ctx.kd_need = (need_h, need_w, need_b)
         ctx.kd_none = none
@@ -165,7 +167,7 @@ class _VocabParallelLinearKD(torch.autograd.Function):
             return (gh, gw, gb) + rest
         gh, gw, gb = ctx.kd_grads
         g = grad_loss.to(torch.float64)
-        if not bool(g == 1):  # a CPU tensor: no device sync
+        if not bool(g == 1):  # (one sync on CUDA, where the collectives synchronise anyway)
             gh, gw, gb = (
                 None if x is None else (x.to(torch.float64) * g).to(x.dtype) for x in (gh, gw, gb)
             )
@@ -204,10 +206,10 @@ def vocab_parallel_linear_kd_loss(
 ):
     """:func:`kdfused.linear_kd_loss` with ``process_group`` (arguments already type-checked).
     Runs eagerly: under ``torch.compile`` a graph break (``fullgraph=True`` raises)."""
-    if sh.device.type != "cpu":
+    if sh.device.type not in ("cpu", "cuda"):
         raise NotImplementedError(
-            "kdfused.linear_kd_loss: process_group is implemented for CPU tensors (gloo) only "
-            "so far"
+            f"kdfused.linear_kd_loss: process_group is implemented for CPU (gloo) and CUDA "
+            f"(nccl) tensors, got {sh.device.type}"
         )
     for name, t in (("teacher_hidden", th), ("teacher_weight", tw), ("teacher_bias", tb)):
         if t is not None and t.requires_grad and torch.is_grad_enabled():

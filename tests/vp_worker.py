@@ -278,6 +278,7 @@ def run_special(name: str, rank: int, world: int) -> None:
         compiled = torch.compile(step)(sl, t, y)
         torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
         compiled.backward()
+
         # A separate function (dynamo caches per code object: `step` would reuse its graphs).
         def step_full(a, b, lab):
             return kdfused.kd_loss(a * 1.0, b, lab, **kw) * 2.0
