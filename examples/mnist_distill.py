@@ -557,6 +557,9 @@ def main(argv=None) -> dict:
     p.add_argument("--teacher-epochs", type=int)
     p.add_argument("--student-epochs", type=int)
     p.add_argument(
+        "--student-seeds", type=int, nargs="+", help="one run per seed for each student variant"
+    )
+    p.add_argument(
         "--teacher-cache",
         help="file to save the trained teacher to, or to load it from when it exists",
     )
@@ -585,6 +588,8 @@ def main(argv=None) -> dict:
     for name in ("teacher_epochs", "student_epochs"):
         if getattr(a, name) is not None:
             setattr(cfg, name, getattr(a, name))
+    if a.student_seeds:
+        cfg.student_seeds = tuple(a.student_seeds)
     cfg.device, cfg.seed, cfg.progress = a.device, a.seed, not a.no_progress
     try:
         out = run(
