@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 sys.path.insert(0, str(EXAMPLES))
@@ -91,7 +92,17 @@ def test_missing_data_gives_clear_message(tmp_path, monkeypatch):
         mnist_distill.main(["--out", str(tmp_path), "--no-progress", "--loss-backend", "reference"])
 
 
-def test_digits_pipeline_end_to_end(tmp_path, pytestconfig):
+@pytest.fixture
+def one_thread():
+    """The digits nets are tiny: one CPU thread is faster than two, and much faster on a busy
+    machine when torch was imported before mnist_distill could ask OpenMP to wait passively."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_digits_pipeline_end_to_end(tmp_path, pytestconfig, one_thread):
     cfg = mnist_distill.digits_config(progress=False, verbose=False)
     out = mnist_distill.run(cfg, loss_backend=_backend(pytestconfig))
     res, n_test = out["results"], out["data"]["test"]
@@ -128,7 +139,7 @@ def test_digits_pipeline_end_to_end(tmp_path, pytestconfig):
     assert paths["csv"].read_text().count("\n") == len(res) + 1
 
 
-def test_cli_digits(tmp_path, pytestconfig):
+def test_cli_digits(tmp_path, pytestconfig, one_thread):
     out = mnist_distill.main(
         [
             "--dataset",
@@ -141,6 +152,8 @@ def test_cli_digits(tmp_path, pytestconfig):
             "--no-reference-check",
             "--device",
             "cpu",
+            "--threads",
+            "1",
             "--loss-backend",
             _backend(pytestconfig),
         ]
