@@ -37,6 +37,8 @@ def seeds_text(r: dict, field: str) -> str:
     """``errors`` of a result: the number, or for several seeds ``mean ± sd (seed values)``."""
     if f"{field}_per_seed" not in r:
         return str(r[field])
+    if len(r[f"{field}_per_seed"]) == 1:  # one seed: its count, no spread
+        return str(r[f"{field}_per_seed"][0])
     per_seed = ", ".join(str(v) for v in r[f"{field}_per_seed"])
     return f"{r[field]:.1f} ± {r[field + '_sd']:.1f} ({per_seed})"
 
@@ -108,12 +110,20 @@ def run_notes(out: dict) -> str:
     g = distillation_gain(out)
     t = res["teacher"]
     seeds = ", ".join(str(s) for s in c["student_seeds"])
-    lines = [
+    gain = (
         f"Distillation gain: the soft-only student makes {g['fewer_errors']:.1f} fewer test errors "
-        f"than the hard-label student ({g['fewer_errors_percent']:.0f}% fewer; mean over seeds "
-        f"{seeds}); the larger of the two standard deviations over seeds is "
-        f"{g['largest_sd']:.1f}, and the per-seed ranges "
-        + ("overlap." if g["ranges_overlap"] else "do not overlap."),
+        f"than the hard-label student ({g['fewer_errors_percent']:.0f}% fewer; "
+    )
+    if len(c["student_seeds"]) > 1:
+        gain += (
+            f"mean over seeds {seeds}); the larger of the two standard deviations over seeds is "
+            f"{g['largest_sd']:.1f}, and the per-seed ranges "
+            + ("overlap." if g["ranges_overlap"] else "do not overlap.")
+        )
+    else:
+        gain += f"one seed, {seeds}: no spread to compare with)."
+    lines = [
+        gain,
         f"Data: {d['source']}; {d['train']} training images, {d['heldout']} more held out "
         f"(for choosing the schedule and the bias shift), {d['test']} test images. Teacher: "
         f"{c['teacher_epochs']} epochs, cosine learning-rate decay from {c['teacher_lr']:g}, "
