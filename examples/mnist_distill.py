@@ -527,7 +527,13 @@ def run(
         out["reference_check"]["epochs"] = cfg.reference_epochs
         out["reference_check"]["train_loss_kdfused"] = a["train_loss"]
         out["reference_check"]["train_loss_reference"] = b["train_loss"]
-    loads = [v for h in curves.values() for v in h.get("load_1min", []) if v is not None]
+    loads = [  # of this run's epochs (a cached teacher's were recorded by an earlier run)
+        v
+        for k, h in curves.items()
+        if not (from_cache and k == "teacher")
+        for v in h.get("load_1min", [])
+        if v is not None
+    ]
     out["run"] = {
         "started": started,
         "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
