@@ -126,7 +126,23 @@ sources = [
     "csrc/cpu/topk/kd_topk_avx2.cpp",
     "csrc/cpu/topk/kd_topk_avx512.cpp",
 ]
-cxx_flags = ["-O3", "-fvisibility=hidden"]
+
+
+def openmp_flags():
+    """Compile and link flags that make at::parallel_for parallel in this extension.
+
+    at::parallel_for is a header template: with torch's OpenMP backend its `#pragma omp parallel`
+    is compiled into the extension, and without -fopenmp it silently runs on ONE thread. The
+    OpenMP runtime linked is libgomp.so.1, the soname of the copy torch loads first, so the
+    extension shares torch's thread pool (torch.set_num_threads applies to it).
+    """
+    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+        return ["-fopenmp"], ["-fopenmp"]
+    return [], []
+
+
+omp_compile, omp_link = openmp_flags()
+cxx_flags = ["-O3", "-fvisibility=hidden", *omp_compile]
 nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
 include_dirs = [os.path.join(ROOT, "csrc")]
 define_macros = []
@@ -143,6 +159,7 @@ if WITH_CUDA:
         include_dirs=include_dirs,
         define_macros=define_macros,
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        extra_link_args=omp_link,
     )
 else:
     ext = CppExtension(
@@ -151,10 +168,12 @@ else:
         include_dirs=include_dirs,
         define_macros=define_macros,
         extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=omp_link,
     )
 
 print(
-    f"kdfused: building with CUDA={'on' if WITH_CUDA else 'off'}"
+    f"kdfused: building with OpenMP={'on' if omp_compile else 'off'}, "
+    f"CUDA={'on' if WITH_CUDA else 'off'}"
     + (f" (CUDA_HOME={CUDA_HOME}, arch {os.environ['TORCH_CUDA_ARCH_LIST']})" if WITH_CUDA else "")
 )
 

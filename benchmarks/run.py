@@ -34,7 +34,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from _report import derive, loadavg, metadata, table, write_csv  # noqa: E402
+from _report import derive, git_commit, loadavg, metadata, table, write_csv  # noqa: E402
 from _sizes import SETS, memory_guard, parse_sizes  # noqa: E402
 
 
@@ -171,6 +171,8 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     load_before = loadavg()
+    # the tree measured is the one at the start (files edited during a run do not count)
+    commit = git_commit()
     if load_before and load_before > 0.5 * (os.cpu_count() or 1) and args.device == "cpu":
         print(
             f"warning: load average {load_before:.1f} on {os.cpu_count()} cores; CPU timings "
@@ -247,6 +249,7 @@ def main(argv=None) -> int:
         print(f"copy-bandwidth worker failed: {env.get('status')}", file=sys.stderr)
     derive(records, env.get("copy_gbps"))
     meta = metadata(args, env)
+    meta["git_commit"] = commit
     meta["wall_s"] = round(time.monotonic() - t0, 1)
     meta["loadavg_1min"] = {"start": load_before, "end": loadavg()}
 

@@ -22,6 +22,19 @@ def isa(request):
     _C.set_cpu_isa(before)
 
 
+def test_kernels_use_torchs_threads():
+    """at::parallel_for is a header template compiled into the extension: built without OpenMP
+    (when torch uses OpenMP) it would run every kernel on one thread whatever
+    torch.set_num_threads says, and the thread-count tests below would compare 1 thread with 1."""
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            assert _C.parallel_threads() == n
+    finally:
+        torch.set_num_threads(before)
+
+
 def _run(s, t, y, threads, kw):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)

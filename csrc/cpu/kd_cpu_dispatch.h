@@ -22,6 +22,16 @@ ForwardFn forward_avx512();
 // The host run of the CUDA kernels' per-element code (kd_kernel_scalar.cpp); never auto-selected.
 ForwardFn forward_scalar();
 
+// The exponential each instruction set's kernel uses (kd_vexp.h; the C library's expf for
+// "scalar"), y = exp(x) for n floats: for the test of its error bound.
+using ExpFn = void (*)(const float* x, float* y, int64_t n);
+ExpFn exp_default();
+ExpFn exp_avx2();
+ExpFn exp_avx512();
+ExpFn exp_scalar();
+// Runs the exponential of instruction set `isa` (a name as set_isa takes, "auto" included).
+void run_exp(const std::string& isa, const float* x, float* y, int64_t n);
+
 // Runs the widest available kernel (or the one forced) on p.
 void run_forward(const KDParams& p);
 

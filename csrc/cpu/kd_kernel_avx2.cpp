@@ -20,10 +20,14 @@
 #define CPU_CAPABILITY AVX2
 #define CPU_CAPABILITY_AVX2
 #define KD_ISA_ENTRY forward_avx2
+#define KD_ISA_EXP_ENTRY exp_avx2
 #include "kd_kernel_cpu.h"
 #else
 namespace kdfused::cpu {
 ForwardFn forward_avx2() {
+  return nullptr;
+}
+ExpFn exp_avx2() {
   return nullptr;
 }
 }  // namespace kdfused::cpu

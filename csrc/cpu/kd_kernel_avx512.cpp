@@ -31,10 +31,14 @@
 #define CPU_CAPABILITY AVX512
 #define CPU_CAPABILITY_AVX512
 #define KD_ISA_ENTRY forward_avx512
+#define KD_ISA_EXP_ENTRY exp_avx512
 #include "kd_kernel_cpu.h"
 #else
 namespace kdfused::cpu {
 ForwardFn forward_avx512() {
+  return nullptr;
+}
+ExpFn exp_avx512() {
   return nullptr;
 }
 }  // namespace kdfused::cpu

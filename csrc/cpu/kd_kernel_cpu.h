@@ -37,6 +37,7 @@
 
 #include "../kd_math.h"
 #include "../kd_params.h"
+#include "kd_vexp.h"
 
 namespace kdfused::cpu {
 inline namespace CPU_CAPABILITY {
@@ -46,20 +47,6 @@ using at::vec::Vectorized;
 // Elements per chunk: the chunk's inputs and exponentials stay in L1/L2 between the two passes
 // over it, and its maxima are exact (no per-element rescaling).
 constexpr int64_t kChunk = 2048;
-
-template <typename A>
-inline Vectorized<A> vexp(const Vectorized<A>& x) {
-  return x.exp();
-}
-// exp_u20: polynomial exp with <= 20 ulp error, several times cheaper than Sleef's 1-ulp exp;
-// exp() is where CPU time goes. Returns 0 for -inf (masked logits) like exp. Its value at 0 is
-// 0.9999997, not 1: pinned to 1, because x = 0 is each row's maximum, its largest probability
-// (and for V = 1 the whole distribution, whose loss and gradients must come out exactly 0).
-template <>
-inline Vectorized<float> vexp(const Vectorized<float>& x) {
-  const Vectorized<float> zero(0.f);
-  return Vectorized<float>::blendv(x.exp_u20(), Vectorized<float>(1.f), x == zero);
-}
 
 }  // namespace CPU_CAPABILITY
 }  // namespace kdfused::cpu
@@ -580,5 +567,8 @@ inline void kd_forward(const KDParams& p) {
 namespace kdfused::cpu {
 ForwardFn KD_ISA_ENTRY() {
   return &CPU_CAPABILITY::kd_forward;
+}
+ExpFn KD_ISA_EXP_ENTRY() {
+  return &CPU_CAPABILITY::vexp_array;
 }
 }  // namespace kdfused::cpu

@@ -158,5 +158,10 @@ void scalar_forward(const KDParams& p) {
 ForwardFn forward_scalar() {
   return &scalar_forward;
 }
+ExpFn exp_scalar() {
+  return [](const float* x, float* y, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) y[i] = kd_exp(x[i]);
+  };
+}
 
 }  // namespace kdfused::cpu

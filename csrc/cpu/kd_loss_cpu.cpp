@@ -104,6 +104,15 @@ std::vector<std::string> compiled_isa_names() {
   return names;
 }
 
+void run_exp(const std::string& name, const float* x, float* y, int64_t n) {
+  const Isa isa = parse_isa(name);
+  ExpFn fn = isa == Isa::AVX512   ? exp_avx512()
+             : isa == Isa::AVX2   ? exp_avx2()
+             : isa == Isa::Scalar ? exp_scalar()
+                                  : exp_default();
+  fn(x, y, n);
+}
+
 void set_isa(const std::string& name) {
   selected().store(static_cast<int>(parse_isa(name)));
 }

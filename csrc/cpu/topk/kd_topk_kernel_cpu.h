@@ -35,6 +35,7 @@
 
 #include "../../kd_topk_math.h"
 #include "../../kd_topk_params.h"
+#include "../kd_vexp.h"
 #include "kd_topk_cpu_dispatch.h"
 
 namespace kdfused::cpu_topk {
@@ -48,17 +49,7 @@ using topk::TopKParams;
 // is exact (no per-element rescaling).
 constexpr int64_t kChunk = 2048;
 
-template <typename A>
-inline Vectorized<A> vexp(const Vectorized<A>& x) {
-  return x.exp();
-}
-// exp_u20 (<= 20 ulp, several times cheaper than the 1-ulp exp) with exp(0) pinned to 1: x = 0 is
-// each chunk's maximum, and for V = 1 the whole distribution (loss and gradient exactly 0).
-template <>
-inline Vectorized<float> vexp(const Vectorized<float>& x) {
-  const Vectorized<float> one(1.f);
-  return Vectorized<float>::blendv(x.exp_u20(), one, x == Vectorized<float>(0.f));
-}
+using ::kdfused::cpu::vexp;  // kd_vexp.h: the kernels' exponential (x <= 0)
 
 template <typename A>
 inline A hsum(const Vectorized<A>& v) {
