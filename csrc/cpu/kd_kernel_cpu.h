@@ -27,9 +27,11 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <type_traits>
@@ -167,6 +169,66 @@ struct ChunkBufs {
   }
 };
 
+// Scratch memory of this thread, kept between calls (up to kScratchKeepBytes): a fresh
+// multi-megabyte row buffer per call costs a page fault per 4 KiB, which for few long rows is more
+// than the kernel itself. A lease takes it; a second lease on the same thread (never needed by the
+// kernels, but cheap to allow) gets fresh memory instead.
+constexpr size_t kScratchKeepBytes = size_t(64) << 20;
+
+struct ThreadScratch {
+  void* ptr = nullptr;
+  size_t bytes = 0;
+  bool busy = false;
+  ~ThreadScratch() { std::free(ptr); }
+};
+
+class ScratchLease {
+ public:
+  explicit ScratchLease(size_t bytes) {
+    if (bytes == 0) return;
+    thread_local ThreadScratch s;
+    if (s.busy) {
+      own_ = allocate(bytes);
+      ptr_ = own_;
+      return;
+    }
+    if (s.bytes < bytes) {
+      std::free(s.ptr);
+      s.ptr = nullptr;
+      s.bytes = 0;
+      s.ptr = allocate(bytes);
+      s.bytes = bytes;
+    }
+    s.busy = true;
+    held_ = &s;
+    ptr_ = s.ptr;
+  }
+  ScratchLease(const ScratchLease&) = delete;
+  ScratchLease& operator=(const ScratchLease&) = delete;
+  ~ScratchLease() {
+    std::free(own_);
+    if (!held_) return;
+    held_->busy = false;
+    if (held_->bytes > kScratchKeepBytes) {
+      std::free(held_->ptr);
+      held_->ptr = nullptr;
+      held_->bytes = 0;
+    }
+  }
+  void* get() const { return ptr_; }
+
+ private:
+  static void* allocate(size_t bytes) {
+    void* p = nullptr;
+    if (posix_memalign(&p, 64, bytes) != 0 || p == nullptr)
+      TORCH_CHECK(false, "kdfused: out of memory allocating ", bytes, " bytes of scratch");
+    return p;
+  }
+  ThreadScratch* held_ = nullptr;
+  void* own_ = nullptr;
+  void* ptr_ = nullptr;
+};
+
 // Per-row buffers: the row's exponentials (relative to each chunk's maxima) and each chunk's
 // maxima; for a row split over threads also each chunk's statistics and mix sums, merged in chunk
 // order afterwards. The exponentials are left uninitialised (every element read is written by the
@@ -175,21 +237,35 @@ struct ChunkBufs {
 template <typename A>
 struct RowBufs {
   int64_t n_chunks;
-  std::unique_ptr<A[]> ea, eb, eh;
+  ScratchLease scratch;
+  A* ea = nullptr;
+  A* eb = nullptr;
+  A* eh = nullptr;
   std::vector<A> cms, cmt;
   std::vector<RowState<A>> cst;
   std::vector<MixSums<A>> cmx;
 
-  RowBufs(int64_t V, bool soft, bool keep_h, bool keep, bool split) {
-    constexpr int64_t W = Vectorized<A>::size();
+  // the last chunk's vectors are stored whole: V + W elements per kept row
+  static size_t scratch_bytes(int64_t V, bool soft, bool keep_h, bool keep) {
+    const int64_t rows = keep ? 1 + int64_t(soft) + int64_t(keep_h) : 0;
+    return static_cast<size_t>(rows * (V + Vectorized<A>::size())) * sizeof(A);
+  }
+
+  RowBufs(int64_t V, bool soft, bool keep_h, bool keep, bool split)
+      : scratch(scratch_bytes(V, soft, keep_h, keep)) {
+    const int64_t padded = V + Vectorized<A>::size();
     n_chunks = (V + kChunk - 1) / kChunk;
-    const int64_t padded = V + W;  // the last chunk's vectors are stored whole
     cms.resize(n_chunks);
     cmt.resize(n_chunks);
     if (keep) {
-      ea.reset(new A[padded]);
-      if (soft) eb.reset(new A[padded]);
-      if (keep_h) eh.reset(new A[padded]);
+      A* next = static_cast<A*>(scratch.get());
+      ea = next;
+      next += padded;
+      if (soft) {
+        eb = next;
+        next += padded;
+      }
+      if (keep_h) eh = next;
     }
     if (split) {
       cst.resize(n_chunks);
@@ -326,9 +402,9 @@ struct RowKernel {
     const Vec ninf(-kd_inf<A>());
 
     VecSums<A> vs;
-    A* ea = rb.ea ? rb.ea.get() + c0 : nullptr;
-    A* eb = rb.eb ? rb.eb.get() + c0 : nullptr;
-    A* eh = rb.eh ? rb.eh.get() + c0 : nullptr;
+    A* ea = rb.ea ? rb.ea + c0 : nullptr;
+    A* eb = rb.eb ? rb.eb + c0 : nullptr;
+    A* eh = rb.eh ? rb.eh + c0 : nullptr;
     for (int64_t i = 0; i < nv; i += W) {
       const Vec ds = load_chunk(xs, i, n) - sh_s;
       const Vec dt = cfg.soft ? load_chunk(xt, i, n) - sh_t : ninf;
@@ -394,8 +470,8 @@ struct RowKernel {
     const int64_t nv = (n + W - 1) / W * W;
     const A* xs = chunk_as(w.s + c0, cb.s.data(), n);
     const A* xt = chunk_as(w.t + c0, cb.t.data(), n);
-    const A* ea = rb.ea.get() + c0;
-    const A* eb = rb.eb.get() + c0;
+    const A* ea = rb.ea + c0;
+    const A* eb = rb.eb + c0;
     const Vec ms(res.ms), mt(res.mt);
     Vec fa, fb, fh;
     chunk_factors(f, rb, c, fa, fb, fh);
@@ -426,9 +502,9 @@ struct RowKernel {
     const Vec ms(res.ms), mt(res.mt);
     Vec fa, fb, fh;
     chunk_factors(f, rb, c, fa, fb, fh);
-    const A* ea = rb.ea.get() + c0;
-    const A* eb = cfg.soft ? rb.eb.get() + c0 : nullptr;
-    const A* eh = keep_h ? rb.eh.get() + c0 : ea;
+    const A* ea = rb.ea + c0;
+    const A* eb = cfg.soft ? rb.eb + c0 : nullptr;
+    const A* eh = keep_h ? rb.eh + c0 : ea;
     const A* xs = grad_logits ? chunk_as(w.s + c0, cb.s.data(), n) : nullptr;
     const A* xt = grad_logits ? chunk_as(w.t + c0, cb.t.data(), n) : nullptr;
     A* outs = cfg.want_gs ? grad_chunk(w.gs + c0, cb.gs.data()) : nullptr;
