@@ -2,6 +2,9 @@
 measured in one process, alternating, medians.
 
     python benchmarks/cpu_threads.py --rows 1 --vocab 256000 --reps 9
+
+Also times the op alone (no autograd, no Python wrapper), and torch.exp as a gauge of what the
+machine gives two threads at that moment (the cores are shared).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import time
 import torch
 
 import kdfused
+import kdfused._ops  # noqa: F401 - registers torch.ops.kdfused
 
 
 def main() -> None:
@@ -34,6 +38,15 @@ def main() -> None:
         loss.backward()
         s.grad = None
 
+    # The op alone (loss and gradient in one call, no autograd, no Python wrapper): what the
+    # kernel's split of a row over threads gives, without the per-call overhead that does not
+    # shrink with threads.
+    op = torch.ops.kdfused.kd_loss.default
+    sd, td = s.detach(), t.detach()
+
+    def op_only() -> None:
+        op(sd, td, y, 2.0, 1.0, 0.5, a.divergence, 0.5, -100, "batchmean", True, False)
+
     # What the machine gives two threads right now (shared cores): an ATen element-wise op of
     # the same kind on 16 x the elements, timed the same way.
     big = torch.randn(16 * a.rows * a.vocab)
@@ -42,7 +55,11 @@ def main() -> None:
     def calib() -> None:
         torch.exp(big, out=out)
 
-    for name, fn in (("kdfused fwd+bwd", step), ("torch.exp x16 (machine)", calib)):
+    for name, fn in (
+        ("kdfused fwd+bwd", step),
+        ("kdfused op alone", op_only),
+        ("torch.exp x16 (machine)", calib),
+    ):
         times: dict[int, list[float]] = {1: [], a.threads: []}
         for n in times:  # warm-up
             torch.set_num_threads(n)
