@@ -20,8 +20,19 @@ def git_commit() -> str:
         sha = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True, check=True
         ).stdout.strip()
+        # Changed result files (this and earlier runs write them) do not make the code measured
+        # dirty; any other tracked change does.
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            [
+                "git",
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                ":(top)",
+                ":(top,exclude)benchmarks/results",
+                ":(top,exclude)examples/results",
+            ],
             cwd=HERE,
             capture_output=True,
             text=True,

@@ -4,7 +4,6 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
-#include <algorithm>
 #include <atomic>
 
 #include "cpu/kd_cpu_dispatch.h"

@@ -33,7 +33,6 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
-#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -194,7 +193,7 @@ class ScratchLease {
     }
     if (s.bytes < bytes) {
       std::free(s.ptr);
-      s.ptr = nullptr;
+      s.ptr = nullptr;  // consistent if allocate throws
       s.bytes = 0;
       s.ptr = allocate(bytes);
       s.bytes = bytes;

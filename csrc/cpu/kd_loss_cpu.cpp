@@ -45,6 +45,15 @@ ForwardFn entry(Isa isa) {
   }
 }
 
+ExpFn exp_entry(Isa isa) {
+  switch (isa) {
+    case Isa::AVX512: return exp_avx512();
+    case Isa::AVX2: return exp_avx2();
+    case Isa::Scalar: return exp_scalar();
+    default: return exp_default();
+  }
+}
+
 const char* isa_name(Isa isa) {
   switch (isa) {
     case Isa::AVX512: return "avx512";
@@ -105,12 +114,7 @@ std::vector<std::string> compiled_isa_names() {
 }
 
 void run_exp(const std::string& name, const float* x, float* y, int64_t n) {
-  const Isa isa = parse_isa(name);
-  ExpFn fn = isa == Isa::AVX512   ? exp_avx512()
-             : isa == Isa::AVX2   ? exp_avx2()
-             : isa == Isa::Scalar ? exp_scalar()
-                                  : exp_default();
-  fn(x, y, n);
+  exp_entry(parse_isa(name))(x, y, n);
 }
 
 void set_isa(const std::string& name) {
