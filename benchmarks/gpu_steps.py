@@ -1,27 +1,17 @@
 #!/usr/bin/env python
-"""The steps of benchmarks/gpu_check.sh that are easier in Python than in bash.
+"""The steps of benchmarks/gpu_check.sh (driven by gpu_check.py), one function each.
 
-Size: one function per step of gpu_check.sh, each short; kept in one file so that the script
-calls one program.
+    python benchmarks/gpu_steps.py STEP REPORT --budget S [--rehearse]
+    python benchmarks/gpu_steps.py arch          the GPU's TORCH_CUDA_ARCH_LIST entry ("9.0")
 
-    python benchmarks/gpu_steps.py env                      machine, GPU, torch, nvcc, packages
-    python benchmarks/gpu_steps.py arch                     the GPU's TORCH_CUDA_ARCH_LIST ("9.0")
-    python benchmarks/gpu_steps.py pytest REPORT [--budget S] [--list]
-    python benchmarks/gpu_steps.py sanitizer REPORT [--budget S] [--selftest-args "..."]
-    python benchmarks/gpu_steps.py bench OUTDIR [--budget S] [--cpu-smoke]
+STEP is env, files, wheels, build, import, selftest, pytest, sanitizer, nccl, streams or bench.
+Each writes REPORT (its last "RESULT:" line is the step's detail in summary.md), keeps to its own
+deadline of S seconds (what it finished by then is reported), and exits 0 ok, 1 failed,
+3 not available here, 4 inconclusive, 124 deadline reached. With --rehearse (no GPU) a step
+collects the work it would do on a GPU (test ids, self-test paths, sanitizer cases, benchmark
+cases), prints counts and budgets, and exits 0 when that worked: a check of the harness itself.
 
-pytest: the CUDA tests (``-k cuda``). Tests that give an out-of-range label value to the GPU stop
-the kernel with a device-side assert, after which the process's CUDA context is unusable: they
-are left out of the main run and run each in a process of their own. ``--list`` only collects
-and prints that split (no GPU needed). Exit 0 when everything passed.
-
-sanitizer: compute-sanitizer memcheck, racecheck and synccheck, side by side, on ``python -m
-kdfused.selftest --device cuda --quick``. Exit 0: no errors; 1: errors found (or the self-test
-failed or timed out under the tool); 3: the tool is not available on this machine (absent, or
-it cannot run even a trivial CUDA program there, as on some virtualised GPUs) or no GPU.
-
-bench: benchmarks/run.py on the GPU-sized quick set (kdfused, eager, compile, and Liger's losses
-when importable), with per-case time limits that fit the budget; writes bench.csv/json/png.
+Size: the steps are short; the curated test list and the sanitizer subset are at the top.
 """
 
 from __future__ import annotations
@@ -30,6 +20,7 @@ import argparse
 import concurrent.futures
 import glob
 import importlib.util
+import json
 import os
 import re
 import shlex
@@ -41,28 +32,62 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 PY = sys.executable
-# Bad-input tests whose label *values* are checked on the GPU (a device-side assert).
-DEVICE_ASSERT = re.compile(
-    r"^tests/test_inputs\.py::test_bad_input\[cuda-labels-(?!shape|float|bool)"
-)
+OK, FAILED, NA, INCONCLUSIVE, OWN_DEADLINE = 0, 1, 3, 4, 124
+
+# The CUDA tests (-k cuda), most informative first: one pytest run starts them in this order, so
+# a run cut by its time box loses the tail. (group, files)
+CUDA_TESTS = [
+    ("plans", ["tests/test_cuda_plans.py"]),  # every launch plan x divergence (self-test cases)
+    ("kd_loss", ["tests/test_kd_loss.py", "tests/test_divergences.py", "tests/test_numerics.py"]),
+    ("inputs", ["tests/test_inputs.py"]),
+    ("topk", ["tests/test_topk.py"]),
+    ("linear", ["tests/test_linear.py"]),
+    ("vocab_parallel", ["tests/test_vocab_parallel_ops.py"]),
+    ("autograd", ["tests/test_autograd.py", "tests/test_function.py", "tests/test_module.py"]),
+    ("compile_opcheck", ["tests/test_ops.py"]),
+    ("properties", ["tests/test_properties.py"]),
+]
+# compute-sanitizer: (tool, self-test --paths); every run with --quick --divergences kl,jsd
+SANITIZER_RUNS = [
+    ("memcheck", "cuda:warp,cuda:block,cuda:cluster:2,cuda:two_phase:2,cuda:linear"),
+    ("synccheck", "cuda:warp,cuda:block,cuda:cluster:2,cuda:two_phase:2"),
+    ("racecheck", "cuda:block,cuda:cluster:2"),
+]
+SANITIZER_SELFTEST = ["--device", "cuda", "--quick", "--divergences", "kl,jsd"]
+# The benchmark: cases in order of interest, and what a compile of each costs at most (seconds,
+# first compile of a new shape; measured by the step as it goes is not possible in one process).
+BENCH_CASES = ["2048x32000", "8192x128256:bf16", "4096x1000", "16384x151936:bf16"]
+BENCH_COST_S = {"start": 15, "case": 6, "compile_case": 45}
 
 
 def have(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def run(cmd, log, timeout, env=None):
+def run(cmd, log, timeout, env=None, append=False):
     """Runs cmd with its output to the file ``log``; (return code or 'timeout', seconds)."""
     t0 = time.monotonic()
-    with open(log, "w") as f:
+    with open(log, "a" if append else "w") as f:
+        f.write(f"$ {shlex.join(cmd)}\n")
+        f.flush()
         p = subprocess.Popen(
-            cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True
+            cmd,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=ROOT,
+            env=env,
+            start_new_session=True,
         )
         try:
             rc = p.wait(timeout=max(1.0, timeout))
         except subprocess.TimeoutExpired:
-            os.killpg(p.pid, 9)
-            p.wait()
+            os.killpg(p.pid, 15)
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, 9)
+                p.wait()
             rc = "timeout"
     return rc, time.monotonic() - t0
 
@@ -75,50 +100,22 @@ def tail(path, n=15):
         return []
 
 
-# ------------------------------------------------------------------------------------ env
-def cmd_env(_args) -> int:
-    import platform
+class Report:
+    """The step's report file: lines as they come (printed too), RESULT last."""
 
-    print("python", sys.version.split()[0], platform.machine(), PY)
-    try:
-        import torch
+    def __init__(self, path):
+        self.path = path
+        open(path, "w").close()
 
-        print(
-            "torch",
-            torch.__version__,
-            "cuda",
-            torch.version.cuda,
-            "available",
-            torch.cuda.is_available(),
-        )
-        if torch.cuda.is_available():
-            p = torch.cuda.get_device_properties(0)
-            print(
-                f"device {p.name} sm_{p.major}{p.minor} SMs {p.multi_processor_count} "
-                f"mem {p.total_memory / 2**30:.1f} GiB"
-            )
-        else:
-            print("device none: no GPU present")
-    except Exception as exc:  # noqa: BLE001
-        print("torch import failed:", exc)
-        return 1
-    for m in (
-        "pytest",
-        "hypothesis",
-        "pytest_benchmark",
-        "numpy",
-        "matplotlib",
-        "tqdm",
-        "triton",
-        "ninja",
-        "pybind11",
-        "liger_kernel",
-        "transformers",
-    ):
-        print(m, "present" if have(m) else "MISSING")
-    for tool in ("nvcc", "nvidia-smi", "compute-sanitizer"):
-        print(tool, find_tool(tool) or "not found")
-    return 0
+    def __call__(self, *lines):
+        with open(self.path, "a") as f:
+            for x in lines:
+                f.write(f"{x}\n")
+                print(x, flush=True)
+
+    def result(self, text, code):
+        self(f"RESULT: {text}")
+        return code
 
 
 def find_tool(name):
@@ -129,92 +126,282 @@ def find_tool(name):
     return next((h for h in hits if h and os.access(h, os.X_OK)), None)
 
 
-def cmd_arch(_args) -> int:
+def gpu_arch():
     import torch
 
-    if not torch.cuda.is_available():
-        print("no GPU present", file=sys.stderr)
-        return 1
     major, minor = torch.cuda.get_device_capability(0)
-    print(f"{major}.{minor}")
-    return 0
+    return f"{major}.{minor}"
+
+
+# ------------------------------------------------------------------------------------ env
+def step_env(a, rep: Report) -> int:
+    import platform
+
+    git = subprocess.run(
+        ["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "-C", ROOT, "status", "--porcelain"], capture_output=True, text=True
+    ).stdout.count("\n")
+    rep(f"git: {git or '?'} ({dirty} changed files)", f"python {sys.version.split()[0]} {PY}")
+    rep(f"machine {platform.machine()}, {os.cpu_count()} CPUs")
+    try:
+        import torch
+    except Exception as exc:  # noqa: BLE001
+        return rep.result(f"torch does not import: {exc}", FAILED)
+    rep(f"torch {torch.__version__} cuda {torch.version.cuda}")
+    device = "none (no GPU present)"
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        device = (
+            f"{p.name} sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, "
+            f"{p.total_memory / 2**30:.0f} GiB"
+        )
+    rep(f"device {device}")
+    mods = ["pytest", "xdist", "hypothesis", "pytest_benchmark", "numpy", "matplotlib", "tqdm"]
+    mods += ["triton", "ninja", "liger_kernel", "transformers"]
+    rep("python packages: " + ", ".join(f"{m} {'yes' if have(m) else 'NO'}" for m in mods))
+    tools = {t: find_tool(t) for t in ("nvcc", "nvidia-smi", "compute-sanitizer")}
+    rep("tools: " + ", ".join(f"{t} {p or 'not found'}" for t, p in tools.items()))
+    if tools["nvcc"]:
+        out = subprocess.run([tools["nvcc"], "--version"], capture_output=True, text=True).stdout
+        release = (re.findall(r"release [\d.]+", out) or ["?"])[0]
+        rep(f"nvcc {release}")
+    if tools["nvidia-smi"]:
+        smi = subprocess.run([tools["nvidia-smi"]], capture_output=True, text=True, timeout=30)
+        rep(*smi.stdout.splitlines())
+    return rep.result(f"{device}; torch {torch.__version__}", OK)
+
+
+# ------------------------------------------------------------------------------------ files
+CHECK_FILES = [
+    "benchmarks/gpu_check.sh",
+    "benchmarks/gpu_check.py",
+    "benchmarks/gpu_steps.py",
+    "benchmarks/gpu_summary.py",
+    "benchmarks/gpu_runtime.py",
+    "benchmarks/_gpu_pytest_plugin.py",
+    "benchmarks/run.py",
+    "benchmarks/_worker.py",
+    "benchmarks/_providers.py",
+    "kdfused/selftest.py",
+    "kdfused/_selftest_cases.py",
+    "setup.py",
+]
+
+
+def step_files(a, rep: Report) -> int:
+    bad = []
+    for f in CHECK_FILES + [f for _, fs in CUDA_TESTS for f in fs]:
+        path = os.path.join(ROOT, f)
+        if not os.path.isfile(path):
+            bad.append(f"missing {f}")
+        elif f.endswith(".py"):
+            try:
+                compile(open(path).read(), f, "exec")
+            except SyntaxError as exc:
+                bad.append(f"{f} does not compile: {exc}")
+    r = subprocess.run(["bash", "-n", os.path.join(HERE, "gpu_check.sh")], capture_output=True)
+    if r.returncode:
+        bad.append("gpu_check.sh: bash -n failed")
+    rep(*bad)
+    if bad:
+        return rep.result("; ".join(bad)[:300], FAILED)
+    return rep.result(f"{len(CHECK_FILES)} scripts and the curated test files present", OK)
+
+
+def step_wheels(a, rep: Report) -> int:
+    wheels = sorted(glob.glob(os.path.join(ROOT, "wheels", "*.whl")))
+    cmd = [PY, "-m", "pip", "install", "-q", "--no-index", "--no-deps", *wheels]
+    if a.rehearse:
+        rep(f"would run: {shlex.join(cmd)}")
+        return rep.result(f"{len(wheels)} wheels would be installed", OK)
+    rc, secs = run(cmd, rep.path + ".log", a.budget)
+    rep(*tail(rep.path + ".log", 20))
+    return rep.result(f"{len(wheels)} wheels, pip exit code {rc}", OK if rc == 0 else FAILED)
+
+
+# ------------------------------------------------------------------------------------ build
+def cuda_sources():
+    return sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "**", "*.cu"), recursive=True))
+
+
+def step_build(a, rep: Report) -> int:
+    env = dict(os.environ)
+    n_cu = len(cuda_sources())
+    n_cpp = len(glob.glob(os.path.join(ROOT, "csrc", "**", "*.cpp"), recursive=True))
+    jobs = str(os.cpu_count() or 2)
+    if a.rehearse:
+        rep(
+            "on a GPU: rm kdfused/_C*.so; KDFUSED_CUDA=1 TORCH_CUDA_ARCH_LIST=<the GPU's> "
+            f"MAX_JOBS=<cores> python setup.py build_ext --inplace ({n_cpp} C++ and {n_cu} CUDA "
+            "translation units)",
+            "here: the same command with this machine's settings, against the local build",
+        )
+    else:
+        env.update(KDFUSED_CUDA="1", TORCH_CUDA_ARCH_LIST=gpu_arch())
+        env["MAX_JOBS"] = env.get("MAX_JOBS", jobs)
+        rep(
+            f"KDFUSED_CUDA=1 TORCH_CUDA_ARCH_LIST={env['TORCH_CUDA_ARCH_LIST']} "
+            f"MAX_JOBS={env['MAX_JOBS']} ({n_cpp} C++ and {n_cu} CUDA translation units)"
+        )
+        for so in glob.glob(os.path.join(ROOT, "kdfused", "_C*.so")):
+            os.remove(so)  # a failed build must not leave an older library to import
+    log = rep.path + ".log"
+    rc, secs = run([PY, "setup.py", "build_ext", "--inplace"], log, a.budget, env=env)
+    text = tail(log, 10**6)
+    progress = [x for x in text if re.match(r"^\[\d+/\d+\]", x)]
+    last = progress[-1].split("]")[0] + "]" if progress else "[no ninja progress]"
+    errors = [x for x in text if re.search(r"\berror\b", x) and "warning" not in x][:10]
+    rep(*text[-25:])
+    if rc == "timeout":
+        return rep.result(f"timed out after {secs:.0f} s at object {last}", OWN_DEADLINE)
+    if rc != 0:
+        rep("errors:", *errors)
+        why = errors[0][:200] if errors else f"exit code {rc}"
+        return rep.result(f"build FAILED after {secs:.0f} s: {why}", FAILED)
+    what = "nothing to rebuild" if not progress else f"{len(progress)} objects"
+    return rep.result(f"built in {secs:.0f} s ({what}; {n_cu} CUDA units in the tree)", OK)
+
+
+# ------------------------------------------------------------------------------------ import
+IMPORT_CHECK = r"""
+import importlib, os, sys
+import torch
+import kdfused
+root, mode = sys.argv[1], sys.argv[2]
+C = importlib.import_module("kdfused._C")  # loaded lazily by the package: import it by name
+lib = C.__file__
+if os.path.dirname(os.path.realpath(lib)) != os.path.join(os.path.realpath(root), "kdfused"):
+    sys.exit(f"kdfused._C was imported from {lib}, not from the build in {root}")
+info = kdfused.build_info()
+if mode == "gpu" and not info["cuda"]:
+    sys.exit(f"the fresh build has no CUDA kernels: {info}")
+print("ops:", torch.ops.kdfused.kd_loss)
+print("RESULT: imported", os.path.relpath(lib, root), info)
+"""
+
+
+def step_import(a, rep: Report) -> int:
+    mode = "rehearsal" if a.rehearse else "gpu"
+    r = subprocess.run(
+        [PY, "-c", IMPORT_CHECK, ROOT, mode],
+        capture_output=True,
+        text=True,
+        timeout=a.budget,
+        cwd=ROOT,
+    )
+    rep(*(r.stdout + r.stderr).splitlines()[-20:])
+    if r.returncode:
+        last = (r.stdout + r.stderr).strip().splitlines()[-1:] or ["?"]
+        return rep.result(f"import FAILED: {last[0][:200]}", FAILED)
+    return OK
+
+
+# ------------------------------------------------------------------------------------ selftest
+def step_selftest(a, rep: Report) -> int:
+    extra = shlex.split(os.environ.get("GPU_CHECK_SELFTEST_ARGS", ""))
+    cmd = [PY, "-m", "kdfused.selftest", "--device", "cuda", *extra]
+    if a.rehearse:
+        cmd.append("--list")
+    log = rep.path + ".log"
+    rc, secs = run(cmd, log, a.budget)
+    text = tail(log, 10**6)
+    rep(*text)
+    if a.rehearse:
+        n = [x for x in text if x.startswith("cuda:")]
+        if rc != 0 or not n:
+            return rep.result(f"could not list the self-test's CUDA paths (exit {rc})", FAILED)
+        return rep.result(
+            f"would run {len(n)} CUDA paths: {', '.join(x.split()[0] for x in n)}", OK
+        )
+    done = [x.strip() for x in text if re.match(r"^  cuda:\S+: ", x)]
+    final = next((x for x in reversed(text) if x.startswith("kdfused self-test ")), "")
+    if rc == "timeout":
+        return rep.result(f"timed out after {len(done)} paths: {'; '.join(done)}", OWN_DEADLINE)
+    return rep.result(final or f"exit code {rc}", OK if rc == 0 else FAILED)
 
 
 # ------------------------------------------------------------------------------------ pytest
-def pytest_base():
-    files = ["tests"] + (["benchmarks/test_bench.py"] if have("pytest_benchmark") else [])
-    extra = ["--benchmark-disable"] if have("pytest_benchmark") else []
-    return [PY, "-m", "pytest", *files, "-k", "cuda", "-p", "no:cacheprovider", *extra]
+def pytest_cmd(log_jsonl, collect=False):
+    files = [f for _, fs in CUDA_TESTS for f in fs]
+    cmd = [PY, "-m", "pytest", *files, "-k", "cuda", "-p", "no:cacheprovider"]
+    cmd += ["-p", "_gpu_pytest_plugin", "-q", "-o", "console_output_style=classic"]
+    if collect:
+        cmd += ["--collect-only"]
+    elif have("xdist"):
+        cmd += ["-n", str(min(8, os.cpu_count() or 1)), "--dist", "load"]
+    env = dict(os.environ, GPU_CHECK_PYTEST_LOG=log_jsonl)
+    env["PYTHONPATH"] = os.pathsep.join([HERE, ROOT, env.get("PYTHONPATH", "")])
+    return cmd, env
 
 
-def cmd_pytest(args) -> int:
-    deadline = time.monotonic() + args.budget
-    out = [f"CUDA tests: {' '.join(pytest_base()[1:])}"]
+def group_of(node_id):
+    f = node_id.split("::")[0]
+    return next((g for g, fs in CUDA_TESTS if f in fs), "other")
+
+
+def read_outcomes(path):
+    collected, outcomes = [], {}
+    for line in tail(path, 10**7):
+        rec = json.loads(line)
+        if "collected" in rec:
+            collected = rec["collected"]
+        else:
+            prev = outcomes.get(rec["id"])
+            if prev is None or rec["outcome"] in ("failed", "error"):
+                outcomes[rec["id"]] = rec
+    return collected, outcomes
+
+
+def step_pytest(a, rep: Report) -> int:
     if not have("pytest"):
-        out.append("pytest is not installed for this python: CUDA tests not run")
-        write(args.report, out)
-        return 3
-    col = os.path.join(os.path.dirname(os.path.abspath(args.report)), "pytest-collect.log")
-    rc, _ = run(
-        pytest_base() + ["--collect-only", "-q", "--continue-on-collection-errors"],
-        col,
-        deadline - time.monotonic(),
+        return rep.result("pytest is not installed for this python", NA)
+    jsonl = rep.path + ".jsonl"
+    open(jsonl, "w").close()
+    cmd, env = pytest_cmd(jsonl, collect=a.rehearse)
+    log = rep.path + ".log"
+    rep(f"$ {shlex.join(cmd[1:])}" + ("" if have("xdist") else "   (pytest-xdist not present)"))
+    rc, secs = run(cmd, log, a.budget, env=env)
+    collected, outcomes = read_outcomes(jsonl)
+    rep(f"pytest exit code {rc} after {secs:.0f} s; {len(collected)} tests collected")
+    groups = {g: [0, 0, 0, 0, 0] for g, _ in CUDA_TESTS}  # passed failed error skipped not run
+    for node in collected:
+        rec = outcomes.get(node)
+        k = ("passed", "failed", "error", "skipped").index(rec["outcome"]) if rec else 4
+        groups.setdefault(group_of(node), [0] * 5)[k] += 1
+    rep("group: passed / failed / error / skipped / not run")
+    for g, c in groups.items():
+        rep(f"  {g}: " + " / ".join(map(str, c)))
+    if a.rehearse:
+        empty = [g for g, c in groups.items() if sum(c) == 0]
+        if rc != 0 or not collected or empty:
+            rep(*tail(log, 30))
+            why = f"collection exit code {rc}" + (
+                f"; groups with no test: {empty}" if empty else ""
+            )
+            return rep.result(f"the curated CUDA tests do not collect: {why}", FAILED)
+        return rep.result(
+            f"would run {len(collected)} CUDA tests in {len(groups)} groups "
+            f"({'xdist' if have('xdist') else 'one process'}), plugin records collection",
+            OK,
+        )
+    bad = [r for r in outcomes.values() if r["outcome"] in ("failed", "error")]
+    for r in bad:  # "F id -- first line": summary.md lists these
+        rep(f"{'F' if r['outcome'] == 'failed' else 'E'} {r['id']} -- {r.get('first', '')}")
+    slow = sorted(outcomes.values(), key=lambda r: -r["s"])[:10]
+    rep("slowest:", *[f"  {r['s']:.1f} s {r['id']}" for r in slow])
+    rep("last lines of pytest:", *tail(log, 15))
+    tot = [sum(c[k] for c in groups.values()) for k in range(5)]
+    text = (
+        f"{tot[0]} passed, {tot[1]} failed, {tot[2]} errors, {tot[3]} skipped, "
+        f"{tot[4]} not run of {len(collected)}"
     )
-    ids = [x.strip() for x in tail(col, 10**6) if "::" in x and not x.startswith(" ")]
-    isolated = [i for i in ids if DEVICE_ASSERT.search(i)]
-    out.append(
-        f"collected {len(ids)} CUDA test ids (collection exit code {rc}), of which "
-        f"{len(isolated)} run one per process"
-    )
-    out.append("one per process (bad label values stop the kernel with a device-side assert):")
-    out += [f"  {i}" for i in isolated]
-    if rc not in (0, 5) or not ids:
-        out += ["collection FAILED:"] + tail(col, 30)
-    if not isolated:
-        out.append("warning: no device-assert tests found: the main run includes any such test")
-    if args.list:
-        write(args.report, out)
-        return 0 if rc == 0 and ids else 1
-    main_log = args.report + ".main"
-    left = deadline - time.monotonic() - (25 if isolated else 0)
-    cmd = pytest_base() + ["-q", "-rfE", "--continue-on-collection-errors", "--durations=10"]
-    cmd += [a for i in isolated for a in ("--deselect", i)]
-    rc_main, secs = run(cmd, main_log, left)
-    body = tail(main_log, 400)
-    out += ["", f"== main run: exit code {rc_main}, {secs:.0f} s"] + body
-    ok = rc_main == 0
-    results = []
-    if isolated:
-        left = max(10.0, deadline - time.monotonic())
-
-        def one(i, k):
-            log = f"{args.report}.iso{k}"
-            rc, s = run([PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", i], log, left)
-            return i, rc, s, log
-
-        with concurrent.futures.ThreadPoolExecutor(4) as ex:
-            results = list(ex.map(lambda a: one(*a), [(i, k) for k, i in enumerate(isolated)]))
-        out += ["", "== one process per test (device-side assert expected inside the test):"]
-        for i, rc, s, log in results:
-            out.append(f"  {'PASS' if rc == 0 else 'FAIL'} {i} (exit code {rc}, {s:.0f} s)")
-            if rc != 0:
-                out += [f"      {x}" for x in tail(log, 12)]
-        ok = ok and all(rc == 0 for _, rc, _, _ in results)
-    last = next((x for x in reversed(body) if re.search(r"passed|failed|error|no tests", x)), "")
-    n_iso = sum(rc == 0 for _, rc, _, _ in results)
-    out += [
-        "",
-        f"CUDA tests {'PASSED' if ok else 'FAILED'}: main run: "
-        f"{'TIMEOUT' if rc_main == 'timeout' else last.strip('= ')}; "
-        f"isolated: {n_iso}/{len(isolated)} passed",
-    ]
-    write(args.report, out)
-    return 0 if ok else 1
-
-
-def write(path, lines):
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    if not collected:
+        return rep.result(f"no test collected (pytest exit code {rc})", FAILED)
+    if rc == "timeout":
+        return rep.result(f"deadline reached: {text}", OWN_DEADLINE)
+    return rep.result(text, OK if rc == 0 and not bad and tot[4] == 0 else FAILED)
 
 
 # ------------------------------------------------------------------------------------ sanitizer
@@ -222,186 +409,200 @@ SAN_ERR = re.compile(r"^========= (Invalid|Error|Program hit|Barrier|Race|.*haza
 
 
 def sanitizer_verdict(rc, secs, lines):
-    """("ok: ..." or what went wrong, the error lines) of one compute-sanitizer run."""
+    """(status, text, error lines) of one compute-sanitizer run; status is ok, errors, failed or
+    inconclusive (cut by the deadline with no error reported)."""
     errs = [x for x in lines if SAN_ERR.match(x) and "SUMMARY" not in x]
     summ = [x.strip("= ") for x in lines if "ERROR SUMMARY" in x or "RACECHECK SUMMARY" in x]
     selftest = next((x for x in reversed(lines) if "kdfused self-test" in x), "")
+    if errs or rc == 9:
+        return "errors", f"ERRORS FOUND ({'; '.join(summ) or len(errs)})", errs
     if rc == "timeout":
-        return (
-            f"TIMEOUT after {secs:.0f} s: {len(errs)} error lines before it"
-            if errs
-            else f"TIMEOUT after {secs:.0f} s, no errors in the part that ran"
-        ), errs
-    if rc == 9 or errs:
-        return f"ERRORS FOUND ({'; '.join(summ) or len(errs)})", errs
+        return "inconclusive", f"inconclusive: cut after {secs:.0f} s, no error before it", errs
     if rc == 0:
-        return f"ok: {'; '.join(summ) or 'no errors'}", errs
-    return (
-        f"FAILED under the tool (exit code {rc}): "
-        f"{selftest or (lines[-1] if lines else 'no output')}"
-    ), errs
+        return "ok", f"ok: {'; '.join(summ) or 'no errors'}", errs
+    return "failed", f"FAILED under the tool (exit code {rc}): {selftest or 'see log'}", errs
 
 
-def cmd_sanitizer(args) -> int:
-    deadline = time.monotonic() + args.budget
-    out = []
+def step_sanitizer(a, rep: Report) -> int:
+    deadline = time.monotonic() + a.budget
     cs = find_tool("compute-sanitizer")
-    try:
-        import torch
-
-        gpu = torch.cuda.is_available()
-    except Exception:  # noqa: BLE001
-        gpu = False
+    rep(f"compute-sanitizer: {cs or 'not found'}")
+    targets = {
+        tool: [PY, "-m", "kdfused.selftest", *SANITIZER_SELFTEST, "--paths", paths]
+        for tool, paths in SANITIZER_RUNS
+    }
+    if a.rehearse:
+        lines = []
+        for tool, cmd in targets.items():
+            r = subprocess.run([*cmd, "--list"], capture_output=True, text=True, cwd=ROOT)
+            rep(f"{tool}: $ {shlex.join(cmd[1:])}", *r.stdout.splitlines())
+            if r.returncode:
+                return rep.result(f"{tool}: the self-test refuses its subset: {r.stdout}", FAILED)
+            n = sum(x.startswith("cuda:") for x in r.stdout.splitlines())
+            lines.append(f"{tool} {n} paths")
+        return rep.result(
+            "would run " + ", ".join(lines) + f"; tool {'found' if cs else 'NOT found'}", OK
+        )
     if not cs:
-        out.append(
-            "compute-sanitizer: tool unavailable on this machine (not on PATH, not in "
-            "$CUDA_HOME/bin or /usr/local/cuda*/bin)"
+        return rep.result("unavailable: compute-sanitizer not found", NA)
+    probe = rep.path + ".probe.log"
+    code = "import torch; x = torch.ones(8, device='cuda'); torch.cuda.synchronize(); print('ok')"
+    rc, _ = run([cs, "--tool", "memcheck", PY, "-c", code], probe, min(60.0, a.budget / 3))
+    if rc != 0 or not any(x.strip() == "ok" for x in tail(probe, 50)):
+        rep(*tail(probe, 10))
+        return rep.result(
+            f"unavailable: the tool cannot run a trivial CUDA program (exit {rc})", NA
         )
-    else:
-        out.append(f"compute-sanitizer: {cs}")
-    if not gpu:
-        out.append("no GPU present: the sanitizers were not run")
-    if not cs or not gpu:
-        write(args.report, out)
-        return 3
-    logdir = os.path.dirname(os.path.abspath(args.report))
-    probe = os.path.join(logdir, "sanitizer-probe.log")
-    code = (
-        "import torch; x = torch.ones(8, device='cuda'); torch.cuda.synchronize(); "
-        "print('probe ok', float(x.sum()))"
-    )
-    rc, _ = run(
-        [cs, "--tool", "memcheck", "--error-exitcode", "9", PY, "-c", code],
-        probe,
-        min(90.0, deadline - time.monotonic()),
-    )
-    if rc != 0 or not any("probe ok" in x for x in tail(probe, 50)):
-        out.append(
-            f"tool unavailable on this machine: compute-sanitizer cannot run a trivial "
-            f"CUDA program here (exit code {rc}); its last lines:"
-        )
-        out += [f"    {x}" for x in tail(probe, 8)]
-        write(args.report, out)
-        return 3
-    target = [PY, "-m", "kdfused.selftest", "--device", "cuda", "--quick"]
-    target += shlex.split(args.selftest_args)
-    tools = ["memcheck", "racecheck", "synccheck"]
 
-    def one(tool):  # the three tools run side by side, each with the whole time left
-        log = os.path.join(logdir, f"sanitizer-{tool}.log")
+    def one(tool):  # side by side, each with the whole time left
+        log = f"{rep.path}.{tool}.log"
         env = dict(os.environ)
         if tool == "memcheck":  # every tensor its own allocation: out-of-bounds is seen
             env["PYTORCH_NO_CUDA_MEMORY_CACHING"] = "1"
         # API errors are not reported: the launcher queries cluster support and clears the error
-        cmd = [
-            cs,
-            "--tool",
-            tool,
-            "--error-exitcode",
-            "9",
-            "--print-limit",
-            "30",
-            "--report-api-errors",
-            "no",
-            *target,
-        ]
+        cmd = [cs, "--tool", tool, "--error-exitcode", "9", "--print-limit", "30"]
+        cmd += ["--report-api-errors", "no", *targets[tool]]
         return (tool, *run(cmd, log, deadline - time.monotonic(), env), log)
 
-    with concurrent.futures.ThreadPoolExecutor(len(tools)) as ex:
-        results = list(ex.map(one, tools))
-    status = 0
+    with concurrent.futures.ThreadPoolExecutor(len(targets)) as ex:
+        results = list(ex.map(one, targets))
+    states, parts = [], []
     for tool, rc, secs, log in results:
         lines = tail(log, 10**6)
-        verdict, errs = sanitizer_verdict(rc, secs, lines)
-        if not verdict.startswith("ok"):
-            status = 1
-        out.append(f"{tool}: {verdict} ({secs:.0f} s)")
-        out += [f"    {x}" for x in errs[:40]]
-        if not verdict.startswith("ok"):
-            out += ["    last lines:"] + [f"    {x}" for x in lines[-15:]]
-    out.append(f"target: {' '.join(target[1:])}")
-    write(args.report, out)
-    return status
+        state, text, errs = sanitizer_verdict(rc, secs, lines)
+        states.append(state)
+        parts.append(f"{tool} {text}")
+        rep(f"{tool}: {text} ({secs:.0f} s) on {dict(SANITIZER_RUNS)[tool]}")
+        rep(*[f"    {x}" for x in errs[:40]])
+        if state != "ok":
+            rep("    last lines:", *[f"    {x}" for x in lines[-12:]])
+    code = (
+        FAILED
+        if any(s in ("errors", "failed") for s in states)
+        else INCONCLUSIVE
+        if "inconclusive" in states
+        else OK
+    )
+    return rep.result("; ".join(parts), code)
+
+
+# ------------------------------------------------------------------------------------ runtime
+def _runtime(what, a, rep: Report) -> int:
+    device = "cpu" if a.rehearse else "cuda"
+    log = rep.path + ".log"
+    rc, secs = run(
+        [PY, os.path.join(HERE, "gpu_runtime.py"), what, "--device", device], log, a.budget
+    )
+    text = tail(log, 10**6)
+    rep(*text)
+    # the combined runtime.txt of OUTDIR
+    with open(os.path.join(os.path.dirname(rep.path), "runtime.txt"), "a") as f:
+        f.write(f"== {what} ({device})\n" + "\n".join(text) + "\n")
+    res = next((x[7:].strip() for x in reversed(text) if x.startswith("RESULT:")), "")
+    if rc == "timeout":
+        return rep.result(
+            f"deadline reached; {sum(x.startswith(('PASS', 'FAIL')) for x in text)} checks done",
+            OWN_DEADLINE,
+        )
+    if rc == NA:
+        return rep.result(res or "no GPU", NA)
+    return rep.result(res or f"exit code {rc}", OK if rc == 0 else FAILED)
+
+
+def step_nccl(a, rep):
+    return _runtime("nccl", a, rep)
+
+
+def step_streams(a, rep):
+    return _runtime("streams", a, rep)
 
 
 # ------------------------------------------------------------------------------------ bench
-def cmd_bench(args) -> int:
-    sys.path.insert(0, HERE)
-    import run as bench_run  # benchmarks/run.py
+def bench_plan(budget, providers):
+    """(cases, the compile cases that fit, per-case timeout): what fits in the budget."""
+    c = BENCH_COST_S
+    fixed = 2 * c["start"] + c["start"] * len(providers)  # copy-bandwidth runs + process starts
+    plain = sum(p != "compile" for p in providers) * len(BENCH_CASES) * c["case"]
+    left = budget - fixed - plain
+    compiled = []
+    for case in BENCH_CASES:
+        if "compile" in providers and left >= c["compile_case"]:
+            compiled.append(case)
+            left -= c["compile_case"]
+    timeout = max(10, min(c["compile_case"] * 2, budget / 3))
+    return BENCH_CASES, compiled, timeout
 
-    if args.cpu_smoke:  # no GPU: the pipeline on a tiny CPU case (providers, CSV/JSON, plot)
-        cmd = [
-            PY,
-            os.path.join(HERE, "run.py"),
-            "--device",
-            "cpu",
-            "--sizes",
-            "64x1000",
-            "--providers",
-            "kdfused,eager",
-            "--target-s",
-            "0.05",
-            "--min-reps",
-            "2",
-            "--out",
-            args.outdir,
-            "--tag",
-            "bench-cpu-smoke",
-            "--timeout",
-            "120",
-        ]
+
+def step_bench(a, rep: Report) -> int:
+    providers = ["kdfused", "eager", "compile"]
+    providers += ["liger_kl", "liger_jsd"] if have("liger_kernel") else []
+    cases, compiled, timeout = bench_plan(a.budget, providers)
+    skip = [f"compile@{c}" for c in cases if c not in compiled]
+    rep(
+        f"providers: {', '.join(providers)}" + ("" if have("liger_kernel") else " (no Liger)"),
+        f"cases: {', '.join(cases)}; compiled: {', '.join(compiled) or 'none'} "
+        f"(compile skipped where it would not fit in {a.budget:.0f} s)",
+        f"per-case limit {timeout:.0f} s",
+    )
+    out = os.path.join(os.path.dirname(rep.path), "bench")
+    if a.rehearse:  # the pipeline itself, on a tiny CPU case, with a skipped provider
+        cmd = [PY, os.path.join(HERE, "run.py"), "--device", "cpu", "--sizes", "64x1000"]
+        cmd += ["--providers", "kdfused,eager,compile", "--skip", "compile@64x1000"]
+        cmd += ["--skip-reason", "skipped: would not fit in the budget", "--target-s", "0.05"]
+        cmd += ["--min-reps", "2", "--out", out, "--tag", "bench", "--timeout", "60"]
     else:
-        provs = ["kdfused", "eager", "compile"]
-        provs += ["liger_kl", "liger_jsd"] if have("liger_kernel") else []
-        sizes = bench_run.SETS["quick-cuda"]
-        per_case = max(8.0, (args.budget - 30) / (len(provs) * len(sizes) + 2))
-        cmd = [
-            PY,
-            os.path.join(HERE, "run.py"),
-            "--device",
-            "cuda",
-            "--set",
-            "quick",
-            "--providers",
-            ",".join(provs),
-            "--target-s",
-            "0.2",
-            "--out",
-            args.outdir,
-            "--tag",
-            "bench",
-            "--timeout",
-            f"{per_case:.0f}",
-        ]
-    print("$", " ".join(cmd), flush=True)
-    return subprocess.run(cmd, cwd=ROOT, stdin=subprocess.DEVNULL).returncode
+        cmd = [PY, os.path.join(HERE, "run.py"), "--device", "cuda", "--sizes", ",".join(cases)]
+        cmd += ["--providers", ",".join(providers), "--target-s", "0.2", "--out", out]
+        cmd += ["--tag", "bench", "--timeout", f"{timeout:.0f}", "--no-plot"]
+        if skip:
+            cmd += ["--skip", ",".join(skip), "--skip-reason", "skipped: compile time over budget"]
+    log = rep.path + ".log"
+    rc, secs = run(cmd, log, a.budget)
+    rep(*tail(log, 40))
+    try:
+        with open(os.path.join(out, "bench.json")) as f:
+            recs = json.load(f)["results"]
+    except (OSError, ValueError, KeyError):
+        recs = []
+    timed = sum("fwdbwd" in r for r in recs)
+    other = sorted({str(r.get("status"))[:40] for r in recs if "fwdbwd" not in r})
+    text = f"{timed} of {len(recs)} runs timed" + (f"; others: {', '.join(other)}" if other else "")
+    if a.rehearse:
+        text = (
+            f"tiny CPU run of the pipeline: {text}; on a GPU {len(cases)} cases x {len(providers)}"
+        )
+    if rc == "timeout":
+        return rep.result(f"deadline reached: {text}", OWN_DEADLINE)
+    return rep.result(text, OK if rc == 0 and timed else FAILED)
+
+
+STEPS = {
+    "env": step_env,
+    "files": step_files,
+    "wheels": step_wheels,
+    "build": step_build,
+    "import": step_import,
+    "selftest": step_selftest,
+    "pytest": step_pytest,
+    "sanitizer": step_sanitizer,
+    "nccl": step_nccl,
+    "streams": step_streams,
+    "bench": step_bench,
+}
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["arch"]:
+        print(gpu_arch())
+        return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("env")
-    sub.add_parser("arch")
-    p = sub.add_parser("pytest")
-    p.add_argument("report")
-    p.add_argument("--budget", type=float, default=150)
-    p.add_argument("--list", action="store_true")
-    p = sub.add_parser("sanitizer")
-    p.add_argument("report")
-    p.add_argument("--budget", type=float, default=150)
-    p.add_argument("--selftest-args", default="", help="extra self-test arguments, one string")
-    p = sub.add_parser("bench")
-    p.add_argument("outdir")
-    p.add_argument("--budget", type=float, default=150)
-    p.add_argument("--cpu-smoke", action="store_true")
-    args = ap.parse_args(argv)
-    return {
-        "env": cmd_env,
-        "arch": cmd_arch,
-        "pytest": cmd_pytest,
-        "sanitizer": cmd_sanitizer,
-        "bench": cmd_bench,
-    }[args.cmd](args)
+    ap.add_argument("step", choices=list(STEPS))
+    ap.add_argument("report")
+    ap.add_argument("--budget", type=float, default=120)
+    ap.add_argument("--rehearse", action="store_true")
+    a = ap.parse_args(argv)
+    return STEPS[a.step](a, Report(a.report))
 
 
 if __name__ == "__main__":

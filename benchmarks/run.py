@@ -88,6 +88,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--no-check", action="store_true", help="skip the loss check against kdfused.reference"
     )
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument(
+        "--skip",
+        default="",
+        help="comma list PROVIDER@NxV[:dtype] not to run, recorded with the status "
+        "--skip-reason (e.g. compile@16384x151936:bf16 when its compile time does not fit)",
+    )
+    ap.add_argument("--skip-reason", default="skipped")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.cases = (
@@ -102,6 +109,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     for p in args.provider_list:
         if p not in P.ALL_PROVIDERS:
             ap.error(f"unknown provider {p!r}")
+    args.skip_set = set()
+    for item in filter(None, (x.strip() for x in args.skip.split(","))):
+        prov, _, size = item.partition("@")
+        if prov not in P.ALL_PROVIDERS or not size:
+            ap.error(f"--skip {item!r}: expected PROVIDER@NxV[:dtype]")
+        (case,) = parse_sizes(size)
+        args.skip_set.add((prov, case[1:]))
     args.warmup = args.warmup or (1 if args.device == "cpu" else 3)
     args.isolate = args.isolate or ("case" if args.device == "cpu" else "provider")
     div = "" if args.divergence == "kl" else f"-{args.divergence}"
@@ -197,6 +211,8 @@ def main(argv=None) -> int:
         for p in args.provider_list:
             spec = dict(common, case=i, label=label, N=n, V=v, dtype=dtype, provider=p)
             reason = memory_guard(case, args.device)
+            if (p, case[1:]) in args.skip_set:
+                reason = args.skip_reason
             if reason:
                 skipped.append(
                     {

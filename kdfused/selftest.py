@@ -385,6 +385,12 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--seed", type=int, help="replay the inputs of an earlier run")
     ap.add_argument("--paths", help="comma list of path names to run, e.g. cpu:scalar,cuda:warp")
+    ap.add_argument(
+        "--list",
+        action="store_true",
+        help="print the paths and case counts that would run, run nothing (without a GPU, "
+        "--device cuda lists the paths of an sm_90 GPU)",
+    )
     args = ap.parse_args(argv)
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little") >> 1
     divs = [d.strip() for d in args.divergences.split(",") if d.strip()]
@@ -399,7 +405,13 @@ def main(argv=None) -> int:
         if "scalar" not in info["cpu_isa_compiled"]:
             notes.append("this build has no 'scalar' CPU path (the CUDA per-element functions)")
     if args.device in ("cuda", "all"):
-        if cuda_ok:
+        if args.list and not cuda_ok:  # what an sm_90 GPU would run
+            paths += [
+                Path(f"cuda:{plan}", "cuda", "plan", plan, optional=plan in OPTIONAL_PLANS)
+                for plan in CUDA_PLANS
+            ] + [linear_path("cuda")]
+            notes.append("no GPU here: the CUDA paths listed are those of an sm_90 GPU")
+        elif cuda_ok:
             paths += cuda_paths() + [linear_path("cuda")]
             if not hasattr(_C, "set_cuda_plan"):
                 notes.append(
@@ -427,6 +439,17 @@ def main(argv=None) -> int:
             return 2
         paths = [p for p in paths if p.name in wanted]
     divs, build_failures = supported_divergences(divs)
+    if args.list:
+        n_cases = len(C.make_cases(divs, quick=args.quick))
+        n_lin = len(C.make_linear_cases(divs, quick=args.quick))
+        for p in paths:
+            print(f"{p.name}\t{n_lin if p.kind == 'linear' else n_cases} cases")
+        for n in notes:
+            print(f"note: {n}")
+        print(
+            f"{len(paths)} paths, divergences {','.join(divs)}" + (" (quick)" if args.quick else "")
+        )
+        return 0 if paths else 2
 
     replay = (
         f"python -m kdfused.selftest --seed {seed} --device {args.device}"

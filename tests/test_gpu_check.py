@@ -1,46 +1,38 @@
-"""The helpers of benchmarks/gpu_check.sh, checked without a GPU: which tests run one per
-process, how a compute-sanitizer run is judged, and the verdict and exit status of summary.md."""
+"""The GPU check's harness (benchmarks/gpu_check.sh), checked without a GPU: the driver's time
+boxes and verdicts (with stand-in steps that pass, fail, hang and crash), summary.md and its exit
+status, how a compute-sanitizer run is judged, the pytest plugin's error lines and the benchmark's
+budget plan. The whole choreography is rehearsed by CI (GPU_CHECK_REHEARSAL=1)."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "benchmarks")
 
 
 def _load(name):
-    spec = importlib.util.spec_from_file_location(
-        name, os.path.join(ROOT, "benchmarks", f"{name}.py")
-    )
+    if BENCH not in sys.path:
+        sys.path.insert(0, BENCH)
+    spec = importlib.util.spec_from_file_location(name, os.path.join(BENCH, f"{name}.py"))
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # (dataclasses look their module up there)
     spec.loader.exec_module(mod)
     return mod
 
 
 steps = _load("gpu_steps")
 summary = _load("gpu_summary")
+driver = _load("gpu_check")
+plugin = _load("_gpu_pytest_plugin")
 
 
 @pytest.mark.parametrize(
-    "test_id, isolated",
-    [
-        ("tests/test_inputs.py::test_bad_input[cuda-labels-too-big]", True),
-        ("tests/test_inputs.py::test_bad_input[cuda-labels-negative]", True),
-        ("tests/test_inputs.py::test_bad_input[cuda-labels-shape-2d]", False),
-        ("tests/test_inputs.py::test_bad_input[cuda-labels-float]", False),
-        ("tests/test_inputs.py::test_bad_input[cpu-labels-too-big]", False),
-        ("tests/test_kd_loss.py::test_matches_oracle[cuda-kl]", False),
-    ],
-)
-def test_device_assert_tests_are_isolated(test_id, isolated):
-    assert bool(steps.DEVICE_ASSERT.search(test_id)) == isolated
-
-
-@pytest.mark.parametrize(
-    "rc, lines, start",
+    "rc, lines, state",
     [
         (0, ["========= ERROR SUMMARY: 0 errors"], "ok"),
         (
@@ -57,62 +49,127 @@ def test_device_assert_tests_are_isolated(test_id, isolated):
                 "========= Invalid __global__ read of size 4 bytes",
                 "========= ERROR SUMMARY: 1 error",
             ],
-            "ERRORS FOUND",
+            "errors",
         ),
-        (
-            9,
-            ["========= Error: Race reported between Write access at kd_block_kernel"],
-            "ERRORS FOUND",
-        ),
+        (9, ["========= Error: Race reported between Write access at kd_block_kernel"], "errors"),
         (
             1,
             ["kdfused self-test FAILED: 2 failure(s)", "========= ERROR SUMMARY: 0 errors"],
-            "FAILED under the tool",
+            "failed",
         ),
-        ("timeout", ["kdfused self-test  seed 5"], "TIMEOUT after 90 s, no errors"),
-        (
-            "timeout",
-            ["========= Invalid __shared__ write of size 16 bytes"],
-            "TIMEOUT after 90 s: 1",
-        ),
+        ("timeout", ["kdfused self-test  seed 5"], "inconclusive"),
+        ("timeout", ["========= Invalid __shared__ write of size 16 bytes"], "errors"),
     ],
 )
-def test_sanitizer_verdict(rc, lines, start):
-    verdict, _ = steps.sanitizer_verdict(rc, 90, lines)
-    assert verdict.startswith(start), verdict
+def test_sanitizer_verdict(rc, lines, state):
+    got, text, _ = steps.sanitizer_verdict(rc, 90, lines)
+    assert got == state, text
 
 
-def _summary(tmp_path, mode, rows):
-    work, out = tmp_path / "work", tmp_path / "out"
-    work.mkdir(parents=True)
-    out.mkdir(parents=True)
-    (work / "steps.tsv").write_text("".join("\t".join(r) + "\n" for r in rows))
-    (work / "env.log").write_text("git: abc123\ndevice NVIDIA H200 sm_90\n")
-    code = summary.main(["gpu_summary.py", str(work), str(out), mode])
-    return code, (out / "summary.md").read_text()
+FAKE_STEPS = r"""
+import sys, time
+step, report = sys.argv[1], sys.argv[2]
+open(report, "w").write(f"working\nRESULT: {step} said this\n")
+if step == "hangs":
+    time.sleep(60)
+if step == "fails":
+    sys.exit(1)
+if step == "na":
+    sys.exit(3)
+if step == "crashes":
+    raise RuntimeError("boom")
+"""
 
 
-OK = [("env", "0", "3", "60"), ("build", "0", "100", "200"), ("selftest", "0", "40", "120")]
+def test_driver_boxes_verdicts_and_summary(tmp_path, monkeypatch, capsys):
+    fake = tmp_path / "fake_steps.py"
+    fake.write_text(FAKE_STEPS)
+    monkeypatch.setattr(driver, "STEP_SCRIPT", str(fake))
+    monkeypatch.setattr(driver, "GRACE_S", 1)
+    monkeypatch.setattr(driver, "_gpu_present", lambda: True)
+    S = driver.Step
+    plan = [
+        S("passes", "a step that passes", 20, 1),
+        S("hangs", "a step that hangs", 3, 1),
+        S("fails", "a step that fails", 20, 1),
+        S("na", "a step without its tool", 20, 1),
+        S("crashes", "a step that raises", 20, 1),
+        S("after", "needs the hanging step", 20, 1, ("hangs",)),
+    ]
+    monkeypatch.setattr(driver, "steps_for", lambda mode: plan)
+    monkeypatch.setenv("GPU_CHECK_BUDGET_S", "120")
+    monkeypatch.delenv("GPU_CHECK_REHEARSAL", raising=False)
+    out = tmp_path / "out"
+    code = driver.main(["gpu_check.py", str(out)])
+    status = {s.name: s.status for s in plan}
+    assert status == {
+        "passes": "ok",
+        "hangs": "timed out",
+        "fails": "FAILED",
+        "na": "n/a",
+        "crashes": "FAILED",
+        "after": "not run",
+    }
+    assert code == 1
+    md = (out / "summary.md").read_text()
+    assert md.startswith("# kdfused GPU check: FAIL: hangs, fails, crashes, after\n")
+    assert "passes said this" in md and "killed at the end of its 3 s box" in md
+    assert "| na | n/a |" in md and "needs hangs" in md
+    assert sorted(os.listdir(out)) == ["logs.tar.gz", "summary.md"]
+    printed = capsys.readouterr().out
+    assert "[hangs] a step that hangs; time box 3 s" in printed and "[hangs] timed out" in printed
 
 
-def test_summary_exit_status(tmp_path, capsys):
-    assert _summary(tmp_path / "a", "gpu", OK)[0] == 0
-    code, md = _summary(tmp_path / "b", "gpu", OK + [("pytest", "124", "120", "120")])
-    assert code == 1 and "FAIL: pytest" in md and "TIMEOUT" in md
-    code, md = _summary(tmp_path / "c", "gpu", OK + [("sanitizer", "3", "5", "90")])
-    assert code == 0 and "| sanitizer | n/a |" in md  # tool unavailable: said, not a failure
-    code, md = _summary(tmp_path / "d", "gpu", OK + [("bench", "skip:the budget was spent")])
-    assert code == 1 and "not run" in md
-    code, md = _summary(tmp_path / "e", "nogpu", OK)
-    assert code == 3 and "NO GPU PRESENT" in md
-    code, md = _summary(tmp_path / "f", "nogpu", OK + [("import", "1", "2", "60")])
-    assert code == 1 and "FAILED" in md
-    assert "kdfused GPU check" in capsys.readouterr().out  # printed as well
+def test_driver_budget_spent(tmp_path, monkeypatch):
+    fake = tmp_path / "fake_steps.py"
+    fake.write_text(FAKE_STEPS)
+    monkeypatch.setattr(driver, "STEP_SCRIPT", str(fake))
+    monkeypatch.setattr(driver, "MIN_BOX", 2)
+    monkeypatch.setattr(driver, "_gpu_present", lambda: False)
+    plan = [driver.Step("hangs", "", 3, 1), driver.Step("late", "", 20, 1)]
+    monkeypatch.setattr(driver, "steps_for", lambda mode: plan)
+    monkeypatch.setenv("GPU_CHECK_BUDGET_S", "4")
+    monkeypatch.setenv("GPU_CHECK_REHEARSAL", "1")
+    assert driver.main(["gpu_check.py", str(tmp_path / "out")]) == 1
+    assert [s.status for s in plan] == ["timed out", "not run"]
+    md = (tmp_path / "out" / "summary.md").read_text()
+    assert "REHEARSAL FAILED: hangs, late" in md and "the budget of 4 s was spent" in md
 
 
-def test_own_test_ids_are_not_isolated():
-    tid = (
-        "tests/test_gpu_check.py::test_device_assert_tests_are_isolated["
-        "tests/test_inputs.py::test_bad_input[cuda-labels-too-big]-True]"
-    )
-    assert not steps.DEVICE_ASSERT.search(tid)
+def test_summary_modes(tmp_path):
+    S = driver.Step
+    ok = [S("env", "", 1, 1, status="ok"), S("sanitizer", "", 1, 1, status="inconclusive")]
+    (tmp_path / "pytest.txt").write_text("x\nF tests/t.py::test_a[cuda] -- E   assert 1 == 2\n")
+    assert summary.write(str(tmp_path), str(tmp_path), "gpu", ok, 500, 10) == 0
+    md = (tmp_path / "summary.md").read_text()
+    assert "PASS" in md and "tests/t.py::test_a[cuda] -- E   assert 1 == 2" in md
+    assert summary.write(str(tmp_path), str(tmp_path), "rehearsal", ok, 500, 10) == 0
+    assert "REHEARSAL PASSED" in (tmp_path / "summary.md").read_text()
+    bad = ok + [S("bench", "", 1, 1, status="timed out"), S("x", "", 1, 1)]
+    assert summary.write(str(tmp_path), str(tmp_path), "gpu", bad, 500, 10, "stopped") == 1
+    md = (tmp_path / "summary.md").read_text()
+    assert "FAIL: bench" in md and "still running or was stopped" in md and "**stopped**" in md
+
+
+def test_plugin_first_error_line():
+    text = "def test():\n>   assert f() == 3\nE   assert 2 == 3\nE    +  where 2 = f()\n"
+    assert plugin.first_error_line(text) == "E   assert 2 == 3"
+    assert plugin.first_error_line("RuntimeError: CUDA error\n\n") == "RuntimeError: CUDA error"
+
+
+@pytest.mark.parametrize("budget", [60, 120, 300])
+def test_bench_plan_fits_the_budget(budget):
+    providers = ["kdfused", "eager", "compile", "liger_kl"]
+    cases, compiled, timeout = steps.bench_plan(budget, providers)
+    c = steps.BENCH_COST_S
+    cost = (2 + len(providers)) * c["start"] + 3 * len(cases) * c["case"]
+    cost += len(compiled) * c["compile_case"]
+    assert cost <= max(budget, cost - len(compiled) * c["compile_case"])
+    assert compiled == cases[: len(compiled)]  # the most interesting first
+    assert timeout >= 10
+
+
+def test_curated_tests_exist():
+    for _, files in steps.CUDA_TESTS:
+        for f in files:
+            assert os.path.isfile(os.path.join(ROOT, f)), f

@@ -71,6 +71,16 @@ def test_cuda_without_a_gpu_is_nothing_to_test(capsys):
     assert "nothing to test" in capsys.readouterr().out
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="lists the paths of a GPU-less machine")
+def test_list_names_the_paths_of_a_gpu_without_running(capsys):
+    assert selftest.main(["--device", "cuda", "--list", "--quick"]) == 0
+    out = capsys.readouterr().out
+    names = [x.split()[0] for x in out.splitlines() if x.startswith("cuda:")]
+    assert names == [f"cuda:{p}" for p in selftest.CUDA_PLANS] + ["cuda:linear"]
+    assert "sm_90" in out and "seed" not in out  # nothing ran
+    assert selftest.main(["--device", "cuda", "--list", "--paths", "cuda:block,cuda:x"]) == 2
+
+
 def test_error_ratio_sees_a_perturbation():
     exp = torch.linspace(-1, 1, 101, dtype=torch.float64)
     tol = C.tol(exp, torch.float32, torch.float32, 1e-6)
