@@ -550,10 +550,12 @@ def step_bench(a, rep: Report) -> int:
         cmd += ["--providers", "kdfused,eager,compile", "--skip", "compile@64x1000"]
         cmd += ["--skip-reason", "skipped: would not fit in the budget", "--target-s", "0.05"]
         cmd += ["--min-reps", "2", "--out", out, "--tag", "bench", "--timeout", "60"]
+        cmd += ["--deadline", f"{a.budget - 10:.0f}"]
     else:
         cmd = [PY, os.path.join(HERE, "run.py"), "--device", "cuda", "--sizes", ",".join(cases)]
         cmd += ["--providers", ",".join(providers), "--target-s", "0.2", "--out", out]
         cmd += ["--tag", "bench", "--timeout", f"{timeout:.0f}", "--no-plot"]
+        cmd += ["--deadline", f"{a.budget - 10:.0f}"]  # results written even when time runs out
         if skip:
             cmd += ["--skip", ",".join(skip), "--skip-reason", "skipped: compile time over budget"]
     log = rep.path + ".log"

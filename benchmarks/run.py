@@ -95,6 +95,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--skip-reason (e.g. compile@16384x151936:bf16 when its compile time does not fit)",
     )
     ap.add_argument("--skip-reason", default="skipped")
+    ap.add_argument(
+        "--deadline",
+        type=float,
+        help="seconds for the whole run: each case's limit is cut to what is left, and cases "
+        "that cannot start in time are recorded as not run (the results are still written)",
+    )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.cases = (
@@ -246,15 +252,23 @@ def main(argv=None) -> int:
         records.append(res)
         bar.update(1)
 
+    end = t0 + args.deadline if args.deadline else float("inf")
     for group in groups:
         first = group[0]
         bar.set_postfix_str(
             f"{first['provider']} {first['N']}x{first['V']} {first['dtype']}"
             + (f" (+{len(group) - 1} sizes)" if len(group) > 1 else "")
         )
-        run_worker(group, args.timeout, on_result)
+        left = end - time.monotonic() - 20  # kept for the copy run and the files
+        if left < 5:
+            for spec in group:
+                keys = ("case", "label", "N", "V", "dtype", "provider")
+                records.append({**{k: spec[k] for k in keys}, "status": "not run: out of time"})
+            continue
+        run_worker(group, min(args.timeout, left / len(group)), on_result)
     bar.update(-1)  # the copy bandwidth again at the end; the better of the two is the reference
-    run_worker(copy_spec, args.timeout, on_env)
+    if end - time.monotonic() > 15:
+        run_worker(copy_spec, min(args.timeout, end - time.monotonic() - 5), on_env)
     bar.close()
     env["copy_gbps_runs"] = copies
     if any(copies):
