@@ -137,12 +137,14 @@ def gpu_arch():
 def step_env(a, rep: Report) -> int:
     import platform
 
-    git = subprocess.run(
-        ["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
-    dirty = subprocess.run(
-        ["git", "-C", ROOT, "status", "--porcelain"], capture_output=True, text=True
-    ).stdout.count("\n")
+    def sh(*cmd):  # a command's output, or "" (no git in a copied tree, a tool that hangs)
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    git = sh("git", "-C", ROOT, "rev-parse", "--short", "HEAD").strip()
+    dirty = sh("git", "-C", ROOT, "status", "--porcelain").count("\n")
     rep(f"git: {git or '?'} ({dirty} changed files)", f"python {sys.version.split()[0]} {PY}")
     rep(f"machine {platform.machine()}, {os.cpu_count()} CPUs")
     try:
@@ -164,12 +166,11 @@ def step_env(a, rep: Report) -> int:
     tools = {t: find_tool(t) for t in ("nvcc", "nvidia-smi", "compute-sanitizer")}
     rep("tools: " + ", ".join(f"{t} {p or 'not found'}" for t, p in tools.items()))
     if tools["nvcc"]:
-        out = subprocess.run([tools["nvcc"], "--version"], capture_output=True, text=True).stdout
+        out = sh(tools["nvcc"], "--version")
         release = (re.findall(r"release [\d.]+", out) or ["?"])[0]
         rep(f"nvcc {release}")
     if tools["nvidia-smi"]:
-        smi = subprocess.run([tools["nvidia-smi"]], capture_output=True, text=True, timeout=30)
-        rep(*smi.stdout.splitlines())
+        rep(*sh(tools["nvidia-smi"]).splitlines())
     return rep.result(f"{device}; torch {torch.__version__}", OK)
 
 
