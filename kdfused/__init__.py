@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from . import reference
+from ._version import __version__  # noqa: F401  (the one place it is written)
 
 __all__ = [
     "kd_loss",
@@ -28,7 +29,6 @@ __all__ = [
     "linear_kd_loss",
     "LinearKDLoss",
 ]
-__version__ = "0.1.0"
 
 # name -> module that defines it; imported on first attribute access (PEP 562)
 _LAZY = {
