@@ -91,4 +91,4 @@ cmake-build: install
 	cd build/cmake && ctest --output-on-failure
 
 clean:
-	rm -rf build dist *.egg-info kdfused/*.so
+	rm -rf build dist *.egg-info kdfused/*.so kdfused/_build_meta.py

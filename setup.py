@@ -20,7 +20,9 @@ saying so. Only the sdist needs no torch.
 
 The version is ``kdfused/_version.py``'s plus a local label naming what the build is for:
 ``+torch<torch's public version>.cu<torch's CUDA version>`` with the CUDA kernels (e.g.
-``0.3.0+torch2.14.1.cu130``), ``+torch<version>.cpu`` without them.
+``0.3.0+torch2.14.1.cu130``), ``+torch<version>.cpu`` without them. The extension's build record,
+``kdfused/_build_meta.py``, is written next to it (kdfused/_extension.py reads it before loading
+the extension).
 """
 
 import glob
@@ -270,6 +272,43 @@ else:
     )
 
 FULL_VERSION = f"{VERSION}+{local_label(WITH_CUDA)}"
+BUILD_RECORD = {
+    "version": FULL_VERSION,
+    "torch_version": TORCH_VERSION,
+    "torch_cuda": torch.version.cuda,
+    "torch_cxx11_abi": bool(torch._C._GLIBCXX_USE_CXX11_ABI),
+    "cuda": WITH_CUDA,
+    "cuda_arch_list": os.environ["TORCH_CUDA_ARCH_LIST"] if WITH_CUDA else None,
+}
+
+
+class BuildExtensionWithRecord(BuildExtension):
+    """torch's BuildExtension (ninja, which prints a [n/m] line per object and recompiles only
+    what changed), always run: setuptools would otherwise skip an extension whose sources are
+    older than its last build even when torch or the options changed. Writes the build record
+    (kdfused/_build_meta.py) next to each extension it builds."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        self.force = True
+
+    def run(self):
+        super().run()
+        for e in self.extensions:
+            path = os.path.join(os.path.dirname(self.get_ext_fullpath(e.name)), "_build_meta.py")
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(
+                    "# The build record of the compiled extension next to this file, written by "
+                    "setup.py.\n# kdfused/_extension.py reads it before loading the extension.\n"
+                    f"BUILD = {BUILD_RECORD!r}\n"
+                )
+            print(f"kdfused: build record {path}")
+
+    def get_outputs(self):
+        outputs = super().get_outputs()
+        records = [os.path.join(os.path.dirname(o), "_build_meta.py") for o in outputs]
+        return outputs + [r for r in records if r not in outputs]
+
 
 print(
     f"kdfused: building with OpenMP={'on' if omp_compile else 'off'}, "
@@ -281,5 +320,5 @@ print(f"kdfused: version {FULL_VERSION}, against torch {TORCH_VERSION}")
 setup(
     **base_metadata(FULL_VERSION, [f"torch=={TORCH_PUBLIC}"]),
     ext_modules=[ext],
-    cmdclass={"build_ext": BuildExtension},
+    cmdclass={"build_ext": BuildExtensionWithRecord},
 )
