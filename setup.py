@@ -65,11 +65,12 @@ build without build isolation:
 def packaging_only(argv):
     """True for the commands that only package the sources (the sdist, and the egg_info run
     that asks for build requirements): these need neither torch nor a compiler."""
-    commands = {a for a in argv[1:] if not a.startswith("-")}
-    if "sdist" in commands:
-        return not any(
-            c.startswith(("build", "bdist", "install", "develop", "editable")) for c in commands
-        )
+    args = set(argv[1:])
+    builds = {"build", "build_ext", "build_py", "bdist", "bdist_wheel", "dist_info", "install"}
+    builds |= {"develop", "editable_wheel"}
+    if "sdist" in args:
+        return not args & builds
+    commands = {a for a in args if re.fullmatch(r"[a-z_]+", a)}  # not options, not paths
     return commands <= {"egg_info", "check"}
 
 
