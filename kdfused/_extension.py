@@ -24,7 +24,12 @@ from typing import Any, Optional
 PACKAGE = __name__.rpartition(".")[0]
 EXTENSION = f"{PACKAGE}._C"
 
-REBUILD = "pip install --no-build-isolation --no-deps --force-reinstall <kdfused checkout or sdist>"
+# --no-cache-dir: pip reuses a wheel it built earlier from the same sdist (of an index), for
+# whatever torch it was built
+REBUILD = (
+    "pip install --no-build-isolation --no-deps --force-reinstall --no-cache-dir "
+    "<kdfused checkout or sdist>"
+)
 
 
 def build_record() -> Optional[dict[str, Any]]:
