@@ -10,6 +10,8 @@
 # objects that depend on it.
 #   make cpu          the same build, CPU kernel only (KDFUSED_CUDA=0; also: make test KDFUSED_CUDA=0)
 #   make lint         ruff (lint + format check) and clang-format --dry-run, as CI runs them
+#   make wheel-check  the sdist and the wheel (reusing the build's objects), the wheel installed
+#                     into a fresh venv, its self-test and a few tests outside the checkout (CI)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -27,9 +29,10 @@ BUILD_STAMP := build/.kdfused-$(if $(filter 0,$(KDFUSED_CUDA)),cpu,auto).stamp
 # the tests of the loss's semantics, which also run against kdfused.reference
 SEMANTIC_TESTS := tests/test_kd_loss.py tests/test_inputs.py tests/test_numerics.py \
                   tests/test_autograd.py tests/test_divergences.py tests/test_properties.py
-LINT_PY := kdfused tests benchmarks examples setup.py
+LINT_PY := kdfused tests benchmarks examples setup.py .ci/link_dists.py
 
-.PHONY: all install cpu demo test test-reference lint bench bench-full mnist cmake-build clean FORCE
+.PHONY: all install cpu demo test test-reference lint bench bench-full mnist cmake-build wheel-check \
+        clean FORCE
 
 all: test
 
@@ -90,5 +93,9 @@ cmake-build: install
 	cmake --build build/cmake -j 2
 	cd build/cmake && ctest --output-on-failure
 
+# The package as users install it (pip, wheel, sdist), checked outside the checkout.
+wheel-check: install
+	VENV="$(VENV)" bash .ci/wheel_check.sh
+
 clean:
-	rm -rf build *.egg-info kdfused/*.so
+	rm -rf build dist *.egg-info kdfused/*.so kdfused/_build_meta.py

@@ -11,6 +11,18 @@ Environment:
                           JIT-compile)
   CUDA_HOME               the CUDA toolkit root (default: asked from nvcc itself)
   MAX_JOBS                parallel compile jobs (ninja)
+
+The build compiles against the torch of the environment it runs in, so it needs that torch: pip
+must run it without build isolation (``pip install --no-build-isolation``). In pip's default
+isolated build environment there is no torch (pyproject.toml does not ask for one, so that pip
+never builds against a second torch downloaded for the build), and the build stops with a message
+saying so. Only the sdist needs no torch.
+
+The version is ``kdfused/_version.py``'s plus a local label naming what the build is for:
+``+torch<torch's public version>.cu<torch's CUDA version>`` with the CUDA kernels (e.g.
+``0.3.0+torch2.14.1.cu130``), ``+torch<version>.cpu`` without them. The extension's build record,
+``kdfused/_build_meta.py``, is written next to it (kdfused/_extension.py reads it before loading
+the extension).
 """
 
 import glob
@@ -19,10 +31,84 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+MIN_TORCH = "2.4"
+
+
+def read_version():
+    """kdfused/_version.py's __version__, read without importing the package."""
+    with open(os.path.join(ROOT, "kdfused", "_version.py"), encoding="utf-8") as f:
+        return re.search(r'^__version__ = "([^"]+)"$', f.read(), re.M).group(1)
+
+
+VERSION = read_version()
+
+NO_TORCH = f"""
+kdfused: torch cannot be imported in the environment running this build. Build kdfused without
+build isolation (pip install --no-build-isolation ...), in an environment that has torch.
+
+kdfused is a PyTorch extension: its C++/CUDA code is compiled against the torch it will run with,
+and only loads into that torch. So the build uses the torch already installed, never one downloaded
+for the build (pip's default isolated build environment has none, and one downloaded there may
+differ from yours, giving a binary that does not load). Install torch>={MIN_TORCH} first, then
+build without build isolation:
+
+    pip install --no-build-isolation .            (from a checkout; -e . for an editable install)
+    pip install --no-build-isolation kdfused-{VERSION}.tar.gz
+"""
+
+
+def packaging_only(argv):
+    """True for the commands that only package the sources (the sdist, and the egg_info run
+    that asks for build requirements): these need neither torch nor a compiler."""
+    args = set(argv[1:])
+    builds = {"build", "build_ext", "build_py", "bdist", "bdist_wheel", "dist_info", "install"}
+    builds |= {"develop", "editable_wheel"}
+    if "sdist" in args:
+        return not args & builds
+    commands = {a for a in args if re.fullmatch(r"[a-z_]+", a)}  # not options, not paths
+    return commands <= {"egg_info", "check"}
+
+
+def base_metadata(version, install_requires):
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    return dict(
+        name="kdfused",
+        version=version,
+        description="Fused knowledge-distillation loss for PyTorch (CPU and CUDA kernels)",
+        long_description=readme,
+        long_description_content_type="text/markdown",
+        license_expression="MIT",
+        license_files=["LICENSE"],
+        packages=find_packages(include=["kdfused", "kdfused.*"]),
+        python_requires=">=3.9",
+        install_requires=install_requires,
+        classifiers=[
+            "Development Status :: 3 - Alpha",
+            "Intended Audience :: Developers",
+            "Intended Audience :: Science/Research",
+            "Operating System :: POSIX :: Linux",
+            "Programming Language :: C++",
+            "Programming Language :: Python :: 3",
+            "Environment :: GPU :: NVIDIA CUDA",
+            "Topic :: Scientific/Engineering :: Artificial Intelligence",
+        ],
+        keywords=["pytorch", "knowledge distillation", "loss", "cuda", "custom op"],
+    )
+
+
+if packaging_only(sys.argv):
+    # The sdist (or the build requirements): the sources and the plain version, no extension, no
+    # torch; the rest of this file configures the extension. (Ending a setup script early is
+    # what setuptools' PEP 517 backend warns about; nothing else here needs its warning.)
+    setup(**base_metadata(VERSION, [f"torch>={MIN_TORCH}"]))
+    warnings.filterwarnings("ignore", message="Running `setup.py` directly")
+    sys.exit(0)
 
 
 def find_cuda_home():
@@ -84,10 +170,25 @@ CUDA_HOME = find_cuda_home()
 if CUDA_HOME and not os.environ.get("CUDA_HOME"):
     os.environ["CUDA_HOME"] = CUDA_HOME  # before torch.utils.cpp_extension reads it
 
-import torch  # noqa: E402
+try:
+    import torch
+except ImportError:
+    sys.exit(NO_TORCH)
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
+if torch.__version__ < MIN_TORCH:
+    sys.exit(f"kdfused needs torch>={MIN_TORCH}; this environment has torch {torch.__version__}")
+
 WITH_CUDA = want_cuda(torch.version.cuda, CUDA_HOME)
+TORCH_VERSION = str(torch.__version__)
+TORCH_PUBLIC = TORCH_VERSION.split("+")[0]
+
+
+def local_label(with_cuda):
+    """What the build is for: torch's public version, then cuXYZ (torch's CUDA version) with the
+    CUDA kernels, cpu without them."""
+    target = "cu" + torch.version.cuda.replace(".", "") if with_cuda else "cpu"
+    return re.sub(r"[^A-Za-z0-9]+", ".", f"torch{TORCH_PUBLIC}.{target}")
 
 
 def cuda_arch_list():
@@ -171,19 +272,54 @@ else:
         extra_link_args=omp_link,
     )
 
+FULL_VERSION = f"{VERSION}+{local_label(WITH_CUDA)}"
+BUILD_RECORD = {
+    "version": FULL_VERSION,
+    "torch_version": TORCH_VERSION,
+    "torch_cuda": torch.version.cuda,
+    "torch_cxx11_abi": bool(torch._C._GLIBCXX_USE_CXX11_ABI),
+    "cuda": WITH_CUDA,
+    "cuda_arch_list": os.environ["TORCH_CUDA_ARCH_LIST"] if WITH_CUDA else None,
+}
+
+
+class BuildExtensionWithRecord(BuildExtension):
+    """torch's BuildExtension (ninja, which prints a [n/m] line per object and recompiles only
+    what changed), always run: setuptools would otherwise skip an extension whose sources are
+    older than its last build even when torch or the options changed. Writes the build record
+    (kdfused/_build_meta.py) next to each extension it builds."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        self.force = True
+
+    def run(self):
+        super().run()
+        for e in self.extensions:
+            path = os.path.join(os.path.dirname(self.get_ext_fullpath(e.name)), "_build_meta.py")
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(
+                    "# The build record of the compiled extension next to this file, written by "
+                    "setup.py.\n# kdfused/_extension.py reads it before loading the extension.\n"
+                    f"BUILD = {BUILD_RECORD!r}\n"
+                )
+            print(f"kdfused: build record {path}")
+
+    def get_outputs(self):
+        outputs = super().get_outputs()
+        records = [os.path.join(os.path.dirname(o), "_build_meta.py") for o in outputs]
+        return outputs + [r for r in records if r not in outputs]
+
+
 print(
     f"kdfused: building with OpenMP={'on' if omp_compile else 'off'}, "
     f"CUDA={'on' if WITH_CUDA else 'off'}"
     + (f" (CUDA_HOME={CUDA_HOME}, arch {os.environ['TORCH_CUDA_ARCH_LIST']})" if WITH_CUDA else "")
 )
+print(f"kdfused: version {FULL_VERSION}, against torch {TORCH_VERSION}")
 
 setup(
-    name="kdfused",
-    version="0.1.0",
-    description="Fused knowledge-distillation loss for PyTorch (CPU and CUDA kernels)",
-    packages=find_packages(include=["kdfused", "kdfused.*"]),
+    **base_metadata(FULL_VERSION, [f"torch=={TORCH_PUBLIC}"]),
     ext_modules=[ext],
-    cmdclass={"build_ext": BuildExtension},
-    python_requires=">=3.9",
-    install_requires=["torch>=2.4"],
+    cmdclass={"build_ext": BuildExtensionWithRecord},
 )

@@ -6,7 +6,9 @@
 ``kdfused.reference`` holds a pure-PyTorch implementation of the same semantics; it needs no
 compiled extension. The fused op (``kd_loss``, ``KDLoss``, ``KDLossFunction``, ``build_info``,
 ``empty_cache``) loads the extension ``kdfused._C`` on first use, so that ``import kdfused`` and
-``import kdfused.reference`` work where the extension was never built.
+``import kdfused.reference`` work where the extension was never built. Before it is loaded, the
+torch it was built against is compared with the running one (``kdfused._extension``): a mismatch
+raises ImportError saying how to rebuild.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from . import reference
+from ._extension import build_info, install_import_check
+from ._version import __version__  # noqa: F401  (the one place it is written)
 
 __all__ = [
     "kd_loss",
@@ -28,14 +32,14 @@ __all__ = [
     "linear_kd_loss",
     "LinearKDLoss",
 ]
-__version__ = "0.1.0"
+
+install_import_check()
 
 # name -> module that defines it; imported on first attribute access (PEP 562)
 _LAZY = {
     "kd_loss": "loss",
     "KDLoss": "loss",
     "KDLossFunction": "loss",
-    "build_info": "_C",
     "empty_cache": "_C",
     "topk_kd_loss": "topk",
     "TopKKDLoss": "topk",
@@ -45,7 +49,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily
-    from ._C import build_info, empty_cache  # noqa: F401
+    from ._C import empty_cache  # noqa: F401
     from .linear import LinearKDLoss, linear_kd_loss  # noqa: F401
     from .loss import KDLoss, KDLossFunction, kd_loss  # noqa: F401
     from .topk import TopKKDLoss, topk_kd_loss, topk_teacher  # noqa: F401
