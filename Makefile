@@ -27,7 +27,7 @@ BUILD_STAMP := build/.kdfused-$(if $(filter 0,$(KDFUSED_CUDA)),cpu,auto).stamp
 # the tests of the loss's semantics, which also run against kdfused.reference
 SEMANTIC_TESTS := tests/test_kd_loss.py tests/test_inputs.py tests/test_numerics.py \
                   tests/test_autograd.py tests/test_divergences.py tests/test_properties.py
-LINT_PY := kdfused tests benchmarks examples setup.py
+LINT_PY := kdfused tests benchmarks examples csrc/cuda/instantiations setup.py
 
 .PHONY: all install cpu demo test test-reference lint bench bench-full mnist cmake-build clean FORCE
 
@@ -72,6 +72,7 @@ lint: $(VENV)/.deps-stamp
 	$(BIN)/ruff check $(LINT_PY)
 	$(BIN)/ruff format --check $(LINT_PY)
 	$(BIN)/clang-format --dry-run --Werror $(CSRC)
+	$(BIN)/python csrc/cuda/instantiations/generate.py --check
 
 bench: install
 	$(BIN)/python benchmarks/run.py --set standard

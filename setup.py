@@ -148,7 +148,9 @@ include_dirs = [os.path.join(ROOT, "csrc")]
 define_macros = []
 
 if WITH_CUDA:
-    sources += sorted(glob.glob("csrc/cuda/*.cu"))
+    # csrc/cuda/*.cu and the generated instantiations/*.cu (csrc/cuda/instantiations/generate.py),
+    # after the CPU sources (see the link order above).
+    sources += sorted(glob.glob("csrc/cuda/**/*.cu", recursive=True))
     define_macros.append(("KDFUSED_WITH_CUDA", "1"))
     shim = pip_cuda_include_shim(CUDA_HOME)
     if shim:
