@@ -12,6 +12,8 @@
 #   make lint         ruff (lint + format check) and clang-format --dry-run, as CI runs them
 #   make wheel-check  the sdist and the wheel (reusing the build's objects), the wheel installed
 #                     into a fresh venv, its self-test and a few tests outside the checkout (CI)
+#   make cxx17-check  every source compiled as C++17 (the standard of torch < 2.13 builds) against
+#                     torch 2.11's headers (fetched once into build/cxx17/); CUDA sources for sm_90
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -29,10 +31,10 @@ BUILD_STAMP := build/.kdfused-$(if $(filter 0,$(KDFUSED_CUDA)),cpu,auto).stamp
 # the tests of the loss's semantics, which also run against kdfused.reference
 SEMANTIC_TESTS := tests/test_kd_loss.py tests/test_inputs.py tests/test_numerics.py \
                   tests/test_autograd.py tests/test_divergences.py tests/test_properties.py
-LINT_PY := kdfused tests benchmarks examples setup.py .ci/link_dists.py
+LINT_PY := kdfused tests benchmarks examples tools csrc/cuda/instantiations setup.py .ci/link_dists.py
 
-.PHONY: all install cpu demo test test-reference lint bench bench-full mnist cmake-build wheel-check \
-        clean FORCE
+.PHONY: all install cpu demo test test-reference lint cxx17-check bench bench-full mnist cmake-build \
+        wheel-check clean FORCE
 
 all: test
 
@@ -75,6 +77,11 @@ lint: $(VENV)/.deps-stamp
 	$(BIN)/ruff check $(LINT_PY)
 	$(BIN)/ruff format --check $(LINT_PY)
 	$(BIN)/clang-format --dry-run --Werror $(CSRC)
+	$(BIN)/python csrc/cuda/instantiations/generate.py --check
+
+# kdfused builds as C++20 with torch >= 2.13 and as C++17 with older torch: keep both working.
+cxx17-check: $(VENV)/.deps-stamp
+	$(BIN)/python tools/cxx17_check.py -j 2
 
 bench: install
 	$(BIN)/python benchmarks/run.py --set standard

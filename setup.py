@@ -11,6 +11,8 @@ Environment:
                           JIT-compile)
   CUDA_HOME               the CUDA toolkit root (default: asked from nvcc itself)
   MAX_JOBS                parallel compile jobs (ninja)
+  KDFUSED_CXX_STD=17|20   the C++ standard of every source, C++ and CUDA (default: the one the
+                          installed torch's headers need: C++20 from torch 2.13 on, else C++17)
 
 The build compiles against the torch of the environment it runs in, so it needs that torch: pip
 must run it without build isolation (``pip install --no-build-isolation``). In pip's default
@@ -205,6 +207,37 @@ def cuda_arch_list():
 if WITH_CUDA:
     os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_arch_list()
 
+
+def torch_cxx_std():
+    """The C++ standard torch's headers require: ATen.h stops a compile older than its minimum
+    (`#error C++20 or later ...` from torch 2.13 on, C++17 before), so ask the header itself; if it
+    cannot be read, go by the version."""
+    aten = os.path.join(os.path.dirname(torch.__file__), "include", "ATen", "ATen.h")
+    try:
+        with open(aten, encoding="utf-8", errors="replace") as f:
+            m = re.search(r"__cplusplus\s*<\s*(\d{6})L", f.read())
+        if m:
+            return "20" if int(m.group(1)) >= 202002 else "17"
+    except OSError:
+        pass
+    major, minor = (int(x) for x in re.findall(r"\d+", torch.__version__)[:2])
+    return "20" if (major, minor) >= (2, 13) else "17"
+
+
+def cxx_std():
+    """KDFUSED_CXX_STD (17 or 20) if set, else what torch needs. Stated explicitly for the C++ and
+    the CUDA compiler (torch.utils.cpp_extension would otherwise pick its own default, C++20 from
+    torch 2.13 on and C++17 before; the sources compile as either)."""
+    env = os.environ.get("KDFUSED_CXX_STD", "").strip()
+    if env:
+        if env not in ("17", "20"):
+            sys.exit(f"KDFUSED_CXX_STD must be 17 or 20, got {env!r}")
+        return env
+    return torch_cxx_std()
+
+
+CXX_STD = cxx_std()
+
 # Link order matters: the portable objects come first so that, for inline functions that several
 # objects define, the linker keeps their copy and not one compiled for AVX2/AVX-512.
 sources = [
@@ -243,13 +276,15 @@ def openmp_flags():
 
 
 omp_compile, omp_link = openmp_flags()
-cxx_flags = ["-O3", "-fvisibility=hidden", *omp_compile]
-nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+cxx_flags = [f"-std=c++{CXX_STD}", "-O3", "-fvisibility=hidden", *omp_compile]
+nvcc_flags = [f"-std=c++{CXX_STD}", "-O3", "--expt-relaxed-constexpr", "-lineinfo"]
 include_dirs = [os.path.join(ROOT, "csrc")]
 define_macros = []
 
 if WITH_CUDA:
-    sources += sorted(glob.glob("csrc/cuda/*.cu"))
+    # csrc/cuda/*.cu and the generated instantiations/*.cu (csrc/cuda/instantiations/generate.py),
+    # after the CPU sources (see the link order above).
+    sources += sorted(glob.glob("csrc/cuda/**/*.cu", recursive=True))
     define_macros.append(("KDFUSED_WITH_CUDA", "1"))
     shim = pip_cuda_include_shim(CUDA_HOME)
     if shim:
@@ -280,6 +315,7 @@ BUILD_RECORD = {
     "torch_cxx11_abi": bool(torch._C._GLIBCXX_USE_CXX11_ABI),
     "cuda": WITH_CUDA,
     "cuda_arch_list": os.environ["TORCH_CUDA_ARCH_LIST"] if WITH_CUDA else None,
+    "cxx_std": CXX_STD,
 }
 
 
@@ -312,7 +348,7 @@ class BuildExtensionWithRecord(BuildExtension):
 
 
 print(
-    f"kdfused: building with OpenMP={'on' if omp_compile else 'off'}, "
+    f"kdfused: building as C++{CXX_STD} with OpenMP={'on' if omp_compile else 'off'}, "
     f"CUDA={'on' if WITH_CUDA else 'off'}"
     + (f" (CUDA_HOME={CUDA_HOME}, arch {os.environ['TORCH_CUDA_ARCH_LIST']})" if WITH_CUDA else "")
 )

@@ -155,6 +155,22 @@ def test_k_values_against_reference(device, gen, V, k, divergence):
     check_against_ref(s, idx, vals, y, temperature=2.0, divergence=divergence)
 
 
+@pytest.mark.skipif(not _CUDA, reason="no GPU")
+@pytest.mark.parametrize("V", [392_000, 393_216])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_largest_duplicate_bitmap(gen, V, dtype):
+    """The CTA kernel's duplicate-index bitmap at its largest (V up to 393216 = 48 KiB of bits, on
+    top of the kernel's static shared memory: the launch needs the shared-memory opt-in) with the
+    soft term on and k > 1: the CUDA result equals the CPU one within the dtype's tolerances."""
+    s, idx, vals, y = make_case((3,), V, 64, gen, dtype=dtype)
+    kw = dict(temperature=2.0, soft_weight=0.7, hard_weight=0.3)
+    loss_c, grad_c = run_fused(s, idx, vals, y, **kw)
+    loss_g, grad_g = run_fused(s.cuda(), idx.cuda(), vals.cuda(), y.cuda(), **kw)
+    la, lr, ga, gr = tolerances(dtype, dtype, kw, V)
+    torch.testing.assert_close(loss_g.cpu(), loss_c, atol=2 * la, rtol=2 * lr)
+    torch.testing.assert_close(grad_g.cpu(), grad_c, atol=2 * ga, rtol=2 * gr)
+
+
 @pytest.mark.parametrize("reduction", ["batchmean", "mean", "sum", "none"])
 @pytest.mark.parametrize("sw,hw", [(1.0, 0.0), (0.7, 0.3), (0.0, 1.0), (0.0, 0.0)])
 @pytest.mark.parametrize("T", [1.0, 2.0, 3.5])

@@ -1,5 +1,6 @@
 // kd_fused_cuda.h -- the fused CUDA kd kernel as other CUDA translation units call it (the linear
-// op, kd_linear_cuda.cu). Defined in kd_loss_cuda.cu, which holds the kernels' instantiations.
+// op, kd_linear_cuda.cu). Defined in kd_loss_cuda.cu; the kernels' instantiations are in
+// csrc/cuda/instantiations/ (kd_fused_run.h).
 #pragma once
 
 #include <ATen/ATen.h>

@@ -1,5 +1,6 @@
 // kd_kernels.cuh -- the CUDA kernels of kdfused. Launch policy and constants: kd_launch.h; host
-// wrappers: kd_loss_cuda.cu. The maths is kd_math.h's (shared with the CPU kernel).
+// wrappers: kd_loss_cuda.cu, their launch: kd_fused_run.cuh. The maths is kd_math.h's (shared with
+// the CPU kernel).
 //
 // One row (or one slice of a row) is processed by a "group" of threads: a warp (kWarp) or a CTA
 // (kBlock, possibly one of the `split` CTAs of a cluster). For its slice a group
@@ -18,7 +19,8 @@
 //
 // Size: the two fused kernels and the device helpers only they use (loads, slice geometry,
 // sweeps, reductions) are kept in one header so that each kernel reads top to bottom; the maths is
-// in kd_math.h, the policy in kd_launch.h, the host code in kd_loss_cuda.cu.
+// in kd_math.h, the policy in kd_launch.h, the host code in kd_loss_cuda.cu and
+// kd_fused_run.cuh (instantiated per dtype pair and family in csrc/cuda/instantiations/).
 #pragma once
 
 #include <c10/macros/Macros.h>

@@ -1,7 +1,8 @@
 // kd_linear_cuda.cu -- CUDA implementation of kdfused::kd_linear_loss: the chunk loop of
 // kd_linear_host.cpp, whose GEMMs (at::mm_out / at::addmm_out: cuBLAS) and elementwise steps run
 // on the current stream of the inputs' device, with the fused CUDA kd kernel of kd_loss_cuda.cu
-// (run_fused_kernel) on each chunk. Host code only; the kernels are compiled in kd_loss_cuda.cu.
+// (run_fused_kernel) on each chunk. Host code only; the kernels are compiled in
+// csrc/cuda/instantiations/.
 //
 // No host sync anywhere in the call, as for kd_loss on CUDA, so that the chunks' GEMMs and kernels
 // queue up behind the model's forward without a stall (and the op can be captured in a CUDA

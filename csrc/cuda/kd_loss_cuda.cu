@@ -11,8 +11,11 @@
 // Dtype pairs: kd_dtype_dispatch.h (8 native pairs; the others are converted exactly, and their
 // gradients converted back).
 //
-// Size: the host side of the CUDA op: cached kernel facts, forced plans, the launch of each
-// policy and the gradient-scaling op; the kernels themselves are in kd_kernels.cuh.
+// Size: the host side of the CUDA op (dtype dispatch, the small kernels' launches and the
+// gradient-scaling op). The fused kernels are in kd_kernels.cuh; their launch (plan choice and the
+// launch of each policy) is run_fused_kernels (kd_fused_run.cuh), instantiated in the generated
+// files of csrc/cuda/instantiations/ so that its 32 kernels compile in parallel; the host helpers
+// that do not depend on the kernels' types are in kd_fused_host.cu.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -22,236 +25,21 @@
 
 #include <algorithm>
 #include <climits>
-#include <cstdlib>
-#include <map>
-#include <mutex>
 #include <optional>
-#include <string>
 #include <string_view>
 #include <tuple>
 #include <utility>
 
-#include "../kd_cuda_plan.h"
 #include "../kd_host.h"
 #include "kd_dtype_dispatch.h"
 #include "kd_fused_cuda.h"
+#include "kd_fused_run.h"
 #include "kd_kernels.cuh"
 #include "kd_launch.h"
 
 namespace kdfused::cuda {
 
 namespace {
-
-// Grid caps: the kernels loop over rows (grid-stride), so any N works with a bounded grid.
-constexpr int64_t kMaxGridRows = int64_t(1) << 22;
-
-// Per (kernel, device): what the binary holds and what the device allows. Queried once and
-// cached, so that per-call host work is a map lookup and the launch plan -- hence the bits of the
-// result -- cannot change between calls (a driver answer that varied would otherwise change them).
-struct KernelFacts {
-  bool clusters = false;   // sm_90 device AND sm_90 code in the binary AND sm_90 PTX source
-  int64_t smem_optin = 0;  // dynamic shared memory available to one CTA
-  int num_sms = 0;
-  std::map<std::pair<int, int64_t>, bool> cluster_fits;  // (split, smem bytes) -> schedulable
-};
-
-std::mutex& facts_mutex() {
-  static std::mutex m;
-  return m;
-}
-
-// Read once per process: KDFUSED_CUDA_NO_CLUSTERS=1 takes the sm_80 policy on sm_90 too.
-bool env_no_clusters() {
-  static const bool v = [] {
-    const char* e = std::getenv("KDFUSED_CUDA_NO_CLUSTERS");
-    return e != nullptr && e[0] == '1';
-  }();
-  return v;
-}
-
-template <typename Kernel>
-KernelFacts& kernel_facts(Kernel kernel, int device, const cudaDeviceProp& prop) {
-  static std::map<std::pair<const void*, int>, KernelFacts> cache;
-  std::lock_guard<std::mutex> lock(facts_mutex());
-  auto key = std::make_pair(reinterpret_cast<const void*>(kernel), device);
-  auto it = cache.find(key);
-  if (it != cache.end()) return it->second;
-  cudaFuncAttributes attr;
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-  KernelFacts f;
-  // Clusters need an sm_90 device *and* code compiled for sm_90: binaryVersion is what runs
-  // (an sm_80-only build runs its sm_80 code on Hopper), ptxVersion what it was compiled from (a
-  // "+PTX" build of compute_80 JIT-compiled on Hopper has binaryVersion 90 but no cluster path).
-  f.clusters =
-      prop.major >= 9 && attr.binaryVersion >= 90 && attr.ptxVersion >= 90 && !env_no_clusters();
-  f.smem_optin = static_cast<int64_t>(prop.sharedMemPerBlockOptin) -
-                 static_cast<int64_t>(attr.sharedSizeBytes);
-  f.num_sms = prop.multiProcessorCount;
-  return cache.emplace(key, std::move(f)).first->second;
-}
-
-// Whether a cluster of the plan's shape can be co-scheduled (a host query, no sync), cached. A
-// 16-CTA cluster is non-portable (H100/H200 allow it, a MIG slice may not), and shared memory may
-// be carved out by another context: ask rather than fail at launch.
-template <typename Kernel>
-bool cluster_fits(Kernel kernel, KernelFacts& facts, const LaunchPlan& pl) {
-  std::lock_guard<std::mutex> lock(facts_mutex());
-  const auto key = std::make_pair(pl.split, pl.smem_bytes);
-  auto it = facts.cluster_fits.find(key);
-  if (it != facts.cluster_fits.end()) return it->second;
-  bool ok = true;
-  if (pl.split > kPortableClusterSplit &&
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) !=
-          cudaSuccess) {
-    (void)cudaGetLastError();
-    ok = false;
-  }
-  if (ok && pl.smem_bytes > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(pl.smem_bytes)));
-  }
-  if (ok) {
-    cudaLaunchConfig_t qcfg = {};
-    qcfg.gridDim = dim3(static_cast<unsigned>(pl.split), 1, 1);
-    qcfg.blockDim = dim3(kBlockThreads, 1, 1);
-    qcfg.dynamicSmemBytes = static_cast<size_t>(pl.smem_bytes);
-    cudaLaunchAttribute qattr[1];
-    qattr[0].id = cudaLaunchAttributeClusterDimension;
-    qattr[0].val.clusterDim.x = static_cast<unsigned>(pl.split);
-    qattr[0].val.clusterDim.y = 1;
-    qattr[0].val.clusterDim.z = 1;
-    qcfg.attrs = qattr;
-    qcfg.numAttrs = 1;
-    int clusters = 0;
-    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &qcfg) != cudaSuccess) {
-      (void)cudaGetLastError();  // a failed query is not sticky; clear it
-      ok = false;
-    } else {
-      ok = clusters >= 1;
-    }
-  }
-  facts.cluster_fits.emplace(key, ok);
-  return ok;
-}
-
-// The plan the user forced with set_cuda_plan (tests, self-test, benchmarks), or std::nullopt.
-std::optional<LaunchPlan> forced_plan(const PlanOverride& o, int64_t V, int vec_elems,
-                                      int64_t bytes_per_elem, bool any_grad, bool mix,
-                                      bool clusters, int64_t stage_cap) {
-  if (o.kind == PlanOverride::Kind::Auto) return std::nullopt;
-  LaunchPlan pl;
-  if (o.kind == PlanOverride::Kind::Warp) return pl;  // kind Warp, defaults
-  pl.kind = Kind::Block;
-  pl.split = o.kind == PlanOverride::Kind::Block ? 1 : o.split;
-  pl.cluster = o.kind == PlanOverride::Kind::Cluster;
-  pl.two_phase = o.kind == PlanOverride::Kind::TwoPhase;
-  TORCH_CHECK(!pl.cluster || clusters, "kdfused: CUDA plan 'cluster:", o.split,
-              "' needs an sm_90 GPU and sm_90 code");
-  TORCH_CHECK(!(pl.two_phase && mix),
-              "kdfused: CUDA plan 'two_phase' does not support the jsd / tvd divergences");
-  pl.slice_vecs = (V / vec_elems + pl.split - 1) / pl.split;
-  const int64_t slice_bytes = pl.slice_vecs * vec_elems * bytes_per_elem;
-  pl.stage = (any_grad || mix) && !pl.two_phase && slice_bytes <= stage_cap;
-  pl.smem_bytes = pl.stage ? slice_bytes : 0;
-  return pl;
-}
-
-std::string describe(const LaunchPlan& pl) {
-  if (pl.kind == Kind::Warp) return "warp";
-  std::string d = "block split=" + std::to_string(pl.split);
-  if (pl.cluster) d += " cluster";
-  if (pl.two_phase) d += " two_phase";
-  if (pl.stage) d += " stage";
-  return d;
-}
-
-template <typename S, typename T, typename A, DivFamily F>
-void run_fused_kernels(const KDParams& p, KernelArgs<A> a) {
-  constexpr int W = vec_elems<S, T>();
-  const int device = at::cuda::current_device();
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const RowConfig<A>& cfg = a.cfg;
-  const bool any_grad = cfg.want_gs || cfg.want_gt;
-
-  auto block_kernel = &kd_block_kernel<S, T, A, F>;
-  KernelFacts& facts = kernel_facts(block_kernel, device, *prop);
-  auto plan_for = [&](int max_cluster) {
-    return choose_plan(p.n_rows, p.vocab, sizeof(S), sizeof(T), W, cfg.soft, any_grad, cfg.mix,
-                       facts.num_sms, max_cluster, facts.smem_optin);
-  };
-  const int64_t stage_cap = std::min<int64_t>(facts.smem_optin, kMaxStageBytes);
-  const int64_t bytes_per_elem = sizeof(S) + (cfg.soft ? sizeof(T) : 0);
-  LaunchPlan plan;
-  if (auto f = forced_plan(cuda_plan_override(), p.vocab, W, bytes_per_elem, any_grad, cfg.mix,
-                           facts.clusters, stage_cap)) {
-    plan = *f;
-    TORCH_CHECK(!plan.cluster || cluster_fits(block_kernel, facts, plan), "kdfused: CUDA plan '",
-                cuda_plan_spec(), "' cannot be scheduled on this GPU");
-  } else {
-    plan = plan_for(facts.clusters ? kMaxClusterSplit : 0);
-    if (plan.cluster && !cluster_fits(block_kernel, facts, plan))
-      plan = plan_for(kPortableClusterSplit);
-    if (plan.cluster && !cluster_fits(block_kernel, facts, plan)) plan = plan_for(0);
-  }
-  set_last_cuda_plan(describe(plan));
-
-  if (plan.kind == Kind::Warp) {
-    const int64_t blocks =
-        std::min<int64_t>((p.n_rows + kWarpsPerBlock - 1) / kWarpsPerBlock, kMaxGridRows);
-    kd_warp_kernel<S, T, A, F>
-        <<<static_cast<unsigned>(blocks), kWarpBlockThreads, 0, stream>>>(p, a);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return;
-  }
-
-  a.split = plan.split;
-  a.chunk = plan.slice_vecs;
-  a.stage = plan.stage;
-  a.cluster = plan.cluster;
-  const int64_t rows = std::min<int64_t>(p.n_rows, kMaxGridRows);
-  const unsigned grid = static_cast<unsigned>(rows * plan.split);
-  const size_t smem = static_cast<size_t>(plan.smem_bytes);
-  if (smem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(block_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem)));
-  }
-
-  if (plan.two_phase) {
-    // Partial states of every (row, slice); phase 2 merges a row's states in rank order.
-    at::Tensor ws = at::empty({p.n_rows * plan.split * static_cast<int64_t>(sizeof(RowState<A>))},
-                              at::TensorOptions().device(at::kCUDA, device).dtype(at::kByte));
-    a.workspace = reinterpret_cast<RowState<A>*>(ws.data_ptr());
-    a.mode = Mode::Phase1;
-    block_kernel<<<grid, kBlockThreads, smem, stream>>>(p, a);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    a.mode = Mode::Phase2;
-    block_kernel<<<grid, kBlockThreads, smem, stream>>>(p, a);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return;  // ws is freed on the host now; the caching allocator keeps it for this stream
-  }
-
-  if (plan.cluster) {
-    cudaLaunchConfig_t lcfg = {};
-    lcfg.gridDim = dim3(grid, 1, 1);
-    lcfg.blockDim = dim3(kBlockThreads, 1, 1);
-    lcfg.dynamicSmemBytes = smem;
-    lcfg.stream = stream;
-    cudaLaunchAttribute attrs[1];
-    attrs[0].id = cudaLaunchAttributeClusterDimension;
-    attrs[0].val.clusterDim.x = static_cast<unsigned>(plan.split);
-    attrs[0].val.clusterDim.y = 1;
-    attrs[0].val.clusterDim.z = 1;
-    lcfg.attrs = attrs;
-    lcfg.numAttrs = 1;
-    C10_CUDA_CHECK(cudaLaunchKernelEx(&lcfg, block_kernel, p, a));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return;
-  }
-
-  block_kernel<<<grid, kBlockThreads, smem, stream>>>(p, a);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
 
 template <typename S, typename T, typename A>
 void run_fused(const KDParams& p, const A* grad_scale_dev, double grad_scale_host) {

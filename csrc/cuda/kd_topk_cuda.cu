@@ -37,6 +37,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <mutex>
+#include <set>
 #include <string_view>
 #include <type_traits>
 
@@ -60,6 +62,8 @@ constexpr int kThreads = 256;  // threads per CTA (both variants)
 constexpr int kWarp = 32;
 constexpr int64_t kWarpMaxV = 1024;             // warp per row up to here
 constexpr int64_t kBitmapMaxV = 48 * 1024 * 8;  // 48 KiB of shared memory: the duplicate check
+constexpr int kBitmapMaxBytes = static_cast<int>(kBitmapMaxV / 8);
+constexpr int kDefaultSmemBytes = 48 * 1024;    // static + dynamic shared memory without an opt-in
 constexpr int64_t kMaxGrid = int64_t(1) << 20;  // grid-stride loop over rows beyond this
 constexpr int kSmallThreads = 256;              // count and reduce kernels
 
@@ -319,6 +323,28 @@ __global__ void __launch_bounds__(kSmallThreads)
   }
 }
 
+// Why: a kernel may use more than 48 KiB of shared memory, static plus dynamic, only after its
+// cudaFuncAttributeMaxDynamicSharedMemorySize was raised; otherwise the launch fails ("invalid
+// argument"). The CTA variant's bitmap alone is up to 48 KiB (V <= kBitmapMaxV), on top of the
+// kernel's static shared memory (the reductions' scratch), so V just below kBitmapMaxV needs the
+// opt-in. It is set once per (kernel, device), to the largest bitmap, and only when static + that
+// bitmap exceeds the default (every sm_80+ GPU allows far more per CTA).
+template <typename S, typename A>
+void allow_cta_bitmap(int device) {
+  static std::mutex m;
+  static std::set<int> done;  // devices, for this kernel (one per template instantiation)
+  const std::lock_guard<std::mutex> lock(m);
+  if (done.count(device) != 0) return;
+  const void* kernel = reinterpret_cast<const void*>(&topk_kernel<S, A, kThreads>);
+  cudaFuncAttributes attr;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  if (static_cast<int64_t>(attr.sharedSizeBytes) + kBitmapMaxBytes > kDefaultSmemBytes) {
+    C10_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBitmapMaxBytes));
+  }
+  done.insert(device);
+}
+
 template <typename S, typename A>
 void launch(const TopKParams& p, const A* scale_dev, A scale_host, cudaStream_t stream) {
   if (p.vocab <= kWarpMaxV) {
@@ -331,6 +357,7 @@ void launch(const TopKParams& p, const A* scale_dev, A scale_host, cudaStream_t 
   }
   const bool bitmap = p.soft_weight > 0 && p.k > 1 && p.vocab <= kBitmapMaxV;
   const size_t smem = bitmap ? static_cast<size_t>((p.vocab + 31) / 32) * sizeof(unsigned) : 0;
+  if (bitmap) allow_cta_bitmap<S, A>(at::cuda::current_device());
   const int64_t blocks = std::min<int64_t>(p.n_rows, kMaxGrid);
   topk_kernel<S, A, kThreads>
       <<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p, scale_dev, scale_host);
