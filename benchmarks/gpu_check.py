@@ -129,36 +129,16 @@ def result_line(report: str, log: str) -> str:
 
 
 def run_step(step: Step, box: int, work: str, mode: str, env: dict) -> None:
+    import gpu_steps
+
     report = os.path.join(work, f"{step.name}.txt")
     log = os.path.join(work, f"{step.name}.log")
     cmd = [PY, STEP_SCRIPT, step.name, report]
     cmd += ["--budget", str(max(5, box - GRACE_S))]
     if mode == "rehearsal":
         cmd.append("--rehearse")
-    t0 = time.monotonic()
-    killed = False
-    with open(log, "w") as f:
-        p = subprocess.Popen(
-            cmd,
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            cwd=ROOT,
-            env=env,
-            start_new_session=True,
-        )
-        try:
-            rc = p.wait(timeout=box)
-        except subprocess.TimeoutExpired:
-            killed = True
-            os.killpg(p.pid, signal.SIGTERM)
-            try:
-                p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-            rc = None
-    step.seconds = time.monotonic() - t0
+    rc, step.seconds = gpu_steps.run(cmd, log, box, env=env)  # killed at the end of the box
+    killed = rc == "timeout"
     step.status = verdict(rc, killed)
     step.detail = result_line(report, log)
     if killed:
