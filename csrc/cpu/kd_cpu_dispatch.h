@@ -6,6 +6,7 @@
 // or set_isa() can force a narrower one (tests run every compiled path).
 #pragma once
 
+#include <cstddef>
 #include <string>
 #include <vector>
 
@@ -31,6 +32,12 @@ ExpFn exp_avx512();
 ExpFn exp_scalar();
 // Runs the exponential of instruction set `isa` (a name as set_isa takes, "auto" included).
 void run_exp(const std::string& isa, const float* x, float* y, int64_t n);
+
+// Raises the out-of-memory error of a kernel's scratch buffer. Defined in a portable object
+// (kd_loss_cpu.cpp): a TORCH_CHECK message built in a per-ISA object would instantiate c10's
+// string helpers there, under the same symbol in every ISA's object, and the linker keeps one copy
+// for every caller (possibly the AVX-512 one).
+[[noreturn]] void throw_scratch_oom(size_t bytes);
 
 // Runs the widest available kernel (or the one forced) on p.
 void run_forward(const KDParams& p);

@@ -220,7 +220,7 @@ class ScratchLease {
   static void* allocate(size_t bytes) {
     void* p = nullptr;
     if (posix_memalign(&p, 64, bytes) != 0 || p == nullptr)
-      TORCH_CHECK(false, "kdfused: out of memory allocating ", bytes, " bytes of scratch");
+      throw_scratch_oom(bytes);  // (the message is built in a portable object)
     return p;
   }
   ThreadScratch* held_ = nullptr;

@@ -97,6 +97,10 @@ std::atomic<int>& selected() {
 
 }  // namespace
 
+void throw_scratch_oom(size_t bytes) {
+  TORCH_CHECK(false, "kdfused: out of memory allocating ", bytes, " bytes of scratch");
+}
+
 void run_forward(const KDParams& p) {
   entry(static_cast<Isa>(selected().load()))(p);
 }

@@ -107,13 +107,36 @@ struct Entry {
   double weight;  // e_j (unnormalised teacher weight), in double to hold either accumulation type
 };
 
+// A zeroed array of n elements (resize drops the contents). Why not std::vector<float>: its
+// out-of-line members are emitted under the same symbol in every instruction set's object, and the
+// linker keeps one copy for all of them, possibly one compiled for AVX-512. This class lives in the
+// instruction set's own namespace, so each object keeps its own.
+template <typename T>
+class Buf {
+ public:
+  Buf() = default;
+  Buf(const Buf&) = delete;
+  Buf& operator=(const Buf&) = delete;
+  ~Buf() { delete[] p_; }
+  void resize(size_t n) {
+    delete[] p_;
+    p_ = nullptr;
+    p_ = new T[n]();
+  }
+  T* data() { return p_; }
+  T& operator[](size_t i) { return p_[i]; }
+
+ private:
+  T* p_ = nullptr;
+};
+
 template <typename A>
 struct Scratch {
   int64_t n_chunks;
-  std::vector<A> s;             // one chunk of the student converted (when S != A)
-  std::vector<A> ea, eh;        // the row's exponentials (when not kept in the output)
-  std::vector<A> g;             // one chunk of gradient before conversion (when S != A)
-  std::vector<A> cm, cza, czh;  // each chunk's maximum and sums
+  Buf<A> s;             // one chunk of the student converted (when S != A)
+  Buf<A> ea, eh;        // the row's exponentials (when not kept in the output)
+  Buf<A> g;             // one chunk of gradient before conversion (when S != A)
+  Buf<A> cm, cza, czh;  // each chunk's maximum and sums
   std::vector<Entry> entries;   // the row's teacher entries, sorted by index
 
   Scratch(int64_t V, int64_t k, bool convert, bool keep_a, bool keep_h) {
