@@ -133,11 +133,11 @@ class Buf {
 template <typename A>
 struct Scratch {
   int64_t n_chunks;
-  Buf<A> s;             // one chunk of the student converted (when S != A)
-  Buf<A> ea, eh;        // the row's exponentials (when not kept in the output)
-  Buf<A> g;             // one chunk of gradient before conversion (when S != A)
-  Buf<A> cm, cza, czh;  // each chunk's maximum and sums
-  std::vector<Entry> entries;   // the row's teacher entries, sorted by index
+  Buf<A> s;                    // one chunk of the student converted (when S != A)
+  Buf<A> ea, eh;               // the row's exponentials (when not kept in the output)
+  Buf<A> g;                    // one chunk of gradient before conversion (when S != A)
+  Buf<A> cm, cza, czh;         // each chunk's maximum and sums
+  std::vector<Entry> entries;  // the row's teacher entries, sorted by index
 
   Scratch(int64_t V, int64_t k, bool convert, bool keep_a, bool keep_h) {
     constexpr int64_t W = Vectorized<A>::size();
