@@ -59,9 +59,13 @@ def compare(pairs, rtol: float, atol: float) -> tuple[bool, str]:
             return False, f"{name}: missing ({got is None}, {want is None})"
         bitwise = bitwise and torch.equal(got, want)
         g, w = got.double(), want.double()
-        if not torch.isfinite(g).all():
+        if not (torch.isfinite(g).all() and torch.isfinite(w).all()):
             return False, f"{name}: non-finite values"
-        err = ((g - w).abs() / (atol + rtol * w.abs())).max().item() if g.numel() else 0.0
+        diff = (g - w).abs()
+        # equal elements count 0 (not 0/0 = NaN, which max() would spread and `>` then ignore:
+        # a zero-tolerance comparison must fail on any difference)
+        ratio = torch.where(diff == 0, torch.zeros_like(diff), diff / (atol + rtol * w.abs()))
+        err = ratio.max().item() if g.numel() else 0.0
         if err > worst:
             worst, where = err, name
     if bitwise:

@@ -173,3 +173,15 @@ def test_curated_tests_exist():
     for _, files in steps.CUDA_TESTS:
         for f in files:
             assert os.path.isfile(os.path.join(ROOT, f)), f
+
+
+def test_runtime_compare_zero_tolerance_fails_on_any_difference():
+    import torch
+
+    runtime = _load("gpu_runtime")
+    a = torch.tensor([1.0, 2.0, 3.0])
+    b = torch.tensor([1.0, 2.0000002, 3.0])
+    assert runtime.compare([("x", a, b)], 0.0, 0.0)[0] is False
+    assert runtime.compare([("x", a, a.clone())], 0.0, 0.0) == (True, "bitwise equal")
+    assert runtime.compare([("x", a, b)], 1e-5, 1e-7)[0] is True
+    assert runtime.compare([("x", a, a * float("nan"))], 1.0, 1.0)[0] is False
