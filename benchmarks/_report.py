@@ -10,6 +10,9 @@ import platform
 import subprocess
 import sys
 
+from _procinfo import cpu_model
+from _procinfo import loadavg as loadavgs
+
 from _sizes import ELEMENT_SIZE
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -43,21 +46,9 @@ def git_commit() -> str:
 
 
 def loadavg() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except (OSError, AttributeError):
-        return None
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    """The 1-minute load average, or None."""
+    avgs = loadavgs()
+    return avgs[0] if avgs else None
 
 
 def derive(records: list[dict], copy_gbps: float | None) -> None:

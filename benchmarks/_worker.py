@@ -21,7 +21,6 @@ produce, so its floor is ``N * V * element size``.
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import json
 import math
@@ -32,6 +31,7 @@ import time
 import traceback
 
 import torch
+from _procinfo import meminfo_kib, peak_rss_mib, reset_hwm, status_kib
 
 import _providers as P
 
@@ -40,61 +40,22 @@ MIB = float(1 << 20)
 
 
 # --------------------------------------------------------------------------- CPU memory helpers
-def _proc_status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_hwm() -> bool:
-    """Reset the resident-set high-water mark (Linux >= 4.0); False if not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _malloc_trim() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def cpu_memory_method() -> str:
-    ok = _proc_status_kib("VmHWM") is not None and _reset_hwm()
+    ok = status_kib("VmHWM") is not None and reset_hwm()
     return "rss" if ok else "unavailable"
 
 
 def limit_cpu_memory(fraction: float = 0.9) -> None:
     """Cap this process's address space so that running out of memory raises a clean
     allocation error (reported as "oom") instead of waking the kernel's OOM killer."""
-    avail = _meminfo_kib("MemAvailable")
-    size = _proc_status_kib("VmSize")
+    avail = meminfo_kib("MemAvailable")
+    size = status_kib("VmSize")
     if avail is None or size is None:
         return
     cap = (size + int(avail * fraction)) * 1024 + (2 << 30)  # + 2 GiB for thread stacks etc.
     _, hard = resource.getrlimit(resource.RLIMIT_AS)
     if hard == resource.RLIM_INFINITY or cap < hard:
         resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
-
-
-def _meminfo_kib(field: str) -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
 
 
 # --------------------------------------------------------------------------- timing
@@ -157,20 +118,7 @@ def peak_extra_mib(call, before, device: str) -> float | None:
         call()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / MIB
-    _malloc_trim()
-    # kdfused keeps freed CPU gradient buffers for reuse (like torch.cuda's caching allocator,
-    # emptied above for CUDA): give them back, so the measured call counts its gradient.
-    try:
-        import kdfused
-
-        kdfused.empty_cache()
-    except ImportError:  # kdfused's extension not built: it holds no buffers
-        pass
-    base = _proc_status_kib("VmRSS")
-    if base is None or not _reset_hwm():
-        return None
-    call()
-    return (_proc_status_kib("VmHWM") - base) * 1024 / MIB
+    return peak_rss_mib(call)
 
 
 # --------------------------------------------------------------------------- measurements

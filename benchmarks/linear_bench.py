@@ -31,32 +31,16 @@ import subprocess
 import sys
 import time
 
+from _procinfo import reset_hwm, status_kib
+
 PROVIDERS = ["kdfused-linear", "kdfused", "eager", "compile", "chunked-eager"]
 T, SOFT, HARD = 2.0, 0.5, 0.5
 CHUNKED_EAGER_ROWS = 512  # rows per chunk of the torchtune-style loss
 
 
-def _status_mib(key: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024.0  # kB
-    raise KeyError(key)
-
-
-def _reset_peak() -> bool:
-    """Linux: writing 5 to clear_refs resets the peak RSS (VmHWM) to the current RSS."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _peak_mib(reset: bool) -> float:
     if reset:
-        return _status_mib("VmHWM")
+        return status_kib("VmHWM") / 1024.0
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
@@ -144,12 +128,12 @@ def worker(provider, N, H, V, dtype_name, repeats):
     # Peak above the inputs: RSS once the inputs exist is the base; the peak is taken over the
     # measured runs (after a warm-up run, which also compiles for "compile"). What the warm-up
     # leaves behind (kdfused's gradient cache, the compiled code) counts.
-    base = _status_mib("VmRSS")
+    base = status_kib("VmRSS") / 1024.0
     times, loss, reset = [], None, False
     for i in range(repeats + 1):  # the first run warms up (allocator, oneDNN primitives)
         sh.grad = sw.grad = None
         if i == 1:
-            reset = _reset_peak()
+            reset = reset_hwm()
         t0 = time.perf_counter()
         loss = fn()
         loss.backward()

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import ctypes
 import gc
 import json
 import os
@@ -33,6 +32,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from _procinfo import peak_rss_mib
 
 import kdfused
 
@@ -58,46 +58,10 @@ def kdfused_full_loss(s, t):
 # ---- CPU peak memory --------------------------------------------------------------------------
 
 
-def _status_kib(field):
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_hwm():
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _malloc_trim():
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-
-
 def peak_mib(call):
     """RSS high-water mark of one call above the resident set before it."""
-    gc.collect()
-    kdfused.empty_cache()
-    _malloc_trim()
-    if not _reset_hwm():
-        return None
-    before = _status_kib("VmRSS")
-    call()
-    hwm = _status_kib("VmHWM")
-    if before is None or hwm is None:
-        return None
-    return max(0.0, (hwm - before) / 1024.0)
+    mib = peak_rss_mib(call)
+    return None if mib is None else max(0.0, mib)
 
 
 # ---- timing ------------------------------------------------------------------------------------

@@ -21,32 +21,9 @@ import resource
 import subprocess
 import sys
 
+from _procinfo import reset_hwm, status_kib
+
 PROVIDERS = ("kdfused", "eager", "compile")
-
-
-def _rss_kib() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
-
-def _hwm_kib() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    return 0
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def child(provider: str, N: int, V: int, d: int, steps: int, warmup: int) -> dict:
@@ -92,16 +69,16 @@ def child(provider: str, N: int, V: int, d: int, steps: int, warmup: int) -> dic
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss))
 
-    base = _rss_kib()
+    base = status_kib("VmRSS")
     for _ in range(warmup):
         step()
-    reset = _reset_hwm()
+    reset = reset_hwm()
     for _ in range(steps):
         step()
     return {
         "provider": provider,
         "run_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024,
-        "steady_mib": (_hwm_kib() - base) / 1024 if reset else float("nan"),
+        "steady_mib": (status_kib("VmHWM") - base) / 1024 if reset else float("nan"),
         "loss": losses[-1],
     }
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import gc
 import glob
 import json
@@ -47,6 +46,10 @@ import torch
 import torch.nn.functional as F
 
 import kdfused
+
+# the process measurements the benchmarks use (peak resident memory, CPU time, machine)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+from _procinfo import PeakRSS, cpu_model, cpu_seconds, loadavg  # noqa: E402
 
 WAYS = ("hard", "kd_loss", "linear")
 MIB = float(1 << 20)
@@ -277,82 +280,6 @@ LOSSES = {"hard": loss_hard, "kd_loss": loss_kd, "linear": loss_linear}
 
 
 # --------------------------------------------------------------------------- measuring
-def _status_kib(field: str):
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _malloc_trim() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-class PeakMemory:
-    """Peak resident memory of a block above the resident set just before it (Linux), in MiB.
-
-    Before the block: garbage collection, ``malloc_trim`` (freed heap pages go back to the
-    system) and ``kdfused.empty_cache()`` (so that a reused gradient buffer is counted too), then
-    the high-water mark VmHWM is reset through /proc/self/clear_refs. The result is VmHWM after
-    the block minus VmRSS before it: everything the block touched that was not resident before.
-    """
-
-    def __enter__(self):
-        gc.collect()
-        _malloc_trim()
-        kdfused.empty_cache()
-        self.base = _status_kib("VmRSS")
-        self.ok = self.base is not None and _reset_hwm()
-        self.mib = None
-        return self
-
-    def __exit__(self, *exc):
-        if self.ok:
-            self.mib = (_status_kib("VmHWM") - self.base) / 1024.0
-
-
-def loadavg():
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def _cpu_seconds() -> float:
-    """CPU time of this process so far (user + system, all threads)."""
-    import resource
-
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 # --------------------------------------------------------------------------- training
 def schedule(opt, steps: int):
     """Linear warm-up over 10% of the steps, then cosine decay to 10% of the learning rate."""
@@ -394,7 +321,7 @@ def held_out_ce(model, windows: torch.Tensor, chunk: int = 16) -> float:
 
 def train_step(model, opt, sched, fn, teacher, ids, cfg) -> tuple[float, float, float]:
     """One optimizer step; (loss, seconds, peak MiB above the resident set before it)."""
-    with PeakMemory() as mem:
+    with PeakRSS() as mem:
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss = fn(model, teacher, ids, cfg)
@@ -407,7 +334,7 @@ def train_step(model, opt, sched, fn, teacher, ids, cfg) -> tuple[float, float, 
 
 def _freeze() -> None:
     """Move every object alive now (modules, models) out of the collector's reach, so that the
-    collection before each measured step (PeakMemory) takes microseconds, not a second."""
+    collection before each measured step (PeakRSS) takes microseconds, not a second."""
     gc.collect()
     gc.freeze()
 
@@ -429,7 +356,7 @@ def median(xs):
 # --------------------------------------------------------------------------- the experiment
 def run(cfg: Config, teacher_name=None, student_name=None, verbose=True) -> dict:
     t_all = time.perf_counter()
-    cpu0 = _cpu_seconds()
+    cpu0 = cpu_seconds()
     load_start = loadavg()
     say = print if verbose else (lambda *a, **k: None)
 
@@ -611,7 +538,7 @@ def run(cfg: Config, teacher_name=None, student_name=None, verbose=True) -> dict
             "load_average_end": loadavg(),
         },
         "wall_seconds": round(wall, 1),
-        "cpu_seconds": round(_cpu_seconds() - cpu0, 1),
+        "cpu_seconds": round(cpu_seconds() - cpu0, 1),
     }
 
 
