@@ -127,16 +127,11 @@ def reference_loss(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor, rows: int 
     return total / n
 
 
-def _kdfused(device: str) -> LossFn:
-    try:
-        import kdfused
-    except Exception as exc:  # noqa: BLE001 - any import failure means "not built"
-        raise Unavailable(f"import kdfused failed: {exc}") from exc
-    if not hasattr(kdfused, "kd_loss"):
-        raise Unavailable("kdfused.kd_loss not found (extension not built/installed?)")
+def _configured(kd_loss) -> LossFn:
+    """``kd_loss`` (kdfused's or the reference's) with this run's loss options."""
 
     def fn(s, t, y):
-        return kdfused.kd_loss(
+        return kd_loss(
             s,
             t,
             y,
@@ -148,6 +143,17 @@ def _kdfused(device: str) -> LossFn:
         )
 
     return fn
+
+
+def _kdfused(device: str) -> LossFn:
+    try:
+        import kdfused
+    except Exception as exc:  # noqa: BLE001 - any import failure means "not built"
+        raise Unavailable(f"import kdfused failed: {exc}") from exc
+    if not hasattr(kdfused, "kd_loss"):
+        raise Unavailable("kdfused.kd_loss not found (extension not built/installed?)")
+
+    return _configured(kdfused.kd_loss)
 
 
 def _eager(device: str) -> LossFn:
@@ -194,19 +200,7 @@ def _liger(device: str, which: str) -> LossFn:
 def _reference(device: str) -> LossFn:
     ref = load_reference()
 
-    def fn(s, t, y):
-        return ref.kd_loss(
-            s,
-            t,
-            y,
-            temperature=TEMPERATURE,
-            soft_weight=SOFT_WEIGHT,
-            hard_weight=HARD_WEIGHT,
-            divergence=DIVERGENCE,
-            beta=BETA,
-        )
-
-    return fn
+    return _configured(ref.kd_loss)
 
 
 _FACTORIES = {

@@ -12,7 +12,6 @@ import sys
 
 from _procinfo import cpu_model
 from _procinfo import loadavg as loadavgs
-
 from _sizes import ELEMENT_SIZE
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -31,9 +31,9 @@ import time
 import traceback
 
 import torch
-from _procinfo import meminfo_kib, peak_rss_mib, reset_hwm, status_kib
 
 import _providers as P
+from _procinfo import meminfo_kib, peak_rss_mib, reset_hwm, status_kib
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MIB = float(1 << 20)

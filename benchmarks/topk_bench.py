@@ -32,9 +32,10 @@ import time
 
 import torch
 import torch.nn.functional as F
-from _procinfo import peak_rss_mib
 
 import kdfused
+
+from _procinfo import peak_rss_mib
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 T = 2.0

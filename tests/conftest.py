@@ -142,3 +142,16 @@ def gen(seed) -> torch.Generator:
     g = torch.Generator()
     g.manual_seed(seed)
     return g
+
+
+@pytest.fixture
+def isa(request):
+    """The CPU instruction set ``request.param`` forced for the test (indirect parametrisation:
+    ``@pytest.mark.parametrize("isa", ISAS, indirect=True)``), restored afterwards."""
+    import kdfused
+    from kdfused import _C
+
+    before = kdfused.build_info()["cpu_isa"]
+    _C.set_cpu_isa(request.param)
+    yield request.param
+    _C.set_cpu_isa(before)

@@ -394,6 +394,25 @@ def assert_matches(
         )
 
 
+def assert_grad(got, ref, side, like, *, acc=None, rows=None, err=None, what="", **kw):
+    """One gradient against the oracle: ``side`` "student" or "teacher" picks ``ref.grad_s`` or
+    ``ref.grad_t`` (and its error bound, unless ``err`` is given); ``got`` must exist with the
+    dtype and shape of its input ``like``; ``rows`` restricts the comparison to those rows. Other
+    keywords go to ``assert_matches`` (ctx, slack, roundings)."""
+    exp, exp_err = (
+        (ref.grad_s, ref.grad_s_err) if side == "student" else (ref.grad_t, ref.grad_t_err)
+    )
+    err = exp_err if err is None else err
+    label = f"grad_{side} {what}".rstrip()
+    assert got is not None and got.dtype == like.dtype and got.shape == like.shape, (
+        f"{label}: {None if got is None else (got.dtype, tuple(got.shape))}{kw.get('ctx', '')}"
+    )
+    if rows is not None:
+        got, exp, err = got[rows], exp[rows.cpu()], err[rows.cpu()]
+    acc = acc_dtype(like.dtype) if acc is None else acc
+    assert_matches(got, exp, err, out_dtype=like.dtype, V=like.shape[-1], acc=acc, what=label, **kw)
+
+
 def max_ratio(got, expected, err, *, out_dtype, V, acc) -> float:
     """The worst |diff| / tol (for calibration and reporting)."""
     got64 = got.detach().to("cpu", F64)
@@ -427,6 +446,14 @@ def make_labels(lead, V, device, gen, ignore_frac=0.25, ignore_index=-100, dtype
         drop = torch.rand(tuple(lead), generator=gen) < ignore_frac
         y = torch.where(drop, torch.full_like(y, ignore_index), y)
     return y.to(dtype).to(device)
+
+
+def random_mask(N, V, gen, frac, device):
+    """A random mask (True = masked) with at least one unmasked entry per row."""
+    m = torch.rand((N, V), generator=gen) < frac
+    keep = torch.randint(0, V, (N,), generator=gen)
+    m[torch.arange(N), keep] = False
+    return m.to(device)
 
 
 def loss_dtype_for(sd: torch.dtype, td: torch.dtype) -> torch.dtype:
@@ -487,39 +514,12 @@ def check_against_oracle(
         loss, ref.loss, ref.loss_err, out_dtype=ldt, V=V, acc=acc, what="loss", ctx=ctx, slack=slack
     )
     if check_grads:
-        assert gs is not None and gs.dtype == s.dtype and gs.shape == s.shape, (
-            f"grad_student {None if gs is None else (gs.dtype, tuple(gs.shape))}{ctx}"
-        )
-        assert_matches(
-            gs,
-            ref.grad_s,
-            ref.grad_s_err,
-            out_dtype=s.dtype,
-            V=V,
-            acc=acc,
-            what="grad_student",
-            ctx=ctx,
-            slack=slack,
-            roundings=rr,
-        )
+        common = dict(acc=acc, ctx=ctx, slack=slack, roundings=rr)
+        assert_grad(gs, ref, "student", s, **common)
         if grad_teacher and gt is None and (ref.grad_t == 0).all():
             pass  # a teacher gradient that is identically 0 (soft_weight == 0) may be None
         elif grad_teacher:
-            assert gt is not None and gt.dtype == t.dtype and gt.shape == t.shape, (
-                f"grad_teacher {None if gt is None else (gt.dtype, tuple(gt.shape))}{ctx}"
-            )
-            assert_matches(
-                gt,
-                ref.grad_t,
-                ref.grad_t_err,
-                out_dtype=t.dtype,
-                V=V,
-                acc=acc,
-                what="grad_teacher",
-                ctx=ctx,
-                slack=slack,
-                roundings=rr,
-            )
+            assert_grad(gt, ref, "teacher", t, **common)
         else:
             assert gt is None
     return loss, gs, gt, ref

@@ -13,6 +13,7 @@ import torch
 
 from oracle import (
     acc_dtype,
+    assert_grad,
     assert_matches,
     check_against_oracle,
     loss_dtype_for,
@@ -37,32 +38,10 @@ KW = dict(temperature=2.5, soft_weight=0.7, hard_weight=0.3)
 def _cmp_grads(got_s, got_t, ref, s, t, seed, what="", teacher=True, roundings=2):
     """Compares the student gradient and, when `teacher`, the teacher gradient with the oracle
     (by default allowing two roundings to the gradient dtype: see oracle.assert_matches)."""
-    V, acc = s.shape[-1], acc_dtype(s.dtype, t.dtype)
-    assert got_s is not None and got_s.dtype == s.dtype, (what, got_s)
-    assert_matches(
-        got_s,
-        ref.grad_s,
-        ref.grad_s_err,
-        out_dtype=s.dtype,
-        V=V,
-        acc=acc,
-        what=f"grad_student {what}",
-        ctx=_ctx(seed),
-        roundings=roundings,
-    )
+    kw = dict(acc=acc_dtype(s.dtype, t.dtype), what=what, ctx=_ctx(seed), roundings=roundings)
+    assert_grad(got_s, ref, "student", s, **kw)
     if teacher:
-        assert got_t is not None and got_t.dtype == t.dtype, (what, got_t)
-        assert_matches(
-            got_t,
-            ref.grad_t,
-            ref.grad_t_err,
-            out_dtype=t.dtype,
-            V=V,
-            acc=acc,
-            what=f"grad_teacher {what}",
-            ctx=_ctx(seed),
-            roundings=roundings,
-        )
+        assert_grad(got_t, ref, "teacher", t, **kw)
 
 
 @pytest.mark.parametrize("dtype", DT)
@@ -138,7 +117,6 @@ def test_retain_graph_repeated_backward(kd_loss, device, gen, seed, reduction, g
             torch.tensor(1.0),
         ]
     total = total_abs = None
-    V = s.shape[-1]
     for k, go in enumerate(gos):
         if go is None:
             (loss if loss.dim() == 0 else loss.sum()).backward(retain_graph=True)
@@ -152,26 +130,13 @@ def test_retain_graph_repeated_backward(kd_loss, device, gen, seed, reduction, g
         # error budget: every backward's contribution (sum_k |c_k| g), rounded once per step
         bud = oracle(s, t, labels, grad_output=total_abs, **kw)
         what = f"after backward #{k + 1} (grad_outputs so far: {gos[: k + 1]})"
-        assert_matches(
-            s_.grad,
-            ref.grad_s,
-            bud.grad_s_err + (k + 1) * bud.grad_s.abs(),
-            out_dtype=s.dtype,
-            V=V,
-            acc=torch.float32,
-            what=f"grad_student {what}",
-            ctx=_ctx(seed),
+        cmp = dict(acc=torch.float32, what=what, ctx=_ctx(seed))
+        assert_grad(
+            s_.grad, ref, "student", s, err=bud.grad_s_err + (k + 1) * bud.grad_s.abs(), **cmp
         )
         if grad_teacher:
-            assert_matches(
-                t_.grad,
-                ref.grad_t,
-                bud.grad_t_err + (k + 1) * bud.grad_t.abs(),
-                out_dtype=t.dtype,
-                V=V,
-                acc=torch.float32,
-                what=f"grad_teacher {what}",
-                ctx=_ctx(seed),
+            assert_grad(
+                t_.grad, ref, "teacher", t, err=bud.grad_t_err + (k + 1) * bud.grad_t.abs(), **cmp
             )
         else:
             assert t_.grad is None
@@ -243,17 +208,7 @@ def test_teacher_only_requires_grad(kd_loss, device, gen, seed, dtype):
     assert loss.requires_grad
     loss.backward()
     ref = oracle(s, t, labels, **KW)
-    assert t_.grad is not None and t_.grad.dtype == dtype
-    assert_matches(
-        t_.grad,
-        ref.grad_t,
-        ref.grad_t_err,
-        out_dtype=dtype,
-        V=s.shape[-1],
-        acc=acc_dtype(dtype),
-        what="grad_teacher",
-        ctx=_ctx(seed),
-    )
+    assert_grad(t_.grad, ref, "teacher", t, ctx=_ctx(seed))
 
 
 @pytest.mark.parametrize("dtype", DT)

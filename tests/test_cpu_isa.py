@@ -23,16 +23,6 @@ def _compiled_isas() -> list:
 ISAS = _compiled_isas()
 
 
-@pytest.fixture
-def isa(request):
-    from kdfused import _C
-
-    before = kdfused.build_info()["cpu_isa"]
-    _C.set_cpu_isa(request.param)
-    yield request.param
-    _C.set_cpu_isa(before)
-
-
 def _case(dtype, V, seed, divergence):
     g = torch.Generator().manual_seed(seed)
     N = 9

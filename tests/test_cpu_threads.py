@@ -14,14 +14,6 @@ from kdfused import _C
 ISAS = kdfused.build_info()["cpu_isa_compiled"]
 
 
-@pytest.fixture
-def isa(request):
-    before = kdfused.build_info()["cpu_isa"]
-    _C.set_cpu_isa(request.param)
-    yield request.param
-    _C.set_cpu_isa(before)
-
-
 def test_kernels_use_torchs_threads():
     """at::parallel_for is a header template compiled into the extension: built without OpenMP
     (when torch uses OpenMP) it would run every kernel on one thread whatever

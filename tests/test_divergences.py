@@ -11,6 +11,7 @@ Size: every divergence's oracle grid, limits and peer comparisons in one place.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -18,13 +19,15 @@ import torch
 import torch.nn.functional as F
 
 from oracle import (
-    acc_dtype,
+    assert_grad,
     assert_matches,
     check_against_oracle,
     loss_dtype_for,
     make_labels,
     make_logits,
     oracle,
+    random_mask,
+    run_op,
 )
 from params import DT, ERRORS, REDUCTIONS, ctx
 
@@ -44,23 +47,7 @@ INNER = [
 ]
 
 
-def _run(kd_loss, s, t, labels=None, grad_output=None, **kw):
-    s_ = s.detach().clone().requires_grad_(True)
-    t_ = t.detach().clone().requires_grad_(True)
-    loss = kd_loss(s_, t_, labels, **kw)
-    if grad_output is None:
-        (loss if loss.dim() == 0 else loss.sum()).backward()
-    else:
-        loss.backward(grad_output)
-    return loss.detach(), s_.grad, t_.grad
-
-
-def _mask(N, V, gen, frac, device):
-    """A random mask (True = masked) with at least one unmasked entry per row."""
-    m = torch.rand((N, V), generator=gen) < frac
-    keep = torch.randint(0, V, (N,), generator=gen)
-    m[torch.arange(N), keep] = False
-    return m.to(device)
+_run = functools.partial(run_op, grad_teacher=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -150,17 +137,7 @@ def test_teacher_only_requires_grad(kd_loss, device, gen, seed, divergence, beta
     loss = kd_loss(s, t, None, **kw)
     loss.backward()
     ref = oracle(s, t, None, **kw)
-    assert t.grad is not None and t.grad.dtype == dtype
-    assert_matches(
-        t.grad,
-        ref.grad_t,
-        ref.grad_t_err,
-        out_dtype=dtype,
-        V=40,
-        acc=acc_dtype(dtype),
-        what="grad_teacher",
-        ctx=ctx(seed, **kw),
-    )
+    assert_grad(t.grad, ref, "teacher", t, ctx=ctx(seed, **kw))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -175,7 +152,7 @@ def test_masked_vocab_both(kd_loss, device, gen, seed, V, divergence, beta, dtyp
     """The same columns -inf in student and teacher contribute nothing: finite loss equal to the
     oracle, gradients exactly 0 there, no NaN anywhere."""
     N = 5
-    mask = _mask(N, V, gen, 0.4, device)
+    mask = random_mask(N, V, gen, 0.4, device)
     s = make_logits((N, V), dtype, device, gen).masked_fill(mask, NEG_INF)
     t = make_logits((N, V), dtype, device, gen).masked_fill(mask, NEG_INF)
     kw = dict(temperature=2.0, divergence=divergence, beta=beta, reduction="none")
@@ -309,7 +286,7 @@ def test_jsd_end_points_are_the_kls(kd_loss, device, gen, seed, end, same, reduc
     """JSD at beta = 0 is KL(p || q) and at beta = 1 KL(q || p): bitwise the same loss and
     gradients as "kl" / "reverse_kl" (the same code path), masked columns included."""
     N, V = 6, 300
-    mask = _mask(N, V, gen, 0.2, device)
+    mask = random_mask(N, V, gen, 0.2, device)
     s = make_logits((N, V), dtype, device, gen).masked_fill(mask, NEG_INF)
     t = make_logits((N, V), dtype, device, gen).masked_fill(mask, NEG_INF)
     labels = make_labels((N,), V, device, gen, 0.3)

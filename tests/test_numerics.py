@@ -3,35 +3,28 @@ weights that are exactly 0, huge logits, extreme temperatures."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
 import torch
 
-from oracle import check_against_oracle, make_labels, make_logits, oracle
+from oracle import (
+    assert_grad,
+    check_against_oracle,
+    make_labels,
+    make_logits,
+    oracle,
+    random_mask,
+    run_op,
+)
 from params import DT
 from params import ctx as _ctx
 
 NEG_INF = float("-inf")
 
 
-def _run(kd_loss, s, t, labels=None, grad_output=None, **kw):
-    s_ = s.detach().clone().requires_grad_(True)
-    t_ = t.detach().clone().requires_grad_(True)
-    loss = kd_loss(s_, t_, labels, **kw)
-    if grad_output is None:
-        (loss if loss.dim() == 0 else loss.sum()).backward()
-    else:
-        loss.backward(grad_output)
-    return loss.detach(), s_.grad, t_.grad
-
-
-def _mask(N, V, gen, frac, device):
-    """A random mask (True = masked) with at least one unmasked entry per row."""
-    m = torch.rand((N, V), generator=gen) < frac
-    keep = torch.randint(0, V, (N,), generator=gen)
-    m[torch.arange(N), keep] = False
-    return m.to(device)
+_run = functools.partial(run_op, grad_teacher=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -47,7 +40,7 @@ def test_masked_vocab_both(kd_loss, device, gen, seed, V, temperature, divergenc
     """The same positions masked (-inf) in student and teacher: finite loss equal to the oracle,
     gradients exactly 0 at the masked positions, no NaN anywhere."""
     N = 6
-    mask = _mask(N, V, gen, 0.4, device)
+    mask = random_mask(N, V, gen, 0.4, device)
     s = make_logits((N, V), dtype, device, gen).masked_fill(mask, NEG_INF)
     t = make_logits((N, V), dtype, device, gen).masked_fill(mask, NEG_INF)
     labels = make_labels((N,), V, device, gen, 0.0)
@@ -70,7 +63,7 @@ def test_masked_vocab_both(kd_loss, device, gen, seed, V, temperature, divergenc
 def test_masked_teacher_only(kd_loss, device, gen, seed, divergence, dtype):
     """Teacher -inf where the student is finite: p = 0 there, no NaN (0 * -inf guarded)."""
     N, V = 5, 77
-    mask = _mask(N, V, gen, 0.5, device)
+    mask = random_mask(N, V, gen, 0.5, device)
     s = make_logits((N, V), dtype, device, gen)
     t = make_logits((N, V), dtype, device, gen).masked_fill(mask, NEG_INF)
     kw = dict(temperature=2.0, divergence=divergence, reduction="none")
@@ -88,7 +81,7 @@ def test_masked_student_only_where_teacher_has_no_mass(
 ):
     """Student -inf only where the teacher is -inf as well, teacher masked in more places."""
     N, V = 5, 64
-    tmask = _mask(N, V, gen, 0.5, device)
+    tmask = random_mask(N, V, gen, 0.5, device)
     smask = tmask & (torch.rand((N, V), generator=gen) < 0.5).to(device)
     s = make_logits((N, V), dtype, device, gen).masked_fill(smask, NEG_INF)
     t = make_logits((N, V), dtype, device, gen).masked_fill(tmask, NEG_INF)
@@ -131,28 +124,9 @@ def test_student_inf_under_teacher_mass_is_inf(kd_loss, device, gen, seed, diver
         what="loss (other rows)",
         ctx=_ctx(seed),
     )
-    assert_matches(
-        gs[ok],
-        ref.grad_s[ok.cpu()],
-        ref.grad_s_err[ok.cpu()],
-        out_dtype=s.dtype,
-        V=V,
-        acc=acc,
-        what="grad_student (other rows)",
-        ctx=_ctx(seed),
-        roundings=2,
-    )
-    assert_matches(
-        gt[ok],
-        ref.grad_t[ok.cpu()],
-        ref.grad_t_err[ok.cpu()],
-        out_dtype=t.dtype,
-        V=V,
-        acc=acc,
-        what="grad_teacher (other rows)",
-        ctx=_ctx(seed),
-        roundings=2,
-    )
+    cmp = dict(acc=acc, rows=ok, what="(other rows)", ctx=_ctx(seed), roundings=2)
+    assert_grad(gs, ref, "student", s, **cmp)
+    assert_grad(gt, ref, "teacher", t, **cmp)
 
 
 @pytest.mark.parametrize("dtype", DT)

@@ -10,6 +10,7 @@ import torch
 from oracle import (
     DTYPE_IDS,
     acc_dtype,
+    assert_grad,
     assert_matches,
     loss_dtype_for,
     make_labels,
@@ -128,29 +129,8 @@ def test_op_semantics(device, gen, seed, red, dtype):
     ctx = f"\n  [seed={seed} reduction={red}]"
     assert loss.dtype == ldt
     assert_matches(loss, ref.loss, ref.loss_err, out_dtype=ldt, V=40, acc=acc, what="loss", ctx=ctx)
-    assert g_s.dtype == dtype and g_t.dtype == dtype
-    assert_matches(
-        g_s,
-        ref.grad_s,
-        ref.grad_s_err,
-        out_dtype=dtype,
-        V=40,
-        acc=acc,
-        what="grad_student",
-        ctx=ctx,
-        roundings=2,
-    )
-    assert_matches(
-        g_t,
-        ref.grad_t,
-        ref.grad_t_err,
-        out_dtype=dtype,
-        V=40,
-        acc=acc,
-        what="grad_teacher",
-        ctx=ctx,
-        roundings=2,
-    )
+    assert_grad(g_s, ref, "student", s, acc=acc, ctx=ctx, roundings=2)
+    assert_grad(g_t, ref, "teacher", t, acc=acc, ctx=ctx, roundings=2)
 
 
 # ------------------------------------------------------------------------------------------------
