@@ -55,8 +55,27 @@ def test_every_isa_matches_float64_reference(isa, dtype, V, divergence, seed):
     rtol, atol = (2e-2, 2e-3) if low else (1e-5, 1e-6)
     assert kdfused.build_info()["cpu_isa"] == isa
     torch.testing.assert_close(loss.double(), ref, rtol=rtol, atol=atol)
-    torch.testing.assert_close(s1.grad.double(), s2.grad, rtol=rtol, atol=atol)
-    torch.testing.assert_close(t1.grad.double(), t2.grad, rtol=rtol, atol=atol)
+    keep = _tvd_well_posed(s2, t2, kw["temperature"]) if divergence == "tvd" else True
+    zero = torch.zeros((), dtype=torch.float64)
+    for got, want in ((s1.grad, s2.grad), (t1.grad, t2.grad)):
+        got, want = torch.where(keep, got.double(), zero), torch.where(keep, want, zero)
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
+
+
+def _tvd_well_posed(s, t, temperature):
+    """TVD's gradient at an element is +-(its probability) / 2T by the sign of p - q, undefined
+    where p = q: where the two probabilities agree to within the rounding of the kernel's
+    accumulation (float32), the float64 reference may take the other sign. Those elements (a
+    handful in a hundred thousand) are left out of the gradient comparison; the loss is compared
+    everywhere."""
+    with torch.no_grad():
+        p = torch.softmax(t.double() / temperature, -1)
+        q = torch.softmax(s.double() / temperature, -1)
+        keep = (p == q) | ((p - q).abs() > 1e-5 * (p + q))  # (V = 1: p = q = 1 exactly, both 0)
+    assert (~keep).float().mean() < 0.1, (
+        "a tenth of the elements ambiguous: the test lost its power"
+    )
+    return keep
 
 
 def test_isa_names_are_checked():
