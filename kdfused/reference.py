@@ -45,23 +45,13 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks
-from ._checks import DIVERGENCES, REDUCTIONS
+from ._checks import DIVERGENCES, REDUCTIONS, effective_divergence
 
 __all__ = ["kd_loss", "topk_kd_loss", "divergence_rows", "DIVERGENCES", "REDUCTIONS"]
 
 
 def _acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(x.dtype == torch.float64 for x in tensors) else torch.float32
-
-
-def effective_divergence(divergence: str, beta: float) -> str:
-    """The generalised JSD's end points are the two KLs (as TRL and Liger define them): beta = 0
-    is KL(p || q), beta = 1 is KL(q || p), computed by exactly those code paths."""
-    if divergence == "jsd" and beta == 0.0:
-        return "kl"
-    if divergence == "jsd" and beta == 1.0:
-        return "reverse_kl"
-    return divergence
 
 
 def _tempered_log_softmax(x: torch.Tensor, T: float) -> torch.Tensor:
