@@ -18,27 +18,15 @@ _N_INPUTS = 12  # arguments of kdfused::kd_loss
 
 
 @torch.library.register_fake("kdfused::kd_loss")
-def _kd_loss_fake(
-    student,
-    teacher,
-    labels,
-    temperature,
-    soft_weight,
-    hard_weight,
-    divergence,
-    beta,
-    ignore_index,
-    reduction,
-    grad_student,
-    grad_teacher,
-):
-    options = (temperature, soft_weight, hard_weight, divergence, beta, reduction)
-    _fake.check_if_concrete(
-        (student, teacher, labels), _C.check_inputs, student, teacher, labels, *options
-    )
+def _kd_loss_fake(student, teacher, labels, *args):
+    # args: the options in the schema's order (KDOptions.op_args), then the two gradient flags.
+    *options, grad_student, grad_teacher = args
+    tensors = (student, teacher, labels)
+    check_args = options[:5] + options[6:]  # (no ignore_index)
+    _fake.check_if_concrete(tensors, _C.check_inputs, *tensors, *check_args)
     acc = _fake.accumulation_dtype(student, teacher)
     grads = ((student, grad_student, student), (teacher, grad_teacher, teacher))
-    return _fake.outputs(student, acc, reduction, grads)
+    return _fake.outputs(student, acc, options[6], grads)
 
 
 @torch.library.register_fake("kdfused::kd_scale_grads_")

@@ -94,34 +94,14 @@ class KDOptions:
         return f"KDOptions({self.describe()})"
 
 
-def _parse(
-    temperature,
-    soft_weight,
-    hard_weight,
-    divergence,
-    beta,
-    ignore_index,
-    reduction,
-    who,
-    divergences,
-    check_values,
-) -> KDOptions:
-    check_option_types(
-        who, temperature, soft_weight, hard_weight, divergence, beta, ignore_index, reduction
-    )
+def _parse(who, divergences, check_values, *options) -> KDOptions:
+    check_option_types(who, *options)
+    temperature, soft_weight, hard_weight, divergence, beta, ignore_index, reduction = options
     if check_values:
-        check_options(
-            temperature, soft_weight, hard_weight, divergence, beta, reduction, divergences
-        )
-    return KDOptions(
-        float(temperature),
-        float(soft_weight),
-        float(hard_weight),
-        divergence,
-        float(beta),
-        int(ignore_index),
-        reduction,
-    )
+        values = (temperature, soft_weight, hard_weight, divergence, beta, reduction)
+        check_options(*values, divergences)
+    numbers = (float(temperature), float(soft_weight), float(hard_weight))
+    return KDOptions(*numbers, divergence, float(beta), int(ignore_index), reduction)
 
 
 # typed: 1 and 1.0 (and True, which the checks refuse) are different keys. A call that raises
@@ -130,27 +110,18 @@ _parse_cached = functools.lru_cache(maxsize=256, typed=True)(_parse)
 
 
 def parse(
-    temperature,
-    soft_weight,
-    hard_weight,
-    divergence,
-    beta,
-    ignore_index,
-    reduction,
-    who: str = "kdfused",
-    divergences: tuple = DIVERGENCES,
-    check_values: bool = True,
+    *options, who: str = "kdfused", divergences: tuple = DIVERGENCES, check_values: bool = True
 ) -> KDOptions:
-    """The checked options: the types (TypeError, messages starting with ``who``), then, with
-    ``check_values``, the values (ValueError, the C++ op's messages; ``divergences``: the names
-    the op accepts). Cached: a training loop passes the same options at every call."""
-    args = (temperature, soft_weight, hard_weight, divergence, beta, ignore_index, reduction)
+    """The checked options (``options``: :class:`KDOptions`' fields, in their order): the types
+    (TypeError, messages starting with ``who``), then, with ``check_values``, the values
+    (ValueError, the C++ op's messages; ``divergences``: the names the op accepts). Cached: a
+    training loop passes the same options at every call."""
     if torch.compiler.is_compiling():
         # Traced: the values may be symbolic (dynamic=True), which math.isfinite cannot take;
         # the op checks them when the compiled graph calls it (and its fake kernel at trace time).
-        return _parse(*args, who, divergences, False)
+        return _parse(who, divergences, False, *options)
     try:
-        return _parse_cached(*args, who, divergences, check_values)
+        return _parse_cached(who, divergences, check_values, *options)
     except TypeError:
         pass  # an unhashable option, or a type error: the checks below raise it
-    return _parse(*args, who, divergences, check_values)
+    return _parse(who, divergences, check_values, *options)

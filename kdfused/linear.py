@@ -23,33 +23,14 @@ _TEACHER_NAMES = ("teacher_hidden", "teacher_weight", "teacher_bias", "teacher_l
 
 
 @torch.library.register_fake("kdfused::kd_linear_loss")
-def _kd_linear_loss_fake(
-    sh,
-    sw,
-    sb,
-    th,
-    tw,
-    tb,
-    tl,
-    labels,
-    row_weight,
-    temperature,
-    soft_weight,
-    hard_weight,
-    divergence,
-    beta,
-    ignore_index,
-    reduction,
-    chunk_size,
-    grad_hidden,
-    grad_weight,
-    grad_bias,
-):
+def _kd_linear_loss_fake(sh, sw, sb, th, tw, tb, tl, labels, row_weight, *args):
+    # args: the options in the schema's order (KDOptions.op_args), chunk_size, the gradient flags.
+    options, (grad_hidden, grad_weight, grad_bias) = args[:7], args[8:]
     # The options are all the C++ checks exposed alone; the tensors are checked by the kernel.
-    _C.check_options(temperature, soft_weight, hard_weight, divergence, beta, reduction)
+    _C.check_options(*options[:5], options[6])
     acc = _fake.accumulation_dtype(sh, th if th is not None else tl)
     grads = ((sh, grad_hidden, sh), (sw, grad_weight, sw), (sb, grad_bias, sw))
-    return _fake.outputs(sh, acc, reduction, grads)
+    return _fake.outputs(sh, acc, options[6], grads)
 
 
 def _setup_context(ctx, inputs, output):
@@ -183,17 +164,8 @@ def linear_kd_loss(
     _check_tensor_types(*tensors)
     # With a process group the option values are checked with the tensors, inside the exchange
     # (a bad value on one process must not leave the others blocked in a collective).
-    options = parse(
-        temperature,
-        soft_weight,
-        hard_weight,
-        divergence,
-        beta,
-        ignore_index,
-        reduction,
-        _WHO,
-        check_values=process_group is None,
-    )
+    options = (temperature, soft_weight, hard_weight, divergence, beta, ignore_index, reduction)
+    options = parse(*options, who=_WHO, check_values=process_group is None)
     return _dispatch(*tensors, options, _check_chunk_size(chunk_size), process_group)
 
 
@@ -240,24 +212,12 @@ class LinearKDLoss(OptionsModule):
 
     _who = _WHO
 
-    def __init__(
-        self,
-        temperature: float = 1.0,
-        soft_weight: float = 1.0,
-        hard_weight: float = 0.0,
-        divergence: str = "kl",
-        beta: float = 0.5,
-        ignore_index: int = -100,
-        reduction: str = "batchmean",
-        chunk_size: Optional[int] = None,
-        process_group=None,
-    ):
-        super().__init__(
-            temperature, soft_weight, hard_weight, divergence, beta, ignore_index, reduction
-        )
-        _check_chunk_size(chunk_size)
-        self.chunk_size = chunk_size
-        self.process_group = process_group
+    function = linear_kd_loss
+    extra = ("chunk_size", "process_group")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _check_chunk_size(self.chunk_size)
 
     def forward(
         self,
@@ -278,4 +238,4 @@ class LinearKDLoss(OptionsModule):
         return _dispatch(*tensors, self.options, chunk, self.process_group)
 
     def extra_repr(self) -> str:
-        return f"{self.options.describe()}, chunk_size={self.chunk_size}"
+        return f"{super().extra_repr()}, chunk_size={self.chunk_size}"

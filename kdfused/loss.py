@@ -133,16 +133,8 @@ def kd_loss(
     _checks.check_logits_types(student_logits, teacher_logits, labels)
     # With a process group the option values are checked with the tensors, inside the exchange
     # (a bad value on one process must not leave the others blocked in a collective).
-    options = parse(
-        temperature,
-        soft_weight,
-        hard_weight,
-        divergence,
-        beta,
-        ignore_index,
-        reduction,
-        check_values=process_group is None,
-    )
+    options = (temperature, soft_weight, hard_weight, divergence, beta, ignore_index, reduction)
+    options = parse(*options, check_values=process_group is None)
     return _dispatch(student_logits, teacher_logits, labels, options, process_group)
 
 
@@ -166,21 +158,8 @@ class KDLoss(OptionsModule):
         >>> loss = crit(student_logits, teacher_logits.detach(), labels)
     """
 
-    def __init__(
-        self,
-        temperature: float = 1.0,
-        soft_weight: float = 1.0,
-        hard_weight: float = 0.0,
-        divergence: str = "kl",
-        beta: float = 0.5,
-        ignore_index: int = -100,
-        reduction: str = "batchmean",
-        process_group=None,
-    ):
-        super().__init__(
-            temperature, soft_weight, hard_weight, divergence, beta, ignore_index, reduction
-        )
-        self.process_group = process_group
+    function = kd_loss
+    extra = ("process_group",)
 
     def forward(
         self,
@@ -193,7 +172,7 @@ class KDLoss(OptionsModule):
 
     def extra_repr(self) -> str:
         group = "" if self.process_group is None else ", process_group=..."
-        return self.options.describe() + group
+        return super().extra_repr() + group
 
 
 class KDLossFunction(torch.autograd.Function):

@@ -77,22 +77,12 @@ def _check_meta(
 
 
 @torch.library.register_fake("kdfused::topk_kd_loss")
-def _topk_kd_loss_fake(
-    student,
-    indices,
-    values,
-    labels,
-    temperature,
-    soft_weight,
-    hard_weight,
-    divergence,
-    ignore_index,
-    reduction,
-    grad_student,
-):
+def _topk_kd_loss_fake(student, indices, values, labels, *args):
+    # args: the options in the schema's order (KDOptions.topk_args), then the gradient flag.
+    temperature, soft_weight, hard_weight, divergence, _, reduction, grad_student = args
     tensors = (student, indices, values, labels)
-    args = (temperature, soft_weight, hard_weight, divergence, reduction)
-    _fake.check_if_concrete(tensors, _check_meta, *tensors, *args)
+    options = (temperature, soft_weight, hard_weight, divergence, reduction)
+    _fake.check_if_concrete(tensors, _check_meta, *tensors, *options)
     acc = _fake.accumulation_dtype(student, values)
     return _fake.outputs(student, acc, reduction, ((student, grad_student, student),))
 
@@ -181,16 +171,9 @@ def topk_kd_loss(
     only read, and so only checked, when ``soft_weight > 0``.)
     """
     _check_tensor_types(student_logits, teacher_indices, teacher_values, labels)
-    options = parse(
-        temperature,
-        soft_weight,
-        hard_weight,
-        divergence,
-        0.5,  # beta is jsd's, which top-k does not support: the neutral default
-        ignore_index,
-        reduction,
-        divergences=TOPK_DIVERGENCES,
-    )
+    # beta is jsd's, which top-k does not support: the neutral default.
+    options = (temperature, soft_weight, hard_weight, divergence, 0.5, ignore_index, reduction)
+    options = parse(*options, divergences=TOPK_DIVERGENCES)
     return _call(student_logits, teacher_indices, teacher_values, labels, options)
 
 
@@ -221,21 +204,8 @@ class TopKKDLoss(OptionsModule):
         >>> loss = crit(student_logits, stored_indices, stored_values, labels)
     """
 
+    function = topk_kd_loss
     _divergences = TOPK_DIVERGENCES
-
-    def __init__(
-        self,
-        temperature: float = 1.0,
-        soft_weight: float = 1.0,
-        hard_weight: float = 0.0,
-        divergence: str = "kl",
-        ignore_index: int = -100,
-        reduction: str = "batchmean",
-    ):
-        # beta is jsd's, which top-k does not support: the neutral default.
-        super().__init__(
-            temperature, soft_weight, hard_weight, divergence, 0.5, ignore_index, reduction
-        )
 
     def forward(
         self,
@@ -246,9 +216,6 @@ class TopKKDLoss(OptionsModule):
     ) -> torch.Tensor:
         _check_tensor_types(student_logits, teacher_indices, teacher_values, labels)
         return _call(student_logits, teacher_indices, teacher_values, labels, self.options)
-
-    def extra_repr(self) -> str:
-        return self.options.describe(beta=False)
 
 
 @torch.no_grad()
