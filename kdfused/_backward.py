@@ -37,6 +37,24 @@ def no_double_backward(op: str) -> RuntimeError:
     return RuntimeError(f"kdfused.{op} does not support double backward (create_graph=True)")
 
 
+def keep(ctx, need: tuple, grads: tuple) -> None:
+    """What :func:`backward` reads: ``need`` (a flag per slot), ``grads`` (the gradients, then
+    the grad_scale)."""
+    # Plain attributes, not save_for_backward: kd_scale_grads_ updates them in place, and the
+    # version check of saved tensors would (rightly, in general) refuse a second backward.
+    ctx.kd_need = need
+    ctx.kd_grads = grads
+
+
+def setup_context(ctx, output, need: tuple, keep_grads: bool = True) -> None:
+    """The setup_context of an op that returns (loss, gradients..., grad_scale)."""
+    ctx.mark_non_differentiable(*output[1:])
+    # The backward receives no gradient for those outputs; don't let autograd fill an N x V zeros
+    # tensor for each of them.
+    ctx.set_materialize_grads(False)
+    keep(ctx, need, tuple(output[1:]) if keep_grads else None)
+
+
 def _scale_in_place(grads: tuple, scale: torch.Tensor, grad_output: torch.Tensor) -> None:
     # kd_scale_grads_ scales two gradients per call and records grad_output in its scale: every
     # call but the last gets a copy of the scale, so that the later ones still scale from the old

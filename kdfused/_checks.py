@@ -86,25 +86,6 @@ def check_tensor_types(who: str, required, optional=()) -> None:
             raise TypeError(f"{who}: {name} must be a tensor or None, got {type(x).__name__}")
 
 
-def check_types(
-    student_logits,
-    teacher_logits,
-    labels,
-    temperature,
-    soft_weight,
-    hard_weight,
-    divergence,
-    beta,
-    ignore_index,
-    reduction,
-) -> None:
-    """The Python-level argument types (the op's schema would reject them less clearly)."""
-    check_logits_types(student_logits, teacher_logits, labels)
-    check_option_types(
-        "kdfused", temperature, soft_weight, hard_weight, divergence, beta, ignore_index, reduction
-    )
-
-
 def check_logits_types(student_logits, teacher_logits, labels) -> None:
     if not isinstance(student_logits, torch.Tensor) or not isinstance(teacher_logits, torch.Tensor):
         raise TypeError("kdfused: student_logits and teacher_logits must be tensors")
@@ -158,20 +139,10 @@ def check_options(
         )
 
 
-def check_inputs(
-    student,
-    teacher,
-    labels: Optional[torch.Tensor],
-    temperature,
-    soft_weight,
-    hard_weight,
-    divergence,
-    beta,
-    reduction,
-) -> None:
-    """Options, then the tensors' dtypes, shapes and devices (csrc/kdfused.cpp: check_inputs),
-    in the same order as the C++ op so that the same problem is reported first."""
-    check_options(temperature, soft_weight, hard_weight, divergence, beta, reduction)
+def check_inputs(student, teacher, labels: Optional[torch.Tensor], hard_weight: float) -> None:
+    """The tensors' dtypes, shapes and devices (csrc/kdfused.cpp: check_inputs, after the options,
+    which :func:`kdfused._options.parse` checks), in the same order as the C++ op so that the same
+    problem is reported first."""
     for name, x in (("student_logits", student), ("teacher_logits", teacher)):
         if x.dtype not in FLOAT_DTYPES:
             raise TypeError(
@@ -214,10 +185,12 @@ def check_inputs(
         raise ValueError("kdfused: hard_weight > 0 needs labels (got labels=None)")
 
 
-def check_label_values(labels: Optional[torch.Tensor], vocab: int, ignore_index: int) -> None:
+def check_label_values(
+    labels: Optional[torch.Tensor], vocab: int, ignore_index: int, who="kdfused", what=""
+) -> None:
     """Every label is in [0, vocab) or equals ignore_index (the backends check this before they
     compute anything, whether or not the hard term is on: labels also select the valid rows).
-    Reads the labels (a device sync on a GPU)."""
+    Reads the labels (a device sync on a GPU). ``what``: what the vocabulary is, for the message."""
     if labels is None or labels.numel() == 0:
         return
     y = labels.reshape(-1)
@@ -225,6 +198,6 @@ def check_label_values(labels: Optional[torch.Tensor], vocab: int, ignore_index:
     if bool(bad.any()):
         r = int(bad.nonzero()[0, 0])
         raise ValueError(
-            f"kdfused: labels must be in [0, {vocab}) or equal ignore_index "
+            f"{who}: labels must be in [0, {vocab}){what} or equal ignore_index "
             f"({ignore_index}), got {int(y[r])} at row {r}"
         )

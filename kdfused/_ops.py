@@ -35,15 +35,7 @@ def _kd_scale_grads_fake(grad_student, grad_teacher, grad_scale, grad_output):
 
 
 def _setup_context(ctx, inputs, output):
-    _, gs, gt, scale = output
-    ctx.mark_non_differentiable(gs, gt, scale)
-    # The backward receives no gradient for those outputs; don't let autograd fill an N x V zeros
-    # tensor for each of them.
-    ctx.set_materialize_grads(False)
-    # Plain attributes, not save_for_backward: kd_scale_grads_ updates them in place, and the
-    # version check of saved tensors would (rightly, in general) refuse a second backward.
-    ctx.kd_grads = (gs, gt, scale)
-    ctx.kd_need = (inputs[10], inputs[11])  # grad_student, grad_teacher flags
+    _backward.setup_context(ctx, output, (inputs[10], inputs[11]))  # the gradient flags
 
 
 def _backward_kd(ctx, grad_loss, _gs, _gt, _scale):

@@ -34,20 +34,16 @@ def _kd_linear_loss_fake(sh, sw, sb, th, tw, tb, tl, labels, row_weight, *args):
 
 
 def _setup_context(ctx, inputs, output):
-    _, gh, gw, gb, scale = output
-    ctx.mark_non_differentiable(gh, gw, gb, scale)
-    ctx.set_materialize_grads(False)
-    ctx.kd_need = (inputs[17], inputs[18], inputs[19] and inputs[2] is not None)
-    if inputs[15] == "none":
+    none = inputs[15] == "none"
+    need = (inputs[17], inputs[18], inputs[19] and inputs[2] is not None)
+    _backward.setup_context(ctx, output, need, keep_grads=not none)
+    if none:
         # Reduction "none": grad_weight = sum_r g_r (dlogits_r)^T h_r needs every row's own
         # grad_output g_r, so the backward runs the chunked op again with row_weight = g (no N x V
         # state is kept between forward and backward).
         ctx.save_for_backward(*inputs[:8])
         ctx.kd_args = inputs[9:17]
         ctx.kd_recompute = _recompute
-    else:
-        # Plain attributes, as for kd_loss: kd_scale_grads_ updates them in place.
-        ctx.kd_grads = (gh, gw, gb, scale)
 
 
 def _recompute(ctx, grad_loss):

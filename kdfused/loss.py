@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from . import _checks
-from ._backward import backward
+from ._backward import backward, keep
 from ._module import OptionsModule
 from ._ops import _lib_ops, kd_loss_op
 from ._options import KDOptions, parse
@@ -213,12 +213,11 @@ class KDLossFunction(torch.autograd.Function):
             temperature, soft_weight, hard_weight, divergence, beta, ignore_index, reduction
         )
         need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        loss, gs, gt, scale = _lib_ops.kd_loss(
+        loss, *grads = _lib_ops.kd_loss(
             student_logits, teacher_logits, labels, *options.op_args, need_s, need_t
         )
         # The op's saved state, as the registered autograd keeps it (_ops._setup_context).
-        ctx.kd_grads = (gs, gt, scale)
-        ctx.kd_need = (need_s, need_t)
+        keep(ctx, (need_s, need_t), tuple(grads))
         return loss
 
     @staticmethod

@@ -27,7 +27,8 @@ import torch
 import torch.distributed as dist
 
 from . import _C
-from ._backward import backward
+from ._backward import backward, keep
+from ._checks import check_label_values
 from ._ops import _lib_ops
 from ._options import KDOptions
 
@@ -147,18 +148,10 @@ def exchange_metadata(
             f"rank: {sizes}"
         )
     total = sum(sizes)
-    if labels is not None:
-        # Labels are identical everywhere (checksum above): every process raises the same error,
-        # before any kernel runs (on CUDA a kernel could only assert).
-        ignore_index = options.ignore_index
-        y = labels.reshape(-1)
-        bad = (y != ignore_index) & ((y < 0) | (y >= total))
-        if bool(bad.any()):
-            r = int(bad.nonzero()[0, 0])
-            raise ValueError(
-                f"{who}: labels must be in [0, {total}) (the whole vocabulary over the process "
-                f"group) or equal ignore_index ({ignore_index}), got {int(y[r])} at row {r}"
-            )
+    # Labels are identical everywhere (checksum above): every process raises the same error,
+    # before any kernel runs (on CUDA a kernel could only assert).
+    whole = " (the whole vocabulary over the process group)"
+    check_label_values(labels, total, options.ignore_index, who, whole)
     return Slice(sum(sizes[:rank]), total, sizes, rank, world)
 
 
@@ -220,12 +213,11 @@ class _VocabParallelKD(torch.autograd.Function):
             "kdfused.kd_loss", group, student.device, rows, width, student, teacher, labels,
             options, local_error=local_error,
         )  # fmt: skip
-        loss, gs, gt, scale = slice_loss(
+        loss, *grads = slice_loss(
             student, teacher, labels, sl, group, options, reduction, need_s, need_t
         )
         ctx.set_materialize_grads(False)
-        ctx.kd_grads = (gs, gt, scale)
-        ctx.kd_need = (need_s, need_t)
+        keep(ctx, (need_s, need_t), tuple(grads))
         return loss
 
     @staticmethod

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from . import _checks
 from ._checks import DIVERGENCES, REDUCTIONS, effective_divergence
+from ._options import parse
 
 __all__ = ["kd_loss", "topk_kd_loss", "divergence_rows", "DIVERGENCES", "REDUCTIONS"]
 
@@ -128,33 +129,14 @@ def kd_loss(
         student_logits, teacher_logits = _gather_vocab(
             student_logits, teacher_logits, process_group
         )
-    _checks.check_types(
-        student_logits,
-        teacher_logits,
-        labels,
-        temperature,
-        soft_weight,
-        hard_weight,
-        divergence,
-        beta,
-        ignore_index,
-        reduction,
-    )
-    _checks.check_inputs(
-        student_logits,
-        teacher_logits,
-        labels,
-        temperature,
-        soft_weight,
-        hard_weight,
-        divergence,
-        beta,
-        reduction,
-    )
+    _checks.check_logits_types(student_logits, teacher_logits, labels)
+    options = (temperature, soft_weight, hard_weight, divergence, beta, ignore_index, reduction)
+    options = parse(*options)
+    _checks.check_inputs(student_logits, teacher_logits, labels, options.hard_weight)
     V = student_logits.shape[-1]
     _checks.check_label_values(labels, V, ignore_index)
 
-    T, ws, wh = float(temperature), float(soft_weight), float(hard_weight)
+    T, ws, wh = options.temperature, options.soft_weight, options.hard_weight
     acc = _acc_dtype(student_logits, teacher_logits)
     lead = student_logits.shape[:-1]
     s = student_logits.to(acc).reshape(-1, V)
@@ -182,7 +164,7 @@ def kd_loss(
     )
     if ws != 0:
         D = divergence_rows(
-            _tempered_log_softmax(t, T), _tempered_log_softmax(s, T), divergence, float(beta)
+            _tempered_log_softmax(t, T), _tempered_log_softmax(s, T), divergence, options.beta
         )
         row = row + ws * T * T * D
     if wh != 0:

@@ -93,12 +93,7 @@ def _setup_context(ctx, inputs, output):
             "kdfused: teacher_values must not require grad: topk_kd_loss gives no "
             "teacher gradient (detach the stored teacher)"
         )
-    _, gs, scale = output
-    ctx.mark_non_differentiable(gs, scale)
-    ctx.set_materialize_grads(False)  # no N x V zeros for the non-differentiable outputs
-    # Plain attributes, not save_for_backward: kd_scale_grads_ updates them in place.
-    ctx.kd_grads = (gs, scale)
-    ctx.kd_need = (inputs[10],)
+    _backward.setup_context(ctx, output, (inputs[10],))
 
 
 def _backward_topk(ctx, grad_loss, _gs, _scale):
