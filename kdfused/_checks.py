@@ -1,10 +1,12 @@
-"""Argument checks of :func:`kdfused.kd_loss`, in pure Python.
+"""Argument checks, in pure Python: the names of the divergences and reductions, the options'
+types and values (of every op, through ``kdfused._options.parse``) and the tensors of
+:func:`kdfused.kd_loss`.
 
-Used by the Python wrappers (``kdfused.loss``) and by the pure-PyTorch specification
-(``kdfused.reference``), so that both reject the same inputs with the same exception types and
-messages as the C++ op (``csrc/kdfused.cpp``: ``check_options`` / ``check_inputs``; the label
-range is checked by each backend before anything is computed). The C++ op keeps its own copy of
-these checks: it is callable without Python (``torch.ops.kdfused.kd_loss``, the C++ build).
+Used by the Python wrappers and by the pure-PyTorch specification (``kdfused.reference``), so
+that both reject the same inputs with the same exception types and messages as the C++ ops
+(``csrc/kdfused.cpp``: ``check_options`` / ``check_inputs``; ``csrc/kd_topk.cpp``; the label
+range is checked by each backend before anything is computed). The C++ ops keep their own copy of
+these checks: they are callable without Python (``torch.ops.kdfused.*``, the C++ build).
 
 Exception types: a bad value is a ``ValueError``, a bad type (or dtype) a ``TypeError``, a device
 mismatch a ``RuntimeError`` -- what ``TORCH_CHECK_VALUE`` / ``TORCH_CHECK_TYPE`` / ``TORCH_CHECK``
