@@ -14,29 +14,29 @@ _NAMES = tuple(f.name for f in dataclasses.fields(KDOptions) if f.init)  # parse
 
 
 class OptionsModule(nn.Module):
-    """A loss module: the keyword options of its function (``function``), taken by the
+    """A loss module: the keyword options of its function (``_function``), taken by the
     constructor in the same order and with the same defaults (positionally too), checked when the
     module is built as the function checks them at every call, and kept as one
     :class:`KDOptions` (``self.options``) that every call reuses. The options read as attributes
     (``crit.temperature``); setting one checks them again. The function's other keywords that are
-    not tensors (``extra``: ``process_group``, ``chunk_size``) are plain attributes."""
+    not tensors (``_extra``: ``process_group``, ``chunk_size``) are plain attributes."""
 
-    function = None
-    extra: tuple = ()
+    _function = None
+    _extra: tuple = ()
     _who = "kdfused"  # starts the type errors' messages
     _divergences = DIVERGENCES  # the names the op accepts
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        if cls.function is None:
+        if cls._function is None:
             return
-        params = inspect.signature(cls.function).parameters.values()
+        params = inspect.signature(cls._function).parameters.values()
         cls.__signature__ = inspect.Signature(
             [
                 p.replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD)
                 for p in params
                 if p.kind is inspect.Parameter.KEYWORD_ONLY
-                and (p.name in _NAMES or p.name in cls.extra)
+                and (p.name in _NAMES or p.name in cls._extra)
             ]
         )
 
@@ -47,7 +47,7 @@ class OptionsModule(nn.Module):
         values = bound.arguments
         # beta where the op has none (top-k): the neutral default, which every check accepts.
         self._set_options([values.get(n, KDOptions.beta) for n in _NAMES])
-        for name in self.extra:
+        for name in self._extra:
             setattr(self, name, values[name])
 
     def _set_options(self, values) -> None:

@@ -208,8 +208,8 @@ class LinearKDLoss(OptionsModule):
 
     _who = _WHO
 
-    function = linear_kd_loss
-    extra = ("chunk_size", "process_group")
+    _function = linear_kd_loss
+    _extra = ("chunk_size", "process_group")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -158,8 +158,8 @@ class KDLoss(OptionsModule):
         >>> loss = crit(student_logits, teacher_logits.detach(), labels)
     """
 
-    function = kd_loss
-    extra = ("process_group",)
+    _function = kd_loss
+    _extra = ("process_group",)
 
     def forward(
         self,

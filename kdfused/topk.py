@@ -199,7 +199,7 @@ class TopKKDLoss(OptionsModule):
         >>> loss = crit(student_logits, stored_indices, stored_values, labels)
     """
 
-    function = topk_kd_loss
+    _function = topk_kd_loss
     _divergences = TOPK_DIVERGENCES
 
     def forward(
