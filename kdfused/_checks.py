@@ -1,10 +1,12 @@
-"""Argument checks of :func:`kdfused.kd_loss`, in pure Python.
+"""Argument checks, in pure Python: the names of the divergences and reductions, the options'
+types and values (of every op, through ``kdfused._options.parse``) and the tensors of
+:func:`kdfused.kd_loss`.
 
-Used by the Python wrappers (``kdfused.loss``) and by the pure-PyTorch specification
-(``kdfused.reference``), so that both reject the same inputs with the same exception types and
-messages as the C++ op (``csrc/kdfused.cpp``: ``check_options`` / ``check_inputs``; the label
-range is checked by each backend before anything is computed). The C++ op keeps its own copy of
-these checks: it is callable without Python (``torch.ops.kdfused.kd_loss``, the C++ build).
+Used by the Python wrappers and by the pure-PyTorch specification (``kdfused.reference``), so
+that both reject the same inputs with the same exception types and messages as the C++ ops
+(``csrc/kdfused.cpp``: ``check_options`` / ``check_inputs``; ``csrc/kd_topk.cpp``; the label
+range is checked by each backend before anything is computed). The C++ ops keep their own copy of
+these checks: they are callable without Python (``torch.ops.kdfused.*``, the C++ build).
 
 Exception types: a bad value is a ``ValueError``, a bad type (or dtype) a ``TypeError``, a device
 mismatch a ``RuntimeError`` -- what ``TORCH_CHECK_VALUE`` / ``TORCH_CHECK_TYPE`` / ``TORCH_CHECK``
@@ -20,7 +22,14 @@ from typing import Optional
 
 import torch
 
+# Every divergence name lives here (the ops, the modules, the references and the tests read it).
 DIVERGENCES = ("kl", "ce", "reverse_kl", "jsd", "tvd")
+# A stored top-k teacher has no probabilities outside its k entries: only the divergences weighted
+# by the teacher's distribution are defined.
+TOPK_DIVERGENCES = ("kl", "ce")
+# The divergences that need the mixture of both distributions per row (a second exchange in the
+# vocabulary-parallel path).
+MIXING_DIVERGENCES = ("jsd", "tvd")
 REDUCTIONS = ("batchmean", "mean", "sum", "none")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 LABEL_DTYPES = (torch.int64, torch.int32)
@@ -55,29 +64,40 @@ def _shape(shape) -> str:
     return str(tuple(int(d) for d in shape))
 
 
-def check_types(
-    student_logits,
-    teacher_logits,
-    labels,
-    temperature,
-    soft_weight,
-    hard_weight,
-    divergence,
-    beta,
-    ignore_index,
-    reduction,
-) -> None:
-    """The Python-level argument types (the op's schema would reject them less clearly)."""
+def _quoted(names, sep: str = ", ") -> str:
+    return sep.join(f"'{n}'" for n in names)
+
+
+def effective_divergence(divergence: str, beta: float) -> str:
+    """The generalised JSD's end points are the two KLs (as TRL and Liger define them): beta = 0
+    is KL(p || q), beta = 1 is KL(q || p), computed by exactly those code paths."""
+    if divergence == "jsd" and beta == 0.0:
+        return "kl"
+    if divergence == "jsd" and beta == 1.0:
+        return "reverse_kl"
+    return divergence
+
+
+def check_tensor_types(who: str, required, optional=()) -> None:
+    """``required``: (name, value) pairs that must be tensors; ``optional``: tensors or None."""
+    for name, x in required:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{who}: {name} must be a tensor, got {type(x).__name__}")
+    for name, x in optional:
+        if x is not None and not isinstance(x, torch.Tensor):
+            raise TypeError(f"{who}: {name} must be a tensor or None, got {type(x).__name__}")
+
+
+def check_logits_types(student_logits, teacher_logits, labels) -> None:
     if not isinstance(student_logits, torch.Tensor) or not isinstance(teacher_logits, torch.Tensor):
         raise TypeError("kdfused: student_logits and teacher_logits must be tensors")
-    if labels is not None and not isinstance(labels, torch.Tensor):
-        raise TypeError(f"kdfused: labels must be a tensor or None, got {type(labels).__name__}")
-    check_option_types(temperature, soft_weight, hard_weight, divergence, beta, reduction)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"kdfused: ignore_index must be an int, got {type(ignore_index).__name__}")
+    check_tensor_types("kdfused", (), (("labels", labels),))
 
 
-def check_option_types(temperature, soft_weight, hard_weight, divergence, beta, reduction) -> None:
+def check_option_types(
+    who: str, temperature, soft_weight, hard_weight, divergence, beta, ignore_index, reduction
+) -> None:
+    """The options' Python types, for every op (``who`` starts the messages)."""
     for name, value in (
         ("temperature", temperature),
         ("soft_weight", soft_weight),
@@ -86,47 +106,45 @@ def check_option_types(temperature, soft_weight, hard_weight, divergence, beta, 
     ):
         # (int, float) rather than numbers.Real: torch.compile traces this check.
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"kdfused: {name} must be a real number, got {type(value).__name__}")
+            raise TypeError(f"{who}: {name} must be a real number, got {type(value).__name__}")
     if not isinstance(divergence, str) or not isinstance(reduction, str):
-        raise TypeError("kdfused: divergence and reduction must be strings")
+        raise TypeError(f"{who}: divergence and reduction must be strings")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"{who}: ignore_index must be an int, got {type(ignore_index).__name__}")
 
 
-def check_options(temperature, soft_weight, hard_weight, divergence, beta, reduction) -> None:
-    """The option values (csrc/kdfused.cpp: check_options). Assumes check_option_types passed."""
+def check_options(
+    temperature, soft_weight, hard_weight, divergence, beta, reduction, divergences=DIVERGENCES
+) -> None:
+    """The option values (csrc/kdfused.cpp: check_options; with ``divergences`` =
+    TOPK_DIVERGENCES, csrc/kd_topk.cpp: the same order). Assumes check_option_types passed."""
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"kdfused: temperature must be finite and > 0, got {_num(temperature)}")
     if not (math.isfinite(soft_weight) and soft_weight >= 0):
         raise ValueError(f"kdfused: soft_weight must be finite and >= 0, got {_num(soft_weight)}")
     if not (math.isfinite(hard_weight) and hard_weight >= 0):
         raise ValueError(f"kdfused: hard_weight must be finite and >= 0, got {_num(hard_weight)}")
-    if divergence not in DIVERGENCES:
+    if divergence not in divergences:
+        if divergences is TOPK_DIVERGENCES:
+            raise ValueError(
+                f"kdfused: topk_kd_loss supports divergence {_quoted(divergences, ' or ')}, "
+                f"got '{divergence}'"
+            )
         raise ValueError(
-            "kdfused: divergence must be one of 'kl', 'ce', 'reverse_kl', 'jsd', "
-            f"'tvd', got '{divergence}'"
+            f"kdfused: divergence must be one of {_quoted(divergences)}, got '{divergence}'"
         )
     if not (0 <= beta <= 1):  # (NaN fails both comparisons)
         raise ValueError(f"kdfused: beta must be in [0, 1], got {_num(beta)}")
     if reduction not in REDUCTIONS:
         raise ValueError(
-            "kdfused: reduction must be one of 'batchmean', 'mean', 'sum', 'none', "
-            f"got '{reduction}'"
+            f"kdfused: reduction must be one of {_quoted(REDUCTIONS)}, got '{reduction}'"
         )
 
 
-def check_inputs(
-    student,
-    teacher,
-    labels: Optional[torch.Tensor],
-    temperature,
-    soft_weight,
-    hard_weight,
-    divergence,
-    beta,
-    reduction,
-) -> None:
-    """Options, then the tensors' dtypes, shapes and devices (csrc/kdfused.cpp: check_inputs),
-    in the same order as the C++ op so that the same problem is reported first."""
-    check_options(temperature, soft_weight, hard_weight, divergence, beta, reduction)
+def check_inputs(student, teacher, labels: Optional[torch.Tensor], hard_weight: float) -> None:
+    """The tensors' dtypes, shapes and devices (csrc/kdfused.cpp: check_inputs, after the options,
+    which :func:`kdfused._options.parse` checks), in the same order as the C++ op so that the same
+    problem is reported first."""
     for name, x in (("student_logits", student), ("teacher_logits", teacher)):
         if x.dtype not in FLOAT_DTYPES:
             raise TypeError(
@@ -169,10 +187,12 @@ def check_inputs(
         raise ValueError("kdfused: hard_weight > 0 needs labels (got labels=None)")
 
 
-def check_label_values(labels: Optional[torch.Tensor], vocab: int, ignore_index: int) -> None:
+def check_label_values(
+    labels: Optional[torch.Tensor], vocab: int, ignore_index: int, who="kdfused", what=""
+) -> None:
     """Every label is in [0, vocab) or equals ignore_index (the backends check this before they
     compute anything, whether or not the hard term is on: labels also select the valid rows).
-    Reads the labels (a device sync on a GPU)."""
+    Reads the labels (a device sync on a GPU). ``what``: what the vocabulary is, for the message."""
     if labels is None or labels.numel() == 0:
         return
     y = labels.reshape(-1)
@@ -180,6 +200,6 @@ def check_label_values(labels: Optional[torch.Tensor], vocab: int, ignore_index:
     if bool(bad.any()):
         r = int(bad.nonzero()[0, 0])
         raise ValueError(
-            f"kdfused: labels must be in [0, {vocab}) or equal ignore_index "
+            f"{who}: labels must be in [0, {vocab}){what} or equal ignore_index "
             f"({ignore_index}), got {int(y[r])} at row {r}"
         )

@@ -13,8 +13,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-DIVERGENCES = ("kl", "ce")
-REDUCTIONS = ("batchmean", "mean", "sum", "none")
+from ._checks import REDUCTIONS
+from ._checks import TOPK_DIVERGENCES as DIVERGENCES
 
 
 def topk_kd_loss(

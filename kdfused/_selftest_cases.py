@@ -40,11 +40,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ._checks import DIVERGENCES, REDUCTIONS  # noqa: F401  (the self-test's choices)
+
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 DTYPE_NAMES = {F16: "f16", BF16: "bf16", F32: "f32", F64: "f64"}
 HALF = (F16, BF16)
-DIVERGENCES = ("kl", "ce", "reverse_kl", "jsd", "tvd")
-REDUCTIONS = ("batchmean", "mean", "sum", "none")
 RTOL_OUT = {BF16: 3 * 2.0**-8, F16: 3 * 2.0**-11, F32: 3 * 2.0**-24, F64: 3 * 2.0**-53}
 FLOOR_OUT = {F16: 2.0**-24, BF16: 0.0, F32: 0.0, F64: 0.0}
 FLOOR_ACC = {F32: 2.0**-100, F64: 2.0**-1000}
@@ -95,29 +95,31 @@ class Case:
 
     def describe(self) -> str:
         dims = "x".join(str(d) for d in self.lead) + f"x{self.V}"
-        parts = [
-            f"#{self.idx}",
-            self.divergence + (f"(beta={self.beta})" if self.divergence == "jsd" else ""),
-            f"{DTYPE_NAMES[self.sdt]}x{DTYPE_NAMES[self.tdt]}",
-            dims,
-            self.reduction,
-            f"T={self.temperature}",
-            f"w={self.soft_weight}/{self.hard_weight}",
-        ]
-        parts += [
-            x
-            for x, on in (
-                ("strided", self.strided),
-                ("masked", self.masked),
-                (f"ignored:{self.ignore}", self.labels and self.ignore != "none"),
-                ("no-labels", not self.labels),
-                ("teacher-grad", self.teacher_grad),
-                ("grad_output=1", self.grad_output == "one"),
-                ("no_grad", self.loss_only),
-            )
-            if on
-        ]
-        return " ".join(parts)
+        flags = (
+            ("strided", self.strided),
+            ("masked", self.masked),
+            (f"ignored:{self.ignore}", self.labels and self.ignore != "none"),
+            ("no-labels", not self.labels),
+            ("teacher-grad", self.teacher_grad),
+            ("grad_output=1", self.grad_output == "one"),
+            ("no_grad", self.loss_only),
+        )
+        return _describe(self, f"#{self.idx}", dims, [f"T={self.temperature}"], flags)
+
+
+def _describe(case, head: str, dims: str, middle: list, flags) -> str:
+    """A case in one line: ``head``, the divergence, dtypes, ``dims``, the reduction, ``middle``,
+    the weights, then the names of the ``flags`` ((name, on) pairs) that are on."""
+    parts = [
+        head,
+        case.divergence + (f"(beta={case.beta})" if case.divergence == "jsd" else ""),
+        f"{DTYPE_NAMES[case.sdt]}x{DTYPE_NAMES[case.tdt]}",
+        dims,
+        case.reduction,
+        *middle,
+        f"w={case.soft_weight}/{case.hard_weight}",
+    ]
+    return " ".join(parts + [x for x, on in flags if on])
 
 
 def make_cases(divergences, quick: bool = False) -> list:
@@ -376,28 +378,15 @@ class LinearCase:
 
     def describe(self) -> str:
         dims = "x".join(str(d) for d in self.lead) + f" H={self.H} V={self.V}"
-        parts = [
-            f"linear#{self.idx}",
-            self.divergence + (f"(beta={self.beta})" if self.divergence == "jsd" else ""),
-            f"{DTYPE_NAMES[self.sdt]}x{DTYPE_NAMES[self.tdt]}",
-            dims,
-            self.reduction,
-            f"chunk={self.chunk_size}",
-            f"teacher={self.teacher}",
-            f"w={self.soft_weight}/{self.hard_weight}",
-        ]
-        parts += [
-            x
-            for x, on in (
-                (f"ignored:{self.ignore}", self.labels and self.ignore != "none"),
-                ("no-labels", not self.labels),
-                ("no-bias", not self.bias),
-                ("grad_output=1", self.grad_output == "one"),
-                ("no_grad", self.loss_only),
-            )
-            if on
-        ]
-        return " ".join(parts)
+        middle = [f"chunk={self.chunk_size}", f"teacher={self.teacher}"]
+        flags = (
+            (f"ignored:{self.ignore}", self.labels and self.ignore != "none"),
+            ("no-labels", not self.labels),
+            ("no-bias", not self.bias),
+            ("grad_output=1", self.grad_output == "one"),
+            ("no_grad", self.loss_only),
+        )
+        return _describe(self, f"linear#{self.idx}", dims, middle, flags)
 
 
 def make_linear_cases(divergences, quick: bool = False) -> list:

@@ -4,7 +4,7 @@ The loss of :func:`kdfused.kd_loss` on ``F.linear(hidden, weight, bias)`` logits
 of rows at a time by one C++ op (``torch.ops.kdfused.kd_linear_loss``), so that the N x V logits
 (and their gradient) never exist. Like ``kd_loss``, the op returns the gradients with the loss; the
 backward only scales them (``kd_scale_grads_``, with the same retain_graph / torch.compile / no
-double backward behaviour, through the helpers of ``kdfused._ops``).
+double backward behaviour: ``kdfused._backward``).
 """
 
 from __future__ import annotations
@@ -12,106 +12,54 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch import nn
 
-from . import _C
-from ._ops import _graph_kept, _traced
+from . import _C, _backward, _checks, _fake
+from ._module import OptionsModule
+from ._options import KDOptions, parse
 
 _N_INPUTS = 20  # arguments of kdfused::kd_linear_loss
+_WHO = "kdfused.linear_kd_loss"
 _TEACHER_NAMES = ("teacher_hidden", "teacher_weight", "teacher_bias", "teacher_logits")
 
 
 @torch.library.register_fake("kdfused::kd_linear_loss")
-def _kd_linear_loss_fake(
-    sh,
-    sw,
-    sb,
-    th,
-    tw,
-    tb,
-    tl,
-    labels,
-    row_weight,
-    temperature,
-    soft_weight,
-    hard_weight,
-    divergence,
-    beta,
-    ignore_index,
-    reduction,
-    chunk_size,
-    grad_hidden,
-    grad_weight,
-    grad_bias,
-):
-    teacher = th if th is not None else tl
-    dtypes = (sh.dtype, teacher.dtype if teacher is not None else sh.dtype)
-    acc = torch.float64 if torch.float64 in dtypes else torch.float32
-    loss = sh.new_empty(sh.shape[:-1] if reduction == "none" else (), dtype=acc)
-    gh = sh.new_empty(sh.shape) if grad_hidden else sh.new_empty((0,))
-    gw = sw.new_empty(sw.shape) if grad_weight else sw.new_empty((0,))
-    gb = sb.new_empty(sb.shape) if grad_bias and sb is not None else sw.new_empty((0,))
-    return loss, gh, gw, gb, torch.empty_like(loss)
+def _kd_linear_loss_fake(sh, sw, sb, th, tw, tb, tl, labels, row_weight, *args):
+    # args: the options in the schema's order (KDOptions.op_args), chunk_size, the gradient flags.
+    options, (grad_hidden, grad_weight, grad_bias) = args[:7], args[8:]
+    # The options are all the C++ checks exposed alone; the tensors are checked by the kernel.
+    _C.check_options(*options[:5], options[6])
+    acc = _fake.accumulation_dtype(sh, th if th is not None else tl)
+    grads = ((sh, grad_hidden, sh), (sw, grad_weight, sw), (sb, grad_bias, sw))
+    return _fake.outputs(sh, acc, options[6], grads)
 
 
 def _setup_context(ctx, inputs, output):
-    _, gh, gw, gb, scale = output
-    ctx.mark_non_differentiable(gh, gw, gb, scale)
-    ctx.set_materialize_grads(False)
-    ctx.kd_need = (inputs[17], inputs[18], inputs[19] and inputs[2] is not None)
-    ctx.kd_none = inputs[15] == "none"
-    if ctx.kd_none:
+    none = inputs[15] == "none"
+    need = (inputs[17], inputs[18], inputs[19] and inputs[2] is not None)
+    _backward.setup_context(ctx, output, need, keep_grads=not none)
+    if none:
         # Reduction "none": grad_weight = sum_r g_r (dlogits_r)^T h_r needs every row's own
         # grad_output g_r, so the backward runs the chunked op again with row_weight = g (no N x V
         # state is kept between forward and backward).
         ctx.save_for_backward(*inputs[:8])
         ctx.kd_args = inputs[9:17]
-        ctx.kd_grads = None
-    else:
-        # Plain attributes, as for kd_loss: kd_scale_grads_ updates them in place.
-        ctx.kd_grads = (gh, gw, gb, scale)
+        ctx.kd_recompute = _recompute
 
 
-def _backward(ctx, grad_loss, _gh, _gw, _gb, _scale):
-    need_h, need_w, need_b = ctx.kd_need
-    none = (None,) * (_N_INPUTS - 3)
-    if ctx.kd_none:
-        if grad_loss is None:
-            return (None,) * _N_INPUTS
-        if torch.is_grad_enabled() and not _traced(grad_loss):
-            raise RuntimeError(
-                "kdfused.linear_kd_loss does not support double backward (create_graph=True)"
-            )
-        saved = ctx.saved_tensors
-        _, gh, gw, gb, _ = torch.ops.kdfused.kd_linear_loss(
-            *saved, grad_loss, *ctx.kd_args, need_h, need_w, need_b
-        )
-        return (gh if need_h else None, gw if need_w else None, gb if need_b else None) + none
-    gh, gw, gb, scale = ctx.kd_grads
-    kept = _graph_kept()
-    if not kept:
-        ctx.kd_grads = None  # hand the saved gradients on without a copy
-    if grad_loss is None:
-        return (None,) * _N_INPUTS
-    if _traced(grad_loss):
-        gh = gh * grad_loss if need_h else None
-        gw = gw * grad_loss if need_w else None
-        gb = gb * grad_loss if need_b else None
-        return (gh, gw, gb) + none
-    if torch.is_grad_enabled():
-        raise RuntimeError(
-            "kdfused.linear_kd_loss does not support double backward (create_graph=True)"
-        )
-    if kept:
-        gh, gw, gb, scale = gh.clone(), gw.clone(), gb.clone(), scale.clone()
-    # kd_scale_grads_ scales two gradients per call and records grad_output in its scale: the
-    # first call gets a copy of the scale, so that the second still scales from the old one.
-    torch.ops.kdfused.kd_scale_grads_(gh, gw, scale.clone(), grad_loss)
-    torch.ops.kdfused.kd_scale_grads_(gb, gb.new_empty((0,)), scale, grad_loss)
-    return (gh if need_h else None, gw if need_w else None, gb if need_b else None) + none
+def _recompute(ctx, grad_loss):
+    out = torch.ops.kdfused.kd_linear_loss(
+        *ctx.saved_tensors, grad_loss, *ctx.kd_args, *ctx.kd_need
+    )
+    return out[1:4]
 
 
-torch.library.register_autograd("kdfused::kd_linear_loss", _backward, setup_context=_setup_context)
+def _backward_linear(ctx, grad_loss, _gh, _gw, _gb, _scale):
+    return _backward.backward(ctx, grad_loss, _N_INPUTS, "linear_kd_loss")
+
+
+torch.library.register_autograd(
+    "kdfused::kd_linear_loss", _backward_linear, setup_context=_setup_context
+)
 
 
 def _check_chunk_size(chunk_size) -> int:
@@ -119,11 +67,10 @@ def _check_chunk_size(chunk_size) -> int:
         return 0  # automatic
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
         raise TypeError(
-            f"kdfused.linear_kd_loss: chunk_size must be an int or None, got "
-            f"{type(chunk_size).__name__}"
+            f"{_WHO}: chunk_size must be an int or None, got {type(chunk_size).__name__}"
         )
     if chunk_size <= 0:
-        raise ValueError(f"kdfused.linear_kd_loss: chunk_size must be > 0, got {chunk_size}")
+        raise ValueError(f"{_WHO}: chunk_size must be > 0, got {chunk_size}")
     return chunk_size
 
 
@@ -208,101 +155,49 @@ def linear_kd_loss(
     runs its GEMMs, and a label out of range stops the kernel with a device-side assert (as
     :func:`kdfused.kd_loss` does on CUDA).
     """
-    tensors = {"student_hidden": student_hidden, "student_weight": student_weight}
-    optional = {
-        "teacher_hidden": teacher_hidden,
-        "teacher_weight": teacher_weight,
-        "labels": labels,
-        "student_bias": student_bias,
-        "teacher_bias": teacher_bias,
-        "teacher_logits": teacher_logits,
-    }
-    for name, value in tensors.items():
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(
-                f"kdfused.linear_kd_loss: {name} must be a tensor, got {type(value).__name__}"
-            )
-    for name, value in optional.items():
-        if value is not None and not isinstance(value, torch.Tensor):
-            raise TypeError(
-                f"kdfused.linear_kd_loss: {name} must be a tensor or None, got "
-                f"{type(value).__name__}"
-            )
-    for name, value in (
-        ("temperature", temperature),
-        ("soft_weight", soft_weight),
-        ("hard_weight", hard_weight),
-        ("beta", beta),
-    ):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(
-                f"kdfused.linear_kd_loss: {name} must be a real number, got {type(value).__name__}"
-            )
-    if not isinstance(divergence, str) or not isinstance(reduction, str):
-        raise TypeError("kdfused.linear_kd_loss: divergence and reduction must be strings")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(
-            f"kdfused.linear_kd_loss: ignore_index must be an int, got "
-            f"{type(ignore_index).__name__}"
-        )
-    chunk = _check_chunk_size(chunk_size)
-    if process_group is not None:
+    tensors = (student_hidden, student_weight, teacher_hidden, teacher_weight, labels)
+    tensors += (student_bias, teacher_bias, teacher_logits)
+    _check_tensor_types(*tensors)
+    # With a process group the option values are checked with the tensors, inside the exchange
+    # (a bad value on one process must not leave the others blocked in a collective).
+    options = (temperature, soft_weight, hard_weight, divergence, beta, ignore_index, reduction)
+    options = parse(*options, who=_WHO, check_values=process_group is None)
+    return _dispatch(*tensors, options, _check_chunk_size(chunk_size), process_group)
+
+
+def _check_tensor_types(sh, sw, th, tw, labels, sb, tb, tl) -> None:
+    required = (("student_hidden", sh), ("student_weight", sw))
+    optional = (("teacher_hidden", th), ("teacher_weight", tw), ("labels", labels))
+    optional += (("student_bias", sb), ("teacher_bias", tb), ("teacher_logits", tl))
+    _checks.check_tensor_types(_WHO, required, optional)
+
+
+def _dispatch(sh, sw, th, tw, labels, sb, tb, tl, options: KDOptions, chunk: int, group):
+    if group is not None:
         from .parallel_linear import vocab_parallel_linear_kd_loss
 
         return vocab_parallel_linear_kd_loss(
-            student_hidden,
-            student_weight,
-            teacher_hidden,
-            teacher_weight,
-            labels,
-            student_bias,
-            teacher_bias,
-            teacher_logits,
-            process_group,
-            (float(temperature), float(soft_weight), float(hard_weight), divergence, float(beta)),
-            int(ignore_index),
-            reduction,
-            chunk,
+            sh, sw, th, tw, labels, sb, tb, tl, group, options, chunk
         )
     grad_on = torch.is_grad_enabled()
     if grad_on:
-        for name in _TEACHER_NAMES:
-            t = optional[name]
+        for name, t in zip(_TEACHER_NAMES, (th, tw, tb, tl)):
             if t is not None and t.requires_grad:
                 raise ValueError(
-                    f"kdfused.linear_kd_loss: {name} requires grad, but the teacher gets no "
+                    f"{_WHO}: {name} requires grad, but the teacher gets no "
                     f"gradient here; pass {name}.detach() (for mutual distillation use "
                     f"kdfused.kd_loss on materialised logits)"
                 )
-    need_h = grad_on and student_hidden.requires_grad
-    need_w = grad_on and student_weight.requires_grad
-    need_b = grad_on and student_bias is not None and student_bias.requires_grad
-    loss = torch.ops.kdfused.kd_linear_loss(
-        student_hidden,
-        student_weight,
-        student_bias,
-        teacher_hidden,
-        teacher_weight,
-        teacher_bias,
-        teacher_logits,
-        labels,
-        None,
-        float(temperature),
-        float(soft_weight),
-        float(hard_weight),
-        divergence,
-        float(beta),
-        int(ignore_index),
-        reduction,
-        chunk,
-        need_h,
-        need_w,
-        need_b,
-    )[0]
-    return loss
+    need_h = grad_on and sh.requires_grad
+    need_w = grad_on and sw.requires_grad
+    need_b = grad_on and sb is not None and sb.requires_grad
+    out = torch.ops.kdfused.kd_linear_loss(
+        sh, sw, sb, th, tw, tb, tl, labels, None, *options.op_args, chunk, need_h, need_w, need_b
+    )
+    return out[0]
 
 
-class LinearKDLoss(nn.Module):
+class LinearKDLoss(OptionsModule):
     """Module form of :func:`linear_kd_loss`; the keywords are checked when the module is built.
 
     Example::
@@ -311,37 +206,14 @@ class LinearKDLoss(nn.Module):
         >>> loss = crit(h_student, lm_head.weight, h_teacher.detach(), teacher_head.weight, labels)
     """
 
-    def __init__(
-        self,
-        temperature: float = 1.0,
-        soft_weight: float = 1.0,
-        hard_weight: float = 0.0,
-        divergence: str = "kl",
-        beta: float = 0.5,
-        ignore_index: int = -100,
-        reduction: str = "batchmean",
-        chunk_size: Optional[int] = None,
-        process_group=None,
-    ):
-        super().__init__()
-        _C.check_options(
-            float(temperature),
-            float(soft_weight),
-            float(hard_weight),
-            divergence,
-            float(beta),
-            reduction,
-        )
-        _check_chunk_size(chunk_size)
-        self.temperature = float(temperature)
-        self.soft_weight = float(soft_weight)
-        self.hard_weight = float(hard_weight)
-        self.divergence = divergence
-        self.beta = float(beta)
-        self.ignore_index = int(ignore_index)
-        self.reduction = reduction
-        self.chunk_size = chunk_size
-        self.process_group = process_group
+    _who = _WHO
+
+    _function = linear_kd_loss
+    _extra = ("chunk_size", "process_group")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _check_chunk_size(self.chunk_size)
 
     def forward(
         self,
@@ -355,30 +227,11 @@ class LinearKDLoss(nn.Module):
         teacher_bias: Optional[torch.Tensor] = None,
         teacher_logits: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        return linear_kd_loss(
-            student_hidden,
-            student_weight,
-            teacher_hidden,
-            teacher_weight,
-            labels,
-            student_bias=student_bias,
-            teacher_bias=teacher_bias,
-            teacher_logits=teacher_logits,
-            temperature=self.temperature,
-            soft_weight=self.soft_weight,
-            hard_weight=self.hard_weight,
-            divergence=self.divergence,
-            beta=self.beta,
-            ignore_index=self.ignore_index,
-            reduction=self.reduction,
-            chunk_size=self.chunk_size,
-            process_group=self.process_group,
-        )
+        tensors = (student_hidden, student_weight, teacher_hidden, teacher_weight, labels)
+        tensors += (student_bias, teacher_bias, teacher_logits)
+        _check_tensor_types(*tensors)
+        chunk = _check_chunk_size(self.chunk_size)
+        return _dispatch(*tensors, self.options, chunk, self.process_group)
 
     def extra_repr(self) -> str:
-        return (
-            f"temperature={self.temperature}, soft_weight={self.soft_weight}, "
-            f"hard_weight={self.hard_weight}, divergence={self.divergence!r}, "
-            f"beta={self.beta}, ignore_index={self.ignore_index}, "
-            f"reduction={self.reduction!r}, chunk_size={self.chunk_size}"
-        )
+        return f"{super().extra_repr()}, chunk_size={self.chunk_size}"

@@ -1,6 +1,6 @@
 """Public API: :func:`kd_loss`, the :class:`KDLoss` module and :class:`KDLossFunction`.
 
-Two autograd paths lead to the same backward code (``_ops.saved_grads_backward``):
+Two autograd paths lead to the same backward code (``_backward.backward``):
 
 - :func:`kd_loss` (and :class:`KDLoss`) call the custom op ``torch.ops.kdfused.kd_loss``, whose
   autograd is registered with ``torch.library.register_autograd`` (``_ops.py``). That is the
@@ -12,7 +12,7 @@ Two autograd paths lead to the same backward code (``_ops.saved_grads_backward``
   only add a second autograd node per call.
 - :class:`KDLossFunction` is a ``torch.autograd.Function`` over the same op, for code that
   composes Functions (``Function.apply`` with positional arguments). Its backward calls the same
-  ``saved_grads_backward``: one implementation of the scaling, not two copies.
+  ``_backward.backward``: one implementation of the scaling, not two copies.
 """
 
 from __future__ import annotations
@@ -20,10 +20,12 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch import nn
 
 from . import _checks
-from ._ops import _lib_ops, kd_loss_op, saved_grads_backward
+from ._backward import backward, keep
+from ._module import OptionsModule
+from ._ops import _lib_ops, kd_loss_op
+from ._options import KDOptions, parse
 
 
 def kd_loss(
@@ -128,42 +130,25 @@ def kd_loss(
         >>> loss = kd_loss(s, t, y, temperature=4.0, soft_weight=0.9, hard_weight=0.1)
         >>> loss.backward()
     """
-    _checks.check_types(
-        student_logits,
-        teacher_logits,
-        labels,
-        temperature,
-        soft_weight,
-        hard_weight,
-        divergence,
-        beta,
-        ignore_index,
-        reduction,
-    )
-    if process_group is not None:
-        from .parallel import options_of, vocab_parallel_kd_loss
+    _checks.check_logits_types(student_logits, teacher_logits, labels)
+    # With a process group the option values are checked with the tensors, inside the exchange
+    # (a bad value on one process must not leave the others blocked in a collective).
+    options = (temperature, soft_weight, hard_weight, divergence, beta, ignore_index, reduction)
+    options = parse(*options, check_values=process_group is None)
+    return _dispatch(student_logits, teacher_logits, labels, options, process_group)
 
-        options = options_of(
-            temperature, soft_weight, hard_weight, divergence, beta, ignore_index, reduction
-        )
+
+def _dispatch(student_logits, teacher_logits, labels, options: KDOptions, process_group):
+    if process_group is not None:
+        from .parallel import vocab_parallel_kd_loss
+
         return vocab_parallel_kd_loss(
             student_logits, teacher_logits, labels, process_group, options
         )
-    return kd_loss_op(
-        student_logits,
-        teacher_logits,
-        labels,
-        temperature,
-        soft_weight,
-        hard_weight,
-        divergence,
-        beta,
-        ignore_index,
-        reduction,
-    )
+    return kd_loss_op(student_logits, teacher_logits, labels, options)
 
 
-class KDLoss(nn.Module):
+class KDLoss(OptionsModule):
     """Module form of :func:`kd_loss`; the keywords are checked when the module is built
     (``process_group`` as for :func:`kd_loss`).
 
@@ -173,30 +158,8 @@ class KDLoss(nn.Module):
         >>> loss = crit(student_logits, teacher_logits.detach(), labels)
     """
 
-    def __init__(
-        self,
-        temperature: float = 1.0,
-        soft_weight: float = 1.0,
-        hard_weight: float = 0.0,
-        divergence: str = "kl",
-        beta: float = 0.5,
-        ignore_index: int = -100,
-        reduction: str = "batchmean",
-        process_group=None,
-    ):
-        super().__init__()
-        _checks.check_option_types(
-            temperature, soft_weight, hard_weight, divergence, beta, reduction
-        )
-        _checks.check_options(temperature, soft_weight, hard_weight, divergence, beta, reduction)
-        self.beta = float(beta)
-        self.temperature = float(temperature)
-        self.soft_weight = float(soft_weight)
-        self.hard_weight = float(hard_weight)
-        self.divergence = divergence
-        self.ignore_index = int(ignore_index)
-        self.reduction = reduction
-        self.process_group = process_group
+    _function = kd_loss
+    _extra = ("process_group",)
 
     def forward(
         self,
@@ -204,28 +167,12 @@ class KDLoss(nn.Module):
         teacher_logits: torch.Tensor,
         labels: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        return kd_loss(
-            student_logits,
-            teacher_logits,
-            labels,
-            temperature=self.temperature,
-            soft_weight=self.soft_weight,
-            hard_weight=self.hard_weight,
-            divergence=self.divergence,
-            beta=self.beta,
-            ignore_index=self.ignore_index,
-            reduction=self.reduction,
-            process_group=self.process_group,
-        )
+        _checks.check_logits_types(student_logits, teacher_logits, labels)
+        return _dispatch(student_logits, teacher_logits, labels, self.options, self.process_group)
 
     def extra_repr(self) -> str:
-        return (
-            f"temperature={self.temperature}, soft_weight={self.soft_weight}, "
-            f"hard_weight={self.hard_weight}, divergence={self.divergence!r}, "
-            f"beta={self.beta}, "
-            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}"
-            + ("" if self.process_group is None else ", process_group=...")
-        )
+        group = "" if self.process_group is None else ", process_group=..."
+        return super().extra_repr() + group
 
 
 class KDLossFunction(torch.autograd.Function):
@@ -261,38 +208,18 @@ class KDLossFunction(torch.autograd.Function):
         reduction,
         beta=0.5,
     ):
-        _checks.check_types(
-            student_logits,
-            teacher_logits,
-            labels,
-            temperature,
-            soft_weight,
-            hard_weight,
-            divergence,
-            beta,
-            ignore_index,
-            reduction,
+        _checks.check_logits_types(student_logits, teacher_logits, labels)
+        options = parse(
+            temperature, soft_weight, hard_weight, divergence, beta, ignore_index, reduction
         )
         need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        loss, gs, gt, scale = _lib_ops.kd_loss(
-            student_logits,
-            teacher_logits,
-            labels,
-            float(temperature),
-            float(soft_weight),
-            float(hard_weight),
-            divergence,
-            float(beta),
-            int(ignore_index),
-            reduction,
-            need_s,
-            need_t,
+        loss, *grads = _lib_ops.kd_loss(
+            student_logits, teacher_logits, labels, *options.op_args, need_s, need_t
         )
         # The op's saved state, as the registered autograd keeps it (_ops._setup_context).
-        ctx.kd_grads = (gs, gt, scale)
-        ctx.kd_need = (need_s, need_t)
+        keep(ctx, (need_s, need_t), tuple(grads))
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        return saved_grads_backward(ctx, grad_loss) + (None,) * 8
+        return backward(ctx, grad_loss, 10, "kd_loss")

@@ -21,14 +21,16 @@ error for inconsistent inputs instead of blocking in a collective.
 
 from __future__ import annotations
 
-import zlib
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from . import _C
-from ._ops import _lib_ops, saved_grads_backward
+from ._backward import backward, keep
+from ._checks import check_label_values
+from ._ops import _lib_ops
+from ._options import KDOptions
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -47,10 +49,6 @@ def _label_checksum(labels: Optional[torch.Tensor]) -> int:
     y = labels.reshape(-1).to(torch.int64)
     w = torch.arange(1, y.numel() + 1, dtype=torch.int64, device=y.device)
     return int((y * w).sum().item()) ^ (y.numel() << 1)
-
-
-def _options_code(options: tuple) -> int:
-    return zlib.crc32(repr(options).encode())
 
 
 _META_FIELDS = (
@@ -88,15 +86,16 @@ def exchange_metadata(
     student: Optional[torch.Tensor],
     teacher: Optional[torch.Tensor],
     labels: Optional[torch.Tensor],
-    options: tuple,
+    options: KDOptions,
     hidden: int = 0,
     local_error: Optional[Exception] = None,
+    extra: tuple = (),
 ) -> Slice:
     """One ``all_gather`` of a few int64 per process; raises the same ValueError on every process
     when they disagree on anything that must agree (then no other collective is started).
     ``local_error``: this process's own input check failed; it still takes part in the exchange
     (so that no other process blocks), then raises it, and the others raise a ValueError naming
-    the failed ranks."""
+    the failed ranks. ``extra``: more options that must agree (compared with ``options``)."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(f"{who}: process_group given but torch.distributed is not initialized")
     world = dist.get_world_size(group)
@@ -109,7 +108,7 @@ def exchange_metadata(
             _dtype_code(student),
             _dtype_code(teacher),
             _label_checksum(labels),
-            _options_code(options),
+            options.exchange_code(*extra),
             hidden,
         ],
         dtype=torch.int64,
@@ -149,18 +148,10 @@ def exchange_metadata(
             f"rank: {sizes}"
         )
     total = sum(sizes)
-    if labels is not None:
-        # Labels are identical everywhere (checksum above): every process raises the same error,
-        # before any kernel runs (on CUDA a kernel could only assert).
-        ignore_index = options[5]
-        y = labels.reshape(-1)
-        bad = (y != ignore_index) & ((y < 0) | (y >= total))
-        if bool(bad.any()):
-            r = int(bad.nonzero()[0, 0])
-            raise ValueError(
-                f"{who}: labels must be in [0, {total}) (the whole vocabulary over the process "
-                f"group) or equal ignore_index ({ignore_index}), got {int(y[r])} at row {r}"
-            )
+    # Labels are identical everywhere (checksum above): every process raises the same error,
+    # before any kernel runs (on CUDA a kernel could only assert).
+    whole = " (the whole vocabulary over the process group)"
+    check_label_values(labels, total, options.ignore_index, who, whole)
     return Slice(sum(sizes[:rank]), total, sizes, rank, world)
 
 
@@ -183,23 +174,19 @@ def slice_loss(
     labels: Optional[torch.Tensor],
     sl: Slice,
     group,
-    options: tuple,
+    options: KDOptions,
     reduction: str,
     grad_student: bool,
     grad_teacher: bool,
 ):
     """The steps of the module docstring on this process's slice; returns kd_vp_grad's
-    (loss, grad_student, grad_teacher, grad_scale). ``options``: see :func:`options_of`."""
-    opts, ignore_index = options[:5], options[5]
-    _, soft_weight, _, divergence, beta = opts
+    (loss, grad_student, grad_teacher, grad_scale). ``reduction`` overrides the options' own."""
+    opts, ignore_index = options.loss_args, options.ignore_index
     stats = _lib_ops.kd_vp_stats(student, teacher, labels, sl.offset, sl.total, *opts, ignore_index)
     fin = _lib_ops.kd_vp_merge(
         gather(stats, group, sl.world), labels, *opts, ignore_index, reduction
     )
-    mixes = soft_weight > 0 and divergence in ("jsd", "tvd")
-    if divergence == "jsd" and beta in (0.0, 1.0):
-        mixes = False  # kl / reverse_kl (the kernels' own mapping)
-    if mixes:
+    if options.mixes:
         mix = _lib_ops.kd_vp_mix(student, teacher, labels, fin, sl.offset, *opts, ignore_index)
         fin = _lib_ops.kd_vp_merge_mix(fin, gather(mix, group, sl.world), *opts)
     return _lib_ops.kd_vp_grad(
@@ -208,29 +195,17 @@ def slice_loss(
     )  # fmt: skip
 
 
-def options_of(temperature, soft_weight, hard_weight, divergence, beta, ignore_index, reduction):
-    """The loss options as one tuple, in the schema's order (what every process must agree on)."""
-    return (
-        float(temperature),
-        float(soft_weight),
-        float(hard_weight),
-        divergence,
-        float(beta),
-        int(ignore_index),
-        reduction,
-    )
-
-
 class _VocabParallelKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, labels, group, options):
         need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         rows = student.numel() // max(student.shape[-1], 1) if student.dim() else 1
-        reduction = options[6]
+        reduction = options.reduction
         local_error = None
         try:
-            # Everything that can be checked without the others' inputs, before any collective.
-            _C.check_inputs(student, teacher, labels, *options[:5], reduction)
+            # Everything that can be checked without the others' inputs (the option values
+            # included), before any collective.
+            _C.check_inputs(student, teacher, labels, *options.check_args)
         except (ValueError, TypeError, RuntimeError) as e:
             local_error = e
         width = student.shape[-1] if student.dim() else 0
@@ -238,23 +213,22 @@ class _VocabParallelKD(torch.autograd.Function):
             "kdfused.kd_loss", group, student.device, rows, width, student, teacher, labels,
             options, local_error=local_error,
         )  # fmt: skip
-        loss, gs, gt, scale = slice_loss(
+        loss, *grads = slice_loss(
             student, teacher, labels, sl, group, options, reduction, need_s, need_t
         )
         ctx.set_materialize_grads(False)
-        ctx.kd_grads = (gs, gt, scale)
-        ctx.kd_need = (need_s, need_t)
+        keep(ctx, (need_s, need_t), tuple(grads))
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        return saved_grads_backward(ctx, grad_loss) + (None,) * 3
+        return backward(ctx, grad_loss, 5, "kd_loss")
 
 
 @torch.compiler.disable
 def vocab_parallel_kd_loss(student_logits, teacher_logits, labels, process_group, options):
-    """:func:`kdfused.kd_loss` with ``process_group`` (arguments already type-checked;
-    ``options`` from :func:`options_of`).
+    """:func:`kdfused.kd_loss` with ``process_group`` (arguments already type-checked; the
+    option values are checked here, with the tensors).
 
     Runs eagerly: under ``torch.compile`` this call is a graph break (``fullgraph=True`` raises),
     because the exchange between the kernel steps is a host-side sequence of collectives.

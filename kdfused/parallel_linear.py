@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._backward import backward
+from ._options import KDOptions
 from .parallel import exchange_metadata, gather, slice_loss
 
 # Rows per chunk when chunk_size is None: as the single-process op, from the logit row size; the
@@ -35,7 +37,8 @@ def _linear(h, w, b):
 def _run(args, row_weight, need_h, need_w, need_b):
     """The chunk loop. row_weight: [N] factors applied to each row's logit gradient (the mean's
     1 / n_valid, or the backward's grad_output for reduction "none"); None: loss only."""
-    (sh, sw, sb, th, tw, tb, tl, labels, group, sl, opts, ignore_index, chunk) = args
+    (sh, sw, sb, th, tw, tb, tl, labels, group, sl, options, chunk) = args
+    ignore_index = options.ignore_index
     H = sh.shape[-1]
     N = sh.numel() // H if H else 0
     h = sh.reshape(N, H)
@@ -62,9 +65,7 @@ def _run(args, row_weight, need_h, need_w, need_b):
             continue  # the same on every process (labels are identical): no collective skipped
         s_c = _linear(h[a:b], sw, sb)
         t_c = _linear(ht[a:b], tw, tb) if ht is not None else tlog[a:b]
-        loss_c, g, _, _ = slice_loss(
-            s_c, t_c, y_c, sl, group, (*opts, ignore_index), "none", grads, False
-        )
+        loss_c, g, _, _ = slice_loss(s_c, t_c, y_c, sl, group, options, "none", grads, False)
         rows[a:b] = loss_c
         if not grads:
             continue
@@ -95,19 +96,17 @@ def _run(args, row_weight, need_h, need_w, need_b):
 
 class _VocabParallelLinearKD(torch.autograd.Function):
     @staticmethod
-    def forward(
-        ctx, sh, sw, sb, th, tw, tb, tl, labels, group, opts, ignore_index, reduction, chunk
-    ):
+    def forward(ctx, sh, sw, sb, th, tw, tb, tl, labels, group, options: KDOptions, chunk):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = sb is not None and ctx.needs_input_grad[2]
         H = sh.shape[-1]
         N = sh.numel() // H if H else 0
-        options = (*opts, ignore_index, reduction, chunk)
+        ignore_index, reduction = options.ignore_index, options.reduction
         local_error = None
         try:
             # The single-process op's checks on this process's tensors (shapes, dtypes, options),
             # with zero rows: nothing is computed.
-            _C_check(sh, sw, sb, th, tw, tb, tl, labels, opts, ignore_index, reduction, chunk)
+            _C_check(sh, sw, sb, th, tw, tb, tl, labels, options, chunk)
         except (ValueError, TypeError, RuntimeError) as e:
             local_error = e
         teacher = th if th is not None else tl
@@ -123,12 +122,13 @@ class _VocabParallelLinearKD(torch.autograd.Function):
             options,
             hidden=H,
             local_error=local_error,
+            extra=(chunk,),
         )
         y = labels.reshape(-1) if labels is not None else None
         n_valid = int((y != ignore_index).sum()) if y is not None else N
         if chunk == 0:
             chunk = _auto_chunk(sl.total, sh.dtype)
-        args = (sh, sw, sb, th, tw, tb, tl, labels, group, sl, opts, ignore_index, chunk)
+        args = (sh, sw, sb, th, tw, tb, tl, labels, group, sl, options, chunk)
         any_grad = need_h or need_w or need_b
         none = reduction == "none"
         weight = None
@@ -137,13 +137,14 @@ class _VocabParallelLinearKD(torch.autograd.Function):
             weight = torch.full((N,), scale, dtype=torch.float64, device=sh.device)
         rows, gh, gw, gb = _run(args, weight, need_h, need_w, need_b)
         ctx.kd_need = (need_h, need_w, need_b)
-        ctx.kd_none = none
         ctx.set_materialize_grads(False)
         if none:
             ctx.kd_args = args  # the backward runs the loop again with row_weight = grad_output
+            ctx.kd_recompute = _rerun
             loss = rows.reshape(sh.shape[:-1])
         else:
             ctx.kd_grads = (gh, gw, gb)
+            ctx.kd_recompute = _scaled
             total = rows.to(torch.float64).sum()  # row order, in double: the same everywhere
             if reduction in ("mean", "batchmean"):
                 total = total / max(n_valid, 1)
@@ -152,29 +153,24 @@ class _VocabParallelLinearKD(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        need_h, need_w, need_b = ctx.kd_need
-        rest = (None,) * 10
-        if grad_loss is None:
-            return (None,) * 13
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "kdfused.linear_kd_loss does not support double backward (create_graph=True)"
-            )
-        if ctx.kd_none:
-            _, gh, gw, gb = _run(
-                ctx.kd_args, grad_loss.reshape(-1).to(torch.float64), need_h, need_w, need_b
-            )
-            return (gh, gw, gb) + rest
-        gh, gw, gb = ctx.kd_grads
-        g = grad_loss.to(torch.float64)
-        if not bool(g == 1):  # (one sync on CUDA, where the collectives synchronise anyway)
-            gh, gw, gb = (
-                None if x is None else (x.to(torch.float64) * g).to(x.dtype) for x in (gh, gw, gb)
-            )
-        return (gh, gw, gb) + rest
+        return backward(ctx, grad_loss, 11, "linear_kd_loss")
 
 
-def _C_check(sh, sw, sb, th, tw, tb, tl, labels, opts, ignore_index, reduction, chunk):
+def _rerun(ctx, grad_loss):
+    """Reduction "none": the chunk loop again, each row's gradient weighted by its grad_output."""
+    return _run(ctx.kd_args, grad_loss.reshape(-1).to(torch.float64), *ctx.kd_need)[1:]
+
+
+def _scaled(ctx, grad_loss):
+    """The gradients of the forward, scaled to grad_output in double (out of place)."""
+    grads = ctx.kd_grads
+    g = grad_loss.to(torch.float64)
+    if not bool(g == 1):  # (one sync on CUDA, where the collectives synchronise anyway)
+        grads = tuple(None if x is None else (x.to(torch.float64) * g).to(x.dtype) for x in grads)
+    return grads
+
+
+def _C_check(sh, sw, sb, th, tw, tb, tl, labels, options: KDOptions, chunk):
     # The single-process op checks everything local (shapes, dtypes, devices, options, chunk_size)
     # before it computes anything; run it on zero rows of the inputs.
     def rows0(x):
@@ -190,9 +186,7 @@ def _C_check(sh, sw, sb, th, tw, tb, tl, labels, opts, ignore_index, reduction, 
         rows0(tl),
         None if labels is None else labels.reshape(-1)[:0],
         None,
-        *opts,
-        ignore_index,
-        reduction,
+        *options.op_args,
         chunk,
         False,
         False,
@@ -201,9 +195,7 @@ def _C_check(sh, sw, sb, th, tw, tb, tl, labels, opts, ignore_index, reduction, 
 
 
 @torch.compiler.disable
-def vocab_parallel_linear_kd_loss(
-    sh, sw, th, tw, labels, sb, tb, tl, group, opts, ignore_index, reduction, chunk
-):
+def vocab_parallel_linear_kd_loss(sh, sw, th, tw, labels, sb, tb, tl, group, options, chunk):
     """:func:`kdfused.linear_kd_loss` with ``process_group`` (arguments already type-checked).
     Runs eagerly: under ``torch.compile`` a graph break (``fullgraph=True`` raises)."""
     if sh.device.type not in ("cpu", "cuda"):
@@ -214,6 +206,4 @@ def vocab_parallel_linear_kd_loss(
     for name, t in (("teacher_hidden", th), ("teacher_weight", tw), ("teacher_bias", tb)):
         if t is not None and t.requires_grad and torch.is_grad_enabled():
             raise ValueError(f"kdfused.linear_kd_loss: {name} requires grad; pass {name}.detach()")
-    return _VocabParallelLinearKD.apply(
-        sh, sw, sb, th, tw, tb, tl, labels, group, opts, ignore_index, reduction, chunk
-    )
+    return _VocabParallelLinearKD.apply(sh, sw, sb, th, tw, tb, tl, labels, group, options, chunk)

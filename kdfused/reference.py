@@ -45,23 +45,14 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks
-from ._checks import DIVERGENCES, REDUCTIONS
+from ._checks import DIVERGENCES, REDUCTIONS, effective_divergence
+from ._options import parse
 
 __all__ = ["kd_loss", "topk_kd_loss", "divergence_rows", "DIVERGENCES", "REDUCTIONS"]
 
 
 def _acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(x.dtype == torch.float64 for x in tensors) else torch.float32
-
-
-def effective_divergence(divergence: str, beta: float) -> str:
-    """The generalised JSD's end points are the two KLs (as TRL and Liger define them): beta = 0
-    is KL(p || q), beta = 1 is KL(q || p), computed by exactly those code paths."""
-    if divergence == "jsd" and beta == 0.0:
-        return "kl"
-    if divergence == "jsd" and beta == 1.0:
-        return "reverse_kl"
-    return divergence
 
 
 def _tempered_log_softmax(x: torch.Tensor, T: float) -> torch.Tensor:
@@ -138,33 +129,14 @@ def kd_loss(
         student_logits, teacher_logits = _gather_vocab(
             student_logits, teacher_logits, process_group
         )
-    _checks.check_types(
-        student_logits,
-        teacher_logits,
-        labels,
-        temperature,
-        soft_weight,
-        hard_weight,
-        divergence,
-        beta,
-        ignore_index,
-        reduction,
-    )
-    _checks.check_inputs(
-        student_logits,
-        teacher_logits,
-        labels,
-        temperature,
-        soft_weight,
-        hard_weight,
-        divergence,
-        beta,
-        reduction,
-    )
+    _checks.check_logits_types(student_logits, teacher_logits, labels)
+    options = (temperature, soft_weight, hard_weight, divergence, beta, ignore_index, reduction)
+    options = parse(*options)
+    _checks.check_inputs(student_logits, teacher_logits, labels, options.hard_weight)
     V = student_logits.shape[-1]
     _checks.check_label_values(labels, V, ignore_index)
 
-    T, ws, wh = float(temperature), float(soft_weight), float(hard_weight)
+    T, ws, wh = options.temperature, options.soft_weight, options.hard_weight
     acc = _acc_dtype(student_logits, teacher_logits)
     lead = student_logits.shape[:-1]
     s = student_logits.to(acc).reshape(-1, V)
@@ -192,7 +164,7 @@ def kd_loss(
     )
     if ws != 0:
         D = divergence_rows(
-            _tempered_log_softmax(t, T), _tempered_log_softmax(s, T), divergence, float(beta)
+            _tempered_log_softmax(t, T), _tempered_log_softmax(s, T), divergence, options.beta
         )
         row = row + ws * T * T * D
     if wh != 0:

@@ -152,20 +152,35 @@ def _is_cuda_fault(exc: BaseException) -> bool:
     )
 
 
+def _loss_options(case) -> dict:
+    """The case's loss options, as keywords of the functions under test."""
+    names = ("temperature", "soft_weight", "hard_weight", "divergence", "beta", "ignore_index")
+    return {n: getattr(case, n) for n in names + ("reduction",)}
+
+
+def _judge(checks, exp, runs, names, label: str, msgs: list) -> tuple:
+    """(worst error/tolerance, where) of ``checks`` ((name, result) pairs) against ``exp``; adds
+    to ``msgs`` each result out of tolerance and each that differs between the two ``runs``."""
+    worst, where = 0.0, "-"
+    for name, got in checks:
+        r = C.error_ratio(got, exp[name], exp[name + "_tol"])
+        if not r <= 1.0:
+            msgs.append(f"{name}: error {r:.3g} x tolerance")
+        if not r <= worst:  # NaN-safe
+            worst, where = r, f"{label} {name}"
+    for a, b, name in zip(runs[0], runs[1], names):
+        if (a is None) != (b is None) or (a is not None and not torch.equal(a, b)):
+            msgs.append(f"{name} differs between two identical calls (not deterministic)")
+    return worst, where
+
+
 def run_case(path: Path, case: C.Case, inp: dict, exp: dict) -> tuple:
     """(worst error/tolerance, where, [failure messages]); raises on an error in the call."""
     s, t, y, go = C.on_device(inp, case, path.device)
     s0, t0 = s.clone(), t.clone()
-    kw = dict(
-        temperature=case.temperature,
-        soft_weight=case.soft_weight,
-        hard_weight=case.hard_weight,
-        divergence=case.divergence,
-        ignore_index=case.ignore_index,
-        reduction=case.reduction,
-    )
-    if case.divergence == "jsd":
-        kw["beta"] = case.beta
+    kw = _loss_options(case)
+    if case.divergence != "jsd":
+        del kw["beta"]  # the default
     runs = []
     for _ in range(2):
         ss = s.detach().requires_grad_(not case.loss_only)
@@ -196,16 +211,7 @@ def run_case(path: Path, case: C.Case, inp: dict, exp: dict) -> tuple:
         checks.append(("grad_t", gt))
         if gt is not None and gt.dtype != case.tdt:
             msgs.append(f"grad_t dtype {gt.dtype}, expected {case.tdt}")
-    worst, where = 0.0, "-"
-    for name, got in checks:
-        r = C.error_ratio(got, exp[name], exp[name + "_tol"])
-        if not r <= 1.0:
-            msgs.append(f"{name}: error {r:.3g} x tolerance")
-        if not r <= worst:  # NaN-safe
-            worst, where = r, f"#{case.idx} {name}"
-    for a, b, name in zip(runs[0], runs[1], ("loss", "grad_s", "grad_t")):
-        if (a is None) != (b is None) or (a is not None and not torch.equal(a, b)):
-            msgs.append(f"{name} differs between two identical calls (not deterministic)")
+    worst, where = _judge(checks, exp, runs, ("loss", "grad_s", "grad_t"), f"#{case.idx}", msgs)
     if not (torch.equal(s, s0) and torch.equal(t, t0)):
         msgs.append("the inputs were modified")
     return worst, where, msgs
@@ -215,16 +221,7 @@ def run_linear_case(path: Path, case: C.LinearCase, inp: dict, exp: dict) -> tup
     """As run_case, for the fused linear op: (worst error/tolerance, where, [failure messages])."""
     x = C.linear_on_device(inp, path.device)
     x0 = {k: v.clone() for k, v in x.items() if v is not None}
-    kw = dict(
-        temperature=case.temperature,
-        soft_weight=case.soft_weight,
-        hard_weight=case.hard_weight,
-        divergence=case.divergence,
-        beta=case.beta,
-        ignore_index=case.ignore_index,
-        reduction=case.reduction,
-        chunk_size=case.chunk_size,
-    )
+    kw = dict(_loss_options(case), chunk_size=case.chunk_size)
     runs = []
     for _ in range(2):
         sh, sw, sb = (
@@ -259,16 +256,8 @@ def run_linear_case(path: Path, case: C.LinearCase, inp: dict, exp: dict) -> tup
             checks.append((name, got))
             if got is not None and got.dtype != case.sdt:
                 msgs.append(f"{name} dtype {got.dtype}, expected {case.sdt}")
-    worst, where = 0.0, "-"
-    for name, got in checks:
-        r = C.error_ratio(got, exp[name], exp[name + "_tol"])
-        if not r <= 1.0:
-            msgs.append(f"{name}: error {r:.3g} x tolerance")
-        if not r <= worst:  # NaN-safe
-            worst, where = r, f"linear#{case.idx} {name}"
-    for a, b, name in zip(runs[0], runs[1], ("loss", "grad_h", "grad_w", "grad_b")):
-        if (a is None) != (b is None) or (a is not None and not torch.equal(a, b)):
-            msgs.append(f"{name} differs between two identical calls (not deterministic)")
+    names = ("loss", "grad_h", "grad_w", "grad_b")
+    worst, where = _judge(checks, exp, runs, names, f"linear#{case.idx}", msgs)
     if not all(torch.equal(x[k], v) for k, v in x0.items()):
         msgs.append("the inputs were modified")
     return worst, where, msgs

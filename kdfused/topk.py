@@ -12,36 +12,29 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch import nn
 
-from . import _C  # noqa: F401  (loads the library that defines torch.ops.kdfused)
+from . import (
+    _C,  # noqa: F401  (loads the library that defines torch.ops.kdfused)
+    _backward,
+    _checks,
+    _fake,
+)
+from ._checks import FLOAT_DTYPES as _FLOATS
+from ._checks import TOPK_DIVERGENCES
+from ._module import OptionsModule
+from ._options import parse
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _N_INPUTS = 11
 
 
 def _check_meta(
     student, indices, values, labels, temperature, soft_weight, hard_weight, divergence, reduction
 ):
-    """The op's checks that need no data, for fake tensors (the C++ op runs the same checks)."""
-    if divergence not in ("kl", "ce"):
-        raise ValueError(
-            f"kdfused: topk_kd_loss supports divergence 'kl' or 'ce', got {divergence!r}"
-        )
-    if reduction not in ("batchmean", "mean", "sum", "none"):
-        raise ValueError(
-            f"kdfused: reduction must be one of 'batchmean', 'mean', 'sum', 'none', "
-            f"got {reduction!r}"
-        )
-    for name, val, low in (
-        ("temperature", temperature, None),
-        ("soft_weight", soft_weight, 0),
-        ("hard_weight", hard_weight, 0),
-    ):
-        ok = val == val and abs(val) != float("inf") and (val > 0 if low is None else val >= 0)
-        if not ok:
-            bound = "> 0" if low is None else ">= 0"
-            raise ValueError(f"kdfused: {name} must be finite and {bound}, got {val}")
+    """The op's checks that need no data, for fake tensors (the C++ op runs the same checks,
+    csrc/kd_topk.cpp, which no Python entry point exposes)."""
+    # beta is jsd's, which top-k does not support: the neutral default.
+    options = (temperature, soft_weight, hard_weight, divergence, 0.5, reduction)
+    _checks.check_options(*options, TOPK_DIVERGENCES)
     if student.dtype not in _FLOATS:
         raise TypeError(
             f"kdfused: student_logits must be float16, bfloat16, float32 or float64, "
@@ -84,45 +77,14 @@ def _check_meta(
 
 
 @torch.library.register_fake("kdfused::topk_kd_loss")
-def _topk_kd_loss_fake(
-    student,
-    indices,
-    values,
-    labels,
-    temperature,
-    soft_weight,
-    hard_weight,
-    divergence,
-    ignore_index,
-    reduction,
-    grad_student,
-):
-    # With symbolic shapes the checks run when the compiled graph calls the real kernel.
-    if not any(
-        isinstance(d, torch.SymInt)
-        for x in (student, indices, values, labels)
-        if x is not None
-        for d in x.shape
-    ):
-        _check_meta(
-            student,
-            indices,
-            values,
-            labels,
-            temperature,
-            soft_weight,
-            hard_weight,
-            divergence,
-            reduction,
-        )
-    acc = torch.float64 if torch.float64 in (student.dtype, values.dtype) else torch.float32
-    loss = student.new_empty(student.shape[:-1] if reduction == "none" else (), dtype=acc)
-    gs = (
-        torch.empty(student.shape, dtype=student.dtype, device=student.device)
-        if grad_student
-        else student.new_empty((0,))
-    )
-    return loss, gs, torch.empty_like(loss)
+def _topk_kd_loss_fake(student, indices, values, labels, *args):
+    # args: the options in the schema's order (KDOptions.topk_args), then the gradient flag.
+    temperature, soft_weight, hard_weight, divergence, _, reduction, grad_student = args
+    tensors = (student, indices, values, labels)
+    options = (temperature, soft_weight, hard_weight, divergence, reduction)
+    _fake.check_if_concrete(tensors, _check_meta, *tensors, *options)
+    acc = _fake.accumulation_dtype(student, values)
+    return _fake.outputs(student, acc, reduction, ((student, grad_student, student),))
 
 
 def _setup_context(ctx, inputs, output):
@@ -131,58 +93,16 @@ def _setup_context(ctx, inputs, output):
             "kdfused: teacher_values must not require grad: topk_kd_loss gives no "
             "teacher gradient (detach the stored teacher)"
         )
-    _, gs, scale = output
-    ctx.mark_non_differentiable(gs, scale)
-    ctx.set_materialize_grads(False)  # no N x V zeros for the non-differentiable outputs
-    # Plain attributes, not save_for_backward: kd_scale_grads_ updates them in place.
-    ctx.kd_grads = (gs, scale)
-    ctx.kd_need = inputs[10]
+    _backward.setup_context(ctx, output, (inputs[10],))
 
 
-def _graph_kept() -> bool:
-    keep = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
-    return True if keep is None else bool(keep())
+def _backward_topk(ctx, grad_loss, _gs, _scale):
+    return _backward.backward(ctx, grad_loss, _N_INPUTS, "topk_kd_loss")
 
 
-def _backward(ctx, grad_loss, _gs, _scale):
-    gs, scale = ctx.kd_grads
-    need = ctx.kd_need
-    kept = _graph_kept()
-    if not kept:
-        ctx.kd_grads = None  # the last backward: hand the gradient on without a copy
-    if grad_loss is None or not need:
-        return (None,) * _N_INPUTS
-    if torch.compiler.is_compiling() or type(grad_loss) is not torch.Tensor:
-        # Traced backward (torch.compile / AOTAutograd): functional, out of place.
-        g = grad_loss.unsqueeze(-1) if grad_loss.dim() > 0 else grad_loss
-        return (gs * g,) + (None,) * (_N_INPUTS - 1)
-    if torch.is_grad_enabled():
-        # The saved gradient is a constant to autograd: a second derivative would silently be 0.
-        raise RuntimeError(
-            "kdfused.topk_kd_loss does not support double backward (create_graph=True)"
-        )
-    if kept:
-        # retain_graph=True: another backward may follow with another grad_output.
-        gs, scale = gs.clone(), scale.clone()
-    torch.ops.kdfused.kd_scale_grads_(gs, gs.new_empty((0,)), scale, grad_loss)
-    return (gs,) + (None,) * (_N_INPUTS - 1)
-
-
-torch.library.register_autograd("kdfused::topk_kd_loss", _backward, setup_context=_setup_context)
-
-
-def _check_python_args(temperature, soft_weight, hard_weight, divergence, reduction, ignore_index):
-    for name, value in (
-        ("temperature", temperature),
-        ("soft_weight", soft_weight),
-        ("hard_weight", hard_weight),
-    ):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"kdfused: {name} must be a real number, got {type(value).__name__}")
-    if not isinstance(divergence, str) or not isinstance(reduction, str):
-        raise TypeError("kdfused: divergence and reduction must be strings")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"kdfused: ignore_index must be an int, got {type(ignore_index).__name__}")
+torch.library.register_autograd(
+    "kdfused::topk_kd_loss", _backward_topk, setup_context=_setup_context
+)
 
 
 def topk_kd_loss(
@@ -245,39 +165,32 @@ def topk_kd_loss(
     device-side assert, like PyTorch's own indexing and cross-entropy kernels. (The indices are
     only read, and so only checked, when ``soft_weight > 0``.)
     """
-    for name, x in (
-        ("student_logits", student_logits),
-        ("teacher_indices", teacher_indices),
-        ("teacher_values", teacher_values),
-    ):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"kdfused: {name} must be a tensor, got {type(x).__name__}")
-    if labels is not None and not isinstance(labels, torch.Tensor):
-        raise TypeError(f"kdfused: labels must be a tensor or None, got {type(labels).__name__}")
-    _check_python_args(temperature, soft_weight, hard_weight, divergence, reduction, ignore_index)
+    _check_tensor_types(student_logits, teacher_indices, teacher_values, labels)
+    # beta is jsd's, which top-k does not support: the neutral default.
+    options = (temperature, soft_weight, hard_weight, divergence, 0.5, ignore_index, reduction)
+    options = parse(*options, divergences=TOPK_DIVERGENCES)
+    return _call(student_logits, teacher_indices, teacher_values, labels, options)
+
+
+def _check_tensor_types(student_logits, teacher_indices, teacher_values, labels) -> None:
+    required = (("student_logits", student_logits), ("teacher_indices", teacher_indices))
+    required += (("teacher_values", teacher_values),)
+    _checks.check_tensor_types("kdfused", required, (("labels", labels),))
+
+
+def _call(student_logits, teacher_indices, teacher_values, labels, options):
     if teacher_values.requires_grad:
         raise ValueError(
             "kdfused: teacher_values must not require grad: topk_kd_loss gives no "
             "teacher gradient (detach the stored teacher)"
         )
     need = torch.is_grad_enabled() and student_logits.requires_grad
-    loss, _, _ = torch.ops.kdfused.topk_kd_loss(
-        student_logits,
-        teacher_indices,
-        teacher_values,
-        labels,
-        float(temperature),
-        float(soft_weight),
-        float(hard_weight),
-        divergence,
-        int(ignore_index),
-        reduction,
-        need,
-    )
-    return loss
+    return torch.ops.kdfused.topk_kd_loss(
+        student_logits, teacher_indices, teacher_values, labels, *options.topk_args, need
+    )[0]
 
 
-class TopKKDLoss(nn.Module):
+class TopKKDLoss(OptionsModule):
     """Module form of :func:`topk_kd_loss`; the keywords are checked when the module is built.
 
     Example::
@@ -286,33 +199,8 @@ class TopKKDLoss(nn.Module):
         >>> loss = crit(student_logits, stored_indices, stored_values, labels)
     """
 
-    def __init__(
-        self,
-        temperature: float = 1.0,
-        soft_weight: float = 1.0,
-        hard_weight: float = 0.0,
-        divergence: str = "kl",
-        ignore_index: int = -100,
-        reduction: str = "batchmean",
-    ):
-        super().__init__()
-        _check_python_args(
-            temperature, soft_weight, hard_weight, divergence, reduction, ignore_index
-        )
-        if divergence not in ("kl", "ce"):
-            raise ValueError(
-                f"kdfused: topk_kd_loss supports divergence 'kl' or 'ce', got {divergence!r}"
-            )
-        # beta is jsd's, which top-k does not support: the neutral default.
-        _C.check_options(
-            float(temperature), float(soft_weight), float(hard_weight), divergence, 0.5, reduction
-        )
-        self.temperature = float(temperature)
-        self.soft_weight = float(soft_weight)
-        self.hard_weight = float(hard_weight)
-        self.divergence = divergence
-        self.ignore_index = int(ignore_index)
-        self.reduction = reduction
+    _function = topk_kd_loss
+    _divergences = TOPK_DIVERGENCES
 
     def forward(
         self,
@@ -321,25 +209,8 @@ class TopKKDLoss(nn.Module):
         teacher_values: torch.Tensor,
         labels: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        return topk_kd_loss(
-            student_logits,
-            teacher_indices,
-            teacher_values,
-            labels,
-            temperature=self.temperature,
-            soft_weight=self.soft_weight,
-            hard_weight=self.hard_weight,
-            divergence=self.divergence,
-            ignore_index=self.ignore_index,
-            reduction=self.reduction,
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"temperature={self.temperature}, soft_weight={self.soft_weight}, "
-            f"hard_weight={self.hard_weight}, divergence={self.divergence!r}, "
-            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}"
-        )
+        _check_tensor_types(student_logits, teacher_indices, teacher_values, labels)
+        return _call(student_logits, teacher_indices, teacher_values, labels, self.options)
 
 
 @torch.no_grad()
