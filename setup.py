@@ -238,29 +238,22 @@ def cxx_std():
 
 CXX_STD = cxx_std()
 
-# Link order matters: the portable objects come first so that, for inline functions that several
-# objects define, the linker keeps their copy and not one compiled for AVX2/AVX-512. (The
-# instruction-set objects define no such function today: tools/check_isa_symbols.py, run by CI.)
-sources = [
-    "csrc/kdfused.cpp",
-    "csrc/kd_python.cpp",
-    "csrc/kd_cuda_plan.cpp",
-    "csrc/kd_linear.cpp",
-    "csrc/kd_linear_host.cpp",
-    "csrc/kd_vocab_parallel.cpp",
-    "csrc/cpu/kd_loss_cpu.cpp",
-    "csrc/cpu/kd_grad_cache.cpp",
-    "csrc/cpu/kd_linear_cpu.cpp",
-    "csrc/cpu/kd_kernel_default.cpp",
-    "csrc/cpu/kd_kernel_scalar.cpp",
-    "csrc/cpu/kd_kernel_avx2.cpp",
-    "csrc/cpu/kd_kernel_avx512.cpp",
-    "csrc/kd_topk.cpp",
-    "csrc/cpu/kd_topk_cpu.cpp",
-    "csrc/cpu/topk/kd_topk_default.cpp",
-    "csrc/cpu/topk/kd_topk_avx2.cpp",
-    "csrc/cpu/topk/kd_topk_avx512.cpp",
-]
+
+def cpu_sources():
+    """Every C++ source under csrc/ (the op schemas and host code at the top, the CPU backend in
+    csrc/cpu/), except the C++ test programs of csrc/tests_cpp, in link order.
+
+    Link order matters: the portable objects come first so that, for inline functions that several
+    objects define, the linker keeps their copy and not one compiled for AVX2/AVX-512. So the
+    instruction-set objects (the files named *_avx2.cpp / *_avx512.cpp) go last. (They define no
+    such function today: tools/check_isa_symbols.py, run by CI.)"""
+    found = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
+    found = [f for f in found if not f.startswith("csrc/tests_cpp/")]
+    isa = [f for f in found if re.search(r"_avx(2|512)\.cpp$", f)]
+    return [f for f in found if f not in isa] + isa
+
+
+sources = cpu_sources()
 
 
 def openmp_flags():

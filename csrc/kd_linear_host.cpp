@@ -13,9 +13,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <optional>
-#include <sstream>
 #include <string>
-#include <string_view>
 #include <vector>
 
 #include "kd_host.h"
@@ -30,25 +28,12 @@ namespace {
 // rows for the usual vocabularies (V = 32000 float32: 512 rows after rounding).
 constexpr int64_t kChunkLogitBytes = int64_t{64} << 20;
 
-std::string shape_str(at::IntArrayRef s) {
-  std::ostringstream os;
-  os << "(";
-  for (size_t i = 0; i < s.size(); ++i) os << (i ? ", " : "") << s[i];
-  os << (s.size() == 1 ? ",)" : ")");
-  return os.str();
-}
-
-bool is_float(const at::Tensor& t) {
-  const auto d = t.scalar_type();
-  return d == at::kHalf || d == at::kBFloat16 || d == at::kFloat || d == at::kDouble;
-}
-
 bool is_16bit(const at::Tensor& t) {
   return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
 }
 
 void check_float(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_TYPE(is_float(t), "kdfused.linear_kd_loss: ", name,
+  TORCH_CHECK_TYPE(is_supported_float(t.scalar_type()), "kdfused.linear_kd_loss: ", name,
                    " must be float16, bfloat16, float32 or float64, got ", t.scalar_type());
 }
 
@@ -83,23 +68,9 @@ void check_linear(const at::Tensor& h, const at::Tensor& w, const std::optional<
   }
 }
 
-struct LinearArgs {
-  const at::Tensor& sh;
-  const at::Tensor& sw;
-  const std::optional<at::Tensor>& sb;
-  const std::optional<at::Tensor>& th;
-  const std::optional<at::Tensor>& tw;
-  const std::optional<at::Tensor>& tb;
-  const std::optional<at::Tensor>& tl;
-  const std::optional<at::Tensor>& labels;
-  const std::optional<at::Tensor>& row_weight;
-};
-
 // Every check that needs no tensor data, before anything is computed.
-void check_linear_inputs(const LinearArgs& a, double temperature, double soft_weight,
-                         double hard_weight, std::string_view div, double beta,
-                         std::string_view red, int64_t chunk_size) {
-  check_options(temperature, soft_weight, hard_weight, div, beta, red);
+// (The options were checked by parse_options, first, at the op's entry.)
+void check_linear_inputs(const LinearArgs& a, const KDOptions& opt, int64_t chunk_size) {
   TORCH_CHECK_VALUE(chunk_size >= 0,
                     "kdfused.linear_kd_loss: chunk_size must be a positive int "
                     "(or None for automatic), got ",
@@ -149,11 +120,11 @@ void check_linear_inputs(const LinearArgs& a, double temperature, double soft_we
                       shape_str(y.sizes()));
     check_device(y, a.sh, "labels");
   } else {
-    TORCH_CHECK_VALUE(hard_weight == 0,
+    TORCH_CHECK_VALUE(opt.hard_weight == 0,
                       "kdfused.linear_kd_loss: hard_weight > 0 needs labels (got labels=None)");
   }
   if (a.row_weight.has_value()) {
-    TORCH_CHECK_VALUE(parse_reduction(red) == Reduction::None,
+    TORCH_CHECK_VALUE(opt.reduction == Reduction::None,
                       "kdfused.linear_kd_loss: row_weight is only for reduction 'none'");
     TORCH_CHECK_VALUE(a.row_weight->sizes() == lead,
                       "kdfused.linear_kd_loss: row_weight must "
@@ -183,19 +154,19 @@ int64_t auto_chunk_rows(int64_t V, at::ScalarType logit_dtype) {
   return rows;
 }
 
-LinearOutputs kd_linear_loss_chunked(
-    const LinearBackend& backend, const at::Tensor& student_hidden,
-    const at::Tensor& student_weight, const std::optional<at::Tensor>& student_bias,
-    const std::optional<at::Tensor>& teacher_hidden,
-    const std::optional<at::Tensor>& teacher_weight, const std::optional<at::Tensor>& teacher_bias,
-    const std::optional<at::Tensor>& teacher_logits, const std::optional<at::Tensor>& labels,
-    const std::optional<at::Tensor>& row_weight, double temperature, double soft_weight,
-    double hard_weight, std::string_view div, double beta, int64_t ignore_index,
-    std::string_view red, int64_t chunk_size, bool grad_hidden, bool grad_weight, bool grad_bias) {
-  const LinearArgs args{student_hidden, student_weight, student_bias,
-                        teacher_hidden, teacher_weight, teacher_bias,
-                        teacher_logits, labels,         row_weight};
-  check_linear_inputs(args, temperature, soft_weight, hard_weight, div, beta, red, chunk_size);
+LinearOutputs kd_linear_loss_chunked(const LinearBackend& backend, const LinearArgs& args,
+                                     const KDOptions& opt, int64_t chunk_size, bool grad_hidden,
+                                     bool grad_weight, bool grad_bias) {
+  const at::Tensor& student_hidden = args.sh;
+  const at::Tensor& student_weight = args.sw;
+  const std::optional<at::Tensor>& student_bias = args.sb;
+  const std::optional<at::Tensor>& teacher_hidden = args.th;
+  const std::optional<at::Tensor>& teacher_weight = args.tw;
+  const std::optional<at::Tensor>& teacher_bias = args.tb;
+  const std::optional<at::Tensor>& teacher_logits = args.tl;
+  const std::optional<at::Tensor>& labels = args.labels;
+  const std::optional<at::Tensor>& row_weight = args.row_weight;
+  check_linear_inputs(args, opt, chunk_size);
   TORCH_CHECK_VALUE(student_weight.size(0) <= backend.max_vocab(),
                     "kdfused.linear_kd_loss: the vocabulary (student_weight.shape[0] = ",
                     student_weight.size(0), ") is too large for the ",
@@ -203,9 +174,8 @@ LinearOutputs kd_linear_loss_chunked(
   grad_bias = grad_bias && student_bias.has_value();
 
   const int64_t H = student_hidden.size(-1), V = student_weight.size(0);
-  const at::IntArrayRef lead = student_hidden.sizes().slice(0, student_hidden.dim() - 1);
-  int64_t N = 1;
-  for (int64_t d : lead) N *= d;
+  const at::IntArrayRef lead = leading_dims(student_hidden);
+  const int64_t N = count_rows(lead);
   const at::Tensor hs = student_hidden.reshape({N, H});
   const at::Tensor& ws = student_weight;
   const bool by_hidden = teacher_hidden.has_value();
@@ -220,11 +190,10 @@ LinearOutputs kd_linear_loss_chunked(
   valid.n_valid = N;
   if (labels.has_value()) {
     y = labels->reshape({N}).to(at::kLong).contiguous();
-    valid = backend.valid_rows(y, V, ignore_index);
+    valid = backend.valid_rows(y, V, opt.ignore_index);
   }
-  const Reduction reduce = parse_reduction(red);
-  const at::ScalarType acc =
-      (s_dtype == at::kDouble || t_dtype == at::kDouble) ? at::kDouble : at::kFloat;
+  const Reduction reduce = opt.reduction;
+  const at::ScalarType acc = accumulate_type(s_dtype, t_dtype);
   const auto opts = student_hidden.options();
   // The kernel runs each chunk with reduction "sum"; "mean"'s 1 / n_valid is over *all* rows.
   GradScale scale;
@@ -250,12 +219,14 @@ LinearOutputs kd_linear_loss_chunked(
   const int64_t c_max = std::min<int64_t>(chunk, std::max<int64_t>(N, 1));
   at::Tensor s_buf, t_buf;  // the chunk logits, allocated once (first chunk with valid rows)
   const int64_t* yp = valid.host_labels;
-  const std::string_view chunk_red = reduce == Reduction::None ? "none" : "sum";
+  // Each chunk runs with reduction "sum" ("none" stays "none"): the loop forms the reduction.
+  const KDOptions chunk_opt =
+      with_reduction(opt, reduce == Reduction::None ? Reduction::None : Reduction::Sum);
 
   for (int64_t start = 0; start < N; start += chunk) {
     const int64_t c = std::min(chunk, N - start);
     if (yp != nullptr &&
-        std::all_of(yp + start, yp + start + c, [&](int64_t v) { return v == ignore_index; })) {
+        std::all_of(yp + start, yp + start + c, [&](int64_t v) { return v == opt.ignore_index; })) {
       continue;  // every row ignored: loss and gradients 0 (already zero), no GEMM
     }
     if (!s_buf.defined()) {
@@ -278,9 +249,8 @@ LinearOutputs kd_linear_loss_chunked(
     const at::Tensor t_k = k_t == t_c.scalar_type() ? t_c : t_c.to(k_t);
     const std::optional<at::Tensor> y_c =
         y.defined() ? std::optional<at::Tensor>(y.narrow(0, start, c)) : std::nullopt;
-    check_inputs(s_k, t_k, y_c, temperature, soft_weight, hard_weight, div, beta, chunk_red);
-    Prepared prep = prepare(s_k, t_k, y_c, temperature, soft_weight, hard_weight, div, beta,
-                            ignore_index, chunk_red, any_grad, false);
+    check_inputs(s_k, t_k, y_c, chunk_opt);
+    Prepared prep = prepare(s_k, t_k, y_c, chunk_opt, any_grad, false);
     backend.run_kernel(prep.params, scale);
     row_loss.narrow(0, start, c).copy_(prep.row_loss);
     if (!any_grad) continue;

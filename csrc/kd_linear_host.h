@@ -13,10 +13,10 @@
 #include <cstdint>
 #include <limits>
 #include <optional>
-#include <string_view>
 #include <tuple>
 #include <utility>
 
+#include "kd_host.h"
 #include "kd_params.h"
 
 namespace kdfused {
@@ -68,18 +68,48 @@ class LinearBackend {
 // (loss, grad_hidden, grad_weight, grad_bias, grad_scale), as the schema says.
 using LinearOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-// The op, with the device's kernel, label handling and reduction from `backend`. Arguments as in
-// the schema (kd_linear.cpp).
-LinearOutputs kd_linear_loss_chunked(
-    const LinearBackend& backend, const at::Tensor& student_hidden,
-    const at::Tensor& student_weight, const std::optional<at::Tensor>& student_bias,
-    const std::optional<at::Tensor>& teacher_hidden,
+// The op's tensors, as in the schema (kd_linear.cpp): the student's linear layer, the teacher as
+// a linear layer (th, tw, tb) or as logits (tl), the labels and row_weight.
+struct LinearArgs {
+  const at::Tensor& sh;
+  const at::Tensor& sw;
+  const std::optional<at::Tensor>& sb;
+  const std::optional<at::Tensor>& th;
+  const std::optional<at::Tensor>& tw;
+  const std::optional<at::Tensor>& tb;
+  const std::optional<at::Tensor>& tl;
+  const std::optional<at::Tensor>& labels;
+  const std::optional<at::Tensor>& row_weight;
+};
+
+// The op, with the device's kernel, label handling and reduction from `backend`, on the parsed
+// options (parse_options).
+LinearOutputs kd_linear_loss_chunked(const LinearBackend& backend, const LinearArgs& args,
+                                     const KDOptions& opt, int64_t chunk_size, bool grad_hidden,
+                                     bool grad_weight, bool grad_bias);
+
+// The op's implementation on one device, as registered (TORCH_LIBRARY_IMPL): the options parsed
+// once, then the chunk loop with a Backend made from student_hidden (the CUDA one holds the device
+// guard for the whole call).
+template <typename Backend>
+LinearOutputs kd_linear_loss_op(
+    const at::Tensor& student_hidden, const at::Tensor& student_weight,
+    const std::optional<at::Tensor>& student_bias, const std::optional<at::Tensor>& teacher_hidden,
     const std::optional<at::Tensor>& teacher_weight, const std::optional<at::Tensor>& teacher_bias,
     const std::optional<at::Tensor>& teacher_logits, const std::optional<at::Tensor>& labels,
     const std::optional<at::Tensor>& row_weight, double temperature, double soft_weight,
-    double hard_weight, std::string_view divergence, double beta, int64_t ignore_index,
-    std::string_view reduction, int64_t chunk_size, bool grad_hidden, bool grad_weight,
-    bool grad_bias);
+    double hard_weight, c10::string_view divergence, double beta, int64_t ignore_index,
+    c10::string_view reduction, int64_t chunk_size, bool grad_hidden, bool grad_weight,
+    bool grad_bias) {
+  const KDOptions opt = parse_options(temperature, soft_weight, hard_weight, sv(divergence), beta,
+                                      ignore_index, sv(reduction));
+  const Backend backend(student_hidden);
+  const LinearArgs args{student_hidden, student_weight, student_bias,
+                        teacher_hidden, teacher_weight, teacher_bias,
+                        teacher_logits, labels,         row_weight};
+  return kd_linear_loss_chunked(backend, args, opt, chunk_size, grad_hidden, grad_weight,
+                                grad_bias);
+}
 
 // The automatic chunk (chunk_size 0): rows of one chunk's student logits of about 64 MiB.
 int64_t auto_chunk_rows(int64_t V, at::ScalarType logit_dtype);

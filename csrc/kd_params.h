@@ -37,7 +37,23 @@ enum class Phase : int32_t {
   Grad = 3,   // reads the complete row constants (row_final), writes the slice's gradients
 };
 
-struct KDParams {
+// The scalar options of every op, as the kernels read them: made from the op's arguments by
+// parse_options() (kd_host.h) alone, which checks them, turns the strings into enums and derives
+// the rest. KDParams and topk::TopKParams inherit it, so a kernel reads p.temperature, p.divergence
+// ... whatever the op.
+struct KDOptions {
+  double temperature = 1.0;
+  double inv_temperature = 1.0;  // derived: 1 / temperature
+  double soft_weight = 1.0;      // the soft term is skipped entirely when 0 (no 0 * inf)
+  double hard_weight = 0.0;      // the hard term is skipped entirely when 0
+  // The divergence the kernels run: "jsd" at beta 0 / 1 is already KL / ReverseKL here.
+  Divergence divergence = Divergence::KL;
+  double beta = 0.5;  // JSD mixing weight (only read for Divergence::JSD)
+  Reduction reduction = Reduction::Mean;
+  int64_t ignore_index = -100;  // rows whose label equals it count for nothing
+};
+
+struct KDParams : KDOptions {
   // ---- inputs -------------------------------------------------------------------------------
   const void* student = nullptr;    // logits, dtype student_dtype, last dim contiguous
   const void* teacher = nullptr;    // logits, dtype teacher_dtype, last dim contiguous
@@ -55,17 +71,6 @@ struct KDParams {
   int64_t row_sizes[kMaxRowDims] = {0, 0, 0, 0};
   int64_t student_strides[kMaxRowDims] = {0, 0, 0, 0};
   int64_t teacher_strides[kMaxRowDims] = {0, 0, 0, 0};
-
-  int64_t ignore_index = -100;
-
-  // ---- scalars ------------------------------------------------------------------------------
-  double temperature = 1.0;
-  double inv_temperature = 1.0;
-  double soft_weight = 1.0;  // the soft term is skipped entirely when 0 (no 0 * inf)
-  double hard_weight = 0.0;  // the hard term is skipped entirely when 0
-  Divergence divergence = Divergence::KL;
-  double beta = 0.5;  // JSD mixing weight (only read for Divergence::JSD)
-  Reduction reduction = Reduction::Mean;
 
   // ---- vocabulary-parallel steps (Phase other than Full) ------------------------------------
   Phase phase = Phase::Full;

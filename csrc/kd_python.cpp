@@ -84,15 +84,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
          const std::optional<at::Tensor>& labels, double temperature, double soft_weight,
          double hard_weight, const std::string& divergence, double beta,
          const std::string& reduction) {
-        kdfused::check_inputs(student, teacher, labels, temperature, soft_weight, hard_weight,
-                              divergence, beta, reduction);
+        const kdfused::KDOptions opt =
+            kdfused::parse_options(temperature, soft_weight, hard_weight, divergence, beta,
+                                   kdfused::KDOptions{}.ignore_index, reduction);
+        kdfused::check_inputs(student, teacher, labels, opt);
       },
       "The op's argument checks (shapes, dtypes, devices, options), for fake/meta tensors.");
   m.def(
       "check_options",
       [](double temperature, double soft_weight, double hard_weight, const std::string& divergence,
          double beta, const std::string& reduction) {
-        kdfused::check_options(temperature, soft_weight, hard_weight, divergence, beta, reduction);
+        kdfused::parse_options(temperature, soft_weight, hard_weight, divergence, beta,
+                               kdfused::KDOptions{}.ignore_index, reduction);
       },
       "Raises ValueError unless the loss options are valid.");
 }

@@ -1,5 +1,5 @@
-// kd_topk.h -- the top-k distillation op: its host/kernel contract and the host-side helpers the
-// CPU and CUDA backends share (kd_topk.cpp).
+// kd_topk.h -- the top-k distillation op: its host/kernel contract and the host-side code the CPU
+// and CUDA backends share (kd_topk.cpp; the pieces every op shares are kd_host.h).
 //
 // Offline distillation from a stored teacher: per row, only the teacher's k largest logits and
 // their vocabulary indices are kept. The loss is the distillation loss against the teacher
@@ -13,15 +13,20 @@
 #include <string_view>
 #include <tuple>
 
+#include "kd_host.h"
 #include "kd_topk_params.h"
 
 namespace kdfused::topk {
 
-// Every check that needs no tensor data (shapes, dtypes, devices, options). ValueError/TypeError.
+// The op's options: parse_options with divergence "kl" or "ce" only (and no beta).
+KDOptions parse_topk_options(double temperature, double soft_weight, double hard_weight,
+                             std::string_view divergence, int64_t ignore_index,
+                             std::string_view reduction);
+
+// Every check that needs no tensor data (shapes, dtypes, devices). ValueError/TypeError.
 void check_topk_inputs(const at::Tensor& student, const at::Tensor& indices,
                        const at::Tensor& values, const std::optional<at::Tensor>& labels,
-                       double temperature, double soft_weight, double hard_weight,
-                       std::string_view divergence, std::string_view reduction);
+                       const KDOptions& opt);
 
 // Inputs as the kernels read them, the outputs to fill, and the params pointing at both.
 struct TopKPrepared {
@@ -37,16 +42,32 @@ struct TopKPrepared {
 
 TopKPrepared prepare_topk(const at::Tensor& student, const at::Tensor& indices,
                           const at::Tensor& values, const std::optional<at::Tensor>& labels,
-                          double temperature, double soft_weight, double hard_weight,
-                          std::string_view divergence, int64_t ignore_index,
-                          std::string_view reduction, bool grad_student);
-
-at::ScalarType topk_accumulate_type(const at::Tensor& student, const at::Tensor& values);
+                          const KDOptions& opt, bool grad_student);
 
 using TopKOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
 inline TopKOutputs topk_outputs_of(const TopKPrepared& prep) {
   return {prep.loss, prep.grad_student, prep.grad_scale};
+}
+
+// A backend's topk_kd_loss on parsed options and checked tensors (cpu/kd_topk_cpu.cpp,
+// cuda/kd_topk_cuda.cu).
+using TopKFn = TopKOutputs (*)(const at::Tensor& student, const at::Tensor& indices,
+                               const at::Tensor& values, const std::optional<at::Tensor>& labels,
+                               const KDOptions& opt, bool grad_student);
+
+// topk_kd_loss as registered for a device (TORCH_LIBRARY_IMPL; arguments as in the schema,
+// kd_topk.cpp): the options parsed and the tensors checked, then the backend's Impl.
+template <TopKFn Impl>
+TopKOutputs topk_kd_loss_op(const at::Tensor& student, const at::Tensor& indices,
+                            const at::Tensor& values, const std::optional<at::Tensor>& labels,
+                            double temperature, double soft_weight, double hard_weight,
+                            c10::string_view divergence, int64_t ignore_index,
+                            c10::string_view reduction, bool grad_student) {
+  const KDOptions opt = parse_topk_options(temperature, soft_weight, hard_weight, sv(divergence),
+                                           ignore_index, sv(reduction));
+  check_topk_inputs(student, indices, values, labels, opt);
+  return Impl(student, indices, values, labels, opt, grad_student);
 }
 
 }  // namespace kdfused::topk

@@ -1,5 +1,6 @@
 // kd_topk_math.h -- the per-element maths of the top-k distillation loss, shared by the CPU and
-// the CUDA kernels (only kd_exp, kd_log, kd_max, kd_inf and KD_HD come from kd_math.h).
+// the CUDA kernels (only kd_exp, kd_log, kd_max, kd_inf, rescale_factor and KD_HD come from
+// kd_math.h).
 //
 // One row: student logits s (V entries), teacher indices i_1..i_k (distinct) and teacher logits
 // v_1..v_k at those indices, temperature T.
@@ -31,19 +32,12 @@ struct MaxSum {
   A z;
 };
 
-// exp((m_old - m_new) * scale) for a maximum moving from m_old to m_new >= m_old. When both are
-// -inf (nothing but -inf seen) -inf - -inf would be NaN; the sum being rescaled is 0 then, so 1
-// is right. A NaN maximum gives NaN (a NaN logit poisons the row).
-template <typename A>
-KD_HD A shift_factor(A m_old, A m_new, A scale) {
-  return (m_old == m_new) ? A(1) : kd_exp((m_old - m_new) * scale);
-}
-
-// Combines two partial states (kernels merge in a fixed order: bitwise reproducible).
+// Combines two partial states (kernels merge in a fixed order: bitwise reproducible). A NaN
+// maximum gives NaN (a NaN logit poisons the row); kd_math.h rescale_factor guards -inf maxima.
 template <typename A>
 KD_HD MaxSum<A> merge(const MaxSum<A>& x, const MaxSum<A>& y, A scale) {
   const A m = kd_max(x.m, y.m);
-  return {m, x.z * shift_factor(x.m, m, scale) + y.z * shift_factor(y.m, m, scale)};
+  return {m, x.z * rescale_factor(x.m, m, scale) + y.z * rescale_factor(y.m, m, scale)};
 }
 
 // x - m for a value x under the maximum m of its set, with an all -inf set (m = -inf) giving -inf

@@ -5,17 +5,16 @@
 
 #include <cstdint>
 
+#include "kd_params.h"
+
 namespace kdfused::topk {
 
-enum class Red : int32_t { Mean = 0, Sum = 1, None = 2 };
-enum class SType : int32_t { Float16 = 0, BFloat16 = 1, Float32 = 2, Float64 = 3 };
-
 // Plain data only: the CPU kernels (compiled once per instruction set) and the CUDA kernels see
-// exactly this.
-struct TopKParams {
+// exactly this. The options (KDOptions) are those of kd_loss, with divergence KL or CE only.
+struct TopKParams : KDOptions {
   const void* student = nullptr;  // [n_rows, vocab], last dim contiguous, rows student_stride
                                   // elements apart
-  SType student_dtype = SType::Float32;
+  DType student_dtype = DType::Float32;
   int64_t student_stride = 0;        // elements between rows
   const int64_t* indices = nullptr;  // [n_rows, k] contiguous, int64
   const void* values = nullptr;      // [n_rows, k] contiguous, in the accumulation type
@@ -23,15 +22,9 @@ struct TopKParams {
   int64_t n_rows = 0;
   int64_t vocab = 0;
   int64_t k = 0;
-  int64_t ignore_index = -100;
-  double temperature = 1.0;
-  double inv_temperature = 1.0;
-  double soft_weight = 1.0;  // the term is not computed at all when 0
-  double hard_weight = 0.0;  // the term is not computed at all when 0
-  bool ce = false;           // divergence "ce" (else "kl")
-  Red reduction = Red::Mean;
+  bool ce = false;               // derived: divergence == Divergence::CE (else KL)
   void* row_loss = nullptr;      // [n_rows], accumulation type; 0 at ignored rows
-  void* loss = nullptr;          // 0-dim, accumulation type (unused for Red::None)
+  void* loss = nullptr;          // 0-dim, accumulation type (unused for Reduction::None)
   void* grad_student = nullptr;  // [n_rows, vocab] contiguous, student dtype; or nullptr
   double grad_scale = 1.0;       // CPU: 1 / max(n_valid, 1) for Mean, else 1
 };

@@ -1,6 +1,8 @@
 // kd_grad_cache.cpp -- see kd_grad_cache.h.
 #include "kd_grad_cache.h"
 
+#include "../kd_host.h"
+
 #include <cstdint>
 #include <cstdlib>
 #include <deque>
@@ -137,3 +139,14 @@ size_t cached_bytes() {
 }
 
 }  // namespace kdfused::cpu
+
+namespace kdfused {
+
+// Declared with the host code (kd_host.h), defined here so that the host code needs no CPU header:
+// CPU gradients come from the cache above, other devices' from their allocator.
+at::Tensor empty_grad(const at::Tensor& like) {
+  return like.is_cpu() ? cpu::cached_empty(like.sizes(), like.options())
+                       : at::empty(like.sizes(), like.options());
+}
+
+}  // namespace kdfused

@@ -8,14 +8,12 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <cstdint>
-#include <optional>
-#include <string_view>
 
 #include "../kd_host.h"
 #include "../kd_linear_host.h"
 #include "kd_cpu_dispatch.h"
+#include "kd_cpu_host.h"
 
 namespace kdfused {
 
@@ -23,19 +21,13 @@ namespace {
 
 class CpuLinearBackend final : public LinearBackend {
  public:
+  explicit CpuLinearBackend(const at::Tensor& /*student_hidden*/) {}
+
   // Label values are checked here, over all rows, before any GEMM.
   ValidRows valid_rows(const at::Tensor& y, int64_t V, int64_t ignore_index) const override {
-    const int64_t* p = y.data_ptr<int64_t>();
-    int64_t n_valid = 0;
-    for (int64_t r = 0; r < y.numel(); ++r) {
-      if (p[r] == ignore_index) continue;
-      TORCH_CHECK_VALUE(p[r] >= 0 && p[r] < V, "kdfused.linear_kd_loss: labels must be in [0, ", V,
-                        ") or equal ignore_index (", ignore_index, "), got ", p[r], " at row ", r);
-      ++n_valid;
-    }
     ValidRows v;
-    v.n_valid = n_valid;
-    v.host_labels = p;
+    v.n_valid = cpu::count_valid_rows(y, y.numel(), V, ignore_index, "kdfused.linear_kd_loss");
+    v.host_labels = y.data_ptr<int64_t>();
     return v;
   }
 
@@ -47,41 +39,14 @@ class CpuLinearBackend final : public LinearBackend {
 
   // Fixed order, in double, as kd_loss does: deterministic, independent of the chunking.
   at::Tensor reduce(const at::Tensor& row_loss, bool mean, const ValidRows& valid) const override {
-    const int64_t N = row_loss.numel();
-    const auto reduce_rows = [&](auto tag) {
-      using A = decltype(tag);
-      const A* r = row_loss.data_ptr<A>();
-      double total = 0;
-      for (int64_t i = 0; i < N; ++i) total += static_cast<double>(r[i]);
-      if (mean) total /= static_cast<double>(std::max<int64_t>(valid.n_valid, 1));
-      return at::full({}, total, row_loss.options());
-    };
-    return row_loss.scalar_type() == at::kDouble ? reduce_rows(double{}) : reduce_rows(float{});
+    return at::full({}, cpu::sum_rows(row_loss, mean, valid.n_valid), row_loss.options());
   }
 };
-
-LinearOutputs kd_linear_loss_cpu(
-    const at::Tensor& student_hidden, const at::Tensor& student_weight,
-    const std::optional<at::Tensor>& student_bias, const std::optional<at::Tensor>& teacher_hidden,
-    const std::optional<at::Tensor>& teacher_weight, const std::optional<at::Tensor>& teacher_bias,
-    const std::optional<at::Tensor>& teacher_logits, const std::optional<at::Tensor>& labels,
-    const std::optional<at::Tensor>& row_weight, double temperature, double soft_weight,
-    double hard_weight, c10::string_view divergence, double beta, int64_t ignore_index,
-    c10::string_view reduction, int64_t chunk_size, bool grad_hidden, bool grad_weight,
-    bool grad_bias) {
-  const CpuLinearBackend backend;
-  return kd_linear_loss_chunked(backend, student_hidden, student_weight, student_bias,
-                                teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
-                                labels, row_weight, temperature, soft_weight, hard_weight,
-                                std::string_view(divergence.data(), divergence.size()), beta,
-                                ignore_index, std::string_view(reduction.data(), reduction.size()),
-                                chunk_size, grad_hidden, grad_weight, grad_bias);
-}
 
 }  // namespace
 
 }  // namespace kdfused
 
 TORCH_LIBRARY_IMPL(kdfused, CPU, m) {
-  m.impl("kd_linear_loss", &kdfused::kd_linear_loss_cpu);
+  m.impl("kd_linear_loss", &kdfused::kd_linear_loss_op<kdfused::CpuLinearBackend>);
 }

@@ -10,6 +10,7 @@
 
 #include "../kd_host.h"
 #include "kd_cpu_dispatch.h"
+#include "kd_cpu_host.h"
 
 namespace kdfused::cpu {
 
@@ -127,57 +128,53 @@ void set_isa(const std::string& name) {
 
 }  // namespace kdfused::cpu
 
-namespace kdfused {
+namespace kdfused::cpu {
 
-namespace {
-
-// Label values are checked here, before anything is computed (the shapes in check_inputs).
-int64_t count_valid_rows(const at::Tensor& labels, int64_t n_rows, int64_t V,
-                         int64_t ignore_index) {
+int64_t count_valid_rows(const at::Tensor& labels, int64_t n_rows, int64_t V, int64_t ignore_index,
+                         const char* op) {
   if (!labels.defined()) return n_rows;
   const int64_t* y = labels.data_ptr<int64_t>();
   int64_t n_valid = 0;
   for (int64_t r = 0; r < n_rows; ++r) {
     if (y[r] == ignore_index) continue;
-    TORCH_CHECK_VALUE(y[r] >= 0 && y[r] < V, "kdfused: labels must be in [0, ", V,
+    TORCH_CHECK_VALUE(y[r] >= 0 && y[r] < V, op, ": labels must be in [0, ", V,
                       ") or equal ignore_index (", ignore_index, "), got ", y[r], " at row ", r);
     ++n_valid;
   }
   return n_valid;
 }
 
-template <typename A>
-void reduce_rows(const KDParams& p, int64_t n_valid) {
-  // Fixed order, in double: deterministic and independent of the thread count.
-  const A* row = static_cast<const A*>(p.row_loss);
-  double total = 0;
-  for (int64_t r = 0; r < p.n_rows; ++r) total += static_cast<double>(row[r]);
-  if (p.reduction == Reduction::Mean) total /= static_cast<double>(std::max<int64_t>(n_valid, 1));
-  *static_cast<A*>(p.loss) = static_cast<A>(total);
+double sum_rows(const at::Tensor& row_loss, bool mean, int64_t n_valid) {
+  const auto sum = [&](auto tag) {
+    using A = decltype(tag);
+    const A* row = row_loss.const_data_ptr<A>();
+    double total = 0;
+    for (int64_t r = 0; r < row_loss.numel(); ++r) total += static_cast<double>(row[r]);
+    if (mean) total /= static_cast<double>(std::max<int64_t>(n_valid, 1));
+    return total;
+  };
+  return row_loss.scalar_type() == at::kDouble ? sum(double{}) : sum(float{});
 }
 
+}  // namespace kdfused::cpu
+
+namespace kdfused {
+
+namespace {
+
+// kd_loss on parsed options and checked shapes (kd_loss_op).
 KDOutputs kd_loss_cpu(const at::Tensor& student, const at::Tensor& teacher,
-                      const std::optional<at::Tensor>& labels, double temperature,
-                      double soft_weight, double hard_weight, c10::string_view divergence,
-                      double beta, int64_t ignore_index, c10::string_view reduction,
+                      const std::optional<at::Tensor>& labels, const KDOptions& opt,
                       bool grad_student, bool grad_teacher) {
-  const std::string_view div(divergence.data(), divergence.size());
-  const std::string_view red(reduction.data(), reduction.size());
-  check_inputs(student, teacher, labels, temperature, soft_weight, hard_weight, div, beta, red);
-  Prepared prep = prepare(student, teacher, labels, temperature, soft_weight, hard_weight, div,
-                          beta, ignore_index, red, grad_student, grad_teacher);
+  Prepared prep = prepare(student, teacher, labels, opt, grad_student, grad_teacher);
   KDParams& p = prep.params;
-  const int64_t n_valid = count_valid_rows(prep.labels, p.n_rows, p.vocab, ignore_index);
-  p.grad_scale = p.reduction == Reduction::Mean
-                     ? 1.0 / static_cast<double>(std::max<int64_t>(n_valid, 1))
-                     : 1.0;
+  // Label values are checked here, before anything is computed (the shapes in check_inputs).
+  const int64_t n_valid = cpu::count_valid_rows(prep.labels, p.n_rows, p.vocab, p.ignore_index);
+  const bool mean = p.reduction == Reduction::Mean;
+  p.grad_scale = cpu::mean_scale(mean, n_valid);
   if (p.n_rows > 0) cpu::run_forward(p);
   if (p.reduction != Reduction::None) {
-    if (prep.loss.scalar_type() == at::kDouble) {
-      reduce_rows<double>(p, n_valid);
-    } else {
-      reduce_rows<float>(p, n_valid);
-    }
+    prep.loss.fill_(cpu::sum_rows(prep.row_loss, mean, n_valid));
   }
   return outputs_of(prep);
 }
@@ -209,6 +206,6 @@ void kd_scale_grads_cpu(at::Tensor& grad_student, at::Tensor& grad_teacher, at::
 }  // namespace kdfused
 
 TORCH_LIBRARY_IMPL(kdfused, CPU, m) {
-  m.impl("kd_loss", &kdfused::kd_loss_cpu);
+  m.impl("kd_loss", &kdfused::kd_loss_op<kdfused::kd_loss_cpu>);
   m.impl("kd_scale_grads_", &kdfused::kd_scale_grads_cpu);
 }

@@ -13,6 +13,7 @@
 
 #include "../kd_topk.h"
 #include "kd_cpu_dispatch.h"
+#include "kd_cpu_host.h"
 #include "topk/kd_topk_cpu_dispatch.h"
 
 namespace kdfused::topk {
@@ -85,53 +86,19 @@ void check_indices(const at::Tensor& indices, int64_t n_rows, int64_t k, int64_t
   TORCH_INTERNAL_ASSERT(false, "kdfused: bad teacher_indices row ", r, " not found again");
 }
 
-int64_t count_valid_rows(const at::Tensor& labels, int64_t n_rows, int64_t V, int64_t ignore) {
-  if (!labels.defined()) return n_rows;
-  const int64_t* y = labels.data_ptr<int64_t>();
-  int64_t n_valid = 0;
-  for (int64_t r = 0; r < n_rows; ++r) {
-    if (y[r] == ignore) continue;
-    TORCH_CHECK_VALUE(y[r] >= 0 && y[r] < V, "kdfused: labels must be in [0, ", V,
-                      ") or equal ignore_index (", ignore, "), got ", y[r], " at row ", r);
-    ++n_valid;
-  }
-  return n_valid;
-}
-
-template <typename A>
-void reduce_rows(const TopKParams& p, int64_t n_valid) {
-  // Fixed order, in double: deterministic and independent of the thread count.
-  const A* row = static_cast<const A*>(p.row_loss);
-  double total = 0;
-  for (int64_t r = 0; r < p.n_rows; ++r) total += static_cast<double>(row[r]);
-  if (p.reduction == Red::Mean) total /= static_cast<double>(std::max<int64_t>(n_valid, 1));
-  *static_cast<A*>(p.loss) = static_cast<A>(total);
-}
-
+// topk_kd_loss on parsed options and checked shapes (topk_kd_loss_op).
 TopKOutputs topk_kd_loss_cpu(const at::Tensor& student, const at::Tensor& indices,
                              const at::Tensor& values, const std::optional<at::Tensor>& labels,
-                             double temperature, double soft_weight, double hard_weight,
-                             c10::string_view divergence, int64_t ignore_index,
-                             c10::string_view reduction, bool grad_student) {
-  const std::string_view div(divergence.data(), divergence.size());
-  const std::string_view red(reduction.data(), reduction.size());
-  check_topk_inputs(student, indices, values, labels, temperature, soft_weight, hard_weight, div,
-                    red);
-  TopKPrepared prep = prepare_topk(student, indices, values, labels, temperature, soft_weight,
-                                   hard_weight, div, ignore_index, red, grad_student);
+                             const KDOptions& opt, bool grad_student) {
+  TopKPrepared prep = prepare_topk(student, indices, values, labels, opt, grad_student);
   TopKParams& p = prep.params;
   check_indices(prep.indices, p.n_rows, p.k, p.vocab);
-  const int64_t n_valid = count_valid_rows(prep.labels, p.n_rows, p.vocab, ignore_index);
-  p.grad_scale =
-      p.reduction == Red::Mean ? 1.0 / static_cast<double>(std::max<int64_t>(n_valid, 1)) : 1.0;
-  const bool acc_double = prep.loss.scalar_type() == at::kDouble;
-  if (p.n_rows > 0) select_kernel()(p, acc_double);
-  if (p.reduction != Red::None) {
-    if (acc_double) {
-      reduce_rows<double>(p, n_valid);
-    } else {
-      reduce_rows<float>(p, n_valid);
-    }
+  const int64_t n_valid = cpu::count_valid_rows(prep.labels, p.n_rows, p.vocab, p.ignore_index);
+  const bool mean = p.reduction == Reduction::Mean;
+  p.grad_scale = cpu::mean_scale(mean, n_valid);
+  if (p.n_rows > 0) select_kernel()(p, prep.loss.scalar_type() == at::kDouble);
+  if (p.reduction != Reduction::None) {
+    prep.loss.fill_(cpu::sum_rows(prep.row_loss, mean, n_valid));
   }
   return topk_outputs_of(prep);
 }
@@ -141,5 +108,5 @@ TopKOutputs topk_kd_loss_cpu(const at::Tensor& student, const at::Tensor& indice
 }  // namespace kdfused::topk
 
 TORCH_LIBRARY_IMPL(kdfused, CPU, m) {
-  m.impl("topk_kd_loss", &kdfused::topk::topk_kd_loss_cpu);
+  m.impl("topk_kd_loss", &kdfused::topk::topk_kd_loss_op<kdfused::topk::topk_kd_loss_cpu>);
 }

@@ -24,8 +24,6 @@
 #include <algorithm>
 #include <climits>
 #include <cstdint>
-#include <optional>
-#include <string_view>
 #include <utility>
 
 #include "../kd_linear_host.h"
@@ -37,6 +35,12 @@ namespace {
 
 class CudaLinearBackend final : public LinearBackend {
  public:
+  // On student_hidden's device for the whole call (the argument checks reject tensors on other
+  // devices; a CPU student_hidden with CUDA weights gets there without a guard and is refused).
+  explicit CudaLinearBackend(const at::Tensor& student_hidden) {
+    if (student_hidden.is_cuda()) guard_.set_device(student_hidden.device());
+  }
+
   // The fused kernel's limit (32-bit vector indices; kd_loss checks the same).
   int64_t max_vocab() const override { return INT_MAX / 16; }
 
@@ -74,34 +78,15 @@ class CudaLinearBackend final : public LinearBackend {
     }
     return total.to(row_loss.scalar_type());
   }
-};
 
-LinearOutputs kd_linear_loss_cuda(
-    const at::Tensor& student_hidden, const at::Tensor& student_weight,
-    const std::optional<at::Tensor>& student_bias, const std::optional<at::Tensor>& teacher_hidden,
-    const std::optional<at::Tensor>& teacher_weight, const std::optional<at::Tensor>& teacher_bias,
-    const std::optional<at::Tensor>& teacher_logits, const std::optional<at::Tensor>& labels,
-    const std::optional<at::Tensor>& row_weight, double temperature, double soft_weight,
-    double hard_weight, c10::string_view divergence, double beta, int64_t ignore_index,
-    c10::string_view reduction, int64_t chunk_size, bool grad_hidden, bool grad_weight,
-    bool grad_bias) {
-  // On student_hidden's device (the argument checks reject tensors on other devices; a CPU
-  // student_hidden with CUDA weights gets there without a guard and is refused).
-  c10::cuda::OptionalCUDAGuard guard;
-  if (student_hidden.is_cuda()) guard.set_device(student_hidden.device());
-  const CudaLinearBackend backend;
-  return kd_linear_loss_chunked(backend, student_hidden, student_weight, student_bias,
-                                teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
-                                labels, row_weight, temperature, soft_weight, hard_weight,
-                                std::string_view(divergence.data(), divergence.size()), beta,
-                                ignore_index, std::string_view(reduction.data(), reduction.size()),
-                                chunk_size, grad_hidden, grad_weight, grad_bias);
-}
+ private:
+  c10::cuda::OptionalCUDAGuard guard_;
+};
 
 }  // namespace
 
 }  // namespace kdfused::cuda
 
 TORCH_LIBRARY_IMPL(kdfused, CUDA, m) {
-  m.impl("kd_linear_loss", &kdfused::cuda::kd_linear_loss_cuda);
+  m.impl("kd_linear_loss", &kdfused::kd_linear_loss_op<kdfused::cuda::CudaLinearBackend>);
 }

@@ -26,7 +26,6 @@
 #include <algorithm>
 #include <climits>
 #include <optional>
-#include <string_view>
 #include <tuple>
 #include <utility>
 
@@ -61,14 +60,10 @@ void run_fused(const KDParams& p, const A* grad_scale_dev, double grad_scale_hos
   }
 }
 
+// kd_loss on parsed options and checked shapes (kd_loss_op).
 KDOutputs kd_loss_cuda(const at::Tensor& student, const at::Tensor& teacher,
-                       const std::optional<at::Tensor>& labels, double temperature,
-                       double soft_weight, double hard_weight, c10::string_view divergence,
-                       double beta, int64_t ignore_index, c10::string_view reduction,
+                       const std::optional<at::Tensor>& labels, const KDOptions& opt,
                        bool grad_student, bool grad_teacher) {
-  const std::string_view div(divergence.data(), divergence.size());
-  const std::string_view red(reduction.data(), reduction.size());
-  check_inputs(student, teacher, labels, temperature, soft_weight, hard_weight, div, beta, red);
   TORCH_CHECK(student.is_cuda() && teacher.is_cuda(),
               "kdfused: CUDA kernel called with non-CUDA logits");
   TORCH_CHECK_VALUE(student.size(-1) <= INT_MAX / 16,
@@ -81,8 +76,7 @@ KDOutputs kd_loss_cuda(const at::Tensor& student, const at::Tensor& teacher,
   at::Tensor s_in, t_in;
   std::tie(s_in, t_in) = native_inputs(student, teacher);
 
-  Prepared prep = prepare(s_in, t_in, labels, temperature, soft_weight, hard_weight, div, beta,
-                          ignore_index, red, grad_student, grad_teacher);
+  Prepared prep = prepare(s_in, t_in, labels, opt, grad_student, grad_teacher);
   const KDParams& p = prep.params;
   const bool mean = p.reduction == Reduction::Mean;
   const bool use_double = prep.loss.scalar_type() == at::kDouble;
@@ -201,16 +195,6 @@ void kd_scale_grads_cuda(at::Tensor& grad_student, at::Tensor& grad_teacher, at:
   });
 }
 
-at::ScalarType scalar_type_of(DType d) {
-  switch (d) {
-    case DType::Float16: return at::kHalf;
-    case DType::BFloat16: return at::kBFloat16;
-    case DType::Float32: return at::kFloat;
-    case DType::Float64: return at::kDouble;
-  }
-  TORCH_INTERNAL_ASSERT(false, "kdfused: unknown dtype code ", static_cast<int>(d));
-}
-
 }  // namespace
 
 std::pair<at::ScalarType, at::ScalarType> fused_kernel_dtypes(at::ScalarType s, at::ScalarType t) {
@@ -231,6 +215,6 @@ void run_fused_kernel(const KDParams& p, const void* grad_scale_dev, double grad
 }  // namespace kdfused::cuda
 
 TORCH_LIBRARY_IMPL(kdfused, CUDA, m) {
-  m.impl("kd_loss", &kdfused::cuda::kd_loss_cuda);
+  m.impl("kd_loss", &kdfused::kd_loss_op<kdfused::cuda::kd_loss_cuda>);
   m.impl("kd_scale_grads_", &kdfused::cuda::kd_scale_grads_cuda);
 }

@@ -39,7 +39,6 @@
 #include <limits>
 #include <mutex>
 #include <set>
-#include <string_view>
 #include <type_traits>
 
 #include "../kd_topk.h"
@@ -364,23 +363,16 @@ void launch(const TopKParams& p, const A* scale_dev, A scale_host, cudaStream_t 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// topk_kd_loss on parsed options and checked shapes (topk::topk_kd_loss_op).
 topk::TopKOutputs topk_kd_loss_cuda(const at::Tensor& student, const at::Tensor& indices,
                                     const at::Tensor& values,
-                                    const std::optional<at::Tensor>& labels, double temperature,
-                                    double soft_weight, double hard_weight,
-                                    c10::string_view divergence, int64_t ignore_index,
-                                    c10::string_view reduction, bool grad_student) {
-  const std::string_view div(divergence.data(), divergence.size());
-  const std::string_view red(reduction.data(), reduction.size());
-  topk::check_topk_inputs(student, indices, values, labels, temperature, soft_weight, hard_weight,
-                          div, red);
+                                    const std::optional<at::Tensor>& labels, const KDOptions& opt,
+                                    bool grad_student) {
   TORCH_CHECK(student.is_cuda(), "kdfused: CUDA kernel called with non-CUDA logits");
   const c10::cuda::CUDAGuard guard(student.device());
-  topk::TopKPrepared prep =
-      topk::prepare_topk(student, indices, values, labels, temperature, soft_weight, hard_weight,
-                         div, ignore_index, red, grad_student);
+  topk::TopKPrepared prep = topk::prepare_topk(student, indices, values, labels, opt, grad_student);
   const TopKParams& p = prep.params;
-  const bool mean = p.reduction == topk::Red::Mean;
+  const bool mean = p.reduction == Reduction::Mean;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   auto run = [&](auto acc_tag) {
@@ -401,12 +393,10 @@ topk::TopKOutputs topk_kd_loss_cuda(const at::Tensor& student, const at::Tensor&
     }
     if (p.n_rows > 0) {
       switch (p.student_dtype) {
-        case topk::SType::Float16: launch<c10::Half, A>(p, scale_dev, scale_host, stream); break;
-        case topk::SType::BFloat16:
-          launch<c10::BFloat16, A>(p, scale_dev, scale_host, stream);
-          break;
-        case topk::SType::Float32: launch<float, A>(p, scale_dev, scale_host, stream); break;
-        case topk::SType::Float64:
+        case DType::Float16: launch<c10::Half, A>(p, scale_dev, scale_host, stream); break;
+        case DType::BFloat16: launch<c10::BFloat16, A>(p, scale_dev, scale_host, stream); break;
+        case DType::Float32: launch<float, A>(p, scale_dev, scale_host, stream); break;
+        case DType::Float64:
           if constexpr (std::is_same_v<A, double>) {
             launch<double, double>(p, scale_dev, scale_host, stream);
           } else {
@@ -415,7 +405,7 @@ topk::TopKOutputs topk_kd_loss_cuda(const at::Tensor& student, const at::Tensor&
           break;
       }
     }
-    if (p.reduction != topk::Red::None) {
+    if (p.reduction != Reduction::None) {
       topk_reduce_kernel<A><<<1, kSmallThreads, 0, stream>>>(static_cast<const A*>(p.row_loss),
                                                              p.n_rows, mean, n_valid_dev, p.n_rows,
                                                              static_cast<A*>(p.loss));
@@ -435,5 +425,5 @@ topk::TopKOutputs topk_kd_loss_cuda(const at::Tensor& student, const at::Tensor&
 }  // namespace kdfused::topk_cuda
 
 TORCH_LIBRARY_IMPL(kdfused, CUDA, m) {
-  m.impl("topk_kd_loss", &kdfused::topk_cuda::topk_kd_loss_cuda);
+  m.impl("topk_kd_loss", &kdfused::topk::topk_kd_loss_op<kdfused::topk_cuda::topk_kd_loss_cuda>);
 }

@@ -300,53 +300,50 @@ double host_scale(Reduction red, int64_t n_rows) {
   return red == Reduction::Mean ? 1.0 / static_cast<double>(std::max<int64_t>(n_rows, 1)) : 1.0;
 }
 
+// The checks of a kernel step's logits: check_inputs, then CUDA tensors.
+void check_step_inputs(const at::Tensor& student, const at::Tensor& teacher,
+                       const std::optional<at::Tensor>& labels, const KDOptions& opt) {
+  check_inputs(student, teacher, labels, opt);
+  check_cuda_logits(student, teacher);
+}
+
+// One kernel step on the slice (the host part: prepare_step): the checks, on the logits' device,
+// the native dtype pair (kd_dtype_dispatch.h), then the slice kernel. Returns the prepared call.
+Prepared run_step(Phase phase, const at::Tensor& student, const at::Tensor& teacher,
+                  const std::optional<at::Tensor>& labels, int64_t vocab_offset,
+                  const at::Tensor* row_final, at::Tensor* out, const KDOptions& opt,
+                  int64_t vocab_total, bool grad_student = false, bool grad_teacher = false) {
+  check_step_inputs(student, teacher, labels, opt);
+  const c10::cuda::CUDAGuard guard(student.device());
+  at::Tensor s_in, t_in;
+  std::tie(s_in, t_in) = native_inputs(student, teacher);
+  Prepared prep = prepare_step(phase, s_in, t_in, labels, vocab_offset, row_final, out, opt,
+                               grad_student, grad_teacher);
+  run_slice_kernel(prep.params, s_in.scalar_type(), t_in.scalar_type(), vocab_total);
+  return prep;
+}
+
 // ------------------------------------------------------------------------------------------------
 // The ops
 // ------------------------------------------------------------------------------------------------
 
-at::Tensor kd_vp_stats_cuda(const at::Tensor& student, const at::Tensor& teacher,
-                            const std::optional<at::Tensor>& labels, int64_t vocab_offset,
-                            int64_t vocab_total, double temperature, double soft_weight,
-                            double hard_weight, c10::string_view divergence, double beta,
-                            int64_t ignore_index) {
-  TORCH_CHECK_VALUE(vocab_total >= vocab_offset + student.size(-1), "kdfused: the slice [",
-                    vocab_offset, ", ", vocab_offset + student.size(-1),
-                    ") is not inside the vocabulary of ", vocab_total, " columns");
-  check_inputs(student, teacher, labels, temperature, soft_weight, hard_weight, sv(divergence),
-               beta, "sum");
-  check_cuda_logits(student, teacher);
-  const c10::cuda::CUDAGuard guard(student.device());
-  at::Tensor s_in, t_in;  // the native dtype pair (kd_dtype_dispatch.h)
-  std::tie(s_in, t_in) = native_inputs(student, teacher);
+at::Tensor vp_stats(const at::Tensor& student, const at::Tensor& teacher,
+                    const std::optional<at::Tensor>& labels, int64_t vocab_offset,
+                    int64_t vocab_total, const KDOptions& opt) {
   at::Tensor out;
-  const Prepared prep =
-      prepare_step(Phase::Stats, s_in, t_in, labels, vocab_offset, nullptr, &out, temperature,
-                   soft_weight, hard_weight, sv(divergence), beta, ignore_index, false, false);
-  run_slice_kernel(prep.params, s_in.scalar_type(), t_in.scalar_type(), vocab_total);
+  run_step(Phase::Stats, student, teacher, labels, vocab_offset, nullptr, &out, opt, vocab_total);
   return out;
 }
 
-at::Tensor kd_vp_merge_cuda(const at::Tensor& slice_stats, const std::optional<at::Tensor>& labels,
-                            double temperature, double soft_weight, double hard_weight,
-                            c10::string_view divergence, double beta, int64_t ignore_index,
-                            c10::string_view reduction) {
-  const KDParams p =
-      options_params(temperature, soft_weight, hard_weight, sv(divergence), beta, sv(reduction));
-  TORCH_CHECK(slice_stats.dim() == 3 && slice_stats.size(0) >= 1,
-              "kdfused: slice_stats must have shape (group size, rows, ", kStatsFields, ")");
+at::Tensor vp_merge(const at::Tensor& slice_stats, const std::optional<at::Tensor>& labels,
+                    const KDOptions& opt) {
+  const KDParams p = params_of(opt);
+  const int64_t ignore_index = opt.ignore_index;
+  TORCH_CHECK(slice_stats.is_cuda(), "kdfused: CUDA kernel called with a non-CUDA slice_stats");
+  const c10::cuda::CUDAGuard guard(slice_stats.device());
+  const at::Tensor y = check_merge_inputs(slice_stats, labels);
   const int64_t n_slices = slice_stats.size(0), n_rows = slice_stats.size(1);
   const at::ScalarType acc = slice_stats.scalar_type();
-  TORCH_CHECK(acc == at::kFloat || acc == at::kDouble,
-              "kdfused: slice_stats must be float32 or float64, got ", acc);
-  TORCH_CHECK(slice_stats.is_cuda(), "kdfused: CUDA kernel called with a non-CUDA slice_stats");
-  check_record(slice_stats, 3, n_rows, kStatsFields, acc, "slice_stats", slice_stats.device());
-  const c10::cuda::CUDAGuard guard(slice_stats.device());
-  TORCH_CHECK(!labels.has_value() || labels->device() == slice_stats.device(),
-              "kdfused: labels must be on the device of slice_stats (", slice_stats.device(),
-              "), got ", labels.has_value() ? labels->device() : slice_stats.device());
-  const at::Tensor y =
-      labels.has_value() ? labels->reshape({-1}).to(at::kLong).contiguous() : at::Tensor();
-  TORCH_CHECK(!y.defined() || y.numel() == n_rows, "kdfused: labels must have one value per row");
   at::Tensor fin = at::empty({n_rows, kFinalFields}, slice_stats.options());
   if (n_rows == 0) return fin;
   check_device_arch(*at::cuda::getCurrentDeviceProperties());
@@ -365,30 +362,17 @@ at::Tensor kd_vp_merge_cuda(const at::Tensor& slice_stats, const std::optional<a
   return fin;
 }
 
-at::Tensor kd_vp_mix_cuda(const at::Tensor& student, const at::Tensor& teacher,
-                          const std::optional<at::Tensor>& labels, const at::Tensor& row_final,
-                          int64_t vocab_offset, double temperature, double soft_weight,
-                          double hard_weight, c10::string_view divergence, double beta,
-                          int64_t ignore_index) {
-  check_inputs(student, teacher, labels, temperature, soft_weight, hard_weight, sv(divergence),
-               beta, "sum");
-  check_cuda_logits(student, teacher);
-  const c10::cuda::CUDAGuard guard(student.device());
-  at::Tensor s_in, t_in;  // the native dtype pair (kd_dtype_dispatch.h)
-  std::tie(s_in, t_in) = native_inputs(student, teacher);
+at::Tensor vp_mix(const at::Tensor& student, const at::Tensor& teacher,
+                  const std::optional<at::Tensor>& labels, const at::Tensor& row_final,
+                  int64_t vocab_offset, const KDOptions& opt) {
   at::Tensor out;
-  const Prepared prep =
-      prepare_step(Phase::Mix, s_in, t_in, labels, vocab_offset, &row_final, &out, temperature,
-                   soft_weight, hard_weight, sv(divergence), beta, ignore_index, false, false);
-  run_slice_kernel(prep.params, s_in.scalar_type(), t_in.scalar_type(), 0);
+  run_step(Phase::Mix, student, teacher, labels, vocab_offset, &row_final, &out, opt, 0);
   return out;
 }
 
-at::Tensor kd_vp_merge_mix_cuda(const at::Tensor& row_final, const at::Tensor& slice_mix,
-                                double temperature, double soft_weight, double hard_weight,
-                                c10::string_view divergence, double beta) {
-  const KDParams p =
-      options_params(temperature, soft_weight, hard_weight, sv(divergence), beta, "sum");
+at::Tensor vp_merge_mix(const at::Tensor& row_final, const at::Tensor& slice_mix,
+                        const KDOptions& opt) {
+  const KDParams p = params_of(opt);
   TORCH_CHECK(row_final.dim() == 2, "kdfused: row_final must have shape (rows, ", kFinalFields,
               ")");
   const int64_t n_rows = row_final.size(0);
@@ -415,31 +399,25 @@ at::Tensor kd_vp_merge_mix_cuda(const at::Tensor& row_final, const at::Tensor& s
   return fin;
 }
 
-KDOutputs kd_vp_grad_cuda(const at::Tensor& student, const at::Tensor& teacher,
-                          const std::optional<at::Tensor>& labels, const at::Tensor& row_final,
-                          int64_t vocab_offset, double temperature, double soft_weight,
-                          double hard_weight, c10::string_view divergence, double beta,
-                          int64_t ignore_index, c10::string_view reduction, bool grad_student,
-                          bool grad_teacher) {
-  const Reduction red = parse_reduction(sv(reduction));
-  check_inputs(student, teacher, labels, temperature, soft_weight, hard_weight, sv(divergence),
-               beta, "sum");
-  check_cuda_logits(student, teacher);
+KDOutputs vp_grad(const at::Tensor& student, const at::Tensor& teacher,
+                  const std::optional<at::Tensor>& labels, const at::Tensor& row_final,
+                  int64_t vocab_offset, const KDOptions& opt, bool grad_student,
+                  bool grad_teacher) {
+  const int64_t ignore_index = opt.ignore_index;
+  const Reduction red = opt.reduction;
+  // The kernel step runs with "sum"; the loss below is reduced from row_final.
+  const KDOptions step = with_reduction(opt, Reduction::Sum);
+  check_step_inputs(student, teacher, labels, step);
   const c10::cuda::CUDAGuard guard(student.device());
-  at::Tensor s_in, t_in;  // the native dtype pair (kd_dtype_dispatch.h)
-  std::tie(s_in, t_in) = native_inputs(student, teacher);
-  at::Tensor unused;
   // With no gradient asked for, the kernel has nothing to do (the loss is in row_final).
   const bool any = grad_student || grad_teacher;
-  Prepared prep = any ? prepare_step(Phase::Grad, s_in, t_in, labels, vocab_offset, &row_final,
-                                     &unused, temperature, soft_weight, hard_weight, sv(divergence),
-                                     beta, ignore_index, grad_student, grad_teacher)
-                      : prepare(s_in, t_in, labels, temperature, soft_weight, hard_weight,
-                                sv(divergence), beta, ignore_index, "sum", false, false);
+  at::Tensor unused;
+  Prepared prep = any ? run_step(Phase::Grad, student, teacher, labels, vocab_offset, &row_final,
+                                 &unused, step, 0, grad_student, grad_teacher)
+                      : prepare(student, teacher, labels, step, false, false);
   const int64_t n_rows = prep.params.n_rows;
   check_record(row_final, 2, n_rows, kFinalFields, accumulate_type(student, teacher), "row_final",
                student.device());
-  if (any) run_slice_kernel(prep.params, s_in.scalar_type(), t_in.scalar_type(), 0);
 
   // The row losses are the first field of each RowFinal record (a copy: never a view of it).
   const at::Tensor row_loss = row_final.select(1, 0).clone(at::MemoryFormat::Contiguous);
@@ -460,10 +438,10 @@ KDOutputs kd_vp_grad_cuda(const at::Tensor& student, const at::Tensor& teacher,
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  if (s_in.scalar_type() != student.scalar_type()) {
+  if (prep.student.scalar_type() != student.scalar_type()) {
     prep.grad_student = prep.grad_student.to(student.scalar_type());
   }
-  if (t_in.scalar_type() != teacher.scalar_type()) {
+  if (prep.teacher.scalar_type() != teacher.scalar_type()) {
     prep.grad_teacher = prep.grad_teacher.to(teacher.scalar_type());
   }
   return {loss, prep.grad_student, prep.grad_teacher, at::ones_like(loss)};
@@ -474,9 +452,8 @@ KDOutputs kd_vp_grad_cuda(const at::Tensor& student, const at::Tensor& teacher,
 }  // namespace kdfused::cuda
 
 TORCH_LIBRARY_IMPL(kdfused, CUDA, m) {
-  m.impl("kd_vp_stats", &kdfused::cuda::kd_vp_stats_cuda);
-  m.impl("kd_vp_merge", &kdfused::cuda::kd_vp_merge_cuda);
-  m.impl("kd_vp_mix", &kdfused::cuda::kd_vp_mix_cuda);
-  m.impl("kd_vp_merge_mix", &kdfused::cuda::kd_vp_merge_mix_cuda);
-  m.impl("kd_vp_grad", &kdfused::cuda::kd_vp_grad_cuda);
+  using Ops = kdfused::VocabParallelOps<&kdfused::cuda::vp_stats, &kdfused::cuda::vp_merge,
+                                        &kdfused::cuda::vp_mix, &kdfused::cuda::vp_merge_mix,
+                                        &kdfused::cuda::vp_grad>;
+  kdfused::register_vocab_parallel<Ops>(m);
 }

@@ -329,10 +329,10 @@ void topk_student(const TopKParams& p, bool acc_double) {
 // Accumulation type float64 when the student or the (converted) teacher values are float64.
 inline void topk_forward(const TopKParams& p, bool acc_double) {
   switch (p.student_dtype) {
-    case topk::SType::Float16: return topk_student<c10::Half>(p, acc_double);
-    case topk::SType::BFloat16: return topk_student<c10::BFloat16>(p, acc_double);
-    case topk::SType::Float32: return topk_student<float>(p, acc_double);
-    case topk::SType::Float64: return topk_student<double>(p, acc_double);
+    case DType::Float16: return topk_student<c10::Half>(p, acc_double);
+    case DType::BFloat16: return topk_student<c10::BFloat16>(p, acc_double);
+    case DType::Float32: return topk_student<float>(p, acc_double);
+    case DType::Float64: return topk_student<double>(p, acc_double);
   }
 }
 
