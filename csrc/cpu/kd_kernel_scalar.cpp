@@ -25,16 +25,6 @@ namespace {
 
 constexpr int kLanes = 4;
 
-inline int64_t row_offset(const KDParams& p, int64_t r, const int64_t* strides) {
-  int64_t off = 0;
-  for (int d = p.row_ndim - 1; d >= 0; --d) {
-    const int64_t i = r % p.row_sizes[d];
-    r /= p.row_sizes[d];
-    off += i * strides[d];
-  }
-  return off;
-}
-
 template <typename S, typename T, typename A>
 void scalar_rows(const KDParams& p, int64_t begin, int64_t end) {
   constexpr int W = 4;
@@ -153,15 +143,15 @@ void scalar_forward(const KDParams& p) {
   }
 }
 
+void scalar_exp(const float* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = kd_exp(x[i]);
+}
+
 }  // namespace
 
-ForwardFn forward_scalar() {
-  return &scalar_forward;
-}
-ExpFn exp_scalar() {
-  return [](const float* x, float* y, int64_t n) {
-    for (int64_t i = 0; i < n; ++i) y[i] = kd_exp(x[i]);
-  };
-}
+KD_REGISTER_KERNEL(ForwardStub, Isa::Scalar, &scalar_forward)
+KD_REGISTER_KERNEL(ExpStub, Isa::Scalar, &scalar_exp)
+// Top-k has no scalar path of its own: "scalar" runs its portable kernel.
+KD_REGISTER_KERNEL(TopKForwardStub, Isa::Scalar, nullptr)
 
 }  // namespace kdfused::cpu

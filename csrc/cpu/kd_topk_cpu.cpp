@@ -13,21 +13,10 @@
 
 #include "../kd_topk.h"
 #include "kd_cpu_dispatch.h"
-#include "topk/kd_topk_cpu_dispatch.h"
 
 namespace kdfused::topk {
 
 namespace {
-
-// The kernel for the instruction set kd_loss's CPU kernel uses ("default" or any other name, e.g.
-// a portable "scalar" build, takes the portable one).
-cpu_topk::TopKForwardFn select_kernel() {
-  const std::string isa = cpu::selected_isa_name();
-  cpu_topk::TopKForwardFn fn = nullptr;
-  if (isa == "avx512") fn = cpu_topk::topk_forward_avx512();
-  if (isa == "avx2") fn = cpu_topk::topk_forward_avx2();
-  return fn ? fn : cpu_topk::topk_forward_default();
-}
 
 // Row r's first problem: an index out of [0, V) or one seen before in the row. `seen` is a bitmap
 // of V bits, all clear on entry and on return.
@@ -125,7 +114,7 @@ TopKOutputs topk_kd_loss_cpu(const at::Tensor& student, const at::Tensor& indice
   p.grad_scale =
       p.reduction == Red::Mean ? 1.0 / static_cast<double>(std::max<int64_t>(n_valid, 1)) : 1.0;
   const bool acc_double = prep.loss.scalar_type() == at::kDouble;
-  if (p.n_rows > 0) select_kernel()(p, acc_double);
+  if (p.n_rows > 0) cpu::dispatch<cpu::TopKForwardStub>()(p, acc_double);
   if (p.reduction != Red::None) {
     if (acc_double) {
       reduce_rows<double>(p, n_valid);
