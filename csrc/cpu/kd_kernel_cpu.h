@@ -42,6 +42,7 @@
 
 #include "../kd_math.h"
 #include "../kd_params.h"
+#include "kd_dtype_cpu.h"
 #include "kd_vec_cpu.h"
 #include "kd_vexp.h"
 
@@ -304,15 +305,23 @@ struct RowKernel {
     if (w.gt) std::fill(w.gt, w.gt + V, T(0));
   }
 
+  // Chunk c of the row: its first column, its length, and that length padded to whole vectors.
+  struct Span {
+    int64_t c0, n, nv;
+  };
+  Span span(int64_t c) const {
+    const int64_t c0 = c * kChunk;
+    const int64_t n = std::min(kChunk, V - c0);
+    return {c0, n, (n + W - 1) / W * W};
+  }
+
   // ---- 1. statistics sweep of chunk c: exact chunk maxima, kd_math.h accumulate_at per vector --
   KD_FLATTEN
   RowState<A> stats_chunk(const Row& w, int64_t c, RowBufs<A>& rb, ChunkBufs<S, T, A>& cb) const {
     // A local copy: inside the loops the compiler keeps its fields in registers (a member could
     // alias the exponential stores and would be reloaded for every vector).
     const RowConfig<A> cfg = this->cfg;
-    const int64_t c0 = c * kChunk;
-    const int64_t n = std::min(kChunk, V - c0);
-    const int64_t nv = (n + W - 1) / W * W;  // padded to whole vectors
+    const auto [c0, n, nv] = span(c);
     const A* xs = chunk_as(w.s + c0, cb.s.data(), n);
     const A* xt = cfg.soft ? chunk_as(w.t + c0, cb.t.data(), n) : nullptr;
 
@@ -399,9 +408,7 @@ struct RowKernel {
                        ChunkBufs<S, T, A>& cb) const {
     const RowConfig<A> cfg = this->cfg;
     const RowResult<A> res = f.res;
-    const int64_t c0 = c * kChunk;
-    const int64_t n = std::min(kChunk, V - c0);
-    const int64_t nv = (n + W - 1) / W * W;
+    const auto [c0, n, nv] = span(c);
     const A* xs = chunk_as(w.s + c0, cb.s.data(), n);
     const A* xt = chunk_as(w.t + c0, cb.t.data(), n);
     const A* ea = rb.ea + c0;
@@ -427,9 +434,7 @@ struct RowKernel {
                       ChunkBufs<S, T, A>& cb) const {
     const RowConfig<A> cfg = this->cfg;
     const RowResult<A> res = f.res;
-    const int64_t c0 = c * kChunk;
-    const int64_t n = std::min(kChunk, V - c0);
-    const int64_t nv = (n + W - 1) / W * W;
+    const auto [c0, n, nv] = span(c);
     const Vec zero(A(0));
     const Vec ms(res.ms), mt(res.mt);
     Vec fa, fb, fh;
@@ -554,23 +559,10 @@ void kd_forward_typed(const KDParams& p) {
   });
 }
 
-template <typename S>
-void kd_forward_teacher_switch(const KDParams& p) {
-  switch (p.teacher_dtype) {
-    case DType::Float16: return kd_forward_typed<S, c10::Half>(p);
-    case DType::BFloat16: return kd_forward_typed<S, c10::BFloat16>(p);
-    case DType::Float32: return kd_forward_typed<S, float>(p);
-    case DType::Float64: return kd_forward_typed<S, double>(p);
-  }
-}
-
 inline void kd_forward(const KDParams& p) {
-  switch (p.student_dtype) {
-    case DType::Float16: return kd_forward_teacher_switch<c10::Half>(p);
-    case DType::BFloat16: return kd_forward_teacher_switch<c10::BFloat16>(p);
-    case DType::Float32: return kd_forward_teacher_switch<float>(p);
-    case DType::Float64: return kd_forward_teacher_switch<double>(p);
-  }
+  with_dtype_pair(p, [&](auto s, auto t) {
+    kd_forward_typed<typename decltype(s)::type, typename decltype(t)::type>(p);
+  });
 }
 
 }  // namespace CPU_CAPABILITY

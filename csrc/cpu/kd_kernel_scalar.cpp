@@ -18,6 +18,7 @@
 #include "../kd_math.h"
 #include "../kd_params.h"
 #include "kd_cpu_dispatch.h"
+#include "kd_dtype_cpu.h"
 
 namespace kdfused::cpu {
 
@@ -124,23 +125,10 @@ void scalar_typed(const KDParams& p) {
                    [&](int64_t b, int64_t e) { scalar_rows<S, T, A>(p, b, e); });
 }
 
-template <typename S>
-void scalar_teacher_switch(const KDParams& p) {
-  switch (p.teacher_dtype) {
-    case DType::Float16: return scalar_typed<S, c10::Half>(p);
-    case DType::BFloat16: return scalar_typed<S, c10::BFloat16>(p);
-    case DType::Float32: return scalar_typed<S, float>(p);
-    case DType::Float64: return scalar_typed<S, double>(p);
-  }
-}
-
 void scalar_forward(const KDParams& p) {
-  switch (p.student_dtype) {
-    case DType::Float16: return scalar_teacher_switch<c10::Half>(p);
-    case DType::BFloat16: return scalar_teacher_switch<c10::BFloat16>(p);
-    case DType::Float32: return scalar_teacher_switch<float>(p);
-    case DType::Float64: return scalar_teacher_switch<double>(p);
-  }
+  with_dtype_pair(p, [&](auto s, auto t) {
+    scalar_typed<typename decltype(s)::type, typename decltype(t)::type>(p);
+  });
 }
 
 void scalar_exp(const float* x, float* y, int64_t n) {
