@@ -100,6 +100,19 @@ __device__ __forceinline__ VecWords<X, W> pack(const A (&in)[W]) {
   return v;
 }
 
+// W elements, packed, to out: 16-byte stores where out is 16-byte aligned, else one by one.
+template <typename X, int W>
+__device__ __forceinline__ void store_words(X* out, const VecWords<X, W>& v, bool aligned) {
+  if (aligned) {
+#pragma unroll
+    for (int k = 0; k < VecWords<X, W>::kWords; ++k) reinterpret_cast<uint4*>(out)[k] = v.w[k];
+  } else {
+    const X* x = reinterpret_cast<const X*>(v.w);
+#pragma unroll
+    for (int i = 0; i < W; ++i) out[i] = x[i];
+  }
+}
+
 __device__ __forceinline__ bool aligned16(const void* p) {
   return (reinterpret_cast<uintptr_t>(p) & (kVecBytes - 1)) == 0;
 }
@@ -440,26 +453,8 @@ __device__ __forceinline__ void grad_sweep(const S* srow, const T* trow, bool re
           xs[i] = from_acc<S>(gs);
           xt[i] = from_acc<T>(gt);
         }
-        if (gsrow) {
-          S* out = gsrow + g.vlo + base;
-          if (gs_vec) {
-#pragma unroll
-            for (int k = 0; k < WS::kWords; ++k) reinterpret_cast<uint4*>(out)[k] = os.w[k];
-          } else {
-#pragma unroll
-            for (int i = 0; i < W; ++i) out[i] = xs[i];
-          }
-        }
-        if (gtrow) {
-          T* out = gtrow + g.vlo + base;
-          if (gt_vec) {
-#pragma unroll
-            for (int k = 0; k < WT::kWords; ++k) reinterpret_cast<uint4*>(out)[k] = ot.w[k];
-          } else {
-#pragma unroll
-            for (int i = 0; i < W; ++i) out[i] = xt[i];
-          }
-        }
+        if (gsrow) store_words(gsrow + g.vlo + base, os, gs_vec);
+        if (gtrow) store_words(gtrow + g.vlo + base, ot, gt_vec);
       });
 }
 
