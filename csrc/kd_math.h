@@ -51,6 +51,14 @@
 #define KD_HD inline
 #endif
 
+// Loop unrolling for nvcc. Nothing for the host compilers: GCC does not know the pragma (a warning
+// in every CPU object), and the host code is the reference the CPU results are pinned to.
+#if defined(__CUDACC__)
+#define KD_UNROLL _Pragma("unroll")
+#else
+#define KD_UNROLL
+#endif
+
 namespace kdfused {
 
 template <typename A>
@@ -132,6 +140,23 @@ template <typename A>
 KD_HD A kd_max(A x, A y) {
   // NaN-propagating: a NaN logit must poison the row, not vanish into a max.
   return (x != x || x > y) ? x : y;
+}
+
+// Row r -> element offset: r decomposed over row_sizes (last fastest), dotted with strides. Static
+// indexing only (on the device the params live in the constant bank; a dynamic index would copy
+// them to local memory).
+KD_HD int64_t row_offset(const KDParams& p, int64_t r, const int64_t (&strides)[kMaxRowDims]) {
+  int64_t off = 0;
+  KD_UNROLL
+  for (int d = kMaxRowDims - 1; d >= 0; --d) {
+    if (d < p.row_ndim) {
+      const int64_t size = p.row_sizes[d];
+      const int64_t i = r % size;
+      r /= size;
+      off += i * strides[d];
+    }
+  }
+  return off;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -234,6 +259,7 @@ KD_HD RowConfig<A> specialise(RowConfig<A> c) {
 // ------------------------------------------------------------------------------------------------
 
 // Partial statistics of a set of columns of one row. The empty state has maxima -inf, sums 0.
+// (Also instantiated on at::vec vectors by the CPU kernel for its lane-wise sums; maxima unused.)
 template <typename A>
 struct RowState {
   A ms;  // max student logit (raw units)
@@ -245,14 +271,49 @@ struct RowState {
   A ch;  // sum eb (t - mt) / T                                         (need_ch)
   A cr;  // sum ea ((s - ms) - (t - mt)) / T  = za (R + log za - log zb)   (need_cr)
 
-  KD_HD static RowState empty() {
-    RowState st;
-    st.ms = -kd_inf<A>();
-    st.mt = -kd_inf<A>();
-    st.za = st.zh = st.zb = st.cx = st.ch = st.cr = A(0);
-    return st;
-  }
+  KD_HD static RowState empty();
 };
+
+// The ONE list of RowState's fields. for_each_sum(f, st...) calls f(st.za...), f(st.zh...), ...:
+// each sum of exponentials in turn, the same field of every state given; for_each_field the maxima
+// too. Every per-field operation is written with them (the merge below, the CUDA kernels' warp
+// shuffles, the CPU kernel's vector sums, the record sizes of the vocabulary-parallel steps), so a
+// new field is added here and in the struct, and nowhere else (kRowStateFields checks the two).
+template <typename F, typename... St>
+KD_HD constexpr void for_each_sum(F&& f, St&... st) {
+  f(st.za...);
+  f(st.zh...);
+  f(st.zb...);
+  f(st.cx...);
+  f(st.ch...);
+  f(st.cr...);
+}
+
+template <typename F, typename... St>
+KD_HD constexpr void for_each_field(F&& f, St&... st) {
+  f(st.ms...);
+  f(st.mt...);
+  for_each_sum(f, st...);
+}
+
+template <typename A>
+KD_HD RowState<A> RowState<A>::empty() {
+  RowState st;
+  st.ms = -kd_inf<A>();
+  st.mt = -kd_inf<A>();
+  for_each_sum([](A& x) { x = A(0); }, st);
+  return st;
+}
+
+constexpr int kRowStateFields = [] {
+  int n = 0;
+  RowState<float> st{};
+  for_each_field([&n](float&) { ++n; }, st);
+  return n;
+}();
+static_assert(sizeof(RowState<float>) == kRowStateFields * sizeof(float) &&
+                  sizeof(RowState<double>) == kRowStateFields * sizeof(double),
+              "every field of RowState is in for_each_field");
 
 // exp((m_old - m_new) * scale) for a maximum that moves from m_old to m_new >= m_old.
 // Why the guard: an empty state has m_old = -inf; if m_new is -inf too (nothing but -inf seen yet)
@@ -353,13 +414,13 @@ template <typename A, int W>
 KD_HD void push_vec(RowState<A>& st, const A (&s)[W], const A (&t)[W], const RowConfig<A>& c) {
   A vms = s[0];
   A vmt = t[0];
-#pragma unroll
+  KD_UNROLL
   for (int i = 1; i < W; ++i) {
     vms = kd_fmax(vms, s[i]);
     vmt = kd_fmax(vmt, t[i]);
   }
   rescale(st, kd_max(st.ms, vms), c.soft ? kd_max(st.mt, vmt) : st.mt, c);
-#pragma unroll
+  KD_UNROLL
   for (int i = 0; i < W; ++i) accumulate(st, s[i], t[i], c);
 }
 
@@ -371,12 +432,7 @@ KD_HD RowState<A> merge(RowState<A> x, RowState<A> y, const RowConfig<A>& c) {
   const A mt = kd_max(x.mt, y.mt);
   rescale(x, ms, mt, c);
   rescale(y, ms, mt, c);
-  x.za += y.za;
-  x.zh += y.zh;
-  x.zb += y.zb;
-  x.cx += y.cx;
-  x.ch += y.ch;
-  x.cr += y.cr;
+  for_each_sum([](A& a, const A& b) { a += b; }, x, y);
   return x;
 }
 
@@ -471,10 +527,25 @@ struct MixSums {
   X c;  //                                       tvd: sum p g
 };
 
+// The ONE list of MixSums' fields (as for_each_field for RowState).
+template <typename F, typename... M>
+KD_HD constexpr void for_each_mix(F&& f, M&... m) {
+  f(m.a...);
+  f(m.b...);
+  f(m.c...);
+}
+
+constexpr int kMixSumsFields = [] {
+  int n = 0;
+  MixSums<float> m{};
+  for_each_mix([&n](float&) { ++n; }, m);
+  return n;
+}();
+
 template <typename X>
 KD_HD MixSums<X> mix_zero() {
   MixSums<X> m;
-  m.a = m.b = m.c = Ew<X>::splat(0);
+  for_each_mix([](X& x) { x = Ew<X>::splat(0); }, m);
   return m;
 }
 
@@ -527,9 +598,7 @@ KD_HD void mix_at(MixSums<X>& mx, const RowResult<A>& r, const RowConfig<A>& c, 
 
 template <typename A>
 KD_HD MixSums<A> mix_add(MixSums<A> x, const MixSums<A>& y) {
-  x.a += y.a;
-  x.b += y.b;
-  x.c += y.c;
+  for_each_mix([](A& a, const A& b) { a += b; }, x, y);
   return x;
 }
 
@@ -568,6 +637,20 @@ struct RowFinal {
   RowResult<A> res;
   A log_zh;  // log sum exp(s - ms)    (need_zh)
 };
+
+// Fields per record: the vocabulary-parallel steps exchange the records as [n_rows, fields]
+// tensors of the accumulation type, so no record may have padding.
+constexpr int kSliceStatsFields = kRowStateFields + 1;  // + s_label
+constexpr int kRowFinalFields = 13;                     // RowResult's 12 + log_zh
+static_assert(sizeof(SliceStats<float>) == kSliceStatsFields * sizeof(float) &&
+                  sizeof(SliceStats<double>) == kSliceStatsFields * sizeof(double),
+              "SliceStats layout");
+static_assert(sizeof(RowFinal<float>) == kRowFinalFields * sizeof(float) &&
+                  sizeof(RowFinal<double>) == kRowFinalFields * sizeof(double),
+              "RowFinal layout");
+static_assert(sizeof(MixSums<float>) == kMixSumsFields * sizeof(float) &&
+                  sizeof(MixSums<double>) == kMixSumsFields * sizeof(double),
+              "MixSums layout");
 
 template <typename A>
 KD_HD RowFinal<A> finalize_row_final(const RowState<A>& st, const RowConfig<A>& c, A s_label,

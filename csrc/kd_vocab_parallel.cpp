@@ -28,13 +28,6 @@
 
 namespace kdfused {
 
-// The records travel as [n_rows, fields] tensors of the accumulation type.
-static_assert(sizeof(SliceStats<float>) == 9 * sizeof(float), "SliceStats<float> layout");
-static_assert(sizeof(SliceStats<double>) == 9 * sizeof(double), "SliceStats<double> layout");
-static_assert(sizeof(RowFinal<float>) == 13 * sizeof(float), "RowFinal<float> layout");
-static_assert(sizeof(RowFinal<double>) == 13 * sizeof(double), "RowFinal<double> layout");
-static_assert(sizeof(MixSums<float>) == 3 * sizeof(float), "MixSums<float> layout");
-static_assert(sizeof(MixSums<double>) == 3 * sizeof(double), "MixSums<double> layout");
 static_assert(kStatsFields == 9 && kFinalFields == 13 && kMixFields == 3, "record fields");
 
 void check_record(const at::Tensor& x, int64_t dim, int64_t n_rows, int64_t fields,

@@ -1,35 +1,79 @@
-// kd_cpu_dispatch.h -- run-time choice of the CPU kernel's instruction set.
+// kd_cpu_dispatch.h -- the instruction-set registry of the CPU kernels (in the style of ATen's
+// DispatchStub).
 //
-// kd_kernel_cpu.h is compiled once per instruction set (kd_kernel_{default,avx2,avx512}.cpp);
-// at::vec is only as wide as the flags its file is compiled with. The widest one the CPU supports
-// is picked at run time (as ATen's DispatchStub does); KDFUSED_CPU_ISA=scalar|default|avx2|avx512
-// or set_isa() can force a narrower one (tests run every compiled path).
+// Each CPU kernel header is compiled once per instruction set: kd_kernel_{default,avx2,avx512}.cpp
+// and topk/kd_topk_{default,avx2,avx512}.cpp include that instruction set's prelude
+// (kd_isa_{default,avx2,avx512}.h: the target pragma, CPU_CAPABILITY, KD_ISA) and then the kernel,
+// which registers its entry point for KD_ISA with KD_REGISTER_KERNEL. The portable "scalar" path
+// (kd_kernel_scalar.cpp) registers itself the same way. An op asks for its kernel with
+// dispatch<Stub>(): the one of the selected instruction set (the widest the CPU supports, or the
+// one forced by KDFUSED_CPU_ISA=scalar|default|avx2|avx512 or set_isa()).
+//
+// A registration is an explicit specialisation isa_kernel<Stub, Isa>: an ordinary function,
+// defined by exactly one object, named by its instruction set. (Why not a table filled by static
+// initialisers: the order of those across objects is unspecified, and nothing here needs a table
+// to be mutable.)
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <string>
 #include <vector>
 
 #include "../kd_params.h"
+#include "../kd_topk_params.h"
 
 namespace kdfused::cpu {
 
-using ForwardFn = void (*)(const KDParams&);
+// Every instruction set a kernel can be compiled for. "Scalar" is the host run of the CUDA
+// kernels' per-element code (kd_kernel_scalar.cpp), never selected automatically.
+enum class Isa : int { Default = 0, AVX2 = 1, AVX512 = 2, Scalar = 3 };
 
-// One per compiled instruction set; the x86 ones are nullptr when not compiled (non-x86 builds).
-ForwardFn forward_default();
-ForwardFn forward_avx2();
-ForwardFn forward_avx512();
-// The host run of the CUDA kernels' per-element code (kd_kernel_scalar.cpp); never auto-selected.
-ForwardFn forward_scalar();
-
-// The exponential each instruction set's kernel uses (kd_vexp.h; the C library's expf for
+// The kernels, each a stub: its function type and one registration per instruction set.
+struct ForwardStub {
+  using Fn = void (*)(const KDParams&);
+};
+// The exponential of each instruction set's kernels (kd_vexp.h; the C library's expf for
 // "scalar"), y = exp(x) for n floats: for the test of its error bound.
-using ExpFn = void (*)(const float* x, float* y, int64_t n);
-ExpFn exp_default();
-ExpFn exp_avx2();
-ExpFn exp_avx512();
-ExpFn exp_scalar();
+struct ExpStub {
+  using Fn = void (*)(const float* x, float* y, int64_t n);
+};
+struct TopKForwardStub {
+  using Fn = void (*)(const topk::TopKParams&, bool acc_double);
+};
+
+// Stub's kernel compiled for instruction set I; nullptr where it has none (an x86 instruction set
+// on another architecture; top-k has no scalar path).
+template <typename Stub, Isa I>
+typename Stub::Fn isa_kernel();
+
+#define KD_REGISTER_KERNEL(stub, isa, fn) \
+  template <>                             \
+  stub::Fn isa_kernel<stub, isa>() {      \
+    return fn;                            \
+  }
+
+template <typename Stub>
+typename Stub::Fn kernel_for(Isa isa) {
+  switch (isa) {
+    case Isa::AVX512: return isa_kernel<Stub, Isa::AVX512>();
+    case Isa::AVX2: return isa_kernel<Stub, Isa::AVX2>();
+    case Isa::Scalar: return isa_kernel<Stub, Isa::Scalar>();
+    case Isa::Default: break;
+  }
+  return isa_kernel<Stub, Isa::Default>();
+}
+
+// The instruction set every op's CPU kernel runs with (read at every call).
+Isa selected_isa();
+
+// Stub's kernel for the selected instruction set, or the portable one where that set has none.
+template <typename Stub>
+typename Stub::Fn dispatch() {
+  const typename Stub::Fn fn = kernel_for<Stub>(selected_isa());
+  return fn ? fn : kernel_for<Stub>(Isa::Default);
+}
+
 // Runs the exponential of instruction set `isa` (a name as set_isa takes, "auto" included).
 void run_exp(const std::string& isa, const float* x, float* y, int64_t n);
 
@@ -39,7 +83,7 @@ void run_exp(const std::string& isa, const float* x, float* y, int64_t n);
 // for every caller (possibly the AVX-512 one).
 [[noreturn]] void throw_scratch_oom(size_t bytes);
 
-// Runs the widest available kernel (or the one forced) on p.
+// Runs the selected instruction set's kernel on p.
 void run_forward(const KDParams& p);
 
 std::string selected_isa_name();

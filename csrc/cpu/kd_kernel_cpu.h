@@ -1,8 +1,9 @@
 // kd_kernel_cpu.h -- the fused CPU kernel, compiled once per instruction set.
 //
-// Included by kd_kernel_{default,avx2,avx512}.cpp, each of which defines CPU_CAPABILITY (the
-// at::vec namespace) and KD_ISA_ENTRY (the name of its entry point) first. Everything here lives in
-// an ISA-specific namespace so the copies never meet at link time.
+// Included by kd_kernel_{default,avx2,avx512}.cpp after their instruction set's prelude
+// (kd_isa_*.h: CPU_CAPABILITY, the at::vec namespace, and KD_ISA); registers kd_forward for KD_ISA
+// (kd_cpu_dispatch.h). Everything here lives in an ISA-specific namespace so the copies never meet
+// at link time.
 //
 // Per row (rows are spread over threads with at::parallel_for; each row is done by one thread, so
 // the result does not depend on the thread count):
@@ -23,6 +24,9 @@
 // together because the three sweeps share their buffers.
 #pragma once
 
+#include "kd_cpu_dispatch.h"
+
+#if KD_ISA_COMPILED
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -38,16 +42,14 @@
 
 #include "../kd_math.h"
 #include "../kd_params.h"
+#include "kd_dtype_cpu.h"
+#include "kd_vec_cpu.h"
 #include "kd_vexp.h"
 
 namespace kdfused::cpu {
 inline namespace CPU_CAPABILITY {
 
 using at::vec::Vectorized;
-
-// Elements per chunk: the chunk's inputs and exponentials stay in L1/L2 between the two passes
-// over it, and its maxima are exact (no per-element rescaling).
-constexpr int64_t kChunk = 2048;
 
 }  // namespace CPU_CAPABILITY
 }  // namespace kdfused::cpu
@@ -73,39 +75,6 @@ struct Ew<at::vec::CPU_CAPABILITY::Vectorized<A>> {
 namespace kdfused::cpu {
 inline namespace CPU_CAPABILITY {
 
-template <typename A>
-inline A hsum(const Vectorized<A>& v) {
-  // Fixed-order horizontal sum (determinism).
-  alignas(64) A tmp[Vectorized<A>::size()];
-  v.store(tmp);
-  A s = A(0);
-  for (int i = 0; i < Vectorized<A>::size(); ++i) s += tmp[i];
-  return s;
-}
-
-template <typename A>
-inline A hmax(const Vectorized<A>& v) {
-  alignas(64) A tmp[Vectorized<A>::size()];
-  v.store(tmp);
-  A m = tmp[0];
-  for (int i = 1; i < Vectorized<A>::size(); ++i) m = kd_max(m, tmp[i]);
-  return m;
-}
-
-// n elements of an input in the accumulation type: the input itself when it already has that type
-// (no copy), else a converted copy in buf.
-template <typename S, typename A>
-inline const A* chunk_as(const S* src, A* buf, int64_t n) {
-  if constexpr (std::is_same_v<S, A>) {
-    (void)buf;
-    (void)n;
-    return src;
-  } else {
-    at::vec::convert(src, buf, n);
-    return buf;
-  }
-}
-
 // Where a chunk of gradient is computed: straight into the output when it has the accumulation
 // type, else into buf (converted by finish_chunk).
 template <typename S, typename A>
@@ -120,35 +89,6 @@ inline A* grad_chunk(S* dst, A* buf) {
 template <typename S, typename A>
 inline void finish_chunk(const A* buf, S* dst, int64_t n) {
   if constexpr (!std::is_same_v<S, A>) at::vec::convert(buf, dst, n);
-}
-
-// Vector i of a chunk of n elements. Lanes past n read as -inf: exp(-inf) = 0 and the teacher-mass
-// masks drop them, so a partial last vector needs no special code in the sweeps.
-template <typename A>
-inline Vectorized<A> load_chunk(const A* x, int64_t i, int64_t n) {
-  constexpr int64_t W = Vectorized<A>::size();
-  if (i + W <= n) return Vectorized<A>::loadu(x + i);
-  return Vectorized<A>::set(Vectorized<A>(-kd_inf<A>()), Vectorized<A>::loadu(x + i, n - i), n - i);
-}
-
-template <typename A>
-inline void store_chunk(const Vectorized<A>& v, A* x, int64_t i, int64_t n) {
-  constexpr int64_t W = Vectorized<A>::size();
-  if (i + W <= n) {
-    v.store(x + i);
-  } else {
-    v.store(x + i, n - i);
-  }
-}
-
-inline int64_t row_offset(const KDParams& p, int64_t r, const int64_t* strides) {
-  int64_t off = 0;
-  for (int d = p.row_ndim - 1; d >= 0; --d) {
-    const int64_t i = r % p.row_sizes[d];
-    r /= p.row_sizes[d];
-    off += i * strides[d];
-  }
-  return off;
 }
 
 // Chunk-sized buffers of one thread: inputs converted to the accumulation type and gradients
@@ -273,13 +213,6 @@ struct RowBufs {
   }
 };
 
-// Sums of one chunk, one lane per vector element (the field names of RowState: accumulate_at
-// works on either).
-template <typename A>
-struct VecSums {
-  Vectorized<A> za{A(0)}, zh{A(0)}, zb{A(0)}, cx{A(0)}, ch{A(0)}, cr{A(0)};
-};
-
 // kd_math.h's scalar functions (make_row_config, merge, finalize, ...) are inline templates in
 // namespace kdfused, instantiated identically named in every ISA's file: the linker keeps ONE
 // copy for all of them, compiled with whichever ISA's flags came first (FMA contraction, even
@@ -372,15 +305,23 @@ struct RowKernel {
     if (w.gt) std::fill(w.gt, w.gt + V, T(0));
   }
 
+  // Chunk c of the row: its first column, its length, and that length padded to whole vectors.
+  struct Span {
+    int64_t c0, n, nv;
+  };
+  Span span(int64_t c) const {
+    const int64_t c0 = c * kChunk;
+    const int64_t n = std::min(kChunk, V - c0);
+    return {c0, n, (n + W - 1) / W * W};
+  }
+
   // ---- 1. statistics sweep of chunk c: exact chunk maxima, kd_math.h accumulate_at per vector --
   KD_FLATTEN
   RowState<A> stats_chunk(const Row& w, int64_t c, RowBufs<A>& rb, ChunkBufs<S, T, A>& cb) const {
     // A local copy: inside the loops the compiler keeps its fields in registers (a member could
     // alias the exponential stores and would be reloaded for every vector).
     const RowConfig<A> cfg = this->cfg;
-    const int64_t c0 = c * kChunk;
-    const int64_t n = std::min(kChunk, V - c0);
-    const int64_t nv = (n + W - 1) / W * W;  // padded to whole vectors
+    const auto [c0, n, nv] = span(c);
     const A* xs = chunk_as(w.s + c0, cb.s.data(), n);
     const A* xt = cfg.soft ? chunk_as(w.t + c0, cb.t.data(), n) : nullptr;
 
@@ -400,7 +341,10 @@ struct RowKernel {
     const Vec sh_t(cs.mt == -kd_inf<A>() ? A(0) : cs.mt);
     const Vec ninf(-kd_inf<A>());
 
-    VecSums<A> vs;
+    // The chunk's sums lane by lane: kd_math.h accumulate_at works on a RowState of vectors as on
+    // one of scalars (its maxima are not used here).
+    RowState<Vec> vs;
+    for_each_sum([](Vec& x) { x = Vec(A(0)); }, vs);
     A* ea = rb.ea ? rb.ea + c0 : nullptr;
     A* eb = rb.eb ? rb.eb + c0 : nullptr;
     A* eh = rb.eh ? rb.eh + c0 : nullptr;
@@ -464,9 +408,7 @@ struct RowKernel {
                        ChunkBufs<S, T, A>& cb) const {
     const RowConfig<A> cfg = this->cfg;
     const RowResult<A> res = f.res;
-    const int64_t c0 = c * kChunk;
-    const int64_t n = std::min(kChunk, V - c0);
-    const int64_t nv = (n + W - 1) / W * W;
+    const auto [c0, n, nv] = span(c);
     const A* xs = chunk_as(w.s + c0, cb.s.data(), n);
     const A* xt = chunk_as(w.t + c0, cb.t.data(), n);
     const A* ea = rb.ea + c0;
@@ -482,9 +424,7 @@ struct RowKernel {
       mix_at(mv, res, cfg, load_chunk(xs, i, n) - ms, load_chunk(xt, i, n) - mt, q, pr);
     }
     MixSums<A> mx;
-    mx.a = hsum(mv.a);
-    mx.b = hsum(mv.b);
-    mx.c = hsum(mv.c);
+    for_each_mix([](A& out, const Vec& v) { out = hsum(v); }, mx, mv);
     return mx;
   }
 
@@ -494,9 +434,7 @@ struct RowKernel {
                       ChunkBufs<S, T, A>& cb) const {
     const RowConfig<A> cfg = this->cfg;
     const RowResult<A> res = f.res;
-    const int64_t c0 = c * kChunk;
-    const int64_t n = std::min(kChunk, V - c0);
-    const int64_t nv = (n + W - 1) / W * W;
+    const auto [c0, n, nv] = span(c);
     const Vec zero(A(0));
     const Vec ms(res.ms), mt(res.mt);
     Vec fa, fb, fh;
@@ -528,6 +466,14 @@ struct RowKernel {
     if (outt) finish_chunk(outt, w.gt + c0, n);
   }
 
+  // The row's loss (a full call) and a teacher gradient that is all zeros (no soft term); true
+  // when the gradient sweep follows.
+  bool store_row(int64_t r, const Row& w, const Fin& f) const {
+    if (p.phase == Phase::Full) static_cast<A*>(p.row_loss)[r] = f.res.loss;
+    if (cfg.zero_gt) std::fill(w.gt, w.gt + V, T(0));
+    return any_grad;
+  }
+
   // One row on the calling thread, chunks in order. The row's state starts as its first chunk's
   // (not merged into an empty state: that merge costs exps for nothing, per row, for small V).
   // A row has at least one chunk (V >= 1).
@@ -552,9 +498,7 @@ struct RowKernel {
       }
       finalize_mix(f.res, mx, cfg);
     }
-    if (p.phase == Phase::Full) static_cast<A*>(p.row_loss)[r] = f.res.loss;
-    if (cfg.zero_gt) std::fill(w.gt, w.gt + V, T(0));
-    if (!any_grad) return;
+    if (!store_row(r, w, f)) return;
     for (int64_t c = 0; c < n_chunks; ++c) gradient_chunk(w, f, c, rb, cb);
   }
 
@@ -580,9 +524,7 @@ struct RowKernel {
       for (int64_t c = 0; c < n_chunks; ++c) mx = mix_add(mx, rb.cmx[c]);
       finalize_mix(f.res, mx, cfg);
     }
-    static_cast<A*>(p.row_loss)[r] = f.res.loss;
-    if (cfg.zero_gt) std::fill(w.gt, w.gt + V, T(0));
-    if (!any_grad) return;
+    if (!store_row(r, w, f)) return;
     at::parallel_for(0, n_chunks, 1, [&](int64_t b, int64_t e) {
       ChunkBufs<S, T, A> cb = chunk_bufs();
       for (int64_t c = b; c < e; ++c) gradient_chunk(w, f, c, rb, cb);
@@ -617,33 +559,24 @@ void kd_forward_typed(const KDParams& p) {
   });
 }
 
-template <typename S>
-void kd_forward_teacher_switch(const KDParams& p) {
-  switch (p.teacher_dtype) {
-    case DType::Float16: return kd_forward_typed<S, c10::Half>(p);
-    case DType::BFloat16: return kd_forward_typed<S, c10::BFloat16>(p);
-    case DType::Float32: return kd_forward_typed<S, float>(p);
-    case DType::Float64: return kd_forward_typed<S, double>(p);
-  }
-}
-
 inline void kd_forward(const KDParams& p) {
-  switch (p.student_dtype) {
-    case DType::Float16: return kd_forward_teacher_switch<c10::Half>(p);
-    case DType::BFloat16: return kd_forward_teacher_switch<c10::BFloat16>(p);
-    case DType::Float32: return kd_forward_teacher_switch<float>(p);
-    case DType::Float64: return kd_forward_teacher_switch<double>(p);
-  }
+  with_dtype_pair(p, [&](auto s, auto t) {
+    kd_forward_typed<typename decltype(s)::type, typename decltype(t)::type>(p);
+  });
 }
 
 }  // namespace CPU_CAPABILITY
 }  // namespace kdfused::cpu
 
+#define KD_ISA_FORWARD &CPU_CAPABILITY::kd_forward
+#define KD_ISA_EXP &CPU_CAPABILITY::vexp_array
+#else
+// An instruction set this compiler or architecture cannot target: no kernel.
+#define KD_ISA_FORWARD nullptr
+#define KD_ISA_EXP nullptr
+#endif  // KD_ISA_COMPILED
+
 namespace kdfused::cpu {
-ForwardFn KD_ISA_ENTRY() {
-  return &CPU_CAPABILITY::kd_forward;
-}
-ExpFn KD_ISA_EXP_ENTRY() {
-  return &CPU_CAPABILITY::vexp_array;
-}
+KD_REGISTER_KERNEL(ForwardStub, KD_ISA, KD_ISA_FORWARD)
+KD_REGISTER_KERNEL(ExpStub, KD_ISA, KD_ISA_EXP)
 }  // namespace kdfused::cpu

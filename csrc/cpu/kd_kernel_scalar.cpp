@@ -18,22 +18,13 @@
 #include "../kd_math.h"
 #include "../kd_params.h"
 #include "kd_cpu_dispatch.h"
+#include "kd_dtype_cpu.h"
 
 namespace kdfused::cpu {
 
 namespace {
 
 constexpr int kLanes = 4;
-
-inline int64_t row_offset(const KDParams& p, int64_t r, const int64_t* strides) {
-  int64_t off = 0;
-  for (int d = p.row_ndim - 1; d >= 0; --d) {
-    const int64_t i = r % p.row_sizes[d];
-    r /= p.row_sizes[d];
-    off += i * strides[d];
-  }
-  return off;
-}
 
 template <typename S, typename T, typename A>
 void scalar_rows(const KDParams& p, int64_t begin, int64_t end) {
@@ -134,34 +125,21 @@ void scalar_typed(const KDParams& p) {
                    [&](int64_t b, int64_t e) { scalar_rows<S, T, A>(p, b, e); });
 }
 
-template <typename S>
-void scalar_teacher_switch(const KDParams& p) {
-  switch (p.teacher_dtype) {
-    case DType::Float16: return scalar_typed<S, c10::Half>(p);
-    case DType::BFloat16: return scalar_typed<S, c10::BFloat16>(p);
-    case DType::Float32: return scalar_typed<S, float>(p);
-    case DType::Float64: return scalar_typed<S, double>(p);
-  }
+void scalar_forward(const KDParams& p) {
+  with_dtype_pair(p, [&](auto s, auto t) {
+    scalar_typed<typename decltype(s)::type, typename decltype(t)::type>(p);
+  });
 }
 
-void scalar_forward(const KDParams& p) {
-  switch (p.student_dtype) {
-    case DType::Float16: return scalar_teacher_switch<c10::Half>(p);
-    case DType::BFloat16: return scalar_teacher_switch<c10::BFloat16>(p);
-    case DType::Float32: return scalar_teacher_switch<float>(p);
-    case DType::Float64: return scalar_teacher_switch<double>(p);
-  }
+void scalar_exp(const float* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = kd_exp(x[i]);
 }
 
 }  // namespace
 
-ForwardFn forward_scalar() {
-  return &scalar_forward;
-}
-ExpFn exp_scalar() {
-  return [](const float* x, float* y, int64_t n) {
-    for (int64_t i = 0; i < n; ++i) y[i] = kd_exp(x[i]);
-  };
-}
+KD_REGISTER_KERNEL(ForwardStub, Isa::Scalar, &scalar_forward)
+KD_REGISTER_KERNEL(ExpStub, Isa::Scalar, &scalar_exp)
+// Top-k has no scalar path of its own: "scalar" runs its portable kernel.
+KD_REGISTER_KERNEL(TopKForwardStub, Isa::Scalar, nullptr)
 
 }  // namespace kdfused::cpu

@@ -16,8 +16,6 @@ namespace kdfused::cpu {
 
 namespace {
 
-enum class Isa : int { Default = 0, AVX2 = 1, AVX512 = 2, Scalar = 3 };
-
 // Every instruction set this file knows, in the order build_info lists them.
 constexpr Isa kAllIsas[] = {Isa::Scalar, Isa::Default, Isa::AVX2, Isa::AVX512};
 
@@ -37,24 +35,6 @@ bool cpu_supports(Isa isa) {
 #endif
 }
 
-ForwardFn entry(Isa isa) {
-  switch (isa) {
-    case Isa::AVX512: return forward_avx512();
-    case Isa::AVX2: return forward_avx2();
-    case Isa::Scalar: return forward_scalar();
-    default: return forward_default();
-  }
-}
-
-ExpFn exp_entry(Isa isa) {
-  switch (isa) {
-    case Isa::AVX512: return exp_avx512();
-    case Isa::AVX2: return exp_avx2();
-    case Isa::Scalar: return exp_scalar();
-    default: return exp_default();
-  }
-}
-
 const char* isa_name(Isa isa) {
   switch (isa) {
     case Isa::AVX512: return "avx512";
@@ -64,8 +44,9 @@ const char* isa_name(Isa isa) {
   }
 }
 
+// An instruction set is compiled in when the fused kernel was built for it.
 bool usable(Isa isa) {
-  return entry(isa) != nullptr && cpu_supports(isa);
+  return kernel_for<ForwardStub>(isa) != nullptr && cpu_supports(isa);
 }
 
 Isa widest() {
@@ -102,12 +83,16 @@ void throw_scratch_oom(size_t bytes) {
   TORCH_CHECK(false, "kdfused: out of memory allocating ", bytes, " bytes of scratch");
 }
 
+Isa selected_isa() {
+  return static_cast<Isa>(selected().load());
+}
+
 void run_forward(const KDParams& p) {
-  entry(static_cast<Isa>(selected().load()))(p);
+  dispatch<ForwardStub>()(p);
 }
 
 std::string selected_isa_name() {
-  return isa_name(static_cast<Isa>(selected().load()));
+  return isa_name(selected_isa());
 }
 
 std::vector<std::string> compiled_isa_names() {
@@ -119,7 +104,7 @@ std::vector<std::string> compiled_isa_names() {
 }
 
 void run_exp(const std::string& name, const float* x, float* y, int64_t n) {
-  exp_entry(parse_isa(name))(x, y, n);
+  kernel_for<ExpStub>(parse_isa(name))(x, y, n);
 }
 
 void set_isa(const std::string& name) {

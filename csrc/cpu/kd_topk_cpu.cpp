@@ -14,21 +14,10 @@
 #include "../kd_topk.h"
 #include "kd_cpu_dispatch.h"
 #include "kd_cpu_host.h"
-#include "topk/kd_topk_cpu_dispatch.h"
 
 namespace kdfused::topk {
 
 namespace {
-
-// The kernel for the instruction set kd_loss's CPU kernel uses ("default" or any other name, e.g.
-// a portable "scalar" build, takes the portable one).
-cpu_topk::TopKForwardFn select_kernel() {
-  const std::string isa = cpu::selected_isa_name();
-  cpu_topk::TopKForwardFn fn = nullptr;
-  if (isa == "avx512") fn = cpu_topk::topk_forward_avx512();
-  if (isa == "avx2") fn = cpu_topk::topk_forward_avx2();
-  return fn ? fn : cpu_topk::topk_forward_default();
-}
 
 // Row r's first problem: an index out of [0, V) or one seen before in the row. `seen` is a bitmap
 // of V bits, all clear on entry and on return.
@@ -96,7 +85,9 @@ TopKOutputs topk_kd_loss_cpu(const at::Tensor& student, const at::Tensor& indice
   const int64_t n_valid = cpu::count_valid_rows(prep.labels, p.n_rows, p.vocab, p.ignore_index);
   const bool mean = p.reduction == Reduction::Mean;
   p.grad_scale = cpu::mean_scale(mean, n_valid);
-  if (p.n_rows > 0) select_kernel()(p, prep.loss.scalar_type() == at::kDouble);
+  if (p.n_rows > 0) {
+    cpu::dispatch<cpu::TopKForwardStub>()(p, prep.loss.scalar_type() == at::kDouble);
+  }
   if (p.reduction != Reduction::None) {
     prep.loss.fill_(cpu::sum_rows(prep.row_loss, mean, n_valid));
   }

@@ -10,6 +10,8 @@
 #include <cstdlib>
 #include <mutex>
 
+#include "kd_cluster_launch.h"
+
 namespace kdfused::cuda {
 
 namespace {
@@ -84,19 +86,11 @@ bool cluster_fits(const void* kernel, KernelFacts& facts, const LaunchPlan& pl) 
                                         static_cast<int>(pl.smem_bytes)));
   }
   if (ok) {
-    cudaLaunchConfig_t qcfg = {};
-    qcfg.gridDim = dim3(static_cast<unsigned>(pl.split), 1, 1);
-    qcfg.blockDim = dim3(kBlockThreads, 1, 1);
-    qcfg.dynamicSmemBytes = static_cast<size_t>(pl.smem_bytes);
-    cudaLaunchAttribute qattr[1];
-    qattr[0].id = cudaLaunchAttributeClusterDimension;
-    qattr[0].val.clusterDim.x = static_cast<unsigned>(pl.split);
-    qattr[0].val.clusterDim.y = 1;
-    qattr[0].val.clusterDim.z = 1;
-    qcfg.attrs = qattr;
-    qcfg.numAttrs = 1;
+    // One cluster of the plan's launch (kd_fused_run.cuh).
+    const ClusterLaunch q(static_cast<unsigned>(pl.split), kBlockThreads, pl.split,
+                          static_cast<size_t>(pl.smem_bytes), nullptr);
     int clusters = 0;
-    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &qcfg) != cudaSuccess) {
+    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &q.config) != cudaSuccess) {
       (void)cudaGetLastError();  // a failed query is not sticky; clear it
       ok = false;
     } else {

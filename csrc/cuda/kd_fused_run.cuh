@@ -14,6 +14,7 @@
 #include <memory>
 
 #include "../kd_cuda_plan.h"
+#include "kd_cluster_launch.h"
 #include "kd_fused_host.h"
 #include "kd_fused_run.h"
 #include "kd_kernels.cuh"
@@ -94,19 +95,8 @@ void run_fused_kernels(const KDParams& p, KernelArgs<A> a) {
   }
 
   if (plan.cluster) {
-    cudaLaunchConfig_t lcfg = {};
-    lcfg.gridDim = dim3(grid, 1, 1);
-    lcfg.blockDim = dim3(kBlockThreads, 1, 1);
-    lcfg.dynamicSmemBytes = smem;
-    lcfg.stream = stream;
-    cudaLaunchAttribute attrs[1];
-    attrs[0].id = cudaLaunchAttributeClusterDimension;
-    attrs[0].val.clusterDim.x = static_cast<unsigned>(plan.split);
-    attrs[0].val.clusterDim.y = 1;
-    attrs[0].val.clusterDim.z = 1;
-    lcfg.attrs = attrs;
-    lcfg.numAttrs = 1;
-    C10_CUDA_CHECK(cudaLaunchKernelEx(&lcfg, block_kernel, p, a));
+    const ClusterLaunch launch(grid, kBlockThreads, plan.split, smem, stream);
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&launch.config, block_kernel, p, a));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }

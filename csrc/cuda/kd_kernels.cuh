@@ -34,6 +34,7 @@
 #include "../kd_math.h"
 #include "../kd_params.h"
 #include "kd_launch.h"
+#include "kd_reduce_kernels.cuh"
 
 #if defined(CUDA_KERNEL_ASSERT_MSG)
 #define KD_LABEL_ASSERT(cond) \
@@ -99,105 +100,97 @@ __device__ __forceinline__ VecWords<X, W> pack(const A (&in)[W]) {
   return v;
 }
 
+// W elements, packed, to out: 16-byte stores where out is 16-byte aligned, else one by one.
+template <typename X, int W>
+__device__ __forceinline__ void store_words(X* out, const VecWords<X, W>& v, bool aligned) {
+  if (aligned) {
+#pragma unroll
+    for (int k = 0; k < VecWords<X, W>::kWords; ++k) reinterpret_cast<uint4*>(out)[k] = v.w[k];
+  } else {
+    const X* x = reinterpret_cast<const X*>(v.w);
+#pragma unroll
+    for (int i = 0; i < W; ++i) out[i] = x[i];
+  }
+}
+
 __device__ __forceinline__ bool aligned16(const void* p) {
   return (reinterpret_cast<uintptr_t>(p) & (kVecBytes - 1)) == 0;
 }
 
-// Row r -> element offset (r decomposed over row_sizes, last fastest). Static indexing only (the
-// params live in the constant bank; a dynamic index would copy them to local memory).
-__device__ __forceinline__ int64_t row_offset(const KDParams& p, int64_t r,
-                                              const int64_t (&strides)[kMaxRowDims]) {
-  int64_t off = 0;
-#pragma unroll
-  for (int d = kMaxRowDims - 1; d >= 0; --d) {
-    if (d < p.row_ndim) {
-      const int64_t size = p.row_sizes[d];
-      const int64_t i = r % size;
-      r /= size;
-      off += i * strides[d];
-    }
-  }
-  return off;
-}
-
-// Writes n copies of zero to p[0, n), threads tid, tid + nthr, ...; 16-byte stores between a
-// scalar head and tail (p may have any element alignment).
-template <typename X>
-__device__ void zero_range(X* p, int64_t n, int tid, int nthr) {
+// Visits p[0, n) with threads tid, tid + nthr, ...: elem(x) for each element of the scalar head
+// and tail, word(w) for each 16-byte word between them (p may have any element alignment).
+template <typename X, typename Elem, typename Word>
+__device__ __forceinline__ void for_range_words(X* p, int64_t n, int64_t tid, int64_t nthr,
+                                                Elem elem, Word word) {
   constexpr int kW = kVecBytes / static_cast<int>(sizeof(X));
   const int64_t mis =
       static_cast<int64_t>((reinterpret_cast<uintptr_t>(p) & (kVecBytes - 1)) / sizeof(X));
   const int64_t head = mis == 0 ? 0 : (kW - mis < n ? kW - mis : n);
-  for (int64_t i = tid; i < head; i += nthr) p[i] = from_acc<X>(0.0f);
+  for (int64_t i = tid; i < head; i += nthr) elem(p[i]);
   const int64_t nvec = (n - head) / kW;
   uint4* v = reinterpret_cast<uint4*>(p + head);
-  for (int64_t j = tid; j < nvec; j += nthr) v[j] = make_uint4(0, 0, 0, 0);
-  for (int64_t i = head + nvec * kW + tid; i < n; i += nthr) p[i] = from_acc<X>(0.0f);
+  for (int64_t j = tid; j < nvec; j += nthr) word(v[j]);
+  for (int64_t i = head + nvec * kW + tid; i < n; i += nthr) elem(p[i]);
+}
+
+// Writes n copies of zero to p[0, n), threads tid, tid + nthr, ...; 16-byte stores between a
+// scalar head and tail.
+template <typename X>
+__device__ void zero_range(X* p, int64_t n, int tid, int nthr) {
+  for_range_words(
+      p, n, tid, nthr, [](X& x) { x = from_acc<X>(0.0f); },
+      [](uint4& w) { w = make_uint4(0, 0, 0, 0); });
 }
 
 // ------------------------------------------------------------------------------------------------
 // RowState reductions (fixed order: bitwise reproducible)
 // ------------------------------------------------------------------------------------------------
 
-template <typename A>
-__device__ __forceinline__ RowState<A> shfl_down_state(const RowState<A>& x, int delta) {
+// Every field of a record (RowState or MixSums) from another lane: shfl(v) is one warp shuffle of
+// one value, applied field by field (kd_math.h for_each_field / for_each_mix).
+template <typename A, typename Shfl>
+__device__ __forceinline__ RowState<A> shfl_record(const RowState<A>& x, Shfl shfl) {
   RowState<A> y;
-  y.ms = __shfl_down_sync(0xffffffffu, x.ms, delta);
-  y.za = __shfl_down_sync(0xffffffffu, x.za, delta);
-  y.zh = __shfl_down_sync(0xffffffffu, x.zh, delta);
-  y.mt = __shfl_down_sync(0xffffffffu, x.mt, delta);
-  y.zb = __shfl_down_sync(0xffffffffu, x.zb, delta);
-  y.cx = __shfl_down_sync(0xffffffffu, x.cx, delta);
-  y.ch = __shfl_down_sync(0xffffffffu, x.ch, delta);
-  y.cr = __shfl_down_sync(0xffffffffu, x.cr, delta);
+  for_each_field([&shfl](A& out, const A& in) { out = shfl(in); }, y, x);
+  return y;
+}
+template <typename A, typename Shfl>
+__device__ __forceinline__ MixSums<A> shfl_record(const MixSums<A>& x, Shfl shfl) {
+  MixSums<A> y;
+  for_each_mix([&shfl](A& out, const A& in) { out = shfl(in); }, y, x);
   return y;
 }
 
-template <typename A>
-__device__ __forceinline__ RowState<A> shfl_state(const RowState<A>& x, int src) {
-  RowState<A> y;
-  y.ms = __shfl_sync(0xffffffffu, x.ms, src);
-  y.za = __shfl_sync(0xffffffffu, x.za, src);
-  y.zh = __shfl_sync(0xffffffffu, x.zh, src);
-  y.mt = __shfl_sync(0xffffffffu, x.mt, src);
-  y.zb = __shfl_sync(0xffffffffu, x.zb, src);
-  y.cx = __shfl_sync(0xffffffffu, x.cx, src);
-  y.ch = __shfl_sync(0xffffffffu, x.ch, src);
-  y.cr = __shfl_sync(0xffffffffu, x.cr, src);
-  return y;
+// Lane src's record, in every lane.
+template <typename Rec>
+__device__ __forceinline__ Rec shfl_from(const Rec& x, int src) {
+  return shfl_record(x, [src](auto v) { return __shfl_sync(0xffffffffu, v, src); });
 }
 
-// Tree over the 32 lanes; lane 0 ends with merge(lanes 0..31) in a fixed bracketing. (Lanes
-// whose partner is out of range merge junk; only lane 0's result is used.) Merging an empty state
-// is exact (its sums are 0 and its maxima -inf), so padding lanes with empty states is harmless.
+// Tree over the 32 lanes: combine(lower lane's, upper lane's) at offsets 16, 8, 4, 2, 1; lane 0
+// ends with all 32 in a fixed bracketing. (Lanes whose partner is out of range combine junk; only
+// lane 0's result is used.)
+template <typename Rec, typename Combine>
+__device__ __forceinline__ Rec warp_tree(Rec x, Combine combine) {
+  KD_UNROLL
+  for (int off = kWarpSize / 2; off > 0; off >>= 1) {
+    x = combine(x, shfl_record(x, [off](auto v) { return __shfl_down_sync(0xffffffffu, v, off); }));
+  }
+  return x;
+}
+
+// RowStates: merging an empty state is exact (its sums are 0 and its maxima -inf), so padding
+// lanes with empty states is harmless.
 template <typename A>
-__device__ __forceinline__ RowState<A> warp_merge(RowState<A> st, const RowConfig<A>& cfg) {
-#pragma unroll
-  for (int off = kWarpSize / 2; off > 0; off >>= 1) st = merge(st, shfl_down_state(st, off), cfg);
-  return st;
+__device__ __forceinline__ RowState<A> warp_merge(const RowState<A>& st, const RowConfig<A>& cfg) {
+  return warp_tree(st,
+                   [&cfg](const RowState<A>& x, const RowState<A>& y) { return merge(x, y, cfg); });
 }
 
 // Mix sums (jsd / tvd): plain sums, summed over the lanes in the same fixed tree.
 template <typename A>
-__device__ __forceinline__ MixSums<A> warp_sum_mix(MixSums<A> m) {
-#pragma unroll
-  for (int off = kWarpSize / 2; off > 0; off >>= 1) {
-    MixSums<A> o;
-    o.a = __shfl_down_sync(0xffffffffu, m.a, off);
-    o.b = __shfl_down_sync(0xffffffffu, m.b, off);
-    o.c = __shfl_down_sync(0xffffffffu, m.c, off);
-    m = mix_add(m, o);
-  }
-  return m;
-}
-
-template <typename A>
-__device__ __forceinline__ MixSums<A> shfl_mix(const MixSums<A>& x, int src) {
-  MixSums<A> y;
-  y.a = __shfl_sync(0xffffffffu, x.a, src);
-  y.b = __shfl_sync(0xffffffffu, x.b, src);
-  y.c = __shfl_sync(0xffffffffu, x.c, src);
-  return y;
+__device__ __forceinline__ MixSums<A> warp_sum_mix(const MixSums<A>& m) {
+  return warp_tree(m, [](const MixSums<A>& x, const MixSums<A>& y) { return mix_add(x, y); });
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -460,26 +453,8 @@ __device__ __forceinline__ void grad_sweep(const S* srow, const T* trow, bool re
           xs[i] = from_acc<S>(gs);
           xt[i] = from_acc<T>(gt);
         }
-        if (gsrow) {
-          S* out = gsrow + g.vlo + base;
-          if (gs_vec) {
-#pragma unroll
-            for (int k = 0; k < WS::kWords; ++k) reinterpret_cast<uint4*>(out)[k] = os.w[k];
-          } else {
-#pragma unroll
-            for (int i = 0; i < W; ++i) out[i] = xs[i];
-          }
-        }
-        if (gtrow) {
-          T* out = gtrow + g.vlo + base;
-          if (gt_vec) {
-#pragma unroll
-            for (int k = 0; k < WT::kWords; ++k) reinterpret_cast<uint4*>(out)[k] = ot.w[k];
-          } else {
-#pragma unroll
-            for (int i = 0; i < W; ++i) out[i] = xt[i];
-          }
-        }
+        if (gsrow) store_words(gsrow + g.vlo + base, os, gs_vec);
+        if (gtrow) store_words(gtrow + g.vlo + base, ot, gt_vec);
       });
 }
 
@@ -559,7 +534,7 @@ __global__ void __launch_bounds__(kWarpBlockThreads, kWarpMinBlocksPerSM)
         stats_sweep<S, T, A, W>(srow, trow, read_t, g, lane, kWarpSize, cfg, nullptr, nullptr);
     // Lane 0 merges in a fixed order, then hands the row's state to every lane: each lane runs the
     // same finalize on the same bits (cheaper than a shared-memory round trip).
-    st = shfl_state(warp_merge(st, cfg), 0);
+    st = shfl_from(warp_merge(st, cfg), 0);
     const A s_label = label_logit<A>(srow, y, V, cfg.hard && lane == 0);
     const A scale = a.grad_scale_dev ? *a.grad_scale_dev : a.grad_scale_host;
     RowResult<A> res = finalize(st, cfg, s_label, scale);
@@ -567,7 +542,7 @@ __global__ void __launch_bounds__(kWarpBlockThreads, kWarpMinBlocksPerSM)
       // The row was read by this warp a moment ago: the re-reads hit L1/L2, not HBM.
       MixSums<A> mx =
           mix_sweep<S, T, A, W>(srow, trow, g, lane, kWarpSize, res, cfg, nullptr, nullptr);
-      finalize_mix(res, shfl_mix(warp_sum_mix(mx), 0), cfg);
+      finalize_mix(res, shfl_from(warp_sum_mix(mx), 0), cfg);
     }
     if (lane == 0) row_loss[r] = res.loss;
     if (cfg.zero_gt) zero_range(gtrow, V, lane, kWarpSize);
@@ -753,55 +728,8 @@ __global__ void __launch_bounds__(kBlockThreads,
 }
 
 // ------------------------------------------------------------------------------------------------
-// Small kernels: label count (gradient scale of "mean"), loss reduction, gradient rescaling
+// Gradient rescaling (the label count and the loss reduction: kd_reduce_kernels.cuh)
 // ------------------------------------------------------------------------------------------------
-
-// One CTA: n_valid = #(labels != ignore_index) and the gradient scale 1/max(n_valid, 1).
-// Integer sums in a fixed tree: deterministic.
-template <typename A>
-__global__ void __launch_bounds__(kCountThreads)
-    kd_count_kernel(const int64_t* labels, int64_t n, int64_t ignore_index, A* grad_scale,
-                    int64_t* n_valid) {
-  __shared__ long long part[kCountThreads];
-  long long c = 0;
-  for (int64_t i = threadIdx.x; i < n; i += kCountThreads) c += labels[i] != ignore_index ? 1 : 0;
-  part[threadIdx.x] = c;
-  __syncthreads();
-  for (int off = kCountThreads / 2; off > 0; off >>= 1) {
-    if (static_cast<int>(threadIdx.x) < off) part[threadIdx.x] += part[threadIdx.x + off];
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) {
-    const long long nv = part[0];
-    *n_valid = nv;
-    *grad_scale = static_cast<A>(1.0 / static_cast<double>(nv > 1 ? nv : 1));
-  }
-}
-
-// One CTA: loss = sum(row_loss) (/ max(n_valid, 1) for mean). Summed in double in a fixed order
-// (strided per thread, then a tree), like the CPU backend's double sum: deterministic.
-template <typename A>
-__global__ void __launch_bounds__(kReduceThreads)
-    kd_reduce_kernel(const A* row_loss, int64_t n, bool mean, const int64_t* n_valid_dev,
-                     int64_t n_valid_host, A* loss) {
-  __shared__ double part[kReduceThreads];
-  double acc = 0;
-  for (int64_t i = threadIdx.x; i < n; i += kReduceThreads) acc += static_cast<double>(row_loss[i]);
-  part[threadIdx.x] = acc;
-  __syncthreads();
-  for (int off = kReduceThreads / 2; off > 0; off >>= 1) {
-    if (static_cast<int>(threadIdx.x) < off) part[threadIdx.x] += part[threadIdx.x + off];
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) {
-    double total = part[0];
-    if (mean) {
-      const int64_t nv = n_valid_dev ? *n_valid_dev : n_valid_host;
-      total /= static_cast<double>(nv > 1 ? nv : 1);
-    }
-    *loss = static_cast<A>(total);
-  }
-}
 
 // kd_scale_grads_: the factor that takes gradients made for grad_output c to grad_output g.
 // Same as the CPU backend: 1 when g == c (nothing to do); a gradient last scaled by 0, inf or NaN
@@ -832,22 +760,15 @@ using OpMath =
 template <typename G, typename M>
 __device__ __forceinline__ void scale_range(G* p, int64_t n, M f, int64_t tid, int64_t nthr) {
   constexpr int kW = kVecBytes / static_cast<int>(sizeof(G));
-  const int64_t mis =
-      static_cast<int64_t>((reinterpret_cast<uintptr_t>(p) & (kVecBytes - 1)) / sizeof(G));
-  const int64_t head = mis == 0 ? 0 : (kW - mis < n ? kW - mis : n);
-  for (int64_t i = tid; i < head; i += nthr) p[i] = static_cast<G>(static_cast<M>(p[i]) * f);
-  const int64_t nvec = (n - head) / kW;
-  uint4* v = reinterpret_cast<uint4*>(p + head);
-  for (int64_t j = tid; j < nvec; j += nthr) {
-    uint4 w = v[j];
-    G* x = reinterpret_cast<G*>(&w);
-#pragma unroll
-    for (int k = 0; k < kW; ++k) x[k] = static_cast<G>(static_cast<M>(x[k]) * f);
-    v[j] = w;
-  }
-  for (int64_t i = head + nvec * kW + tid; i < n; i += nthr) {
-    p[i] = static_cast<G>(static_cast<M>(p[i]) * f);
-  }
+  for_range_words(
+      p, n, tid, nthr, [f](G& x) { x = static_cast<G>(static_cast<M>(x) * f); },
+      [f](uint4& w) {
+        uint4 c = w;  // one 16-byte load and store
+        G* x = reinterpret_cast<G*>(&c);
+        KD_UNROLL
+        for (int k = 0; k < kW; ++k) x[k] = static_cast<G>(static_cast<M>(x[k]) * f);
+        w = c;
+      });
 }
 
 // Scalar reductions: every element times the device factor. Decided on the device: with factor 1

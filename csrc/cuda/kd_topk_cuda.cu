@@ -43,6 +43,7 @@
 
 #include "../kd_topk.h"
 #include "../kd_topk_math.h"
+#include "kd_reduce_kernels.cuh"
 
 #if defined(CUDA_KERNEL_ASSERT_MSG)
 #define KD_TOPK_ASSERT(cond, msg) CUDA_KERNEL_ASSERT_MSG(cond, msg)
@@ -278,50 +279,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// n_valid and the gradient scale 1 / max(n_valid, 1) of "mean" with labels, on the device.
-template <typename A>
-__global__ void __launch_bounds__(kSmallThreads)
-    topk_count_kernel(const int64_t* labels, int64_t n, int64_t ignore_index, A* scale,
-                      int64_t* n_valid) {
-  __shared__ long long part[kSmallThreads];
-  long long c = 0;
-  for (int64_t i = threadIdx.x; i < n; i += kSmallThreads) c += labels[i] != ignore_index ? 1 : 0;
-  part[threadIdx.x] = c;
-  __syncthreads();
-  for (int off = kSmallThreads / 2; off > 0; off >>= 1) {
-    if (static_cast<int>(threadIdx.x) < off) part[threadIdx.x] += part[threadIdx.x + off];
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) {
-    *n_valid = part[0];
-    *scale = static_cast<A>(1.0 / static_cast<double>(part[0] > 1 ? part[0] : 1));
-  }
-}
-
-// The loss: fixed-order sum of the row losses in double (/ max(n_valid, 1) for mean).
-template <typename A>
-__global__ void __launch_bounds__(kSmallThreads)
-    topk_reduce_kernel(const A* row_loss, int64_t n, bool mean, const int64_t* n_valid_dev,
-                       int64_t n_valid_host, A* loss) {
-  __shared__ double part[kSmallThreads];
-  double acc = 0;
-  for (int64_t i = threadIdx.x; i < n; i += kSmallThreads) acc += static_cast<double>(row_loss[i]);
-  part[threadIdx.x] = acc;
-  __syncthreads();
-  for (int off = kSmallThreads / 2; off > 0; off >>= 1) {
-    if (static_cast<int>(threadIdx.x) < off) part[threadIdx.x] += part[threadIdx.x + off];
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) {
-    double total = part[0];
-    if (mean) {
-      const int64_t nv = n_valid_dev ? *n_valid_dev : n_valid_host;
-      total /= static_cast<double>(nv > 1 ? nv : 1);
-    }
-    *loss = static_cast<A>(total);
-  }
-}
-
 // Why: a kernel may use more than 48 KiB of shared memory, static plus dynamic, only after its
 // cudaFuncAttributeMaxDynamicSharedMemorySize was raised; otherwise the launch fails ("invalid
 // argument"). The CTA variant's bitmap alone is up to 48 KiB (V <= kBitmapMaxV), on top of the
@@ -385,7 +342,7 @@ topk::TopKOutputs topk_kd_loss_cuda(const at::Tensor& student, const at::Tensor&
     if (mean && p.labels != nullptr && p.n_rows > 0) {
       scale_t = at::empty({}, prep.loss.options());
       n_valid_t = at::empty({}, prep.loss.options().dtype(at::kLong));
-      topk_count_kernel<A><<<1, kSmallThreads, 0, stream>>>(
+      cuda::kd_count_kernel<A, kSmallThreads><<<1, kSmallThreads, 0, stream>>>(
           p.labels, p.n_rows, p.ignore_index, scale_t.data_ptr<A>(), n_valid_t.data_ptr<int64_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       scale_dev = scale_t.data_ptr<A>();
@@ -406,9 +363,9 @@ topk::TopKOutputs topk_kd_loss_cuda(const at::Tensor& student, const at::Tensor&
       }
     }
     if (p.reduction != Reduction::None) {
-      topk_reduce_kernel<A><<<1, kSmallThreads, 0, stream>>>(static_cast<const A*>(p.row_loss),
-                                                             p.n_rows, mean, n_valid_dev, p.n_rows,
-                                                             static_cast<A*>(p.loss));
+      cuda::kd_reduce_kernel<A, kSmallThreads>
+          <<<1, kSmallThreads, 0, stream>>>(static_cast<const A*>(p.row_loss), p.n_rows, mean,
+                                            n_valid_dev, p.n_rows, static_cast<A*>(p.loss));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   };

@@ -71,7 +71,6 @@ namespace {
 constexpr int kVpThreads = 256;       // threads per CTA of the slice kernels (a power of 2)
 constexpr int kVpMergeThreads = 256;  // threads per CTA of the merge kernels (one per row)
 constexpr int64_t kVpMaxGrid = int64_t(1) << 22;  // grid cap; the kernels grid-stride over rows
-static_assert((kVpThreads & (kVpThreads - 1)) == 0, "the tree merges need a power of 2");
 
 // ------------------------------------------------------------------------------------------------
 // Kernels
@@ -108,20 +107,15 @@ __global__ void __launch_bounds__(kVpThreads)
     for (int64_t i = tid; i < V; i += kVpThreads) {
       push(st, logit_at<A>(srow, i), cfg.soft ? logit_at<A>(trow, i) : A(0), cfg);
     }
-    // Fixed tree: at each level the states [0, off) absorb [off, 2 off); the states read at a
-    // level are not written at it. Threads without a column hold the empty state (merge()
+    // Fixed tree (block_tree_reduce). Threads without a column hold the empty state (merge()
     // handles it, as it does the empty state of an all -inf stretch of the row).
-    part[tid] = st;
-    __syncthreads();
-    for (int off = kVpThreads / 2; off > 0; off >>= 1) {
-      if (tid < off) part[tid] = merge(part[tid], part[tid + off], cfg);
-      __syncthreads();
-    }
+    st = block_tree_reduce<kVpThreads>(
+        st, part, [&cfg](const RowState<A>& x, const RowState<A>& y) { return merge(x, y, cfg); });
     if (tid == 0) {
       const int64_t y = y_raw - p.vocab_offset;  // the label's column in this slice (if in it)
       A s_label = A(0);
       if (cfg.hard) s_label = !y_valid ? A(NAN) : (y >= 0 && y < V) ? logit_at<A>(srow, y) : A(0);
-      out[r] = SliceStats<A>{part[0], s_label};
+      out[r] = SliceStats<A>{st, s_label};
     }
     __syncthreads();  // part[] is rewritten for the next row
   }
@@ -155,13 +149,9 @@ __global__ void __launch_bounds__(kVpThreads)
         mix_at(mx, res, cfg, ds, dt, q, pr);
       }
     }
-    part[tid] = mx;
-    __syncthreads();
-    for (int off = kVpThreads / 2; off > 0; off >>= 1) {
-      if (tid < off) part[tid] = mix_add(part[tid], part[tid + off]);
-      __syncthreads();
-    }
-    if (tid == 0) out[r] = part[0];
+    mx = block_tree_reduce<kVpThreads>(
+        mx, part, [](const MixSums<A>& x, const MixSums<A>& y) { return mix_add(x, y); });
+    if (tid == 0) out[r] = mx;
     __syncthreads();  // part[] is rewritten for the next row
   }
 }

@@ -1,8 +1,9 @@
 // kd_topk_kernel_cpu.h -- the CPU kernel of topk_kd_loss, compiled once per instruction set.
 //
-// Included by kd_topk_{default,avx2,avx512}.cpp, each of which defines CPU_CAPABILITY (the at::vec
-// namespace) and KD_TOPK_ENTRY (the name of its entry point) first; everything lives in an
-// ISA-specific inline namespace so the copies never meet at link time.
+// Included by kd_topk_{default,avx2,avx512}.cpp after their instruction set's prelude
+// (../kd_isa_*.h: CPU_CAPABILITY, the at::vec namespace, and KD_ISA); registers topk_forward for
+// KD_ISA (kd_cpu_dispatch.h). Everything lives in an ISA-specific inline namespace so the copies
+// never meet at link time.
 //
 // Maths (kd_topk_math.h): per row, with a = s/T, q = softmax(a) over all V, p = softmax(v/T) over
 // the k stored teacher entries at indices i_j,
@@ -23,6 +24,9 @@
 // One exp per element (two for the hard term at T != 1, 2).
 #pragma once
 
+#include "../kd_cpu_dispatch.h"
+
+#if KD_ISA_COMPILED
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -35,8 +39,8 @@
 
 #include "../../kd_topk_math.h"
 #include "../../kd_topk_params.h"
+#include "../kd_vec_cpu.h"
 #include "../kd_vexp.h"
-#include "kd_topk_cpu_dispatch.h"
 
 namespace kdfused::cpu_topk {
 inline namespace CPU_CAPABILITY {
@@ -45,61 +49,15 @@ using at::vec::Vectorized;
 using topk::MaxSum;
 using topk::TopKParams;
 
-// Elements per chunk: the chunk stays in L1/L2 between the max and the exp loops, and its maximum
-// is exact (no per-element rescaling).
-constexpr int64_t kChunk = 2048;
-
-using ::kdfused::cpu::vexp;  // kd_vexp.h: the kernels' exponential (x <= 0)
-
-template <typename A>
-inline A hsum(const Vectorized<A>& v) {
-  alignas(64) A tmp[Vectorized<A>::size()];
-  v.store(tmp);
-  A s = A(0);
-  for (int i = 0; i < Vectorized<A>::size(); ++i) s += tmp[i];  // fixed order: deterministic
-  return s;
-}
-
-template <typename A>
-inline A hmax(const Vectorized<A>& v) {
-  alignas(64) A tmp[Vectorized<A>::size()];
-  v.store(tmp);
-  A m = tmp[0];
-  for (int i = 1; i < Vectorized<A>::size(); ++i) m = kd_max(m, tmp[i]);
-  return m;
-}
-
-// Vector i of n elements; lanes past n read as -inf (exp gives 0, max ignores them).
-template <typename A>
-inline Vectorized<A> load_part(const A* x, int64_t i, int64_t n) {
-  constexpr int64_t W = Vectorized<A>::size();
-  if (i + W <= n) return Vectorized<A>::loadu(x + i);
-  return Vectorized<A>::set(Vectorized<A>(-kd_inf<A>()), Vectorized<A>::loadu(x + i, n - i), n - i);
-}
-
-template <typename A>
-inline void store_part(const Vectorized<A>& v, A* x, int64_t i, int64_t n) {
-  constexpr int64_t W = Vectorized<A>::size();
-  if (i + W <= n) {
-    v.store(x + i);
-  } else {
-    v.store(x + i, n - i);
-  }
-}
-
-// n student elements in the accumulation type: the input itself when it has that type, else a
-// converted copy in buf.
-template <typename S, typename A>
-inline const A* chunk_as(const S* src, A* buf, int64_t n) {
-  if constexpr (std::is_same_v<S, A>) {
-    (void)buf;
-    (void)n;
-    return src;
-  } else {
-    at::vec::convert(src, buf, n);
-    return buf;
-  }
-}
+// The vector building blocks (kd_vec_cpu.h) and the exponential (kd_vexp.h, x <= 0) shared with
+// the fused kernel, compiled for this instruction set.
+using cpu::chunk_as;
+using cpu::hmax;
+using cpu::hsum;
+using cpu::kChunk;
+using cpu::load_chunk;
+using cpu::store_chunk;
+using cpu::vexp;
 
 // One teacher entry of the current row, for the sparse part of the gradient.
 struct Entry {
@@ -212,20 +170,20 @@ void topk_rows(const TopKParams& p, int64_t begin, int64_t end) {
       const int64_t n = std::min(kChunk, V - c0);
       const A* xs = chunk_as(srow + c0, sc.s.data(), n);
       Vec vm(-kd_inf<A>());
-      for (int64_t i = 0; i < n; i += W) vm = at::vec::maximum(vm, load_part(xs, i, n));
+      for (int64_t i = 0; i < n; i += W) vm = at::vec::maximum(vm, load_chunk(xs, i, n));
       const A cm = hmax(vm);
       // An all -inf chunk: shift by 0, so every exp is exp(-inf) = 0 rather than NaN.
       const Vec sh(cm == -kd_inf<A>() ? A(0) : cm);
       Vec za(A(0)), zh(A(0));
       for (int64_t i = 0; i < n; i += W) {
-        const Vec ds = load_part(xs, i, n) - sh;
+        const Vec ds = load_chunk(xs, i, n) - sh;
         const Vec e_a = vexp(ds * vinv_t);
         za += e_a;
-        if (ea_row) store_part(e_a, ea_row + c0, i, n);
+        if (ea_row) store_chunk(e_a, ea_row + c0, i, n);
         if (need_h) {
           const Vec e_h = square_h ? e_a * e_a : vexp(ds);
           zh += e_h;
-          if (keep_h) store_part(e_h, sc.eh.data() + c0, i, n);
+          if (keep_h) store_chunk(e_h, sc.eh.data() + c0, i, n);
         }
       }
       sc.cm[c] = cm;
@@ -286,16 +244,16 @@ void topk_rows(const TopKParams& p, int64_t begin, int64_t end) {
         out = grow + c0;
       }
       for (int64_t i = 0; i < n; i += W) {
-        const Vec e_a = load_part(ea, i, n);
+        const Vec e_a = load_chunk(ea, i, n);
         Vec g;
         if (!need_h) {
           // T = 1 or no soft term: softmax(s) = q.
           g = (ks + kh) * (e_a * fa);
         } else {
-          const Vec e_h = square_h ? e_a * e_a : load_part(sc.eh.data() + c0, i, n);
+          const Vec e_h = square_h ? e_a * e_a : load_chunk(sc.eh.data() + c0, i, n);
           g = ks * (e_a * fa) + kh * (e_h * fh);
         }
-        store_part(g, out, i, n);
+        store_chunk(g, out, i, n);
       }
       for (; next < K && soft && sc.entries[next].idx < c0 + n; ++next) {
         const Entry& en = sc.entries[next];
@@ -339,8 +297,11 @@ inline void topk_forward(const TopKParams& p, bool acc_double) {
 }  // namespace CPU_CAPABILITY
 }  // namespace kdfused::cpu_topk
 
-namespace kdfused::cpu_topk {
-TopKForwardFn KD_TOPK_ENTRY() {
-  return &CPU_CAPABILITY::topk_forward;
-}
-}  // namespace kdfused::cpu_topk
+#define KD_ISA_TOPK_FORWARD &cpu_topk::CPU_CAPABILITY::topk_forward
+#else
+#define KD_ISA_TOPK_FORWARD nullptr  // not compiled for this instruction set
+#endif                               // KD_ISA_COMPILED
+
+namespace kdfused::cpu {
+KD_REGISTER_KERNEL(TopKForwardStub, KD_ISA, KD_ISA_TOPK_FORWARD)
+}  // namespace kdfused::cpu
