@@ -7,15 +7,23 @@ Providers (each run in its own subprocess, so that its peak memory is its own):
   compile           torch.compile of eager
   chunked-eager     torchtune-style chunked KD: per chunk of rows F.linear + log_softmax + KL
                     (+ CE), autograd through every chunk
+  liger             Liger-Kernel's LigerFusedLinearJSDLoss (liger-kernel 0.8.5; --divergence jsd),
+                    compiled=False: its chunk loop in eager PyTorch, its default 1024-row chunks
+  liger-compiled    the same with compiled=True (its default: torch.compile of the chunk step)
+  kdfused-liger     kdfused.integrations.liger.FusedLinearJSDLoss, the drop-in for the above
 
 Loss: 0.5 * T^2 * KL(teacher || student) + 0.5 * CE(student, labels), T = 2, batchmean, every row
-valid; the teacher is (hidden, weight) without grad. Reported: median time of forward + backward,
-peak RSS above the inputs (peak RSS over the measured runs, VmHWM after a reset, minus the RSS
-once the inputs exist; ru_maxrss where the reset is not allowed), and the
-time of the four N x V x H GEMMs every provider needs (measured alone) as a share of the total.
+valid; the teacher is (hidden, weight) without grad. With --divergence jsd the soft term is
+0.5 * T^2 * JSD(beta = 0.5) instead (Liger's modules get weight_soft_loss = 0.5 * T^2, as they
+apply no T^2), for the providers that compute it: kdfused-linear, kdfused and the liger ones.
+Reported: median time of forward + backward, peak RSS above the inputs (peak RSS over the
+measured runs, VmHWM after a reset, minus the RSS once the inputs exist; ru_maxrss where the
+reset is not allowed), and the time of the four N x V x H GEMMs every provider needs (measured
+alone) as a share of the total. The losses are printed, with how closely they agree.
 
     python benchmarks/linear_bench.py --quick
     python benchmarks/linear_bench.py --out benchmarks/results/linear-cpu
+    python benchmarks/linear_bench.py --divergence jsd --size 1024,512,8192
 """
 
 from __future__ import annotations
@@ -34,7 +42,10 @@ import time
 from _procinfo import reset_hwm, status_kib
 
 PROVIDERS = ["kdfused-linear", "kdfused", "eager", "compile", "chunked-eager"]
+JSD_PROVIDERS = ["kdfused-linear", "kdfused", "kdfused-liger", "liger", "liger-compiled"]
+KL_ONLY = {"eager", "compile", "chunked-eager"}
 T, SOFT, HARD = 2.0, 0.5, 0.5
+BETA = 0.5  # the JSD's beta with --divergence jsd
 CHUNKED_EAGER_ROWS = 512  # rows per chunk of the torchtune-style loss
 
 
@@ -87,7 +98,12 @@ def _chunked_eager(sh, sw, th, tw, y):
     return total / sh.shape[0]
 
 
-def worker(provider, N, H, V, dtype_name, repeats):
+def _liger_options():
+    # Liger's JSD has no T^2 factor: the soft weight carries it, so the loss is the one above
+    return dict(weight_hard_loss=HARD, weight_soft_loss=SOFT * T * T, beta=BETA, temperature=T)
+
+
+def worker(provider, N, H, V, dtype_name, repeats, divergence="kl"):
     import torch
     import torch.nn.functional as F
 
@@ -95,19 +111,38 @@ def worker(provider, N, H, V, dtype_name, repeats):
 
     dtype = getattr(torch, dtype_name)
     sh, sw, th, tw, y = _make(N, H, V, dtype)
+    opts = dict(temperature=T, soft_weight=SOFT, hard_weight=HARD, divergence=divergence)
+    if divergence == "jsd":
+        opts["beta"] = BETA
+    if divergence != "kl" and provider in KL_ONLY:
+        raise SystemExit(f"provider {provider} computes divergence kl only")
+    if divergence != "jsd" and provider in ("kdfused-liger", "liger", "liger-compiled"):
+        raise SystemExit(f"provider {provider} computes divergence jsd only")
     if provider == "kdfused-linear":
 
         def fn():
-            return kdfused.linear_kd_loss(
-                sh, sw, th, tw, y, temperature=T, soft_weight=SOFT, hard_weight=HARD
-            )
+            return kdfused.linear_kd_loss(sh, sw, th, tw, y, **opts)
     elif provider == "kdfused":
 
         def fn():
             s = F.linear(sh, sw)
             with torch.no_grad():
                 t = F.linear(th, tw)
-            return kdfused.kd_loss(s, t, y, temperature=T, soft_weight=SOFT, hard_weight=HARD)
+            return kdfused.kd_loss(s, t, y, **opts)
+    elif provider == "kdfused-liger":
+        from kdfused.integrations.liger import FusedLinearJSDLoss
+
+        crit = FusedLinearJSDLoss(**_liger_options())
+
+        def fn():
+            return crit(sh, sw, th, tw, y)
+    elif provider in ("liger", "liger-compiled"):
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+        crit = LigerFusedLinearJSDLoss(**_liger_options(), compiled=provider == "liger-compiled")
+
+        def fn():
+            return crit(sh, sw, th, tw, y)
     elif provider == "eager":
 
         def fn():
@@ -177,7 +212,7 @@ def gemm_worker(sh, sw, th, tw, repeats):
     print(json.dumps(dict(provider="gemm", ms=1e3 * statistics.median(times))))
 
 
-def run_one(provider, N, H, V, dtype, repeats):
+def run_one(provider, N, H, V, dtype, repeats, divergence="kl"):
     cmd = [
         sys.executable,
         os.path.abspath(__file__),
@@ -188,6 +223,7 @@ def run_one(provider, N, H, V, dtype, repeats):
         str(V),
         dtype,
         str(repeats),
+        divergence,
     ]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
@@ -197,25 +233,37 @@ def run_one(provider, N, H, V, dtype, repeats):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--worker", nargs=6, metavar=("PROVIDER", "N", "H", "V", "DTYPE", "REPEATS"))
+    ap.add_argument(
+        "--worker", nargs=7, metavar=("PROVIDER", "N", "H", "V", "DTYPE", "REPEATS", "DIVERGENCE")
+    )
     ap.add_argument(
         "--quick", action="store_true", help="one small case (N, H, V) = (512, 256, 8000)"
     )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--providers", default=",".join(PROVIDERS))
+    ap.add_argument(
+        "--divergence",
+        choices=["kl", "jsd"],
+        default="kl",
+        help=f"the soft term; jsd: beta = {BETA}, default providers {','.join(JSD_PROVIDERS)}",
+    )
+    ap.add_argument("--size", help="one case N,H,V (default 4096,1024,32000)")
+    ap.add_argument("--providers", default=None, help=f"default {','.join(PROVIDERS)}")
     ap.add_argument("--out", help="write OUT.csv and OUT.json")
     args = ap.parse_args()
     if args.worker:
-        p, N, H, V, dt, r = args.worker
-        return worker(p, int(N), int(H), int(V), dt, int(r))
+        p, N, H, V, dt, r, div = args.worker
+        return worker(p, int(N), int(H), int(V), dt, int(r), div)
     sizes = [(512, 256, 8000)] if args.quick else [(4096, 1024, 32000)]
+    if args.size:
+        sizes = [tuple(int(x) for x in args.size.split(","))]
+    providers = args.providers or ",".join(JSD_PROVIDERS if args.divergence == "jsd" else PROVIDERS)
     rows = []
     for N, H, V in sizes:
         gemm = run_one("gemm", N, H, V, args.dtype, args.repeats)
-        for prov in args.providers.split(","):
-            r = run_one(prov, N, H, V, args.dtype, args.repeats)
-            r.update(N=N, H=H, V=V, dtype=args.dtype)
+        for prov in providers.split(","):
+            r = run_one(prov, N, H, V, args.dtype, args.repeats, args.divergence)
+            r.update(N=N, H=H, V=V, dtype=args.dtype, divergence=args.divergence)
             if "ms" in r:
                 r["gemm_share"] = gemm["ms"] / r["ms"]
             rows.append(r)
@@ -231,6 +279,10 @@ def main():
             f"{r['peak_mib']:9.1f} {100 * r['gemm_share']:6.1f} {r['loss']:12.6f}"
         )
     for N, H, V in sizes:
+        losses = [r["loss"] for r in rows if "loss" in r and (r["N"], r["H"], r["V"]) == (N, H, V)]
+        if len(losses) > 1:
+            spread = (max(losses) - min(losses)) / max(abs(x) for x in losses)
+            print(f"({N}, {H}, {V}): losses of {len(losses)} providers agree to {spread:.2e} rel.")
         lin, mat = by.get((N, H, V, "kdfused-linear")), by.get((N, H, V, "kdfused"))
         eag, com = by.get((N, H, V, "eager")), by.get((N, H, V, "compile"))
         if all(x and "ms" in x for x in (lin, mat, eag, com)):
@@ -255,6 +307,7 @@ def main():
             "H",
             "V",
             "dtype",
+            "divergence",
             "provider",
             "ms",
             "peak_mib",
