@@ -372,6 +372,10 @@ def test_entropy_without_labels(fn, gen):
     want = independent_entropy(s.to(F64), None, tf=make_transform(gen, "none", 0), temperature=T)
     assert H.shape == (3, 2) and H.dtype == torch.float32
     assert_close(H, want, TOL_LOSS[torch.float32], "entropy")
+    # float64 when either input is float64
+    loss, H = fn(s, t.to(F64), None, temperature=T, return_entropy=True)
+    assert H.dtype == F64 and loss.dtype == F64
+    assert_close(H, want, TOL_LOSS[F64], "entropy (float64 teacher)")
 
 
 # ---------------------------------------------------------------- TRL's per-token loss
