@@ -12,7 +12,9 @@ student, teacher_logit_scale / teacher_softcap for the teacher): z = scale * x, 
 softcap c is given, z = c * tanh(z / c). A -inf raw logit stays -inf (a masked column stays
 masked, whatever the scale) and gets gradient 0. With the defaults (scale 1, no softcap) z is x
 itself, untouched. Below, s and t are the student's and the teacher's z; autograd carries the
-gradient through the transform (dz/dx = scale * (1 - tanh^2(scale * x / c))).
+gradient through the transform (dz/dx = scale * (1 - tanh^2(scale * x / c)), or scale without a
+softcap). The transform and return_entropy (below) are keywords of this module's functions only:
+``kdfused.kd_loss`` and ``kdfused.topk_kd_loss`` do not take them.
 
 Per row, with T the temperature, p = softmax(t / T) (teacher) and q = softmax(s / T) (student):
 
@@ -41,12 +43,13 @@ Rules (the fused op's):
   whatever they hold (-inf, NaN): they are replaced by zeros before anything is computed.
 - Reductions: the row losses are summed in float64 in row order; "batchmean" / "mean" divide by
   the number of valid rows (0.0 when there is none).
-- return_entropy=True also returns the student's entropy per row, H = -sum_v q_v log q_v with
-  q = softmax(s / T) (after the transform): shaped like the leading dims, in the accumulation
-  dtype, without gradient; a masked column contributes 0, an ignored row has H = 0. The loss is
-  the one of return_entropy=False, bitwise. (With soft_weight = 1 / T^2, divergence "jsd" and
-  reduction "mean", the loss is TRL's generalised JSD per token, averaged over the tokens whose
-  label is not ignore_index.)
+
+return_entropy=True also returns the student's entropy per row, H = -sum_v q_v log q_v with
+q = softmax(s / T) (after the transform): shaped like the leading dims, in the accumulation dtype,
+without gradient; a masked column contributes 0, an ignored row has H = 0. The loss is the one of
+return_entropy=False, bitwise. With soft_weight = 1 / T^2, divergence "jsd" and reduction "mean",
+the loss is TRL's generalised JSD per token, averaged over the tokens whose label is not
+ignore_index.
 """
 
 from __future__ import annotations
@@ -223,7 +226,10 @@ def kd_loss(
     t = teacher_logits.to(acc).reshape(-1, V)
     t = torch.where(vm, t, torch.zeros_like(t))
     s = logit_transform(s, student_logit_scale, student_softcap)
-    t = logit_transform(t, teacher_logit_scale, teacher_softcap)
+    if ws != 0:
+        # (part of the soft term: with soft_weight == 0, an inf or NaN the teacher holds reaches
+        # no gradient through the transform either)
+        t = logit_transform(t, teacher_logit_scale, teacher_softcap)
     # Zero, but linked to both inputs (gradient exactly 0, never NaN), so that the loss needs
     # grad and each input gets a gradient even when a term is off, as from the fused op.
     no = torch.zeros_like(vm)

@@ -305,6 +305,28 @@ def test_kd_transform_scale_zero_and_no_labels(fn, divergence, gen):
 
 
 @pytest.mark.parametrize("fn", KD_IMPLS)
+@pytest.mark.parametrize("scale", [0.0, -1.5])
+def test_kd_teacher_unused_without_soft_term(fn, scale, gen):
+    """soft_weight == 0: whatever the teacher holds (NaN, +inf) reaches neither the loss nor a
+    gradient, with a teacher transform too."""
+    s, t, y, masked = make_inputs(gen, (2, 4), 19, torch.float32)
+    t[0, :, 3] = float("nan")
+    t[1, :, 4] = float("inf")
+    tf = make_transform(gen, "both", True, -1.0)
+    tf["teacher_logit_scale"] = scale
+    kw = _kd_options(gen, "kl")
+    kw["soft_weight"] = 0.0
+    for reduction in REDUCTIONS:
+        sa, ta = s.clone().requires_grad_(), t.clone().requires_grad_()
+        loss = fn(sa, ta, y, reduction=reduction, **kw, **tf)
+        gs, gt = torch.autograd.grad(_scalar(loss, gen)[0], (sa, ta))
+        assert torch.isfinite(loss).all() and torch.isfinite(gs).all()
+        assert (gt == 0).all()
+        want = independent_kd(s.to(F64), t.to(F64), y, reduction=reduction, tf=tf, **kw)
+        assert_close(loss, want, TOL_LOSS[torch.float32], f"loss ({reduction})")
+
+
+@pytest.mark.parametrize("fn", KD_IMPLS)
 @pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16], ids=["f64", "f32", "bf16"])
 def test_kd_defaults_bitwise(fn, dtype, gen):
     """Scale 1 and no softcap, given or not (1 as an int too), and return_entropy: the same loss
