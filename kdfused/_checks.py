@@ -1,6 +1,6 @@
 """Argument checks, in pure Python: the names of the divergences and reductions, the options'
-types and values (of every op, through ``kdfused._options.parse``) and the tensors of
-:func:`kdfused.kd_loss`.
+types and values (of every op, through ``kdfused._options.parse``), the logit transform's options
+(:func:`check_logit_transform`) and the tensors of :func:`kdfused.kd_loss`.
 
 Used by the Python wrappers and by the pure-PyTorch specification (``kdfused.reference``), so
 that both reject the same inputs with the same exception types and messages as the C++ ops
@@ -203,3 +203,32 @@ def check_label_values(
             f"{who}: labels must be in [0, {vocab}){what} or equal ignore_index "
             f"({ignore_index}), got {int(y[r])} at row {r}"
         )
+
+
+def check_logit_transform(
+    student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap
+) -> None:
+    """The logit transform's options (``z = scale * x``, then ``z = softcap * tanh(z / softcap)``
+    when a softcap is given), of every op that takes them. A scale is a finite real number (0 and
+    negative scales are accepted); a softcap is None or a finite real number > 0. A bad type is a
+    ``TypeError``, a bad value a ``ValueError``; both name the option."""
+    for name, value in (
+        ("student_logit_scale", student_logit_scale),
+        ("teacher_logit_scale", teacher_logit_scale),
+    ):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"kdfused: {name} must be a real number, got {type(value).__name__}")
+    for name, value in (("student_softcap", student_softcap), ("teacher_softcap", teacher_softcap)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise TypeError(
+                f"kdfused: {name} must be a real number or None, got {type(value).__name__}"
+            )
+    for name, value in (
+        ("student_logit_scale", student_logit_scale),
+        ("teacher_logit_scale", teacher_logit_scale),
+    ):
+        if not math.isfinite(value):
+            raise ValueError(f"kdfused: {name} must be finite, got {_num(value)}")
+    for name, value in (("student_softcap", student_softcap), ("teacher_softcap", teacher_softcap)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"kdfused: {name} must be None or finite and > 0, got {_num(value)}")

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._checks import REDUCTIONS
+from ._checks import REDUCTIONS, check_logit_transform
 from ._checks import TOPK_DIVERGENCES as DIVERGENCES
 
 
@@ -29,12 +29,21 @@ def topk_kd_loss(
     divergence: str = "kl",
     ignore_index: int = -100,
     reduction: str = "batchmean",
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    student_softcap: Optional[float] = None,
+    teacher_softcap: Optional[float] = None,
 ) -> torch.Tensor:
     """Top-k distillation loss, pure PyTorch (see :func:`kdfused.topk_kd_loss` for the contract).
 
     Per row: p = softmax(teacher_values / T) over the k stored entries, q = softmax(s / T) over
     the whole vocabulary; KL = sum_j p_j (log p_j - log q[idx_j]), CE = -sum_j p_j log q[idx_j];
     row = soft_weight * T^2 * D + hard_weight * cross_entropy(s, y).
+
+    The logit transform of :func:`kdfused.reference.kd_loss` applies to each side first: the
+    student's to its logits (both terms), the teacher's to the stored teacher_values, which are
+    logits: z = scale * x, then z = softcap * tanh(z / softcap) when a softcap is given; a -inf
+    entry stays -inf (no mass). p and q above are then softmax(z / T).
     """
     if divergence not in DIVERGENCES:
         raise ValueError(f"topk_kd_loss supports divergence 'kl' or 'ce', got {divergence!r}")
@@ -59,6 +68,10 @@ def topk_kd_loss(
         raise ValueError(f"k must be in [1, V = {V}], got {k}")
     if hard_weight > 0 and labels is None:
         raise ValueError("hard_weight > 0 needs labels")
+    check_logit_transform(
+        student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap
+    )
+    from .reference import logit_transform  # (reference imports this module)
 
     T = float(temperature)
     acc = (
@@ -73,6 +86,8 @@ def topk_kd_loss(
     if idx.numel() and (idx.sort(-1).values.diff(dim=-1) == 0).any():
         raise ValueError("teacher_indices must be distinct within a row")
     v = teacher_values.to(acc).reshape(-1, k)
+    s = logit_transform(s, student_logit_scale, student_softcap)
+    v = logit_transform(v, teacher_logit_scale, teacher_softcap)
     n = s.shape[0]
 
     row = torch.zeros(n, dtype=acc, device=s.device)

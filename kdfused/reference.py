@@ -7,6 +7,15 @@ compiled extension: ``import kdfused.reference`` works where kdfused was never b
 materialises several N x V tensors and is meant for testing and as a readable specification, not
 for speed. The maths, and how the kernels compute the same quantities, are in docs/design.md.
 
+Logit transform, per side, from the raw logits x (student_logit_scale / student_softcap for the
+student, teacher_logit_scale / teacher_softcap for the teacher): z = scale * x, then, when a
+softcap c is given, z = c * tanh(z / c). A -inf raw logit stays -inf (a masked column stays
+masked, whatever the scale) and gets gradient 0. With the defaults (scale 1, no softcap) z is x
+itself, untouched. Below, s and t are the student's and the teacher's z; autograd carries the
+gradient through the transform (dz/dx = scale * (1 - tanh^2(scale * x / c)), or scale without a
+softcap). The transform and return_entropy (below) are keywords of this module's functions only:
+``kdfused.kd_loss`` and ``kdfused.topk_kd_loss`` do not take them.
+
 Per row, with T the temperature, p = softmax(t / T) (teacher) and q = softmax(s / T) (student):
 
     loss_row = soft_weight * T^2 * D(p, q) + hard_weight * CE(s, y)
@@ -34,6 +43,13 @@ Rules (the fused op's):
   whatever they hold (-inf, NaN): they are replaced by zeros before anything is computed.
 - Reductions: the row losses are summed in float64 in row order; "batchmean" / "mean" divide by
   the number of valid rows (0.0 when there is none).
+
+return_entropy=True also returns the student's entropy per row, H = -sum_v q_v log q_v with
+q = softmax(s / T) (after the transform): shaped like the leading dims, in the accumulation dtype,
+without gradient; a masked column contributes 0, an ignored row has H = 0. The loss is the one of
+return_entropy=False, bitwise. With soft_weight = 1 / T^2, divergence "jsd" and reduction "mean",
+the loss is TRL's generalised JSD per token, averaged over the tokens whose label is not
+ignore_index.
 """
 
 from __future__ import annotations
@@ -48,7 +64,15 @@ from . import _checks
 from ._checks import DIVERGENCES, REDUCTIONS, effective_divergence
 from ._options import parse
 
-__all__ = ["kd_loss", "topk_kd_loss", "divergence_rows", "DIVERGENCES", "REDUCTIONS"]
+__all__ = [
+    "kd_loss",
+    "topk_kd_loss",
+    "divergence_rows",
+    "logit_transform",
+    "entropy_rows",
+    "DIVERGENCES",
+    "REDUCTIONS",
+]
 
 
 def _acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -62,6 +86,30 @@ def _tempered_log_softmax(x: torch.Tensor, T: float) -> torch.Tensor:
     m = x.detach().amax(dim=-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     return F.log_softmax((x - m) / T, dim=-1)
+
+
+def logit_transform(x: torch.Tensor, scale: float = 1.0, softcap: Optional[float] = None):
+    """z = scale * x, then z = softcap * tanh(z / softcap) when softcap is given; a -inf entry of
+    x stays -inf, with gradient 0 (computed from 0 in its place, so no inf or NaN reaches the
+    backward). With scale == 1 and no softcap, x itself is returned (no operation at all)."""
+    if scale == 1.0 and softcap is None:
+        return x
+    masked = torch.isneginf(x)
+    z = torch.where(masked, torch.zeros_like(x), x)
+    if scale != 1.0:
+        z = z * scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return torch.where(masked, torch.full_like(z, -math.inf), z)
+
+
+def entropy_rows(s: torch.Tensor, T: float) -> torch.Tensor:
+    """-sum_v q_v log q_v per row, q = softmax(s / T); a column with q_v == 0 contributes 0. No
+    gradient. A row that is -inf everywhere gives NaN, like softmax."""
+    with torch.no_grad():
+        log_q = _tempered_log_softmax(s.detach(), T)
+        q = log_q.exp()
+        return -_masked(q == 0, q * _masked(q == 0, log_q)).sum(-1)
 
 
 def _masked(no_mass: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -117,9 +165,23 @@ def kd_loss(
     ignore_index: int = -100,
     reduction: str = "batchmean",
     process_group=None,
-) -> torch.Tensor:
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    student_softcap: Optional[float] = None,
+    teacher_softcap: Optional[float] = None,
+    return_entropy: bool = False,
+):
     """Knowledge-distillation loss, pure PyTorch (see :func:`kdfused.kd_loss` for the contract
     and this module's docstring for the formulas and rules).
+
+    ``student_logit_scale`` / ``student_softcap`` and ``teacher_logit_scale`` / ``teacher_softcap``
+    transform each side's logits first: z = scale * x, then z = softcap * tanh(z / softcap) when a
+    softcap is given (a -inf logit stays -inf); both terms, the soft one on softmax(z / T) and the
+    hard cross-entropy on the student's z at T = 1, use z. A scale must be finite (0 and negative
+    are accepted), a softcap None or finite and > 0 (``ValueError`` otherwise, ``TypeError`` for a
+    wrong type). ``return_entropy=True`` returns ``(loss, entropy)``: the entropy of the student's
+    q = softmax(z / T) per row, shaped like the leading dims, in the loss's accumulation dtype,
+    detached, 0 at ignored rows; the loss is unchanged.
 
     With ``process_group`` (vocabulary-parallel: each process holds a slice of the last dim, in
     rank order) the slices are gathered with plain ``torch.distributed.all_gather`` into whole
@@ -132,6 +194,13 @@ def kd_loss(
     _checks.check_logits_types(student_logits, teacher_logits, labels)
     options = (temperature, soft_weight, hard_weight, divergence, beta, ignore_index, reduction)
     options = parse(*options)
+    _checks.check_logit_transform(
+        student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap
+    )
+    if not isinstance(return_entropy, bool):
+        raise TypeError(
+            f"kdfused: return_entropy must be a bool, got {type(return_entropy).__name__}"
+        )
     _checks.check_inputs(student_logits, teacher_logits, labels, options.hard_weight)
     V = student_logits.shape[-1]
     _checks.check_label_values(labels, V, ignore_index)
@@ -156,6 +225,11 @@ def kd_loss(
 
     t = teacher_logits.to(acc).reshape(-1, V)
     t = torch.where(vm, t, torch.zeros_like(t))
+    s = logit_transform(s, student_logit_scale, student_softcap)
+    if ws != 0:
+        # (part of the soft term: with soft_weight == 0, an inf or NaN the teacher holds reaches
+        # no gradient through the transform either)
+        t = logit_transform(t, teacher_logit_scale, teacher_softcap)
     # Zero, but linked to both inputs (gradient exactly 0, never NaN), so that the loss needs
     # grad and each input gets a gradient even when a term is off, as from the fused op.
     no = torch.zeros_like(vm)
@@ -174,11 +248,17 @@ def kd_loss(
     row = torch.where(valid, row, torch.zeros_like(row))
 
     if reduction == "none":
-        return row.reshape(lead)
-    total = row.to(torch.float64).sum()  # in float64, in row order, as the kernels reduce
-    if reduction != "sum":
-        total = total / valid.sum().clamp(min=1).to(torch.float64)
-    return total.to(acc)
+        loss = row.reshape(lead)
+    else:
+        total = row.to(torch.float64).sum()  # in float64, in row order, as the kernels reduce
+        if reduction != "sum":
+            total = total / valid.sum().clamp(min=1).to(torch.float64)
+        loss = total.to(acc)
+    if not return_entropy:
+        return loss
+    H = entropy_rows(s, T)
+    H = torch.where(valid, H, torch.zeros_like(H))
+    return loss, H.reshape(lead)
 
 
 def _gather_vocab(student: torch.Tensor, teacher: torch.Tensor, group):
