@@ -294,7 +294,10 @@ def main():
     if args.out:
         import torch
 
+        from _report import git_commit
+
         meta = dict(
+            commit=git_commit(),
             torch=torch.__version__,
             machine=platform.machine(),
             cpus=os.cpu_count(),
