@@ -78,6 +78,23 @@ def _reduce(rows, n_valid, reduction, lead):
     return total if reduction == "sum" else total / max(n_valid, 1)
 
 
+def _student_rows(s2, y, tf):
+    """Per row r of the student's (rows, V) logits: (r, its unmasked columns, their transformed
+    logits), or (r, None, None) for an ignored row."""
+    for r in range(s2.shape[0]):
+        if y is not None and int(y.reshape(-1)[r]) == IGNORE:
+            yield r, None, None
+            continue
+        keep = torch.isfinite(s2[r]).nonzero().squeeze(1)
+        yield r, keep, _transform(s2[r, keep], tf["student_logit_scale"], tf["student_softcap"])
+
+
+def _hard_ce(zs, keep, y, r):
+    """Row r's cross-entropy at T = 1 on the transformed logits of its unmasked columns."""
+    at = int((keep == int(y.reshape(-1)[r])).nonzero()[0, 0])
+    return torch.logsumexp(zs, dim=0) - zs[at]
+
+
 def independent_kd(s, t, y, *, reduction, tf, temperature, soft_weight, hard_weight, divergence,
                    beta):  # fmt: skip
     """s, t: float64 (..., V), a column masked (-inf) in a row on both sides; y: labels or None."""
@@ -85,20 +102,17 @@ def independent_kd(s, t, y, *, reduction, tf, temperature, soft_weight, hard_wei
     s2, t2 = s.reshape(-1, V), t.reshape(-1, V)
     T = temperature
     rows = []
-    for r in range(s2.shape[0]):
-        if y is not None and int(y.reshape(-1)[r]) == IGNORE:
-            rows.append(torch.zeros((), dtype=F64))
-            continue
-        keep = torch.isfinite(s2[r]).nonzero().squeeze(1)
-        zs = _transform(s2[r, keep], tf["student_logit_scale"], tf["student_softcap"])
-        zt = _transform(t2[r, keep], tf["teacher_logit_scale"], tf["teacher_softcap"])
+    for r, keep, zs in _student_rows(s2, y, tf):
         row = torch.zeros((), dtype=F64)
+        if keep is None:  # an ignored row
+            rows.append(row)
+            continue
+        zt = _transform(t2[r, keep], tf["teacher_logit_scale"], tf["teacher_softcap"])
         if soft_weight != 0:
             D = _divergence(_log_softmax(zt / T), _log_softmax(zs / T), divergence, beta)
             row = row + soft_weight * T * T * D
         if hard_weight != 0:
-            at = int((keep == int(y.reshape(-1)[r])).nonzero()[0, 0])
-            row = row + hard_weight * (torch.logsumexp(zs, dim=0) - zs[at])
+            row = row + hard_weight * _hard_ce(zs, keep, y, r)
         rows.append(row)
     n_valid = len(rows) if y is None else int((y != IGNORE).sum())
     return _reduce(torch.stack(rows), n_valid, reduction, lead)
@@ -109,11 +123,9 @@ def independent_entropy(s, y, *, tf, temperature):
     lead, V = s.shape[:-1], s.shape[-1]
     s2 = s.reshape(-1, V)
     out = torch.zeros(s2.shape[0], dtype=F64)
-    for r in range(s2.shape[0]):
-        if y is not None and int(y.reshape(-1)[r]) == IGNORE:
+    for r, keep, zs in _student_rows(s2, y, tf):
+        if keep is None:  # an ignored row
             continue
-        keep = torch.isfinite(s2[r])
-        zs = _transform(s2[r, keep], tf["student_logit_scale"], tf["student_softcap"])
         lq = _log_softmax(zs / temperature)
         out[r] = -(lq.exp() * lq).sum()
     return out.reshape(lead)
@@ -126,13 +138,11 @@ def independent_topk(s, idx, v, y, *, reduction, tf, temperature, soft_weight, h
     s2, idx2, v2 = s.reshape(-1, V), idx.reshape(-1, k), v.reshape(-1, k)
     T = temperature
     rows = []
-    for r in range(s2.shape[0]):
-        if y is not None and int(y.reshape(-1)[r]) == IGNORE:
-            rows.append(torch.zeros((), dtype=F64))
-            continue
-        keep = torch.isfinite(s2[r]).nonzero().squeeze(1)
-        zs = _transform(s2[r, keep], tf["student_logit_scale"], tf["student_softcap"])
+    for r, keep, zs in _student_rows(s2, y, tf):
         row = torch.zeros((), dtype=F64)
+        if keep is None:  # an ignored row
+            rows.append(row)
+            continue
         if soft_weight != 0:
             lq = _log_softmax(zs / T)
             has = torch.isfinite(v2[r])
@@ -146,8 +156,7 @@ def independent_topk(s, idx, v, y, *, reduction, tf, temperature, soft_weight, h
                 D = -(lp.exp() * lq[pos]).sum()
             row = row + soft_weight * T * T * D
         if hard_weight != 0:
-            at = int((keep == int(y.reshape(-1)[r])).nonzero()[0, 0])
-            row = row + hard_weight * (torch.logsumexp(zs, dim=0) - zs[at])
+            row = row + hard_weight * _hard_ce(zs, keep, y, r)
         rows.append(row)
     n_valid = len(rows) if y is None else int((y != IGNORE).sum())
     return _reduce(torch.stack(rows), n_valid, reduction, lead)
