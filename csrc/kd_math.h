@@ -12,6 +12,10 @@
 //   tvd         D = 0.5 sum |p - q|
 //   hard        H = LSE(s) - s_y
 //   row         = soft_weight * T^2 * D + hard_weight * H
+// where s and t are the logits after each side's transform (LogitMap below: z = scale x, then
+// z = c tanh(z / c) with a softcap c); the gradients w.r.t. the raw logits x are those below times
+// dz/dx = scale (1 - (z / c)^2). Entropy (return_entropy): H(q) = -sum q log q = log za - hq / za,
+// hq = sum ea (s - ms) / T.
 // Gradients of the row (ks = soft_weight * T, kh = hard_weight):
 //   d/ds_i hard  kh (h_i - [i == y])
 //   kl, ce       d/ds_i = ks (q_i - p_i)
@@ -100,6 +104,23 @@ KD_HD double kd_log(double x) {
 #endif
 }
 
+KD_HD float kd_tanh(float x) {
+#if defined(__CUDA_ARCH__)
+  // The accurate tanhf (not tanh.approx.f32, whose 2^-11 relative error times a softcap of 30
+  // would move a logit by 0.015).
+  return ::tanhf(x);
+#else
+  return std::tanh(x);
+#endif
+}
+KD_HD double kd_tanh(double x) {
+#if defined(__CUDA_ARCH__)
+  return ::tanh(x);
+#else
+  return std::tanh(x);
+#endif
+}
+
 constexpr double kLog2e = 1.4426950408889634;
 
 // exp(x * c) with c_l2e = c * log2(e) rounded once on the host. On the device (float) this is
@@ -169,6 +190,7 @@ struct Ew {
   using M = bool;
   static KD_HD X exp(X x) { return kd_exp(x); }
   static KD_HD X log(X x) { return kd_log(x); }
+  static KD_HD X tanh(X x) { return kd_tanh(x); }
   static KD_HD X abs(X x) { return x < X(0) ? -x : x; }
   static KD_HD X max(X a, X b) { return a > b ? a : b; }
   static KD_HD M gt(X a, X b) { return a > b; }
@@ -176,6 +198,57 @@ struct Ew {
   static KD_HD X where(M m, X a, X b) { return m ? a : b; }
   static KD_HD X splat(X a) { return a; }
 };
+
+// ------------------------------------------------------------------------------------------------
+// The logit transform of one side: z = scale * x, then z = cap * tanh(z / cap) when capped. Every
+// kernel applies map_logit to each logit it loads (when `on`) and multiplies each gradient it
+// stores by map_slope of the same z; with `on` false (scale 1, no softcap) neither is called, so
+// a plain call runs the code it ran before the transform existed.
+// ------------------------------------------------------------------------------------------------
+template <typename A>
+struct LogitMap {
+  A scale;
+  A cap;      // > 0 when capped
+  A inv_cap;  // 1 / cap
+  bool on;      // not the identity
+  bool capped;  // a softcap is given
+};
+
+template <typename A>
+inline LogitMap<A> make_logit_map(double scale, double softcap) {
+  LogitMap<A> m;
+  m.scale = static_cast<A>(scale);
+  m.capped = softcap > 0;
+  m.cap = static_cast<A>(m.capped ? softcap : 1.0);
+  m.inv_cap = static_cast<A>(m.capped ? 1.0 / softcap : 1.0);
+  m.on = m.capped || scale != 1.0;
+  return m;
+}
+
+// z from a raw logit x. Why the -inf guard: a masked column must stay masked whatever the scale
+// (-inf * 0 is NaN, -inf * -1 is +inf, and tanh would make it -cap). A NaN x stays NaN; +inf
+// becomes +cap when capped (as tanh says), +inf * scale otherwise.
+template <typename X, typename A>
+KD_HD X map_logit(X x, const LogitMap<A>& m) {
+  using E = Ew<X>;
+  const X ninf = E::splat(-kd_inf<A>());
+  X z = x * E::splat(m.scale);
+  if (m.capped) z = E::splat(m.cap) * E::tanh(z * E::splat(m.inv_cap));
+  return E::where(E::eq(x, ninf), ninf, z);
+}
+
+// dz/dx at the z = map_logit(x): scale (1 - (z / cap)^2) when capped (from z, as torch's own tanh
+// backward forms it from its output), else scale; 0 at a masked (-inf) z, where the gradient
+// w.r.t. z is 0 anyway and (z / cap)^2 would make it 0 * inf = NaN.
+template <typename X, typename A>
+KD_HD X map_slope(X z, const LogitMap<A>& m) {
+  using E = Ew<X>;
+  const X scale = E::splat(m.scale);
+  if (!m.capped) return scale;
+  const X u = z * E::splat(m.inv_cap);
+  const X slope = scale * (E::splat(A(1)) - u * u);
+  return E::where(E::eq(z, E::splat(-kd_inf<A>())), E::splat(A(0)), slope);
+}
 
 // ------------------------------------------------------------------------------------------------
 // What a kernel needs to know about a call: derived from KDParams by make_row_config() only.
@@ -198,6 +271,9 @@ struct RowConfig {
   bool need_cx;   // kl / ce: the cross term sum p (b - a) (relative to the maxima)
   bool need_ch;   // ce: the teacher entropy term
   bool need_cr;   // reverse_kl: the cross term sum q (a - b)
+  bool need_hq;   // return_entropy: the student's sum q (a - max a)
+  LogitMap<A> map_s;  // the student's transform (map_s.on: not the identity)
+  LogitMap<A> map_t;  // the teacher's
   bool mix;       // jsd / tvd: the mix sweep
   bool want_gs;   // grad_student requested
   bool want_gt;   // grad_teacher requested and the soft term on
@@ -224,6 +300,9 @@ inline RowConfig<A> make_row_config(const KDParams& p) {
   c.need_cx = c.soft && (c.div == Divergence::KL || c.div == Divergence::CE);
   c.need_ch = c.soft && c.div == Divergence::CE;
   c.need_cr = c.soft && c.div == Divergence::ReverseKL;
+  c.need_hq = p.return_entropy;
+  c.map_s = make_logit_map<A>(p.student_scale, p.student_softcap);
+  c.map_t = make_logit_map<A>(p.teacher_scale, p.teacher_softcap);
   c.mix = c.soft && (c.div == Divergence::JSD || c.div == Divergence::TVD);
   c.want_gs = p.grad_student != nullptr;
   c.want_gt = p.grad_teacher != nullptr && c.soft;
@@ -270,6 +349,7 @@ struct RowState {
   A cx;  // sum eb ((t - mt) - (s - ms)) / T  = zb (KL + log zb - log za)  (need_cx)
   A ch;  // sum eb (t - mt) / T                                         (need_ch)
   A cr;  // sum ea ((s - ms) - (t - mt)) / T  = za (R + log za - log zb)   (need_cr)
+  A hq;  // sum ea (s - ms) / T               = za (log za - H(q))        (need_hq)
 
   KD_HD static RowState empty();
 };
@@ -287,6 +367,7 @@ KD_HD constexpr void for_each_sum(F&& f, St&... st) {
   f(st.cx...);
   f(st.ch...);
   f(st.cr...);
+  f(st.hq...);
 }
 
 template <typename F, typename... St>
@@ -337,6 +418,7 @@ KD_HD void rescale(RowState<A>& st, A ms_new, A mt_new, const RowConfig<A>& c) {
     // already +inf (a masked student under teacher mass) and stays +inf.
     if (c.need_cx && st.zb > A(0)) st.cx += d * st.zb;
     if (c.need_cr && st.za > A(0)) st.cr = alpha * (st.cr - d * st.za);
+    if (c.need_hq && st.za > A(0)) st.hq = alpha * (st.hq - d * st.za);
     st.za *= alpha;
     if (c.need_zh) st.zh *= rescale_factor(st.ms, ms_new, A(1));
     st.ms = ms_new;
@@ -365,6 +447,8 @@ KD_HD void accumulate_at(St& st, X ds, X dt, const RowConfig<A>& c, X& ea, X& eb
   const X inv_t = E::splat(c.inv_t);
   ea = E::exp(ds * inv_t);
   st.za += ea;
+  // Where q has mass only: a masked student (ds = -inf) would add 0 * -inf = NaN.
+  if (c.need_hq) st.hq += E::where(E::gt(ea, zero), ea * (ds * inv_t), zero);
   eh = ea;
   if (c.need_zh) {
     // At T = 2 (the most common distillation temperature) exp(s - m) = exp((s - m)/2)^2: one
@@ -449,6 +533,7 @@ struct RowResult {
   A fa, fb, fh;      // 1/za, 1/zb, 1/zh: probabilities are exponentials times these
   A ks;              // soft_weight * T * grad_scale (0 when the soft term is off)
   A kh;              // hard_weight * grad_scale     (0 when the hard term is off)
+  A entropy;         // the student's tempered entropy (need_hq; else 0)
   A k1, k2;          // per divergence:  kl  k1 = log za - log zb - KL
                      //                  ce  k1 = CE - log za
                      //          reverse_kl  k1 = log zb - log za - R
@@ -472,6 +557,8 @@ KD_HD RowResult<A> finalize(const RowState<A>& st, const RowConfig<A>& c, A s_la
   r.kh = A(0);
   r.k1 = A(0);
   r.k2 = A(0);
+  // H(q) = -sum q log q, log q = (s - ms)/T - log za.
+  r.entropy = c.need_hq ? r.log_za - st.hq / st.za : A(0);
   if (c.soft) {
     A div = A(0);
     if (c.need_cx) {
@@ -641,7 +728,7 @@ struct RowFinal {
 // Fields per record: the vocabulary-parallel steps exchange the records as [n_rows, fields]
 // tensors of the accumulation type, so no record may have padding.
 constexpr int kSliceStatsFields = kRowStateFields + 1;  // + s_label
-constexpr int kRowFinalFields = 13;                     // RowResult's 12 + log_zh
+constexpr int kRowFinalFields = 14;                     // RowResult's 13 + log_zh
 static_assert(sizeof(SliceStats<float>) == kSliceStatsFields * sizeof(float) &&
                   sizeof(SliceStats<double>) == kSliceStatsFields * sizeof(double),
               "SliceStats layout");

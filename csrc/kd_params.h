@@ -51,6 +51,15 @@ struct KDOptions {
   double beta = 0.5;  // JSD mixing weight (only read for Divergence::JSD)
   Reduction reduction = Reduction::Mean;
   int64_t ignore_index = -100;  // rows whose label equals it count for nothing
+  // The logit transform of each side (kd_math.h LogitMap): z = scale * x, then, with a softcap
+  // c > 0, z = c * tanh(z / c); a -inf x stays -inf. softcap 0 means none. Every formula of the
+  // kernels reads z; the gradients are d/dx (times dz/dx).
+  double student_scale = 1.0;
+  double teacher_scale = 1.0;
+  double student_softcap = 0.0;
+  double teacher_softcap = 0.0;
+  // Also the student's tempered entropy per row, -sum q log q (KDParams::entropy).
+  bool return_entropy = false;
 };
 
 struct KDParams : KDOptions {
@@ -85,6 +94,9 @@ struct KDParams : KDOptions {
   void* row_loss = nullptr;
   // Reduced loss (0-dim, accumulation type); unused for Reduction::None.
   void* loss = nullptr;
+  // return_entropy: [n_rows] of the accumulation type, the student's tempered entropy (0 at ignored
+  // rows). Written in Phase::Full only (the vocabulary-parallel host reads RowResult::entropy).
+  void* entropy = nullptr;
   // Gradients of the *reduced* loss (grad_output = 1), contiguous [n_rows, vocab], in the dtype of
   // their input; nullptr when not requested.
   void* grad_student = nullptr;

@@ -63,6 +63,7 @@ struct Ew<at::vec::CPU_CAPABILITY::Vectorized<A>> {
   using M = X;
   static X exp(const X& x) { return cpu::CPU_CAPABILITY::vexp(x); }
   static X log(const X& x) { return x.log(); }
+  static X tanh(const X& x) { return x.tanh(); }
   static X abs(const X& x) { return x.abs(); }
   static X max(const X& a, const X& b) { return at::vec::maximum(a, b); }
   static M gt(const X& a, const X& b) { return a > b; }
