@@ -45,7 +45,7 @@ def main() -> None:
     sd, td = s.detach(), t.detach()
 
     def op_only() -> None:
-        op(sd, td, y, 2.0, 1.0, 0.5, a.divergence, 0.5, -100, "batchmean", True, False)
+        op(sd, td, y, 2.0, 1.0, 0.5, a.divergence, 0.5, -100, "batchmean", (), False, True, False)
 
     # What the machine gives two threads right now (shared cores): an ATen element-wise op of
     # the same kind on 16 x the elements, timed the same way.

@@ -45,7 +45,8 @@ Reduction parse_reduction(std::string_view r) {
 
 KDOptions parse_options(double temperature, double soft_weight, double hard_weight,
                         std::string_view divergence, double beta, int64_t ignore_index,
-                        std::string_view reduction, Divergences allowed) {
+                        std::string_view reduction, Divergences allowed,
+                        at::ArrayRef<double> logit_map, bool return_entropy) {
   TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0,
                     "kdfused: temperature must be finite and > 0, got ", temperature);
   TORCH_CHECK_VALUE(std::isfinite(soft_weight) && soft_weight >= 0,
@@ -68,7 +69,31 @@ KDOptions parse_options(double temperature, double soft_weight, double hard_weig
   if (div == Divergence::JSD && beta == 1.0) opt.divergence = Divergence::ReverseKL;
   opt.beta = beta;
   opt.ignore_index = ignore_index;
+  TORCH_CHECK_VALUE(logit_map.empty() || logit_map.size() == 4,
+                    "kdfused: logit_map must be empty or [student_logit_scale, teacher_logit_scale, "
+                    "student_softcap, teacher_softcap], got ",
+                    logit_map.size(), " values");
+  if (!logit_map.empty()) {
+    const char* names[4] = {"student_logit_scale", "teacher_logit_scale", "student_softcap",
+                            "teacher_softcap"};
+    for (int i = 0; i < 2; ++i)
+      TORCH_CHECK_VALUE(std::isfinite(logit_map[i]), "kdfused: ", names[i], " must be finite, got ",
+                        logit_map[i]);
+    // (0 is "no softcap" here; the Python API spells it None and refuses 0.)
+    for (int i = 2; i < 4; ++i)
+      TORCH_CHECK_VALUE(std::isfinite(logit_map[i]) && logit_map[i] >= 0, "kdfused: ", names[i],
+                        " must be None or finite and > 0, got ", logit_map[i]);
+    opt.student_scale = logit_map[0];
+    opt.teacher_scale = logit_map[1];
+    opt.student_softcap = logit_map[2];
+    opt.teacher_softcap = logit_map[3];
+  }
+  opt.return_entropy = return_entropy;
   return opt;
+}
+
+at::Tensor entropy_output(at::IntArrayRef lead, bool wanted, const at::TensorOptions& acc_options) {
+  return wanted ? at::empty(lead, acc_options) : at::empty({0}, acc_options);
 }
 
 std::string shape_str(at::IntArrayRef s) {
@@ -244,6 +269,8 @@ Prepared prepare(const at::Tensor& student, const at::Tensor& teacher,
   p.grad_student = grad_student ? prep.grad_student.data_ptr() : nullptr;
   p.grad_teacher = grad_teacher ? prep.grad_teacher.data_ptr() : nullptr;
   prep.grad_scale = at::ones_like(prep.loss);
+  prep.entropy = entropy_output(lead, opt.return_entropy, prep.loss.options());
+  p.entropy = opt.return_entropy ? prep.entropy.data_ptr() : nullptr;
   return prep;
 }
 

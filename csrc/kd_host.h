@@ -32,10 +32,13 @@ enum class Divergences { All, KLOrCE };
 
 // The one place where the scalar options are checked and become a KDOptions: the strings turn into
 // enums, "jsd" at beta 0 / 1 into KL / ReverseKL, and inv_temperature is derived. Throws
-// ValueError (c10::ValueError) naming the first bad option, in argument order.
+// ValueError (c10::ValueError) naming the first bad option, in argument order. logit_map: the
+// schemas' `float[] logit_map`, empty (no transform) or [student_logit_scale, teacher_logit_scale,
+// student_softcap, teacher_softcap] with softcap 0 for none.
 KDOptions parse_options(double temperature, double soft_weight, double hard_weight,
                         std::string_view divergence, double beta, int64_t ignore_index,
-                        std::string_view reduction, Divergences allowed = Divergences::All);
+                        std::string_view reduction, Divergences allowed = Divergences::All,
+                        at::ArrayRef<double> logit_map = {}, bool return_entropy = false);
 
 // The same options with another reduction (the steps that run a kernel with "sum" or "none").
 inline KDOptions with_reduction(KDOptions opt, Reduction reduction) {
@@ -99,6 +102,7 @@ struct Prepared {
   at::Tensor row_loss;          // [n_rows] (aliases loss for reduction "none")
   at::Tensor grad_student, grad_teacher;  // contiguous, input shape and dtype; or empty [0]
   at::Tensor grad_scale;  // backward state: the grad_output the gradients are scaled for (1)
+  at::Tensor entropy;     // return_entropy: the leading shape, accumulation type; else empty [0]
 };
 
 // Allocates the outputs on the inputs' device and fills KDParams (grad_scale left at 1).
@@ -106,11 +110,15 @@ Prepared prepare(const at::Tensor& student, const at::Tensor& teacher,
                  const std::optional<at::Tensor>& labels, const KDOptions& opt, bool grad_student,
                  bool grad_teacher);
 
-using KDOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+// (loss, grad_student, grad_teacher, grad_scale, entropy), as the schema says.
+using KDOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 inline KDOutputs outputs_of(const Prepared& prep) {
-  return {prep.loss, prep.grad_student, prep.grad_teacher, prep.grad_scale};
+  return {prep.loss, prep.grad_student, prep.grad_teacher, prep.grad_scale, prep.entropy};
 }
+
+// The entropy output of return_entropy (the leading shape, accumulation type) or an empty [0].
+at::Tensor entropy_output(at::IntArrayRef lead, bool wanted, const at::TensorOptions& acc_options);
 
 // A backend's kd_loss on parsed options and checked tensors (cpu/kd_loss_cpu.cpp,
 // cuda/kd_loss_cuda.cu).
@@ -125,9 +133,11 @@ KDOutputs kd_loss_op(const at::Tensor& student, const at::Tensor& teacher,
                      const std::optional<at::Tensor>& labels, double temperature,
                      double soft_weight, double hard_weight, c10::string_view divergence,
                      double beta, int64_t ignore_index, c10::string_view reduction,
-                     bool grad_student, bool grad_teacher) {
-  const KDOptions opt = parse_options(temperature, soft_weight, hard_weight, sv(divergence), beta,
-                                      ignore_index, sv(reduction));
+                     at::ArrayRef<double> logit_map, bool return_entropy, bool grad_student,
+                     bool grad_teacher) {
+  const KDOptions opt =
+      parse_options(temperature, soft_weight, hard_weight, sv(divergence), beta, ignore_index,
+                    sv(reduction), Divergences::All, logit_map, return_entropy);
   check_inputs(student, teacher, labels, opt);
   return Impl(student, teacher, labels, opt, grad_student, grad_teacher);
 }

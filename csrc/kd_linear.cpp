@@ -19,6 +19,6 @@ TORCH_LIBRARY_FRAGMENT(kdfused, m) {
       "Tensor? teacher_hidden, Tensor? teacher_weight, Tensor? teacher_bias, "
       "Tensor? teacher_logits, Tensor? labels, Tensor? row_weight, float temperature, "
       "float soft_weight, float hard_weight, str divergence, float beta, int ignore_index, "
-      "str reduction, int chunk_size, bool grad_hidden, bool grad_weight, bool grad_bias) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "str reduction, float[] logit_map, bool return_entropy, int chunk_size, bool grad_hidden, "
+      "bool grad_weight, bool grad_bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

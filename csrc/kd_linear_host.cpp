@@ -209,6 +209,8 @@ LinearOutputs kd_linear_loss_chunked(const LinearBackend& backend, const LinearA
 
   const bool any_grad = grad_hidden || grad_weight || grad_bias;
   at::Tensor row_loss = at::zeros({N}, opts.dtype(acc));
+  // return_entropy: 0 at ignored rows, including the chunks skipped below.
+  at::Tensor entropy = opt.return_entropy ? at::zeros({N}, opts.dtype(acc)) : at::empty({0}, opts);
   // grad_weight / grad_bias are sums over chunks: accumulated in float32 for 16-bit weights.
   const at::ScalarType w_acc = is_16bit(student_weight) ? at::kFloat : s_dtype;
   at::Tensor gh = grad_hidden ? at::zeros({N, H}, opts) : at::empty({0}, opts);
@@ -253,6 +255,7 @@ LinearOutputs kd_linear_loss_chunked(const LinearBackend& backend, const LinearA
     Prepared prep = prepare(s_k, t_k, y_c, chunk_opt, any_grad, false);
     backend.run_kernel(prep.params, scale);
     row_loss.narrow(0, start, c).copy_(prep.row_loss);
+    if (opt.return_entropy) entropy.narrow(0, start, c).copy_(prep.entropy.reshape({c}));
     if (!any_grad) continue;
 
     at::Tensor g = prep.grad_student;  // d loss / d logits for this chunk's rows, c x V
@@ -283,7 +286,8 @@ LinearOutputs kd_linear_loss_chunked(const LinearBackend& backend, const LinearA
   at::Tensor gb = !grad_bias ? at::empty({0}, student_weight.options())
                              : gb_acc.to(student_bias->scalar_type());
   if (grad_hidden) gh = gh.view(student_hidden.sizes());
-  return {loss, gh, gw, gb, at::ones_like(loss)};
+  if (opt.return_entropy) entropy = entropy.view(lead);
+  return {loss, gh, gw, gb, at::ones_like(loss), entropy};
 }
 
 }  // namespace kdfused

@@ -65,8 +65,9 @@ class LinearBackend {
                             const ValidRows& valid) const = 0;
 };
 
-// (loss, grad_hidden, grad_weight, grad_bias, grad_scale), as the schema says.
-using LinearOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+// (loss, grad_hidden, grad_weight, grad_bias, grad_scale, entropy), as the schema says.
+using LinearOutputs =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // The op's tensors, as in the schema (kd_linear.cpp): the student's linear layer, the teacher as
 // a linear layer (th, tw, tb) or as logits (tl), the labels and row_weight.
@@ -99,10 +100,11 @@ LinearOutputs kd_linear_loss_op(
     const std::optional<at::Tensor>& teacher_logits, const std::optional<at::Tensor>& labels,
     const std::optional<at::Tensor>& row_weight, double temperature, double soft_weight,
     double hard_weight, c10::string_view divergence, double beta, int64_t ignore_index,
-    c10::string_view reduction, int64_t chunk_size, bool grad_hidden, bool grad_weight,
-    bool grad_bias) {
-  const KDOptions opt = parse_options(temperature, soft_weight, hard_weight, sv(divergence), beta,
-                                      ignore_index, sv(reduction));
+    c10::string_view reduction, at::ArrayRef<double> logit_map, bool return_entropy,
+    int64_t chunk_size, bool grad_hidden, bool grad_weight, bool grad_bias) {
+  const KDOptions opt =
+      parse_options(temperature, soft_weight, hard_weight, sv(divergence), beta, ignore_index,
+                    sv(reduction), Divergences::All, logit_map, return_entropy);
   const Backend backend(student_hidden);
   const LinearArgs args{student_hidden, student_weight, student_bias,
                         teacher_hidden, teacher_weight, teacher_bias,

@@ -418,7 +418,10 @@ KD_HD void rescale(RowState<A>& st, A ms_new, A mt_new, const RowConfig<A>& c) {
     // already +inf (a masked student under teacher mass) and stays +inf.
     if (c.need_cx && st.zb > A(0)) st.cx += d * st.zb;
     if (c.need_cr && st.za > A(0)) st.cr = alpha * (st.cr - d * st.za);
-    if (c.need_hq && st.za > A(0)) st.hq = alpha * (st.hq - d * st.za);
+    // Why (alpha d) za and not cr's alpha (hq - d za): the same d * za in both would be computed
+    // once for both (a runtime switch each), which stops the compiler from fusing cr's
+    // multiply-subtract and changes reverse_kl's results by an ulp on FMA machines.
+    if (c.need_hq && st.za > A(0)) st.hq = alpha * st.hq - (alpha * d) * st.za;
     st.za *= alpha;
     if (c.need_zh) st.zh *= rescale_factor(st.ms, ms_new, A(1));
     st.ms = ms_new;

@@ -10,6 +10,7 @@
 #include "cpu/kd_grad_cache.h"
 #include "kd_cuda_plan.h"
 #include "kd_host.h"
+#include "kd_vocab_parallel.h"
 
 namespace {
 
@@ -58,6 +59,8 @@ at::Tensor cpu_exp(const at::Tensor& x, const std::string& isa) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "kdfused native module: the ops live in torch.ops.kdfused";
+  // The column of the student's entropy in the vocabulary-parallel row_final records.
+  m.attr("row_final_entropy_field") = kdfused::kFinalEntropyField;
   m.def("build_info", &build_info,
         "How this build was compiled: CUDA support, CPU instruction sets.");
   m.def("parallel_threads", &parallel_threads,

@@ -5,16 +5,17 @@
 
 #include <torch/library.h>
 
+#include <limits>
 #include <string_view>
 
 namespace kdfused::topk {
 
 KDOptions parse_topk_options(double temperature, double soft_weight, double hard_weight,
                              std::string_view divergence, int64_t ignore_index,
-                             std::string_view reduction) {
+                             std::string_view reduction, at::ArrayRef<double> logit_map) {
   // No beta: the KDOptions default (never read for KL / CE).
   return parse_options(temperature, soft_weight, hard_weight, divergence, KDOptions{}.beta,
-                       ignore_index, reduction, Divergences::KLOrCE);
+                       ignore_index, reduction, Divergences::KLOrCE, logit_map);
 }
 
 void check_topk_inputs(const at::Tensor& s, const at::Tensor& idx, const at::Tensor& val,
@@ -76,6 +77,14 @@ TopKPrepared prepare_topk(const at::Tensor& student, const at::Tensor& indices,
   // kernels need no template per (index, value) dtype.
   prep.indices = indices.reshape({n_rows, k}).to(at::kLong).contiguous();
   prep.values = values.reshape({n_rows, k}).to(acc).contiguous();
+  if (opt.teacher_scale != 1.0 || opt.teacher_softcap > 0) {
+    // The teacher's transform on its k stored logits per row (kd_math.h map_logit, in ATen ops:
+    // n_rows x k values, not worth a kernel; the teacher gets no gradient here).
+    at::Tensor z = prep.values * opt.teacher_scale;
+    if (opt.teacher_softcap > 0) z = at::tanh(z / opt.teacher_softcap) * opt.teacher_softcap;
+    const at::Tensor masked = prep.values == -std::numeric_limits<double>::infinity();
+    prep.values = at::where(masked, prep.values, z).contiguous();
+  }
 
   p.student = s2.data_ptr();
   p.student_dtype = to_dtype(student.scalar_type());
@@ -111,5 +120,5 @@ TORCH_LIBRARY_FRAGMENT(kdfused, m) {
   m.def(
       "topk_kd_loss(Tensor student, Tensor teacher_indices, Tensor teacher_values, Tensor? labels, "
       "float temperature, float soft_weight, float hard_weight, str divergence, int ignore_index, "
-      "str reduction, bool grad_student) -> (Tensor, Tensor, Tensor)");
+      "str reduction, float[] logit_map, bool grad_student) -> (Tensor, Tensor, Tensor)");
 }

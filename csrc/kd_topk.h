@@ -21,7 +21,7 @@ namespace kdfused::topk {
 // The op's options: parse_options with divergence "kl" or "ce" only (and no beta).
 KDOptions parse_topk_options(double temperature, double soft_weight, double hard_weight,
                              std::string_view divergence, int64_t ignore_index,
-                             std::string_view reduction);
+                             std::string_view reduction, at::ArrayRef<double> logit_map = {});
 
 // Every check that needs no tensor data (shapes, dtypes, devices). ValueError/TypeError.
 void check_topk_inputs(const at::Tensor& student, const at::Tensor& indices,
@@ -63,9 +63,10 @@ TopKOutputs topk_kd_loss_op(const at::Tensor& student, const at::Tensor& indices
                             const at::Tensor& values, const std::optional<at::Tensor>& labels,
                             double temperature, double soft_weight, double hard_weight,
                             c10::string_view divergence, int64_t ignore_index,
-                            c10::string_view reduction, bool grad_student) {
+                            c10::string_view reduction, at::ArrayRef<double> logit_map,
+                            bool grad_student) {
   const KDOptions opt = parse_topk_options(temperature, soft_weight, hard_weight, sv(divergence),
-                                           ignore_index, sv(reduction));
+                                           ignore_index, sv(reduction), logit_map);
   check_topk_inputs(student, indices, values, labels, opt);
   return Impl(student, indices, values, labels, opt, grad_student);
 }

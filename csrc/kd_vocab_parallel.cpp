@@ -20,6 +20,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cstddef>
 #include <cstdint>
 #include <string>
 
@@ -28,7 +29,11 @@
 
 namespace kdfused {
 
-static_assert(kStatsFields == 9 && kFinalFields == 13 && kMixFields == 3, "record fields");
+static_assert(kStatsFields == kSliceStatsFields && kFinalFields == kRowFinalFields &&
+                  kMixFields == kMixSumsFields,
+              "record fields");
+static_assert(offsetof(RowFinal<float>, res.entropy) == kFinalEntropyField * sizeof(float),
+              "the entropy's column");
 
 void check_record(const at::Tensor& x, int64_t dim, int64_t n_rows, int64_t fields,
                   at::ScalarType acc, const char* name, at::Device device) {
@@ -41,10 +46,11 @@ void check_record(const at::Tensor& x, int64_t dim, int64_t n_rows, int64_t fiel
 }
 
 KDOptions parse_step_options(double temperature, double soft_weight, double hard_weight,
-                             c10::string_view divergence, double beta, int64_t ignore_index,
-                             c10::string_view reduction) {
+                             c10::string_view divergence, double beta,
+                             at::ArrayRef<double> logit_map, bool return_entropy,
+                             int64_t ignore_index, c10::string_view reduction) {
   return parse_options(temperature, soft_weight, hard_weight, sv(divergence), beta, ignore_index,
-                       sv(reduction));
+                       sv(reduction), Divergences::All, logit_map, return_entropy);
 }
 
 void check_slice(const at::Tensor& student, int64_t vocab_offset, int64_t vocab_total) {
@@ -81,6 +87,10 @@ Prepared prepare_step(Phase phase, const at::Tensor& student, const at::Tensor& 
   Prepared prep = prepare(student, teacher, labels, opt, grad_student, grad_teacher);
   KDParams& p = prep.params;
   p.phase = phase;
+  // The steps write no entropy: the stats step accumulates its sum (return_entropy), and the
+  // host reads it from the merged records (kFinalEntropyField).
+  p.entropy = nullptr;
+  prep.entropy = at::empty({0}, prep.loss.options());
   p.vocab_offset = vocab_offset;
   const at::ScalarType acc = accumulate_type(student, teacher);
   if (row_final != nullptr) {
@@ -104,20 +114,21 @@ TORCH_LIBRARY_FRAGMENT(kdfused, m) {
   m.def(
       "kd_vp_stats(Tensor student, Tensor teacher, Tensor? labels, int vocab_offset, "
       "int vocab_total, float temperature, float soft_weight, float hard_weight, str divergence, "
-      "float beta, int ignore_index) -> Tensor");
+      "float beta, int ignore_index, float[] logit_map, bool return_entropy) -> Tensor");
   m.def(
       "kd_vp_merge(Tensor slice_stats, Tensor? labels, float temperature, float soft_weight, "
-      "float hard_weight, str divergence, float beta, int ignore_index, str reduction) -> Tensor");
+      "float hard_weight, str divergence, float beta, int ignore_index, str reduction, "
+      "float[] logit_map, bool return_entropy) -> Tensor");
   m.def(
       "kd_vp_mix(Tensor student, Tensor teacher, Tensor? labels, Tensor row_final, "
       "int vocab_offset, float temperature, float soft_weight, float hard_weight, str divergence, "
-      "float beta, int ignore_index) -> Tensor");
+      "float beta, int ignore_index, float[] logit_map) -> Tensor");
   m.def(
       "kd_vp_merge_mix(Tensor row_final, Tensor slice_mix, float temperature, "
       "float soft_weight, float hard_weight, str divergence, float beta) -> Tensor");
   m.def(
       "kd_vp_grad(Tensor student, Tensor teacher, Tensor? labels, Tensor row_final, "
       "int vocab_offset, float temperature, float soft_weight, float hard_weight, str divergence, "
-      "float beta, int ignore_index, str reduction, bool grad_student, bool grad_teacher) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
+      "float beta, int ignore_index, str reduction, float[] logit_map, bool grad_student, "
+      "bool grad_teacher) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

@@ -17,7 +17,9 @@ namespace kdfused {
 
 // The records travel as [n_rows, fields] tensors of the accumulation type (kd_math.h SliceStats,
 // RowFinal, MixSums).
-constexpr int64_t kStatsFields = 9, kFinalFields = 13, kMixFields = 3;
+constexpr int64_t kStatsFields = 10, kFinalFields = 14, kMixFields = 3;
+// The column of the student's entropy in a RowFinal record (RowResult::entropy).
+constexpr int64_t kFinalEntropyField = 10;
 
 // A record tensor: `dim` dims (3: gathered over the group), [..., n_rows, fields], dtype acc,
 // contiguous, on `device`.
@@ -27,8 +29,8 @@ void check_record(const at::Tensor& x, int64_t dim, int64_t n_rows, int64_t fiel
 // The options of a step (parse_options). The steps without a reduction argument parse "sum" (what
 // their kernels run), those without ignore_index its default (they read no labels).
 KDOptions parse_step_options(double temperature, double soft_weight, double hard_weight,
-                             c10::string_view divergence, double beta,
-                             int64_t ignore_index = KDOptions{}.ignore_index,
+                             c10::string_view divergence, double beta, at::ArrayRef<double> logit_map,
+                             bool return_entropy, int64_t ignore_index = KDOptions{}.ignore_index,
                              c10::string_view reduction = "sum");
 
 // KDParams carrying only the options (the merges read no logits).
@@ -63,48 +65,51 @@ struct VocabParallelOps {
                           const std::optional<at::Tensor>& labels, int64_t vocab_offset,
                           int64_t vocab_total, double temperature, double soft_weight,
                           double hard_weight, c10::string_view divergence, double beta,
-                          int64_t ignore_index) {
+                          int64_t ignore_index, at::ArrayRef<double> logit_map,
+                          bool return_entropy) {
     check_slice(student, vocab_offset, vocab_total);
-    return Stats(
-        student, teacher, labels, vocab_offset, vocab_total,
-        parse_step_options(temperature, soft_weight, hard_weight, divergence, beta, ignore_index));
+    return Stats(student, teacher, labels, vocab_offset, vocab_total,
+                 parse_step_options(temperature, soft_weight, hard_weight, divergence, beta,
+                                    logit_map, return_entropy, ignore_index));
   }
 
   static at::Tensor merge(const at::Tensor& slice_stats, const std::optional<at::Tensor>& labels,
                           double temperature, double soft_weight, double hard_weight,
                           c10::string_view divergence, double beta, int64_t ignore_index,
-                          c10::string_view reduction) {
+                          c10::string_view reduction, at::ArrayRef<double> logit_map,
+                          bool return_entropy) {
     return Merge(slice_stats, labels,
                  parse_step_options(temperature, soft_weight, hard_weight, divergence, beta,
-                                    ignore_index, reduction));
+                                    logit_map, return_entropy, ignore_index, reduction));
   }
 
   static at::Tensor mix(const at::Tensor& student, const at::Tensor& teacher,
                         const std::optional<at::Tensor>& labels, const at::Tensor& row_final,
                         int64_t vocab_offset, double temperature, double soft_weight,
                         double hard_weight, c10::string_view divergence, double beta,
-                        int64_t ignore_index) {
-    return Mix(
-        student, teacher, labels, row_final, vocab_offset,
-        parse_step_options(temperature, soft_weight, hard_weight, divergence, beta, ignore_index));
+                        int64_t ignore_index, at::ArrayRef<double> logit_map) {
+    return Mix(student, teacher, labels, row_final, vocab_offset,
+               parse_step_options(temperature, soft_weight, hard_weight, divergence, beta,
+                                  logit_map, false, ignore_index));
   }
 
   static at::Tensor merge_mix(const at::Tensor& row_final, const at::Tensor& slice_mix,
                               double temperature, double soft_weight, double hard_weight,
                               c10::string_view divergence, double beta) {
     return MergeMix(row_final, slice_mix,
-                    parse_step_options(temperature, soft_weight, hard_weight, divergence, beta));
+                    parse_step_options(temperature, soft_weight, hard_weight, divergence, beta,
+                                       {}, false));
   }
 
   static KDOutputs grad(const at::Tensor& student, const at::Tensor& teacher,
                         const std::optional<at::Tensor>& labels, const at::Tensor& row_final,
                         int64_t vocab_offset, double temperature, double soft_weight,
                         double hard_weight, c10::string_view divergence, double beta,
-                        int64_t ignore_index, c10::string_view reduction, bool grad_student,
-                        bool grad_teacher) {
+                        int64_t ignore_index, c10::string_view reduction,
+                        at::ArrayRef<double> logit_map, bool grad_student, bool grad_teacher) {
     return Grad(student, teacher, labels, row_final, vocab_offset,
                 parse_step_options(temperature, soft_weight, hard_weight, divergence, beta,
-                                   ignore_index, reduction),
+                                   logit_map, false, ignore_index, reduction),
                 grad_student, grad_teacher);
   }
 };

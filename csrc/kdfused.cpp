@@ -8,14 +8,17 @@
 
 TORCH_LIBRARY(kdfused, m) {
   // Loss and (when asked) the gradients of the reduced loss for grad_output = 1, in one call.
-  // Returns (loss, grad_student, grad_teacher, grad_scale); a gradient not asked for is an empty
-  // tensor. grad_scale is the backward's state: the grad_output the gradients are scaled for.
+  // Returns (loss, grad_student, grad_teacher, grad_scale, entropy); a gradient not asked for is an
+  // empty tensor. grad_scale is the backward's state: the grad_output the gradients are scaled
+  // for. logit_map: [] or [student_logit_scale, teacher_logit_scale, student_softcap,
+  // teacher_softcap] (softcap 0: none). entropy: the student's per-row tempered entropy when
+  // return_entropy, else an empty tensor.
   m.def(
       "kd_loss(Tensor student, Tensor teacher, Tensor? labels, float temperature, float "
       "soft_weight, "
       "float hard_weight, str divergence, float beta, int ignore_index, str reduction, "
-      "bool grad_student, "
-      "bool grad_teacher) -> (Tensor, Tensor, Tensor, Tensor)");
+      "float[] logit_map, bool return_entropy, bool grad_student, bool grad_teacher) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Backward: rescales the saved gradients in place from grad_scale to grad_output, and records
   // grad_output in grad_scale. When they are equal (loss.backward(): grad_output = 1) nothing
   // moves.

@@ -46,13 +46,15 @@ def keep(ctx, need: tuple, grads: tuple) -> None:
     ctx.kd_grads = grads
 
 
-def setup_context(ctx, output, need: tuple, keep_grads: bool = True) -> None:
-    """The setup_context of an op that returns (loss, gradients..., grad_scale)."""
+def setup_context(ctx, output, need: tuple, keep_grads: bool = True, results: int = 0) -> None:
+    """The setup_context of an op that returns (loss, gradients..., grad_scale), then
+    ``results`` outputs without gradient that are not backward state (the entropy)."""
     ctx.mark_non_differentiable(*output[1:])
     # The backward receives no gradient for those outputs; don't let autograd fill an N x V zeros
     # tensor for each of them.
     ctx.set_materialize_grads(False)
-    keep(ctx, need, tuple(output[1:]) if keep_grads else None)
+    state = tuple(output[1 : len(output) - results])
+    keep(ctx, need, state if keep_grads else None)
 
 
 def _scale_in_place(grads: tuple, scale: torch.Tensor, grad_output: torch.Tensor) -> None:

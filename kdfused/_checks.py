@@ -232,3 +232,9 @@ def check_logit_transform(
     for name, value in (("student_softcap", student_softcap), ("teacher_softcap", teacher_softcap)):
         if value is not None and not (math.isfinite(value) and value > 0):
             raise ValueError(f"kdfused: {name} must be None or finite and > 0, got {_num(value)}")
+
+
+def check_flag(name: str, value) -> None:
+    """A boolean keyword (``return_entropy``): a bool, else ``TypeError`` naming it."""
+    if not isinstance(value, bool):
+        raise TypeError(f"kdfused: {name} must be a bool, got {type(value).__name__}")

@@ -22,12 +22,16 @@ def accumulation_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-def outputs(like: torch.Tensor, acc: torch.dtype, reduction: str, grads) -> tuple:
-    """(loss, gradient per slot, grad_scale). ``like``: the tensor whose leading dims are the
+def outputs(like: torch.Tensor, acc: torch.dtype, reduction: str, grads, entropy=None) -> tuple:
+    """(loss, gradient per slot, grad_scale), then the entropy output when ``entropy`` is not
+    None (True: the rows' shape, else empty). ``like``: the tensor whose leading dims are the
     rows; ``grads``: (tensor or None, asked for, tensor an empty placeholder is made like)."""
     loss = like.new_empty(like.shape[:-1] if reduction == "none" else (), dtype=acc)
     made = tuple(
         x.new_empty(x.shape) if wanted and x is not None else empty_like.new_empty((0,))
         for x, wanted, empty_like in grads
     )
-    return (loss, *made, torch.empty_like(loss))
+    out = (loss, *made, torch.empty_like(loss))
+    if entropy is None:
+        return out
+    return out + (like.new_empty(like.shape[:-1] if entropy else (0,), dtype=acc),)

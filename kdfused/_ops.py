@@ -14,19 +14,20 @@ from . import _C, _backward, _fake  # (_C: loads the library that defines torch.
 from ._options import KDOptions
 
 _lib_ops = torch.ops.kdfused
-_N_INPUTS = 12  # arguments of kdfused::kd_loss
+_N_INPUTS = 14  # arguments of kdfused::kd_loss
 
 
 @torch.library.register_fake("kdfused::kd_loss")
 def _kd_loss_fake(student, teacher, labels, *args):
-    # args: the options in the schema's order (KDOptions.op_args), then the two gradient flags.
-    *options, grad_student, grad_teacher = args
+    # args: the options in the schema's order (KDOptions.op_args), return_entropy, then the two
+    # gradient flags.
+    *options, logit_map, return_entropy, grad_student, grad_teacher = args
     tensors = (student, teacher, labels)
     check_args = options[:5] + options[6:]  # (no ignore_index)
     _fake.check_if_concrete(tensors, _C.check_inputs, *tensors, *check_args)
     acc = _fake.accumulation_dtype(student, teacher)
     grads = ((student, grad_student, student), (teacher, grad_teacher, teacher))
-    return _fake.outputs(student, acc, options[6], grads)
+    return _fake.outputs(student, acc, options[6], grads, return_entropy)
 
 
 @torch.library.register_fake("kdfused::kd_scale_grads_")
@@ -35,10 +36,10 @@ def _kd_scale_grads_fake(grad_student, grad_teacher, grad_scale, grad_output):
 
 
 def _setup_context(ctx, inputs, output):
-    _backward.setup_context(ctx, output, (inputs[10], inputs[11]))  # the gradient flags
+    _backward.setup_context(ctx, output, (inputs[12], inputs[13]), results=1)  # (grad flags)
 
 
-def _backward_kd(ctx, grad_loss, _gs, _gt, _scale):
+def _backward_kd(ctx, grad_loss, _gs, _gt, _scale, _entropy):
     return _backward.backward(ctx, grad_loss, _N_INPUTS, "kd_loss")
 
 
@@ -50,9 +51,14 @@ def kd_loss_op(
     teacher: torch.Tensor,
     labels: Optional[torch.Tensor],
     options: KDOptions,
-) -> torch.Tensor:
-    """Calls the fused op, asking for the gradients that autograd will need (none under no_grad)."""
+    return_entropy: bool = False,
+):
+    """Calls the fused op, asking for the gradients that autograd will need (none under no_grad).
+    Returns the loss, or (loss, entropy) with ``return_entropy``."""
     grad_on = torch.is_grad_enabled()
     need_s = grad_on and student.requires_grad
     need_t = grad_on and teacher.requires_grad
-    return _lib_ops.kd_loss(student, teacher, labels, *options.op_args, need_s, need_t)[0]
+    out = _lib_ops.kd_loss(
+        student, teacher, labels, *options.op_args, return_entropy, need_s, need_t
+    )
+    return (out[0], out[4]) if return_entropy else out[0]

@@ -13,15 +13,25 @@ from __future__ import annotations
 import dataclasses
 import functools
 import zlib
+from typing import Optional
 
 import torch
 
 from ._checks import (
     DIVERGENCES,
     MIXING_DIVERGENCES,
+    check_logit_transform,
     check_option_types,
     check_options,
     effective_divergence,
+)
+
+# The logit transform's fields, with their defaults (no transform).
+TRANSFORM_DEFAULTS = (
+    ("student_logit_scale", 1.0),
+    ("teacher_logit_scale", 1.0),
+    ("student_softcap", None),
+    ("teacher_softcap", None),
 )
 
 
@@ -37,6 +47,11 @@ class KDOptions:
     beta: float = 0.5
     ignore_index: int = -100
     reduction: str = "batchmean"
+    # The logit transform of each side (z = scale * x, then softcap * tanh(z / softcap)).
+    student_logit_scale: float = 1.0
+    teacher_logit_scale: float = 1.0
+    student_softcap: Optional[float] = None
+    teacher_softcap: Optional[float] = None
     # Derived once, here, rather than at every use (the vocabulary-parallel chunk loop asks for
     # them per chunk).
     op_args: tuple = dataclasses.field(init=False, repr=False, compare=False)
@@ -52,6 +67,7 @@ class KDOptions:
             self.beta,
             self.ignore_index,
             self.reduction,
+            self.logit_map,
         )
         object.__setattr__(self, "op_args", args)
         # Whether the vocabulary-parallel path needs the mixture step: the soft term is on and its
@@ -61,6 +77,29 @@ class KDOptions:
             and effective_divergence(self.divergence, self.beta) in MIXING_DIVERGENCES
         )
         object.__setattr__(self, "mixes", mixes)
+
+    @property
+    def transformed(self) -> bool:
+        """Whether either side's logits are transformed (a scale other than 1 or a softcap)."""
+        return any(getattr(self, name) != default for name, default in TRANSFORM_DEFAULTS)
+
+    @property
+    def logit_map(self) -> tuple:
+        """The schemas' ``float[] logit_map``: () without a transform, else (student scale,
+        teacher scale, student softcap, teacher softcap) with 0.0 for "no softcap"."""
+        if not self.transformed:
+            return ()
+        return (
+            self.student_logit_scale,
+            self.teacher_logit_scale,
+            self.student_softcap or 0.0,
+            self.teacher_softcap or 0.0,
+        )
+
+    @property
+    def transform_kwargs(self) -> dict:
+        """The transform as keyword arguments (``kdfused.reference``'s)."""
+        return {name: getattr(self, name) for name, _ in TRANSFORM_DEFAULTS}
 
     @property
     def loss_args(self) -> tuple:
@@ -83,11 +122,15 @@ class KDOptions:
         return zlib.crc32(repr(self.op_args + extra).encode())
 
     def describe(self, beta: bool = True) -> str:
-        """``temperature=..., ..., reduction=...``, as the modules print themselves."""
+        """``temperature=..., ..., reduction=...``, as the modules print themselves (the
+        transform's fields only where they are not the identity's)."""
+        defaults = dict(TRANSFORM_DEFAULTS)
         return ", ".join(
             f"{f.name}={getattr(self, f.name)!r}"
             for f in dataclasses.fields(self)
-            if f.repr and (beta or f.name != "beta")
+            if f.repr
+            and (beta or f.name != "beta")
+            and not (f.name in defaults and getattr(self, f.name) == defaults[f.name])
         )
 
     def __repr__(self) -> str:
@@ -95,13 +138,23 @@ class KDOptions:
 
 
 def _parse(who, divergences, check_values, *options) -> KDOptions:
-    check_option_types(who, *options)
-    temperature, soft_weight, hard_weight, divergence, beta, ignore_index, reduction = options
+    # The seven loss options, then (optionally) the four of the logit transform.
+    check_option_types(who, *options[:7])
+    temperature, soft_weight, hard_weight, divergence, beta, ignore_index, reduction = options[:7]
+    transform = options[7:] or tuple(default for _, default in TRANSFORM_DEFAULTS)
+    check_logit_transform(*transform)
     if check_values:
         values = (temperature, soft_weight, hard_weight, divergence, beta, reduction)
         check_options(*values, divergences)
     numbers = (float(temperature), float(soft_weight), float(hard_weight))
-    return KDOptions(*numbers, divergence, float(beta), int(ignore_index), reduction)
+    s_scale, t_scale, s_cap, t_cap = transform
+    transform = (
+        float(s_scale),
+        float(t_scale),
+        None if s_cap is None else float(s_cap),
+        None if t_cap is None else float(t_cap),
+    )
+    return KDOptions(*numbers, divergence, float(beta), int(ignore_index), reduction, *transform)
 
 
 # typed: 1 and 1.0 (and True, which the checks refuse) are different keys. A call that raises

@@ -13,6 +13,9 @@ q = softmax(s/T) (student), sums over the columns where the distributions have m
     tvd         0.5 sum |p - q|
     row loss    soft_weight * T^2 * D  +  hard_weight * (logsumexp(s) - s[label])
 
+where s and t are the logits after the case's transform, if any (z = scale x, then
+z = softcap tanh(z / softcap); kdfused.reference.logit_transform), differentiated through.
+
 Tolerances (an output element passes when |got - expected| <= tol; the self-test reports the
 largest |got - expected| / tol, so 1.0 is the limit):
 
@@ -41,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import DIVERGENCES, REDUCTIONS  # noqa: F401  (the self-test's choices)
+from .reference import logit_transform
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 DTYPE_NAMES = {F16: "f16", BF16: "bf16", F32: "f32", F64: "f64"}
@@ -60,6 +64,16 @@ PAIRS = [
     (BF16, F64),
 ]
 V_CORE = [1, 2, 7, 100, 1000, 2049, 4099, 5001, 8191, 33, 640]
+# The logit transforms the cases cycle through (student scale, teacher scale, student softcap,
+# teacher softcap): none, a Gemma-2-like softcap of 30 on both sides, Cohere / Granite-like
+# scales alone, and scales of both signs with softcaps the logits reach the curve of.
+TRANSFORMS = [
+    (1.0, 1.0, None, None),
+    (1.0, 1.0, 30.0, 30.0),
+    (0.25, 4.0, None, None),
+    (-1.3, 0.7, 3.0, 2.0),
+]
+TRANSFORM_NAMES = ("student_logit_scale", "teacher_logit_scale", "student_softcap", "teacher_softcap")
 BIG = [  # (V, N, student dtype, teacher dtype) of the one large-vocabulary case per divergence
     (128256, 3, BF16, BF16),
     (32000, 4, F32, F32),
@@ -91,11 +105,13 @@ class Case:
     grad_output: str = "random"  # "one" or "random"
     loss_only: bool = False  # under torch.no_grad()
     big: bool = False
+    transform: tuple = TRANSFORMS[0]  # (student scale, teacher scale, student / teacher softcap)
     tags: list = field(default_factory=list)
 
     def describe(self) -> str:
         dims = "x".join(str(d) for d in self.lead) + f"x{self.V}"
         flags = (
+            (_transform_text(self.transform), self.transform != TRANSFORMS[0]),
             ("strided", self.strided),
             ("masked", self.masked),
             (f"ignored:{self.ignore}", self.labels and self.ignore != "none"),
@@ -105,6 +121,22 @@ class Case:
             ("no_grad", self.loss_only),
         )
         return _describe(self, f"#{self.idx}", dims, [f"T={self.temperature}"], flags)
+
+
+def _transform_text(tf) -> str:
+    """e.g. "z:s_scale=-1.3,t_scale=0.7,s_softcap=3.0,t_softcap=2.0" (the non-identity parts)."""
+    short = ("s_scale", "t_scale", "s_softcap", "t_softcap")
+    return "z:" + ",".join(f"{n}={v}" for n, v in zip(short, tf) if v not in (1.0, None))
+
+
+def transform_options(case) -> dict:
+    """The case's logit transform as keywords of the functions under test."""
+    return dict(zip(TRANSFORM_NAMES, case.transform))
+
+
+def _transformed(x: torch.Tensor, case, side: int) -> torch.Tensor:
+    """Side 0 (student) or 1 (teacher) of the case's transform applied to float64 logits."""
+    return logit_transform(x, case.transform[side], case.transform[2 + side])
 
 
 def _describe(case, head: str, dims: str, middle: list, flags) -> str:
@@ -153,6 +185,7 @@ def make_cases(divergences, quick: bool = False) -> list:
                 teacher_grad=i % 2 == 1,
                 grad_output="one" if i % 3 == 0 else "random",
                 loss_only=i % 7 == 3,
+                transform=TRANSFORMS[(i // 2) % len(TRANSFORMS)],
             )
             if i % 11 == 5:  # the hard term alone
                 c.soft_weight, c.hard_weight, c.labels = 0.0, 1.0, True
@@ -299,8 +332,9 @@ def expected(case: Case, inp: dict) -> dict:
     zero = torch.zeros(R, dtype=F64)
     row, scale = zero.clone(), zero.clone()
     with torch.set_grad_enabled(not case.loss_only):
+        mask = torch.isinf(t)  # the masked columns (-inf in both)
+        s, t = _transformed(s, case, 0), _transformed(t, case, 1)
         if sw != 0:
-            mask = torch.isinf(t)  # the masked columns (-inf in both)
             lq = torch.where(mask, 0.0, F.log_softmax(s / T, -1))
             lp = torch.where(mask, 0.0, F.log_softmax(t / T, -1))
             p = torch.where(mask, 0.0, lp.exp())
@@ -375,11 +409,13 @@ class LinearCase:
     grad_output: str = "random"
     loss_only: bool = False
     big: bool = False
+    transform: tuple = TRANSFORMS[0]
 
     def describe(self) -> str:
         dims = "x".join(str(d) for d in self.lead) + f" H={self.H} V={self.V}"
         middle = [f"chunk={self.chunk_size}", f"teacher={self.teacher}"]
         flags = (
+            (_transform_text(self.transform), self.transform != TRANSFORMS[0]),
             (f"ignored:{self.ignore}", self.labels and self.ignore != "none"),
             ("no-labels", not self.labels),
             ("no-bias", not self.bias),
@@ -425,6 +461,7 @@ def make_linear_cases(divergences, quick: bool = False) -> list:
                     bias=i % 4 != 1,
                     grad_output="one" if i % 3 == 1 else "random",
                     loss_only=i % 7 == 5,
+                    transform=TRANSFORMS[(i + 1) % len(TRANSFORMS)],
                 )
             )
     return cases
@@ -484,6 +521,7 @@ def linear_expected(case: LinearCase, inp: dict) -> dict:
             t = F.linear(f64["th"], f64["tw"], f64["tb"]).reshape(-1, case.V)
         else:
             t = f64["tl"].reshape(-1, case.V)
+        s, t = _transformed(s, case, 0), _transformed(t, case, 1)
         R = s.shape[0]
         y = inp["y"].reshape(-1) if inp["y"] is not None else None
         valid = (y != case.ignore_index) if y is not None else torch.ones(R, dtype=torch.bool)

@@ -17,32 +17,33 @@ from . import _C, _backward, _checks, _fake
 from ._module import OptionsModule
 from ._options import KDOptions, parse
 
-_N_INPUTS = 20  # arguments of kdfused::kd_linear_loss
+_N_INPUTS = 22  # arguments of kdfused::kd_linear_loss
 _WHO = "kdfused.linear_kd_loss"
 _TEACHER_NAMES = ("teacher_hidden", "teacher_weight", "teacher_bias", "teacher_logits")
 
 
 @torch.library.register_fake("kdfused::kd_linear_loss")
 def _kd_linear_loss_fake(sh, sw, sb, th, tw, tb, tl, labels, row_weight, *args):
-    # args: the options in the schema's order (KDOptions.op_args), chunk_size, the gradient flags.
-    options, (grad_hidden, grad_weight, grad_bias) = args[:7], args[8:]
+    # args: the options in the schema's order (KDOptions.op_args), return_entropy, chunk_size,
+    # the gradient flags.
+    options, return_entropy, (grad_hidden, grad_weight, grad_bias) = args[:8], args[8], args[10:]
     # The options are all the C++ checks exposed alone; the tensors are checked by the kernel.
     _C.check_options(*options[:5], options[6])
     acc = _fake.accumulation_dtype(sh, th if th is not None else tl)
     grads = ((sh, grad_hidden, sh), (sw, grad_weight, sw), (sb, grad_bias, sw))
-    return _fake.outputs(sh, acc, options[6], grads)
+    return _fake.outputs(sh, acc, options[6], grads, return_entropy)
 
 
 def _setup_context(ctx, inputs, output):
     none = inputs[15] == "none"
-    need = (inputs[17], inputs[18], inputs[19] and inputs[2] is not None)
-    _backward.setup_context(ctx, output, need, keep_grads=not none)
+    need = (inputs[19], inputs[20], inputs[21] and inputs[2] is not None)
+    _backward.setup_context(ctx, output, need, keep_grads=not none, results=1)
     if none:
         # Reduction "none": grad_weight = sum_r g_r (dlogits_r)^T h_r needs every row's own
         # grad_output g_r, so the backward runs the chunked op again with row_weight = g (no N x V
         # state is kept between forward and backward).
         ctx.save_for_backward(*inputs[:8])
-        ctx.kd_args = inputs[9:17]
+        ctx.kd_args = inputs[9:17] + (False, inputs[18])  # (options, no entropy, chunk_size)
         ctx.kd_recompute = _recompute
 
 
@@ -53,7 +54,7 @@ def _recompute(ctx, grad_loss):
     return out[1:4]
 
 
-def _backward_linear(ctx, grad_loss, _gh, _gw, _gb, _scale):
+def _backward_linear(ctx, grad_loss, _gh, _gw, _gb, _scale, _entropy):
     return _backward.backward(ctx, grad_loss, _N_INPUTS, "linear_kd_loss")
 
 
@@ -91,9 +92,14 @@ def linear_kd_loss(
     beta: float = 0.5,
     ignore_index: int = -100,
     reduction: str = "batchmean",
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    student_softcap: Optional[float] = None,
+    teacher_softcap: Optional[float] = None,
+    return_entropy: bool = False,
     chunk_size: Optional[int] = None,
     process_group=None,
-) -> torch.Tensor:
+):
     r"""Distillation loss of the student's (and teacher's) output layer, without N x V logits.
 
     Equals ``kdfused.kd_loss(F.linear(student_hidden, student_weight, student_bias), teacher,
@@ -113,8 +119,11 @@ def linear_kd_loss(
         teacher_logits: ``(..., V)``. Exactly one of the two forms; the teacher gets no gradient
             (a teacher tensor that requires grad raises ValueError: detach it, or use
             :func:`kdfused.kd_loss` on materialised logits for mutual distillation).
-        labels, temperature, soft_weight, hard_weight, divergence, beta, ignore_index, reduction:
-            as for :func:`kdfused.kd_loss`.
+        labels, temperature, soft_weight, hard_weight, divergence, beta, ignore_index, reduction,
+            student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap,
+            return_entropy: as for :func:`kdfused.kd_loss`; the student's transform applies to
+            ``student_hidden @ student_weight.T + student_bias``, the teacher's to its logits
+            (computed or given), inside the kernel of each chunk.
         chunk_size: rows per chunk, > 0; ``None`` picks as many rows as make one chunk's student
             logits about 64 MiB (``64 MiB // (V * element size)``, rounded down to a multiple of
             16 when >= 64; V = 32000 float32: 512 rows). The extra memory is about 3-4 such buffers.
@@ -129,13 +138,14 @@ def linear_kd_loss(
             every process) -- with a Megatron-style column-parallel lm-head whose backward all-
             reduces the input gradient itself, divide it by the group size or feed the head's local
             output instead. Communication: one ``all_gather`` of 8 int64 per process (consistency
-            checks), per chunk one of 9 floats per row (two more for jsd / tvd: 3 floats), and one
+            checks), per chunk one of 10 floats per row (two more for jsd / tvd: 3 floats), and one
             of the N x H hidden gradient parts; ``chunk_size=None`` picks the chunk from the whole
             vocabulary, so every process chunks alike. Under ``torch.compile`` the call is a graph
             break. Reduction ``"none"`` runs the collectives again in backward.
 
     Returns:
-        The loss, as :func:`kdfused.kd_loss` returns it (float32, or float64 for float64 inputs).
+        The loss, as :func:`kdfused.kd_loss` returns it (float32, or float64 for float64 inputs);
+        with ``return_entropy=True``, ``(loss, entropy)`` as :func:`kdfused.kd_loss` returns them.
 
     The gradients are computed in the forward call; ``loss.backward()`` then only scales them by
     grad_output (nothing at all when it is 1). For ``reduction="none"`` no gradient is kept: the
@@ -161,8 +171,11 @@ def linear_kd_loss(
     # With a process group the option values are checked with the tensors, inside the exchange
     # (a bad value on one process must not leave the others blocked in a collective).
     options = (temperature, soft_weight, hard_weight, divergence, beta, ignore_index, reduction)
+    options += (student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap)
     options = parse(*options, who=_WHO, check_values=process_group is None)
-    return _dispatch(*tensors, options, _check_chunk_size(chunk_size), process_group)
+    _checks.check_flag("return_entropy", return_entropy)
+    chunk = _check_chunk_size(chunk_size)
+    return _dispatch(*tensors, options, chunk, process_group, return_entropy)
 
 
 def _check_tensor_types(sh, sw, th, tw, labels, sb, tb, tl) -> None:
@@ -172,12 +185,14 @@ def _check_tensor_types(sh, sw, th, tw, labels, sb, tb, tl) -> None:
     _checks.check_tensor_types(_WHO, required, optional)
 
 
-def _dispatch(sh, sw, th, tw, labels, sb, tb, tl, options: KDOptions, chunk: int, group):
+def _dispatch(
+    sh, sw, th, tw, labels, sb, tb, tl, options: KDOptions, chunk: int, group, entropy=False
+):
     if group is not None:
         from .parallel_linear import vocab_parallel_linear_kd_loss
 
         return vocab_parallel_linear_kd_loss(
-            sh, sw, th, tw, labels, sb, tb, tl, group, options, chunk
+            sh, sw, th, tw, labels, sb, tb, tl, group, options, chunk, entropy
         )
     grad_on = torch.is_grad_enabled()
     if grad_on:
@@ -191,10 +206,9 @@ def _dispatch(sh, sw, th, tw, labels, sb, tb, tl, options: KDOptions, chunk: int
     need_h = grad_on and sh.requires_grad
     need_w = grad_on and sw.requires_grad
     need_b = grad_on and sb is not None and sb.requires_grad
-    out = torch.ops.kdfused.kd_linear_loss(
-        sh, sw, sb, th, tw, tb, tl, labels, None, *options.op_args, chunk, need_h, need_w, need_b
-    )
-    return out[0]
+    args = (*options.op_args, entropy, chunk, need_h, need_w, need_b)
+    out = torch.ops.kdfused.kd_linear_loss(sh, sw, sb, th, tw, tb, tl, labels, None, *args)
+    return (out[0], out[5]) if entropy else out[0]
 
 
 class LinearKDLoss(OptionsModule):

@@ -40,8 +40,13 @@ def kd_loss(
     beta: float = 0.5,
     ignore_index: int = -100,
     reduction: str = "batchmean",
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    student_softcap: Optional[float] = None,
+    teacher_softcap: Optional[float] = None,
+    return_entropy: bool = False,
     process_group=None,
-) -> torch.Tensor:
+):
     r"""Knowledge-distillation loss (Hinton, Vinyals & Dean 2015), fused.
 
     Per row :math:`r` of the flattened leading dimensions, with :math:`T` the temperature,
@@ -82,12 +87,25 @@ def kd_loss(
             when there is none; note that ``"mean"`` is per *row*, unlike ``F.kl_div``'s per-element
             mean), ``"sum"``, or ``"none"`` (shape ``student_logits.shape[:-1]``, 0 at ignored
             rows).
+        student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap: the logit
+            transform of each side, for models whose logits are not the raw ones: from the given
+            logits :math:`x`, :math:`z = \mathrm{scale}\cdot x`, then, with a softcap :math:`c`,
+            :math:`z = c \tanh(z / c)` (Gemma 2's ``final_logit_softcapping``; Cohere's
+            ``logit_scale``, Granite's ``1 / logits_scaling``). Both terms use :math:`z`; the
+            gradients flow through the transform. A ``-inf`` logit stays ``-inf``. A scale must be
+            finite (0 and negative are accepted), a softcap ``None`` or finite and > 0
+            (``ValueError`` otherwise). Computed inside the fused kernel, per element.
+        return_entropy: also return the student's entropy per row (see Returns).
         process_group: ``None`` (the default: each call sees whole rows), or a
             ``torch.distributed`` process group (e.g. ``torch.distributed.group.WORLD``) over
             which the vocabulary is split: see "Vocabulary-parallel" below.
 
     Returns:
-        The loss: float32 for 16/32-bit inputs, float64 if either input is float64.
+        The loss: float32 for 16/32-bit inputs, float64 if either input is float64. With
+        ``return_entropy=True``, ``(loss, entropy)``: ``entropy`` has the leading shape and the
+        loss's dtype, no gradient, and holds :math:`-\sum_v q_v \log q_v` of the student's
+        tempered distribution :math:`q = \mathrm{softmax}(z_s / T)` per row (0 at ignored rows),
+        computed in the same kernel; the loss is bitwise the one without it.
 
     Masked vocabulary: a ``-inf`` column shared by student and teacher contributes nothing (never
     NaN, in the loss and in both gradients); a ``-inf`` teacher logit has probability 0 and
@@ -115,8 +133,8 @@ def kd_loss(
     whole rows, bitwise identical on every process; the gradients are this process's slices of
     the whole gradients. Communication per call: one ``all_gather`` of 8 int64 per process
     (shapes, dtypes, options and a labels checksum, so that inconsistent inputs raise the same
-    ``ValueError`` on every process instead of blocking), one ``all_gather`` of 9 floats per row
-    and process (36 bytes in float32, 72 in float64: each slice's maxima and sums), and for
+    ``ValueError`` on every process instead of blocking), one ``all_gather`` of 10 floats per row
+    and process (40 bytes in float32, 80 in float64: each slice's maxima and sums), and for
     ``"jsd"`` / ``"tvd"`` one more of 3 floats per row; none in backward. Label values outside the
     whole vocabulary raise on every process. What cannot be checked before a collective: a
     process that never calls the loss (the others block until the group's timeout). Under
@@ -134,18 +152,24 @@ def kd_loss(
     # With a process group the option values are checked with the tensors, inside the exchange
     # (a bad value on one process must not leave the others blocked in a collective).
     options = (temperature, soft_weight, hard_weight, divergence, beta, ignore_index, reduction)
+    options += (student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap)
     options = parse(*options, check_values=process_group is None)
-    return _dispatch(student_logits, teacher_logits, labels, options, process_group)
+    _checks.check_flag("return_entropy", return_entropy)
+    return _dispatch(
+        student_logits, teacher_logits, labels, options, process_group, return_entropy
+    )
 
 
-def _dispatch(student_logits, teacher_logits, labels, options: KDOptions, process_group):
+def _dispatch(
+    student_logits, teacher_logits, labels, options: KDOptions, process_group, entropy=False
+):
     if process_group is not None:
         from .parallel import vocab_parallel_kd_loss
 
         return vocab_parallel_kd_loss(
-            student_logits, teacher_logits, labels, process_group, options
+            student_logits, teacher_logits, labels, process_group, options, entropy
         )
-    return kd_loss_op(student_logits, teacher_logits, labels, options)
+    return kd_loss_op(student_logits, teacher_logits, labels, options, entropy)
 
 
 class KDLoss(OptionsModule):
@@ -213,8 +237,8 @@ class KDLossFunction(torch.autograd.Function):
             temperature, soft_weight, hard_weight, divergence, beta, ignore_index, reduction
         )
         need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        loss, *grads = _lib_ops.kd_loss(
-            student_logits, teacher_logits, labels, *options.op_args, need_s, need_t
+        loss, *grads, _entropy = _lib_ops.kd_loss(
+            student_logits, teacher_logits, labels, *options.op_args, False, need_s, need_t
         )
         # The op's saved state, as the registered autograd keeps it (_ops._setup_context).
         keep(ctx, (need_s, need_t), tuple(grads))

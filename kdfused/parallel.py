@@ -6,7 +6,7 @@ group-rank order, possibly of different sizes. No process ever has a whole row. 
 already reduce a row to a small mergeable record (maxima, sums of exponentials, cross terms:
 ``SliceStats`` in csrc/kd_math.h), so the loss needs one exchange of those records:
 
-1. ``kd_vp_stats``: each process sweeps its slice -> one record per row (9 floats);
+1. ``kd_vp_stats``: each process sweeps its slice -> one record per row (10 floats);
 2. ``all_gather`` of the records; every process merges them **in rank order** with the kernels'
    own ``merge()`` (``kd_vp_merge``): the row constants, and so the loss, are bitwise identical
    on every process, whatever the timing;
@@ -178,26 +178,35 @@ def slice_loss(
     reduction: str,
     grad_student: bool,
     grad_teacher: bool,
+    entropy: bool = False,
 ):
     """The steps of the module docstring on this process's slice; returns kd_vp_grad's
-    (loss, grad_student, grad_teacher, grad_scale). ``reduction`` overrides the options' own."""
-    opts, ignore_index = options.loss_args, options.ignore_index
-    stats = _lib_ops.kd_vp_stats(student, teacher, labels, sl.offset, sl.total, *opts, ignore_index)
+    (loss, grad_student, grad_teacher, grad_scale) and the rows' entropy (the leading shape; None
+    unless ``entropy``). ``reduction`` overrides the options' own."""
+    opts, ignore_index, lmap = options.loss_args, options.ignore_index, options.logit_map
+    stats = _lib_ops.kd_vp_stats(
+        student, teacher, labels, sl.offset, sl.total, *opts, ignore_index, lmap, entropy
+    )
     fin = _lib_ops.kd_vp_merge(
-        gather(stats, group, sl.world), labels, *opts, ignore_index, reduction
+        gather(stats, group, sl.world), labels, *opts, ignore_index, reduction, lmap, entropy
     )
     if options.mixes:
-        mix = _lib_ops.kd_vp_mix(student, teacher, labels, fin, sl.offset, *opts, ignore_index)
+        mix = _lib_ops.kd_vp_mix(
+            student, teacher, labels, fin, sl.offset, *opts, ignore_index, lmap
+        )
         fin = _lib_ops.kd_vp_merge_mix(fin, gather(mix, group, sl.world), *opts)
-    return _lib_ops.kd_vp_grad(
-        student, teacher, labels, fin, sl.offset, *opts, ignore_index, reduction,
+    loss, gs, gt, scale, _ = _lib_ops.kd_vp_grad(
+        student, teacher, labels, fin, sl.offset, *opts, ignore_index, reduction, lmap,
         grad_student, grad_teacher,
     )  # fmt: skip
+    # The whole row's entropy is in its merged record (the same on every process).
+    ent = fin[:, _C.row_final_entropy_field].reshape(student.shape[:-1]) if entropy else None
+    return loss, gs, gt, scale, ent
 
 
 class _VocabParallelKD(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student, teacher, labels, group, options):
+    def forward(ctx, student, teacher, labels, group, options, entropy):
         need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         rows = student.numel() // max(student.shape[-1], 1) if student.dim() else 1
         reduction = options.reduction
@@ -213,20 +222,25 @@ class _VocabParallelKD(torch.autograd.Function):
             "kdfused.kd_loss", group, student.device, rows, width, student, teacher, labels,
             options, local_error=local_error,
         )  # fmt: skip
-        loss, *grads = slice_loss(
-            student, teacher, labels, sl, group, options, reduction, need_s, need_t
+        loss, *grads, ent = slice_loss(
+            student, teacher, labels, sl, group, options, reduction, need_s, need_t, entropy
         )
         ctx.set_materialize_grads(False)
         keep(ctx, (need_s, need_t), tuple(grads))
-        return loss
+        if not entropy:
+            return loss
+        ctx.mark_non_differentiable(ent)
+        return loss, ent
 
     @staticmethod
-    def backward(ctx, grad_loss):
-        return backward(ctx, grad_loss, 5, "kd_loss")
+    def backward(ctx, grad_loss, *_entropy):
+        return backward(ctx, grad_loss, 6, "kd_loss")
 
 
 @torch.compiler.disable
-def vocab_parallel_kd_loss(student_logits, teacher_logits, labels, process_group, options):
+def vocab_parallel_kd_loss(
+    student_logits, teacher_logits, labels, process_group, options, entropy=False
+):
     """:func:`kdfused.kd_loss` with ``process_group`` (arguments already type-checked; the
     option values are checked here, with the tensors).
 
@@ -243,4 +257,6 @@ def vocab_parallel_kd_loss(student_logits, teacher_logits, labels, process_group
             "kdfused.kd_loss: process_group is implemented for CPU (gloo) and CUDA (nccl) tensors "
             f"only, got {student_logits.device.type}"
         )
-    return _VocabParallelKD.apply(student_logits, teacher_logits, labels, process_group, options)
+    return _VocabParallelKD.apply(
+        student_logits, teacher_logits, labels, process_group, options, entropy
+    )

@@ -3,7 +3,7 @@
 Each process holds the rows of the lm-head weight (and bias) for its contiguous slice of the
 vocabulary, in group-rank order; the hidden states and labels are replicated. Per chunk of rows:
 the slice's logits by one GEMM each (student, teacher), the vocabulary-parallel steps of
-``kdfused.parallel`` (one ``all_gather`` of 9 floats per row, plus one of 3 for jsd / tvd), then
+``kdfused.parallel`` (one ``all_gather`` of 10 floats per row, plus one of 3 for jsd / tvd), then
 ``grad_weight += g^T h`` and this slice's part of ``grad_hidden = g W``. At the end the hidden-state
 gradient parts are gathered and summed in rank order, so every process returns the whole (and
 bitwise the same) ``grad_hidden``. Extra memory: O(chunk x slice width), plus the gathered hidden
@@ -34,9 +34,10 @@ def _linear(h, w, b):
     return F.linear(h, w, b)
 
 
-def _run(args, row_weight, need_h, need_w, need_b):
+def _run(args, row_weight, need_h, need_w, need_b, entropy=False):
     """The chunk loop. row_weight: [N] factors applied to each row's logit gradient (the mean's
-    1 / n_valid, or the backward's grad_output for reduction "none"); None: loss only."""
+    1 / n_valid, or the backward's grad_output for reduction "none"); None: loss only. Returns
+    (row losses, grad_hidden, grad_weight, grad_bias, entropy or None)."""
     (sh, sw, sb, th, tw, tb, tl, labels, group, sl, options, chunk) = args
     ignore_index = options.ignore_index
     H = sh.shape[-1]
@@ -56,6 +57,7 @@ def _run(args, row_weight, need_h, need_w, need_b):
         else (torch.float32)
     )
     rows = torch.zeros(N, dtype=acc, device=sh.device)
+    ent = torch.zeros(N, dtype=acc, device=sh.device) if entropy else None  # 0 at ignored rows
     # Which chunks are all ignored, decided on the host once (one copy of the labels on CUDA).
     y_host = y.cpu() if y is not None else None
     for a in range(0, N, chunk):
@@ -65,8 +67,12 @@ def _run(args, row_weight, need_h, need_w, need_b):
             continue  # the same on every process (labels are identical): no collective skipped
         s_c = _linear(h[a:b], sw, sb)
         t_c = _linear(ht[a:b], tw, tb) if ht is not None else tlog[a:b]
-        loss_c, g, _, _ = slice_loss(s_c, t_c, y_c, sl, group, options, "none", grads, False)
+        loss_c, g, _, _, ent_c = slice_loss(
+            s_c, t_c, y_c, sl, group, options, "none", grads, False, entropy
+        )
         rows[a:b] = loss_c
+        if entropy:
+            ent[a:b] = ent_c
         if not grads:
             continue
         g = (g.to(torch.float64) * row_weight[a:b].unsqueeze(1)).to(g.dtype)
@@ -91,12 +97,13 @@ def _run(args, row_weight, need_h, need_w, need_b):
         gh,
         gw.to(sw.dtype) if gw is not None else None,
         gb.to(sb.dtype) if gb is not None else None,
+        ent.reshape(sh.shape[:-1]) if entropy else None,
     )
 
 
 class _VocabParallelLinearKD(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, sh, sw, sb, th, tw, tb, tl, labels, group, options: KDOptions, chunk):
+    def forward(ctx, sh, sw, sb, th, tw, tb, tl, labels, group, options: KDOptions, chunk, entropy):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = sb is not None and ctx.needs_input_grad[2]
         H = sh.shape[-1]
@@ -135,7 +142,7 @@ class _VocabParallelLinearKD(torch.autograd.Function):
         if any_grad and not none:
             scale = 1.0 / max(n_valid, 1) if reduction in ("mean", "batchmean") else 1.0
             weight = torch.full((N,), scale, dtype=torch.float64, device=sh.device)
-        rows, gh, gw, gb = _run(args, weight, need_h, need_w, need_b)
+        rows, gh, gw, gb, ent = _run(args, weight, need_h, need_w, need_b, entropy)
         ctx.kd_need = (need_h, need_w, need_b)
         ctx.set_materialize_grads(False)
         if none:
@@ -149,16 +156,19 @@ class _VocabParallelLinearKD(torch.autograd.Function):
             if reduction in ("mean", "batchmean"):
                 total = total / max(n_valid, 1)
             loss = total.to(rows.dtype)
-        return loss
+        if not entropy:
+            return loss
+        ctx.mark_non_differentiable(ent)
+        return loss, ent
 
     @staticmethod
-    def backward(ctx, grad_loss):
-        return backward(ctx, grad_loss, 11, "linear_kd_loss")
+    def backward(ctx, grad_loss, *_entropy):
+        return backward(ctx, grad_loss, 12, "linear_kd_loss")
 
 
 def _rerun(ctx, grad_loss):
     """Reduction "none": the chunk loop again, each row's gradient weighted by its grad_output."""
-    return _run(ctx.kd_args, grad_loss.reshape(-1).to(torch.float64), *ctx.kd_need)[1:]
+    return _run(ctx.kd_args, grad_loss.reshape(-1).to(torch.float64), *ctx.kd_need)[1:4]
 
 
 def _scaled(ctx, grad_loss):
@@ -187,6 +197,7 @@ def _C_check(sh, sw, sb, th, tw, tb, tl, labels, options: KDOptions, chunk):
         None if labels is None else labels.reshape(-1)[:0],
         None,
         *options.op_args,
+        False,
         chunk,
         False,
         False,
@@ -195,7 +206,9 @@ def _C_check(sh, sw, sb, th, tw, tb, tl, labels, options: KDOptions, chunk):
 
 
 @torch.compiler.disable
-def vocab_parallel_linear_kd_loss(sh, sw, th, tw, labels, sb, tb, tl, group, options, chunk):
+def vocab_parallel_linear_kd_loss(
+    sh, sw, th, tw, labels, sb, tb, tl, group, options, chunk, entropy=False
+):
     """:func:`kdfused.linear_kd_loss` with ``process_group`` (arguments already type-checked).
     Runs eagerly: under ``torch.compile`` a graph break (``fullgraph=True`` raises)."""
     if sh.device.type not in ("cpu", "cuda"):
@@ -206,4 +219,6 @@ def vocab_parallel_linear_kd_loss(sh, sw, th, tw, labels, sb, tb, tl, group, opt
     for name, t in (("teacher_hidden", th), ("teacher_weight", tw), ("teacher_bias", tb)):
         if t is not None and t.requires_grad and torch.is_grad_enabled():
             raise ValueError(f"kdfused.linear_kd_loss: {name} requires grad; pass {name}.detach()")
-    return _VocabParallelLinearKD.apply(sh, sw, sb, th, tw, tb, tl, labels, group, options, chunk)
+    return _VocabParallelLinearKD.apply(
+        sh, sw, sb, th, tw, tb, tl, labels, group, options, chunk, entropy
+    )

@@ -164,12 +164,12 @@ def kd_loss(
     beta: float = 0.5,
     ignore_index: int = -100,
     reduction: str = "batchmean",
-    process_group=None,
     student_logit_scale: float = 1.0,
     teacher_logit_scale: float = 1.0,
     student_softcap: Optional[float] = None,
     teacher_softcap: Optional[float] = None,
     return_entropy: bool = False,
+    process_group=None,
 ):
     """Knowledge-distillation loss, pure PyTorch (see :func:`kdfused.kd_loss` for the contract
     and this module's docstring for the formulas and rules).
@@ -197,10 +197,7 @@ def kd_loss(
     _checks.check_logit_transform(
         student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap
     )
-    if not isinstance(return_entropy, bool):
-        raise TypeError(
-            f"kdfused: return_entropy must be a bool, got {type(return_entropy).__name__}"
-        )
+    _checks.check_flag("return_entropy", return_entropy)
     _checks.check_inputs(student_logits, teacher_logits, labels, options.hard_weight)
     V = student_logits.shape[-1]
     _checks.check_label_values(labels, V, ignore_index)

@@ -155,7 +155,7 @@ def _is_cuda_fault(exc: BaseException) -> bool:
 def _loss_options(case) -> dict:
     """The case's loss options, as keywords of the functions under test."""
     names = ("temperature", "soft_weight", "hard_weight", "divergence", "beta", "ignore_index")
-    return {n: getattr(case, n) for n in names + ("reduction",)}
+    return {n: getattr(case, n) for n in names + ("reduction",)} | C.transform_options(case)
 
 
 def _judge(checks, exp, runs, names, label: str, msgs: list) -> tuple:

@@ -24,7 +24,7 @@ from ._checks import TOPK_DIVERGENCES
 from ._module import OptionsModule
 from ._options import parse
 
-_N_INPUTS = 11
+_N_INPUTS = 12
 
 
 def _check_meta(
@@ -79,7 +79,7 @@ def _check_meta(
 @torch.library.register_fake("kdfused::topk_kd_loss")
 def _topk_kd_loss_fake(student, indices, values, labels, *args):
     # args: the options in the schema's order (KDOptions.topk_args), then the gradient flag.
-    temperature, soft_weight, hard_weight, divergence, _, reduction, grad_student = args
+    temperature, soft_weight, hard_weight, divergence, _, reduction, _, grad_student = args
     tensors = (student, indices, values, labels)
     options = (temperature, soft_weight, hard_weight, divergence, reduction)
     _fake.check_if_concrete(tensors, _check_meta, *tensors, *options)
@@ -93,7 +93,7 @@ def _setup_context(ctx, inputs, output):
             "kdfused: teacher_values must not require grad: topk_kd_loss gives no "
             "teacher gradient (detach the stored teacher)"
         )
-    _backward.setup_context(ctx, output, (inputs[10],))
+    _backward.setup_context(ctx, output, (inputs[11],))
 
 
 def _backward_topk(ctx, grad_loss, _gs, _scale):
@@ -117,6 +117,10 @@ def topk_kd_loss(
     divergence: str = "kl",
     ignore_index: int = -100,
     reduction: str = "batchmean",
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    student_softcap: Optional[float] = None,
+    teacher_softcap: Optional[float] = None,
 ) -> torch.Tensor:
     r"""Distillation loss against a stored top-k teacher, fused (offline distillation).
 
@@ -147,6 +151,10 @@ def topk_kd_loss(
         temperature, soft_weight, hard_weight, divergence (``"kl"`` or ``"ce"``), ignore_index,
             reduction (``"batchmean"``/``"mean"``: sum over valid rows / their number,
             ``"sum"``, ``"none"``): as in :func:`kdfused.kd_loss`.
+        student_logit_scale, student_softcap: the student's logit transform, as in
+            :func:`kdfused.kd_loss` (in the kernel, on every student logit).
+        teacher_logit_scale, teacher_softcap: the teacher's, applied to the stored
+            ``teacher_values`` (raw logits), so a teacher stored before its transform gets it here.
 
     Returns:
         The loss: float32, or float64 if ``student_logits`` or ``teacher_values`` is float64
@@ -168,6 +176,7 @@ def topk_kd_loss(
     _check_tensor_types(student_logits, teacher_indices, teacher_values, labels)
     # beta is jsd's, which top-k does not support: the neutral default.
     options = (temperature, soft_weight, hard_weight, divergence, 0.5, ignore_index, reduction)
+    options += (student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap)
     options = parse(*options, divergences=TOPK_DIVERGENCES)
     return _call(student_logits, teacher_indices, teacher_values, labels, options)
 

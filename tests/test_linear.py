@@ -369,6 +369,8 @@ def test_opcheck(gen, device, case):
         0.5,
         -100,
         red,
+        (-1.5, 1.0, 3.0, 0.0) if case == "bf16" else (),  # logit_map: student softcap, scale
+        case == "logits_none",  # return_entropy
         3,
         need,
         need,

@@ -24,6 +24,15 @@ from kdfused._checks import check_logit_transform
 # teacher_logit_scale, student_softcap, teacher_softcap (and, for KD_IMPLS, return_entropy).
 KD_IMPLS = [pytest.param(reference.kd_loss, id="reference")]
 TOPK_IMPLS = [pytest.param(reference.topk_kd_loss, id="reference_topk")]
+try:
+    import kdfused
+
+    KD_IMPLS.append(pytest.param(kdfused.kd_loss, id="fused", marks=pytest.mark.fused_only))
+    TOPK_IMPLS.append(
+        pytest.param(kdfused.topk_kd_loss, id="fused_topk", marks=pytest.mark.fused_only)
+    )
+except ImportError:  # no extension: the reference alone
+    pass
 
 F64 = torch.float64
 DIVERGENCES = ("kl", "ce", "reverse_kl", "jsd", "tvd")

@@ -89,7 +89,7 @@ def _case_args(device, gen, shape, dtype, with_labels, T, sw, hw, div, red, gs, 
     s = make_logits(shape, dtype, device, gen).requires_grad_(gs)
     t = make_logits(shape, dtype, device, gen).requires_grad_(gt)
     labels = make_labels(shape[:-1], shape[-1], device, gen, 0.25) if with_labels else None
-    return (s, t, labels, float(T), float(sw), float(hw), div, 0.5, -100, red, gs, gt)
+    return (s, t, labels, float(T), float(sw), float(hw), div, 0.5, -100, red, (), False, gs, gt)
 
 
 @pytest.mark.parametrize("shape,dtype,with_labels,T,sw,hw,div,red,gs,gt", OPCHECK_CASES)
@@ -99,12 +99,23 @@ def test_opcheck_kd_loss(device, gen, shape, dtype, with_labels, T, sw, hw, div,
 
 
 @pytest.mark.parametrize("red", ["batchmean", "none"])
+@pytest.mark.parametrize("entropy", [False, True])
+def test_opcheck_kd_loss_transform(device, gen, red, entropy):
+    """The schema's logit_map (both sides' scales and softcaps) and return_entropy."""
+    args = list(_case_args(device, gen, (3, 19), torch.float32, True, 2.0, 0.8, 0.2, "jsd", red,
+                           True, True))  # fmt: skip
+    args[10:12] = [(-1.25, 0.5, 4.0, 0.0), entropy]
+    torch.library.opcheck(_op(), tuple(args))
+
+
+@pytest.mark.parametrize("red", ["batchmean", "none"])
 def test_opcheck_kd_scale_grads(device, gen, red):
     s = make_logits((3, 4, 20), torch.float32, device, gen)
     t = make_logits((3, 4, 20), torch.bfloat16, device, gen)
     labels = make_labels((3, 4), 20, device, gen, 0.25)
     with torch.no_grad():
-        loss, g_s, g_t, scale = _op()(s, t, labels, 2.0, 0.8, 0.2, "kl", 0.5, -100, red, True, True)
+        out = _op()(s, t, labels, 2.0, 0.8, 0.2, "kl", 0.5, -100, red, (), False, True, True)
+        loss, g_s, g_t, scale, _ = out
     go = torch.rand_like(loss) + 0.5
     torch.library.opcheck(_scale_op(), (g_s.clone(), g_t.clone(), scale, go))
 
@@ -120,7 +131,8 @@ def test_op_semantics(device, gen, seed, red, dtype):
     t = make_logits((3, 5, 40), dtype, device, gen)
     labels = make_labels((3, 5), 40, device, gen, 0.25)
     kw = dict(temperature=2.0, soft_weight=0.8, hard_weight=0.2, divergence="ce", reduction=red)
-    loss, g_s, g_t, scale = _op()(s, t, labels, 2.0, 0.8, 0.2, "ce", 0.5, -100, red, True, True)
+    out = _op()(s, t, labels, 2.0, 0.8, 0.2, "ce", 0.5, -100, red, (), False, True, True)
+    loss, g_s, g_t, scale, _ = out
     ldt = loss_dtype_for(dtype, dtype)
     go = (torch.rand(loss.shape, dtype=torch.float64) + 0.5).to(ldt).to(device)
     _scale_op()(g_s, g_t, scale, go)

@@ -503,6 +503,7 @@ def test_opcheck(device, gen, reduction, labels, grad, dtype):
         "kl",
         -100,
         reduction,
+        (0.7, 1.3, 5.0, 2.0) if reduction == "none" else (),  # logit_map
         grad,
     )
     torch.library.opcheck(torch.ops.kdfused.topk_kd_loss, args)
@@ -589,14 +590,15 @@ def test_fake_kernel_checks_shapes(gen):
         fs, fi = mode.from_tensor(s), mode.from_tensor(idx)
         fv = mode.from_tensor(vals)
         loss, gs, scale = torch.ops.kdfused.topk_kd_loss(
-            fs, fi, fv, None, 2.0, 1.0, 0.0, "kl", -100, "none", True
+            fs, fi, fv, None, 2.0, 1.0, 0.0, "kl", -100, "none", (), True
         )
         assert loss.shape == (4,) and gs.shape == s.shape and scale.shape == (4,)
         with pytest.raises(ValueError, match="teacher_values must have the shape"):
             torch.ops.kdfused.topk_kd_loss(
-                fs, fi, mode.from_tensor(short), None, 1.0, 1.0, 0.0, "kl", -100, "batchmean", False
-            )
+                fs, fi, mode.from_tensor(short), None, 1.0, 1.0, 0.0, "kl", -100, "batchmean", (),
+                False,
+            )  # fmt: skip
         with pytest.raises(ValueError, match="'kl' or 'ce'"):
             torch.ops.kdfused.topk_kd_loss(
-                fs, fi, fv, None, 1.0, 1.0, 0.0, "jsd", -100, "batchmean", False
+                fs, fi, fv, None, 1.0, 1.0, 0.0, "jsd", -100, "batchmean", (), False
             )

@@ -143,13 +143,15 @@ def _emulate(s, t, labels, widths, opts, red, grads):
     V = sum(widths)
     offs = [sum(widths[:k]) for k in range(len(widths))]
     sl = [(s[..., o : o + w], t[..., o : o + w], o) for o, w in zip(offs, widths)]
-    stats = torch.stack([ops.kd_vp_stats(a, b, labels, o, V, *opts, -100) for a, b, o in sl])
-    fin = ops.kd_vp_merge(stats, labels, *opts, -100, red)
+    stats = torch.stack(
+        [ops.kd_vp_stats(a, b, labels, o, V, *opts, -100, (), False) for a, b, o in sl]
+    )
+    fin = ops.kd_vp_merge(stats, labels, *opts, -100, red, (), False)
     div, beta = opts[3], opts[4]
     if opts[1] > 0 and div in ("jsd", "tvd") and beta not in (0.0, 1.0):
-        mix = torch.stack([ops.kd_vp_mix(a, b, labels, fin, o, *opts, -100) for a, b, o in sl])
+        mix = torch.stack([ops.kd_vp_mix(a, b, labels, fin, o, *opts, -100, ()) for a, b, o in sl])
         fin = ops.kd_vp_merge_mix(fin, mix, *opts)
-    outs = [ops.kd_vp_grad(a, b, labels, fin, o, *opts, -100, red, *grads) for a, b, o in sl]
+    outs = [ops.kd_vp_grad(a, b, labels, fin, o, *opts, -100, red, (), *grads) for a, b, o in sl]
     for o in outs[1:]:
         assert torch.equal(o[0], outs[0][0]), "the loss differs between ranks"
     gs = torch.cat([o[1] for o in outs], -1) if grads[0] else None

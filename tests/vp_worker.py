@@ -66,7 +66,21 @@ def case_table() -> dict:
     cases["linear-kl-auto-chunk"] = dict(
         div="kl", red="mean", dtype=torch.float32, linear=1, chunk=None
     )
+    # The logit transform (both sides, softcapped; tf) and the student's entropy (ent).
+    cases["transform-kl-entropy"] = dict(div="kl", red="batchmean", dtype=torch.float64, tf=1, ent=1)
+    cases["transform-jsd-teacher-grad"] = dict(div="jsd", red="mean", dtype=torch.float64, tf=1, gt=1)
+    cases["transform-tvd-f32-entropy"] = dict(div="tvd", red="sum", dtype=torch.float32, tf=1, ent=1)
+    cases["linear-transform-jsd-entropy"] = dict(
+        div="jsd", red="mean", dtype=torch.float64, linear=1, tf=1, ent=1
+    )
     return cases
+
+
+# The transform of the "tf" cases: a negative scale and a softcap on the student, a scale and a
+# softcap on the teacher (the logits reach the tanh's curved part).
+TRANSFORM = dict(
+    student_logit_scale=-1.3, teacher_logit_scale=0.8, student_softcap=4.0, teacher_softcap=3.0
+)
 
 
 def run_linear_case(name: str, c: dict, rank: int, world: int, gen: torch.Generator) -> None:
@@ -92,7 +106,9 @@ def run_linear_case(name: str, c: dict, rank: int, world: int, gen: torch.Genera
         divergence=c["div"],
         reduction=c["red"],
         chunk_size=c.get("chunk", 4),
+        **(TRANSFORM if c.get("tf") else {}),
     )
+    ent = bool(c.get("ent"))
 
     def run(Wt, bt, tWt, tbt, tlt, **kw):
         hh = h.clone().requires_grad_(True)
@@ -106,16 +122,26 @@ def run_linear_case(name: str, c: dict, rank: int, world: int, gen: torch.Genera
             loss = kdfused.linear_kd_loss(
                 hh, Wg, th, tWt, y, student_bias=bg, teacher_bias=tbt, **opts, **kw
             )
+        if ent:
+            loss, H = loss
+            assert H.grad_fn is None and H.shape == (N,)
+            entropies.append(H)
         g = torch.linspace(0.5, 2.0, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
         (loss * g).sum().backward()
         return loss.detach(), hh.grad, Wg.grad, bg.grad
 
     grp = dist.group.WORLD
+    entropies = []
+    kw_ent = dict(return_entropy=True) if ent else {}
     loss, gh, gW, gb = run(
-        W[lo:hi], b[lo:hi], tW[lo:hi], tb[lo:hi], tl_all[:, lo:hi].contiguous(), process_group=grp
-    )
-    wl, wgh, wgW, wgb = run(W, b, tW, tb, tl_all)
+        W[lo:hi], b[lo:hi], tW[lo:hi], tb[lo:hi], tl_all[:, lo:hi].contiguous(), process_group=grp,
+        **kw_ent,
+    )  # fmt: skip
+    wl, wgh, wgW, wgb = run(W, b, tW, tb, tl_all, **kw_ent)
     tol = TOL[dtype]
+    if ent:
+        torch.testing.assert_close(entropies[0], entropies[1], **tol, msg=lambda m: f"entropy: {m}")
+        assert (entropies[0][y == -100] == 0).all()
     torch.testing.assert_close(loss, wl, **tol, msg=lambda m: f"loss vs single-process: {m}")
     torch.testing.assert_close(gh, wgh, **tol, msg=lambda m: f"grad_hidden: {m}")
     torch.testing.assert_close(gW, wgW[lo:hi], **tol, msg=lambda m: f"grad_weight slice: {m}")
@@ -158,14 +184,21 @@ def run_case(name: str, c: dict, rank: int, world: int, gen: torch.Generator) ->
         divergence=c["div"],
         beta=c.get("beta", 0.5),
         reduction=c["red"],
+        **(TRANSFORM if c.get("tf") else {}),
     )
+    ent = bool(c.get("ent"))
+    entropies = []
     labels = y if opts["hard_weight"] > 0 else None
     want_gt = bool(c.get("gt"))
 
     def run(fn, s, t, **kw):
         s = s.clone().requires_grad_(True)
         t = t.clone().requires_grad_(want_gt)
-        loss = fn(s, t, labels, **opts, **kw)
+        loss = fn(s, t, labels, **opts, **kw, **({"return_entropy": True} if ent else {}))
+        if ent:
+            loss, H = loss
+            assert H.grad_fn is None and H.shape == (N,)
+            entropies.append(H.to(torch.float64))
         g = torch.linspace(0.5, 2.0, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
         if c.get("gout"):
             (loss * g).sum().backward()
@@ -191,6 +224,12 @@ def run_case(name: str, c: dict, rank: int, world: int, gen: torch.Generator) ->
     whole, wgs, wgt = run(kdfused.kd_loss, s_all, t_all)
     ref, rgs, rgt = run(reference.kd_loss, s_all.to(torch.float64), t_all.to(torch.float64))
     tol = TOL[dtype]
+    if ent:  # (parallel, single-process, float64 reference)
+        for other, what in ((entropies[1], "single-process"), (entropies[2], "reference")):
+            torch.testing.assert_close(
+                entropies[0], other, **tol, msg=lambda m: f"entropy vs {what}: {m}"
+            )
+        assert labels is None or (entropies[0][labels == -100] == 0).all()
     torch.testing.assert_close(loss, whole, **tol, msg=lambda m: f"loss vs single-process: {m}")
     torch.testing.assert_close(
         loss.to(torch.float64), ref, **tol, msg=lambda m: f"loss vs float64 reference: {m}"

@@ -18,7 +18,7 @@
 //      per-chunk factor, so the sweep costs no exp at all. 2 or 3 exps per element in total instead
 //      of the 6 of a recomputing kernel (2 for the common T = 1 and T = 2 even with the hard term);
 //      jsd adds a log per element in each of sweeps 2b and 3.
-// The per-element maths is kd_math.h's, instantiated on at::vec vectors through Ew<> (below).
+// The per-element maths is kd_math.h's, instantiated on at::vec vectors through Ew<> (kd_vec_cpu.h).
 //
 // Size: one kernel with its per-thread scratch, chunk helpers and the row-splitting path, kept
 // together because the three sweeps share their buffers.
@@ -54,24 +54,6 @@ using at::vec::Vectorized;
 }  // namespace CPU_CAPABILITY
 }  // namespace kdfused::cpu
 
-namespace kdfused {
-// kd_math.h's element-wise primitives on at::vec vectors: the per-element functions of kd_math.h
-// (accumulate_at, mix_at, grad_at) run here on whole vectors. Masks are all-ones lanes.
-template <typename A>
-struct Ew<at::vec::CPU_CAPABILITY::Vectorized<A>> {
-  using X = at::vec::CPU_CAPABILITY::Vectorized<A>;
-  using M = X;
-  static X exp(const X& x) { return cpu::CPU_CAPABILITY::vexp(x); }
-  static X log(const X& x) { return x.log(); }
-  static X tanh(const X& x) { return x.tanh(); }
-  static X abs(const X& x) { return x.abs(); }
-  static X max(const X& a, const X& b) { return at::vec::maximum(a, b); }
-  static M gt(const X& a, const X& b) { return a > b; }
-  static M eq(const X& a, const X& b) { return a == b; }
-  static X where(const M& m, const X& a, const X& b) { return X::blendv(b, a, m); }
-  static X splat(A a) { return X(a); }
-};
-}  // namespace kdfused
 
 namespace kdfused::cpu {
 inline namespace CPU_CAPABILITY {
@@ -99,11 +81,12 @@ inline void finish_chunk(const A* buf, S* dst, int64_t n) {
 template <typename S, typename T, typename A>
 struct ChunkBufs {
   std::vector<A> s, t, gs, gt;
-  ChunkBufs(int64_t V, bool soft, bool want_gs, bool want_gt) {
+  // map_s / map_t: that side's logits are transformed (chunk_z), always into the buffer.
+  ChunkBufs(int64_t V, bool soft, bool want_gs, bool want_gt, bool map_s, bool map_t) {
     constexpr int64_t W = Vectorized<A>::size();
     const int64_t n = (std::min(kChunk, V) + W - 1) / W * W + W;
-    if (!std::is_same_v<S, A>) s.resize(n);
-    if (!std::is_same_v<T, A> && soft) t.resize(n);
+    if (!std::is_same_v<S, A> || map_s) s.resize(n);
+    if ((!std::is_same_v<T, A> || map_t) && soft) t.resize(n);
     if (!std::is_same_v<S, A> && want_gs) gs.resize(n);
     if (!std::is_same_v<T, A> && want_gt) gt.resize(n);
   }
@@ -257,6 +240,9 @@ struct RowKernel {
   // kl / ce student gradients need only the probabilities; everything else also needs the
   // logits' differences to the maxima, re-read from the (cached) chunk.
   const bool grad_logits;
+  // The student's transformed logits in the gradient sweep: for grad_at, or for the transform's
+  // slope (dz/dx) of the student gradient.
+  const bool grad_zs;
   const bool keep;  // the exponentials are needed after the statistics sweep
 
   KD_FLATTEN
@@ -269,11 +255,12 @@ struct RowKernel {
         any_grad(cfg.want_gs || cfg.want_gt),
         grad_logits(cfg.want_gt || (cfg.want_gs && cfg.soft && cfg.div != Divergence::KL &&
                                     cfg.div != Divergence::CE)),
+        grad_zs(grad_logits || (cfg.want_gs && cfg.map_s.on)),
         keep(any_grad || cfg.mix) {}
 
   RowBufs<A> row_bufs(bool split) const { return RowBufs<A>(V, cfg.soft, keep_h, keep, split); }
   ChunkBufs<S, T, A> chunk_bufs() const {
-    return ChunkBufs<S, T, A>(V, cfg.soft, cfg.want_gs, cfg.want_gt);
+    return ChunkBufs<S, T, A>(V, cfg.soft, cfg.want_gs, cfg.want_gt, cfg.map_s.on, cfg.map_t.on);
   }
 
   Row row(int64_t r) const {
@@ -302,6 +289,7 @@ struct RowKernel {
       return;
     }
     if (p.phase == Phase::Full) static_cast<A*>(p.row_loss)[r] = A(0);
+    if (p.phase == Phase::Full && p.entropy) static_cast<A*>(p.entropy)[r] = A(0);
     if (w.gs) std::fill(w.gs, w.gs + V, S(0));
     if (w.gt) std::fill(w.gt, w.gt + V, T(0));
   }
@@ -323,8 +311,8 @@ struct RowKernel {
     // alias the exponential stores and would be reloaded for every vector).
     const RowConfig<A> cfg = this->cfg;
     const auto [c0, n, nv] = span(c);
-    const A* xs = chunk_as(w.s + c0, cb.s.data(), n);
-    const A* xt = cfg.soft ? chunk_as(w.t + c0, cb.t.data(), n) : nullptr;
+    const A* xs = chunk_z(w.s + c0, cb.s.data(), n, cfg.map_s);
+    const A* xt = cfg.soft ? chunk_z(w.t + c0, cb.t.data(), n, cfg.map_t) : nullptr;
 
     Vec vms(-kd_inf<A>()), vmt(-kd_inf<A>());
     for (int64_t i = 0; i < nv; i += W) {
@@ -366,14 +354,21 @@ struct RowKernel {
     if (cfg.need_cx) cs.cx = hsum(vs.cx);
     if (cfg.need_ch) cs.ch = hsum(vs.ch);
     if (cfg.need_cr) cs.cr = hsum(vs.cr);
+    if (cfg.need_hq) cs.hq = hsum(vs.hq);
     return cs;
   }
 
   // ---- 2. the row's loss, from its merged statistics -----------------------------------------
   KD_FLATTEN
   Fin finalize_row(const Row& w, const RowState<A>& st) const {
-    const A s_label = cfg.hard ? static_cast<A>(w.s[w.y]) : A(0);
+    const A s_label = cfg.hard ? label_z(w) : A(0);
     return finalize_row_final(st, cfg, s_label, static_cast<A>(p.grad_scale));
+  }
+
+  // The student's (transformed) logit at the label, w.y in [0, V).
+  A label_z(const Row& w) const {
+    const A x = static_cast<A>(w.s[w.y]);
+    return cfg.map_s.on ? map_logit(x, cfg.map_s) : x;
   }
 
   // Vocabulary-parallel steps: what a slice's merged statistics become. Returns true when the
@@ -383,7 +378,7 @@ struct RowKernel {
     if (p.phase == Phase::Stats) {
       SliceStats<A>& out = static_cast<SliceStats<A>*>(p.slice_stats)[r];
       out.st = st;
-      out.s_label = (cfg.hard && w.y >= 0 && w.y < V) ? static_cast<A>(w.s[w.y]) : A(0);
+      out.s_label = (cfg.hard && w.y >= 0 && w.y < V) ? label_z(w) : A(0);
       return true;
     }
     f = static_cast<const Fin*>(p.row_final)[r];
@@ -410,8 +405,8 @@ struct RowKernel {
     const RowConfig<A> cfg = this->cfg;
     const RowResult<A> res = f.res;
     const auto [c0, n, nv] = span(c);
-    const A* xs = chunk_as(w.s + c0, cb.s.data(), n);
-    const A* xt = chunk_as(w.t + c0, cb.t.data(), n);
+    const A* xs = chunk_z(w.s + c0, cb.s.data(), n, cfg.map_s);
+    const A* xt = chunk_z(w.t + c0, cb.t.data(), n, cfg.map_t);
     const A* ea = rb.ea + c0;
     const A* eb = rb.eb + c0;
     const Vec ms(res.ms), mt(res.mt);
@@ -443,8 +438,11 @@ struct RowKernel {
     const A* ea = rb.ea + c0;
     const A* eb = cfg.soft ? rb.eb + c0 : nullptr;
     const A* eh = keep_h ? rb.eh + c0 : ea;
-    const A* xs = grad_logits ? chunk_as(w.s + c0, cb.s.data(), n) : nullptr;
-    const A* xt = grad_logits ? chunk_as(w.t + c0, cb.t.data(), n) : nullptr;
+    const A* xs = grad_zs ? chunk_z(w.s + c0, cb.s.data(), n, cfg.map_s) : nullptr;
+    const A* xt = grad_logits ? chunk_z(w.t + c0, cb.t.data(), n, cfg.map_t) : nullptr;
+    // The transform's slope (dz/dx) multiplies each gradient (after the hard term's label part).
+    const bool slope_s = cfg.want_gs && cfg.map_s.on;
+    const bool slope_t = cfg.want_gt && cfg.map_t.on;
     A* outs = cfg.want_gs ? grad_chunk(w.gs + c0, cb.gs.data()) : nullptr;
     A* outt = cfg.want_gt ? grad_chunk(w.gt + c0, cb.gt.data()) : nullptr;
     for (int64_t i = 0; i < nv; i += W) {
@@ -453,15 +451,21 @@ struct RowKernel {
       const Vec pr = cfg.soft ? Vec::loadu(eb + i) * fb : zero;
       Vec h = zero;
       if (cfg.hard) h = (cfg.square_h ? e_a * e_a : Vec::loadu(eh + i)) * fh;
-      const Vec ds = xs ? load_chunk(xs, i, n) - ms : zero;
-      const Vec dt = xt ? load_chunk(xt, i, n) - mt : zero;
+      const Vec zs = xs ? load_chunk(xs, i, n) : zero;
+      const Vec zt = xt ? load_chunk(xt, i, n) : zero;
+      const Vec ds = grad_logits ? zs - ms : zero;
+      const Vec dt = xt ? zt - mt : zero;
       Vec g_s, g_t;
       grad_at(res, cfg, ds, dt, q, pr, h, g_s, g_t);
+      if (slope_s) g_s = g_s * map_slope(zs, cfg.map_s);
+      if (slope_t) g_t = g_t * map_slope(zt, cfg.map_t);
       if (outs) store_chunk(g_s, outs, i, n);
       if (outt) store_chunk(g_t, outt, i, n);
     }
     if (outs) {
-      if (cfg.hard && w.y >= c0 && w.y < c0 + n) outs[w.y - c0] -= res.kh;
+      if (cfg.hard && w.y >= c0 && w.y < c0 + n) {
+        outs[w.y - c0] -= slope_s ? res.kh * map_slope(xs[w.y - c0], cfg.map_s) : res.kh;
+      }
       finish_chunk(outs, w.gs + c0, n);
     }
     if (outt) finish_chunk(outt, w.gt + c0, n);
@@ -471,6 +475,7 @@ struct RowKernel {
   // when the gradient sweep follows.
   bool store_row(int64_t r, const Row& w, const Fin& f) const {
     if (p.phase == Phase::Full) static_cast<A*>(p.row_loss)[r] = f.res.loss;
+    if (p.phase == Phase::Full && p.entropy) static_cast<A*>(p.entropy)[r] = f.res.entropy;
     if (cfg.zero_gt) std::fill(w.gt, w.gt + V, T(0));
     return any_grad;
   }

@@ -49,12 +49,22 @@ void scalar_rows(const KDParams& p, int64_t begin, int64_t end) {
         continue;
       }
       if (p.phase == Phase::Full) row_loss[r] = A(0);
+      if (p.phase == Phase::Full && p.entropy) static_cast<A*>(p.entropy)[r] = A(0);
       if (gsrow) std::fill(gsrow, gsrow + V, S(0));
       if (gtrow) std::fill(gtrow, gtrow + V, T(0));
       continue;
     }
-    auto s_at = [&](int64_t i) { return static_cast<A>(srow[i]); };
-    auto t_at = [&](int64_t i) { return cfg.soft ? static_cast<A>(trow[i]) : A(0); };
+    // The logits as every formula reads them: transformed (map_logit) when the side's map is on,
+    // as the CUDA kernels' Map instantiations do per element.
+    auto s_at = [&](int64_t i) {
+      const A x = static_cast<A>(srow[i]);
+      return cfg.map_s.on ? map_logit(x, cfg.map_s) : x;
+    };
+    auto t_at = [&](int64_t i) {
+      if (!cfg.soft) return A(0);
+      const A x = static_cast<A>(trow[i]);
+      return cfg.map_t.on ? map_logit(x, cfg.map_t) : x;
+    };
 
     // 1. statistics: lanes, vectors, then the tail.
     RowState<A> lane[kLanes];
@@ -100,16 +110,20 @@ void scalar_rows(const KDParams& p, int64_t begin, int64_t end) {
       finalize_mix(res, mx, cfg);
     }
     if (p.phase == Phase::Full) row_loss[r] = res.loss;
+    if (p.phase == Phase::Full && p.entropy) static_cast<A*>(p.entropy)[r] = res.entropy;
     if (cfg.zero_gt) std::fill(gtrow, gtrow + V, T(0));
 
     // 3. gradients.
     if (!cfg.want_gs && !cfg.want_gt) continue;
     for (int64_t i = 0; i < V; ++i) {
-      const A ds = s_at(i) - res.ms, dt = t_at(i) - res.mt;
+      const A zs = s_at(i), zt = t_at(i);
+      const A ds = zs - res.ms, dt = zt - res.mt;
       A q, pr, h, gs, gt;
       probs_at(res, cfg, ds, dt, q, pr, h);
       grad_at(res, cfg, ds, dt, q, pr, h, gs, gt);
       if (i == y) gs -= res.kh;
+      if (cfg.map_s.on) gs *= map_slope(zs, cfg.map_s);
+      if (cfg.map_t.on) gt *= map_slope(zt, cfg.map_t);
       if (gsrow) gsrow[i] = static_cast<S>(gs);
       if (cfg.want_gt) gtrow[i] = static_cast<T>(gt);
     }

@@ -7,10 +7,31 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
 #include "../kd_math.h"
+#include "kd_vexp.h"
+
+namespace kdfused {
+// kd_math.h's element-wise primitives on at::vec vectors: the per-element functions of kd_math.h
+// (accumulate_at, mix_at, grad_at) run here on whole vectors. Masks are all-ones lanes.
+template <typename A>
+struct Ew<at::vec::CPU_CAPABILITY::Vectorized<A>> {
+  using X = at::vec::CPU_CAPABILITY::Vectorized<A>;
+  using M = X;
+  static X exp(const X& x) { return cpu::CPU_CAPABILITY::vexp(x); }
+  static X log(const X& x) { return x.log(); }
+  static X tanh(const X& x) { return x.tanh(); }
+  static X abs(const X& x) { return x.abs(); }
+  static X max(const X& a, const X& b) { return at::vec::maximum(a, b); }
+  static M gt(const X& a, const X& b) { return a > b; }
+  static M eq(const X& a, const X& b) { return a == b; }
+  static X where(const M& m, const X& a, const X& b) { return X::blendv(b, a, m); }
+  static X splat(A a) { return X(a); }
+};
+}  // namespace kdfused
 
 namespace kdfused::cpu {
 inline namespace CPU_CAPABILITY {
@@ -52,6 +73,23 @@ inline const A* chunk_as(const S* src, A* buf, int64_t n) {
     at::vec::convert(src, buf, n);
     return buf;
   }
+}
+
+// n elements of an input as the kernels read them: in the accumulation type and, when the side's
+// logit transform is on, transformed (kd_math.h map_logit) into buf, once per chunk and sweep.
+// With the transform off this is chunk_as (one branch per chunk: the plain call's loops are
+// untouched).
+template <typename S, typename A>
+inline const A* chunk_z(const S* src, A* buf, int64_t n, const LogitMap<A>& m) {
+  if (!m.on) return chunk_as(src, buf, n);
+  constexpr int64_t W = Vectorized<A>::size();
+  const A* x = chunk_as(src, buf, n);  // (in place in buf for a converted input)
+  for (int64_t i = 0; i < n; i += W) {
+    const int64_t k = std::min<int64_t>(W, n - i);
+    const Vectorized<A> z = map_logit(Vectorized<A>::loadu(x + i, k), m);
+    z.store(buf + i, k);
+  }
+  return buf;
 }
 
 // Vector i of a chunk of n elements. Lanes past n read as -inf: exp(-inf) = 0, maxima ignore them

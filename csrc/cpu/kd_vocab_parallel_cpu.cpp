@@ -169,7 +169,7 @@ KDOutputs vp_grad(const at::Tensor& student, const at::Tensor& teacher,
   at::Tensor loss = row_final.scalar_type() == at::kDouble
                         ? reduce_final<double>(row_final, opt.reduction, lead, scale)
                         : reduce_final<float>(row_final, opt.reduction, lead, scale);
-  return {loss, prep.grad_student, prep.grad_teacher, at::ones_like(loss)};
+  return {loss, prep.grad_student, prep.grad_teacher, at::ones_like(loss), prep.entropy};
 }
 
 }  // namespace

@@ -434,7 +434,7 @@ KDOutputs vp_grad(const at::Tensor& student, const at::Tensor& teacher,
   if (prep.teacher.scalar_type() != teacher.scalar_type()) {
     prep.grad_teacher = prep.grad_teacher.to(teacher.scalar_type());
   }
-  return {loss, prep.grad_student, prep.grad_teacher, at::ones_like(loss)};
+  return {loss, prep.grad_student, prep.grad_teacher, at::ones_like(loss), prep.entropy};
 }
 
 }  // namespace

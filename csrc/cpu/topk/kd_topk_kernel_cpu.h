@@ -21,7 +21,10 @@
 //      dense part sw T q + hw softmax(s) written chunk by chunk, the sparse parts (-sw T p_j at the
 //      indices, sorted once per row, and -hw at the label) added to the chunk before it is
 //      converted to the student's dtype (one rounding).
-// One exp per element (two for the hard term at T != 1, 2).
+// One exp per element (two for the hard term at T != 1, 2). With the student's logit transform
+// (kd_math.h LogitMap) every student logit read is map_logit's z (chunk_z, and at the indices and
+// the label), and the gradient sweep multiplies each finished chunk by the slope dz/dx; the
+// teacher's transform is applied to the stored values by the host.
 #pragma once
 
 #include "../kd_cpu_dispatch.h"
@@ -51,7 +54,7 @@ using topk::TopKParams;
 
 // The vector building blocks (kd_vec_cpu.h) and the exponential (kd_vexp.h, x <= 0) shared with
 // the fused kernel, compiled for this instruction set.
-using cpu::chunk_as;
+using cpu::chunk_z;
 using cpu::hmax;
 using cpu::hsum;
 using cpu::kChunk;
@@ -91,22 +94,20 @@ class Buf {
 template <typename A>
 struct Scratch {
   int64_t n_chunks;
-  Buf<A> s;                    // one chunk of the student converted (when S != A)
+  Buf<A> s;                    // one chunk of the student converted (S != A) or transformed
   Buf<A> ea, eh;               // the row's exponentials (when not kept in the output)
   Buf<A> g;                    // one chunk of gradient before conversion (when S != A)
   Buf<A> cm, cza, czh;         // each chunk's maximum and sums
   std::vector<Entry> entries;  // the row's teacher entries, sorted by index
 
-  Scratch(int64_t V, int64_t k, bool convert, bool keep_a, bool keep_h) {
+  Scratch(int64_t V, int64_t k, bool convert, bool keep_a, bool keep_h, bool map) {
     constexpr int64_t W = Vectorized<A>::size();
     n_chunks = (V + kChunk - 1) / kChunk;
     cm.resize(n_chunks);
     cza.resize(n_chunks);
     czh.resize(n_chunks);
-    if (convert) {
-      s.resize(kChunk + W);
-      g.resize(kChunk + W);
-    }
+    if (convert || map) s.resize(kChunk + W);
+    if (convert) g.resize(kChunk + W);
     if (keep_a && convert) ea.resize(V + W);
     if (keep_h) eh.resize(V + W);
     entries.resize(k);
@@ -133,7 +134,13 @@ void topk_rows(const TopKParams& p, int64_t begin, int64_t end) {
   // At T = 2, exp(s - m) = exp((s - m)/2)^2: a multiply instead of an exp (and no stored copy).
   const bool square_h = need_h && p.temperature == 2.0;
   const bool keep_h = need_h && !square_h && want_g;
-  Scratch<A> sc(V, K, convert, want_g, keep_h);
+  const LogitMap<A> map = make_logit_map<A>(p.student_scale, p.student_softcap);
+  Scratch<A> sc(V, K, convert, want_g, keep_h, map.on);
+  // The student's logit at column i, as every formula reads it (transformed when the map is on).
+  auto z_at = [&](const S* row, int64_t i) {
+    const A x = static_cast<A>(row[i]);
+    return map.on ? map_logit(x, map) : x;
+  };
 
   const S* s_base = static_cast<const S*>(p.student);
   const A* v_base = static_cast<const A*>(p.values);
@@ -168,7 +175,7 @@ void topk_rows(const TopKParams& p, int64_t begin, int64_t end) {
     for (int64_t c = 0; c < sc.n_chunks; ++c) {
       const int64_t c0 = c * kChunk;
       const int64_t n = std::min(kChunk, V - c0);
-      const A* xs = chunk_as(srow + c0, sc.s.data(), n);
+      const A* xs = chunk_z(srow + c0, sc.s.data(), n, map);
       Vec vm(-kd_inf<A>());
       for (int64_t i = 0; i < n; i += W) vm = at::vec::maximum(vm, load_chunk(xs, i, n));
       const A cm = hmax(vm);
@@ -212,12 +219,12 @@ void topk_rows(const TopKParams& p, int64_t begin, int64_t end) {
       for (int64_t j = 0; j < K; ++j) {
         const A e = topk::teacher_weight(vv[j], mv, inv_t);
         zb += e;
-        terms += topk::teacher_term(e, vv[j], mv, static_cast<A>(srow[ix[j]]), ms, inv_t, ce);
+        terms += topk::teacher_term(e, vv[j], mv, z_at(srow, ix[j]), ms, inv_t, ce);
         if (want_g) sc.entries[j] = Entry{ix[j], static_cast<double>(e)};
       }
       loss += sw * temp * temp * topk::divergence(terms, zb, log_za, ce);
     }
-    if (hard) loss += hw * topk::hard_term(log_zh, static_cast<A>(srow[y]), ms);
+    if (hard) loss += hw * topk::hard_term(log_zh, z_at(srow, y), ms);
     row_loss[r] = loss;
     if (!want_g) continue;
 
@@ -260,6 +267,13 @@ void topk_rows(const TopKParams& p, int64_t begin, int64_t end) {
         out[en.idx - c0] += topk::grad_teacher_part(coef, static_cast<A>(en.weight), zb);
       }
       if (hard && y >= c0 && y < c0 + n) out[y - c0] -= coef.kh;
+      if (map.on) {
+        // d/dx = d/dz * dz/dx, on the finished chunk (dense and sparse parts); z again from x.
+        const A* zs = chunk_z(srow + c0, sc.s.data(), n, map);
+        for (int64_t i = 0; i < n; i += W) {
+          store_chunk(load_chunk(out, i, n) * map_slope(load_chunk(zs, i, n), map), out, i, n);
+        }
+      }
       if constexpr (convert) at::vec::convert(out, grow + c0, n);
     }
   }
