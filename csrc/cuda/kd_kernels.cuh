@@ -543,12 +543,13 @@ __device__ __forceinline__ A label_logit(const S* srow, int64_t y, int64_t V, bo
   return (y >= 0 && y < V) ? map_in<Map>(to_acc<A>(srow[y]), m) : A(NAN);
 }
 
-// The row's outputs at row r: its loss, and with p.entropy the student's entropy (0 for an
-// ignored row, as its loss).
+// The outputs of row r: its loss, and where asked (KDParams::entropy) the student's entropy (0 for
+// an ignored row, as its loss).
 template <typename A>
-__device__ __forceinline__ void store_row(const KDParams& p, int64_t r, A loss, A entropy) {
-  static_cast<A*>(p.row_loss)[r] = loss;
-  if (p.entropy) static_cast<A*>(p.entropy)[r] = entropy;
+__device__ __forceinline__ void store_row(A* row_loss, A* entropy_out, int64_t r, A loss,
+                                          A entropy) {
+  row_loss[r] = loss;
+  if (entropy_out) entropy_out[r] = entropy;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -566,6 +567,8 @@ __global__ void __launch_bounds__(kWarpBlockThreads, kWarpMinBlocksPerSM)
   const RowConfig<A> cfg = specialise<F>(a.cfg);
   const bool read_t = cfg.soft;
   const int64_t V = p.vocab;
+  A* row_loss = static_cast<A*>(p.row_loss);
+  A* entropy = static_cast<A*>(p.entropy);
 
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize;
        r < p.n_rows; r += warps_total) {
@@ -573,7 +576,7 @@ __global__ void __launch_bounds__(kWarpBlockThreads, kWarpMinBlocksPerSM)
     T* gtrow = p.grad_teacher ? static_cast<T*>(p.grad_teacher) + r * V : nullptr;
     int64_t y;
     if (!row_label(p, r, y, lane == 0)) {
-      if (lane == 0) store_row(p, r, A(0), A(0));
+      if (lane == 0) store_row(row_loss, entropy, r, A(0), A(0));
       if (gsrow) zero_range(gsrow, V, lane, kWarpSize);
       if (gtrow) zero_range(gtrow, V, lane, kWarpSize);
       continue;
@@ -595,7 +598,7 @@ __global__ void __launch_bounds__(kWarpBlockThreads, kWarpMinBlocksPerSM)
           mix_sweep<S, T, A, W, Map>(srow, trow, g, lane, kWarpSize, res, cfg, nullptr, nullptr);
       finalize_mix(res, shfl_from(warp_sum_mix(mx), 0), cfg);
     }
-    if (lane == 0) store_row(p, r, res.loss, res.entropy);
+    if (lane == 0) store_row(row_loss, entropy, r, res.loss, res.entropy);
     if (cfg.zero_gt) zero_range(gtrow, V, lane, kWarpSize);
     if (cfg.want_gs || cfg.want_gt) {
       grad_sweep<S, T, A, W, F, Map>(srow, trow, read_t, gsrow, cfg.want_gt ? gtrow : nullptr, g,
@@ -652,6 +655,8 @@ __global__ void __launch_bounds__(kBlockThreads,
   const RowConfig<A> cfg = specialise<F>(a.cfg);
   const bool read_t = cfg.soft;
   const int64_t V = p.vocab;
+  A* row_loss = static_cast<A*>(p.row_loss);
+  A* entropy = static_cast<A*>(p.entropy);
   uint4* stage_s = a.stage ? kd_stage : nullptr;
   uint4* stage_t = a.stage ? kd_stage + a.chunk * WS::kWords : nullptr;
   const bool stats_here = a.mode != Mode::Phase2;
@@ -676,7 +681,7 @@ __global__ void __launch_bounds__(kBlockThreads,
     // cluster barriers below stay matched.
     if (!row_label(p, r, y, tid == 0 && rank == 0 && a.mode != Mode::Phase2)) {
       if (a.mode != Mode::Phase1) {
-        if (tid == 0 && rank == 0) store_row(p, r, A(0), A(0));
+        if (tid == 0 && rank == 0) store_row(row_loss, entropy, r, A(0), A(0));
         if (gsrow) zero_range(gsrow + g.lo, g.hi - g.lo, tid, kBlockThreads);
         if (gtrow) zero_range(gtrow + g.lo, g.hi - g.lo, tid, kBlockThreads);
       }
@@ -760,7 +765,7 @@ __global__ void __launch_bounds__(kBlockThreads,
       if (tid == 0) finalize_mix(row_res, mx, cfg);
       __syncthreads();
     }
-    if (tid == 0 && rank == 0) store_row(p, r, row_res.loss, row_res.entropy);
+    if (tid == 0 && rank == 0) store_row(row_loss, entropy, r, row_res.loss, row_res.entropy);
     if (cfg.zero_gt && a.mode != Mode::Phase1) {
       zero_range(gtrow + g.lo, g.hi - g.lo, tid, kBlockThreads);
     }

@@ -78,9 +78,11 @@ constexpr int64_t kVpMaxGrid = int64_t(1) << 22;  // grid cap; the kernels grid-
 
 // Student / teacher logit of column i as the accumulation type, after its side's transform m
 // (kd_kernels.cuh map_in: compiled only with Map, as in the fused kernels) (the teacher only with
-// the soft term, as the CPU path: 0 otherwise, never read).
+// the soft term, as the CPU path: 0 otherwise, never read). Why m by value: a reference into the
+// kernel's by-value cfg parameter, even one that is never used (Map = false), changes how the
+// compiler optimises the kernel's loops (the plain grad kernel lost its unswitched loops).
 template <bool Map, typename A, typename X>
-__device__ __forceinline__ A logit_at(const X* row, int64_t i, const LogitMap<A>& m) {
+__device__ __forceinline__ A logit_at(const X* row, int64_t i, const LogitMap<A> m) {
   return map_in<Map>(to_acc<A>(row[i]), m);
 }
 
@@ -186,16 +188,21 @@ __global__ void __launch_bounds__(kVpThreads)
     const int64_t y = p.labels != nullptr ? y_raw - p.vocab_offset : -1;
     for (int64_t i = tid; i < V; i += kVpThreads) {
       const A s = logit_at<Map>(srow, i, cfg.map_s);
-      const A t = cfg.soft ? logit_at<Map>(trow, i, cfg.map_t) : A(0);
       const A ds = s - res.ms;
+      const A t = cfg.soft ? logit_at<Map>(trow, i, cfg.map_t) : A(0);
       const A dt = t - res.mt;
       A q, pr, h, gs, gt;
       probs_at(res, cfg, ds, dt, q, pr, h);
       grad_at(res, cfg, ds, dt, q, pr, h, gs, gt);
       if (i == y) gs -= res.kh;
       // w.r.t. the raw logits: after the label's -kh (part of the gradient w.r.t. z).
-      if (gsrow != nullptr) gsrow[i] = from_acc<S>(map_out<Map>(gs, s, cfg.map_s));
-      if (cfg.want_gt) gtrow[i] = from_acc<T>(map_out<Map>(gt, t, cfg.map_t));
+      if constexpr (Map) {  // (not map_out(..., cfg.map_s): see logit_at)
+        const LogitMap<A> ms = cfg.map_s, mt = cfg.map_t;
+        gs = map_out<Map>(gs, s, ms);
+        gt = map_out<Map>(gt, t, mt);
+      }
+      if (gsrow != nullptr) gsrow[i] = from_acc<S>(gs);
+      if (cfg.want_gt) gtrow[i] = from_acc<T>(gt);
     }
   }
 }
