@@ -1,9 +1,9 @@
-// kd_fused_run.cuh -- the definition of run_fused_kernels<S, T, A, F> (kd_fused_run.h): the plan
-// choice and the launch of the fused kernels. Included only by the generated instantiation files
-// (csrc/cuda/instantiations/), each of which instantiates it, and so its two kernels, for one
-// (dtype pair, family); the type-independent host helpers are in kd_fused_host.cu. No ATen
-// header here: parsing them would cost each of the 16 files more than its kernels (the device,
-// stream and workspace come through kd_fused_host.h).
+// kd_fused_run.cuh -- the definition of run_fused_kernels<S, T, A, F, Map> (kd_fused_run.h): the
+// plan choice and the launch of the fused kernels. Included only by the generated instantiation
+// files (csrc/cuda/instantiations/), each of which instantiates it, and so its two kernels, for one
+// (dtype pair, family, transform switch); the type-independent host helpers are in
+// kd_fused_host.cu. No ATen header here: parsing them would cost each of the 32 files more than its
+// kernels (the device, stream and workspace come through kd_fused_host.h).
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
@@ -25,7 +25,7 @@ namespace kdfused::cuda {
 // Grid caps: the kernels loop over rows (grid-stride), so any N works with a bounded grid.
 constexpr int64_t kMaxGridRows = int64_t(1) << 22;
 
-template <typename S, typename T, typename A, DivFamily F>
+template <typename S, typename T, typename A, DivFamily F, bool Map>
 void run_fused_kernels(const KDParams& p, KernelArgs<A> a) {
   constexpr int W = vec_elems<S, T>();
   const LaunchContext ctx = current_launch_context();
@@ -35,7 +35,7 @@ void run_fused_kernels(const KDParams& p, KernelArgs<A> a) {
   const RowConfig<A>& cfg = a.cfg;
   const bool any_grad = cfg.want_gs || cfg.want_gt;
 
-  auto block_kernel = &kd_block_kernel<S, T, A, F>;
+  auto block_kernel = &kd_block_kernel<S, T, A, F, Map>;
   const void* block_kernel_ptr = reinterpret_cast<const void*>(block_kernel);
   KernelFacts& facts = kernel_facts(block_kernel_ptr, device, *prop);
   auto plan_for = [&](int max_cluster) {
@@ -61,7 +61,7 @@ void run_fused_kernels(const KDParams& p, KernelArgs<A> a) {
   if (plan.kind == Kind::Warp) {
     const int64_t blocks =
         std::min<int64_t>((p.n_rows + kWarpsPerBlock - 1) / kWarpsPerBlock, kMaxGridRows);
-    kd_warp_kernel<S, T, A, F>
+    kd_warp_kernel<S, T, A, F, Map>
         <<<static_cast<unsigned>(blocks), kWarpBlockThreads, 0, stream>>>(p, a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
@@ -107,6 +107,6 @@ void run_fused_kernels(const KDParams& p, KernelArgs<A> a) {
 
 }  // namespace kdfused::cuda
 
-// The explicit instantiation of one (S, T, A, F), as the generated files write it.
-#define KDFUSED_INSTANTIATE_FUSED(S, T, A, F) \
-  template void run_fused_kernels<S, T, A, F>(const KDParams&, KernelArgs<A>)
+// The explicit instantiation of one (S, T, A, F, Map), as the generated files write it.
+#define KDFUSED_INSTANTIATE_FUSED(S, T, A, F, Map) \
+  template void run_fused_kernels<S, T, A, F, Map>(const KDParams&, KernelArgs<A>)

@@ -117,6 +117,35 @@ __device__ __forceinline__ bool aligned16(const void* p) {
   return (reinterpret_cast<uintptr_t>(p) & (kVecBytes - 1)) == 0;
 }
 
+// The logit transform (kd_math.h LogitMap). Map is a compile-time switch of the fused kernels:
+// with Map = false these are the identity and compile to nothing, so a call without a transform
+// runs the kernels it ran before the transform existed. With Map, a side whose map is off (a
+// uniform runtime test) is not touched either. map_in: z of a raw logit, applied to every logit
+// right after its load, before any other use; map_out: a gradient w.r.t. z times dz/dx.
+template <bool Map, typename A>
+__device__ __forceinline__ A map_in(A x, const LogitMap<A>& m) {
+  if constexpr (Map) {
+    if (m.on) return map_logit(x, m);
+  }
+  return x;
+}
+template <bool Map, typename A, int W>
+__device__ __forceinline__ void map_in_vec(A (&x)[W], const LogitMap<A>& m) {
+  if constexpr (Map) {
+    if (m.on) {
+#pragma unroll
+      for (int i = 0; i < W; ++i) x[i] = map_logit(x[i], m);
+    }
+  }
+}
+template <bool Map, typename A>
+__device__ __forceinline__ A map_out(A g, A z, const LogitMap<A>& m) {
+  if constexpr (Map) {
+    if (m.on) return g * map_slope(z, m);
+  }
+  return g;
+}
+
 // Visits p[0, n) with threads tid, tid + nthr, ...: elem(x) for each element of the scalar head
 // and tail, word(w) for each 16-byte word between them (p may have any element alignment).
 template <typename X, typename Elem, typename Word>
@@ -271,7 +300,7 @@ __device__ __forceinline__ SliceGeom slice_geom(const S* srow, const T* trow, bo
 // This thread's part of the slice's statistics. With a stage, each thread stores the raw vectors
 // it reads at local vector index j and the gradient sweep (same thread, same j) reads them back:
 // no barrier is needed between the two.
-template <typename S, typename T, typename A, int W>
+template <typename S, typename T, typename A, int W, bool Map>
 __device__ __forceinline__ RowState<A> stats_sweep(const S* srow, const T* trow, bool read_t,
                                                    const SliceGeom& g, int tid, int nthr,
                                                    const RowConfig<A>& cfg, uint4* stage_s,
@@ -281,10 +310,12 @@ __device__ __forceinline__ RowState<A> stats_sweep(const S* srow, const T* trow,
   RowState<A> st = RowState<A>::empty();
   // Scalar head and tail (push() = rescale + accumulate for one element).
   for (int64_t i = g.lo + tid; i < g.vlo; i += nthr) {
-    push(st, to_acc<A>(srow[i]), read_t ? to_acc<A>(trow[i]) : A(0), cfg);
+    push(st, map_in<Map>(to_acc<A>(srow[i]), cfg.map_s),
+         read_t ? map_in<Map>(to_acc<A>(trow[i]), cfg.map_t) : A(0), cfg);
   }
   for (int64_t i = g.vhi + tid; i < g.hi; i += nthr) {
-    push(st, to_acc<A>(srow[i]), read_t ? to_acc<A>(trow[i]) : A(0), cfg);
+    push(st, map_in<Map>(to_acc<A>(srow[i]), cfg.map_s),
+         read_t ? map_in<Map>(to_acc<A>(trow[i]), cfg.map_t) : A(0), cfg);
   }
   const int nv = static_cast<int>((g.vhi - g.vlo) / W);
   const S* sv = srow + g.vlo;
@@ -317,8 +348,10 @@ __device__ __forceinline__ RowState<A> stats_sweep(const S* srow, const T* trow,
       }
       A s[W], t[W];
       unpack(ws[u], s);
+      map_in_vec<Map>(s, cfg.map_s);
       if (read_t) {
         unpack(wt[u], t);
+        map_in_vec<Map>(t, cfg.map_t);
       } else {
 #pragma unroll
         for (int i = 0; i < W; ++i) t[i] = A(0);
@@ -336,12 +369,13 @@ __device__ __forceinline__ RowState<A> stats_sweep(const S* srow, const T* trow,
 // The element loop shared by the mix and gradient sweeps: calls f(i, s, t, lane_of_label) for
 // every element of the slice this thread handles, reading the vectors from the stage (each thread
 // reads back only what it staged itself: no barrier) or re-reading them (L1/L2). For vectors,
-// f is called through fv(j, s[W], t[W]) so that the gradient sweep can pack its stores.
-template <typename S, typename T, typename A, int W, typename FScalar, typename FVec>
+// f is called through fv(j, s[W], t[W]) so that the gradient sweep can pack its stores. s and t
+// are the transformed logits (map_in; the stage keeps the raw words).
+template <typename S, typename T, typename A, int W, bool Map, typename FScalar, typename FVec>
 __device__ __forceinline__ void for_slice(const S* srow, const T* trow, bool read_t,
                                           const SliceGeom& g, int tid, int nthr,
-                                          const uint4* stage_s, const uint4* stage_t, FScalar&& fs,
-                                          FVec&& fv) {
+                                          const RowConfig<A>& c, const uint4* stage_s,
+                                          const uint4* stage_t, FScalar&& fs, FVec&& fv) {
   using WS = VecWords<S, W>;
   using WT = VecWords<T, W>;
   // Scalar head and tail: re-read (at most 2 (W - 1) elements, or a misaligned row).
@@ -349,7 +383,8 @@ __device__ __forceinline__ void for_slice(const S* srow, const T* trow, bool rea
     const int64_t b = pass == 0 ? g.lo : g.vhi;
     const int64_t e = pass == 0 ? g.vlo : g.hi;
     for (int64_t i = b + tid; i < e; i += nthr) {
-      fs(i, to_acc<A>(srow[i]), read_t ? to_acc<A>(trow[i]) : A(0));
+      fs(i, map_in<Map>(to_acc<A>(srow[i]), c.map_s),
+         read_t ? map_in<Map>(to_acc<A>(trow[i]), c.map_t) : A(0));
     }
   }
   const int nv = static_cast<int>((g.vhi - g.vlo) / W);
@@ -371,8 +406,10 @@ __device__ __forceinline__ void for_slice(const S* srow, const T* trow, bool rea
     }
     A s[W], t[W];
     unpack(ws, s);
+    map_in_vec<Map>(s, c.map_s);
     if (read_t) {
       unpack(wt, t);
+      map_in_vec<Map>(t, c.map_t);
     } else {
 #pragma unroll
       for (int i = 0; i < W; ++i) t[i] = A(0);
@@ -382,7 +419,7 @@ __device__ __forceinline__ void for_slice(const S* srow, const T* trow, bool rea
 }
 
 // jsd / tvd: this thread's mix sums over its part of the slice (kd_math.h probs_at + mix_at).
-template <typename S, typename T, typename A, int W>
+template <typename S, typename T, typename A, int W, bool Map>
 __device__ __forceinline__ MixSums<A> mix_sweep(const S* srow, const T* trow, const SliceGeom& g,
                                                 int tid, int nthr, const RowResult<A>& r,
                                                 const RowConfig<A>& c, const uint4* stage_s,
@@ -394,8 +431,8 @@ __device__ __forceinline__ MixSums<A> mix_sweep(const S* srow, const T* trow, co
     probs_at(r, c, ds, dt, q, p, h);
     mix_at(mx, r, c, ds, dt, q, p);
   };
-  for_slice<S, T, A, W>(
-      srow, trow, true, g, tid, nthr, stage_s, stage_t, [&](int64_t, A s, A t) { one(s, t); },
+  for_slice<S, T, A, W, Map>(
+      srow, trow, true, g, tid, nthr, c, stage_s, stage_t, [&](int64_t, A s, A t) { one(s, t); },
       [&](int, const A(&s)[W], const A(&t)[W]) {
 #pragma unroll
         for (int i = 0; i < W; ++i) one(s[i], t[i]);
@@ -403,8 +440,10 @@ __device__ __forceinline__ MixSums<A> mix_sweep(const S* srow, const T* trow, co
   return mx;
 }
 
-// Gradient of one element (kd_math.h probs_at + grad_at; the hard term's -kh at the label).
-template <DivFamily F, typename A>
+// Gradient of one element (kd_math.h probs_at + grad_at; the hard term's -kh at the label), then
+// w.r.t. the raw logits: times the slope of each side's transform, after the label's -kh (which
+// is part of the gradient w.r.t. z).
+template <DivFamily F, bool Map, typename A>
 __device__ __forceinline__ void grad_elem(const RowResult<A>& r, const RowConfig<A>& c, A s, A t,
                                           bool is_label, A& gs, A& gt) {
   const A ds = s - r.ms;  // exact for nearby values (Sterbenz); scaled afterwards (kd_math.h)
@@ -413,9 +452,11 @@ __device__ __forceinline__ void grad_elem(const RowResult<A>& r, const RowConfig
   probs_at(r, c, ds, dt, q, p, h);
   grad_at<F>(r, c, ds, dt, q, p, h, gs, gt);
   if (is_label) gs -= r.kh;
+  gs = map_out<Map>(gs, s, c.map_s);
+  gt = map_out<Map>(gt, t, c.map_t);
 }
 
-template <typename S, typename T, typename A, int W, DivFamily F>
+template <typename S, typename T, typename A, int W, DivFamily F, bool Map>
 __device__ __forceinline__ void grad_sweep(const S* srow, const T* trow, bool read_t, S* gsrow,
                                            T* gtrow, const SliceGeom& g, int tid, int nthr,
                                            const RowResult<A>& r, const RowConfig<A>& c, int64_t y,
@@ -427,11 +468,11 @@ __device__ __forceinline__ void grad_sweep(const S* srow, const T* trow, bool re
   const bool gs_vec = gsrow && aligned16(gsrow + g.vlo);
   const bool gt_vec = gtrow && aligned16(gtrow + g.vlo);
   const int64_t ylocal = y - g.vlo;  // label position relative to the vector part
-  for_slice<S, T, A, W>(
-      srow, trow, read_t, g, tid, nthr, stage_s, stage_t,
+  for_slice<S, T, A, W, Map>(
+      srow, trow, read_t, g, tid, nthr, c, stage_s, stage_t,
       [&](int64_t i, A s, A t) {
         A gs, gt;
-        grad_elem<F>(r, c, s, t, i == y, gs, gt);
+        grad_elem<F, Map>(r, c, s, t, i == y, gs, gt);
         if (gsrow) gsrow[i] = from_acc<S>(gs);
         if (gtrow) gtrow[i] = from_acc<T>(gt);
       },
@@ -449,7 +490,7 @@ __device__ __forceinline__ void grad_sweep(const S* srow, const T* trow, bool re
 #pragma unroll
         for (int i = 0; i < W; ++i) {
           A gs, gt;
-          grad_elem<F>(r, c, s[i], t[i], i == lab, gs, gt);
+          grad_elem<F, Map>(r, c, s[i], t[i], i == lab, gs, gt);
           xs[i] = from_acc<S>(gs);
           xt[i] = from_acc<T>(gt);
         }
@@ -492,20 +533,32 @@ __device__ __forceinline__ bool row_label(const KDParams& p, int64_t r, int64_t&
   return true;
 }
 
-// s_y for the hard term. Guarded: with device asserts compiled out (NDEBUG builds of torch) an
-// out-of-range label must not read out of bounds; its row becomes NaN instead.
-template <typename A, typename S>
-__device__ __forceinline__ A label_logit(const S* srow, int64_t y, int64_t V, bool want) {
+// s_y for the hard term: the student's transformed logit at the label (as every other use of it).
+// Guarded: with device asserts compiled out (NDEBUG builds of torch) an out-of-range label must
+// not read out of bounds; its row becomes NaN instead.
+template <bool Map, typename A, typename S>
+__device__ __forceinline__ A label_logit(const S* srow, int64_t y, int64_t V, bool want,
+                                         const LogitMap<A>& m) {
   if (!want) return A(0);
-  return (y >= 0 && y < V) ? to_acc<A>(srow[y]) : A(NAN);
+  return (y >= 0 && y < V) ? map_in<Map>(to_acc<A>(srow[y]), m) : A(NAN);
+}
+
+// The outputs of row r: its loss, and where asked (KDParams::entropy) the student's entropy (0 for
+// an ignored row, as its loss).
+template <typename A>
+__device__ __forceinline__ void store_row(A* row_loss, A* entropy_out, int64_t r, A loss,
+                                          A entropy) {
+  row_loss[r] = loss;
+  if (entropy_out) entropy_out[r] = entropy;
 }
 
 // ------------------------------------------------------------------------------------------------
 // kWarp: one warp per row (small V)
 // ------------------------------------------------------------------------------------------------
 
-// F: the divergence family this instantiation handles (kd_math.h DivFamily).
-template <typename S, typename T, typename A, DivFamily F>
+// F: the divergence family this instantiation handles (kd_math.h DivFamily); Map: whether it
+// applies the logit transforms (map_in / map_out).
+template <typename S, typename T, typename A, DivFamily F, bool Map>
 __global__ void __launch_bounds__(kWarpBlockThreads, kWarpMinBlocksPerSM)
     kd_warp_kernel(const KDParams p, const KernelArgs<A> a) {
   constexpr int W = vec_elems<S, T>();
@@ -515,6 +568,7 @@ __global__ void __launch_bounds__(kWarpBlockThreads, kWarpMinBlocksPerSM)
   const bool read_t = cfg.soft;
   const int64_t V = p.vocab;
   A* row_loss = static_cast<A*>(p.row_loss);
+  A* entropy = static_cast<A*>(p.entropy);
 
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize;
        r < p.n_rows; r += warps_total) {
@@ -522,7 +576,7 @@ __global__ void __launch_bounds__(kWarpBlockThreads, kWarpMinBlocksPerSM)
     T* gtrow = p.grad_teacher ? static_cast<T*>(p.grad_teacher) + r * V : nullptr;
     int64_t y;
     if (!row_label(p, r, y, lane == 0)) {
-      if (lane == 0) row_loss[r] = A(0);
+      if (lane == 0) store_row(row_loss, entropy, r, A(0), A(0));
       if (gsrow) zero_range(gsrow, V, lane, kWarpSize);
       if (gtrow) zero_range(gtrow, V, lane, kWarpSize);
       continue;
@@ -531,24 +585,24 @@ __global__ void __launch_bounds__(kWarpBlockThreads, kWarpMinBlocksPerSM)
     const T* trow = static_cast<const T*>(p.teacher) + row_offset(p, r, p.teacher_strides);
     const SliceGeom g = slice_geom<S, T, W>(srow, trow, read_t, V, 1, 0, V);
     RowState<A> st =
-        stats_sweep<S, T, A, W>(srow, trow, read_t, g, lane, kWarpSize, cfg, nullptr, nullptr);
+        stats_sweep<S, T, A, W, Map>(srow, trow, read_t, g, lane, kWarpSize, cfg, nullptr, nullptr);
     // Lane 0 merges in a fixed order, then hands the row's state to every lane: each lane runs the
     // same finalize on the same bits (cheaper than a shared-memory round trip).
     st = shfl_from(warp_merge(st, cfg), 0);
-    const A s_label = label_logit<A>(srow, y, V, cfg.hard && lane == 0);
+    const A s_label = label_logit<Map>(srow, y, V, cfg.hard && lane == 0, cfg.map_s);
     const A scale = a.grad_scale_dev ? *a.grad_scale_dev : a.grad_scale_host;
     RowResult<A> res = finalize(st, cfg, s_label, scale);
     if (cfg.mix) {
       // The row was read by this warp a moment ago: the re-reads hit L1/L2, not HBM.
       MixSums<A> mx =
-          mix_sweep<S, T, A, W>(srow, trow, g, lane, kWarpSize, res, cfg, nullptr, nullptr);
+          mix_sweep<S, T, A, W, Map>(srow, trow, g, lane, kWarpSize, res, cfg, nullptr, nullptr);
       finalize_mix(res, shfl_from(warp_sum_mix(mx), 0), cfg);
     }
-    if (lane == 0) row_loss[r] = res.loss;
+    if (lane == 0) store_row(row_loss, entropy, r, res.loss, res.entropy);
     if (cfg.zero_gt) zero_range(gtrow, V, lane, kWarpSize);
     if (cfg.want_gs || cfg.want_gt) {
-      grad_sweep<S, T, A, W, F>(srow, trow, read_t, gsrow, cfg.want_gt ? gtrow : nullptr, g, lane,
-                                kWarpSize, res, cfg, y, nullptr, nullptr);
+      grad_sweep<S, T, A, W, F, Map>(srow, trow, read_t, gsrow, cfg.want_gt ? gtrow : nullptr, g,
+                                     lane, kWarpSize, res, cfg, y, nullptr, nullptr);
     }
   }
 }
@@ -578,7 +632,7 @@ __device__ __forceinline__ MixSums<A> block_sum_mix(MixSums<A> mx, MixSums<A>* w
   return mx;
 }
 
-template <typename S, typename T, typename A, DivFamily F>
+template <typename S, typename T, typename A, DivFamily F, bool Map>
 __global__ void __launch_bounds__(kBlockThreads,
                                   sizeof(A) == 8 ? kBlockMinBlocksPerSMF64 : kBlockMinBlocksPerSM)
     kd_block_kernel(const KDParams p, const KernelArgs<A> a) {
@@ -602,6 +656,7 @@ __global__ void __launch_bounds__(kBlockThreads,
   const bool read_t = cfg.soft;
   const int64_t V = p.vocab;
   A* row_loss = static_cast<A*>(p.row_loss);
+  A* entropy = static_cast<A*>(p.entropy);
   uint4* stage_s = a.stage ? kd_stage : nullptr;
   uint4* stage_t = a.stage ? kd_stage + a.chunk * WS::kWords : nullptr;
   const bool stats_here = a.mode != Mode::Phase2;
@@ -626,7 +681,7 @@ __global__ void __launch_bounds__(kBlockThreads,
     // cluster barriers below stay matched.
     if (!row_label(p, r, y, tid == 0 && rank == 0 && a.mode != Mode::Phase2)) {
       if (a.mode != Mode::Phase1) {
-        if (tid == 0 && rank == 0) row_loss[r] = A(0);
+        if (tid == 0 && rank == 0) store_row(row_loss, entropy, r, A(0), A(0));
         if (gsrow) zero_range(gsrow + g.lo, g.hi - g.lo, tid, kBlockThreads);
         if (gtrow) zero_range(gtrow + g.lo, g.hi - g.lo, tid, kBlockThreads);
       }
@@ -636,8 +691,8 @@ __global__ void __launch_bounds__(kBlockThreads,
     // ---- statistics of this CTA's slice, merged over the CTA ----------------------------------
     RowState<A> st = RowState<A>::empty();
     if (stats_here) {
-      st =
-          stats_sweep<S, T, A, W>(srow, trow, read_t, g, tid, kBlockThreads, cfg, stage_s, stage_t);
+      st = stats_sweep<S, T, A, W, Map>(srow, trow, read_t, g, tid, kBlockThreads, cfg, stage_s,
+                                        stage_t);
       st = warp_merge(st, cfg);
       if (lane == 0) warp_states[warp] = st;
       __syncthreads();
@@ -680,7 +735,7 @@ __global__ void __launch_bounds__(kBlockThreads,
 
     // ---- finalize (thread 0) and broadcast ---------------------------------------------------
     if (tid == 0) {
-      const A s_label = label_logit<A>(srow, y, V, cfg.hard);
+      const A s_label = label_logit<Map>(srow, y, V, cfg.hard, cfg.map_s);
       const A scale = a.grad_scale_dev ? *a.grad_scale_dev : a.grad_scale_host;
       row_res = finalize(st, cfg, s_label, scale);
     }
@@ -692,7 +747,7 @@ __global__ void __launch_bounds__(kBlockThreads,
       // cluster, and every CTA has the whole row's statistics.
       const RowResult<A> res = row_res;
       MixSums<A> mx =
-          mix_sweep<S, T, A, W>(srow, trow, g, tid, kBlockThreads, res, cfg, stage_s, stage_t);
+          mix_sweep<S, T, A, W, Map>(srow, trow, g, tid, kBlockThreads, res, cfg, stage_s, stage_t);
       mx = block_sum_mix<A, kWarps>(mx, warp_mix, lane, warp);
 #if KD_HAS_CLUSTERS
       if (a.cluster) {
@@ -710,15 +765,15 @@ __global__ void __launch_bounds__(kBlockThreads,
       if (tid == 0) finalize_mix(row_res, mx, cfg);
       __syncthreads();
     }
-    if (tid == 0 && rank == 0) row_loss[r] = row_res.loss;
+    if (tid == 0 && rank == 0) store_row(row_loss, entropy, r, row_res.loss, row_res.entropy);
     if (cfg.zero_gt && a.mode != Mode::Phase1) {
       zero_range(gtrow + g.lo, g.hi - g.lo, tid, kBlockThreads);
     }
     if (grad_here) {
       // Copied before the next row's first barrier, after which thread 0 may overwrite row_res.
       const RowResult<A> res = row_res;
-      grad_sweep<S, T, A, W, F>(srow, trow, read_t, gsrow, cfg.want_gt ? gtrow : nullptr, g, tid,
-                                kBlockThreads, res, cfg, y, stage_s, stage_t);
+      grad_sweep<S, T, A, W, F, Map>(srow, trow, read_t, gsrow, cfg.want_gt ? gtrow : nullptr, g,
+                                     tid, kBlockThreads, res, cfg, y, stage_s, stage_t);
     }
 #if KD_HAS_CLUSTERS
     // Every CTA of the cluster is done reading this CTA's shared state (see barrier_arrive).

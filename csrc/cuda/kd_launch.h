@@ -55,9 +55,13 @@
 // SASS (cuobjdump, sm_90, bf16/bf16): the statistics loop issues 4 LDG.E.128.CONSTANT (2 vectors
 // of s and t) and 4 STS.128 (the stage) per iteration; the gradient loop LDS.128 from the stage
 // and STG.E.128; cluster merge: UCGABAR_ARV/WAIT + DSMEM loads; no local memory in the loops.
-// Compile time: ~3.5 min of CPU time per architecture for the 32 kernels (8 dtype pairs x 2
-// families x 2 kernels), split over 16 generated files (csrc/cuda/instantiations/) that a parallel
-// build compiles at once; docs/gpu.md "Build time" has the numbers.
+// With the logit transforms (Map = true, the *_map instantiations): the same 80 regs, spills near
+// the plain kernels' (warp kernel, jsd family: bf16/bf16 80 / 156 B against 92 / 184, fp64 544 /
+// 740 against 484 / 688; fp32 kl/ce 0 for both).
+// Compile time: ~3.5 min of CPU time per architecture for the 32 plain kernels (8 dtype pairs x 2
+// families x 2 kernels), as much again for the 32 with the transforms, split over 32 generated
+// files (csrc/cuda/instantiations/) that a parallel build compiles at once; docs/gpu.md "Build
+// time" has the numbers (measured before the transforms).
 #pragma once
 
 #include <cstdint>

@@ -14,7 +14,7 @@
 // Size: the host side of the CUDA op (dtype dispatch, the small kernels' launches and the
 // gradient-scaling op). The fused kernels are in kd_kernels.cuh; their launch (plan choice and the
 // launch of each policy) is run_fused_kernels (kd_fused_run.cuh), instantiated in the generated
-// files of csrc/cuda/instantiations/ so that its 32 kernels compile in parallel; the host helpers
+// files of csrc/cuda/instantiations/ so that its 64 kernels compile in parallel; the host helpers
 // that do not depend on the kernels' types are in kd_fused_host.cu.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -53,10 +53,20 @@ void run_fused(const KDParams& p, const A* grad_scale_dev, double grad_scale_hos
   a.stage = false;
   a.cluster = false;
   a.workspace = nullptr;
+  // The transforms' code only where a side has one (kd_fused_run.h).
+  const bool map = a.cfg.map_s.on || a.cfg.map_t.on;
   if (family_of(p.divergence) == DivFamily::Plain) {
-    run_fused_kernels<S, T, A, DivFamily::Plain>(p, a);
+    if (map) {
+      run_fused_kernels<S, T, A, DivFamily::Plain, true>(p, a);
+    } else {
+      run_fused_kernels<S, T, A, DivFamily::Plain, false>(p, a);
+    }
   } else {
-    run_fused_kernels<S, T, A, DivFamily::Other>(p, a);
+    if (map) {
+      run_fused_kernels<S, T, A, DivFamily::Other, true>(p, a);
+    } else {
+      run_fused_kernels<S, T, A, DivFamily::Other, false>(p, a);
+    }
   }
 }
 

@@ -15,6 +15,10 @@
 //      after a group barrier (global writes of a CTA are visible to it after __syncthreads), the
 //      k teacher positions are overwritten with their full value (dense part recomputed minus
 //      sw T p_j): one rounding to the student's dtype, no atomics.
+// The student's transform (kd_math.h LogitMap: scale, softcap) is applied to every student logit
+// loaded, before any use (maxima, sums, s at the teacher's indices, s_y), and each gradient element
+// stored is multiplied by its slope; compiled only into the Map instantiations. The stored
+// teacher values are taken as given (the host transformed them).
 // The second read of the row mostly hits L2 (a row is at most V * 8 bytes and few rows are in
 // flight per SM). Deterministic: every reduction has a fixed order, no float atomics.
 //
@@ -140,15 +144,35 @@ __device__ __forceinline__ X group_reduce(X x, F op, X* smem) {
   }
 }
 
+// The student's z of a raw logit (Map: the instantiation applies the transform), and a gradient
+// w.r.t. z made one w.r.t. the raw logit. Map = false compiles to the plain conversion.
+template <bool Map, typename S, typename A>
+__device__ __forceinline__ A student_z(S x, const LogitMap<A>& m) {
+  if constexpr (Map) {
+    return map_logit(to_acc<S, A>(x), m);
+  } else {
+    return to_acc<S, A>(x);
+  }
+}
+template <bool Map, typename A>
+__device__ __forceinline__ A student_grad(A g, A z, const LogitMap<A>& m) {
+  if constexpr (Map) {
+    return g * map_slope(z, m);
+  } else {
+    return g;
+  }
+}
+
 template <typename A>
 struct Smem {
   MaxSum<A> ms[kThreads / kWarp];
   A a[kThreads / kWarp];
 };
 
-template <typename S, typename A, int G>
+// Map: the student's transform m is on (the host picks the instantiation from m.on).
+template <typename S, typename A, int G, bool Map>
 __global__ void __launch_bounds__(kThreads)
-    topk_kernel(TopKParams p, const A* __restrict__ scale_dev, A scale_host) {
+    topk_kernel(TopKParams p, const LogitMap<A> m, const A* __restrict__ scale_dev, A scale_host) {
   constexpr int kGroups = kThreads / G;
   // Bitmaps of the duplicate check: one per warp (V <= kWarpMaxV) or the CTA's dynamic smem.
   __shared__ unsigned warp_bitmap[G == kWarp ? kGroups : 1][kWarpMaxV / 32];
@@ -204,7 +228,7 @@ __global__ void __launch_bounds__(kThreads)
     // ---- 1. statistics --------------------------------------------------------------------
     MaxSum<A> a{-kd_inf<A>(), A(0)}, h{-kd_inf<A>(), A(0)};
     for (int64_t i = lane; i < V; i += G) {
-      const MaxSum<A> e = element(to_acc<S, A>(srow[i]));
+      const MaxSum<A> e = element(student_z<Map>(srow[i], m));
       a = topk::merge(a, e, inv_t);
       if (need_h) h = topk::merge(h, e, A(1));
     }
@@ -237,7 +261,7 @@ __global__ void __launch_bounds__(kThreads)
           const unsigned old = atomicOr(&bitmap[i >> 5], bit);
           KD_TOPK_ASSERT((old & bit) == 0u, "kdfused: duplicate teacher_indices in a row");
         }
-        const A s_at = in_range ? to_acc<S, A>(srow[i]) : A(NAN);
+        const A s_at = in_range ? student_z<Map>(srow[i], m) : A(NAN);
         const A e = topk::teacher_weight(vv[j], mv, inv_t);
         zb_part += e;
         terms += topk::teacher_term(e, vv[j], mv, s_at, ms, inv_t, p.ce);
@@ -249,7 +273,7 @@ __global__ void __launch_bounds__(kThreads)
       loss += static_cast<A>(p.soft_weight) * temp * temp * d;
     }
     if (hard) {
-      const A s_y = y_ok ? to_acc<S, A>(srow[y]) : A(NAN);
+      const A s_y = y_ok ? student_z<Map>(srow[y], m) : A(NAN);
       loss += static_cast<A>(p.hard_weight) * topk::hard_term(log_zh, s_y, ms);
     }
     if (lane == 0) row_loss[r] = loss;
@@ -259,21 +283,27 @@ __global__ void __launch_bounds__(kThreads)
     const A scale = scale_dev ? *scale_dev : scale_host;
     const topk::GradCoef<A> coef{soft ? static_cast<A>(p.soft_weight) * temp * scale : A(0),
                                  hard ? static_cast<A>(p.hard_weight) * scale : A(0)};
+    // Gradients w.r.t. z; student_grad makes them w.r.t. the raw logits (after the label's -kh and
+    // the teacher part, which are part of the gradient w.r.t. z).
     auto dense = [&](A s, int64_t i) {
       const A ds = s - ms;
       const A q = kd_exp(ds * inv_t - log_za);
       const A hh = need_h ? kd_exp(ds - log_zh) : q;
       return topk::grad_dense(coef, q, hh) - (i == y ? coef.kh : A(0));
     };
-    for (int64_t i = lane; i < V; i += G) grow[i] = to_out<S, A>(dense(to_acc<S, A>(srow[i]), i));
+    for (int64_t i = lane; i < V; i += G) {
+      const A z = student_z<Map>(srow[i], m);
+      grow[i] = to_out<S, A>(student_grad<Map>(dense(z, i), z, m));
+    }
     if (soft) {
       group_sync<G>();  // the dense values are written before the teacher positions are replaced
       for (int64_t j = lane; j < K; j += G) {
         const int64_t i = ix[j];
         if (!(i >= 0 && i < V)) continue;
         const A e = topk::teacher_weight(vv[j], mv, inv_t);
-        const A g = dense(to_acc<S, A>(srow[i]), i) + topk::grad_teacher_part(coef, e, zb);
-        grow[i] = to_out<S, A>(g);
+        const A z = student_z<Map>(srow[i], m);
+        const A g = dense(z, i) + topk::grad_teacher_part(coef, e, zb);
+        grow[i] = to_out<S, A>(student_grad<Map>(g, z, m));
       }
     }
   }
@@ -285,13 +315,13 @@ __global__ void __launch_bounds__(kThreads)
 // kernel's static shared memory (the reductions' scratch), so V just below kBitmapMaxV needs the
 // opt-in. It is set once per (kernel, device), to the largest bitmap, and only when static + that
 // bitmap exceeds the default (every sm_80+ GPU allows far more per CTA).
-template <typename S, typename A>
+template <typename S, typename A, bool Map>
 void allow_cta_bitmap(int device) {
   static std::mutex m;
   static std::set<int> done;  // devices, for this kernel (one per template instantiation)
   const std::lock_guard<std::mutex> lock(m);
   if (done.count(device) != 0) return;
-  const void* kernel = reinterpret_cast<const void*>(&topk_kernel<S, A, kThreads>);
+  const void* kernel = reinterpret_cast<const void*>(&topk_kernel<S, A, kThreads, Map>);
   cudaFuncAttributes attr;
   C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
   if (static_cast<int64_t>(attr.sharedSizeBytes) + kBitmapMaxBytes > kDefaultSmemBytes) {
@@ -301,23 +331,35 @@ void allow_cta_bitmap(int device) {
   done.insert(device);
 }
 
-template <typename S, typename A>
-void launch(const TopKParams& p, const A* scale_dev, A scale_host, cudaStream_t stream) {
+template <typename S, typename A, bool Map>
+void launch_map(const TopKParams& p, const LogitMap<A>& m, const A* scale_dev, A scale_host,
+                cudaStream_t stream) {
   if (p.vocab <= kWarpMaxV) {
     constexpr int kGroups = kThreads / kWarp;
     const int64_t blocks = std::min<int64_t>((p.n_rows + kGroups - 1) / kGroups, kMaxGrid);
-    topk_kernel<S, A, kWarp>
-        <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p, scale_dev, scale_host);
+    topk_kernel<S, A, kWarp, Map>
+        <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p, m, scale_dev, scale_host);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
   const bool bitmap = p.soft_weight > 0 && p.k > 1 && p.vocab <= kBitmapMaxV;
   const size_t smem = bitmap ? static_cast<size_t>((p.vocab + 31) / 32) * sizeof(unsigned) : 0;
-  if (bitmap) allow_cta_bitmap<S, A>(at::cuda::current_device());
+  if (bitmap) allow_cta_bitmap<S, A, Map>(at::cuda::current_device());
   const int64_t blocks = std::min<int64_t>(p.n_rows, kMaxGrid);
-  topk_kernel<S, A, kThreads>
-      <<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p, scale_dev, scale_host);
+  topk_kernel<S, A, kThreads, Map>
+      <<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p, m, scale_dev, scale_host);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The kernels with the student's transform compiled in only when it is not the identity.
+template <typename S, typename A>
+void launch(const TopKParams& p, const A* scale_dev, A scale_host, cudaStream_t stream) {
+  const LogitMap<A> m = make_logit_map<A>(p.student_scale, p.student_softcap);
+  if (m.on) {
+    launch_map<S, A, true>(p, m, scale_dev, scale_host, stream);
+  } else {
+    launch_map<S, A, false>(p, m, scale_dev, scale_host, stream);
+  }
 }
 
 // topk_kd_loss on parsed options and checked shapes (topk::topk_kd_loss_op).

@@ -76,14 +76,18 @@ constexpr int64_t kVpMaxGrid = int64_t(1) << 22;  // grid cap; the kernels grid-
 // Kernels
 // ------------------------------------------------------------------------------------------------
 
-// Student / teacher logit of column i as the accumulation type (the teacher only with the soft
-// term, as the CPU path: 0 otherwise, never read).
-template <typename A, typename X>
-__device__ __forceinline__ A logit_at(const X* row, int64_t i) {
-  return to_acc<A>(row[i]);
+// Student / teacher logit of column i as the accumulation type, after its side's transform m
+// (kd_kernels.cuh map_in: compiled only with Map, as in the fused kernels) (the teacher only with
+// the soft term, as the CPU path: 0 otherwise, never read). Why m by value: a reference into the
+// kernel's by-value cfg parameter, even one that is never used (Map = false), changes how the
+// compiler optimises the kernel's loops (the plain grad kernel lost its unswitched loops).
+template <bool Map, typename A, typename X>
+__device__ __forceinline__ A logit_at(const X* row, int64_t i, const LogitMap<A> m) {
+  return map_in<Map>(to_acc<A>(row[i]), m);
 }
 
-template <typename S, typename T, typename A>
+// Map (every slice kernel): the logit transforms compiled in (kd_fused_run.h).
+template <typename S, typename T, typename A, bool Map>
 __global__ void __launch_bounds__(kVpThreads)
     kd_vp_stats_kernel(const KDParams p, const RowConfig<A> cfg, const int64_t vocab_total) {
   __shared__ RowState<A> part[kVpThreads];
@@ -105,7 +109,8 @@ __global__ void __launch_bounds__(kVpThreads)
 
     RowState<A> st = RowState<A>::empty();
     for (int64_t i = tid; i < V; i += kVpThreads) {
-      push(st, logit_at<A>(srow, i), cfg.soft ? logit_at<A>(trow, i) : A(0), cfg);
+      push(st, logit_at<Map>(srow, i, cfg.map_s),
+           cfg.soft ? logit_at<Map>(trow, i, cfg.map_t) : A(0), cfg);
     }
     // Fixed tree (block_tree_reduce). Threads without a column hold the empty state (merge()
     // handles it, as it does the empty state of an all -inf stretch of the row).
@@ -114,14 +119,16 @@ __global__ void __launch_bounds__(kVpThreads)
     if (tid == 0) {
       const int64_t y = y_raw - p.vocab_offset;  // the label's column in this slice (if in it)
       A s_label = A(0);
-      if (cfg.hard) s_label = !y_valid ? A(NAN) : (y >= 0 && y < V) ? logit_at<A>(srow, y) : A(0);
+      if (cfg.hard) {
+        s_label = !y_valid ? A(NAN) : (y >= 0 && y < V) ? logit_at<Map>(srow, y, cfg.map_s) : A(0);
+      }
       out[r] = SliceStats<A>{st, s_label};
     }
     __syncthreads();  // part[] is rewritten for the next row
   }
 }
 
-template <typename S, typename T, typename A>
+template <typename S, typename T, typename A, bool Map>
 __global__ void __launch_bounds__(kVpThreads)
     kd_vp_mix_kernel(const KDParams p, const RowConfig<A> cfg) {
   __shared__ MixSums<A> part[kVpThreads];
@@ -142,8 +149,8 @@ __global__ void __launch_bounds__(kVpThreads)
     // it unwritten; parallel.py never asks for it then).
     if (cfg.mix) {
       for (int64_t i = tid; i < V; i += kVpThreads) {
-        const A ds = logit_at<A>(srow, i) - res.ms;
-        const A dt = (cfg.soft ? logit_at<A>(trow, i) : A(0)) - res.mt;
+        const A ds = logit_at<Map>(srow, i, cfg.map_s) - res.ms;
+        const A dt = (cfg.soft ? logit_at<Map>(trow, i, cfg.map_t) : A(0)) - res.mt;
         A q, pr, h;
         probs_at(res, cfg, ds, dt, q, pr, h);
         mix_at(mx, res, cfg, ds, dt, q, pr);
@@ -156,7 +163,7 @@ __global__ void __launch_bounds__(kVpThreads)
   }
 }
 
-template <typename S, typename T, typename A>
+template <typename S, typename T, typename A, bool Map>
 __global__ void __launch_bounds__(kVpThreads)
     kd_vp_grad_kernel(const KDParams p, const RowConfig<A> cfg) {
   const int tid = static_cast<int>(threadIdx.x);
@@ -180,12 +187,20 @@ __global__ void __launch_bounds__(kVpThreads)
     // elsewhere (then -kh is applied by the process that holds it).
     const int64_t y = p.labels != nullptr ? y_raw - p.vocab_offset : -1;
     for (int64_t i = tid; i < V; i += kVpThreads) {
-      const A ds = logit_at<A>(srow, i) - res.ms;
-      const A dt = (cfg.soft ? logit_at<A>(trow, i) : A(0)) - res.mt;
+      const A s = logit_at<Map>(srow, i, cfg.map_s);
+      const A ds = s - res.ms;
+      const A t = cfg.soft ? logit_at<Map>(trow, i, cfg.map_t) : A(0);
+      const A dt = t - res.mt;
       A q, pr, h, gs, gt;
       probs_at(res, cfg, ds, dt, q, pr, h);
       grad_at(res, cfg, ds, dt, q, pr, h, gs, gt);
       if (i == y) gs -= res.kh;
+      // w.r.t. the raw logits: after the label's -kh (part of the gradient w.r.t. z).
+      if constexpr (Map) {  // (not map_out(..., cfg.map_s): see logit_at)
+        const LogitMap<A> ms = cfg.map_s, mt = cfg.map_t;
+        gs = map_out<Map>(gs, s, ms);
+        gt = map_out<Map>(gt, t, mt);
+      }
       if (gsrow != nullptr) gsrow[i] = from_acc<S>(gs);
       if (cfg.want_gt) gtrow[i] = from_acc<T>(gt);
     }
@@ -257,16 +272,29 @@ void run_slice_kernel(const KDParams& p, at::ScalarType s_type, at::ScalarType t
     using T = decltype(t_tag);
     using A = std::conditional_t<std::is_same_v<S, double>, double, float>;
     const RowConfig<A> cfg = make_row_config<A>(p);
-    switch (p.phase) {
-      case Phase::Stats:
-        kd_vp_stats_kernel<S, T, A><<<grid, kVpThreads, 0, stream>>>(p, cfg, vocab_total);
-        break;
-      case Phase::Mix: kd_vp_mix_kernel<S, T, A><<<grid, kVpThreads, 0, stream>>>(p, cfg); break;
-      case Phase::Grad: kd_vp_grad_kernel<S, T, A><<<grid, kVpThreads, 0, stream>>>(p, cfg); break;
-      default:
-        TORCH_INTERNAL_ASSERT(false, "kdfused: no vocabulary-parallel CUDA kernel for this phase");
+    auto launch = [&](auto map_tag) {
+      constexpr bool Map = decltype(map_tag)::value;
+      switch (p.phase) {
+        case Phase::Stats:
+          kd_vp_stats_kernel<S, T, A, Map><<<grid, kVpThreads, 0, stream>>>(p, cfg, vocab_total);
+          break;
+        case Phase::Mix:
+          kd_vp_mix_kernel<S, T, A, Map><<<grid, kVpThreads, 0, stream>>>(p, cfg);
+          break;
+        case Phase::Grad:
+          kd_vp_grad_kernel<S, T, A, Map><<<grid, kVpThreads, 0, stream>>>(p, cfg);
+          break;
+        default:
+          TORCH_INTERNAL_ASSERT(false,
+                                "kdfused: no vocabulary-parallel CUDA kernel for this phase");
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (cfg.map_s.on || cfg.map_t.on) {
+      launch(std::true_type{});
+    } else {
+      launch(std::false_type{});
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
