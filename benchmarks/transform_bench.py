@@ -36,7 +36,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def _commit() -> str:
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        )
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True)  # fmt: skip
         return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
@@ -44,7 +46,7 @@ def _commit() -> str:
         return "unknown"
 
 
-def time_size(N: int, V: int, dtype: torch.dtype, rounds: int, reference: bool) -> dict:
+def time_size(N: int, V: int, dtype: torch.dtype, rounds: int, reference: bool, names) -> dict:
     g = torch.Generator().manual_seed(0)
     # Logits of an LM's spread (a few units, some far out), so the softcap's tanh is exercised.
     s = (torch.randn(N, V, generator=g) * 3).to(dtype).requires_grad_()
@@ -58,7 +60,7 @@ def time_size(N: int, V: int, dtype: torch.dtype, rounds: int, reference: bool) 
         loss.backward()
         s.grad = None
 
-    variants = dict((name, (kdfused.kd_loss, kw)) for name, kw in VARIANTS.items())
+    variants = {name: (kdfused.kd_loss, VARIANTS[name]) for name in names}
     if reference:
         variants["reference, softcap both"] = (kdfused.reference.kd_loss, VARIANTS["softcap both"])
     for fn, kw in variants.values():  # warm-up (page faults, caches)
@@ -72,7 +74,7 @@ def time_size(N: int, V: int, dtype: torch.dtype, rounds: int, reference: bool) 
             step(fn, kw)
             times[name].append(time.perf_counter() - t0)
     out = {}
-    base = statistics.median(times["plain"])
+    base = statistics.median(times["plain"]) if "plain" in times else float("nan")
     for name, ts in times.items():
         med = statistics.median(ts)
         out[name] = dict(median_ms=1e3 * med, min_ms=1e3 * min(ts), max_ms=1e3 * max(ts),
@@ -86,17 +88,24 @@ def main() -> None:
                     help="NxV:dtype, comma-separated")  # fmt: skip
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--no-reference", action="store_true")
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help="comma list of: " + ", ".join(VARIANTS))  # fmt: skip
     ap.add_argument("--out", help="write the results as JSON here")
     a = ap.parse_args()
     info = kdfused.build_info()
+    unknown = set(a.variants.split(",")) - set(VARIANTS)
+    if unknown:
+        ap.error(f"unknown variants {sorted(unknown)}")
+    threads, isa = torch.get_num_threads(), info["cpu_isa"]
     print(f"kdfused {kdfused.__version__} ({_commit()}), torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, CPU ISA {info['cpu_isa']}, {platform.processor()}")  # fmt: skip
+          f"{threads} threads, CPU ISA {isa}, {platform.processor()}")  # fmt: skip
     results = {"commit": _commit(), "threads": torch.get_num_threads(), "isa": info["cpu_isa"],
                "rounds": a.rounds, "sizes": {}}  # fmt: skip
     for spec in a.sizes.split(","):
         dims, dt = spec.split(":")
         N, V = (int(x) for x in dims.split("x"))
-        res = time_size(N, V, DTYPES[dt], a.rounds, not a.no_reference)
+        names = a.variants.split(",")
+        res = time_size(N, V, DTYPES[dt], a.rounds, not a.no_reference, names)
         results["sizes"][spec] = res
         print(f"\n{N} x {V} {dt}, kd_loss forward + backward (kl, T=2, hard_weight=0.5), "
               f"{a.rounds} rounds:")  # fmt: skip

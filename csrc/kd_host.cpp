@@ -69,10 +69,11 @@ KDOptions parse_options(double temperature, double soft_weight, double hard_weig
   if (div == Divergence::JSD && beta == 1.0) opt.divergence = Divergence::ReverseKL;
   opt.beta = beta;
   opt.ignore_index = ignore_index;
-  TORCH_CHECK_VALUE(logit_map.empty() || logit_map.size() == 4,
-                    "kdfused: logit_map must be empty or [student_logit_scale, teacher_logit_scale, "
-                    "student_softcap, teacher_softcap], got ",
-                    logit_map.size(), " values");
+  TORCH_CHECK_VALUE(
+      logit_map.empty() || logit_map.size() == 4,
+      "kdfused: logit_map must be empty or [student_logit_scale, teacher_logit_scale, "
+      "student_softcap, teacher_softcap], got ",
+      logit_map.size(), " values");
   if (!logit_map.empty()) {
     const char* names[4] = {"student_logit_scale", "teacher_logit_scale", "student_softcap",
                             "teacher_softcap"};

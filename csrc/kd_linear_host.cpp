@@ -210,7 +210,7 @@ LinearOutputs kd_linear_loss_chunked(const LinearBackend& backend, const LinearA
   const bool any_grad = grad_hidden || grad_weight || grad_bias;
   at::Tensor row_loss = at::zeros({N}, opts.dtype(acc));
   // return_entropy: 0 at ignored rows, including the chunks skipped below.
-  at::Tensor entropy = opt.return_entropy ? at::zeros({N}, opts.dtype(acc)) : at::empty({0}, opts);
+  at::Tensor entropy = at::zeros({opt.return_entropy ? N : 0}, opts.dtype(acc));
   // grad_weight / grad_bias are sums over chunks: accumulated in float32 for 16-bit weights.
   const at::ScalarType w_acc = is_16bit(student_weight) ? at::kFloat : s_dtype;
   at::Tensor gh = grad_hidden ? at::zeros({N, H}, opts) : at::empty({0}, opts);

@@ -208,8 +208,8 @@ struct Ew {
 template <typename A>
 struct LogitMap {
   A scale;
-  A cap;      // > 0 when capped
-  A inv_cap;  // 1 / cap
+  A cap;        // > 0 when capped
+  A inv_cap;    // 1 / cap
   bool on;      // not the identity
   bool capped;  // a softcap is given
 };
@@ -264,20 +264,20 @@ struct RowConfig {
   A log_beta;     // jsd: log(beta), log(1 - beta) (finite: 0 < beta < 1 once jsd reaches a kernel)
   A log_1mbeta;
   Divergence div;
-  bool soft;      // soft_weight > 0: the teacher is read and the soft term computed
-  bool hard;      // hard_weight > 0
-  bool need_zh;   // hard term at T != 1: sum exp(s - ms) is needed (at T == 1 it equals za)
-  bool square_h;  // need_zh at T == 2: exp(s - ms) = exp((s - ms) / 2)^2, one exp less
-  bool need_cx;   // kl / ce: the cross term sum p (b - a) (relative to the maxima)
-  bool need_ch;   // ce: the teacher entropy term
-  bool need_cr;   // reverse_kl: the cross term sum q (a - b)
-  bool need_hq;   // return_entropy: the student's sum q (a - max a)
+  bool soft;          // soft_weight > 0: the teacher is read and the soft term computed
+  bool hard;          // hard_weight > 0
+  bool need_zh;       // hard term at T != 1: sum exp(s - ms) is needed (at T == 1 it equals za)
+  bool square_h;      // need_zh at T == 2: exp(s - ms) = exp((s - ms) / 2)^2, one exp less
+  bool need_cx;       // kl / ce: the cross term sum p (b - a) (relative to the maxima)
+  bool need_ch;       // ce: the teacher entropy term
+  bool need_cr;       // reverse_kl: the cross term sum q (a - b)
+  bool need_hq;       // return_entropy: the student's sum q (a - max a)
   LogitMap<A> map_s;  // the student's transform (map_s.on: not the identity)
   LogitMap<A> map_t;  // the teacher's
-  bool mix;       // jsd / tvd: the mix sweep
-  bool want_gs;   // grad_student requested
-  bool want_gt;   // grad_teacher requested and the soft term on
-  bool zero_gt;   // grad_teacher requested, soft term off: exact zeros
+  bool mix;           // jsd / tvd: the mix sweep
+  bool want_gs;       // grad_student requested
+  bool want_gt;       // grad_teacher requested and the soft term on
+  bool zero_gt;       // grad_teacher requested, soft term off: exact zeros
 };
 
 // The ONE derivation of the per-call switches (every backend calls it).

@@ -29,8 +29,9 @@ void check_record(const at::Tensor& x, int64_t dim, int64_t n_rows, int64_t fiel
 // The options of a step (parse_options). The steps without a reduction argument parse "sum" (what
 // their kernels run), those without ignore_index its default (they read no labels).
 KDOptions parse_step_options(double temperature, double soft_weight, double hard_weight,
-                             c10::string_view divergence, double beta, at::ArrayRef<double> logit_map,
-                             bool return_entropy, int64_t ignore_index = KDOptions{}.ignore_index,
+                             c10::string_view divergence, double beta,
+                             at::ArrayRef<double> logit_map, bool return_entropy,
+                             int64_t ignore_index = KDOptions{}.ignore_index,
                              c10::string_view reduction = "sum");
 
 // KDParams carrying only the options (the merges read no logits).
@@ -96,9 +97,9 @@ struct VocabParallelOps {
   static at::Tensor merge_mix(const at::Tensor& row_final, const at::Tensor& slice_mix,
                               double temperature, double soft_weight, double hard_weight,
                               c10::string_view divergence, double beta) {
-    return MergeMix(row_final, slice_mix,
-                    parse_step_options(temperature, soft_weight, hard_weight, divergence, beta,
-                                       {}, false));
+    return MergeMix(
+        row_final, slice_mix,
+        parse_step_options(temperature, soft_weight, hard_weight, divergence, beta, {}, false));
   }
 
   static KDOutputs grad(const at::Tensor& student, const at::Tensor& teacher,

@@ -206,12 +206,13 @@ def check_label_values(
 
 
 def check_logit_transform(
-    student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap
+    student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap, values=True
 ) -> None:
     """The logit transform's options (``z = scale * x``, then ``z = softcap * tanh(z / softcap)``
     when a softcap is given), of every op that takes them. A scale is a finite real number (0 and
     negative scales are accepted); a softcap is None or a finite real number > 0. A bad type is a
-    ``TypeError``, a bad value a ``ValueError``; both name the option."""
+    ``TypeError``, a bad value a ``ValueError`` (checked with ``values`` only); both name the
+    option."""
     for name, value in (
         ("student_logit_scale", student_logit_scale),
         ("teacher_logit_scale", teacher_logit_scale),
@@ -223,6 +224,8 @@ def check_logit_transform(
             raise TypeError(
                 f"kdfused: {name} must be a real number or None, got {type(value).__name__}"
             )
+    if not values:
+        return
     for name, value in (
         ("student_logit_scale", student_logit_scale),
         ("teacher_logit_scale", teacher_logit_scale),

@@ -142,7 +142,7 @@ def _parse(who, divergences, check_values, *options) -> KDOptions:
     check_option_types(who, *options[:7])
     temperature, soft_weight, hard_weight, divergence, beta, ignore_index, reduction = options[:7]
     transform = options[7:] or tuple(default for _, default in TRANSFORM_DEFAULTS)
-    check_logit_transform(*transform)
+    check_logit_transform(*transform, values=check_values)
     if check_values:
         values = (temperature, soft_weight, hard_weight, divergence, beta, reduction)
         check_options(*values, divergences)

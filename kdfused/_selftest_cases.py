@@ -73,7 +73,12 @@ TRANSFORMS = [
     (0.25, 4.0, None, None),
     (-1.3, 0.7, 3.0, 2.0),
 ]
-TRANSFORM_NAMES = ("student_logit_scale", "teacher_logit_scale", "student_softcap", "teacher_softcap")
+TRANSFORM_NAMES = (
+    "student_logit_scale",
+    "teacher_logit_scale",
+    "student_softcap",
+    "teacher_softcap",
+)
 BIG = [  # (V, N, student dtype, teacher dtype) of the one large-vocabulary case per divergence
     (128256, 3, BF16, BF16),
     (32000, 4, F32, F32),
@@ -333,6 +338,7 @@ def expected(case: Case, inp: dict) -> dict:
     row, scale = zero.clone(), zero.clone()
     with torch.set_grad_enabled(not case.loss_only):
         mask = torch.isinf(t)  # the masked columns (-inf in both)
+        leaves = (s, t)  # (the gradients are w.r.t. the raw logits)
         s, t = _transformed(s, case, 0), _transformed(t, case, 1)
         if sw != 0:
             lq = torch.where(mask, 0.0, F.log_softmax(s / T, -1))
@@ -366,7 +372,7 @@ def expected(case: Case, inp: dict) -> dict:
             inp["go"].reshape(-1).abs() if case.reduction == "none" else inp["go"].abs().expand(R)
         )
         floor_row = torch.where(valid, (sw * T + hw) * go_row * w, 0.0)
-        for name, x, dt in (("grad_s", s, case.sdt), ("grad_t", t, case.tdt)):
+        for name, x, dt in (("grad_s", leaves[0], case.sdt), ("grad_t", leaves[1], case.tdt)):
             gexp = x.grad if x.grad is not None else torch.zeros_like(x)  # term not used
             gscale = torch.maximum(gexp.abs().amax(-1), floor_row)[:, None]
             out[name] = gexp.reshape(*case.lead, V)

@@ -155,9 +155,7 @@ def kd_loss(
     options += (student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap)
     options = parse(*options, check_values=process_group is None)
     _checks.check_flag("return_entropy", return_entropy)
-    return _dispatch(
-        student_logits, teacher_logits, labels, options, process_group, return_entropy
-    )
+    return _dispatch(student_logits, teacher_logits, labels, options, process_group, return_entropy)
 
 
 def _dispatch(

@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from . import _C
 from ._backward import backward, keep
-from ._checks import check_label_values
+from ._checks import check_label_values, check_logit_transform
 from ._ops import _lib_ops
 from ._options import KDOptions
 
@@ -215,6 +215,7 @@ class _VocabParallelKD(torch.autograd.Function):
             # Everything that can be checked without the others' inputs (the option values
             # included), before any collective.
             _C.check_inputs(student, teacher, labels, *options.check_args)
+            check_logit_transform(**options.transform_kwargs)
         except (ValueError, TypeError, RuntimeError) as e:
             local_error = e
         width = student.shape[-1] if student.dim() else 0

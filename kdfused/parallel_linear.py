@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ._backward import backward
+from ._checks import check_logit_transform
 from ._options import KDOptions
 from .parallel import exchange_metadata, gather, slice_loss
 
@@ -114,6 +115,7 @@ class _VocabParallelLinearKD(torch.autograd.Function):
             # The single-process op's checks on this process's tensors (shapes, dtypes, options),
             # with zero rows: nothing is computed.
             _C_check(sh, sw, sb, th, tw, tb, tl, labels, options, chunk)
+            check_logit_transform(**options.transform_kwargs)
         except (ValueError, TypeError, RuntimeError) as e:
             local_error = e
         teacher = th if th is not None else tl

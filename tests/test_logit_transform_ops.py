@@ -179,7 +179,9 @@ def test_modules_take_the_transform(gen):
     assert "teacher_softcap" not in repr(crit)  # (the identity's values are not printed)
     assert torch.equal(crit(s, t, y), kdfused.kd_loss(s, t, y, temperature=2.0, **tf))
     crit.student_softcap = None
-    assert torch.equal(crit(s, t, y), kdfused.kd_loss(s, t, y, temperature=2.0, **dict(tf, student_softcap=None)))
+    assert torch.equal(
+        crit(s, t, y), kdfused.kd_loss(s, t, y, temperature=2.0, **dict(tf, student_softcap=None))
+    )
     with pytest.raises(ValueError, match="student_softcap"):
         crit.student_softcap = -1.0
     h, W, _, th, tW, y2 = _linear_case(gen, 5, 4, 11, torch.float32)

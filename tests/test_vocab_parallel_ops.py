@@ -167,7 +167,7 @@ def test_vp_ops_match_kd_loss(case, device, seed):
     opts = (float(T), float(sw), float(hw), div, float(beta))
     grads = (bool(grads[0]), bool(grads[1]))
     loss, gs, gt, stats, fin = _emulate(s, t, labels, widths, opts, red, grads)
-    ref = ops.kd_loss(s, t, labels, *opts, -100, red, *grads)
+    ref = ops.kd_loss(s, t, labels, *opts, -100, red, (), False, *grads)
     tol = _tol(s.dtype, t.dtype)
     torch.testing.assert_close(loss.double(), ref[0].double(), rtol=tol, atol=tol)
     for got, want in ((gs, ref[1]), (gt, ref[2])):

@@ -67,9 +67,15 @@ def case_table() -> dict:
         div="kl", red="mean", dtype=torch.float32, linear=1, chunk=None
     )
     # The logit transform (both sides, softcapped; tf) and the student's entropy (ent).
-    cases["transform-kl-entropy"] = dict(div="kl", red="batchmean", dtype=torch.float64, tf=1, ent=1)
-    cases["transform-jsd-teacher-grad"] = dict(div="jsd", red="mean", dtype=torch.float64, tf=1, gt=1)
-    cases["transform-tvd-f32-entropy"] = dict(div="tvd", red="sum", dtype=torch.float32, tf=1, ent=1)
+    cases["transform-kl-entropy"] = dict(
+        div="kl", red="batchmean", dtype=torch.float64, tf=1, ent=1
+    )
+    cases["transform-jsd-teacher-grad"] = dict(
+        div="jsd", red="mean", dtype=torch.float64, tf=1, gt=1
+    )
+    cases["transform-tvd-f32-entropy"] = dict(
+        div="tvd", red="sum", dtype=torch.float32, tf=1, ent=1
+    )
     cases["linear-transform-jsd-entropy"] = dict(
         div="jsd", red="mean", dtype=torch.float64, linear=1, tf=1, ent=1
     )
@@ -227,7 +233,7 @@ def run_case(name: str, c: dict, rank: int, world: int, gen: torch.Generator) ->
     if ent:  # (parallel, single-process, float64 reference)
         for other, what in ((entropies[1], "single-process"), (entropies[2], "reference")):
             torch.testing.assert_close(
-                entropies[0], other, **tol, msg=lambda m: f"entropy vs {what}: {m}"
+                entropies[0], other, **tol, msg=lambda m, w=what: f"entropy vs {w}: {m}"
             )
         assert labels is None or (entropies[0][labels == -100] == 0).all()
     torch.testing.assert_close(loss, whole, **tol, msg=lambda m: f"loss vs single-process: {m}")

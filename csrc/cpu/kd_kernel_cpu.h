@@ -18,7 +18,8 @@
 //      per-chunk factor, so the sweep costs no exp at all. 2 or 3 exps per element in total instead
 //      of the 6 of a recomputing kernel (2 for the common T = 1 and T = 2 even with the hard term);
 //      jsd adds a log per element in each of sweeps 2b and 3.
-// The per-element maths is kd_math.h's, instantiated on at::vec vectors through Ew<> (kd_vec_cpu.h).
+// The per-element maths is kd_math.h's, instantiated on at::vec vectors through Ew<>
+// (kd_vec_cpu.h).
 //
 // Size: one kernel with its per-thread scratch, chunk helpers and the row-splitting path, kept
 // together because the three sweeps share their buffers.
@@ -53,7 +54,6 @@ using at::vec::Vectorized;
 
 }  // namespace CPU_CAPABILITY
 }  // namespace kdfused::cpu
-
 
 namespace kdfused::cpu {
 inline namespace CPU_CAPABILITY {
