@@ -1,0 +1,235 @@
+"""TRL 1.16's DistillationTrainer loss (``_chunked_divergence_loss``), computed by kdfused.
+
+    from kdfused.integrations.trl import chunked_divergence_loss
+
+    loss, entropy_sum, n_valid = chunked_divergence_loss(
+        student_hidden, teacher_hidden,          # (B, K, H), (B, K, H_t): before the lm_heads
+        student_lm_head.weight, teacher_lm_head.weight,    # (V, H), (V, H_t)
+        completion_mask,                         # (B, K): nonzero marks the tokens in the loss
+        beta=0.5, num_items_in_batch=None,
+        student_lm_head_bias=None, teacher_lm_head_bias=None,
+        student_logit_scale=1.0, teacher_logit_scale=1.0,
+        student_final_logit_softcapping=None, teacher_final_logit_softcapping=None,
+        temperature=1.0)
+    loss.backward()     # gradients of the student's hidden states, weight (and bias)
+
+    # or make TRL's own trainer use it (this one needs trl installed):
+    from kdfused.integrations.trl import patch_distillation_trainer
+    patch_distillation_trainer()
+
+Same arguments, same return values and same gradients as
+``trl.trainer.distillation_trainer._chunked_divergence_loss`` (TRL 1.16.0). TRL itself is not
+needed, except by ``patch_distillation_trainer``.
+
+TRL's loss, which this reproduces (``trl/trainer/distillation_trainer.py`` and
+``trl/kernels/chunked_divergence.py``). Per token, each side's logits are ``x = h W^T + b``
+transformed as ``z = scale * x``, then, with a softcap ``c``, ``z = c tanh(z / c)``; with ``T``
+the temperature, ``p = softmax(z_teacher / T)`` and ``q = softmax(z_student / T)``:
+
+    D = beta KL(p || m) + (1 - beta) KL(q || m),    m = beta p + (1 - beta) q
+    loss        = sum_valid D / num_items_in_batch          (num_items_in_batch given)
+                = sum_valid D / max(n_valid, 1)             (num_items_in_batch None)
+    entropy_sum = sum_valid -sum_v q_v log q_v              (no gradient)
+    n_valid     = number of nonzero entries of completion_mask (an int64 tensor)
+
+- beta = 0 is KL(teacher || student), beta = 1 is KL(student || teacher): kdfused's
+  ``divergence="jsd"`` with the same ``beta``, ends included;
+- no T^2 factor (kdfused multiplies the soft term by T^2, so it is given
+  ``soft_weight = 1 / T^2``); the temperature divides the transformed logits;
+- the entropy is the student's, of the tempered, transformed distribution ``q``, summed over the
+  valid tokens;
+- masked tokens count nowhere and get zero gradients; with no valid token and
+  ``num_items_in_batch=None`` the loss is 0;
+- the gradients flow to the student's hidden states, weight and bias; the teacher gets none
+  (TRL's autograd function returns none for it, whether or not its tensors require grad).
+
+So the whole loss is one call of :func:`kdfused.linear_kd_loss`: the mask becomes labels (0 at
+valid tokens, ``ignore_index`` elsewhere; with ``hard_weight=0`` their values are not used),
+``reduction="mean"`` without ``num_items_in_batch`` and ``"sum"`` divided by it with it, and
+``return_entropy=True`` for the entropy. One pass over the rows, with no N x V logits.
+
+As in TRL: the dtype the projections run in is the autocast dtype when autocast is on for the
+hidden states' device, else the hidden states' dtype (per side); an FSDP2 ``DTensor`` weight (and
+bias) is gathered with ``full_tensor()`` once.
+
+Differences from TRL, none of which changes a result beyond rounding:
+
+- Accuracy: float64 inputs are computed in float64 and the loss and entropy sum are float64
+  (TRL computes and returns float32 whatever the inputs); otherwise the loss is float32, as TRL's.
+- A weight or bias whose dtype is not the compute dtype is cast once (one copy of it; TRL casts
+  per vocabulary chunk, and adds its bias in float32).
+- The masked tokens are skipped by their labels rather than selected out (TRL selects the valid
+  rows on CUDA and masks them on the CPU): no host synchronisation and no copy of the hidden
+  states. On the CPU chunks whose rows are all masked skip their GEMMs; on CUDA every chunk runs
+  them.
+- ``chunk_size`` (keyword only, an addition) is the number of rows per chunk passed to kdfused;
+  the default ``None`` lets kdfused choose.
+- Arguments kdfused rejects raise ValueError before any computation: a temperature that is not
+  finite and > 0, a beta outside [0, 1], a softcap that is not > 0 (TRL reads a softcap of 0 as
+  1), a mask whose size is not the number of rows.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Union
+
+import torch
+
+from . import require
+
+__all__ = ["chunked_divergence_loss", "patch_distillation_trainer"]
+
+TRL_VERSION = "1.16.0"  # the TRL release whose semantics this module reproduces
+
+_IGNORE = -100
+_TRAINER_MODULE = "trl.trainer.distillation_trainer"
+_ORIGINAL: Optional[Callable] = None  # TRL's own function, once patch_distillation_trainer ran
+
+
+def _linear_kd_loss(*args, **kwargs):
+    import kdfused
+
+    return kdfused.linear_kd_loss(*args, **kwargs)
+
+
+def _gathered(weight, bias, dtype):
+    """An FSDP2 DTensor head as plain tensors (one all-gather), as TRL does."""
+    if torch.distributed.is_available():
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(weight, DTensor):
+            weight = weight.full_tensor().to(dtype)
+            if bias is not None:
+                bias = bias.full_tensor()
+    return weight, bias
+
+
+def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return hidden.dtype
+
+
+def _side(hidden, weight, bias, teacher: bool):
+    weight, bias = _gathered(weight, bias, hidden.dtype)
+    dtype = _compute_dtype(hidden)
+    hidden = hidden.reshape(-1, hidden.size(-1)).to(dtype)
+    weight = weight.to(dtype)
+    bias = bias.to(dtype) if bias is not None else None
+    if teacher:
+        hidden, weight = hidden.detach(), weight.detach()
+        bias = bias.detach() if bias is not None else None
+    return hidden, weight, bias
+
+
+def _soft_weight(temperature: float) -> float:
+    t = float(temperature)
+    if not (math.isfinite(t) and t > 0):
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    w = 1.0 / (t * t) if t * t > 0 else math.inf
+    if not math.isfinite(w):
+        raise ValueError(f"temperature {temperature} is too small: 1 / T^2 overflows")
+    return w
+
+
+def chunked_divergence_loss(
+    student_hidden_states: torch.Tensor,
+    teacher_hidden_states: torch.Tensor,
+    student_lm_head_weight: torch.Tensor,
+    teacher_lm_head_weight: torch.Tensor,
+    completion_mask: torch.Tensor,
+    beta: float,
+    num_items_in_batch: Union[torch.Tensor, int, None] = None,
+    student_lm_head_bias: Optional[torch.Tensor] = None,
+    teacher_lm_head_bias: Optional[torch.Tensor] = None,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    student_final_logit_softcapping: Optional[float] = None,
+    teacher_final_logit_softcapping: Optional[float] = None,
+    temperature: float = 1.0,
+    *,
+    chunk_size: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """TRL 1.16's ``_chunked_divergence_loss``, computed by ``kdfused.linear_kd_loss``.
+
+    Args (as TRL's):
+        student_hidden_states: ``(B, K, H)`` (any leading shape), before the student's lm_head.
+        teacher_hidden_states: ``(B, K, H_t)``, the same tokens; ``H_t`` may differ from ``H``.
+        student_lm_head_weight, teacher_lm_head_weight: ``(V, H)``, ``(V, H_t)``.
+        completion_mask: ``(B, K)``; nonzero marks the tokens included in the loss.
+        beta: in [0, 1]; 0 is KL(teacher || student), 1 is KL(student || teacher), else the
+            generalised JSD with mixture ``beta * teacher + (1 - beta) * student``.
+        num_items_in_batch: when given (int or tensor), the loss is ``sum / num_items_in_batch``;
+            when None, the mean over the valid tokens (0 when there is none).
+        student_lm_head_bias, teacher_lm_head_bias: ``(V,)`` or None.
+        student_logit_scale, teacher_logit_scale: multiply each side's logits first.
+        student_final_logit_softcapping, teacher_final_logit_softcapping: None, or ``c`` for
+            ``c * tanh(z / c)`` after the scale.
+        temperature: divides both sides' transformed logits; no T^2 factor.
+        chunk_size: (keyword only, not TRL's) rows per chunk, or None for kdfused's choice.
+
+    Returns:
+        ``(loss, entropy_sum, n_valid)``: the scalar loss; the sum over the valid tokens of the
+        student's entropy (nats) of its tempered, transformed distribution, with no gradient;
+        the number of valid tokens (int64 tensor on the mask's device).
+    """
+    soft_weight = _soft_weight(temperature)
+    sh, sw, sb = _side(
+        student_hidden_states, student_lm_head_weight, student_lm_head_bias, teacher=False
+    )
+    th, tw, tb = _side(
+        teacher_hidden_states, teacher_lm_head_weight, teacher_lm_head_bias, teacher=True
+    )
+    valid = completion_mask.reshape(-1) != 0
+    if valid.numel() != sh.shape[0]:
+        raise ValueError(
+            f"completion_mask has {valid.numel()} elements but the hidden states have "
+            f"{sh.shape[0]} rows"
+        )
+    n_valid = valid.sum()
+    labels = torch.where(valid, 0, _IGNORE).to(device=sh.device, dtype=torch.int64)
+    loss, entropy = _linear_kd_loss(
+        sh,
+        sw,
+        th,
+        tw,
+        labels,
+        student_bias=sb,
+        teacher_bias=tb,
+        temperature=float(temperature),
+        soft_weight=soft_weight,
+        hard_weight=0.0,
+        divergence="jsd",
+        beta=beta,
+        ignore_index=_IGNORE,
+        reduction="mean" if num_items_in_batch is None else "sum",
+        student_logit_scale=float(student_logit_scale),
+        teacher_logit_scale=float(teacher_logit_scale),
+        student_softcap=student_final_logit_softcapping,
+        teacher_softcap=teacher_final_logit_softcapping,
+        return_entropy=True,
+        chunk_size=chunk_size,
+    )
+    entropy_sum = entropy.sum(dtype=torch.float64).to(entropy.dtype)
+    if num_items_in_batch is not None:
+        if isinstance(num_items_in_batch, torch.Tensor):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        loss = loss / num_items_in_batch
+    return loss, entropy_sum, n_valid
+
+
+def patch_distillation_trainer() -> Callable:
+    """Makes TRL's ``DistillationTrainer`` compute its loss with :func:`chunked_divergence_loss`
+    (replaces ``trl.trainer.distillation_trainer._chunked_divergence_loss``, which the trainer
+    looks up at each call). Returns TRL's own function; put it back with
+    ``trl.trainer.distillation_trainer._chunked_divergence_loss = <returned>``. Calling it again
+    changes nothing. Needs trl installed."""
+    global _ORIGINAL
+    module = require(_TRAINER_MODULE, "trl", TRL_VERSION, what="patch_distillation_trainer")
+    current = module._chunked_divergence_loss
+    if current is not chunked_divergence_loss:
+        _ORIGINAL = current
+        module._chunked_divergence_loss = chunked_divergence_loss
+    return _ORIGINAL
