@@ -14,9 +14,9 @@ and projections changed), and kdfused is compared with that to 1e-10. Its backwa
 incoming gradient (1 / count per token) to float32, so there the counts are powers of two, whose
 inverses float32 holds exactly.
 
-Also: the teacher gets no gradient, no valid token, chunk sizes, bfloat16, the arguments kdfused
-rejects, patch_distillation_trainer, the ImportError raised when trl is missing (simulated), and
-that the loss itself works without it.
+Also: the teacher gets no gradient, no valid token, chunk sizes, bfloat16, autocast, the arguments
+kdfused rejects, patch_distillation_trainer, the ImportError raised when trl is missing (simulated),
+and that the loss itself works without it.
 """
 
 from __future__ import annotations
@@ -251,6 +251,18 @@ def test_bfloat16(gen, seed):
     ours = _run(chunked_divergence_loss, args, **kw)
     assert ours[0][0].dtype == torch.float32
     _compare(ours, _run(trl_trainer._chunked_divergence_loss, args, **kw), 3e-2, seed)
+
+
+def test_autocast(gen, seed):
+    """Under autocast both project in its dtype (bfloat16), from float32 tensors."""
+    args = _inputs(gen, torch.float32, bias=True)
+    kw = _kwargs(0.5, 2.0, "both", None)
+    results = []
+    for fn in (chunked_divergence_loss, trl_trainer._chunked_divergence_loss):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results.append(_run(fn, args, **kw))
+    assert results[0][0][0].dtype == torch.float32
+    _compare(*results, 2e-2, seed)
 
 
 def test_bad_arguments(gen):
