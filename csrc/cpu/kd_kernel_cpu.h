@@ -153,10 +153,11 @@ class ScratchLease {
 };
 
 // Per-row buffers: the row's exponentials (relative to each chunk's maxima) and each chunk's
-// maxima; for a row split over threads also each chunk's statistics and mix sums, merged in chunk
-// order afterwards. The exponentials are left uninitialised (every element read is written by the
-// statistics sweep first, padding lanes included): zeroing them would be a serial pass over
-// memory in front of the parallel sweeps.
+// maxima; with a logit transform, each transformed side's z (so that the later sweeps do not
+// compute the tanh again); for a row split over threads also each chunk's statistics and mix sums,
+// merged in chunk order afterwards. The exponentials are left uninitialised (every element read is
+// written by the statistics sweep first, padding lanes included): zeroing them would be a serial
+// pass over memory in front of the parallel sweeps.
 template <typename A>
 struct RowBufs {
   int64_t n_chunks;
@@ -164,18 +165,22 @@ struct RowBufs {
   A* ea = nullptr;
   A* eb = nullptr;
   A* eh = nullptr;
+  A* zs = nullptr;  // the student's z (keep_zs)
+  A* zt = nullptr;  // the teacher's z (keep_zt)
   std::vector<A> cms, cmt;
   std::vector<RowState<A>> cst;
   std::vector<MixSums<A>> cmx;
 
   // the last chunk's vectors are stored whole: V + W elements per kept row
-  static size_t scratch_bytes(int64_t V, bool soft, bool keep_h, bool keep) {
-    const int64_t rows = keep ? 1 + int64_t(soft) + int64_t(keep_h) : 0;
+  static size_t scratch_bytes(int64_t V, bool soft, bool keep_h, bool keep, bool keep_zs,
+                              bool keep_zt) {
+    int64_t rows = keep ? 1 + int64_t(soft) + int64_t(keep_h) : 0;
+    rows += int64_t(keep_zs) + int64_t(keep_zt);
     return static_cast<size_t>(rows * (V + Vectorized<A>::size())) * sizeof(A);
   }
 
-  RowBufs(int64_t V, bool soft, bool keep_h, bool keep, bool split)
-      : scratch(scratch_bytes(V, soft, keep_h, keep)) {
+  RowBufs(int64_t V, bool soft, bool keep_h, bool keep, bool keep_zs, bool keep_zt, bool split)
+      : scratch(scratch_bytes(V, soft, keep_h, keep, keep_zs, keep_zt)) {
     const int64_t padded = V + Vectorized<A>::size();
     n_chunks = (V + kChunk - 1) / kChunk;
     cms.resize(n_chunks);
@@ -188,7 +193,15 @@ struct RowBufs {
         eb = next;
         next += padded;
       }
-      if (keep_h) eh = next;
+      if (keep_h) {
+        eh = next;
+        next += padded;
+      }
+      if (keep_zs) {
+        zs = next;
+        next += padded;
+      }
+      if (keep_zt) zt = next;
     }
     if (split) {
       cst.resize(n_chunks);
@@ -244,6 +257,9 @@ struct RowKernel {
   // slope (dz/dx) of the student gradient.
   const bool grad_zs;
   const bool keep;  // the exponentials are needed after the statistics sweep
+  // A transformed side's z is kept from the statistics sweep for the later sweeps that read it.
+  const bool keep_zs;
+  const bool keep_zt;
 
   KD_FLATTEN
   explicit RowKernel(const KDParams& params)
@@ -256,9 +272,13 @@ struct RowKernel {
         grad_logits(cfg.want_gt || (cfg.want_gs && cfg.soft && cfg.div != Divergence::KL &&
                                     cfg.div != Divergence::CE)),
         grad_zs(grad_logits || (cfg.want_gs && cfg.map_s.on)),
-        keep(any_grad || cfg.mix) {}
+        keep(any_grad || cfg.mix),
+        keep_zs(cfg.map_s.on && (cfg.mix || grad_zs)),
+        keep_zt(cfg.map_t.on && cfg.soft && (cfg.mix || grad_logits)) {}
 
-  RowBufs<A> row_bufs(bool split) const { return RowBufs<A>(V, cfg.soft, keep_h, keep, split); }
+  RowBufs<A> row_bufs(bool split) const {
+    return RowBufs<A>(V, cfg.soft, keep_h, keep, keep_zs, keep_zt, split);
+  }
   ChunkBufs<S, T, A> chunk_bufs() const {
     return ChunkBufs<S, T, A>(V, cfg.soft, cfg.want_gs, cfg.want_gt, cfg.map_s.on, cfg.map_t.on);
   }
@@ -311,8 +331,9 @@ struct RowKernel {
     // alias the exponential stores and would be reloaded for every vector).
     const RowConfig<A> cfg = this->cfg;
     const auto [c0, n, nv] = span(c);
-    const A* xs = chunk_z(w.s + c0, cb.s.data(), n, cfg.map_s);
-    const A* xt = cfg.soft ? chunk_z(w.t + c0, cb.t.data(), n, cfg.map_t) : nullptr;
+    const A* xs = chunk_z(w.s + c0, rb.zs ? rb.zs + c0 : cb.s.data(), n, cfg.map_s);
+    const A* xt =
+        cfg.soft ? chunk_z(w.t + c0, rb.zt ? rb.zt + c0 : cb.t.data(), n, cfg.map_t) : nullptr;
 
     Vec vms(-kd_inf<A>()), vmt(-kd_inf<A>());
     for (int64_t i = 0; i < nv; i += W) {
@@ -405,8 +426,8 @@ struct RowKernel {
     const RowConfig<A> cfg = this->cfg;
     const RowResult<A> res = f.res;
     const auto [c0, n, nv] = span(c);
-    const A* xs = chunk_z(w.s + c0, cb.s.data(), n, cfg.map_s);
-    const A* xt = chunk_z(w.t + c0, cb.t.data(), n, cfg.map_t);
+    const A* xs = rb.zs ? rb.zs + c0 : chunk_z(w.s + c0, cb.s.data(), n, cfg.map_s);
+    const A* xt = rb.zt ? rb.zt + c0 : chunk_z(w.t + c0, cb.t.data(), n, cfg.map_t);
     const A* ea = rb.ea + c0;
     const A* eb = rb.eb + c0;
     const Vec ms(res.ms), mt(res.mt);
@@ -438,8 +459,12 @@ struct RowKernel {
     const A* ea = rb.ea + c0;
     const A* eb = cfg.soft ? rb.eb + c0 : nullptr;
     const A* eh = keep_h ? rb.eh + c0 : ea;
-    const A* xs = grad_zs ? chunk_z(w.s + c0, cb.s.data(), n, cfg.map_s) : nullptr;
-    const A* xt = grad_logits ? chunk_z(w.t + c0, cb.t.data(), n, cfg.map_t) : nullptr;
+    const A* xs = !grad_zs ? nullptr
+                  : rb.zs  ? rb.zs + c0
+                           : chunk_z(w.s + c0, cb.s.data(), n, cfg.map_s);
+    const A* xt = !grad_logits ? nullptr
+                  : rb.zt      ? rb.zt + c0
+                               : chunk_z(w.t + c0, cb.t.data(), n, cfg.map_t);
     // The transform's slope (dz/dx) multiplies each gradient (after the hard term's label part).
     const bool slope_s = cfg.want_gs && cfg.map_s.on;
     const bool slope_t = cfg.want_gt && cfg.map_t.on;
