@@ -8,7 +8,8 @@ over the rounds. Also kdfused.reference (eager PyTorch) with the same softcap, f
     python benchmarks/transform_bench.py --sizes 2048x32000:float32 --rounds 9 --out F.json
 
 The plain call must cost what it cost before the transform existed (a transform off is a branch per
-chunk, not per element); compare "plain" with benchmarks/run.py's kdfused rows of the same size.
+chunk, not per element): run ``--variants plain`` with this file and an older build of kdfused on
+PYTHONPATH in turn (e.g. ``--threads 1 --sizes 512x32000:float32 --rounds 40 --no-reference``).
 """
 
 from __future__ import annotations
@@ -90,8 +91,11 @@ def main() -> None:
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--variants", default=",".join(VARIANTS),
                     help="comma list of: " + ", ".join(VARIANTS))  # fmt: skip
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     ap.add_argument("--out", help="write the results as JSON here")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     info = kdfused.build_info()
     unknown = set(a.variants.split(",")) - set(VARIANTS)
     if unknown:
