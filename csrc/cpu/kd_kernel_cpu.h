@@ -327,9 +327,19 @@ struct RowKernel {
   // ---- 1. statistics sweep of chunk c: exact chunk maxima, kd_math.h accumulate_at per vector --
   KD_FLATTEN
   RowState<A> stats_chunk(const Row& w, int64_t c, RowBufs<A>& rb, ChunkBufs<S, T, A>& cb) const {
+    return cfg.need_hq ? stats_chunk_as<true>(w, c, rb, cb) : stats_chunk_as<false>(w, c, rb, cb);
+  }
+
+  // HQ: the entropy's sum is accumulated. Why a template: with it a runtime switch, its vector
+  // accumulator stays live through the loop for nothing in a call without return_entropy (one more
+  // register in a loop that is short of them: the plain call measured ~2% slower).
+  template <bool HQ>
+  KD_FLATTEN RowState<A> stats_chunk_as(const Row& w, int64_t c, RowBufs<A>& rb,
+                                        ChunkBufs<S, T, A>& cb) const {
     // A local copy: inside the loops the compiler keeps its fields in registers (a member could
     // alias the exponential stores and would be reloaded for every vector).
-    const RowConfig<A> cfg = this->cfg;
+    RowConfig<A> cfg = this->cfg;
+    cfg.need_hq = HQ;
     const auto [c0, n, nv] = span(c);
     const A* xs = chunk_z(w.s + c0, rb.zs ? rb.zs + c0 : cb.s.data(), n, cfg.map_s);
     const A* xt =
