@@ -29,10 +29,11 @@
 
 namespace {
 
-using KDOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+// (loss, grad_student, grad_teacher, grad_scale, entropy)
+using KDOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using KDLossFn = KDOut(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                        double, double, double, c10::string_view, double, int64_t, c10::string_view,
-                       bool, bool);
+                       c10::ArrayRef<double>, bool, bool, bool);
 using KDScaleFn = void(at::Tensor&, at::Tensor&, at::Tensor&, const at::Tensor&);
 
 struct Case {
@@ -134,9 +135,12 @@ void run_case(const Case& c, const c10::TypedOperatorHandle<KDLossFn>& kd_loss,
     labels = y;
   }
 
-  auto [loss, gs, gt, scale] =
+  // No logit transform (logit_map []), no entropy.
+  auto [loss, gs, gt, scale, entropy] =
       kd_loss.call(s, t, labels, c.temperature, c.soft_weight, c.hard_weight, c.divergence, 0.5,
-                   kIgnore, c.reduction, /*grad_student=*/true, /*grad_teacher=*/true);
+                   kIgnore, c.reduction, /*logit_map=*/{}, /*return_entropy=*/false,
+                   /*grad_student=*/true, /*grad_teacher=*/true);
+  if (entropy.numel() != 0) fail(c.name + ": an entropy that was not asked for");
   auto [ref_loss, ref_gs, ref_gt] = reference(c, s, t, labels, kIgnore);
 
   const bool dbl = c.dtype == at::kDouble;
@@ -216,7 +220,8 @@ int main(int argc, char** argv) {
     bool threw = false;
     try {
       const at::Tensor a = at::randn({2, 4});
-      kd_loss.call(a, a, std::nullopt, -1.0, 1.0, 0.0, "kl", 0.5, -100, "batchmean", false, false);
+      kd_loss.call(a, a, std::nullopt, -1.0, 1.0, 0.0, "kl", 0.5, -100, "batchmean", {}, false,
+                   false, false);
     } catch (const c10::ValueError&) {
       threw = true;
     }
