@@ -11,11 +11,16 @@ Providers (each run in its own subprocess, so that its peak memory is its own):
                     compiled=False: its chunk loop in eager PyTorch, its default 1024-row chunks
   liger-compiled    the same with compiled=True (its default: torch.compile of the chunk step)
   kdfused-liger     kdfused.integrations.liger.FusedLinearJSDLoss, the drop-in for the above
+  trl               TRL's DistillationTrainer loss (trl 1.16.0: trl.trainer.distillation_trainer.
+                    _chunked_divergence_loss, its chunked autograd function; --soft-only)
+  kdfused-trl       kdfused.integrations.trl.chunked_divergence_loss, the drop-in for the above
 
 Loss: 0.5 * T^2 * KL(teacher || student) + 0.5 * CE(student, labels), T = 2, batchmean, every row
 valid; the teacher is (hidden, weight) without grad. With --divergence jsd the soft term is
 0.5 * T^2 * JSD(beta = 0.5) instead (Liger's modules get weight_soft_loss = 0.5 * T^2, as they
 apply no T^2), for the providers that compute it: kdfused-linear, kdfused and the liger ones.
+With --soft-only the loss is the soft term alone without T^2 (TRL's: its trainer has no hard term
+and no T^2 factor): soft weight 1/T^2, hard weight 0, and the trl providers join in.
 Reported: median time of forward + backward, peak RSS above the inputs (peak RSS over the
 measured runs, VmHWM after a reset, minus the RSS once the inputs exist; ru_maxrss where the
 reset is not allowed), and the time of the four N x V x H GEMMs every provider needs (measured
@@ -24,6 +29,7 @@ alone) as a share of the total. The losses are printed, with how closely they ag
     python benchmarks/linear_bench.py --quick
     python benchmarks/linear_bench.py --out benchmarks/results/linear-cpu
     python benchmarks/linear_bench.py --divergence jsd --size 1024,512,8192
+    python benchmarks/linear_bench.py --divergence jsd --soft-only
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ from _procinfo import reset_hwm, status_kib
 
 PROVIDERS = ["kdfused-linear", "kdfused", "eager", "compile", "chunked-eager"]
 JSD_PROVIDERS = ["kdfused-linear", "kdfused", "kdfused-liger", "liger", "liger-compiled"]
+SOFT_ONLY_PROVIDERS = ["kdfused-linear", "kdfused-trl", "trl", "kdfused-liger", "liger-compiled"]
+TRL_PROVIDERS = {"trl", "kdfused-trl"}  # jsd, soft only
 KL_ONLY = {"eager", "compile", "chunked-eager"}
 T, SOFT, HARD = 2.0, 0.5, 0.5
 BETA = 0.5  # the JSD's beta with --divergence jsd
@@ -98,12 +106,18 @@ def _chunked_eager(sh, sw, th, tw, y):
     return total / sh.shape[0]
 
 
-def _liger_options():
+def _weights(soft_only):
+    """(soft weight, hard weight): soft only is the soft term without T^2 and no hard term."""
+    return (1.0 / (T * T), 0.0) if soft_only else (SOFT, HARD)
+
+
+def _liger_options(soft_only):
     # Liger's JSD has no T^2 factor: the soft weight carries it, so the loss is the one above
-    return dict(weight_hard_loss=HARD, weight_soft_loss=SOFT * T * T, beta=BETA, temperature=T)
+    soft, hard = _weights(soft_only)
+    return dict(weight_hard_loss=hard, weight_soft_loss=soft * T * T, beta=BETA, temperature=T)
 
 
-def worker(provider, N, H, V, dtype_name, repeats, divergence="kl"):
+def worker(provider, N, H, V, dtype_name, repeats, divergence="kl", soft_only=False):
     import torch
     import torch.nn.functional as F
 
@@ -111,14 +125,29 @@ def worker(provider, N, H, V, dtype_name, repeats, divergence="kl"):
 
     dtype = getattr(torch, dtype_name)
     sh, sw, th, tw, y = _make(N, H, V, dtype)
-    opts = dict(temperature=T, soft_weight=SOFT, hard_weight=HARD, divergence=divergence)
+    soft, hard = _weights(soft_only)
+    opts = dict(temperature=T, soft_weight=soft, hard_weight=hard, divergence=divergence)
     if divergence == "jsd":
         opts["beta"] = BETA
     if divergence != "kl" and provider in KL_ONLY:
         raise SystemExit(f"provider {provider} computes divergence kl only")
+    if soft_only and provider in KL_ONLY:
+        raise SystemExit(f"provider {provider} computes the soft and hard terms")
     if divergence != "jsd" and provider in ("kdfused-liger", "liger", "liger-compiled"):
         raise SystemExit(f"provider {provider} computes divergence jsd only")
-    if provider == "kdfused-linear":
+    if provider in TRL_PROVIDERS and not (divergence == "jsd" and soft_only):
+        raise SystemExit(f"provider {provider} computes the soft jsd only (--soft-only)")
+    if provider in TRL_PROVIDERS:
+        if provider == "trl":
+            from trl.trainer.distillation_trainer import _chunked_divergence_loss as trl_loss
+        else:
+            from kdfused.integrations.trl import chunked_divergence_loss as trl_loss
+        ones = torch.ones(1, N, dtype=torch.long)
+
+        def fn():  # (1, N, H): one sequence of N completion tokens, all in the loss
+            loss, _, _ = trl_loss(sh[None], th[None], sw, tw, ones, BETA, temperature=T)
+            return loss
+    elif provider == "kdfused-linear":
 
         def fn():
             return kdfused.linear_kd_loss(sh, sw, th, tw, y, **opts)
@@ -132,14 +161,16 @@ def worker(provider, N, H, V, dtype_name, repeats, divergence="kl"):
     elif provider == "kdfused-liger":
         from kdfused.integrations.liger import FusedLinearJSDLoss
 
-        crit = FusedLinearJSDLoss(**_liger_options())
+        crit = FusedLinearJSDLoss(**_liger_options(soft_only))
 
         def fn():
             return crit(sh, sw, th, tw, y)
     elif provider in ("liger", "liger-compiled"):
         from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
-        crit = LigerFusedLinearJSDLoss(**_liger_options(), compiled=provider == "liger-compiled")
+        crit = LigerFusedLinearJSDLoss(
+            **_liger_options(soft_only), compiled=provider == "liger-compiled"
+        )
 
         def fn():
             return crit(sh, sw, th, tw, y)
@@ -212,7 +243,7 @@ def gemm_worker(sh, sw, th, tw, repeats):
     print(json.dumps(dict(provider="gemm", ms=1e3 * statistics.median(times))))
 
 
-def run_one(provider, N, H, V, dtype, repeats, divergence="kl"):
+def run_one(provider, N, H, V, dtype, repeats, divergence="kl", soft_only=False):
     cmd = [
         sys.executable,
         os.path.abspath(__file__),
@@ -224,6 +255,7 @@ def run_one(provider, N, H, V, dtype, repeats, divergence="kl"):
         dtype,
         str(repeats),
         divergence,
+        str(int(soft_only)),
     ]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
@@ -234,7 +266,9 @@ def run_one(provider, N, H, V, dtype, repeats, divergence="kl"):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument(
-        "--worker", nargs=7, metavar=("PROVIDER", "N", "H", "V", "DTYPE", "REPEATS", "DIVERGENCE")
+        "--worker",
+        nargs=8,
+        metavar=("PROVIDER", "N", "H", "V", "DTYPE", "REPEATS", "DIVERGENCE", "SOFT_ONLY"),
     )
     ap.add_argument(
         "--quick", action="store_true", help="one small case (N, H, V) = (512, 256, 8000)"
@@ -247,23 +281,35 @@ def main():
         default="kl",
         help=f"the soft term; jsd: beta = {BETA}, default providers {','.join(JSD_PROVIDERS)}",
     )
+    ap.add_argument(
+        "--soft-only",
+        action="store_true",
+        help="the soft term alone, without T^2 (TRL's loss; with --divergence jsd), "
+        f"default providers {','.join(SOFT_ONLY_PROVIDERS)}",
+    )
     ap.add_argument("--size", help="one case N,H,V (default 4096,1024,32000)")
     ap.add_argument("--providers", default=None, help=f"default {','.join(PROVIDERS)}")
     ap.add_argument("--out", help="write OUT.csv and OUT.json")
     args = ap.parse_args()
     if args.worker:
-        p, N, H, V, dt, r, div = args.worker
-        return worker(p, int(N), int(H), int(V), dt, int(r), div)
+        p, N, H, V, dt, r, div, so = args.worker
+        return worker(p, int(N), int(H), int(V), dt, int(r), div, bool(int(so)))
+    if args.soft_only and args.divergence != "jsd":
+        ap.error("--soft-only computes TRL's loss: give --divergence jsd")
     sizes = [(512, 256, 8000)] if args.quick else [(4096, 1024, 32000)]
     if args.size:
         sizes = [tuple(int(x) for x in args.size.split(","))]
-    providers = args.providers or ",".join(JSD_PROVIDERS if args.divergence == "jsd" else PROVIDERS)
+    default = PROVIDERS
+    if args.divergence == "jsd":
+        default = SOFT_ONLY_PROVIDERS if args.soft_only else JSD_PROVIDERS
+    providers = args.providers or ",".join(default)
     rows = []
     for N, H, V in sizes:
         gemm = run_one("gemm", N, H, V, args.dtype, args.repeats)
         for prov in providers.split(","):
-            r = run_one(prov, N, H, V, args.dtype, args.repeats, args.divergence)
+            r = run_one(prov, N, H, V, args.dtype, args.repeats, args.divergence, args.soft_only)
             r.update(N=N, H=H, V=V, dtype=args.dtype, divergence=args.divergence)
+            r.update(soft_only=args.soft_only)
             if "ms" in r:
                 r["gemm_share"] = gemm["ms"] / r["ms"]
             rows.append(r)
@@ -311,6 +357,7 @@ def main():
             "V",
             "dtype",
             "divergence",
+            "soft_only",
             "provider",
             "ms",
             "peak_mib",

@@ -334,3 +334,39 @@ def test_module_works_without_trl(monkeypatch, gen):
     )
     assert torch.isfinite(loss) and torch.isfinite(entropy_sum) and int(n_valid) > 0
     assert importlib.import_module("kdfused.integrations").trl is mod
+
+
+def test_fsdp2_dtensor_head(gen, seed, tmp_path):
+    """An FSDP2 lm-head (a DTensor sharded over the vocabulary, on a 1-process gloo mesh) is
+    gathered once, as TRL does: the same loss, and the weight's gradient arrives as a DTensor
+    equal to the plain one."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    args = _inputs(gen, torch.float64, bias=True)
+    kw = _kwargs(0.5, 2.0, "both", None)
+    plain = _run(chunked_divergence_loss, args, **kw)
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group(
+        "gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1
+    )
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        sharded = dict(args)
+        for side in ("student", "teacher"):
+            for part in ("weight", "bias"):
+                name = f"{side}_lm_head_{part}"
+                sharded[name] = distribute_tensor(args[name], mesh, [Shard(0)])
+        sharded["student_lm_head_weight"].requires_grad_()
+        loss, entropy_sum, n_valid = chunked_divergence_loss(**sharded, **kw)
+        loss.backward()
+        grad = sharded["student_lm_head_weight"].grad
+    finally:
+        dist.destroy_process_group()
+    assert isinstance(grad, DTensor)
+    _close(loss.detach(), plain[0][0], 1e-12, f"loss (seed {seed})")
+    _close(entropy_sum, plain[0][1], 1e-12, f"entropy_sum (seed {seed})")
+    assert int(n_valid) == int(plain[0][2])
+    _close(grad.full_tensor(), plain[1][1], 1e-12, f"grad weight (seed {seed})")

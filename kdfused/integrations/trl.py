@@ -72,6 +72,7 @@ Differences from TRL, none of which changes a result beyond rounding:
 from __future__ import annotations
 
 import math
+import sys
 from typing import Callable, Optional, Union
 
 import torch
@@ -95,10 +96,11 @@ def _linear_kd_loss(*args, **kwargs):
 
 def _gathered(weight, bias, dtype):
     """An FSDP2 DTensor head as plain tensors (one all-gather), as TRL does."""
-    if torch.distributed.is_available():
-        from torch.distributed.tensor import DTensor
-
-        if isinstance(weight, DTensor):
+    # Not imported here: a DTensor exists only once its module is loaded, and importing it costs
+    # about 40 MiB of memory and 0.2 s in a process that has no use for it.
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    if dtensor is not None:
+        if isinstance(weight, dtensor.DTensor):
             weight = weight.full_tensor().to(dtype)
             if bias is not None:
                 bias = bias.full_tensor()
