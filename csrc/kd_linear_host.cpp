@@ -147,8 +147,25 @@ void linear_into(at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
 
 }  // namespace
 
-int64_t auto_chunk_rows(int64_t V, at::ScalarType logit_dtype) {
-  const int64_t row_bytes = V * static_cast<int64_t>(c10::elementSize(logit_dtype));
+ChunkOut LinearBackend::run_chunk(const at::Tensor& s_c, const at::Tensor& t_c,
+                                  const std::optional<at::Tensor>& y_c, const KDOptions& opt,
+                                  bool grad, const GradScale& scale) const {
+  // A dtype pair the device has no kernel for is converted (exactly), as kd_loss does.
+  const auto [k_s, k_t] = kernel_dtypes(s_c.scalar_type(), t_c.scalar_type());
+  const at::Tensor s_k = k_s == s_c.scalar_type() ? s_c : s_c.to(k_s);
+  const at::Tensor t_k = k_t == t_c.scalar_type() ? t_c : t_c.to(k_t);
+  check_inputs(s_k, t_k, y_c, opt);
+  Prepared prep = prepare(s_k, t_k, y_c, opt, grad, false);
+  run_kernel(prep.params, scale);
+  ChunkOut out;
+  out.row_loss = prep.row_loss;
+  if (grad) out.grad = prep.grad_student;
+  if (opt.return_entropy) out.entropy = prep.entropy.reshape({s_c.size(0)});
+  return out;
+}
+
+int64_t auto_chunk_rows(int64_t V, int64_t elem_bytes) {
+  const int64_t row_bytes = V * elem_bytes;
   int64_t rows = std::max<int64_t>(1, kChunkLogitBytes / std::max<int64_t>(row_bytes, 1));
   if (rows >= 64) rows -= rows % 16;  // GEMM-friendly row counts
   return rows;
@@ -217,7 +234,7 @@ LinearOutputs kd_linear_loss_chunked(const LinearBackend& backend, const LinearA
   at::Tensor gw_acc = grad_weight ? at::zeros({V, H}, opts.dtype(w_acc)) : at::Tensor();
   at::Tensor gb_acc = grad_bias ? at::zeros({V}, opts.dtype(w_acc)) : at::Tensor();
 
-  const int64_t chunk = chunk_size > 0 ? chunk_size : auto_chunk_rows(V, s_dtype);
+  const int64_t chunk = chunk_size > 0 ? chunk_size : auto_chunk_rows(V, c10::elementSize(s_dtype));
   const int64_t c_max = std::min<int64_t>(chunk, std::max<int64_t>(N, 1));
   at::Tensor s_buf, t_buf;  // the chunk logits, allocated once (first chunk with valid rows)
   const int64_t* yp = valid.host_labels;
@@ -245,20 +262,14 @@ LinearOutputs kd_linear_loss_chunked(const LinearBackend& backend, const LinearA
     } else {
       t_c = tl.narrow(0, start, c);
     }
-    // A dtype pair the device has no kernel for is converted (exactly), as kd_loss does.
-    const auto [k_s, k_t] = backend.kernel_dtypes(s_c.scalar_type(), t_c.scalar_type());
-    const at::Tensor s_k = k_s == s_c.scalar_type() ? s_c : s_c.to(k_s);
-    const at::Tensor t_k = k_t == t_c.scalar_type() ? t_c : t_c.to(k_t);
     const std::optional<at::Tensor> y_c =
         y.defined() ? std::optional<at::Tensor>(y.narrow(0, start, c)) : std::nullopt;
-    check_inputs(s_k, t_k, y_c, chunk_opt);
-    Prepared prep = prepare(s_k, t_k, y_c, chunk_opt, any_grad, false);
-    backend.run_kernel(prep.params, scale);
-    row_loss.narrow(0, start, c).copy_(prep.row_loss);
-    if (opt.return_entropy) entropy.narrow(0, start, c).copy_(prep.entropy.reshape({c}));
+    ChunkOut out = backend.run_chunk(s_c, t_c, y_c, chunk_opt, any_grad, scale);
+    row_loss.narrow(0, start, c).copy_(out.row_loss);
+    if (opt.return_entropy) entropy.narrow(0, start, c).copy_(out.entropy);
     if (!any_grad) continue;
 
-    at::Tensor g = prep.grad_student;  // d loss / d logits for this chunk's rows, c x V
+    at::Tensor g = out.grad;  // d loss / d logits for this chunk's rows, c x V
     if (rw.defined()) {
       // Multiplied in double and rounded once into g's dtype.
       g.copy_(g.to(at::kDouble).mul_(rw.narrow(0, start, c).unsqueeze(1)));

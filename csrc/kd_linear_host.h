@@ -36,6 +36,13 @@ struct GradScale {
   at::Tensor dev;     // 0-dim, of the accumulation type, on the device
 };
 
+// One chunk's results from the loss step: the row losses ([c], accumulation type), the logit
+// gradient (c x V; undefined when no gradient was asked) and the entropy ([c]; undefined unless
+// return_entropy).
+struct ChunkOut {
+  at::Tensor row_loss, grad, entropy;
+};
+
 class LinearBackend {
  public:
   virtual ~LinearBackend() = default;
@@ -58,6 +65,13 @@ class LinearBackend {
   // Runs the fused kernel on one chunk: p comes from prepare() with reduction "sum" (or "none");
   // fills p.row_loss and, when asked, p.grad_student, the gradient multiplied by `scale`.
   virtual void run_kernel(KDParams& p, const GradScale& scale) const = 0;
+
+  // The loss step on one chunk's logits (s_c, t_c: c x V; y_c: int64 [c] or none), with `opt`'s
+  // reduction "sum" or "none". This default runs the device's kernel (kernel_dtypes, the checks,
+  // prepare(), run_kernel); the vocabulary-parallel path overrides it with its slice steps.
+  virtual ChunkOut run_chunk(const at::Tensor& s_c, const at::Tensor& t_c,
+                             const std::optional<at::Tensor>& y_c, const KDOptions& opt, bool grad,
+                             const GradScale& scale) const;
 
   // The loss of reduction "sum" / "mean": the row losses ([N], accumulation type) summed in double
   // in a fixed order, divided by max(n_valid, 1) for "mean"; 0-dim, of row_loss's dtype.
@@ -113,7 +127,9 @@ LinearOutputs kd_linear_loss_op(
                                 grad_bias);
 }
 
-// The automatic chunk (chunk_size 0): rows of one chunk's student logits of about 64 MiB.
-int64_t auto_chunk_rows(int64_t V, at::ScalarType logit_dtype);
+// The automatic chunk (chunk_size 0): rows of one chunk's student logits of about 64 MiB, for a
+// vocabulary of V logits of elem_bytes bytes each (the vocabulary-parallel path asks with the
+// whole vocabulary, so that every process has the same chunks).
+int64_t auto_chunk_rows(int64_t V, int64_t elem_bytes);
 
 }  // namespace kdfused

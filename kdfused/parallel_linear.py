@@ -13,93 +13,57 @@ gradient parts (group size x N x H).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from . import _C
 from ._backward import backward
 from ._checks import check_logit_transform
 from ._options import KDOptions
 from .parallel import exchange_metadata, gather, slice_loss
 
-# Rows per chunk when chunk_size is None: as the single-process op, from the logit row size; the
-# same on every process (computed from the whole vocabulary), since each chunk is a collective.
-_CHUNK_LOGIT_BYTES = 64 << 20
-
-
-def _auto_chunk(total_vocab: int, dtype: torch.dtype) -> int:
-    row = total_vocab * torch.empty((), dtype=dtype).element_size()
-    rows = max(1, _CHUNK_LOGIT_BYTES // max(row, 1))
-    return rows - rows % 16 if rows >= 64 else rows
-
-
-def _linear(h, w, b):
-    return F.linear(h, w, b)
-
 
 def _run(args, row_weight, need_h, need_w, need_b, entropy=False):
-    """The chunk loop. row_weight: [N] factors applied to each row's logit gradient (the mean's
+    """The linear op's own chunk loop (``_C.linear_chunk_loop``: the GEMMs, the row weights, the
+    gradient sums and their 16-bit accumulation, the chunks whose rows are all ignored skipped,
+    the same on every process since the labels are), with this slice's steps as the loss of each
+    chunk. row_weight: [N] factors applied to each row's logit gradient in double (the mean's
     1 / n_valid, or the backward's grad_output for reduction "none"); None: loss only. Returns
     (row losses, grad_hidden, grad_weight, grad_bias, entropy or None)."""
     (sh, sw, sb, th, tw, tb, tl, labels, group, sl, options, chunk) = args
-    ignore_index = options.ignore_index
-    H = sh.shape[-1]
-    N = sh.numel() // H if H else 0
-    h = sh.reshape(N, H)
-    ht = th.reshape(N, th.shape[-1]) if th is not None else None
-    tlog = tl.reshape(N, tl.shape[-1]) if tl is not None else None
-    y = labels.reshape(N).to(torch.int64) if labels is not None else None
     grads = row_weight is not None
-    w_acc = torch.float32 if sw.dtype in (torch.float16, torch.bfloat16) else sw.dtype
-    gh = torch.zeros_like(h) if grads and need_h else None
-    gw = torch.zeros(sw.shape, dtype=w_acc, device=sw.device) if grads and need_w else None
-    gb = torch.zeros(sb.shape, dtype=w_acc, device=sw.device) if grads and need_b else None
-    acc = (
-        torch.float64
-        if torch.float64 in (sh.dtype, (th if th is not None else tl).dtype)
-        else (torch.float32)
-    )
-    rows = torch.zeros(N, dtype=acc, device=sh.device)
-    ent = torch.zeros(N, dtype=acc, device=sh.device) if entropy else None  # 0 at ignored rows
-    # Which chunks are all ignored, decided on the host once (one copy of the labels on CUDA).
-    y_host = y.cpu() if y is not None else None
-    for a in range(0, N, chunk):
-        b = min(N, a + chunk)
-        y_c = y[a:b] if y is not None else None
-        if y_host is not None and bool((y_host[a:b] == ignore_index).all()):
-            continue  # the same on every process (labels are identical): no collective skipped
-        s_c = _linear(h[a:b], sw, sb)
-        t_c = _linear(ht[a:b], tw, tb) if ht is not None else tlog[a:b]
+
+    def step(s_c, t_c, y_c, grad):
         loss_c, g, _, _, ent_c = slice_loss(
-            s_c, t_c, y_c, sl, group, options, "none", grads, False, entropy
+            s_c, t_c, y_c, sl, group, options, "none", grad, False, entropy
         )
-        rows[a:b] = loss_c
-        if entropy:
-            ent[a:b] = ent_c
-        if not grads:
-            continue
-        g = (g.to(torch.float64) * row_weight[a:b].unsqueeze(1)).to(g.dtype)
-        if gh is not None:
-            gh[a:b] = g @ sw
-        if gw is not None or gb is not None:
-            g_acc = g.to(w_acc)
-            if gw is not None:
-                gw.addmm_(g_acc.t(), h[a:b].to(w_acc))
-            if gb is not None:
-                gb.add_(g_acc.sum(0))
+        return loss_c, g, ent_c
+
+    rows, gh, gw, gb, ent = _C.linear_chunk_loop(
+        sh,
+        sw,
+        sb,
+        th,
+        tw,
+        tb,
+        tl,
+        labels,
+        row_weight.reshape(sh.shape[:-1]) if grads else None,
+        *options.op_args,
+        entropy,
+        chunk,
+        grads and need_h,
+        grads and need_w,
+        grads and need_b,
+        step,
+    )
     if gh is not None:
         # The whole hidden-state gradient: every slice's part, summed in rank order (the same
         # operations on the same data everywhere: bitwise identical on every process).
-        parts = gather(gh, group, sl.world)
+        parts = gather(gh.reshape(-1, sh.shape[-1]), group, sl.world)
         gh = parts[0].clone()
         for k in range(1, sl.world):
             gh += parts[k]
         gh = gh.reshape(sh.shape)
-    return (
-        rows,
-        gh,
-        gw.to(sw.dtype) if gw is not None else None,
-        gb.to(sb.dtype) if gb is not None else None,
-        ent.reshape(sh.shape[:-1]) if entropy else None,
-    )
+    return rows.reshape(-1), gh, gw, gb, ent
 
 
 class _VocabParallelLinearKD(torch.autograd.Function):
@@ -136,7 +100,9 @@ class _VocabParallelLinearKD(torch.autograd.Function):
         y = labels.reshape(-1) if labels is not None else None
         n_valid = int((y != ignore_index).sum()) if y is not None else N
         if chunk == 0:
-            chunk = _auto_chunk(sl.total, sh.dtype)
+            # From the whole vocabulary, so that every process has the same chunks (each chunk
+            # is a collective).
+            chunk = _C.auto_chunk_rows(sl.total, sh.element_size())
         args = (sh, sw, sb, th, tw, tb, tl, labels, group, sl, options, chunk)
         any_grad = need_h or need_w or need_b
         none = reduction == "none"
