@@ -37,6 +37,15 @@ def no_double_backward(op: str) -> RuntimeError:
     return RuntimeError(f"kdfused.{op} does not support double backward (create_graph=True)")
 
 
+def with_entropy(ctx, loss: torch.Tensor, entropy):
+    """A forward's return value: ``loss``, or ``(loss, entropy)`` with the entropy marked
+    non-differentiable (``entropy`` None: not asked for)."""
+    if entropy is None:
+        return loss
+    ctx.mark_non_differentiable(entropy)
+    return loss, entropy
+
+
 def keep(ctx, need: tuple, grads: tuple) -> None:
     """What :func:`backward` reads: ``need`` (a flag per slot), ``grads`` (the gradients, then
     the grad_scale)."""

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from . import _C
-from ._backward import backward, keep
+from ._backward import backward, keep, with_entropy
 from ._checks import check_label_values, check_logit_transform
 from ._ops import _lib_ops
 from ._options import KDOptions
@@ -228,10 +228,7 @@ class _VocabParallelKD(torch.autograd.Function):
         )
         ctx.set_materialize_grads(False)
         keep(ctx, (need_s, need_t), tuple(grads))
-        if not entropy:
-            return loss
-        ctx.mark_non_differentiable(ent)
-        return loss, ent
+        return with_entropy(ctx, loss, ent if entropy else None)
 
     @staticmethod
     def backward(ctx, grad_loss, *_entropy):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from . import _C
-from ._backward import backward
+from ._backward import backward, with_entropy
 from ._checks import check_logit_transform
 from ._options import KDOptions
 from .parallel import exchange_metadata, gather, slice_loss
@@ -124,10 +124,7 @@ class _VocabParallelLinearKD(torch.autograd.Function):
             if reduction in ("mean", "batchmean"):
                 total = total / max(n_valid, 1)
             loss = total.to(rows.dtype)
-        if not entropy:
-            return loss
-        ctx.mark_non_differentiable(ent)
-        return loss, ent
+        return with_entropy(ctx, loss, ent if entropy else None)
 
     @staticmethod
     def backward(ctx, grad_loss, *_entropy):
