@@ -22,11 +22,15 @@ namespace kdfused {
 
 namespace {
 
-// The automatic chunk: as many rows as make one chunk's student logits about this many bytes. The
-// live extra memory is then about 3-4x this (student and teacher logits, the logit gradient, and
-// for 16-bit inputs its float32 copy for grad_weight), while each GEMM still has >= hundreds of
-// rows for the usual vocabularies (V = 32000 float32: 512 rows after rounding).
+// The automatic chunk: as many rows as make one chunk's student logits about this many bytes, and
+// at most 1/8 of the rows. The live extra memory is about 3-4 chunk x V buffers (student and
+// teacher logits, the logit gradient, and for 16-bit inputs its float32 copy for grad_weight):
+// the byte cap bounds it at large sizes, the 1/8 keeps it a fraction of what the N x V logits
+// would take at small ones (where the byte cap alone would be every row). Each GEMM still has
+// hundreds of rows at the usual sizes (N = 4096, V = 32000 float32: 512 rows, by either rule).
 constexpr int64_t kChunkLogitBytes = int64_t{64} << 20;
+constexpr int64_t kChunkRowFraction = 8;
+constexpr int64_t kMinChunkRows = 16;
 
 bool is_16bit(const at::Tensor& t) {
   return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
@@ -164,9 +168,12 @@ ChunkOut LinearBackend::run_chunk(const at::Tensor& s_c, const at::Tensor& t_c,
   return out;
 }
 
-int64_t auto_chunk_rows(int64_t V, int64_t elem_bytes) {
+int64_t auto_chunk_rows(int64_t N, int64_t V, int64_t elem_bytes) {
   const int64_t row_bytes = V * elem_bytes;
   int64_t rows = std::max<int64_t>(1, kChunkLogitBytes / std::max<int64_t>(row_bytes, 1));
+  // ceil(N / 8), rounded up to a multiple of 16, and at least 16 rows
+  const int64_t part = (N + kChunkRowFraction - 1) / kChunkRowFraction;
+  rows = std::min(rows, std::max(kMinChunkRows, (part + 15) / 16 * 16));
   if (rows >= 64) rows -= rows % 16;  // GEMM-friendly row counts
   return rows;
 }
@@ -234,7 +241,8 @@ LinearOutputs kd_linear_loss_chunked(const LinearBackend& backend, const LinearA
   at::Tensor gw_acc = grad_weight ? at::zeros({V, H}, opts.dtype(w_acc)) : at::Tensor();
   at::Tensor gb_acc = grad_bias ? at::zeros({V}, opts.dtype(w_acc)) : at::Tensor();
 
-  const int64_t chunk = chunk_size > 0 ? chunk_size : auto_chunk_rows(V, c10::elementSize(s_dtype));
+  const int64_t chunk =
+      chunk_size > 0 ? chunk_size : auto_chunk_rows(N, V, c10::elementSize(s_dtype));
   const int64_t c_max = std::min<int64_t>(chunk, std::max<int64_t>(N, 1));
   at::Tensor s_buf, t_buf;  // the chunk logits, allocated once (first chunk with valid rows)
   const int64_t* yp = valid.host_labels;

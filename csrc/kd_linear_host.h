@@ -127,9 +127,10 @@ LinearOutputs kd_linear_loss_op(
                                 grad_bias);
 }
 
-// The automatic chunk (chunk_size 0): rows of one chunk's student logits of about 64 MiB, for a
-// vocabulary of V logits of elem_bytes bytes each (the vocabulary-parallel path asks with the
-// whole vocabulary, so that every process has the same chunks).
-int64_t auto_chunk_rows(int64_t V, int64_t elem_bytes);
+// The automatic chunk (chunk_size 0) of N rows: rows of one chunk's student logits of about
+// 64 MiB and at most about N / 8, for a vocabulary of V logits of elem_bytes bytes each (the
+// vocabulary-parallel path asks with the whole vocabulary, so that every process has the same
+// chunks).
+int64_t auto_chunk_rows(int64_t N, int64_t V, int64_t elem_bytes);
 
 }  // namespace kdfused

@@ -152,7 +152,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cuda_plan", &kdfused::cuda_plan_spec, "The forced CUDA plan ('auto' when none).");
   m.def("last_cuda_plan", &kdfused::last_cuda_plan,
         "The plan of the last CUDA launch of the fused kernel ('' before the first).");
-  m.def("auto_chunk_rows", &kdfused::auto_chunk_rows, pybind11::arg("vocab"),
+  m.def("auto_chunk_rows", &kdfused::auto_chunk_rows, pybind11::arg("rows"), pybind11::arg("vocab"),
         pybind11::arg("elem_bytes"),
         "Rows per chunk of the linear ops when chunk_size is None (logits of elem_bytes each).");
   m.def("linear_chunk_loop", &linear_chunk_loop,

@@ -125,8 +125,10 @@ def linear_kd_loss(
             ``student_hidden @ student_weight.T + student_bias``, the teacher's to its logits
             (computed or given), inside the kernel of each chunk.
         chunk_size: rows per chunk, > 0; ``None`` picks as many rows as make one chunk's student
-            logits about 64 MiB (``64 MiB // (V * element size)``, rounded down to a multiple of
-            16 when >= 64; V = 32000 float32: 512 rows). The extra memory is about 3-4 such buffers.
+            logits about 64 MiB (``64 MiB // (V * element size)``) but at most ``ceil(N / 8)``
+            (rounded up to a multiple of 16, at least 16), rounded down to a multiple of 16 when
+            >= 64 (N = 4096, V = 32000 float32: 512 rows). The extra memory is about 3-4 such
+            buffers: at most about half of what the N x V logits would take, at every size.
         process_group: ``None``, or a ``torch.distributed`` process group over which the vocabulary
             is split (CPU tensors with gloo; CUDA with nccl, not run on a GPU yet):
             ``student_weight`` / ``student_bias`` (and ``teacher_weight`` / ``teacher_bias``, or the

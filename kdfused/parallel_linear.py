@@ -102,7 +102,7 @@ class _VocabParallelLinearKD(torch.autograd.Function):
         if chunk == 0:
             # From the whole vocabulary, so that every process has the same chunks (each chunk
             # is a collective).
-            chunk = _C.auto_chunk_rows(sl.total, sh.element_size())
+            chunk = _C.auto_chunk_rows(N, sl.total, sh.element_size())
         args = (sh, sw, sb, th, tw, tb, tl, labels, group, sl, options, chunk)
         any_grad = need_h or need_w or need_b
         none = reduction == "none"
