@@ -28,7 +28,11 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from kdfused.integrations import trl as ours
 
-pytestmark = pytest.mark.fused_only
+pytestmark = [
+    pytest.mark.fused_only,
+    # TRL 1.16 reads a property that transformers 5 deprecates
+    pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning"),
+]
 
 V = 64
 STEPS, BATCH, ACCUMULATION, COMPLETION = 3, 2, 2, 6
