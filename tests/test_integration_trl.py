@@ -15,8 +15,9 @@ incoming gradient (1 / count per token) to float32, so there the counts are powe
 inverses float32 holds exactly.
 
 Also: the teacher gets no gradient, no valid token, chunk sizes, bfloat16, autocast, the arguments
-kdfused rejects, patch_distillation_trainer, the ImportError raised when trl is missing (simulated),
-and that the loss itself works without it.
+kdfused rejects, patch_distillation_trainer, the ImportError raised when trl is missing (simulated)
+by patch_distillation_trainer and DistillationTrainer, and that the loss itself works without it.
+The DistillationTrainer subclass in training: tests/test_integration_trl_trainer.py.
 """
 
 from __future__ import annotations
@@ -322,6 +323,23 @@ def test_missing_trl_import_error(monkeypatch):
     assert "'trl'" in msg and f"pip install trl=={TRL_VERSION}" in msg, msg
     assert "patch_distillation_trainer" in msg, msg
     assert isinstance(info.value.__cause__, ImportError)
+
+
+def test_missing_trl_trainer_import_error(monkeypatch):
+    """DistillationTrainer (a subclass of trl's, built on first access) raises the same error."""
+    _hide(monkeypatch)
+    mod = _fresh_module(monkeypatch)
+    for _ in range(2):  # nothing cached by a failed access
+        with pytest.raises(ImportError) as info:
+            _ = mod.DistillationTrainer
+        msg = str(info.value)
+        assert f"pip install trl=={TRL_VERSION}" in msg and "DistillationTrainer" in msg, msg
+    assert "DistillationTrainer" not in vars(mod)
+    namespace = {}
+    exec("from kdfused.integrations.trl import *", namespace)  # a star import needs no trl
+    assert "chunked_divergence_loss" in namespace and "DistillationTrainer" not in namespace
+    with pytest.raises(AttributeError):
+        _ = mod.NoSuchName
 
 
 def test_module_works_without_trl(monkeypatch, gen):

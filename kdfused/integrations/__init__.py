@@ -9,14 +9,15 @@ Modules:
           ``liger_kernel.chunked_loss.LigerFusedLinearJSDLoss`` (Liger-Kernel 0.8.5).
   trl     ``chunked_divergence_loss``: the signature, return values and numbers of
           ``trl.trainer.distillation_trainer._chunked_divergence_loss``, the loss of TRL's
-          ``DistillationTrainer`` (TRL 1.16.0); ``patch_distillation_trainer()`` makes the
-          trainer use it.
+          ``DistillationTrainer`` (TRL 1.16.0); ``DistillationTrainer``: TRL's trainer (a
+          subclass, the same constructor) with that loss computed by kdfused;
+          ``patch_distillation_trainer()`` makes TRL's own trainer use it.
 
 The replacements compute with kdfused alone: the other library is not needed to use them. It is
 imported only where one of its own objects is asked for (e.g. ``FusedLinearJSDLoss.from_liger``,
-``patch_distillation_trainer``), on first use; when it is not installed, that raises ImportError
-naming the package and the pip command that installs it. The submodules themselves are imported
-on first attribute access.
+``trl.DistillationTrainer``, ``trl.patch_distillation_trainer``), on first use; when it is not
+installed, that raises ImportError naming the package and the pip command that installs it. The
+submodules themselves are imported on first attribute access.
 """
 
 from __future__ import annotations

@@ -13,13 +13,19 @@
         temperature=1.0)
     loss.backward()     # gradients of the student's hidden states, weight (and bias)
 
-    # or make TRL's own trainer use it (this one needs trl installed):
+    # or train with TRL's DistillationTrainer, its loss computed by kdfused (needs trl installed):
+    from kdfused.integrations.trl import DistillationTrainer     # a subclass of trl's
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=config,
+                                  train_dataset=dataset, processing_class=tokenizer)
+    trainer.train()
+
+    # or make every TRL DistillationTrainer use it, from now on (needs trl installed):
     from kdfused.integrations.trl import patch_distillation_trainer
     patch_distillation_trainer()
 
 Same arguments, same return values and same gradients as
 ``trl.trainer.distillation_trainer._chunked_divergence_loss`` (TRL 1.16.0). TRL itself is not
-needed, except by ``patch_distillation_trainer``.
+needed, except by ``DistillationTrainer`` and ``patch_distillation_trainer``.
 
 TRL's loss, which this reproduces (``trl/trainer/distillation_trainer.py`` and
 ``trl/kernels/chunked_divergence.py``). Per token, each side's logits are ``x = h W^T + b``
@@ -79,6 +85,8 @@ import torch
 
 from . import require
 
+# DistillationTrainer (module __getattr__ below) is left out of __all__: a star import must work
+# without trl installed.
 __all__ = ["chunked_divergence_loss", "patch_distillation_trainer"]
 
 TRL_VERSION = "1.16.0"  # the TRL release whose semantics this module reproduces
@@ -235,3 +243,54 @@ def patch_distillation_trainer() -> Callable:
         _ORIGINAL = current
         module._chunked_divergence_loss = chunked_divergence_loss
     return _ORIGINAL
+
+
+def _make_distillation_trainer() -> type:
+    module = require(_TRAINER_MODULE, "trl", TRL_VERSION, what="DistillationTrainer")
+
+    class DistillationTrainer(module.DistillationTrainer):
+        """TRL's ``DistillationTrainer`` (``trl.DistillationTrainer``, TRL 1.16) with its loss
+        computed by kdfused's :func:`chunked_divergence_loss`; the same constructor, arguments and
+        behaviour otherwise (on-policy generation by the student, the teacher's forward, the
+        DDP / FSDP / DeepSpeed routing of ``compute_loss``, logging, checkpoints).
+
+        How: TRL's ``_compute_loss`` (the student's and teacher's forwards, the lm_heads, the
+        models' logit scales and softcaps, then the loss) calls the module-level function
+        ``trl.trainer.distillation_trainer._chunked_divergence_loss``, which Python looks up in
+        the module's globals at each call. This class's ``_compute_loss`` therefore binds that
+        global to kdfused's function, runs TRL's own ``_compute_loss`` and puts back whatever was
+        bound before, in a ``finally``. Nothing of TRL's code is copied, so what TRL computes
+        around the loss stays TRL's; and other instances of TRL's own trainer keep TRL's loss
+        (unlike ``patch_distillation_trainer``, which replaces it for all). Compatible with
+        ``patch_distillation_trainer`` (then the binding changes nothing). The swap is
+        process-wide while a step's loss runs, so training TRL's own trainer in another thread at
+        the same moment would use kdfused's loss for that time.
+
+        Needs trl installed (the version this module reproduces, 1.16.0); without it, accessing
+        ``kdfused.integrations.trl.DistillationTrainer`` raises ImportError.
+        """
+
+        def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
+            previous = module._chunked_divergence_loss
+            module._chunked_divergence_loss = chunked_divergence_loss
+            try:
+                return super()._compute_loss(unwrapped_student, inputs, num_items_in_batch)
+            finally:
+                module._chunked_divergence_loss = previous
+
+    DistillationTrainer.__module__ = __name__
+    DistillationTrainer.__qualname__ = "DistillationTrainer"
+    return DistillationTrainer
+
+
+def __getattr__(name: str):
+    # DistillationTrainer subclasses trl's, so it is built on first access (trl imported then).
+    if name == "DistillationTrainer":
+        cls = _make_distillation_trainer()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | {"DistillationTrainer"})

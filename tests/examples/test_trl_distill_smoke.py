@@ -1,0 +1,57 @@
+"""Smoke test for examples/trl_distill.py --quick (skipped without trl).
+
+TRL's DistillationTrainer with its own loss and with kdfused's (kdfused.integrations.trl), tiny
+Llama student and teacher, 3 steps each in its own process: both sample the same completions,
+their per-step losses agree (the script asserts it too), every step is timed and measured, and
+the JSON / Markdown report is written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("trl")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_trl_distill_quick(tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "examples", "trl_distill.py"),
+            "--quick",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    with open(tmp_path / "trl_distill_quick.json") as f:
+        res = json.load(f)
+    assert (tmp_path / "trl_distill_quick.md").read_text().startswith("| step |")
+
+    steps = res["config"]["steps"]
+    ways = res["ways"]
+    assert ways["kdfused"]["trainer"] == "kdfused.integrations.trl.DistillationTrainer"
+    assert ways["trl"]["trainer"] == "trl.trainer.distillation_trainer.DistillationTrainer"
+    for way in ("trl", "kdfused"):
+        w = ways[way]
+        assert len(w["loss"]) == len(w["steps"]) == steps, way
+        assert all(math.isfinite(x) and x > 0 for x in w["loss"]), (way, w["loss"])
+        assert all(s["seconds"] > 0 and s["loss_forward_seconds"] > 0 for s in w["steps"]), way
+        assert all(s["loss_backward_seconds"] > 0 for s in w["steps"]), way
+        assert sum(w["completion_tokens"]) > 0
+        assert res["summary"][way]["median_step_seconds"] > 0
+
+    ag = res["agreement"]
+    assert ag["same_completions"], ag
+    assert ag["max_rel_loss_diff"] < 1e-5, ag
