@@ -7,8 +7,10 @@ logits (``model(input_ids).logits``, which transformers has already scaled / sof
 also checks the config reading of ``logit_transform``), shifted by one, in plain torch
 (log_softmax, KL / JSD, cross-entropy); the gradients of every student parameter are compared with
 autograd's of that loss. Also: gradient accumulation (two micro-batches of 2 with unequal token
-counts vs one batch of 4: the same SGD step), ``evaluate()``'s eval_loss, the errors, and the
-ImportError without transformers (simulated). Inputs come from the suite's per-test seed.
+counts vs one batch of 4: the same SGD step, and the step of the whole batch's loss), the same
+over two DDP processes (CPU, gloo: tests/hf_ddp_worker.py), ``evaluate()``'s eval_loss, bf16
+autocast, the errors, and the ImportError without transformers (simulated). Inputs come from the
+suite's per-test seed.
 """
 
 from __future__ import annotations
@@ -315,3 +317,71 @@ def test_missing_transformers_import_error(monkeypatch):
     assert isinstance(info.value.__cause__, ImportError)
     # logit_transform needs no transformers
     assert kdt.logit_transform(type("C", (), {"logit_scale": 2.0})()) == (2.0, None)
+
+
+def test_bf16_autocast(tmp_path, gen):
+    """bf16=True (CPU autocast): the loss is computed from bfloat16 projections, near the float32
+    one; the float32 student's gradients are float32."""
+    student = _model("llama").float()
+    teacher = _model("gemma2", hidden=48).float()
+    batch = _batch(gen)
+    plain = kdt.KDTrainer(student, teacher, _args(tmp_path))
+    ref = plain.compute_loss(student, dict(batch))
+    trainer = kdt.KDTrainer(student, teacher, _args(tmp_path, bf16=True))
+    with trainer.compute_loss_context_manager():
+        loss = trainer.compute_loss(student, dict(batch))
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    lo, r = float(loss.detach()), float(ref.detach())
+    assert abs(lo - r) < 0.05 * abs(r) + 1e-3
+    assert lo != r  # bfloat16 did happen
+    loss.backward()
+    assert all(p.grad.dtype == torch.float32 for p in student.parameters() if p.grad is not None)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes(tmp_path, seed):
+    """Two CPU processes (gloo), 1 row each and 2 accumulation steps: the step is the one of the
+    whole 4-row batch (num_items_in_batch counted over both processes, the loss multiplied by
+    the process count that DDP's gradient averaging divides by). tests/hf_ddp_worker.py."""
+    import os
+    import subprocess
+
+    worker = os.path.join(os.path.dirname(__file__), "hf_ddp_worker.py")
+    out = tmp_path / "out.json"
+    port = str(_free_port())
+    procs = []
+    for rank in range(2):
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE="2",
+            LOCAL_WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+            OMP_NUM_THREADS="1",
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, worker, str(out), str(seed % 2**31)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+    import json
+
+    res = json.loads(out.read_text())
+    assert res["world"] == 2
+    assert res["moved"] > 1e-3
+    assert res["max_rel_diff"] < 1e-10, res

@@ -32,6 +32,9 @@ Details, as transformers 5.24's Trainer and TRL 1.16's DistillationTrainer do th
 - the student's backbone and the loss run inside the DDP / FSDP wrapper's forward (a forward
   redirection, TRL's ``_ForwardRedirection``), so DDP prepares its gradient reduction and FSDP
   keeps the lm-head's parameters gathered; an FSDP2 DTensor head is gathered once;
+- mixed precision (``bf16`` / ``fp16``): the backbones and the loss run under the accelerator's
+  autocast, so the loss is computed in its dtype (the student's gradients come back in the
+  parameters' dtype);
 - the teacher is prepared by the accelerator in evaluation mode (moved to the student's device,
   not wrapped in DDP), runs in eval mode under ``torch.no_grad()``;
 - hidden states come from ``model.base_model`` (``model.model`` where that is the model
@@ -236,9 +239,12 @@ def _build():
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             unwrapped = self.accelerator.unwrap_model(model)
-            loss = _forward_redirection(
-                model, unwrapped, self._kd_loss, unwrapped, inputs, num_items_in_batch
-            )
+            # accelerate's mixed precision wraps the models' forward in autocast; the
+            # redirection calls the backbones instead, so it enters autocast itself
+            with self.accelerator.autocast():
+                loss = _forward_redirection(
+                    model, unwrapped, self._kd_loss, unwrapped, inputs, num_items_in_batch
+                )
             if num_items_in_batch is not None and self.args.average_tokens_across_devices:
                 # num_items_in_batch counts every process's tokens and DDP averages the
                 # gradients: as transformers' Trainer.compute_loss does
