@@ -385,3 +385,15 @@ def test_ddp_two_processes(tmp_path, seed):
     assert res["world"] == 2
     assert res["moved"] > 1e-3
     assert res["max_rel_diff"] < 1e-10, res
+
+
+def test_forward_is_restored(tmp_path, gen):
+    """The forward redirection leaves no instance attribute behind (nor replaces one)."""
+    student, teacher = _model("llama"), _model("llama")
+    trainer = kdt.KDTrainer(student, teacher, _args(tmp_path))
+    trainer.compute_loss(student, _batch(gen))
+    assert "forward" not in vars(student) and "forward" not in vars(teacher)
+    marker = student.forward
+    student.forward = marker
+    trainer.compute_loss(student, _batch(gen))
+    assert vars(student)["forward"] is marker

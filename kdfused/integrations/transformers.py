@@ -100,17 +100,24 @@ def _forward_redirection(
     """``method(*args)`` called from inside ``wrapper``'s forward (``module`` is the model that
     ``wrapper`` wraps, or ``wrapper`` itself), so that DDP / FSDP run their pre- and post-forward
     work around it (TRL's ``_ForwardRedirection``, after PyTorch Lightning's)."""
+    patched = "forward" in vars(module)  # e.g. accelerate's autocast wrapper
     original = module.forward
 
+    def restore():
+        if patched:
+            module.forward = original
+        else:
+            vars(module).pop("forward", None)
+
     def forward(*a, **kw):
-        module.forward = original  # the method may call the real forward
+        restore()  # the method may call the real forward
         return method(*a, **kw)
 
     module.forward = forward
     try:
         return wrapper(*args)
     finally:
-        module.forward = original
+        restore()
 
 
 def _is_peft(model) -> bool:
