@@ -1,4 +1,5 @@
-"""Drop-in replacements for other libraries' distillation losses, computed by kdfused.
+"""Drop-in replacements for other libraries' distillation losses, and a distilling Hugging Face
+Trainer, computed by kdfused.
 
     from kdfused.integrations.liger import FusedLinearJSDLoss   # for Liger-Kernel's
     loss_fn = FusedLinearJSDLoss(weight_hard_loss=0.5, weight_soft_loss=0.5, beta=0.5,
@@ -12,12 +13,16 @@ Modules:
           ``DistillationTrainer`` (TRL 1.16.0); ``DistillationTrainer``: TRL's trainer (a
           subclass, the same constructor) with that loss computed by kdfused;
           ``patch_distillation_trainer()`` makes TRL's own trainer use it.
+  transformers  ``KDTrainer``: a ``transformers.Trainer`` (transformers 5.24) that distils a
+          teacher causal LM into the student with one ``kdfused.linear_kd_loss`` call per
+          micro-batch, on both backbones' hidden states; ``logit_transform(config)``: the logit
+          scale and softcap a model's config asks for.
 
 The replacements compute with kdfused alone: the other library is not needed to use them. It is
 imported only where one of its own objects is asked for (e.g. ``FusedLinearJSDLoss.from_liger``,
-``trl.DistillationTrainer``, ``trl.patch_distillation_trainer``), on first use; when it is not
-installed, that raises ImportError naming the package and the pip command that installs it. The
-submodules themselves are imported on first attribute access.
+``trl.DistillationTrainer``, ``trl.patch_distillation_trainer``, ``transformers.KDTrainer``), on
+first use; when it is not installed, that raises ImportError naming the package and the pip
+command that installs it. The submodules themselves are imported on first attribute access.
 """
 
 from __future__ import annotations
@@ -25,9 +30,9 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-__all__ = ["liger", "require", "trl"]
+__all__ = ["liger", "require", "transformers", "trl"]
 
-_SUBMODULES = ("liger", "trl")
+_SUBMODULES = ("liger", "transformers", "trl")
 
 
 def require(module: str, package: str, version: str | None = None, *, what: str = "") -> ModuleType:

@@ -49,6 +49,10 @@ the temperature, ``p = softmax(z_teacher / T)`` and ``q = softmax(z_student / T)
 - the gradients flow to the student's hidden states, weight and bias; the teacher gets none
   (TRL's autograd function returns none for it, whether or not its tensors require grad).
 
+TRL's trainer reads each model's scale and softcap from its config (``logit_scale``,
+``logits_scaling``, ``final_logit_softcapping``, ...);
+:func:`kdfused.integrations.transformers.logit_transform` reads them the same way.
+
 So the whole loss is one call of :func:`kdfused.linear_kd_loss`: the mask becomes labels (0 at
 valid tokens, ``ignore_index`` elsewhere; with ``hard_weight=0`` their values are not used),
 ``reduction="mean"`` without ``num_items_in_batch`` and ``"sum"`` divided by it with it, and
