@@ -30,7 +30,7 @@ namespace {
 // hundreds of rows at the usual sizes (N = 4096, V = 32000 float32: 512 rows, by either rule).
 constexpr int64_t kChunkLogitBytes = int64_t{64} << 20;
 constexpr int64_t kChunkRowFraction = 8;
-constexpr int64_t kMinChunkRows = 16;
+constexpr int64_t kMinChunkRows = 64;  // fewer rows make the GEMMs and the grad_weight sums slow
 
 bool is_16bit(const at::Tensor& t) {
   return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
@@ -171,7 +171,7 @@ ChunkOut LinearBackend::run_chunk(const at::Tensor& s_c, const at::Tensor& t_c,
 int64_t auto_chunk_rows(int64_t N, int64_t V, int64_t elem_bytes) {
   const int64_t row_bytes = V * elem_bytes;
   int64_t rows = std::max<int64_t>(1, kChunkLogitBytes / std::max<int64_t>(row_bytes, 1));
-  // ceil(N / 8), rounded up to a multiple of 16, and at least 16 rows
+  // ceil(N / 8), rounded up to a multiple of 16, and at least 64 rows
   const int64_t part = (N + kChunkRowFraction - 1) / kChunkRowFraction;
   rows = std::min(rows, std::max(kMinChunkRows, (part + 15) / 16 * 16));
   if (rows >= 64) rows -= rows % 16;  // GEMM-friendly row counts

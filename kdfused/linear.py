@@ -126,7 +126,7 @@ def linear_kd_loss(
             (computed or given), inside the kernel of each chunk.
         chunk_size: rows per chunk, > 0; ``None`` picks as many rows as make one chunk's student
             logits about 64 MiB (``64 MiB // (V * element size)``) but at most ``ceil(N / 8)``
-            (rounded up to a multiple of 16, at least 16), rounded down to a multiple of 16 when
+            (rounded up to a multiple of 16, at least 64), rounded down to a multiple of 16 when
             >= 64 (N = 4096, V = 32000 float32: 512 rows). The extra memory is about 3-4 such
             buffers: at most about half of what the N x V logits would take, at every size.
         process_group: ``None``, or a ``torch.distributed`` process group over which the vocabulary
