@@ -97,6 +97,11 @@ class KDOptions:
         )
 
     @property
+    def kwargs(self) -> dict:
+        """Every option as the keyword arguments of :func:`kdfused.kd_loss` and the other ops."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+
+    @property
     def transform_kwargs(self) -> dict:
         """The transform as keyword arguments (``kdfused.reference``'s)."""
         return {name: getattr(self, name) for name, _ in TRANSFORM_DEFAULTS}

@@ -278,7 +278,6 @@ def _build():
                 th, tw = th.to(sh.device, sh.dtype), tw.to(sh.device, sh.dtype)
                 tb = tb.to(sh.device, sh.dtype) if tb is not None else None
             labels = labels.reshape(-1).to(sh.device)
-            o = self.kd_options
             import kdfused
 
             loss = kdfused.linear_kd_loss(
@@ -289,18 +288,8 @@ def _build():
                 labels,
                 student_bias=sb,
                 teacher_bias=tb,
-                temperature=o.temperature,
-                soft_weight=o.soft_weight,
-                hard_weight=o.hard_weight,
-                divergence=o.divergence,
-                beta=o.beta,
-                ignore_index=_IGNORE,
-                reduction="sum",
-                student_logit_scale=o.student_logit_scale,
-                teacher_logit_scale=o.teacher_logit_scale,
-                student_softcap=o.student_softcap,
-                teacher_softcap=o.teacher_softcap,
                 chunk_size=self.kd_chunk_size,
+                **self.kd_options.kwargs,  # reduction "sum", ignore_index -100, the transforms
             )
             if num_items_in_batch is None:
                 return loss / (labels != _IGNORE).sum().clamp(min=1).to(loss.dtype)
