@@ -9,35 +9,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 
-pytest.importorskip("transformers")
+from example_run import run_example
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+pytest.importorskip("transformers")
 
 
 def test_hf_trainer_distill_quick(tmp_path):
-    env = dict(os.environ)
-    # this checkout's kdfused, whatever the interpreter has installed
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
-    out = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "examples", "hf_trainer_distill.py"),
-            "--quick",
-            "--out",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    run_example("hf_trainer_distill.py", tmp_path)
     with open(tmp_path / "hf_trainer_distill.json") as f:
         res = json.load(f)
     assert (tmp_path / "hf_trainer_distill.md").read_text().startswith("| family |")

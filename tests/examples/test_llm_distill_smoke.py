@@ -10,31 +10,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 
-pytest.importorskip("transformers")
+from example_run import run_example
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+pytest.importorskip("transformers")
 
 
 def test_llm_distill_quick(tmp_path):
-    out = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "examples", "llm_distill.py"),
-            "--quick",
-            "--out",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    run_example("llm_distill.py", tmp_path)
     with open(tmp_path / "llm_distill.json") as f:
         res = json.load(f)
     assert (tmp_path / "llm_distill.md").read_text().startswith("| model |")
