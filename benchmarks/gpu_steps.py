@@ -172,7 +172,7 @@ def step_env(a, rep: Report) -> int:
         )
     rep(f"device {device}")
     mods = ["pytest", "xdist", "hypothesis", "pytest_benchmark", "numpy", "matplotlib", "tqdm"]
-    mods += ["triton", "ninja", "liger_kernel", "transformers"]
+    mods += ["triton", "ninja", "liger_kernel", "transformers", "trl"]
     rep("python packages: " + ", ".join(f"{m} {'yes' if have(m) else 'NO'}" for m in mods))
     tools = {t: find_tool(t) for t in ("nvcc", "nvidia-smi", "compute-sanitizer")}
     rep("tools: " + ", ".join(f"{t} {p or 'not found'}" for t, p in tools.items()))
@@ -196,6 +196,8 @@ CHECK_FILES = [
     "benchmarks/run.py",
     "benchmarks/_worker.py",
     "benchmarks/_providers.py",
+    "benchmarks/linear_bench.py",
+    "benchmarks/_procinfo.py",
     "kdfused/selftest.py",
     "kdfused/_selftest_cases.py",
     "setup.py",
