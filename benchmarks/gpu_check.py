@@ -39,7 +39,7 @@ PY = sys.executable
 GRACE_S = 8  # seconds between a step's own deadline and the end of its box
 MIN_BOX = 10  # a step that would get less is not started ("the budget was spent")
 STEP_SCRIPT = os.path.join(HERE, "gpu_steps.py")
-# What OUTDIR gets (at most 8 files, each under 16 MiB): the step reports under these names,
+# What OUTDIR gets (at most 10 files, each under 16 MiB): the step reports under these names,
 # summary.md, and every log packed in logs.tar.gz.
 COPIED = {
     "selftest.txt": "selftest.txt",
@@ -48,6 +48,8 @@ COPIED = {
     "runtime.txt": "runtime.txt",
     "bench/bench.csv": "bench.csv",
     "bench/bench.json": "bench.json",
+    "bench/linear.csv": "linear.csv",
+    "bench/linear.json": "linear.json",
 }
 OUT_FILES = ["summary.md", "logs.tar.gz", *COPIED.values()]
 CAP = 15 << 20
@@ -96,7 +98,13 @@ def steps_for(mode: str) -> list[Step]:
             20,
             ("import",),
         ),
-        Step("bench", "kdfused vs eager, torch.compile, Liger at LM sizes", 120, 60, ("import",)),
+        Step(
+            "bench",
+            "kdfused vs eager, torch.compile, Liger at LM sizes; fused linear vs TRL, Liger",
+            180,
+            60,
+            ("import",),
+        ),
     ]
     return st
 

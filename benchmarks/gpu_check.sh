@@ -18,15 +18,21 @@
 #              "inconclusive", a tool that cannot run here "n/a": neither passes nor fails
 #   nccl       kd_loss and linear_kd_loss with process_group= a world-size-1 nccl group
 #   streams    a non-default stream; CUDA graph capture and replay of a training step
-#   bench      kdfused vs eager, torch.compile (where its compile fits the budget) and Liger
+#   bench      kdfused vs eager, torch.compile (where its compile fits the budget) and Liger;
+#              then, on what is left (run.py keeps at least 60% of the box), linear_bench.py:
+#              the fused linear + loss (kdfused-linear, kdfused-trl, kdfused) against TRL's and
+#              Liger's chunked losses (where importable) on TRL's soft JSD, N,H,V 4096,1024,32000;
+#              each provider in a process of its own with a timeout; skipped when too little is left
 #
 # Without a GPU, or with GPU_CHECK_REHEARSAL=1, the same steps rehearse: each collects the work
 # it would do (test ids, self-test paths, sanitizer cases, benchmark cases) and prints counts and
-# budgets, the build step runs against the local build, nothing runs on a GPU. CI runs it.
+# budgets, the build step runs against the local build (the benchmarks run a tiny CPU case), nothing
+# runs on a GPU. CI runs it.
 #
-# OUTDIR gets 8 files, each under 16 MiB: summary.md (the verdict, rewritten after every step and
+# OUTDIR gets 10 files, each under 16 MiB: summary.md (the verdict, rewritten after every step and
 # printed last), selftest.txt, pytest.txt, sanitizer.txt, runtime.txt, bench.csv, bench.json,
-# logs.tar.gz (every step's report and full log).
+# linear.csv, linear.json (the fused linear benchmark), logs.tar.gz (every step's report and full
+# log).
 #
 # Exit status: 0 every step passed (in a rehearsal: the harness is sound); 1 a step failed, timed
 # out or was not run; 2 usage; 3 no GPU present and no rehearsal asked for: the rehearsal passed.

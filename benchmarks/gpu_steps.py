@@ -58,6 +58,17 @@ SANITIZER_SELFTEST = ["--device", "cuda", "--quick", "--divergences", "kl,jsd"]
 # first compile of a new shape; measured by the step as it goes is not possible in one process).
 BENCH_CASES = ["2048x32000", "8192x128256:bf16", "4096x1000", "16384x151936:bf16"]
 BENCH_COST_S = {"start": 15, "case": 6, "compile_case": 45}
+# Its second part: benchmarks/linear_bench.py, the fused linear + loss against TRL's and Liger's
+# chunked losses on the loss they all compute (TRL's soft JSD), each provider in a process of its
+# own, on what run.py left of the step's budget. What one process costs at most (start, CUDA and
+# imports; warm-up with Triton compiles and 3 runs), the least time worth starting it with, and
+# run.py's share of the budget (it runs first and keeps at least this fraction).
+LINEAR_SIZE = "4096,1024,32000"
+LINEAR_PROVIDERS = ["kdfused-linear", "kdfused-trl", "trl", "liger", "kdfused"]
+LINEAR_REHEARSAL_SIZE = "256,64,1000"
+LINEAR_COST_S = {"start": 12, "provider": 8}
+LINEAR_MIN_S = 30
+RUN_PY_SHARE = 0.6
 
 
 def have(module: str) -> bool:
@@ -161,7 +172,7 @@ def step_env(a, rep: Report) -> int:
         )
     rep(f"device {device}")
     mods = ["pytest", "xdist", "hypothesis", "pytest_benchmark", "numpy", "matplotlib", "tqdm"]
-    mods += ["triton", "ninja", "liger_kernel", "transformers"]
+    mods += ["triton", "ninja", "liger_kernel", "transformers", "trl"]
     rep("python packages: " + ", ".join(f"{m} {'yes' if have(m) else 'NO'}" for m in mods))
     tools = {t: find_tool(t) for t in ("nvcc", "nvidia-smi", "compute-sanitizer")}
     rep("tools: " + ", ".join(f"{t} {p or 'not found'}" for t, p in tools.items()))
@@ -185,6 +196,8 @@ CHECK_FILES = [
     "benchmarks/run.py",
     "benchmarks/_worker.py",
     "benchmarks/_providers.py",
+    "benchmarks/linear_bench.py",
+    "benchmarks/_procinfo.py",
     "kdfused/selftest.py",
     "kdfused/_selftest_cases.py",
     "setup.py",
@@ -534,16 +547,74 @@ def bench_plan(budget, providers):
     return BENCH_CASES, compiled, timeout
 
 
+def linear_providers():
+    """The linear benchmark's providers whose packages import here."""
+    missing = {"trl": not have("trl"), "liger": not have("liger_kernel")}
+    return [p for p in LINEAR_PROVIDERS if not missing.get(p)]
+
+
+def bench_split(budget, providers):
+    """(run.py's seconds, the linear benchmark's): run.py first, with at least RUN_PY_SHARE of the
+    budget; the linear part wants a process start per provider (and the GEMM row) and a run of
+    each, and gets 0 (skipped) when less than LINEAR_MIN_S would be left for it."""
+    c = LINEAR_COST_S
+    want = c["start"] * (len(providers) + 1) + c["provider"] * len(providers)
+    first = max(budget * RUN_PY_SHARE, budget - want)
+    if budget - first < LINEAR_MIN_S:
+        return budget, 0
+    return first, budget - first
+
+
+def linear_cmd(out, rehearse, seconds, providers):
+    """linear_bench.py's command: on the GPU at LINEAR_SIZE, rehearsed on the CPU at a tiny size;
+    a provider gets at most a third of the time (at least 20 s), the whole run ``seconds``."""
+    size = LINEAR_REHEARSAL_SIZE if rehearse else LINEAR_SIZE
+    cmd = [PY, os.path.join(HERE, "linear_bench.py"), "--device", "cpu" if rehearse else "cuda"]
+    cmd += ["--divergence", "jsd", "--soft-only", "--size", size]
+    cmd += ["--providers", ",".join(providers), "--repeats", "1" if rehearse else "3"]
+    cmd += ["--timeout", f"{max(20.0, seconds / 3):.0f}", "--deadline", f"{seconds:.0f}"]
+    cmd += ["--out", os.path.join(out, "linear")]
+    return cmd
+
+
+def linear_result(out):
+    """(rows of linear.json, one line on them, whether a kdfused provider failed)."""
+    try:
+        with open(os.path.join(out, "linear.json")) as f:
+            rows = json.load(f)["rows"]
+    except (OSError, ValueError, KeyError):
+        return [], "no linear.json written", False
+    timed = [r for r in rows if "ms" in r]
+    other = [f"{r['provider']} {r.get('status', 'error')}" for r in rows if "ms" not in r]
+    text = f"{len(timed)} of {len(rows)} providers timed" + (
+        f" ({', '.join(other)})" if other else ""
+    )
+    losses = [r["loss"] for r in timed]
+    if len(losses) > 1:
+        spread = (max(losses) - min(losses)) / max(max(abs(x) for x in losses), 1e-30)
+        text += f", losses agree to {spread:.1e} rel."
+    ours_failed = any(
+        r["provider"].startswith("kdfused") and r.get("status") == "error" for r in rows
+    )
+    return rows, text, ours_failed
+
+
 def step_bench(a, rep: Report) -> int:
+    t0 = time.monotonic()
     providers = ["kdfused", "eager", "compile"]
     providers += ["liger_kl", "liger_jsd"] if have("liger_kernel") else []
-    cases, compiled, timeout = bench_plan(a.budget, providers)
+    lin_providers = linear_providers()
+    first, lin_s = bench_split(a.budget, lin_providers)
+    cases, compiled, timeout = bench_plan(first, providers)
     skip = [f"compile@{c}" for c in cases if c not in compiled]
     rep(
         f"providers: {', '.join(providers)}" + ("" if have("liger_kernel") else " (no Liger)"),
         f"cases: {', '.join(cases)}; compiled: {', '.join(compiled) or 'none'} "
-        f"(compile skipped where it would not fit in {a.budget:.0f} s)",
+        f"(compile skipped where it would not fit in {first:.0f} s)",
         f"per-case limit {timeout:.0f} s",
+        f"budget {a.budget:.0f} s: run.py first, {first:.0f} s"
+        + ("" if lin_s else " (too little for a share of the linear part)")
+        + f"; then linear_bench.py ({', '.join(lin_providers)}) on what is left",
     )
     out = os.path.join(os.path.dirname(rep.path), "bench")
     if a.rehearse:  # the pipeline itself, on a tiny CPU case, with a skipped provider
@@ -551,16 +622,16 @@ def step_bench(a, rep: Report) -> int:
         cmd += ["--providers", "kdfused,eager,compile", "--skip", "compile@64x1000"]
         cmd += ["--skip-reason", "skipped: would not fit in the budget", "--target-s", "0.05"]
         cmd += ["--min-reps", "2", "--out", out, "--tag", "bench", "--timeout", "60"]
-        cmd += ["--deadline", f"{a.budget - 10:.0f}"]
+        cmd += ["--deadline", f"{first - 10:.0f}"]
     else:
         cmd = [PY, os.path.join(HERE, "run.py"), "--device", "cuda", "--sizes", ",".join(cases)]
         cmd += ["--providers", ",".join(providers), "--target-s", "0.2", "--out", out]
         cmd += ["--tag", "bench", "--timeout", f"{timeout:.0f}", "--no-plot"]
-        cmd += ["--deadline", f"{a.budget - 10:.0f}"]  # results written even when time runs out
+        cmd += ["--deadline", f"{first - 10:.0f}"]  # results written even when time runs out
         if skip:
             cmd += ["--skip", ",".join(skip), "--skip-reason", "skipped: compile time over budget"]
     log = rep.path + ".log"
-    rc, secs = run(cmd, log, a.budget)
+    rc, secs = run(cmd, log, first)
     rep(*tail(log, 40))
     try:
         with open(os.path.join(out, "bench.json")) as f:
@@ -574,9 +645,27 @@ def step_bench(a, rep: Report) -> int:
         text = (
             f"tiny CPU run of the pipeline: {text}; on a GPU {len(cases)} cases x {len(providers)}"
         )
-    if rc == "timeout":
+    code = OK if rc == 0 and timed else OWN_DEADLINE if rc == "timeout" else FAILED
+    # the second part: the fused linear benchmark, on what is left of the budget
+    left = a.budget - (time.monotonic() - t0) - 3
+    if left < LINEAR_MIN_S:
+        why = f"{max(0.0, left):.0f} s of the step's {a.budget:.0f} s left, it needs {LINEAR_MIN_S}"
+        rep(f"linear benchmark skipped: {why}")
+        text += f"; linear benchmark skipped ({why})"
+    else:
+        cmd = linear_cmd(out, a.rehearse, left - 2, lin_providers)
+        lin_rc, lin_secs = run(cmd, log, left, append=True)
+        lin_rows, lin_text, ours_failed = linear_result(out)
+        rep(f"linear benchmark ({lin_secs:.0f} s of {left:.0f} s):", *tail(log, 12))
+        where = f"CPU {LINEAR_REHEARSAL_SIZE}" if a.rehearse else f"N,H,V {LINEAR_SIZE}"
+        text += f"; linear ({where}, soft JSD): {lin_text}"
+        if lin_rc == "timeout":
+            code = code if code != OK else OWN_DEADLINE
+        elif lin_rc != 0 or not any("ms" in r for r in lin_rows) or ours_failed:
+            code = FAILED
+    if code == OWN_DEADLINE:
         return rep.result(f"deadline reached: {text}", OWN_DEADLINE)
-    return rep.result(text, OK if rc == 0 and timed else FAILED)
+    return rep.result(text, code)
 
 
 STEPS = {

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """summary.md of benchmarks/gpu_check.sh: one screen, a verdict per step, the failing tests by
-name, the benchmark table. Written after every step (a later crash leaves the verdicts so far).
+name, the benchmark tables. Written after every step (a later crash leaves the verdicts so far).
 
     gpu_summary.write(outdir, workdir, mode, steps, budget, elapsed, note) -> exit status
 
@@ -82,6 +82,39 @@ def bench_table(work):
     return rows
 
 
+def linear_table(work, mode):
+    """The fused linear benchmark (benchmarks/linear_bench.py), a row per provider."""
+    try:
+        with open(os.path.join(work, "bench", "linear.json")) as f:
+            rows = json.load(f)["rows"]
+    except (OSError, ValueError, KeyError):
+        return []
+    if not rows:
+        return []
+    r0 = rows[0]
+    device = next((r["device_name"] for r in rows if "device_name" in r), r0.get("device", "?"))
+    head = (
+        f"Fused linear + loss ({device}, N,H,V = {r0['N']},{r0['H']},{r0['V']} {r0['dtype']}, "
+        "TRL's soft JSD), forward+backward median ms, peak MiB above the inputs:"
+    )
+    if mode != "gpu":
+        head += " (rehearsal: a tiny CPU case, the numbers mean nothing)"
+    md = ["", head, "", "| provider | ms | peak MiB | loss |", "|---|---:|---:|---:|"]
+    for r in rows:
+        if "ms" in r:
+            ms, mib, loss = f"{r['ms']:.2f}", f"{r['peak_mib']:.0f}", f"{r['loss']:.7g}"
+            md.append(f"| {r['provider']} | {ms} | {mib} | {loss} |")
+        else:
+            why = " ".join([r.get("status", "error"), *r.get("error", [])])
+            why = re.sub(r"\s+", " ", why).replace("|", "/")[:80]
+            md.append(f"| {r['provider']} | {why} | - | - |")
+    losses = [r["loss"] for r in rows if "ms" in r]
+    if len(losses) > 1:
+        spread = (max(losses) - min(losses)) / max(max(abs(x) for x in losses), 1e-30)
+        md += ["", f"The {len(losses)} losses agree to {spread:.1e} (relative)."]
+    return md
+
+
 def write(out, work, mode, steps, budget, elapsed, note="") -> int:
     bad = [s.name for s in steps if not s.status.startswith(GOOD)]
     device, commit, torch_v = env_facts(work)
@@ -117,12 +150,14 @@ def write(out, work, mode, steps, budget, elapsed, note="") -> int:
             md.append(f"- ... and {len(fails) - MAX_FAILS} more (pytest.txt)")
     if mode == "gpu":
         md += bench_table(work)
+    md += linear_table(work, mode)
     md += [
         "",
         "Steps: " + "; ".join(f"{s.name}: {s.what}" for s in steps) + ".",
         "",
         "Files: summary.md, selftest.txt, pytest.txt, sanitizer.txt, runtime.txt (nccl, streams, "
-        "CUDA graphs), bench.csv, bench.json, logs.tar.gz (every step's report and full log).",
+        "CUDA graphs), bench.csv, bench.json, linear.csv, linear.json (the fused linear "
+        "benchmark), logs.tar.gz (every step's report and full log).",
     ]
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write("\n".join(md) + "\n")

@@ -1,7 +1,9 @@
 """The GPU check's harness (benchmarks/gpu_check.sh), checked without a GPU: the driver's time
 boxes and verdicts (with stand-in steps that pass, fail, hang and crash), summary.md and its exit
-status, how a compute-sanitizer run is judged, the pytest plugin's error lines and the benchmark's
-budget plan. The whole choreography is rehearsed by CI (GPU_CHECK_REHEARSAL=1)."""
+status, how a compute-sanitizer run is judged, the pytest plugin's error lines, the benchmark's
+budget plan and split, and the fused linear benchmark's part of the bench step (rehearsed on a
+tiny CPU case: its rows reach summary.md). The whole choreography is rehearsed by CI
+(GPU_CHECK_REHEARSAL=1)."""
 
 from __future__ import annotations
 
@@ -167,6 +169,77 @@ def test_bench_plan_fits_the_budget(budget):
     assert cost <= max(budget, cost - len(compiled) * c["compile_case"])
     assert compiled == cases[: len(compiled)]  # the most interesting first
     assert timeout >= 10
+
+
+@pytest.mark.parametrize("budget", [40, 60, 112, 172, 400])
+def test_bench_split_keeps_run_py_first(budget):
+    providers = steps.linear_providers()
+    first, linear = steps.bench_split(budget, providers)
+    assert first + linear == budget and first >= steps.RUN_PY_SHARE * budget
+    assert linear == 0 or linear >= steps.LINEAR_MIN_S
+    if budget >= 112:  # the default box leaves the linear part a share of its own
+        assert linear > 0
+
+
+def test_linear_providers_are_the_importable_ones():
+    got = steps.linear_providers()
+    assert {"kdfused-linear", "kdfused-trl", "kdfused"} <= set(got) <= set(steps.LINEAR_PROVIDERS)
+    assert ("trl" in got) == steps.have("trl") and ("liger" in got) == steps.have("liger_kernel")
+
+
+def test_linear_rehearsal_rows_reach_the_summary(tmp_path):
+    """The bench step's second part, rehearsed: linear_bench.py on a tiny CPU case writes its
+    rows where the step and summary.md read them."""
+    import subprocess
+
+    out = tmp_path / "bench"
+    cmd = steps.linear_cmd(str(out), True, 120, ["kdfused-linear", "kdfused-trl"])
+    assert cmd[cmd.index("--device") + 1] == "cpu" and "--soft-only" in cmd
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows, text, ours_failed = steps.linear_result(str(out))
+    assert [x["provider"] for x in rows] == ["kdfused-linear", "kdfused-trl"]
+    assert all("ms" in x and x["peak_source"] in ("VmHWM", "ru_maxrss") for x in rows)
+    assert text.startswith("2 of 2 providers timed") and not ours_failed
+    assert (out / "linear.csv").read_text().count("\n") == 3
+    md = summary.linear_table(str(tmp_path), "rehearsal")
+    assert any(x.startswith("| kdfused-trl | ") for x in md) and "256,64,1000" in md[1]
+    assert "the numbers mean nothing" in md[1] and "losses agree" in md[-1]
+
+
+def test_linear_table_and_result_with_a_timeout(tmp_path):
+    import json
+
+    rows = [
+        dict(provider="kdfused-linear", ms=12.5, peak_mib=130.2, loss=0.25, device_name="H100"),
+        dict(provider="trl", status="timeout", error=["stopped after 20 s"]),
+        dict(provider="kdfused", status="error", error=["RuntimeError: CUDA out of memory"]),
+    ]
+    for x in rows:
+        x.update(N=4096, H=1024, V=32000, dtype="float32", device="cuda")
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "linear.json").write_text(json.dumps(dict(meta={}, rows=rows)))
+    md = summary.linear_table(str(tmp_path), "gpu")
+    assert "(H100, N,H,V = 4096,1024,32000 float32" in md[1] and "mean nothing" not in md[1]
+    assert "| kdfused-linear | 12.50 | 130 | 0.25 |" in md
+    assert "| trl | timeout stopped after 20 s | - | - |" in md
+    _, text, ours_failed = steps.linear_result(str(tmp_path / "bench"))
+    assert text == "1 of 3 providers timed (trl timeout, kdfused error)" and ours_failed
+    assert summary.linear_table(str(tmp_path / "nothing"), "gpu") == []
+
+
+def test_linear_bench_provider_timeout():
+    lb = _load("linear_bench")
+    r = lb.run_one("kdfused-linear", 64, 32, 500, "float32", 1, "jsd", True, "cpu", timeout=0.2)
+    assert r["status"] == "timeout" and r["error"] == ["stopped after 0.2 s"]
+
+
+def test_outdir_files_documented():
+    with open(os.path.join(BENCH, "gpu_check.sh")) as f:
+        header = f.read()
+    assert f"OUTDIR gets {len(driver.OUT_FILES)} files" in header
+    for name in driver.OUT_FILES:
+        assert name in header, name
 
 
 def test_curated_tests_exist():
