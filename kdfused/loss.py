@@ -1,15 +1,16 @@
 """Public API: :func:`kd_loss`, the :class:`KDLoss` module and :class:`KDLossFunction`.
 
-Two autograd paths lead to the same backward code (``_backward.backward``):
+Every autograd path leads to the same backward code (``_backward.backward``):
 
 - :func:`kd_loss` (and :class:`KDLoss`) call the custom op ``torch.ops.kdfused.kd_loss``, whose
   autograd is registered with ``torch.library.register_autograd`` (``_ops.py``). That is the
   path torch.compile, AOTAutograd and ``torch.library.opcheck`` know for a custom op (dynamo
-  treats the op as opaque; AOTAutograd traces its registered backward). It stays the main path
-  rather than going
-  through :class:`KDLossFunction`, because the op's registered autograd must exist anyway (for
-  ``torch.ops.kdfused.kd_loss`` callers and opcheck), and stacking a Function on top of it would
-  only add a second autograd node per call.
+  treats the op as opaque; AOTAutograd traces its registered backward), and the path of every
+  call that is traced, transformed (functorch), intercepted by a mode or made on tensor
+  subclasses. An eager call on plain tensors calls the op's kernel directly, below the autograd
+  key, under ``_ops._KDLossEager``, a Function with the same saved state and backward: the
+  generic wrapper of ``register_autograd`` costs more than the whole call at small sizes
+  (``_ops.kd_loss_op``).
 - :class:`KDLossFunction` is a ``torch.autograd.Function`` over the same op, for code that
   composes Functions (``Function.apply`` with positional arguments). Its backward calls the same
   ``_backward.backward``: one implementation of the scaling, not two copies.
@@ -24,7 +25,7 @@ import torch
 from . import _checks
 from ._backward import backward, keep
 from ._module import OptionsModule
-from ._ops import _lib_ops, kd_loss_op
+from ._ops import _below_autograd, _kd_loss_kernel, _lib_ops, _plain_eager, kd_loss_op
 from ._options import KDOptions, parse
 
 
@@ -235,9 +236,12 @@ class KDLossFunction(torch.autograd.Function):
             temperature, soft_weight, hard_weight, divergence, beta, ignore_index, reduction
         )
         need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        loss, *grads, _entropy = _lib_ops.kd_loss(
-            student_logits, teacher_logits, labels, *options.op_args, False, need_s, need_t
-        )
+        args = (student_logits, teacher_logits, labels, *options.op_args, False, need_s, need_t)
+        if _plain_eager(student_logits, teacher_logits, labels):
+            with _below_autograd():  # (grad mode is off here: the op's autograd would pass)
+                loss, *grads, _entropy = _kd_loss_kernel(*args)
+        else:
+            loss, *grads, _entropy = _lib_ops.kd_loss(*args)
         # The op's saved state, as the registered autograd keeps it (_ops._setup_context).
         keep(ctx, (need_s, need_t), tuple(grads))
         return loss

@@ -229,3 +229,105 @@ def test_compile_fullgraph_dynamic(device, gen):
         torch.testing.assert_close(lc, le, rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(gsc, gse, rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(gtc, gte, rtol=1e-12, atol=1e-14)
+
+
+# ---- the eager call path: kd_loss calls the kernel under its own Function, the same bits ------
+
+
+def _same_bits(a, b, what):
+    assert type(a) is type(b), what
+    if isinstance(a, (tuple, list)):
+        assert len(a) == len(b), what
+        for x, y in zip(a, b):
+            _same_bits(x, y, what)
+        return
+    if not isinstance(a, torch.Tensor):
+        assert a == b, what
+        return
+    assert (a.dtype, a.shape, a.requires_grad) == (b.dtype, b.shape, b.requires_grad), what
+    a, b = a.detach().reshape(-1), b.detach().reshape(-1)
+    assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), what
+
+
+def _run_both(monkeypatch, fn):
+    """fn() on the eager path, then with every call sent to the registered op."""
+    import kdfused._ops as ops
+
+    eager = fn()
+    with monkeypatch.context() as m:
+        m.setattr(ops, "_plain_eager", lambda *args: False)
+        registered = fn()
+    return eager, registered
+
+
+@pytest.mark.parametrize("red", ["batchmean", "mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("grad_t", [False, True], ids=["s", "s+t"])
+@pytest.mark.parametrize("entropy", [False, True], ids=["", "entropy"])
+def test_eager_path_is_the_registered_ops(monkeypatch, device, gen, red, dtype, grad_t, entropy):
+    """Loss, entropy and the gradients of three backwards (retain_graph, grad_outputs != 1) are
+    bitwise those of the registered op's autograd; so are the errors of a double backward."""
+    import kdfused
+
+    s0 = make_logits((4, 6, 13), dtype, device, gen)
+    t0 = make_logits((4, 6, 13), dtype, device, gen)
+    y = make_labels((4, 6), 13, device, gen, 0.25)
+    go = torch.rand((4, 6) if red == "none" else (), generator=gen).to(device) + 0.5
+
+    def fn():
+        s, t = s0.clone().requires_grad_(), t0.clone().requires_grad_(grad_t)
+        kw = dict(temperature=2.0, hard_weight=0.3, reduction=red, return_entropy=entropy)
+        out = kdfused.kd_loss(s, t, y, **kw)
+        loss = out[0] if entropy else out
+        got = [out, loss.grad_fn is not None]
+        for i, g in enumerate((go, go * -3, torch.ones_like(go))):
+            loss.backward(g, retain_graph=i < 2)
+            got += [s.grad.clone(), t.grad.clone() if grad_t else t.grad]
+        again = kdfused.kd_loss(s, t, y, **kw)
+        with pytest.raises(RuntimeError, match="double backward") as err:
+            torch.autograd.grad((again[0] if entropy else again).sum(), s, create_graph=True)
+        got.append(str(err.value))
+        with torch.no_grad():
+            got.append(kdfused.kd_loss(s, t, y, **kw))
+        with torch.inference_mode():
+            got.append(kdfused.kd_loss(s, t, y, **kw))
+        return got
+
+    eager, registered = _run_both(monkeypatch, fn)
+    _same_bits(eager, registered, "eager path vs registered op")
+
+
+def test_eager_path_routing(device, gen):
+    """Plain eager calls skip the registered op's generic autograd wrapper; calls that a mode or
+    a transform must see go through the registered op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import kdfused
+
+    s = make_logits((5, 7), torch.float32, device, gen).requires_grad_()
+    t = make_logits((5, 7), torch.float32, device, gen)
+
+    def node(loss):
+        return type(loss.grad_fn).__name__
+
+    assert node(kdfused.kd_loss(s, t)) == "_KDLossEagerBackward"
+    assert node(kdfused.KDLoss()(torch.nn.Parameter(s.detach()), t)) == "_KDLossEagerBackward"
+
+    class Seen(TorchDispatchMode):
+        ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Seen():
+        loss = kdfused.kd_loss(s, t)
+    assert node(loss).startswith("GeneratedBackwardFor_kdfused_kd_loss")
+    assert "kdfused.kd_loss.default" in Seen.ops
+    with torch.device(device):  # a torch-function mode
+        assert node(kdfused.kd_loss(s, t)).startswith("GeneratedBackwardFor")
+    # vmap: the op's batching fallback, as before
+    batched = torch.func.vmap(lambda a, b: kdfused.kd_loss(a, b))(
+        torch.stack([s, s]), t.expand(2, 5, 7)
+    )
+    assert torch.equal(batched, kdfused.kd_loss(s, t).detach().expand(2))
