@@ -19,7 +19,9 @@ Divergence parse_divergence(std::string_view d, Divergences allowed) {
   if (allowed == Divergences::KLOrCE) {
     if (d == "kl") return Divergence::KL;
     if (d == "ce") return Divergence::CE;
-    TORCH_CHECK_VALUE(false, "kdfused: topk_kd_loss supports divergence 'kl' or 'ce', got '",
+    TORCH_CHECK_VALUE(false,
+                      "kdfused: topk_kd_loss with support='full' supports divergence 'kl' or "
+                      "'ce' (the others need support='renormalized' or 'tail'), got '",
                       std::string(d), "'");
   }
   if (d == "kl") return Divergence::KL;

@@ -10,16 +10,42 @@
 
 namespace kdfused::topk {
 
-KDOptions parse_topk_options(double temperature, double soft_weight, double hard_weight,
-                             std::string_view divergence, int64_t ignore_index,
-                             std::string_view reduction, at::ArrayRef<double> logit_map) {
-  // No beta: the KDOptions default (never read for KL / CE).
-  return parse_options(temperature, soft_weight, hard_weight, divergence, KDOptions{}.beta,
-                       ignore_index, reduction, Divergences::KLOrCE, logit_map);
+TopKOptions parse_topk_options(double temperature, double soft_weight, double hard_weight,
+                               std::string_view divergence, double beta, int64_t ignore_index,
+                               std::string_view reduction, at::ArrayRef<double> logit_map,
+                               std::string_view support, std::string_view values) {
+  TopKOptions o;
+  if (support == "full") {
+    o.support = Support::Full;
+  } else if (support == "renormalized") {
+    o.support = Support::Renormalized;
+  } else if (support == "tail") {
+    o.support = Support::Tail;
+  } else {
+    TORCH_CHECK_VALUE(false,
+                      "kdfused: support must be one of 'full', 'renormalized', 'tail', got '",
+                      std::string(support), "'");
+  }
+  TORCH_CHECK_VALUE(values == "logits" || values == "logprobs",
+                    "kdfused: values must be 'logits' or 'logprobs', got '", std::string(values),
+                    "'");
+  o.logprobs = values == "logprobs";
+  // Full compares the teacher's entries with the student's whole distribution: only kl and ce,
+  // whose terms vanish where the teacher stored nothing.
+  const Divergences allowed = o.support == Support::Full ? Divergences::KLOrCE : Divergences::All;
+  static_cast<KDOptions&>(o) = parse_options(temperature, soft_weight, hard_weight, divergence,
+                                             beta, ignore_index, reduction, allowed, logit_map);
+  TORCH_CHECK_VALUE(o.support != Support::Tail || o.logprobs,
+                    "kdfused: support='tail' needs values='logprobs' (the tail bucket is the "
+                    "teacher's probability mass outside its stored entries)");
+  TORCH_CHECK_VALUE(!o.logprobs || (o.teacher_scale == 1.0 && o.teacher_softcap == 0.0),
+                    "kdfused: values='logprobs' are the teacher's final log-probabilities: "
+                    "teacher_logit_scale and teacher_softcap do not apply to them");
+  return o;
 }
 
 void check_topk_inputs(const at::Tensor& s, const at::Tensor& idx, const at::Tensor& val,
-                       const std::optional<at::Tensor>& labels, const KDOptions& opt) {
+                       const std::optional<at::Tensor>& labels, const TopKOptions& opt) {
   TORCH_CHECK_TYPE(is_supported_float(s.scalar_type()),
                    "kdfused: student_logits must be float16, bfloat16, float32 or float64, got ",
                    s.scalar_type());
@@ -57,11 +83,10 @@ void check_topk_inputs(const at::Tensor& s, const at::Tensor& idx, const at::Ten
 
 TopKPrepared prepare_topk(const at::Tensor& student, const at::Tensor& indices,
                           const at::Tensor& values, const std::optional<at::Tensor>& labels,
-                          const KDOptions& opt, bool grad_student) {
+                          const TopKOptions& opt, bool grad_student) {
   TopKPrepared prep;
   TopKParams& p = prep.params;
-  static_cast<KDOptions&>(p) = opt;
-  p.ce = opt.divergence == Divergence::CE;
+  static_cast<TopKOptions&>(p) = opt;
   const int64_t V = student.size(-1);
   const int64_t k = indices.size(-1);
   const at::IntArrayRef lead = leading_dims(student);
@@ -77,7 +102,7 @@ TopKPrepared prepare_topk(const at::Tensor& student, const at::Tensor& indices,
   // kernels need no template per (index, value) dtype.
   prep.indices = indices.reshape({n_rows, k}).to(at::kLong).contiguous();
   prep.values = values.reshape({n_rows, k}).to(acc).contiguous();
-  if (opt.teacher_scale != 1.0 || opt.teacher_softcap > 0) {
+  if (!opt.logprobs && (opt.teacher_scale != 1.0 || opt.teacher_softcap > 0)) {
     // The teacher's transform on its k stored logits per row (kd_math.h map_logit, in ATen ops:
     // n_rows x k values, not worth a kernel; the teacher gets no gradient here).
     at::Tensor z = prep.values * opt.teacher_scale;
@@ -119,6 +144,7 @@ TORCH_LIBRARY_FRAGMENT(kdfused, m) {
   // empty tensor when not asked for. The backward rescales it with kd_scale_grads_.
   m.def(
       "topk_kd_loss(Tensor student, Tensor teacher_indices, Tensor teacher_values, Tensor? labels, "
-      "float temperature, float soft_weight, float hard_weight, str divergence, int ignore_index, "
-      "str reduction, float[] logit_map, bool grad_student) -> (Tensor, Tensor, Tensor)");
+      "float temperature, float soft_weight, float hard_weight, str divergence, "
+      "float beta, int ignore_index, str reduction, float[] logit_map, str support, str values, "
+      "bool grad_student) -> (Tensor, Tensor, Tensor)");
 }

@@ -1,27 +1,45 @@
-// kd_topk_math.h -- the per-element maths of the top-k distillation loss, shared by the CPU and
-// the CUDA kernels (only kd_exp, kd_log, kd_max, kd_inf, rescale_factor and KD_HD come from
-// kd_math.h).
+// kd_topk_math.h -- the per-row maths of the top-k distillation loss, shared by the CPU and the
+// CUDA kernels (exp, log, maxima, rescale_factor, tvd_sign and KD_HD come from kd_math.h).
 //
-// One row: student logits s (V entries), teacher indices i_1..i_k (distinct) and teacher logits
-// v_1..v_k at those indices, temperature T.
-//   ms = max s        za = sum_i exp((s_i - ms) / T)        log q_i = (s_i - ms)/T - log za
-//   mv = max v        zb = sum_j exp((v_j - mv) / T)        log p_j = (v_j - mv)/T - log zb
-//   KL = sum_j p_j (log p_j - log q_{i_j})
-//      = (1/zb) sum_j e_j ((v_j - mv) - (s_{i_j} - ms)) / T  -  log zb  +  log za,  e_j = zb p_j
-//   CE = -sum_j p_j log q_{i_j} = (1/zb) sum_j e_j (-(s_{i_j} - ms) / T)  +  log za
-//   hard = log sum_i exp(s_i - ms) - (s_y - ms)                              (T = 1, full row)
-//   row  = soft_weight T^2 D + hard_weight hard
-//   d row / d s_i = soft_weight T (q_i - p~_i) + hard_weight (softmax(s)_i - [i == y])
-// where p~ is p scattered to the indices (0 elsewhere). Every quantity is formed from differences
-// to the raw maxima (exact for nearby values), never from s/T - max(s/T) or from LSE(s/T) itself,
-// which would cancel large rounded numbers for large logits or small T.
+// One row: student logits z (V entries, after the student's transform), the teacher's k stored
+// entries (index i_j, value v_j), temperature T. An entry is VALID when v_j != -inf; the others
+// are padding, outside the support on both sides (their indices are never used).
 //
-// Masking: a -inf teacher value has e_j = 0 and contributes nothing (its (v_j - mv) = -inf would
-// make 0 * inf = NaN, hence the guard). A -inf student logit under teacher mass gives +inf. A row
-// whose k teacher values are all -inf has no distribution (zb = 0): NaN, like softmax.
+// Log-probabilities over the support (S = the valid entries):
+//   teacher, values = logits:    lp_j = (v_j - mv) / T - log sum_S exp((v - mv) / T)
+//   teacher, values = logprobs:  lp_j = v_j - LSE_S(v)            (Full, Renormalized)
+//                                lp_j = v_j as stored             (Tail)
+//   student, Full / Tail:        lq_j = (z_{i_j} - ms) / T - log za,  za = sum_V exp((z - ms) / T)
+//   student, Renormalized:       lq_j = (z_{i_j} - mk) / T - log sum_S exp((z_i - mk) / T)
+//   Tail adds one bucket per side: l_tail = log(1 - exp(min(LSE_S(l), -1e-7))) (TRL's
+//   _add_tail_bucket; the student's gets no gradient where the min clamps).
+// with mv, ms, mk the maxima of the raw values the sums run over (differences to raw maxima, never
+// LSE(x / T) itself: see kd_math.h, Numerics).
+//
+// Divergence over the buckets b (p = exp(lp), q = exp(lq)), D = sum_b d_b, and g_b = dD/d lq_b:
+//   kl          d = p (lp - lq)                                 g = -p
+//   ce          d = -p lq                                       g = -p
+//   reverse_kl  d = q (lq - lp)                                 g = q (lq - lp) + q
+//   jsd         d = beta p (lp - lm) + (1 - beta) q (lq - lm)   g = (1 - beta) q (lq - lm)
+//               lm = log(beta p + (1 - beta) q)
+//   tvd         d = 0.5 |p - q|                                 g = 0.5 sign(q - p) q
+// (a term without mass is 0, never 0 * inf). Full allows kl and ce only (the others need q where
+// the teacher stored nothing).
+//
+// Gradient, d row / d z_i with ks = soft_weight T, q_i = softmax(z / T)_i over V, G = sum_S g_j:
+//   row = soft_weight T^2 D + hard_weight (LSE(z) - z_y)
+//   soft part = ks (dense q_i + sum_S [i == i_j] (g_j - c exp(lq_j)))
+//   Full          dense = -G,              c = 0
+//   Renormalized  dense = 0,               c = G             (d lq_j / d z = ([.] - qr) / T)
+//   Tail          dense = -(G - c Q),      c = g_tail / (1 - Q), Q = sum_S exp(lq_j);  c = 0
+//                 where the student's min clamps
+//   hard part = hard_weight (softmax(z)_i - [i == y])
+// A row without a valid entry has D = 0 and no soft gradient (for Tail both sides are one bucket of
+// mass 1): only its hard term counts, never NaN.
 #pragma once
 
 #include "kd_math.h"
+#include "kd_topk_params.h"
 
 namespace kdfused::topk {
 
@@ -47,52 +65,130 @@ KD_HD A below_max(A x, A m) {
   return (m == -kd_inf<A>()) ? -kd_inf<A>() : x - m;
 }
 
-// The teacher's unnormalised weight e_j = exp((v_j - mv) / T).
+// Whether a stored teacher entry is part of the support. NaN is: it must poison the row.
 template <typename A>
-KD_HD A teacher_weight(A v, A mv, A inv_t) {
-  return kd_exp(below_max(v, mv) * inv_t);
+KD_HD bool valid_entry(A v) {
+  return v != -kd_inf<A>();
 }
 
-// One teacher entry's contribution to zb * (D - offset), see divergence(): e_j * d_j with
-// d_j = ((v_j - mv) - (s_{i_j} - ms)) / T (KL) or -(s_{i_j} - ms) / T (CE). No mass, nothing.
+// One side's log-probabilities over the support: log prob of a raw value x is
+// (x - m) * inv_t - log_norm.
 template <typename A>
-KD_HD A teacher_term(A e, A v, A mv, A s_at, A ms, A inv_t, bool ce) {
-  if (!(e > A(0))) return (e == A(0)) ? A(0) : e;  // NaN weight stays NaN
-  const A ds = s_at - ms;
-  return ce ? -e * (ds * inv_t) : e * (((v - mv) - ds) * inv_t);
-}
-
-// D from the summed teacher terms: KL = sum/zb - log zb + log za, CE = sum/zb + log za.
-template <typename A>
-KD_HD A divergence(A term_sum, A zb, A log_za, bool ce) {
-  const A d = term_sum / zb + log_za;
-  return ce ? d : d - kd_log(zb);
-}
-
-// Hard term, cross-entropy at T = 1: log sum exp(s - ms) - (s_y - ms).
-template <typename A>
-KD_HD A hard_term(A log_zh, A s_y, A ms) {
-  return log_zh - (s_y - ms);
-}
-
-// Per-row coefficients of the gradient sweep, already multiplied by the reduction's scale.
-template <typename A>
-struct GradCoef {
-  A ks;  // soft_weight * T * scale (0 when the soft term is off)
-  A kh;  // hard_weight * scale (0 when the hard term is off)
+struct LogProbs {
+  A m;
+  A inv_t;
+  A log_norm;
 };
 
-// The dense part of d row / d s_i from q_i (tempered student probability) and h_i (softmax(s)_i);
-// the sparse parts -ks p_j at the teacher's indices and -kh at the label are added separately.
 template <typename A>
-KD_HD A grad_dense(const GradCoef<A>& c, A q, A h) {
-  return c.ks * q + c.kh * h;
+KD_HD A log_prob(const LogProbs<A>& s, A x) {
+  return below_max(x, s.m) * s.inv_t - s.log_norm;
 }
 
-// The sparse teacher part at index i_j: -ks p_j with p_j = e_j / zb.
+KD_HD float kd_expm1(float x) {
+#if defined(__CUDA_ARCH__)
+  return ::expm1f(x);
+#else
+  return std::expm1(x);
+#endif
+}
+KD_HD double kd_expm1(double x) {
+#if defined(__CUDA_ARCH__)
+  return ::expm1(x);
+#else
+  return std::expm1(x);
+#endif
+}
+
+// Whether TRL's clamp min(lse, -1e-7) is active (then the tail gets no gradient).
 template <typename A>
-KD_HD A grad_teacher_part(const GradCoef<A>& c, A e, A zb) {
-  return -c.ks * (e / zb);
+KD_HD bool tail_clamped(A lse) {
+  return lse > A(-1e-7);
+}
+
+// The tail bucket's log-probability log(1 - exp(min(lse, -1e-7))) from the log of the stored mass.
+template <typename A>
+KD_HD A tail_log(A lse) {
+  return kd_log(-kd_expm1(tail_clamped(lse) ? A(-1e-7) : lse));
+}
+
+// The divergence and its constants, once per call.
+template <typename A>
+struct DivConst {
+  Divergence div;
+  A beta, log_beta, log_1mbeta;  // jsd only
+};
+
+template <typename A>
+inline DivConst<A> make_div_const(const TopKOptions& o) {
+  const bool jsd = o.divergence == Divergence::JSD;
+  return {o.divergence, static_cast<A>(o.beta), static_cast<A>(jsd ? std::log(o.beta) : 0.0),
+          static_cast<A>(jsd ? std::log1p(-o.beta) : 0.0)};
+}
+
+// One bucket's divergence term d and g = d D / d lq (table above).
+template <typename A>
+struct Bucket {
+  A d;
+  A g;
+};
+
+template <typename A>
+KD_HD Bucket<A> bucket(A lp, A lq, const DivConst<A>& dc) {
+  const A p = kd_exp(lp);
+  const A q = kd_exp(lq);
+  switch (dc.div) {
+    case Divergence::KL: return {p == A(0) ? A(0) : p * (lp - lq), -p};
+    case Divergence::CE: return {p == A(0) ? A(0) : -p * lq, -p};
+    case Divergence::ReverseKL: {
+      const A t = q == A(0) ? A(0) : q * (lq - lp);
+      return {t, t + q};
+    }
+    case Divergence::JSD: {
+      // log m bounded below in the log domain, as kd_math.h jsd_logs does (a denormal product
+      // would round to 0 and make log(q / m) infinite).
+      A lm = kd_log(dc.beta * p + (A(1) - dc.beta) * q);
+      lm = kd_max(lm, kd_max(lq + dc.log_1mbeta, lp + dc.log_beta));
+      const A tq = q == A(0) ? A(0) : q * (lq - lm);
+      const A tp = p == A(0) ? A(0) : p * (lp - lm);
+      return {dc.beta * tp + (A(1) - dc.beta) * tq, (A(1) - dc.beta) * tq};
+    }
+    case Divergence::TVD: {
+      const A diff = q - p;
+      return {A(0.5) * (diff < A(0) ? -diff : diff), tvd_sign(q, p) * q};
+    }
+  }
+  return {A(0), A(0)};
+}
+
+// The soft gradient's row constants (table above): ks (dense q_i + sparse parts at the entries,
+// g_j - c exp(lq_j)).
+template <typename A>
+struct SoftGrad {
+  A dense;
+  A c;
+};
+
+// From the summed g_j (G), the student's mass on the entries (lse_q = LSE_S(lq), Tail) and the
+// tail bucket's g (Tail).
+template <typename A>
+KD_HD SoftGrad<A> soft_grad(Support support, A G, A lse_q, A g_tail) {
+  switch (support) {
+    case Support::Full: return {-G, A(0)};
+    case Support::Renormalized: return {A(0), G};
+    case Support::Tail: {
+      if (tail_clamped(lse_q)) return {-G, A(0)};
+      const A c = g_tail / -kd_expm1(lse_q);
+      return {-(G - c * kd_exp(lse_q)), c};
+    }
+  }
+  return {A(0), A(0)};
+}
+
+// Hard term, cross-entropy at T = 1: log sum exp(z - ms) - (z_y - ms).
+template <typename A>
+KD_HD A hard_term(A log_zh, A z_y, A ms) {
+  return log_zh - (z_y - ms);
 }
 
 }  // namespace kdfused::topk

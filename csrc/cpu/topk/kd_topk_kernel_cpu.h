@@ -5,21 +5,19 @@
 // KD_ISA (kd_cpu_dispatch.h). Everything lives in an ISA-specific inline namespace so the copies
 // never meet at link time.
 //
-// Maths (kd_topk_math.h): per row, with a = s/T, q = softmax(a) over all V, p = softmax(v/T) over
-// the k stored teacher entries at indices i_j,
-//   KL = sum_j p_j (log p_j - log q_{i_j}),   CE = -sum_j p_j log q_{i_j},   hard = CE(s, y) at T=1
-//   row = sw T^2 D + hw hard,   d row/d s_i = sw T (q_i - p~_i) + hw (softmax(s)_i - [i == y]).
-//
-// Per row (rows over threads with at::parallel_for, one thread per row: the result does not
-// depend on the thread count), one read of the student row:
-//   1. statistics sweep, chunk by chunk: the chunk's maximum, then exp((s - max)/T) for each
+// Maths: kd_topk_math.h (supports, divergences, gradient). Per row (rows over threads with
+// at::parallel_for, one thread per row: the result does not depend on the thread count), one read
+// of the student row:
+//   1. statistics sweep (when the soft term needs q over the vocabulary -- supports Full and Tail --
+//      or the hard term is on), chunk by chunk: the chunk's maximum, then exp((z - max)/T) for each
 //      element, kept (in the fp32/fp64 gradient output itself when the student has the
 //      accumulation type, else in a per-thread row buffer) together with the chunk's (max, sum);
 //      the chunks' (max, sum) states are merged in order;
-//   2. the k teacher terms: gather s at the indices, the teacher softmax over k, the row loss;
+//   2. the k teacher entries: gather z at the valid ones, both sides' log-probabilities over the
+//      support, the buckets' divergence terms, the row loss and the soft gradient's constants;
 //   3. gradient sweep: q = kept exponential * one factor per chunk (no exp per element), the
-//      dense part sw T q + hw softmax(s) written chunk by chunk, the sparse parts (-sw T p_j at the
-//      indices, sorted once per row, and -hw at the label) added to the chunk before it is
+//      dense part ks dense q + hw softmax(z) written chunk by chunk, the sparse parts (at the valid
+//      entries, sorted once per row, and -hw at the label) added to the chunk before it is
 //      converted to the student's dtype (one rounding).
 // One exp per element (two for the hard term at T != 1, 2). With the student's logit transform
 // (kd_math.h LogitMap) every student logit read is map_logit's z (chunk_z, and at the indices and
@@ -65,7 +63,7 @@ using cpu::vexp;
 // One teacher entry of the current row, for the sparse part of the gradient.
 struct Entry {
   int64_t idx;
-  double weight;  // e_j (unnormalised teacher weight), in double to hold either accumulation type
+  double grad;  // the entry's sparse gradient, in double to hold either accumulation type
 };
 
 // A zeroed array of n elements (resize drops the contents). Why not std::vector<float>: its
@@ -114,6 +112,74 @@ struct Scratch {
   }
 };
 
+// One row's top-k part (step 2, kd_topk_math.h): D over the support and the soft gradient's dense
+// coefficient; with `entries`, also the valid entries' sparse gradients (ks already applied; their
+// number in n_entries). ms, log_za: the student's statistics over the vocabulary (Full and Tail
+// only). Each pass over the k entries skips the padding, whose indices are never read.
+template <typename A>
+struct TopKRow {
+  A soft;     // D
+  A dense;    // the soft gradient's dense coefficient (times ks: ks * dense * q_i)
+};
+
+template <typename S, typename A, typename ZAt>
+TopKRow<A> topk_terms(const TopKParams& p, const topk::DivConst<A>& dc, const int64_t* ix,
+                         const A* vv, const S* srow, const ZAt& z_at, A ms, A log_za, A ks,
+                         Entry* entries, int64_t& n_entries) {
+  using topk::Support;
+  const int64_t K = p.k;
+  const A inv_t = static_cast<A>(p.inv_temperature);
+  const A t_inv_t = p.logprobs ? A(1) : inv_t;  // the teacher's: stored log-probs are final
+  // Maxima over the valid entries: the teacher's values, the student's logits there.
+  A mv = -kd_inf<A>(), mk = -kd_inf<A>();
+  int64_t n_valid = 0;
+  for (int64_t j = 0; j < K; ++j) {
+    if (!topk::valid_entry(vv[j])) continue;
+    ++n_valid;
+    mv = kd_max(mv, vv[j]);
+    mk = kd_max(mk, z_at(srow, ix[j]));
+  }
+  n_entries = 0;
+  if (n_valid == 0) return {A(0), A(0)};  // no support: D = 0, no soft gradient
+  A zt = A(0), zk = A(0);
+  const A mz = p.support == Support::Renormalized ? mk : ms;  // the student's shift
+  for (int64_t j = 0; j < K; ++j) {
+    if (!topk::valid_entry(vv[j])) continue;
+    zt += kd_exp(topk::below_max(vv[j], mv) * t_inv_t);
+    zk += kd_exp(topk::below_max(z_at(srow, ix[j]), mz) * inv_t);
+  }
+  const bool tail = p.support == Support::Tail;
+  const topk::LogProbs<A> lp_of = tail ? topk::LogProbs<A>{A(0), A(1), A(0)}
+                                       : topk::LogProbs<A>{mv, t_inv_t, kd_log(zt)};
+  const topk::LogProbs<A> lq_of = p.support == Support::Renormalized
+                                      ? topk::LogProbs<A>{mk, inv_t, kd_log(zk)}
+                                      : topk::LogProbs<A>{ms, inv_t, log_za};
+  A d = A(0), G = A(0);
+  for (int64_t j = 0; j < K; ++j) {
+    if (!topk::valid_entry(vv[j])) continue;
+    const topk::Bucket<A> b = topk::bucket(topk::log_prob(lp_of, vv[j]), topk::log_prob(lq_of, z_at(srow, ix[j])), dc);
+    d += b.d;
+    G += b.g;
+  }
+  A lse_q = A(0), g_tail = A(0);
+  if (tail) {
+    lse_q = kd_log(zk) - log_za;  // log of the student's mass on the entries
+    const topk::Bucket<A> b = topk::bucket(topk::tail_log(mv + kd_log(zt)), topk::tail_log(lse_q), dc);
+    d += b.d;
+    g_tail = b.g;
+  }
+  const topk::SoftGrad<A> sg = topk::soft_grad(p.support, G, lse_q, g_tail);
+  if (entries) {
+    for (int64_t j = 0; j < K; ++j) {
+      if (!topk::valid_entry(vv[j])) continue;
+      const A lq = topk::log_prob(lq_of, z_at(srow, ix[j]));
+      const topk::Bucket<A> b = topk::bucket(topk::log_prob(lp_of, vv[j]), lq, dc);
+      entries[n_entries++] = Entry{ix[j], static_cast<double>(ks * (b.g - sg.c * kd_exp(lq)))};
+    }
+  }
+  return {d, sg.dense};
+}
+
 template <typename S, typename A>
 void topk_rows(const TopKParams& p, int64_t begin, int64_t end) {
   using Vec = Vectorized<A>;
@@ -125,17 +191,21 @@ void topk_rows(const TopKParams& p, int64_t begin, int64_t end) {
   // reload in every iteration.
   const bool soft = p.soft_weight > 0;
   const bool hard = p.hard_weight > 0;
-  const bool ce = p.ce;
   const bool want_g = p.grad_student != nullptr;
-  // Without the soft term only T = 1 statistics are needed: compute those as the "a" ones.
-  const A inv_t = soft ? static_cast<A>(p.inv_temperature) : A(1);
+  // Whether the soft term needs q over the whole vocabulary (not for Renormalized, whose student
+  // lives on the entries alone), and whether anything needs the statistics sweep.
+  const bool soft_dense = soft && p.support != topk::Support::Renormalized;
+  const bool need_stats = soft_dense || hard;
+  // Without the soft term's q only T = 1 statistics are needed: compute those as the "a" ones.
+  const A inv_t = soft_dense ? static_cast<A>(p.inv_temperature) : A(1);
   const A temp = static_cast<A>(p.temperature);
-  const bool need_h = hard && soft && p.temperature != 1.0;
+  const bool need_h = hard && soft_dense && p.temperature != 1.0;
   // At T = 2, exp(s - m) = exp((s - m)/2)^2: a multiply instead of an exp (and no stored copy).
   const bool square_h = need_h && p.temperature == 2.0;
   const bool keep_h = need_h && !square_h && want_g;
   const LogitMap<A> map = make_logit_map<A>(p.student_scale, p.student_softcap);
-  Scratch<A> sc(V, K, convert, want_g, keep_h, map.on);
+  const topk::DivConst<A> dc = topk::make_div_const<A>(p);
+  Scratch<A> sc(V, K, convert, want_g && need_stats, keep_h, map.on);
   // The student's logit at column i, as every formula reads it (transformed when the map is on).
   auto z_at = [&](const S* row, int64_t i) {
     const A x = static_cast<A>(row[i]);
@@ -163,7 +233,7 @@ void topk_rows(const TopKParams& p, int64_t begin, int64_t end) {
     // Where the exponentials are kept: in the gradient output itself when it has the
     // accumulation type (the gradient sweep then reads and writes the same cache lines).
     A* ea_row = nullptr;
-    if (want_g) {
+    if (want_g && need_stats) {
       if constexpr (convert) {
         ea_row = sc.ea.data();
       } else {
@@ -172,101 +242,99 @@ void topk_rows(const TopKParams& p, int64_t begin, int64_t end) {
     }
 
     // ---- 1. statistics sweep ----------------------------------------------------------------
-    for (int64_t c = 0; c < sc.n_chunks; ++c) {
-      const int64_t c0 = c * kChunk;
-      const int64_t n = std::min(kChunk, V - c0);
-      const A* xs = chunk_z(srow + c0, sc.s.data(), n, map);
-      Vec vm(-kd_inf<A>());
-      for (int64_t i = 0; i < n; i += W) vm = at::vec::maximum(vm, load_chunk(xs, i, n));
-      const A cm = hmax(vm);
-      // An all -inf chunk: shift by 0, so every exp is exp(-inf) = 0 rather than NaN.
-      const Vec sh(cm == -kd_inf<A>() ? A(0) : cm);
-      Vec za(A(0)), zh(A(0));
-      for (int64_t i = 0; i < n; i += W) {
-        const Vec ds = load_chunk(xs, i, n) - sh;
-        const Vec e_a = vexp(ds * vinv_t);
-        za += e_a;
-        if (ea_row) store_chunk(e_a, ea_row + c0, i, n);
-        if (need_h) {
-          const Vec e_h = square_h ? e_a * e_a : vexp(ds);
-          zh += e_h;
-          if (keep_h) store_chunk(e_h, sc.eh.data() + c0, i, n);
-        }
-      }
-      sc.cm[c] = cm;
-      sc.cza[c] = hsum(za);
-      sc.czh[c] = hsum(zh);
-    }
     MaxSum<A> a{-kd_inf<A>(), A(0)}, h{-kd_inf<A>(), A(0)};
-    for (int64_t c = 0; c < sc.n_chunks; ++c) {
-      a = topk::merge(a, MaxSum<A>{sc.cm[c], sc.cza[c]}, inv_t);
-      if (need_h) h = topk::merge(h, MaxSum<A>{sc.cm[c], sc.czh[c]}, A(1));
+    if (need_stats) {
+      for (int64_t c = 0; c < sc.n_chunks; ++c) {
+        const int64_t c0 = c * kChunk;
+        const int64_t n = std::min(kChunk, V - c0);
+        const A* xs = chunk_z(srow + c0, sc.s.data(), n, map);
+        Vec vm(-kd_inf<A>());
+        for (int64_t i = 0; i < n; i += W) vm = at::vec::maximum(vm, load_chunk(xs, i, n));
+        const A cm = hmax(vm);
+        // An all -inf chunk: shift by 0, so every exp is exp(-inf) = 0 rather than NaN.
+        const Vec sh(cm == -kd_inf<A>() ? A(0) : cm);
+        Vec za(A(0)), zh(A(0));
+        for (int64_t i = 0; i < n; i += W) {
+          const Vec ds = load_chunk(xs, i, n) - sh;
+          const Vec e_a = vexp(ds * vinv_t);
+          za += e_a;
+          if (ea_row) store_chunk(e_a, ea_row + c0, i, n);
+          if (need_h) {
+            const Vec e_h = square_h ? e_a * e_a : vexp(ds);
+            zh += e_h;
+            if (keep_h) store_chunk(e_h, sc.eh.data() + c0, i, n);
+          }
+        }
+        sc.cm[c] = cm;
+        sc.cza[c] = hsum(za);
+        sc.czh[c] = hsum(zh);
+      }
+      for (int64_t c = 0; c < sc.n_chunks; ++c) {
+        a = topk::merge(a, MaxSum<A>{sc.cm[c], sc.cza[c]}, inv_t);
+        if (need_h) h = topk::merge(h, MaxSum<A>{sc.cm[c], sc.czh[c]}, A(1));
+      }
     }
     const A ms = a.m;
     const A log_za = kd_log(a.z);
     const A log_zh = need_h ? kd_log(h.z) : log_za;
 
-    // ---- 2. teacher terms and the row loss ----------------------------------------------------
+    // ---- 2. teacher entries and the row loss -------------------------------------------------
+    const A ks = soft ? sw * temp * scale : A(0);
+    const A kh = hard ? hw * scale : A(0);
     A loss = A(0);
-    A zb = A(1);
-    const int64_t* ix = p.indices + r * K;
-    const A* vv = v_base + r * K;
+    A dense = A(0);
+    int64_t n_entries = 0;
     if (soft) {
-      A mv = -kd_inf<A>();
-      for (int64_t j = 0; j < K; ++j) mv = kd_max(mv, vv[j]);
-      A terms = A(0);
-      zb = A(0);
-      for (int64_t j = 0; j < K; ++j) {
-        const A e = topk::teacher_weight(vv[j], mv, inv_t);
-        zb += e;
-        terms += topk::teacher_term(e, vv[j], mv, z_at(srow, ix[j]), ms, inv_t, ce);
-        if (want_g) sc.entries[j] = Entry{ix[j], static_cast<double>(e)};
-      }
-      loss += sw * temp * temp * topk::divergence(terms, zb, log_za, ce);
+      const TopKRow<A> t = topk_terms<S, A>(p, dc, p.indices + r * K, v_base + r * K, srow,
+                                               z_at, ms, log_za, ks,
+                                               want_g ? sc.entries.data() : nullptr, n_entries);
+      loss += sw * temp * temp * t.soft;
+      dense = t.dense;
     }
     if (hard) loss += hw * topk::hard_term(log_zh, z_at(srow, y), ms);
     row_loss[r] = loss;
     if (!want_g) continue;
 
     // ---- 3. gradient sweep --------------------------------------------------------------------
-    const topk::GradCoef<A> coef{soft ? sw * temp * scale : A(0), hard ? hw * scale : A(0)};
-    if (soft) {
-      std::sort(sc.entries.begin(), sc.entries.end(),
-                [](const Entry& x, const Entry& z) { return x.idx < z.idx; });
-    }
-    const Vec ks(coef.ks), kh(coef.kh);
+    std::sort(sc.entries.begin(), sc.entries.begin() + n_entries,
+              [](const Entry& x, const Entry& z) { return x.idx < z.idx; });
+    const Vec kd(ks * dense), kh_v(kh);
     int64_t next = 0;  // the first sorted entry not yet applied
     for (int64_t c = 0; c < sc.n_chunks; ++c) {
       const int64_t c0 = c * kChunk;
       const int64_t n = std::min(kChunk, V - c0);
-      // Probabilities are the kept exponentials times one factor per chunk. An all -inf chunk
-      // has factor exp(-inf) = 0; an all -inf row NaN (no distribution, as softmax).
-      const Vec fa(kd_exp((sc.cm[c] - ms) * inv_t - log_za));
-      const Vec fh(need_h ? kd_exp((sc.cm[c] - ms) - log_zh) : A(0));
-      const A* ea = ea_row + c0;
       A* out;
       if constexpr (convert) {
         out = sc.g.data();
       } else {
         out = grow + c0;
       }
-      for (int64_t i = 0; i < n; i += W) {
-        const Vec e_a = load_chunk(ea, i, n);
-        Vec g;
-        if (!need_h) {
-          // T = 1 or no soft term: softmax(s) = q.
-          g = (ks + kh) * (e_a * fa);
-        } else {
-          const Vec e_h = square_h ? e_a * e_a : load_chunk(sc.eh.data() + c0, i, n);
-          g = ks * (e_a * fa) + kh * (e_h * fh);
+      if (!need_stats) {
+        std::fill(out, out + n, A(0));  // the soft gradient lives on the entries alone
+      } else {
+        // Probabilities are the kept exponentials times one factor per chunk. An all -inf chunk
+        // has factor exp(-inf) = 0; an all -inf row NaN (no distribution, as softmax).
+        const Vec fa(kd_exp((sc.cm[c] - ms) * inv_t - log_za));
+        const Vec fh(need_h ? kd_exp((sc.cm[c] - ms) - log_zh) : A(0));
+        const A* ea = ea_row + c0;
+        for (int64_t i = 0; i < n; i += W) {
+          const Vec e_a = load_chunk(ea, i, n);
+          Vec g;
+          if (!need_h) {
+            // T = 1, or no dense soft part: softmax(z) is the "a" probability.
+            g = (kd + kh_v) * (e_a * fa);
+          } else {
+            const Vec e_h = square_h ? e_a * e_a : load_chunk(sc.eh.data() + c0, i, n);
+            g = kd * (e_a * fa) + kh_v * (e_h * fh);
+          }
+          store_chunk(g, out, i, n);
         }
-        store_chunk(g, out, i, n);
       }
-      for (; next < K && soft && sc.entries[next].idx < c0 + n; ++next) {
+      for (; next < n_entries && sc.entries[next].idx < c0 + n; ++next) {
         const Entry& en = sc.entries[next];
-        out[en.idx - c0] += topk::grad_teacher_part(coef, static_cast<A>(en.weight), zb);
+        out[en.idx - c0] += static_cast<A>(en.grad);
       }
-      if (hard && y >= c0 && y < c0 + n) out[y - c0] -= coef.kh;
+      if (hard && y >= c0 && y < c0 + n) out[y - c0] -= kh;
       if (map.on) {
         // d/dx = d/dz * dz/dx, on the finished chunk (dense and sparse parts); z again from x.
         const A* zs = chunk_z(srow + c0, sc.s.data(), n, map);
