@@ -1,31 +1,40 @@
 // kd_topk_cuda.cu -- CUDA implementation of kdfused::topk_kd_loss (TORCH_LIBRARY_IMPL CUDA).
 //
-// Maths (kd_topk_math.h, shared with the CPU kernel): per row, q = softmax(s/T) over all V,
-// p = softmax(v/T) over the k stored teacher entries at indices i_j,
-//   KL = sum_j p_j (log p_j - log q_{i_j}),  CE = -sum_j p_j log q_{i_j},  hard = CE(s, y) at T = 1
-//   row = sw T^2 D + hw hard,   d row / d s_i = sw T (q_i - p~_i) + hw (softmax(s)_i - [i == y]).
+// Maths: kd_topk_math.h (supports, divergences, the gradient's dense and sparse parts), whose
+// per-element functions (merge, below_max, valid_entry, log_prob, bucket, tail_log, soft_grad,
+// hard_term) the CPU kernel (cpu/topk/kd_topk_kernel_cpu.h, topk_terms / topk_rows) runs too;
+// this file mirrors that kernel's structure. Padding entries (value -inf) are skipped by every
+// pass: their indices are range-checked, never used.
 //
 // One group of G threads per row (G = 32, a warp, for V <= kWarpMaxV; else G = 256, a CTA),
 // rows in a grid-stride loop:
-//   1. statistics: every thread folds its strided elements into online (max, sum exp) states
-//      (kd_topk_math.h merge(), one exp per element), merged over the group in a fixed tree;
-//   2. teacher terms: threads strided over the k entries (index checks, gather of s, the teacher
-//      softmax over k), fixed-order group sums; the row loss;
-//   3. gradient sweep: the dense part sw T q + hw (softmax(s) - [i == y]) for every element, then,
-//      after a group barrier (global writes of a CTA are visible to it after __syncthreads), the
-//      k teacher positions are overwritten with their full value (dense part recomputed minus
-//      sw T p_j): one rounding to the student's dtype, no atomics.
+//   1. statistics (only when the soft term needs q over V -- supports Full and Tail -- or the hard
+//      term is on; at T = 1 when only the hard term needs them): every thread folds its strided
+//      elements into online (max, sum exp) states (merge(), one exp per element), merged over the
+//      group in a fixed tree;
+//   2. teacher entries (soft term only): threads strided over the k entries, three passes with
+//      fixed-order group reductions between them: index checks, the valid count and the maxima
+//      (teacher values; student z at the entries for Renormalized); the two sides' sums over the
+//      support; the buckets' terms D and G. Then the tail bucket (Tail), soft_grad(), the row loss.
+//      A row without a valid entry: D = 0 and no soft gradient;
+//   3. gradient sweep: the dense part ks dense q_i + kh (softmax(z)_i - [i == y]) for every
+//      element (0 without statistics), then, after a group barrier (global writes of a CTA are
+//      visible to it after __syncthreads), the valid entries' positions are overwritten with their
+//      full value (dense part recomputed plus ks (g_j - c exp(lq_j)), g_j recomputed): one rounding
+//      to the student's dtype, no atomics. Padding positions are never written (a padding index
+//      may repeat a valid one).
 // The student's transform (kd_math.h LogitMap: scale, softcap) is applied to every student logit
-// loaded, before any use (maxima, sums, s at the teacher's indices, s_y), and each gradient element
+// loaded, before any use (maxima, sums, z at the teacher's indices, z_y), and each gradient element
 // stored is multiplied by its slope; compiled only into the Map instantiations. The stored
 // teacher values are taken as given (the host transformed them).
 // The second read of the row mostly hits L2 (a row is at most V * 8 bytes and few rows are in
 // flight per SM). Deterministic: every reduction has a fixed order, no float atomics.
 //
-// Value checks without a host sync: an index out of [0, V), a duplicate index in a row (a bitmap
-// of the row's vocabulary in shared memory, V <= kBitmapMaxV) and a label out of range stop the
-// kernel with a device-side assert. With asserts compiled out the kernel never reads out of
-// bounds: such a row gets NaN.
+// Value checks without a host sync (when the soft term reads the entries): an index out of [0, V)
+// (any entry), a duplicate index among a row's valid entries (a bitmap of the row's vocabulary in
+// shared memory, V <= kBitmapMaxV) and a label out of range stop the kernel with a device-side
+// assert. With asserts compiled out the kernel never reads or writes out of bounds: the student's
+// logit at a valid entry's or the label's out-of-range index reads as NaN (the row is poisoned).
 //
 // Launch: no host syncs anywhere (the gradient scale of "mean" with labels is counted on the
 // device); int64 offsets; every launch is checked.
@@ -167,12 +176,16 @@ template <typename A>
 struct Smem {
   MaxSum<A> ms[kThreads / kWarp];
   A a[kThreads / kWarp];
+  int64_t n[kThreads / kWarp];
 };
 
-// Map: the student's transform m is on (the host picks the instantiation from m.on).
+// Map: the student's transform m is on (the host picks the instantiation from m.on). dc: the
+// divergence's constants (kd_topk_math.h make_div_const, on the host).
 template <typename S, typename A, int G, bool Map>
 __global__ void __launch_bounds__(kThreads)
-    topk_kernel(TopKParams p, const LogitMap<A> m, const A* __restrict__ scale_dev, A scale_host) {
+    topk_kernel(TopKParams p, const LogitMap<A> m, const topk::DivConst<A> dc,
+                const A* __restrict__ scale_dev, A scale_host) {
+  using topk::Support;
   constexpr int kGroups = kThreads / G;
   // Bitmaps of the duplicate check: one per warp (V <= kWarpMaxV) or the CTA's dynamic smem.
   __shared__ unsigned warp_bitmap[G == kWarp ? kGroups : 1][kWarpMaxV / 32];
@@ -187,9 +200,19 @@ __global__ void __launch_bounds__(kThreads)
   const bool soft = p.soft_weight > 0;
   const bool hard = p.hard_weight > 0;
   const bool want_g = p.grad_student != nullptr;
-  const A inv_t = soft ? static_cast<A>(p.inv_temperature) : A(1);
+  const Support support = p.support;
+  const bool renorm = support == Support::Renormalized;
+  const bool tail = support == Support::Tail;
+  // Whether the soft term needs q over the whole vocabulary (not for Renormalized, whose student
+  // lives on the entries alone), and whether anything needs the statistics sweep.
+  const bool soft_dense = soft && !renorm;
+  const bool need_stats = soft_dense || hard;
+  // The statistics' scale: without the soft term's q only T = 1 ones are needed (the hard term's).
+  const A inv_a = soft_dense ? static_cast<A>(p.inv_temperature) : A(1);
+  const A inv_t = static_cast<A>(p.inv_temperature);  // the student's log-probs at the entries
+  const A t_inv_t = p.logprobs ? A(1) : inv_t;        // the teacher's: stored log-probs are final
   const A temp = static_cast<A>(p.temperature);
-  const bool need_h = hard && soft && p.temperature != 1.0;
+  const bool need_h = hard && soft_dense && p.temperature != 1.0;
   const bool use_bitmap = soft && K > 1 && V <= ((G == kWarp) ? kWarpMaxV : kBitmapMaxV);
   const int64_t words = (V + 31) / 32;
   const S* s_base = static_cast<const S*>(p.student);
@@ -197,8 +220,9 @@ __global__ void __launch_bounds__(kThreads)
   A* row_loss = static_cast<A*>(p.row_loss);
   auto max_op = [](A x, A y) { return kd_max(x, y); };
   auto sum_op = [](A x, A y) { return x + y; };
-  auto merge_a = [inv_t](const MaxSum<A>& x, const MaxSum<A>& y) {
-    return topk::merge(x, y, inv_t);
+  auto count_op = [](int64_t x, int64_t y) { return x + y; };
+  auto merge_a = [inv_a](const MaxSum<A>& x, const MaxSum<A>& y) {
+    return topk::merge(x, y, inv_a);
   };
   auto merge_h = [](const MaxSum<A>& x, const MaxSum<A>& y) { return topk::merge(x, y, A(1)); };
 
@@ -206,18 +230,19 @@ __global__ void __launch_bounds__(kThreads)
        r += static_cast<int64_t>(gridDim.x) * kGroups) {
     const S* srow = s_base + r * p.student_stride;
     S* grow = want_g ? static_cast<S*>(p.grad_student) + r * V : nullptr;
+    // The student's z at column i (NaN out of range: only reached with asserts compiled out).
+    auto z_at = [&](int64_t i) { return (i >= 0 && i < V) ? student_z<Map>(srow[i], m) : A(NAN); };
     int64_t y = -1;
-    bool valid = true;
-    bool y_ok = true;
+    bool row_on = true;
     if (p.labels) {
       y = p.labels[r];
-      valid = y != p.ignore_index;
-      y_ok = !valid || (y >= 0 && y < V);
+      row_on = y != p.ignore_index;
       if (lane == 0) {
-        KD_TOPK_ASSERT(y_ok, "kdfused: label out of range [0, V) and not ignore_index");
+        KD_TOPK_ASSERT(!row_on || (y >= 0 && y < V),
+                       "kdfused: label out of range [0, V) and not ignore_index");
       }
     }
-    if (!valid || (!soft && !hard)) {
+    if (!row_on || (!soft && !hard)) {
       if (lane == 0) row_loss[r] = A(0);
       if (grow) {
         for (int64_t i = lane; i < V; i += G) grow[i] = to_out<S, A>(A(0));
@@ -227,21 +252,25 @@ __global__ void __launch_bounds__(kThreads)
 
     // ---- 1. statistics --------------------------------------------------------------------
     MaxSum<A> a{-kd_inf<A>(), A(0)}, h{-kd_inf<A>(), A(0)};
-    for (int64_t i = lane; i < V; i += G) {
-      const MaxSum<A> e = element(student_z<Map>(srow[i], m));
-      a = topk::merge(a, e, inv_t);
-      if (need_h) h = topk::merge(h, e, A(1));
+    if (need_stats) {
+      for (int64_t i = lane; i < V; i += G) {
+        const MaxSum<A> e = element(student_z<Map>(srow[i], m));
+        a = topk::merge(a, e, inv_a);
+        if (need_h) h = topk::merge(h, e, A(1));
+      }
+      a = group_reduce<G>(a, merge_a, red.ms);
+      if (need_h) h = group_reduce<G>(h, merge_h, red.ms);
     }
-    a = group_reduce<G>(a, merge_a, red.ms);
-    if (need_h) h = group_reduce<G>(h, merge_h, red.ms);
     const A ms = a.m;
     const A log_za = kd_log(a.z);
     const A log_zh = need_h ? kd_log(h.z) : log_za;
 
-    // ---- 2. teacher terms -------------------------------------------------------------------
+    // ---- 2. teacher entries (kd_topk_kernel_cpu.h topk_terms) --------------------------------
     A loss = A(0);
-    A zb = A(1);
-    A mv = -kd_inf<A>();
+    int64_t n_valid = 0;
+    // The two sides' log-probabilities over the support and the soft gradient's constants.
+    topk::LogProbs<A> lp_of{A(0), A(1), A(0)}, lq_of{A(0), A(1), A(0)};
+    topk::SoftGrad<A> sg{A(0), A(0)};
     const int64_t* ix = p.indices + r * K;
     const A* vv = v_base + r * K;
     if (soft) {
@@ -249,60 +278,108 @@ __global__ void __launch_bounds__(kThreads)
         for (int64_t w = lane; w < words; w += G) bitmap[w] = 0u;
         group_sync<G>();
       }
-      for (int64_t j = lane; j < K; j += G) mv = kd_max(mv, vv[j]);
-      mv = group_reduce<G>(mv, max_op, red.a);
-      A zb_part = A(0), terms = A(0);
+      // Index checks; the valid count and the maxima over the valid entries: the teacher's values,
+      // the student's logits there (Renormalized only: the other supports shift by ms).
+      A mv = -kd_inf<A>(), mk = -kd_inf<A>();
       for (int64_t j = lane; j < K; j += G) {
         const int64_t i = ix[j];
         const bool in_range = i >= 0 && i < V;
         KD_TOPK_ASSERT(in_range, "kdfused: teacher_indices out of range [0, V)");
+        const A v = vv[j];
+        if (!topk::valid_entry(v)) continue;
+        ++n_valid;
         if (use_bitmap && in_range) {
           const unsigned bit = 1u << (i & 31);
           const unsigned old = atomicOr(&bitmap[i >> 5], bit);
-          KD_TOPK_ASSERT((old & bit) == 0u, "kdfused: duplicate teacher_indices in a row");
+          KD_TOPK_ASSERT((old & bit) == 0u,
+                         "kdfused: duplicate teacher_indices among a row's valid entries");
         }
-        const A s_at = in_range ? student_z<Map>(srow[i], m) : A(NAN);
-        const A e = topk::teacher_weight(vv[j], mv, inv_t);
-        zb_part += e;
-        terms += topk::teacher_term(e, vv[j], mv, s_at, ms, inv_t, p.ce);
+        mv = kd_max(mv, v);
+        if (renorm) mk = kd_max(mk, z_at(i));
       }
       if (use_bitmap) group_sync<G>();  // every atomicOr done before the bitmap is reused
-      zb = group_reduce<G>(zb_part, sum_op, red.a);
-      terms = group_reduce<G>(terms, sum_op, red.a);
-      const A d = topk::divergence(terms, zb, log_za, p.ce);
-      loss += static_cast<A>(p.soft_weight) * temp * temp * d;
+      n_valid = group_reduce<G>(n_valid, count_op, red.n);
+      if (n_valid > 0) {  // else no support: D = 0, no soft gradient
+        mv = group_reduce<G>(mv, max_op, red.a);
+        if (renorm) mk = group_reduce<G>(mk, max_op, red.a);
+        // The sums over the support: the teacher's, and the student's (Renormalized: its
+        // normaliser; Tail: its mass on the entries; Full: not needed).
+        const bool need_zk = support != Support::Full;
+        const A mz = renorm ? mk : ms;  // the student's shift
+        A zt = A(0), zk = A(0);
+        for (int64_t j = lane; j < K; j += G) {
+          const A v = vv[j];
+          if (!topk::valid_entry(v)) continue;
+          zt += kd_exp(topk::below_max(v, mv) * t_inv_t);
+          if (need_zk) zk += kd_exp(topk::below_max(z_at(ix[j]), mz) * inv_t);
+        }
+        zt = group_reduce<G>(zt, sum_op, red.a);
+        if (need_zk) zk = group_reduce<G>(zk, sum_op, red.a);
+        lp_of =
+            tail ? topk::LogProbs<A>{A(0), A(1), A(0)} : topk::LogProbs<A>{mv, t_inv_t, kd_log(zt)};
+        lq_of = renorm ? topk::LogProbs<A>{mk, inv_t, kd_log(zk)}
+                       : topk::LogProbs<A>{ms, inv_t, log_za};
+        // The buckets at the valid entries: D and G = sum_j g_j.
+        A d = A(0), gs = A(0);
+        for (int64_t j = lane; j < K; j += G) {
+          const A v = vv[j];
+          if (!topk::valid_entry(v)) continue;
+          const topk::Bucket<A> b =
+              topk::bucket(topk::log_prob(lp_of, v), topk::log_prob(lq_of, z_at(ix[j])), dc);
+          d += b.d;
+          gs += b.g;
+        }
+        d = group_reduce<G>(d, sum_op, red.a);
+        gs = group_reduce<G>(gs, sum_op, red.a);
+        A lse_q = A(0), g_tail = A(0);
+        if (tail) {
+          lse_q = kd_log(zk) - log_za;  // log of the student's mass on the entries
+          const topk::Bucket<A> b =
+              topk::bucket(topk::tail_log(mv + kd_log(zt)), topk::tail_log(lse_q), dc);
+          d += b.d;
+          g_tail = b.g;
+        }
+        sg = topk::soft_grad(support, gs, lse_q, g_tail);
+        loss += static_cast<A>(p.soft_weight) * temp * temp * d;
+      }
     }
     if (hard) {
-      const A s_y = y_ok ? student_z<Map>(srow[y], m) : A(NAN);
-      loss += static_cast<A>(p.hard_weight) * topk::hard_term(log_zh, s_y, ms);
+      loss += static_cast<A>(p.hard_weight) * topk::hard_term(log_zh, z_at(y), ms);
     }
     if (lane == 0) row_loss[r] = loss;
     if (!want_g) continue;
 
     // ---- 3. gradient ---------------------------------------------------------------------------
     const A scale = scale_dev ? *scale_dev : scale_host;
-    const topk::GradCoef<A> coef{soft ? static_cast<A>(p.soft_weight) * temp * scale : A(0),
-                                 hard ? static_cast<A>(p.hard_weight) * scale : A(0)};
-    // Gradients w.r.t. z; student_grad makes them w.r.t. the raw logits (after the label's -kh and
-    // the teacher part, which are part of the gradient w.r.t. z).
-    auto dense = [&](A s, int64_t i) {
-      const A ds = s - ms;
-      const A q = kd_exp(ds * inv_t - log_za);
-      const A hh = need_h ? kd_exp(ds - log_zh) : q;
-      return topk::grad_dense(coef, q, hh) - (i == y ? coef.kh : A(0));
+    const A ks = soft ? static_cast<A>(p.soft_weight) * temp * scale : A(0);
+    const A kh = hard ? static_cast<A>(p.hard_weight) * scale : A(0);
+    const A kd = ks * sg.dense;
+    // The dense part of the gradient w.r.t. z at column i (the label's -kh included); student_grad
+    // makes a finished element one w.r.t. the raw logit.
+    auto dense = [&](A z, int64_t i) {
+      A g = A(0);
+      if (need_stats) {
+        const A ds = z - ms;
+        const A q = kd_exp(ds * inv_a - log_za);
+        const A hh = need_h ? kd_exp(ds - log_zh) : q;
+        g = kd * q + kh * hh;
+      }
+      return i == y ? g - kh : g;
     };
     for (int64_t i = lane; i < V; i += G) {
       const A z = student_z<Map>(srow[i], m);
       grow[i] = to_out<S, A>(student_grad<Map>(dense(z, i), z, m));
     }
-    if (soft) {
-      group_sync<G>();  // the dense values are written before the teacher positions are replaced
+    if (n_valid > 0) {  // only with the soft term
+      group_sync<G>();  // the dense values are written before the entries' positions are replaced
       for (int64_t j = lane; j < K; j += G) {
+        const A v = vv[j];
         const int64_t i = ix[j];
-        if (!(i >= 0 && i < V)) continue;
-        const A e = topk::teacher_weight(vv[j], mv, inv_t);
+        if (!topk::valid_entry(v) || !(i >= 0 && i < V)) continue;
         const A z = student_z<Map>(srow[i], m);
-        const A g = dense(z, i) + topk::grad_teacher_part(coef, e, zb);
+        const A lq = topk::log_prob(lq_of, z);
+        const topk::Bucket<A> b = topk::bucket(topk::log_prob(lp_of, v), lq, dc);
+        const A g = dense(z, i) + ks * (b.g - sg.c * kd_exp(lq));
         grow[i] = to_out<S, A>(student_grad<Map>(g, z, m));
       }
     }
@@ -332,13 +409,13 @@ void allow_cta_bitmap(int device) {
 }
 
 template <typename S, typename A, bool Map>
-void launch_map(const TopKParams& p, const LogitMap<A>& m, const A* scale_dev, A scale_host,
-                cudaStream_t stream) {
+void launch_map(const TopKParams& p, const LogitMap<A>& m, const topk::DivConst<A>& dc,
+                const A* scale_dev, A scale_host, cudaStream_t stream) {
   if (p.vocab <= kWarpMaxV) {
     constexpr int kGroups = kThreads / kWarp;
     const int64_t blocks = std::min<int64_t>((p.n_rows + kGroups - 1) / kGroups, kMaxGrid);
     topk_kernel<S, A, kWarp, Map>
-        <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p, m, scale_dev, scale_host);
+        <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p, m, dc, scale_dev, scale_host);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
@@ -347,7 +424,7 @@ void launch_map(const TopKParams& p, const LogitMap<A>& m, const A* scale_dev, A
   if (bitmap) allow_cta_bitmap<S, A, Map>(at::cuda::current_device());
   const int64_t blocks = std::min<int64_t>(p.n_rows, kMaxGrid);
   topk_kernel<S, A, kThreads, Map>
-      <<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p, m, scale_dev, scale_host);
+      <<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p, m, dc, scale_dev, scale_host);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -355,18 +432,19 @@ void launch_map(const TopKParams& p, const LogitMap<A>& m, const A* scale_dev, A
 template <typename S, typename A>
 void launch(const TopKParams& p, const A* scale_dev, A scale_host, cudaStream_t stream) {
   const LogitMap<A> m = make_logit_map<A>(p.student_scale, p.student_softcap);
+  const topk::DivConst<A> dc = topk::make_div_const<A>(p);
   if (m.on) {
-    launch_map<S, A, true>(p, m, scale_dev, scale_host, stream);
+    launch_map<S, A, true>(p, m, dc, scale_dev, scale_host, stream);
   } else {
-    launch_map<S, A, false>(p, m, scale_dev, scale_host, stream);
+    launch_map<S, A, false>(p, m, dc, scale_dev, scale_host, stream);
   }
 }
 
 // topk_kd_loss on parsed options and checked shapes (topk::topk_kd_loss_op).
 topk::TopKOutputs topk_kd_loss_cuda(const at::Tensor& student, const at::Tensor& indices,
                                     const at::Tensor& values,
-                                    const std::optional<at::Tensor>& labels, const KDOptions& opt,
-                                    bool grad_student) {
+                                    const std::optional<at::Tensor>& labels,
+                                    const topk::TopKOptions& opt, bool grad_student) {
   TORCH_CHECK(student.is_cuda(), "kdfused: CUDA kernel called with non-CUDA logits");
   const c10::cuda::CUDAGuard guard(student.device());
   topk::TopKPrepared prep = topk::prepare_topk(student, indices, values, labels, opt, grad_student);
