@@ -70,8 +70,8 @@ TopKOutputs topk_kd_loss_op(const at::Tensor& student, const at::Tensor& indices
                             c10::string_view support, c10::string_view value_kind,
                             bool grad_student) {
   const TopKOptions opt =
-      parse_topk_options(temperature, soft_weight, hard_weight, sv(divergence), beta,
-                         ignore_index, sv(reduction), logit_map, sv(support), sv(value_kind));
+      parse_topk_options(temperature, soft_weight, hard_weight, sv(divergence), beta, ignore_index,
+                         sv(reduction), logit_map, sv(support), sv(value_kind));
   check_topk_inputs(student, indices, values, labels, opt);
   return Impl(student, indices, values, labels, opt, grad_student);
 }

@@ -58,6 +58,13 @@ KD_HD MaxSum<A> merge(const MaxSum<A>& x, const MaxSum<A>& y, A scale) {
   return {m, x.z * rescale_factor(x.m, m, scale) + y.z * rescale_factor(y.m, m, scale)};
 }
 
+// A single element as a (max, sum) state: a -inf element has no mass (sum 0), so that folding it
+// into an empty state does not count it.
+template <typename A>
+KD_HD MaxSum<A> element(A x) {
+  return {x, x == -kd_inf<A>() ? A(0) : A(1)};
+}
+
 // x - m for a value x under the maximum m of its set, with an all -inf set (m = -inf) giving -inf
 // (so that exp gives 0), not NaN.
 template <typename A>

@@ -5,9 +5,9 @@
 // and topk/kd_topk_{default,avx2,avx512}.cpp include that instruction set's prelude
 // (kd_isa_{default,avx2,avx512}.h: the target pragma, CPU_CAPABILITY, KD_ISA) and then the kernel,
 // which registers its entry point for KD_ISA with KD_REGISTER_KERNEL. The portable "scalar" path
-// (kd_kernel_scalar.cpp) registers itself the same way. An op asks for its kernel with
-// dispatch<Stub>(): the one of the selected instruction set (the widest the CPU supports, or the
-// one forced by KDFUSED_CPU_ISA=scalar|default|avx2|avx512 or set_isa()).
+// (kd_kernel_scalar.cpp, topk/kd_topk_scalar.cpp) registers itself the same way. An op asks for its
+// kernel with dispatch<Stub>(): the one of the selected instruction set (the widest the CPU
+// supports, or the one forced by KDFUSED_CPU_ISA=scalar|default|avx2|avx512 or set_isa()).
 //
 // A registration is an explicit specialisation isa_kernel<Stub, Isa>: an ordinary function,
 // defined by exactly one object, named by its instruction set. (Why not a table filled by static
@@ -43,7 +43,7 @@ struct TopKForwardStub {
 };
 
 // Stub's kernel compiled for instruction set I; nullptr where it has none (an x86 instruction set
-// on another architecture; top-k has no scalar path).
+// on another architecture).
 template <typename Stub, Isa I>
 typename Stub::Fn isa_kernel();
 

@@ -210,18 +210,7 @@ struct RowBufs {
   }
 };
 
-// kd_math.h's scalar functions (make_row_config, merge, finalize, ...) are inline templates in
-// namespace kdfused, instantiated identically named in every ISA's file: the linker keeps ONE
-// copy for all of them, compiled with whichever ISA's flags came first (FMA contraction, even
-// AVX-512 instructions on the default path). So every member below that calls them is flattened:
-// they are inlined into this ISA's code instead of called.
-#ifndef KD_FLATTEN
-#if defined(__GNUC__) || defined(__clang__)
-#define KD_FLATTEN __attribute__((flatten))
-#else
-#define KD_FLATTEN
-#endif
-#endif
+// Members that call kd_math.h's scalar functions are KD_FLATTEN (kd_vec_cpu.h says why).
 
 // The three sweeps of a row, one chunk at a time, so that a row can be run on one thread (chunks
 // in order) or split over threads (chunks in parallel, their states merged in chunk order): both

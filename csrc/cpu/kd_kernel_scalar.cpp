@@ -153,7 +153,6 @@ void scalar_exp(const float* x, float* y, int64_t n) {
 
 KD_REGISTER_KERNEL(ForwardStub, Isa::Scalar, &scalar_forward)
 KD_REGISTER_KERNEL(ExpStub, Isa::Scalar, &scalar_exp)
-// Top-k has no scalar path of its own: "scalar" runs its portable kernel.
-KD_REGISTER_KERNEL(TopKForwardStub, Isa::Scalar, nullptr)
+// Top-k's scalar path: topk/kd_topk_scalar.cpp.
 
 }  // namespace kdfused::cpu

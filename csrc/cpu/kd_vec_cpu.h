@@ -14,6 +14,20 @@
 #include "../kd_math.h"
 #include "kd_vexp.h"
 
+// kd_math.h's and kd_topk_math.h's scalar functions (make_row_config, merge, finalize, bucket, ...)
+// are inline templates in namespace kdfused, instantiated identically named in every ISA's file:
+// the linker keeps ONE copy for all of them, compiled with whichever ISA's flags came first (FMA
+// contraction, even AVX-512 instructions on the default path). So every kernel function that calls
+// them is flattened: they are inlined into this ISA's code instead of called
+// (tools/check_isa_symbols.py fails the build where one is not).
+#ifndef KD_FLATTEN
+#if defined(__GNUC__) || defined(__clang__)
+#define KD_FLATTEN __attribute__((flatten))
+#else
+#define KD_FLATTEN
+#endif
+#endif
+
 namespace kdfused {
 // kd_math.h's element-wise primitives on at::vec vectors: the per-element functions of kd_math.h
 // (accumulate_at, mix_at, grad_at) run here on whole vectors. Masks are all-ones lanes.

@@ -100,13 +100,6 @@ __device__ __forceinline__ S to_out(A x) {
   }
 }
 
-// A single element as a (max, sum) state: a -inf element has no mass (sum 0), so that folding it
-// into an empty state does not count it.
-template <typename A>
-__device__ __forceinline__ MaxSum<A> element(A x) {
-  return {x, x == -kd_inf<A>() ? A(0) : A(1)};
-}
-
 // ---- group reductions: G = 32 (shuffles only) or G = kThreads (shuffles + shared memory) ------
 // Every thread of the group ends with the same bits: a fixed butterfly, then lane 0's value (or,
 // for a CTA, every thread merges the warps' values in warp order).
@@ -254,7 +247,7 @@ __global__ void __launch_bounds__(kThreads)
     MaxSum<A> a{-kd_inf<A>(), A(0)}, h{-kd_inf<A>(), A(0)};
     if (need_stats) {
       for (int64_t i = lane; i < V; i += G) {
-        const MaxSum<A> e = element(student_z<Map>(srow[i], m));
+        const MaxSum<A> e = topk::element(student_z<Map>(srow[i], m));
         a = topk::merge(a, e, inv_a);
         if (need_h) h = topk::merge(h, e, A(1));
       }

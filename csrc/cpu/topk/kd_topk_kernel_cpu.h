@@ -8,7 +8,8 @@
 // Maths: kd_topk_math.h (supports, divergences, gradient). Per row (rows over threads with
 // at::parallel_for, one thread per row: the result does not depend on the thread count), one read
 // of the student row:
-//   1. statistics sweep (when the soft term needs q over the vocabulary -- supports Full and Tail --
+//   1. statistics sweep (when the soft term needs q over the vocabulary -- supports Full and Tail
+//   --
 //      or the hard term is on), chunk by chunk: the chunk's maximum, then exp((z - max)/T) for each
 //      element, kept (in the fp32/fp64 gradient output itself when the student has the
 //      accumulation type, else in a per-thread row buffer) together with the chunk's (max, sum);
@@ -118,14 +119,14 @@ struct Scratch {
 // only). Each pass over the k entries skips the padding, whose indices are never read.
 template <typename A>
 struct TopKRow {
-  A soft;     // D
-  A dense;    // the soft gradient's dense coefficient (times ks: ks * dense * q_i)
+  A soft;   // D
+  A dense;  // the soft gradient's dense coefficient (times ks: ks * dense * q_i)
 };
 
 template <typename S, typename A, typename ZAt>
-TopKRow<A> topk_terms(const TopKParams& p, const topk::DivConst<A>& dc, const int64_t* ix,
-                         const A* vv, const S* srow, const ZAt& z_at, A ms, A log_za, A ks,
-                         Entry* entries, int64_t& n_entries) {
+KD_FLATTEN TopKRow<A> topk_terms(const TopKParams& p, const topk::DivConst<A>& dc,
+                                 const int64_t* ix, const A* vv, const S* srow, const ZAt& z_at,
+                                 A ms, A log_za, A ks, Entry* entries, int64_t& n_entries) {
   using topk::Support;
   const int64_t K = p.k;
   const A inv_t = static_cast<A>(p.inv_temperature);
@@ -149,22 +150,24 @@ TopKRow<A> topk_terms(const TopKParams& p, const topk::DivConst<A>& dc, const in
     zk += kd_exp(topk::below_max(z_at(srow, ix[j]), mz) * inv_t);
   }
   const bool tail = p.support == Support::Tail;
-  const topk::LogProbs<A> lp_of = tail ? topk::LogProbs<A>{A(0), A(1), A(0)}
-                                       : topk::LogProbs<A>{mv, t_inv_t, kd_log(zt)};
+  const topk::LogProbs<A> lp_of =
+      tail ? topk::LogProbs<A>{A(0), A(1), A(0)} : topk::LogProbs<A>{mv, t_inv_t, kd_log(zt)};
   const topk::LogProbs<A> lq_of = p.support == Support::Renormalized
                                       ? topk::LogProbs<A>{mk, inv_t, kd_log(zk)}
                                       : topk::LogProbs<A>{ms, inv_t, log_za};
   A d = A(0), G = A(0);
   for (int64_t j = 0; j < K; ++j) {
     if (!topk::valid_entry(vv[j])) continue;
-    const topk::Bucket<A> b = topk::bucket(topk::log_prob(lp_of, vv[j]), topk::log_prob(lq_of, z_at(srow, ix[j])), dc);
+    const topk::Bucket<A> b =
+        topk::bucket(topk::log_prob(lp_of, vv[j]), topk::log_prob(lq_of, z_at(srow, ix[j])), dc);
     d += b.d;
     G += b.g;
   }
   A lse_q = A(0), g_tail = A(0);
   if (tail) {
     lse_q = kd_log(zk) - log_za;  // log of the student's mass on the entries
-    const topk::Bucket<A> b = topk::bucket(topk::tail_log(mv + kd_log(zt)), topk::tail_log(lse_q), dc);
+    const topk::Bucket<A> b =
+        topk::bucket(topk::tail_log(mv + kd_log(zt)), topk::tail_log(lse_q), dc);
     d += b.d;
     g_tail = b.g;
   }
@@ -181,7 +184,7 @@ TopKRow<A> topk_terms(const TopKParams& p, const topk::DivConst<A>& dc, const in
 }
 
 template <typename S, typename A>
-void topk_rows(const TopKParams& p, int64_t begin, int64_t end) {
+KD_FLATTEN void topk_rows(const TopKParams& p, int64_t begin, int64_t end) {
   using Vec = Vectorized<A>;
   constexpr int64_t W = Vec::size();
   constexpr bool convert = !std::is_same_v<S, A>;
@@ -285,9 +288,9 @@ void topk_rows(const TopKParams& p, int64_t begin, int64_t end) {
     A dense = A(0);
     int64_t n_entries = 0;
     if (soft) {
-      const TopKRow<A> t = topk_terms<S, A>(p, dc, p.indices + r * K, v_base + r * K, srow,
-                                               z_at, ms, log_za, ks,
-                                               want_g ? sc.entries.data() : nullptr, n_entries);
+      const TopKRow<A> t =
+          topk_terms<S, A>(p, dc, p.indices + r * K, v_base + r * K, srow, z_at, ms, log_za, ks,
+                           want_g ? sc.entries.data() : nullptr, n_entries);
       loss += sw * temp * temp * t.soft;
       dense = t.dense;
     }
