@@ -39,7 +39,7 @@ def _combos():
 COMBOS = _combos()
 
 
-def make_case(gen, N, V, k, *, values, T=1.0, dtype=torch.float32, vdtype=None):
+def make_case(gen, N, V, k, *, values, T=1.0, dtype=torch.float32, vdtype=None, device="cpu"):
     """Student logits, a teacher's top-k (its logits, or its log-probabilities at T), labels.
     Row 0: its last two entries padding at index 0 (its first entry is index 0, so the padding
     duplicates it); row 2: one valid entry; row 3: padding only; row 1: ignored."""
@@ -55,7 +55,7 @@ def make_case(gen, N, V, k, *, values, T=1.0, dtype=torch.float32, vdtype=None):
     y = torch.randint(0, V, (N,), generator=gen)
     y[1] = IGNORE
     vdtype = vdtype or dtype
-    return s.to(dtype), idx, vals.to(vdtype), y
+    return s.to(dtype).to(device), idx.to(device), vals.to(vdtype).to(device), y.to(device)
 
 
 def run_fused(s, idx, vals, y, **kw):
@@ -99,8 +99,8 @@ def check_against_ref(s, idx, vals, y, **kw):
     assert loss.dtype == acc
     assert grad.dtype == s.dtype and grad.shape == s.shape
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
-    torch.testing.assert_close(loss.double(), rloss, atol=la, rtol=lr)
-    torch.testing.assert_close(grad.double(), rgrad, atol=ga, rtol=gr)
+    torch.testing.assert_close(loss.double().cpu(), rloss.cpu(), atol=la, rtol=lr)
+    torch.testing.assert_close(grad.double().cpu(), rgrad.cpu(), atol=ga, rtol=gr)
     return loss, grad
 
 
@@ -115,16 +115,16 @@ def _beta(gen, divergence):
 @pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16], ids=["f64", "f32", "bf16"])
 @pytest.mark.parametrize("T", [1.0, 2.0])
 @pytest.mark.parametrize("hw", [0.0, 0.4], ids=["soft", "soft+hard"])
-def test_convention_against_reference(gen, support, values, divergence, dtype, T, hw):
-    s, idx, vals, y = make_case(gen, 7, 300, 12, values=values, T=T, dtype=dtype)
+def test_convention_against_reference(device, gen, support, values, divergence, dtype, T, hw):
+    s, idx, vals, y = make_case(gen, 7, 300, 12, values=values, T=T, dtype=dtype, device=device)
     kw = dict(temperature=T, soft_weight=1.0 - hw / 2, hard_weight=hw, divergence=divergence)
     kw.update(beta=_beta(gen, divergence), support=support, values=values, reduction="none")
     loss, grad = check_against_ref(s, idx, vals, y, **kw)
     assert loss[1] == 0 and (grad[1] == 0).all()  # ignored row
     # padding only (row 3): the hard term alone, no soft gradient
-    hard = hw * F.cross_entropy(s[3:4].double(), y[3:4])
+    hard = hw * F.cross_entropy(s[3:4].double().cpu(), y[3:4].cpu())
     la, lr, ga, gr = tolerances(dtype, dtype, kw, 300)
-    torch.testing.assert_close(loss[3].double(), hard, atol=la, rtol=lr)
+    torch.testing.assert_close(loss[3].double().cpu(), hard, atol=la, rtol=lr)
     if hw == 0:
         assert loss[3] == 0 and (grad[3] == 0).all()
 
@@ -143,8 +143,8 @@ def test_jsd_end_points_are_the_kls(gen, beta, support):
 
 @pytest.mark.parametrize("support,values,divergence", COMBOS)
 @pytest.mark.parametrize("reduction", ["batchmean", "mean", "sum"])
-def test_reductions(gen, support, values, divergence, reduction):
-    s, idx, vals, y = make_case(gen, 9, 150, 6, values=values, T=1.5)
+def test_reductions(device, gen, support, values, divergence, reduction):
+    s, idx, vals, y = make_case(gen, 9, 150, 6, values=values, T=1.5, device=device)
     kw = dict(temperature=1.5, soft_weight=0.7, hard_weight=0.3, divergence=divergence)
     kw.update(beta=_beta(gen, divergence), support=support, values=values, reduction=reduction)
     check_against_ref(s, idx, vals, y, **kw)
