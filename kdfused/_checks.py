@@ -158,24 +158,24 @@ def check_topk_options(divergence, support, values, teacher_transformed: bool) -
     if support not in SUPPORTS:
         raise ValueError(f"kdfused: support must be one of {_quoted(SUPPORTS)}, got '{support}'")
     if values not in VALUE_KINDS:
-        raise ValueError(f"kdfused: values must be one of {_quoted(VALUE_KINDS)}, got '{values}'")
+        raise ValueError(f"kdfused: values must be {_quoted(VALUE_KINDS, ' or ')}, got '{values}'")
     if support == "full" and divergence not in TOPK_DIVERGENCES:
-        # (by name: jsd at beta 0 is KL mathematically, but "full" never takes jsd)
+        # By name: "jsd" is refused even at beta 0, where it would be KL.
         raise ValueError(
-            f"kdfused: topk_kd_loss supports divergence {_quoted(TOPK_DIVERGENCES, ' or ')} "
-            f"with support 'full' (the teacher has no mass outside its entries), got "
-            f"'{divergence}'; support 'renormalized' or 'tail' takes every divergence"
+            f"kdfused: topk_kd_loss with support='full' supports divergence "
+            f"{_quoted(TOPK_DIVERGENCES, ' or ')} (the others need support='renormalized' or "
+            f"'tail'), got '{divergence}'"
         )
     if support == "tail" and values != "logprobs":
         # The tail bucket is the mass the teacher left outside its entries: logits do not say.
         raise ValueError(
-            "kdfused: support 'tail' needs values='logprobs' (the teacher's tail mass is "
-            "1 - sum of its stored probabilities), got values='logits'"
+            "kdfused: support='tail' needs values='logprobs' (the tail bucket is the teacher's "
+            "probability mass outside its stored entries)"
         )
     if values == "logprobs" and teacher_transformed:
         raise ValueError(
-            "kdfused: values='logprobs' takes no teacher logit transform (teacher_logit_scale "
-            "and teacher_softcap are for stored logits)"
+            "kdfused: values='logprobs' are the teacher's final log-probabilities: "
+            "teacher_logit_scale and teacher_softcap do not apply to them"
         )
 
 
@@ -264,8 +264,9 @@ def check_topk_indices(indices: torch.Tensor, valid: torch.Tensor, vocab: int) -
         if earlier.numel():
             u = int(earlier[0, 0])
             raise ValueError(
-                f"kdfused: teacher_indices must be distinct within a row, got "
-                f"{int(idx[r, j])} twice in row {r} (positions {u} and {j})"
+                f"kdfused: teacher_indices of the stored entries (value != -inf) must be "
+                f"distinct within a row, got {int(idx[r, j])} twice in row {r} (positions {u} "
+                f"and {j})"
             )
 
 

@@ -391,7 +391,7 @@ def test_module_matches_function(gen):
     assert torch.equal(crit(s, idx, vals, y), kdfused.topk_kd_loss(s, idx, vals, y, **kw))
     with pytest.raises(ValueError, match="divergence must be one of"):
         kdfused.TopKKDLoss(divergence="js")
-    with pytest.raises(ValueError, match="'kl' or 'ce' with support 'full'"):
+    with pytest.raises(ValueError, match="support='full' supports divergence 'kl' or 'ce'"):
         kdfused.TopKKDLoss(divergence="jsd")
     crit = kdfused.TopKKDLoss(2.0, 1.0, 0.0, "jsd", 0.3, "tail", "logprobs")  # positionally
     assert (crit.support, crit.values, crit.beta) == ("tail", "logprobs", 0.3)
@@ -427,7 +427,7 @@ def _bad(gen, device="cpu"):
         ("labels_shape", ValueError, r"labels must have shape"),
         ("labels_float", TypeError, r"labels must be int64"),
         ("divergence", ValueError, r"divergence must be one of"),
-        ("divergence_full", ValueError, r"'kl' or 'ce' with support 'full'"),
+        ("divergence_full", ValueError, r"support='full' supports divergence 'kl' or 'ce'"),
         ("reduction", ValueError, r"reduction must be"),
         ("temperature", ValueError, r"temperature must be finite and > 0"),
         ("hard_no_labels", ValueError, r"needs labels"),
