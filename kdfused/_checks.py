@@ -24,8 +24,13 @@ import torch
 
 # Every divergence name lives here (the ops, the modules, the references and the tests read it).
 DIVERGENCES = ("kl", "ce", "reverse_kl", "jsd", "tvd")
-# A stored top-k teacher has no probabilities outside its k entries: only the divergences weighted
-# by the teacher's distribution are defined.
+# Top-k distillation: over which buckets the two distributions are compared ("full": the student
+# over the whole vocabulary; "renormalized": both over the teacher's valid entries; "tail": those
+# entries plus one bucket each for the rest of the mass), and what the stored values are.
+SUPPORTS = ("full", "renormalized", "tail")
+VALUE_KINDS = ("logits", "logprobs")
+# With support "full" the teacher has no probabilities outside its k entries while the student
+# has: only the divergences weighted by the teacher's distribution are defined.
 TOPK_DIVERGENCES = ("kl", "ce")
 # The divergences that need the mixture of both distributions per row (a second exchange in the
 # vocabulary-parallel path).
@@ -139,6 +144,130 @@ def check_options(
         raise ValueError(
             f"kdfused: reduction must be one of {_quoted(REDUCTIONS)}, got '{reduction}'"
         )
+
+
+def check_topk_option_types(support, values) -> None:
+    """The Python types of topk_kd_loss's own options (the others: check_option_types)."""
+    if not isinstance(support, str) or not isinstance(values, str):
+        raise TypeError("kdfused: support and values must be strings")
+
+
+def check_topk_options(divergence, support, values, teacher_transformed: bool) -> None:
+    """topk_kd_loss's own option values and their combinations with the divergence and the
+    teacher's logit transform (after check_options, which checked the divergence's name)."""
+    if support not in SUPPORTS:
+        raise ValueError(f"kdfused: support must be one of {_quoted(SUPPORTS)}, got '{support}'")
+    if values not in VALUE_KINDS:
+        raise ValueError(f"kdfused: values must be {_quoted(VALUE_KINDS, ' or ')}, got '{values}'")
+    if support == "full" and divergence not in TOPK_DIVERGENCES:
+        # By name: "jsd" is refused even at beta 0, where it would be KL.
+        raise ValueError(
+            f"kdfused: topk_kd_loss with support='full' supports divergence "
+            f"{_quoted(TOPK_DIVERGENCES, ' or ')} (the others need support='renormalized' or "
+            f"'tail'), got '{divergence}'"
+        )
+    if support == "tail" and values != "logprobs":
+        # The tail bucket is the mass the teacher left outside its entries: logits do not say.
+        raise ValueError(
+            "kdfused: support='tail' needs values='logprobs' (the tail bucket is the teacher's "
+            "probability mass outside its stored entries)"
+        )
+    if values == "logprobs" and teacher_transformed:
+        raise ValueError(
+            "kdfused: values='logprobs' are the teacher's final log-probabilities: "
+            "teacher_logit_scale and teacher_softcap do not apply to them"
+        )
+
+
+def check_topk_inputs(student, indices, values, labels, hard_weight: float) -> None:
+    """The tensors of topk_kd_loss: dtypes, shapes, devices (csrc/kd_topk.cpp:
+    check_topk_inputs, in the same order). Reads no data (the fake kernel runs it too)."""
+    if student.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"kdfused: student_logits must be float16, bfloat16, float32 or float64, "
+            f"got {_dtype_name(student.dtype)}"
+        )
+    if indices.dtype not in LABEL_DTYPES:
+        raise TypeError(
+            f"kdfused: teacher_indices must be int64 or int32, got {_dtype_name(indices.dtype)}"
+        )
+    if values.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"kdfused: teacher_values must be float16, bfloat16, float32 or float64, "
+            f"got {_dtype_name(values.dtype)}"
+        )
+    if student.dim() < 1:
+        raise ValueError(
+            "kdfused: student_logits must have at least 1 dimension (..., V), got a 0-dim tensor"
+        )
+    V = student.shape[-1]
+    if V < 1:
+        raise ValueError("kdfused: the vocabulary (last) dimension must not be empty")
+    lead = tuple(student.shape[:-1])
+    if indices.dim() != student.dim() or tuple(indices.shape[:-1]) != lead:
+        raise ValueError(
+            f"kdfused: teacher_indices must have shape (..., k) with the student's leading "
+            f"dims {_shape(lead)}, got {_shape(indices.shape)}"
+        )
+    if values.shape != indices.shape:
+        raise ValueError(
+            f"kdfused: teacher_values must have the shape of teacher_indices "
+            f"{_shape(indices.shape)}, got {_shape(values.shape)}"
+        )
+    k = indices.shape[-1]
+    if k < 1:
+        raise ValueError("kdfused: k (the last dim of teacher_indices) must be >= 1, got 0")
+    if k > V:
+        raise ValueError(
+            f"kdfused: k = {k} teacher entries per row but the vocabulary has only V = {V}"
+        )
+    if indices.device != student.device or values.device != student.device:
+        raise RuntimeError(
+            "kdfused: student_logits, teacher_indices and teacher_values must be on one device, "
+            f"got {student.device}, {indices.device} and {values.device}"
+        )
+    if labels is not None:
+        if labels.dtype not in LABEL_DTYPES:
+            raise TypeError(
+                f"kdfused: labels must be int64 (or int32), got {_dtype_name(labels.dtype)}"
+            )
+        if tuple(labels.shape) != lead:
+            raise ValueError(
+                f"kdfused: labels must have shape {_shape(lead)} (the logits' leading "
+                f"dims), got {_shape(labels.shape)}"
+            )
+    elif hard_weight != 0:
+        raise ValueError("kdfused: hard_weight > 0 needs labels (got labels=None)")
+
+
+def check_topk_indices(indices: torch.Tensor, valid: torch.Tensor, vocab: int) -> None:
+    """Every index in [0, vocab); the indices of the valid entries (``valid``: the teacher value
+    is not -inf) distinct within a row. Padding entries may repeat any index (TRL pads with 0).
+    Reads the indices (a device sync on a GPU); the messages are the CPU op's, first bad row."""
+    idx = indices.reshape(-1, indices.shape[-1]).to(torch.int64)
+    valid = valid.reshape(idx.shape)
+    out = (idx < 0) | (idx >= vocab)
+    # A duplicate: a valid entry whose index an earlier valid entry of the row already holds.
+    same = (idx.unsqueeze(-1) == idx.unsqueeze(-2)) & valid.unsqueeze(-1) & valid.unsqueeze(-2)
+    dup = torch.tril(same, diagonal=-1)  # [r, j, u]: u < j
+    bad_rows = (out.any(-1) | dup.flatten(1).any(-1)).nonzero()
+    if bad_rows.numel() == 0:
+        return
+    r = int(bad_rows[0, 0])
+    for j in range(idx.shape[1]):
+        if bool(out[r, j]):
+            raise ValueError(
+                f"kdfused: teacher_indices must be in [0, {vocab}), got {int(idx[r, j])} at "
+                f"row {r}, position {j}"
+            )
+        earlier = dup[r, j].nonzero()
+        if earlier.numel():
+            u = int(earlier[0, 0])
+            raise ValueError(
+                f"kdfused: teacher_indices of the stored entries (value != -inf) must be "
+                f"distinct within a row, got {int(idx[r, j])} twice in row {r} (positions {u} "
+                f"and {j})"
+            )
 
 
 def check_inputs(student, teacher, labels: Optional[torch.Tensor], hard_weight: float) -> None:

@@ -45,7 +45,7 @@ class OptionsModule(nn.Module):
         bound = self.__signature__.bind(*args, **kwargs)
         bound.apply_defaults()
         values = bound.arguments
-        # beta where the op has none (top-k): the neutral default, which every check accepts.
+        # beta where an op has none: the neutral default, which every check accepts.
         self._set_options([values.get(n, KDOptions.beta) for n in _NAMES])
         for name in self._extra:
             setattr(self, name, values[name])

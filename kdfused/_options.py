@@ -58,7 +58,8 @@ class KDOptions:
     mixes: bool = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        # kdfused::kd_loss and kdfused::kd_linear_loss take the options in this order.
+        # kdfused::kd_loss, kd_linear_loss and topk_kd_loss (then its support and values) take
+        # the options in this order.
         args = (
             self.temperature,
             self.soft_weight,
@@ -115,11 +116,6 @@ class KDOptions:
     def check_args(self) -> tuple:
         """The order of ``_C.check_inputs`` / ``_C.check_options`` (no ignore_index)."""
         return self.op_args[:5] + (self.reduction,)
-
-    @property
-    def topk_args(self) -> tuple:
-        """kdfused::topk_kd_loss's order (no beta)."""
-        return self.op_args[:4] + self.op_args[5:]
 
     def exchange_code(self, *extra) -> int:
         """What the vocabulary-parallel processes compare to agree on the options (and ``extra``,

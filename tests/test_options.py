@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 import kdfused
 from kdfused import _options
+from kdfused import topk as _topk
 from kdfused._options import KDOptions
 
 pytestmark = pytest.mark.fused_only
@@ -27,6 +28,7 @@ def built(monkeypatch):
 
     monkeypatch.setattr(KDOptions, "__post_init__", counting)
     monkeypatch.setattr(_options, "_parse_cached", _options._parse)
+    monkeypatch.setattr(_topk, "_topk_options_cached", _topk._parse_topk)
     return count
 
 

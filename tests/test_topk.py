@@ -223,10 +223,15 @@ def test_masked_teacher_values(device, gen):
     vals[0, 3:] = float("-inf")  # entries without mass contribute nothing
     vals[2, :1] = float("-inf")
     check_against_ref(s, idx, vals, y, temperature=1.5, soft_weight=1.0, hard_weight=0.5)
-    vals[4, :] = float("-inf")  # no teacher distribution at all: NaN, like softmax
+    # No teacher distribution at all (padding only): no soft term, only the hard one, never NaN.
+    vals[4, :] = float("-inf")
+    idx[4, :] = idx[4, :1]  # padding entries' indices may repeat
+    kw = dict(temperature=1.5, soft_weight=1.0, hard_weight=0.5, reduction="none")
+    loss, grad = check_against_ref(s, idx, vals, y, **kw)
+    hard = 0.5 * torch.nn.functional.cross_entropy(s[4:5].double().cpu(), y[4:5].cpu())
+    torch.testing.assert_close(loss[4].double().cpu(), hard, rtol=1e-5, atol=1e-6)
     loss, grad = run_fused(s, idx, vals, y, temperature=1.5, reduction="none")
-    loss = loss.cpu()
-    assert torch.isnan(loss[4]) and torch.isfinite(loss[torch.arange(6) != 4]).all()
+    assert loss[4] == 0 and (grad[4] == 0).all()
 
 
 def test_masked_student_under_teacher_mass_is_inf(gen):
@@ -384,8 +389,16 @@ def test_module_matches_function(gen):
     crit = kdfused.TopKKDLoss(**kw)
     assert "divergence='ce'" in repr(crit)
     assert torch.equal(crit(s, idx, vals, y), kdfused.topk_kd_loss(s, idx, vals, y, **kw))
-    with pytest.raises(ValueError, match="'kl' or 'ce'"):
+    with pytest.raises(ValueError, match="divergence must be one of"):
         kdfused.TopKKDLoss(divergence="js")
+    with pytest.raises(ValueError, match="support='full' supports divergence 'kl' or 'ce'"):
+        kdfused.TopKKDLoss(divergence="jsd")
+    crit = kdfused.TopKKDLoss(2.0, 1.0, 0.0, "jsd", 0.3, "tail", "logprobs")  # positionally
+    assert (crit.support, crit.values, crit.beta) == ("tail", "logprobs", 0.3)
+    assert "support='tail'" in repr(crit) and "beta=0.3" in repr(crit)
+    with pytest.raises(ValueError, match="needs values='logprobs'"):
+        crit.values = "logits"
+    assert crit.values == "logprobs"  # a refused change leaves the options as they were
     with pytest.raises(ValueError, match="temperature"):
         kdfused.TopKKDLoss(temperature=0.0)
 
@@ -413,7 +426,8 @@ def _bad(gen, device="cpu"):
         ("labels_range", ValueError, r"labels must be in \[0, 50\)"),
         ("labels_shape", ValueError, r"labels must have shape"),
         ("labels_float", TypeError, r"labels must be int64"),
-        ("divergence", ValueError, r"'kl' or 'ce'"),
+        ("divergence", ValueError, r"divergence must be one of"),
+        ("divergence_full", ValueError, r"support='full' supports divergence 'kl' or 'ce'"),
         ("reduction", ValueError, r"reduction must be"),
         ("temperature", ValueError, r"temperature must be finite and > 0"),
         ("hard_no_labels", ValueError, r"needs labels"),
@@ -453,6 +467,8 @@ def test_bad_input(gen, case, exc, match):
         y = y.float()
     elif case == "divergence":
         kw["divergence"] = "js"
+    elif case == "divergence_full":
+        kw["divergence"] = "jsd"
     elif case == "reduction":
         kw["reduction"] = "avg"
     elif case == "temperature":
@@ -501,9 +517,12 @@ def test_opcheck(device, gen, reduction, labels, grad, dtype):
         0.7,
         0.3 if labels else 0.0,
         "kl",
+        0.5,  # beta
         -100,
         reduction,
         (0.7, 1.3, 5.0, 2.0) if reduction == "none" else (),  # logit_map
+        "full",  # support
+        "logits",  # values
         grad,
     )
     torch.library.opcheck(torch.ops.kdfused.topk_kd_loss, args)
@@ -570,6 +589,47 @@ def test_topk_teacher(gen, dtype):
         kdfused.topk_teacher(t, 201)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_topk_teacher_logprobs(gen, dtype):
+    """values="logprobs": log_softmax(x / T) at the top-k of the logits, rows descending, in
+    float32 (float64 for float64 logits) by default, chunk by chunk as one call."""
+    t = (torch.randn(4, 3, 300, generator=gen) * 3).to(dtype)
+    T = 1.7
+    idx, lp = kdfused.topk_teacher(t, 16, rows_per_chunk=2, temperature=T, values="logprobs")
+    assert idx.dtype == torch.int64 and lp.dtype == torch.float32
+    assert torch.equal(idx, torch.topk(t, 16, dim=-1).indices)
+    want = torch.log_softmax(t.double() / T, dim=-1).gather(-1, idx)
+    # computed in float32 (rounded once more to the float32 output: |lp| < 40 here)
+    torch.testing.assert_close(lp.double(), want, rtol=0, atol=5e-6)
+    if dtype == torch.float64:  # computed in float64
+        _, lp64 = kdfused.topk_teacher(t, 16, temperature=T, values="logprobs", value_dtype=dtype)
+        torch.testing.assert_close(lp64, want, rtol=0, atol=1e-12)
+    assert (lp.diff(dim=-1) <= 0).all()
+    one, lp1 = kdfused.topk_teacher(t, 16, temperature=T, values="logprobs")  # one chunk
+    assert torch.equal(one, idx) and torch.equal(lp1, lp)
+    i32, v16 = kdfused.topk_teacher(
+        t, 16, values="logprobs", index_dtype=torch.int32, value_dtype=torch.bfloat16
+    )
+    assert i32.dtype == torch.int32 and v16.dtype == torch.bfloat16
+    i, v = kdfused.topk_teacher(t, 5, value_dtype=torch.float64)  # logits, another dtype
+    assert v.dtype == torch.float64 and torch.equal(v, t.gather(-1, i).double())
+
+
+@pytest.mark.parametrize(
+    "kw,exc,match",
+    [
+        (dict(values="probs"), ValueError, "values must be 'logits' or 'logprobs'"),
+        (dict(temperature=2.0), ValueError, "temperature is for values='logprobs'"),
+        (dict(temperature=0.0, values="logprobs"), ValueError, "temperature must be finite"),
+        (dict(index_dtype=torch.int16), TypeError, "index_dtype"),
+        (dict(value_dtype=torch.int32), TypeError, "value_dtype"),
+    ],
+)
+def test_topk_teacher_bad_arguments(gen, kw, exc, match):
+    with pytest.raises(exc, match=match):
+        kdfused.topk_teacher(torch.randn(2, 10, generator=gen), 3, **kw)
+
+
 def test_topk_teacher_round_trip_equals_full_kd_loss(gen):
     """Storing all V entries with topk_teacher loses nothing: the loss is kd_loss's."""
     s = torch.randn(4, 64, generator=gen) * 2
@@ -590,15 +650,16 @@ def test_fake_kernel_checks_shapes(gen):
         fs, fi = mode.from_tensor(s), mode.from_tensor(idx)
         fv = mode.from_tensor(vals)
         loss, gs, scale = torch.ops.kdfused.topk_kd_loss(
-            fs, fi, fv, None, 2.0, 1.0, 0.0, "kl", -100, "none", (), True
+            fs, fi, fv, None, 2.0, 1.0, 0.0, "kl", 0.5, -100, "none", (), "full", "logits", True
         )
         assert loss.shape == (4,) and gs.shape == s.shape and scale.shape == (4,)
         with pytest.raises(ValueError, match="teacher_values must have the shape"):
             torch.ops.kdfused.topk_kd_loss(
-                fs, fi, mode.from_tensor(short), None, 1.0, 1.0, 0.0, "kl", -100, "batchmean", (),
-                False,
+                fs, fi, mode.from_tensor(short), None, 1.0, 1.0, 0.0, "kl", 0.5, -100, "batchmean",
+                (), "full", "logits", False,
             )  # fmt: skip
         with pytest.raises(ValueError, match="'kl' or 'ce'"):
             torch.ops.kdfused.topk_kd_loss(
-                fs, fi, fv, None, 1.0, 1.0, 0.0, "jsd", -100, "batchmean", (), False
-            )
+                fs, fi, fv, None, 1.0, 1.0, 0.0, "jsd", 0.5, -100, "batchmean", (), "full",
+                "logits", False,
+            )  # fmt: skip
