@@ -175,7 +175,7 @@ class _Grads:
 def _run_chunks(h, w, b, idx, val, labels, op_args, chunk, need, ignore_index, row_weight=None):
     """The chunk loop: (per-chunk losses, :class:`_Grads` or None). ``row_weight`` (rows,)
     multiplies each row's logit gradient (reduction "none"'s backward: the rows' grad_output)."""
-    N, V = h.shape[0], w.shape[0]
+    N = h.shape[0]
     grads = _Grads(h, w, b, need) if any(need) else None
     losses = []
     for start in range(0, N, chunk):
