@@ -24,7 +24,7 @@ _WHO = "kdfused.linear_topk_kd_loss"
 _INDEX_DTYPES = (torch.int64, torch.int32)
 _SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 # Inputs of _LinearTopKFunction.forward (its backward returns one gradient per input).
-_N_INPUTS = 9
+_N_INPUTS = 10
 
 
 def _check_chunk_size(chunk_size) -> int:
@@ -199,9 +199,9 @@ def _run_chunks(h, w, b, idx, val, labels, op_args, chunk, need, ignore_index, r
 
 class _LinearTopKFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, w, b, idx, val, labels, options: TopKOptions, chunk: int, acc_dtype):
-        need = tuple(ctx.needs_input_grad[:3])
-        need = (need[0], need[1], need[2] and b is not None)
+    def forward(ctx, h, w, b, idx, val, labels, options: TopKOptions, chunk, acc_dtype, need):
+        # need: (hidden, weight, bias) gradient flags, decided by the caller (under no_grad
+        # ctx.needs_input_grad still reports requires_grad, and the gradients would be wasted).
         reduction = options.options.reduction
         ignore_index = options.options.ignore_index
         if reduction == "none":
@@ -218,11 +218,12 @@ class _LinearTopKFunction(torch.autograd.Function):
             return _row_losses(losses, h, chunk, acc_dtype)
         op_args = _chunk_op_args(options, "sum")
         losses, grads = _run_chunks(h, w, b, idx, val, labels, op_args, chunk, need, ignore_index)
-        total = _sum_losses(losses, h, acc_dtype)
+        total = _sum_losses(losses, h)
         divisor = 1
         if reduction in ("mean", "batchmean"):
             divisor = _valid_rows(labels, ignore_index, h.shape[0])
-            total = total / divisor
+            total = total / divisor  # in float64, then rounded once
+        total = total.to(acc_dtype)
         if grads is None:
             _backward.keep(ctx, need, None)
         else:
@@ -253,12 +254,12 @@ def _recompute(ctx, grad_loss) -> tuple:
     return grads.finish(w, b, 1)
 
 
-def _sum_losses(losses, h, acc_dtype):
-    # In double, in chunk order: the loss does not depend on the chunk size beyond rounding.
+def _sum_losses(losses, h):
+    # In float64, in chunk order: the loss does not depend on the chunk size beyond rounding.
     parts = [x.to(torch.float64) for x in losses if x is not None]
     if not parts:
-        return torch.zeros((), dtype=acc_dtype, device=h.device)
-    return torch.stack(parts).sum().to(acc_dtype)
+        return torch.zeros((), dtype=torch.float64, device=h.device)
+    return torch.stack(parts).sum()
 
 
 def _row_losses(losses, h, chunk, acc_dtype):
@@ -288,7 +289,11 @@ def _dispatch(h, w, b, idx, val, labels, options: TopKOptions, chunk: int):
     N, V = flat[0].shape[0], w.shape[0]
     rows = chunk or _C.auto_chunk_rows(N, V, h.element_size())
     acc = torch.float64 if torch.float64 in (h.dtype, val.dtype) else torch.float32
-    loss = _LinearTopKFunction.apply(flat[0], w, b, flat[1], flat[2], y, options, rows, acc)
+    grad_on = torch.is_grad_enabled()
+    need = (grad_on and h.requires_grad, grad_on and w.requires_grad)
+    need += (grad_on and b is not None and b.requires_grad,)
+    args = (options, rows, acc, need)
+    loss = _LinearTopKFunction.apply(flat[0], w, b, flat[1], flat[2], y, *args)
     return loss.reshape(lead) if options.options.reduction == "none" else loss
 
 

@@ -331,3 +331,21 @@ def test_input_errors(gen):
         call(d, support="tail", values="logits")
     with pytest.raises(ValueError):
         call(d, support="full", divergence="jsd")
+
+
+def test_no_grad_computes_no_gradient(gen, device, monkeypatch):
+    # Under no_grad the chunks must not ask the op for gradients (nor run the gradient GEMMs).
+    import kdfused.linear_topk as lt
+
+    asked = []
+    step = lt._chunk_step
+
+    def spy(*args):
+        asked.append(args[-1])
+        return step(*args)
+
+    monkeypatch.setattr(lt, "_chunk_step", spy)
+    d = make(gen, 9, 6, 23, 4, device=device)
+    with torch.no_grad():
+        call(d, chunk_size=4)
+    assert asked == [False] * 3
