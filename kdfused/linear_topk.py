@@ -18,7 +18,7 @@ import torch
 
 from . import _C, _backward, _checks
 from ._checks import FLOAT_DTYPES
-from .topk import TopKOptions, _topk_options
+from .topk import TopKKDLoss, TopKOptions, _topk_options
 
 _WHO = "kdfused.linear_topk_kd_loss"
 _INDEX_DTYPES = (torch.int64, torch.int32)
@@ -364,9 +364,10 @@ def linear_topk_kd_loss(
     return _dispatch(*tensors, labels, options, chunk)
 
 
-class LinearTopKKDLoss(torch.nn.Module):
+class LinearTopKKDLoss(TopKKDLoss):
     """Module form of :func:`linear_topk_kd_loss`; the keywords are checked when the module is
-    built, once.
+    built and read as attributes (setting one checks them again), as :class:`TopKKDLoss`'s;
+    ``chunk_size`` is a plain attribute.
 
     Example::
 
@@ -375,31 +376,15 @@ class LinearTopKKDLoss(torch.nn.Module):
         >>> loss = crit(hidden, lm_head.weight, stored_indices, stored_logprobs, labels)
     """
 
-    def __init__(
-        self,
-        temperature: float = 1.0,
-        soft_weight: float = 1.0,
-        hard_weight: float = 0.0,
-        divergence: str = "kl",
-        beta: float = 0.5,
-        support: str = "full",
-        values: str = "logits",
-        ignore_index: int = -100,
-        reduction: str = "batchmean",
-        student_logit_scale: float = 1.0,
-        teacher_logit_scale: float = 1.0,
-        student_softcap: Optional[float] = None,
-        teacher_softcap: Optional[float] = None,
-        chunk_size: Optional[int] = None,
-    ):
-        super().__init__()
-        self.options = _topk_options(
-            temperature, soft_weight, hard_weight, divergence, beta, support, values,
-            ignore_index, reduction, student_logit_scale, teacher_logit_scale, student_softcap,
-            teacher_softcap,
-        )  # fmt: skip
-        _check_chunk_size(chunk_size)
-        self.chunk_size = chunk_size
+    _function = linear_topk_kd_loss
+    _extra = ("support", "values", "chunk_size")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        bound = self.__signature__.bind(*args, **kwargs)
+        bound.apply_defaults()
+        self.chunk_size = bound.arguments["chunk_size"]
+        _check_chunk_size(self.chunk_size)
 
     def forward(
         self,
@@ -416,5 +401,4 @@ class LinearTopKKDLoss(torch.nn.Module):
         return _dispatch(*tensors, labels, self.options, chunk)
 
     def extra_repr(self) -> str:
-        kw = ", ".join(f"{k}={v!r}" for k, v in self.options.kwargs.items())
-        return f"{kw}, chunk_size={self.chunk_size}"
+        return f"{super().extra_repr()}, chunk_size={self.chunk_size}"

@@ -287,7 +287,12 @@ def test_module(gen, device):
     d = make(gen, 9, 6, 23, 4, values="logprobs", device=device)
     kw = _kw("tail", "logprobs", "jsd")
     crit = kdfused.LinearTopKKDLoss(**kw, chunk_size=4)
-    assert "chunk_size=4" in repr(crit)
+    assert "chunk_size=4" in repr(crit) and "support='tail'" in repr(crit)
+    assert crit.temperature == T and crit.support == "tail" and crit.chunk_size == 4
+    with pytest.raises(ValueError):
+        crit.values = "logits"  # tail needs log-probs: checked when set
+    with pytest.raises(ValueError, match="chunk_size"):
+        kdfused.LinearTopKKDLoss(chunk_size=0)
     loss = crit(
         d["student_hidden"],
         d["student_weight"],
