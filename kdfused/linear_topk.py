@@ -129,7 +129,9 @@ def _valid_rows(labels, ignore_index: int, n: int):
 def _all_ignored(labels, ignore_index: int) -> bool:
     # Only on the CPU, where asking costs no device sync: such a chunk has 0 loss and 0
     # gradient, so its GEMMs can be skipped.
-    return labels is not None and not labels.is_cuda and not (labels != ignore_index).any()
+    if labels is None or labels.device.type != "cpu":
+        return False
+    return not (labels != ignore_index).any()
 
 
 class _Grads:
@@ -192,7 +194,8 @@ def _run_chunks(h, w, b, idx, val, labels, op_args, chunk, need, ignore_index, r
         del logits
         if grads is not None:
             if row_weight is not None:
-                g.mul_(row_weight[rows, None].to(g.dtype))
+                # (the product in the wider dtype, rounded once into a 16-bit g)
+                g.mul_(row_weight[rows, None])
             grads.fold(g, rows, h_c, w)
     return losses, grads
 
