@@ -356,7 +356,7 @@ def test_no_grad_computes_no_gradient(gen, device, monkeypatch):
     d = make(gen, 9, 6, 23, 4, device=device)
     with torch.no_grad():
         call(d, chunk_size=4)
-    assert asked == [False] * 3
+    assert asked and not any(asked)  # (a chunk whose rows are all ignored is skipped)
 
 
 def test_peak_memory_below_the_logits():
