@@ -142,7 +142,8 @@ class _Grads:
     def __init__(self, h, w, b, need: tuple):
         acc = torch.float32 if w.dtype in _SIXTEEN_BIT else w.dtype
         self.acc = acc
-        self.h = torch.zeros(h.shape, dtype=h.dtype, device=h.device) if need[0] else None
+        # Every row of the hidden gradient is written once (by its chunk, or zeroed: skip()).
+        self.h = torch.empty(h.shape, dtype=h.dtype, device=h.device) if need[0] else None
         self.w = torch.zeros(w.shape, dtype=acc, device=w.device) if need[1] else None
         self.b = torch.zeros(w.shape[0], dtype=acc, device=w.device) if need[2] else None
 
@@ -159,6 +160,11 @@ class _Grads:
                 self.w.addmm_(g.t(), h_chunk)
         if self.b is not None:
             self.b.add_(g.sum(0, dtype=self.acc))
+
+    def skip(self, rows: slice) -> None:
+        """A chunk without gradient (every row ignored)."""
+        if self.h is not None:
+            self.h[rows].zero_()
 
     def finish(self, w, b, divisor) -> tuple:
         """(grad hidden, grad weight, grad bias), divided by the mean's divisor (1: none), in the
@@ -185,6 +191,8 @@ def _run_chunks(h, w, b, idx, val, labels, op_args, chunk, need, ignore_index, r
         y = None if labels is None else labels[rows]
         if _all_ignored(y, ignore_index):
             losses.append(None)  # 0 loss, 0 gradient
+            if grads is not None:
+                grads.skip(rows)
             continue
         h_c = h[rows]
         # One GEMM in the hidden dtype: the op reads 16-bit logits directly.
