@@ -294,6 +294,8 @@ def _check_teacher_grad(val) -> None:
 def _dispatch(h, w, b, idx, val, labels, options: TopKOptions, chunk: int):
     _check_tensors(h, w, b, idx, val, labels)
     _check_teacher_grad(val)
+    if labels is None and options.options.hard_weight != 0:
+        raise ValueError(f"{_WHO}: hard_weight > 0 needs labels (got labels=None)")
     lead, H = tuple(h.shape[:-1]), h.shape[-1]
     flat = (h.reshape(-1, H), idx.reshape(-1, idx.shape[-1]), val.reshape(-1, val.shape[-1]))
     y = None if labels is None else labels.reshape(-1)

@@ -248,6 +248,16 @@ def test_leading_dims_no_bias_no_labels(gen, device):
     assert loss.shape == (2, 5)
 
 
+def test_non_contiguous_inputs(gen, device):
+    # (T, B, H) hidden states read as (B, T, H): a strided view, as a transposed activation is.
+    d = make(gen, 0, 8, 21, 4, lead=(3, 5), device=device)
+    h = d["student_hidden"].detach().transpose(0, 1).contiguous().transpose(0, 1)
+    d["student_hidden"] = h.requires_grad_()
+    d["teacher_indices"] = d["teacher_indices"].transpose(0, 1).contiguous().transpose(0, 1)
+    assert not d["student_hidden"].is_contiguous()
+    run_and_check(d, TOL[F64], _ctx(), **_kw("full", "logits", "kl", chunk_size=4))
+
+
 def test_transform_options(gen, device):
     d = make(gen, 9, 6, 23, 4, device=device)
     kw = _kw("full", "logits", "kl", chunk_size=4, student_logit_scale=0.8)
@@ -335,6 +345,8 @@ def test_input_errors(gen):
     for bad_chunk, exc in ((0, ValueError), (2.0, TypeError), (True, TypeError)):
         with pytest.raises(exc, match="chunk_size"):
             call(d, chunk_size=bad_chunk)
+    with pytest.raises(ValueError, match="needs labels"):
+        call(_bad(d, labels=None), hard_weight=0.5)
     with pytest.raises(ValueError):
         call(d, support="tail", values="logits")
     with pytest.raises(ValueError):
