@@ -31,6 +31,8 @@ __all__ = [
     "topk_teacher",
     "linear_kd_loss",
     "LinearKDLoss",
+    "linear_topk_kd_loss",
+    "LinearTopKKDLoss",
 ]
 
 install_import_check()
@@ -46,11 +48,14 @@ _LAZY = {
     "topk_teacher": "topk",
     "linear_kd_loss": "linear",
     "LinearKDLoss": "linear",
+    "linear_topk_kd_loss": "linear_topk",
+    "LinearTopKKDLoss": "linear_topk",
 }
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily
     from ._C import empty_cache  # noqa: F401
     from .linear import LinearKDLoss, linear_kd_loss  # noqa: F401
+    from .linear_topk import LinearTopKKDLoss, linear_topk_kd_loss  # noqa: F401
     from .loss import KDLoss, KDLossFunction, kd_loss  # noqa: F401
     from .topk import TopKKDLoss, topk_kd_loss, topk_teacher  # noqa: F401
 

@@ -1,0 +1,398 @@
+"""kdfused.linear_topk_kd_loss / LinearTopKKDLoss (CPU and CUDA).
+
+Every loss and gradient (w.r.t. hidden, weight, bias) is compared with a float64 materialised
+oracle on the CPU: F.linear in float64 on the same (rounded) inputs, then
+kdfused.reference.topk_kd_loss, gradients by autograd through F.linear. Some tests also compare
+with kdfused.topk_kd_loss (the same fused op) on the materialised logits. Inputs are fresh random
+ones, drawn on the CPU and moved to the device; the seed is KDFUSED_TEST_SEED or random (printed
+in every failure message).
+
+The N = 4096, H = 1024, V = 32000 peak-memory check is a benchmark, not a test (it runs tens of
+seconds of GEMMs): ``python benchmarks/topk_bench.py --linear --rows 4096 --hidden 1024 --vocab
+32000 --ks 64 --supports full --providers linear_topk``; test_peak_memory_below_the_logits is its
+scaled-down form.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kdfused
+from kdfused import reference
+
+pytestmark = pytest.mark.fused_only
+
+SEED = int(os.environ.get("KDFUSED_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
+F64 = torch.float64
+REDS = ["batchmean", "mean", "sum", "none"]
+ALL_DIVS = ["kl", "ce", "reverse_kl", "jsd", "tvd"]
+# (support, values, divergence): every combination the spec allows.
+COMBOS = (
+    [("full", v, d) for v in ("logits", "logprobs") for d in ("kl", "ce")]
+    + [("renormalized", v, d) for v in ("logits", "logprobs") for d in ALL_DIVS]
+    + [("tail", "logprobs", d) for d in ALL_DIVS]
+)
+# As tests/test_linear.py: max abs error relative to the oracle's largest magnitude.
+TOL = {F64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 4e-2}
+T = 2.0
+
+
+@pytest.fixture
+def gen(request):
+    return torch.Generator().manual_seed(SEED ^ (hash(request.node.nodeid) & 0x7FFFFFFF))
+
+
+def _ctx(**kw):
+    return f"[KDFUSED_TEST_SEED={SEED} " + " ".join(f"{k}={v}" for k, v in kw.items()) + "]"
+
+
+def make(
+    gen,
+    N,
+    H,
+    V,
+    k,
+    dtype=F64,
+    *,
+    values="logits",
+    lead=None,
+    bias=True,
+    labels=True,
+    ignore_frac=0.3,
+    pad_frac=0.0,
+    device="cpu",
+):
+    """Student layer (hidden scaled so logits are O(3)) and a stored top-k teacher: indices
+    int32, values the teacher's top-k logits or log_softmax(t / T) at them (float32); with
+    ``pad_frac`` that share of entries is padding (-inf, index 0 as TRL pads)."""
+    lead = lead or (N,)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(shape, generator=gen, dtype=F64) * scale).to(device=device, dtype=dtype)
+
+    t = torch.randn(*lead, V, generator=gen, dtype=F64) * 3.0
+    if values == "logprobs":
+        t = F.log_softmax(t / T, -1)
+    val, idx = t.topk(k, dim=-1)
+    if pad_frac:
+        pad = torch.rand(val.shape, generator=gen) < pad_frac
+        val = val.masked_fill(pad, float("-inf"))
+        idx = idx.masked_fill(pad, 0)
+    d = dict(
+        student_hidden=rnd(*lead, H).requires_grad_(),
+        student_weight=rnd(V, H, scale=3.0 / H**0.5).requires_grad_(),
+        student_bias=rnd(V, scale=0.5).requires_grad_() if bias else None,
+        teacher_indices=idx.to(device=device, dtype=torch.int32),
+        teacher_values=val.to(device=device, dtype=torch.float32 if dtype != F64 else F64),
+        labels=None,
+    )
+    if labels:
+        y = torch.randint(0, V, lead, generator=gen)
+        drop = torch.rand(lead, generator=gen) < ignore_frac
+        d["labels"] = torch.where(drop, torch.full_like(y, -100), y).to(device)
+    return d
+
+
+def call(d, **kw):
+    return kdfused.linear_topk_kd_loss(
+        d["student_hidden"],
+        d["student_weight"],
+        d["teacher_indices"],
+        d["teacher_values"],
+        d["labels"],
+        student_bias=d["student_bias"],
+        **kw,
+    )
+
+
+def _f64(x):
+    return None if x is None else x.detach().to("cpu", F64)
+
+
+def oracle(d, grad_output=None, fn=None, **kw):
+    """(loss, grad hidden, grad weight, grad bias) in float64 on the CPU from materialised logits
+    (``fn``: reference.topk_kd_loss by default)."""
+    fn = fn or reference.topk_kd_loss
+    kw = {k: v for k, v in kw.items() if k != "chunk_size"}
+    sh = _f64(d["student_hidden"]).requires_grad_()
+    sw = _f64(d["student_weight"]).requires_grad_()
+    sb = d["student_bias"]
+    sb = _f64(sb).requires_grad_() if sb is not None else None
+    y = None if d["labels"] is None else d["labels"].cpu()
+    idx = d["teacher_indices"].cpu().long()
+    loss = fn(F.linear(sh, sw, sb), idx, _f64(d["teacher_values"]), y, **kw)
+    go = torch.ones_like(loss) if grad_output is None else _f64(grad_output)
+    grads = torch.autograd.grad(loss, [sh, sw] + ([sb] if sb is not None else []), go)
+    return (loss.detach(),) + tuple(grads) + ((None,) if sb is None else ())
+
+
+def assert_close(got, want, tol, what):
+    assert got is not None and want is not None, what
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    err = (got.detach().to("cpu", F64) - want).abs().max().item() if want.numel() else 0.0
+    scale = max(want.abs().max().item() if want.numel() else 0.0, 1e-12)
+    assert err <= tol * scale, f"{what}: max abs err {err:.3e} > {tol:.1e} * {scale:.3e}"
+
+
+def run_and_check(d, tol, ctx, grad_output=None, fn=None, **kw):
+    loss = call(d, **kw)
+    ref = oracle(d, grad_output=grad_output, fn=fn, **kw)
+    go = torch.ones_like(loss) if grad_output is None else grad_output.to(loss.device, loss.dtype)
+    loss.backward(go)
+    assert_close(loss, ref[0], tol, f"loss {ctx}")
+    for name, want in zip(("student_hidden", "student_weight", "student_bias"), ref[1:]):
+        x = d[name]
+        if x is None or not x.requires_grad:
+            continue
+        assert x.grad is not None, f"{name}: no gradient {ctx}"
+        assert x.grad.dtype == x.dtype and x.grad.shape == x.shape, (name, ctx)
+        assert_close(x.grad, want, tol, f"grad {name} {ctx}")
+    return loss
+
+
+def _kw(support, values, divergence, **extra):
+    kw = dict(temperature=T, soft_weight=0.7, hard_weight=0.4, divergence=divergence, beta=0.3)
+    kw.update(support=support, values=values, **extra)
+    return kw
+
+
+@pytest.mark.parametrize("support,values,divergence", COMBOS)
+def test_every_combo_vs_reference(gen, device, support, values, divergence):
+    d = make(gen, 13, 8, 37, 5, values=values, pad_frac=0.2, device=device)
+    kw = _kw(support, values, divergence, chunk_size=3)
+    ctx = _ctx(support=support, values=values, div=divergence)
+    run_and_check(d, TOL[F64], ctx, grad_output=torch.tensor(1.7, dtype=F64), **kw)
+
+
+@pytest.mark.parametrize("support,values,divergence", COMBOS)
+def test_every_combo_vs_fused_op_on_logits(gen, device, support, values, divergence):
+    # The same kernel on the materialised logits: only the GEMMs' rounding differs.
+    d = make(gen, 11, 8, 29, 4, values=values, device=device)
+    kw = _kw(support, values, divergence, chunk_size=4)
+    ctx = _ctx(support=support, values=values, div=divergence)
+    run_and_check(d, TOL[F64], ctx, fn=kdfused.topk_kd_loss, **kw)
+
+
+@pytest.mark.parametrize("reduction", REDS)
+@pytest.mark.parametrize("support,values", [("full", "logits"), ("tail", "logprobs")])
+def test_reductions_with_grad_output(gen, device, reduction, support, values):
+    N = 13
+    d = make(gen, N, 8, 37, 5, values=values, device=device)
+    shape = (N,) if reduction == "none" else ()
+    go = torch.rand(shape, generator=gen, dtype=F64) * 2 + 0.5  # grad_output != 1
+    kw = _kw(support, values, "kl", reduction=reduction, chunk_size=3)
+    run_and_check(d, TOL[F64], _ctx(red=reduction, support=support), grad_output=go, **kw)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 13, 40, None])
+def test_chunk_sizes(gen, device, chunk_size):
+    d = make(gen, 13, 6, 29, 4, device=device)
+    kw = _kw("full", "logits", "kl", chunk_size=chunk_size)
+    run_and_check(d, TOL[F64], _ctx(chunk=chunk_size), **kw)
+
+
+def test_loss_independent_of_chunk_size(gen, device):
+    d = make(gen, 23, 16, 50, 8, torch.float32, device=device)
+    losses = [call(d, chunk_size=c, hard_weight=1.0).item() for c in (1, 4, 7, 23, 100)]
+    assert max(losses) - min(losses) <= 1e-6 * abs(losses[0]), (losses, _ctx())
+
+
+@pytest.mark.parametrize("support,values", [("full", "logits"), ("renormalized", "logprobs")])
+def test_padding_and_rows_without_teacher(gen, device, support, values):
+    d = make(gen, 12, 6, 31, 6, values=values, pad_frac=0.4, device=device)
+    d["teacher_values"][4] = float("-inf")  # a row with no valid entry: the hard term only
+    d["teacher_indices"][4] = 0
+    loss = run_and_check(d, TOL[F64], _ctx(support=support), **_kw(support, values, "kl"))
+    assert torch.isfinite(loss)
+
+
+def test_whole_chunk_ignored(gen, device):
+    d = make(gen, 12, 5, 19, 3, ignore_frac=0.0, device=device)
+    d["labels"][3:9] = -100  # chunks 1 and 2 of size 3: every row ignored
+    loss = run_and_check(d, TOL[F64], _ctx(), **_kw("full", "logits", "kl", chunk_size=3))
+    assert torch.all(d["student_hidden"].grad[3:9] == 0)
+    assert loss.item() != 0
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_all_rows_ignored(gen, device, reduction):
+    d = make(gen, 6, 4, 11, 3, ignore_frac=1.0, device=device)
+    loss = call(d, hard_weight=1.0, chunk_size=2, reduction=reduction)
+    loss.sum().backward()
+    assert torch.all(loss == 0)
+    for name in ("student_hidden", "student_weight", "student_bias"):
+        assert torch.all(d[name].grad == 0), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("support,values", [("full", "logits"), ("tail", "logprobs")])
+def test_low_precision_inputs(gen, device, dtype, support, values):
+    d = make(gen, 17, 24, 70, 8, dtype, values=values, device=device)
+    kw = _kw(support, values, "kl", chunk_size=5)
+    loss = run_and_check(d, TOL[dtype], _ctx(dtype=dtype, support=support), **kw)
+    assert loss.dtype == torch.float32
+
+
+def test_leading_dims_no_bias_no_labels(gen, device):
+    d = make(gen, 0, 8, 21, 4, lead=(2, 5), bias=False, labels=False, device=device)
+    run_and_check(d, TOL[F64], _ctx(), **_kw("full", "logits", "kl", hard_weight=0.0, chunk_size=4))
+    d = make(gen, 0, 8, 21, 4, lead=(2, 5), bias=False, labels=False, device=device)
+    go = torch.rand(2, 5, generator=gen, dtype=F64)
+    kw = _kw("full", "logits", "ce", hard_weight=0.0, reduction="none", chunk_size=4)
+    loss = run_and_check(d, TOL[F64], _ctx(), grad_output=go, **kw)
+    assert loss.shape == (2, 5)
+
+
+def test_non_contiguous_inputs(gen, device):
+    # (T, B, H) hidden states read as (B, T, H): a strided view, as a transposed activation is.
+    d = make(gen, 0, 8, 21, 4, lead=(3, 5), device=device)
+    h = d["student_hidden"].detach().transpose(0, 1).contiguous().transpose(0, 1)
+    d["student_hidden"] = h.requires_grad_()
+    d["teacher_indices"] = d["teacher_indices"].transpose(0, 1).contiguous().transpose(0, 1)
+    assert not d["student_hidden"].is_contiguous()
+    run_and_check(d, TOL[F64], _ctx(), **_kw("full", "logits", "kl", chunk_size=4))
+
+
+def test_transform_options(gen, device):
+    d = make(gen, 9, 6, 23, 4, device=device)
+    kw = _kw("full", "logits", "kl", chunk_size=4, student_logit_scale=0.8)
+    kw.update(teacher_logit_scale=1.3, student_softcap=5.0, teacher_softcap=7.0)
+    run_and_check(d, TOL[F64], _ctx(), **kw)
+
+
+def test_only_some_inputs_require_grad(gen, device):
+    d = make(gen, 9, 6, 23, 4, device=device)
+    d["student_weight"].requires_grad_(False)
+    run_and_check(d, TOL[F64], _ctx(), **_kw("full", "logits", "kl", chunk_size=4))
+    assert d["student_weight"].grad is None
+    with torch.no_grad():
+        loss = call(d)
+    assert not loss.requires_grad
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_retain_graph(gen, device, reduction):
+    d = make(gen, 8, 6, 19, 3, device=device)
+    loss = call(d, reduction=reduction, chunk_size=3)
+    shape = loss.shape
+    gos = [torch.rand(shape, generator=gen, dtype=F64) + 0.5 for _ in range(2)]
+    for i, go in enumerate(gos):
+        loss.backward(go.to(device), retain_graph=i + 1 < len(gos))
+    ref = oracle(d, grad_output=gos[0] + gos[1], reduction=reduction)
+    assert_close(d["student_hidden"].grad, ref[1], TOL[F64], _ctx(red=reduction))
+    assert_close(d["student_weight"].grad, ref[2], TOL[F64], _ctx(red=reduction))
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_double_backward_refused(gen, device, reduction):
+    d = make(gen, 5, 4, 11, 3, device=device)
+    loss = call(d, reduction=reduction).sum()
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, d["student_hidden"], create_graph=True)
+
+
+def test_module(gen, device):
+    d = make(gen, 9, 6, 23, 4, values="logprobs", device=device)
+    kw = _kw("tail", "logprobs", "jsd")
+    crit = kdfused.LinearTopKKDLoss(**kw, chunk_size=4)
+    assert "chunk_size=4" in repr(crit) and "support='tail'" in repr(crit)
+    assert crit.temperature == T and crit.support == "tail" and crit.chunk_size == 4
+    with pytest.raises(ValueError):
+        crit.values = "logits"  # tail needs log-probs: checked when set
+    with pytest.raises(ValueError, match="chunk_size"):
+        kdfused.LinearTopKKDLoss(chunk_size=0)
+    loss = crit(
+        d["student_hidden"],
+        d["student_weight"],
+        d["teacher_indices"],
+        d["teacher_values"],
+        d["labels"],
+        student_bias=d["student_bias"],
+    )
+    ref = oracle(d, **kw)
+    assert_close(loss, ref[0], TOL[F64], _ctx())
+
+
+def _bad(d, **changes):
+    d = dict(d)
+    d.update(changes)
+    return d
+
+
+def test_input_errors(gen):
+    d = make(gen, 6, 4, 11, 3)
+    h, w = d["student_hidden"], d["student_weight"]
+    cases = [
+        (ValueError, "student_weight", _bad(d, student_weight=w.detach()[:, :3])),
+        (ValueError, "student_bias", _bad(d, student_bias=torch.zeros(5, dtype=F64))),
+        (ValueError, "teacher_indices", _bad(d, teacher_indices=d["teacher_indices"][:5])),
+        (ValueError, "teacher_values", _bad(d, teacher_values=d["teacher_values"][:, :2])),
+        (ValueError, "labels", _bad(d, labels=d["labels"][:4])),
+        (TypeError, "student_weight", _bad(d, student_weight=w.detach().float())),
+        (TypeError, "teacher_indices", _bad(d, teacher_indices=d["teacher_indices"].float())),
+        (TypeError, "student_hidden", _bad(d, student_hidden=h.detach().long())),
+        (ValueError, "requires grad|require grad", _bad(d, teacher_values=d["teacher_values"]
+                                                         .clone().requires_grad_())),
+    ]  # fmt: skip
+    for exc, match, bad in cases:
+        with pytest.raises(exc, match=match):
+            call(bad)
+    for bad_chunk, exc in ((0, ValueError), (2.0, TypeError), (True, TypeError)):
+        with pytest.raises(exc, match="chunk_size"):
+            call(d, chunk_size=bad_chunk)
+    with pytest.raises(ValueError, match="needs labels"):
+        call(_bad(d, labels=None), hard_weight=0.5)
+    with pytest.raises(ValueError):
+        call(d, support="tail", values="logits")
+    with pytest.raises(ValueError):
+        call(d, support="full", divergence="jsd")
+
+
+def test_no_grad_computes_no_gradient(gen, device, monkeypatch):
+    # Under no_grad the chunks must not ask the op for gradients (nor run the gradient GEMMs).
+    import kdfused.linear_topk as lt
+
+    asked = []
+    step = lt._chunk_step
+
+    def spy(*args):
+        asked.append(args[-1])
+        return step(*args)
+
+    monkeypatch.setattr(lt, "_chunk_step", spy)
+    d = make(gen, 9, 6, 23, 4, device=device)
+    with torch.no_grad():
+        call(d, chunk_size=4)
+    assert asked and not any(asked)  # (a chunk whose rows are all ignored is skipped)
+
+
+def test_peak_memory_below_the_logits():
+    # A scaled-down form of the N = 4096, H = 1024, V = 32000 check (topk_bench.py --linear,
+    # see the module docstring): forward + backward, gradients included, must stay below one
+    # N x V float32 tensor. The automatic chunk is N / 8 rows here and the loop holds about 4-5
+    # chunk x V buffers at once (about 0.56 N x V measured; 329 of 500 MiB at the full size).
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+    from _procinfo import peak_rss_mib
+
+    N, H, V = 1024, 64, 32000
+    g = torch.Generator().manual_seed(SEED)
+    h = torch.randn(N, H, generator=g).requires_grad_()
+    w = (torch.randn(V, H, generator=g) / 8).requires_grad_()
+    idx = torch.randint(0, V, (N, 1), generator=g, dtype=torch.int32)
+    val = torch.zeros(N, 1)
+
+    def step():
+        h.grad = w.grad = None
+        kdfused.linear_topk_kd_loss(h, w, idx, val, temperature=2.0).backward()
+
+    step()  # warm-up: the allocator and the op's buffers
+    mib = peak_rss_mib(step)
+    if mib is None:
+        pytest.skip("the resident-set high-water mark cannot be reset here")
+    logits_mib = N * V * 4 / 2**20
+    assert mib < logits_mib, f"peak {mib:.0f} MiB vs N x V fp32 {logits_mib:.0f} MiB"
