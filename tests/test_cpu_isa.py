@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import kdfused
+from kdfused._checks import DIVERGENCES, SUPPORTS, TOPK_DIVERGENCES, VALUE_KINDS
 
 pytestmark = pytest.mark.fused_only
 
@@ -83,3 +84,47 @@ def test_isa_names_are_checked():
 
     with pytest.raises(ValueError, match="instruction set"):
         _C.set_cpu_isa("sse9")
+
+
+TOPK_COMBOS = [
+    (support, values, divergence)
+    for support in SUPPORTS
+    for values in VALUE_KINDS
+    for divergence in DIVERGENCES
+    if not (support == "full" and divergence not in TOPK_DIVERGENCES)
+    and not (support == "tail" and values == "logits")
+]
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("V", [7, 2049])
+@pytest.mark.parametrize("support,values,divergence", TOPK_COMBOS)
+def test_every_isa_topk_matches_float64_reference(isa, dtype, V, support, values, divergence, seed):
+    """topk_kd_loss on every instruction set (the scalar path runs the CUDA kernel's per-element
+    code) against the float64 reference, with padding that repeats a valid index, a row without
+    any valid entry, an ignored row, the hard term and the student's transform."""
+    g = torch.Generator().manual_seed(seed)
+    N, k = 6, 5
+    s = (torch.randn(N, V, generator=g) * 3).to(dtype)
+    idx = torch.stack([torch.randperm(V, generator=g)[:k] for _ in range(N)])
+    t = torch.randn(N, V, generator=g, dtype=torch.float64) * 3
+    vals = t if values == "logits" else torch.log_softmax(t, -1)
+    vals = vals.gather(1, idx).to(dtype)
+    vals[1, 2:] = float("-inf")  # padding ...
+    idx[1, 2:] = idx[1, 0]  # ... repeating a valid index, as TRL pads
+    vals[2] = float("-inf")  # no support: only the hard term
+    y = torch.randint(0, V, (N,), generator=g)
+    y[3] = -100
+    kw = dict(temperature=2.0, soft_weight=0.8, hard_weight=0.3, divergence=divergence, beta=0.3)
+    kw.update(support=support, values=values, student_logit_scale=1.1)
+    s1 = s.clone().requires_grad_()
+    loss = kdfused.topk_kd_loss(s1, idx, vals, y, **kw)
+    loss.backward()
+    s2 = s.double().requires_grad_()
+    ref = kdfused.reference.topk_kd_loss(s2, idx, vals.double(), y, **kw)
+    ref.backward()
+    assert kdfused.build_info()["cpu_isa"] == isa
+    rtol, atol = (2e-2, 2e-3) if dtype == torch.bfloat16 else (1e-5, 1e-6)
+    torch.testing.assert_close(loss.double(), ref, rtol=rtol, atol=atol)
+    torch.testing.assert_close(s1.grad.double(), s2.grad, rtol=rtol, atol=atol)
