@@ -40,7 +40,7 @@ CUDA_TESTS = [
     ("plans", ["tests/test_cuda_plans.py"]),  # every launch plan x divergence (self-test cases)
     ("kd_loss", ["tests/test_kd_loss.py", "tests/test_divergences.py", "tests/test_numerics.py"]),
     ("inputs", ["tests/test_inputs.py"]),
-    ("topk", ["tests/test_topk.py"]),
+    ("topk", ["tests/test_topk_conventions.py", "tests/test_topk.py", "tests/test_linear_topk.py"]),
     ("linear", ["tests/test_linear.py"]),
     ("vocab_parallel", ["tests/test_vocab_parallel_ops.py"]),
     ("autograd", ["tests/test_autograd.py", "tests/test_function.py", "tests/test_module.py"]),
