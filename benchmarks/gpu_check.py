@@ -83,7 +83,7 @@ def steps_for(mode: str) -> list[Step]:
         Step("import", "the fresh build imports, with CUDA kernels", 30, 10, ("build",)),
         Step(
             "selftest",
-            "python -m kdfused.selftest --device cuda (every plan)",
+            "python -m kdfused.selftest --device cuda (every plan, linear, top-k)",
             120,
             60,
             ("import",),

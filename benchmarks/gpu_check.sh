@@ -10,12 +10,14 @@
 #   files      the check's own scripts exist and compile
 #   build      setup.py build_ext --inplace for this GPU's architecture only (MAX_JOBS = cores)
 #   import     the fresh build imports and has CUDA kernels
-#   selftest   python -m kdfused.selftest --device cuda: every launch plan against float64
+#   selftest   python -m kdfused.selftest --device cuda: every launch plan, the fused linear op and
+#              the top-k op (its warp and CTA kernels) against float64
 #   pytest     the curated CUDA tests, most informative first (pytest-xdist when present);
 #              every failing test named, what did not run counted
-#   sanitizer  compute-sanitizer memcheck + synccheck (warp, block, cluster:2, two_phase:2, linear;
-#              kl and jsd) and racecheck (block, cluster:2); a run cut with no error reported is
-#              "inconclusive", a tool that cannot run here "n/a": neither passes nor fails
+#   sanitizer  compute-sanitizer memcheck (warp, block, cluster:2, two_phase:2, linear, topk) +
+#              synccheck (warp, block, cluster:2, two_phase:2), kl and jsd, and racecheck (block,
+#              cluster:2); a run cut with no error reported is "inconclusive", a tool that cannot
+#              run here "n/a": neither passes nor fails
 #   nccl       kd_loss and linear_kd_loss with process_group= a world-size-1 nccl group
 #   streams    a non-default stream; CUDA graph capture and replay of a training step
 #   bench      kdfused vs eager, torch.compile (where its compile fits the budget) and Liger;

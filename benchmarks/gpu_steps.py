@@ -49,7 +49,7 @@ CUDA_TESTS = [
 ]
 # compute-sanitizer: (tool, self-test --paths); every run with --quick --divergences kl,jsd
 SANITIZER_RUNS = [
-    ("memcheck", "cuda:warp,cuda:block,cuda:cluster:2,cuda:two_phase:2,cuda:linear"),
+    ("memcheck", "cuda:warp,cuda:block,cuda:cluster:2,cuda:two_phase:2,cuda:linear,cuda:topk"),
     ("synccheck", "cuda:warp,cuda:block,cuda:cluster:2,cuda:two_phase:2"),
     ("racecheck", "cuda:block,cuda:cluster:2"),
 ]

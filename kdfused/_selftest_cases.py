@@ -32,6 +32,29 @@ largest |got - expected| / tol, so 1.0 is the limit):
                hard_weight) |grad_output| / n_valid)
     floor      2^-24 for float16 outputs (subnormal spacing), 2^-100 for a float32 accumulator
                (exp() underflow and flush-to-zero), 2^-1000 for float64
+
+The fused linear op's paths have tolerances of their own (LIN_RTOL, below: its logits carry the
+GEMMs' rounding).
+
+Top-k (kdfused.topk_kd_loss, the ``topk`` paths): the expected values are those of
+kdfused.reference.topk_kd_loss, run in float64 with autograd on the given inputs (the stored
+values read exactly in float64), for the loss and the student's gradient (no teacher gradient).
+The tolerance is the formula above, over the top-k buckets b (the valid stored entries, and the
+tail bucket t for support="tail") instead of the V columns:
+
+    acc        float64 when the student or the stored values are float64, else float32
+    tol_acc    tol_acc(V, acc): the student's softmax runs over the whole row
+    scale      loss: soft_weight T^2 sum_b (p_b + q_b)(|log p_b| + |log q_b| + 1) + hard_weight
+               (|LSE(z)| + |z_y|), z the student's logits after its transform; a row with no
+               valid entry has only the hard part; for "tail" the tail bucket's term adds
+               (p_t + q_t)(P / (1 - P) + Q / (1 - Q)), P and Q the stored entries' mass on each
+               side (log(1 - Q) from a Q with a small relative error: that error over 1 - Q);
+               gradients: per row as above
+    rtol_out, floor   as above
+
+The tail cases keep k <= V / 3, so that 1 - Q is far from the clamp at exp(-1e-7) (where the
+gradient through the tail switches off: a float32 kernel and the float64 reference could land
+on either side).
 """
 
 from __future__ import annotations
@@ -43,7 +66,14 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._checks import DIVERGENCES, REDUCTIONS  # noqa: F401  (the self-test's choices)
+from . import _reference_topk
+from ._checks import (  # noqa: F401  (DIVERGENCES, REDUCTIONS: the self-test's choices)
+    DIVERGENCES,
+    REDUCTIONS,
+    SUPPORTS,
+    TOPK_DIVERGENCES,
+    VALUE_KINDS,
+)
 from .reference import logit_transform
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
@@ -588,3 +618,249 @@ def error_ratio(got: Optional[torch.Tensor], exp: torch.Tensor, tol_: torch.Tens
     if not fin.any():
         return 0.0
     return float(((g[fin] - exp[fin]).abs() / tol_[fin]).max())
+
+
+# ------------------------------------------------------------------------------------------------
+# The top-k op (kdfused.topk_kd_loss): one path per CPU instruction set ("cpu:topk:<isa>", the
+# scalar one runs the CUDA kernel's per-element code) and one per CUDA device ("cuda:topk")
+# ------------------------------------------------------------------------------------------------
+# Expected values and tolerances: the module's docstring ("Top-k").
+TOPK_PAIRS = [  # (student dtype, stored values' dtype)
+    (F32, F32),
+    (BF16, F32),
+    (F64, F64),
+    (BF16, BF16),
+    (F32, BF16),
+    (F64, F32),
+    (F16, F32),
+]
+# (V, k): the CUDA kernel runs a warp per row up to V = 1024 and a CTA per row above; k = V (the
+# whole vocabulary stored) and k = 1. Every third case (--quick) still meets each of them.
+TOPK_SIZES = [(1000, 24), (2049, 20), (7, 7), (8191, 64), (100, 1)]
+
+
+def topk_combos(divergences) -> list:
+    """Every allowed (support, values, divergence) with a divergence of ``divergences``."""
+    return [
+        (support, values, div)
+        for support in SUPPORTS
+        for values in VALUE_KINDS
+        for div in divergences
+        if not (support == "full" and div not in TOPK_DIVERGENCES)
+        and not (support == "tail" and values == "logits")
+    ]
+
+
+@dataclass
+class TopKCase:
+    idx: int
+    divergence: str
+    support: str
+    values: str
+    sdt: torch.dtype
+    tdt: torch.dtype  # the stored values' dtype
+    lead: tuple
+    V: int
+    k: int
+    reduction: str
+    temperature: float = 2.0
+    soft_weight: float = 0.7
+    hard_weight: float = 0.0
+    beta: float = 0.5
+    labels: bool = True  # labels passed: one row in four ignored
+    ignore_index: int = -100
+    padded: bool = True  # -inf padding in some rows (index: a valid one's or 0) and a row of it
+    index_dtype: torch.dtype = torch.int64
+    strided: bool = False  # the student a row-strided view of a wider tensor
+    top: bool = True  # the stored entries are the teacher's top-k (else k random columns)
+    grad_output: str = "random"
+    loss_only: bool = False
+    big: bool = False  # (no large-vocabulary top-k case: every path runs them all)
+    transform: tuple = TRANSFORMS[0]
+
+    def describe(self) -> str:
+        dims = "x".join(str(d) for d in self.lead) + f"x{self.V} k={self.k}"
+        middle = [self.support, self.values, f"T={self.temperature}"]
+        flags = (
+            (_transform_text(self.transform), self.transform != TRANSFORMS[0]),
+            ("strided", self.strided),
+            ("padded", self.padded),
+            ("ignored:some", self.labels),
+            ("no-labels", not self.labels),
+            ("int32", self.index_dtype == torch.int32),
+            ("random-k", not self.top),
+            ("grad_output=1", self.grad_output == "one"),
+            ("no_grad", self.loss_only),
+        )
+        return _describe(self, f"topk#{self.idx}", dims, middle, flags)
+
+
+def topk_options(case: TopKCase) -> dict:
+    """The case's options as keywords of topk_kd_loss."""
+    names = ("temperature", "soft_weight", "hard_weight", "divergence", "support", "values")
+    kw = {n: getattr(case, n) for n in names + ("ignore_index", "reduction")}
+    if case.divergence == "jsd":
+        kw["beta"] = case.beta
+    return kw | transform_options(case)
+
+
+def make_topk_cases(divergences, quick: bool = False) -> list:
+    """One case per allowed (support, values, divergence), cycling the dtype pairs, (V, k), the
+    temperature, the hard term, the reductions, the student transform (the teacher's with stored
+    logits only), int32 indices, 3-d and strided inputs; --quick: every third."""
+    cases = []
+    for i, (support, values, div) in enumerate(topk_combos(divergences)):
+        sdt, tdt = TOPK_PAIRS[i % len(TOPK_PAIRS)]
+        V, k = TOPK_SIZES[i % len(TOPK_SIZES)]
+        if support == "tail":
+            k = max(1, min(k, V // 3))  # a tail with mass on both sides (no clamp at 1 - 1e-7)
+        tf = TRANSFORMS[(i // 2) % len(TRANSFORMS)]
+        if values == "logprobs":
+            tf = (tf[0], 1.0, tf[2], None)  # final log-probabilities take no teacher transform
+        N = 4 + (i * 5) % 9
+        hw = [0.0, 0.3, 0.0, 0.5][i % 4]
+        cases.append(
+            TopKCase(
+                i,
+                div,
+                support,
+                values,
+                sdt,
+                tdt,
+                (2, (N + 1) // 2) if i % 5 == 4 else (N,),
+                V,
+                k,
+                REDUCTIONS[i % 4],
+                temperature=[2.0, 1.0, 0.5, 1.5][i % 4] if support != "tail" else [1.0, 2.0][i % 2],
+                hard_weight=hw,
+                beta=[0.5, 0.3, 0.0, 1.0][i % 4],
+                labels=hw > 0 or i % 4 == 0,
+                ignore_index=[-100, -1][i % 2],
+                padded=k >= 2,
+                index_dtype=torch.int32 if i % 4 == 2 else torch.int64,
+                strided=sdt in HALF and i % 2 == 1,
+                top=i % 4 != 3,
+                grad_output="one" if i % 4 == 0 else "random",
+                loss_only=i % 7 == 3,
+                transform=tf,
+            )
+        )
+    return [c for c in cases if c.idx % 3 == 0] if quick else cases
+
+
+def make_topk_inputs(case: TopKCase, seed: int) -> dict:
+    """CPU inputs of a top-k case, replayable from (seed, case.idx): the student ('s', wider
+    when strided: the view is [:, :V]), the stored 'idx' / 'val', labels, grad_output. Row 1
+    (when padded): its second half padding with the index of its first entry (a duplicate),
+    row 2: padding at index 0 (TRL's) after the first entry; row 3: no valid entry (only its
+    hard term). With labels, rows 0, 4, 8, ... are ignored."""
+    g = torch.Generator().manual_seed(seed * 1000039 + case.idx)
+    R, V, k = math.prod(case.lead), case.V, case.k
+    s = (2 * torch.randn(R, V + (5 if case.strided else 0), generator=g, dtype=F64)).to(case.sdt)
+    t = 2 * torch.randn(R, V, generator=g, dtype=F64)
+    if case.top:
+        idx = t.topk(k, dim=-1).indices
+    else:
+        idx = torch.stack([torch.randperm(V, generator=g)[:k] for _ in range(R)])
+    # stored logits, or the teacher's log-probabilities at T = 1 (topk_teacher's)
+    vals = t if case.values == "logits" else F.log_softmax(t, -1)
+    vals = vals.gather(1, idx).to(case.tdt)
+    if case.padded:
+        half = max(1, k // 2)
+        vals[1 % R, half:] = float("-inf")
+        idx[1 % R, half:] = idx[1 % R, 0]
+        if R > 2:
+            vals[2, 1:] = float("-inf")
+            idx[2, 1:] = 0
+        if R > 3:
+            vals[3] = float("-inf")
+            idx[3] = idx[3, 0]
+    y = torch.randint(0, V, (R,), generator=g)
+    if case.labels:
+        y[::4] = case.ignore_index  # rows 0, 4, ...: not the padded rows 1 to 3
+    if case.reduction == "none":
+        go = torch.rand(R, generator=g, dtype=F64) + 0.5
+        go = torch.ones(R, dtype=F64) if case.grad_output == "one" else go
+    else:
+        go = torch.tensor(1.0 if case.grad_output == "one" else 1.75, dtype=F64)
+    return {
+        "s": s,
+        "idx": idx.to(case.index_dtype),
+        "val": vals,
+        "y": y.reshape(case.lead) if case.labels else None,
+        "go": go.reshape(case.lead) if case.reduction == "none" else go,
+    }
+
+
+def topk_on_device(inp: dict, case: TopKCase, device: str):
+    """(student, indices, values, labels, grad_output) on the device, the views taken there."""
+    s = inp["s"].to(device)[:, : case.V]
+    if case.strided and s.is_contiguous():
+        raise AssertionError(f"top-k case {case.idx}: the strided student came out contiguous")
+    idx, val = inp["idx"].to(device), inp["val"].to(device)
+    if len(case.lead) > 1:
+        s, idx, val = (x.unflatten(0, case.lead) for x in (s, idx, val))
+    y = inp["y"].to(device) if inp["y"] is not None else None
+    return s, idx, val, y, inp["go"].to(device)
+
+
+def topk_expected(case: TopKCase, inp: dict) -> dict:
+    """float64 loss and student gradient (kdfused.reference.topk_kd_loss, autograd) and the
+    tolerance of every output element (CPU tensors)."""
+    ref = _reference_topk
+    V, T, sw, hw = case.V, case.temperature, case.soft_weight, case.hard_weight
+    s = inp["s"][:, :V].to(F64).requires_grad_(not case.loss_only)
+    idx, val = inp["idx"].long(), inp["val"].to(F64)
+    R = s.shape[0]
+    y = inp["y"].reshape(-1) if inp["y"] is not None else None
+    rows = (y != case.ignore_index) if y is not None else torch.ones(R, dtype=torch.bool)
+    with torch.set_grad_enabled(not case.loss_only):
+        loss = ref.topk_kd_loss(
+            s.reshape(*case.lead, V),
+            idx.reshape(*case.lead, case.k),
+            val.reshape(*case.lead, case.k),
+            inp["y"],
+            **topk_options(case),
+        )
+    # The size of the terms a kernel adds and cancels, per row (as the buckets of the reference).
+    with torch.no_grad():
+        z = _transformed(s.detach(), case, 0)
+        scale = torch.zeros(R, dtype=F64)
+        valid = (val != -math.inf) & rows[:, None]
+        if sw != 0:
+            v = val if case.values == "logprobs" else _transformed(val, case, 1)
+            lp, lq, mask = ref._buckets(z, idx, v, valid, T, case.support, case.values)
+            lp, lq = torch.where(mask, lp, 0.0), torch.where(mask, lq, 0.0)
+            p, q = torch.where(mask, lp.exp(), 0.0), torch.where(mask, lq.exp(), 0.0)
+            terms = (p + q) * (lp.abs() + lq.abs() + 1)
+            if case.support == "tail":  # log(1 - Q): Q's error over 1 - Q
+                cond = torch.expm1(-lp[:, -1]) + torch.expm1(-lq[:, -1])
+                terms[:, -1] += (p[:, -1] + q[:, -1]) * cond
+            has = valid.any(-1)
+            scale += torch.where(has, sw * T * T * terms.sum(-1), 0.0)
+        if hw != 0:
+            yy = torch.where(rows, y, 0)
+            lse = torch.logsumexp(z, -1)
+            scale += hw * (lse.abs() + z.gather(1, yy[:, None])[:, 0].abs())
+        scale = torch.where(rows, scale, 0.0)
+    n_valid = max(int(rows.sum()), 1)
+    if case.reduction == "none":
+        lscale, w = scale.reshape(case.lead), 1.0
+    elif case.reduction == "sum":
+        lscale, w = scale.sum(), 1.0
+    else:
+        lscale, w = scale.sum() / n_valid, 1.0 / n_valid
+    acc = F64 if F64 in (case.sdt, case.tdt) else F32
+    ta = tol_acc(V, acc)
+    out = {"loss": loss.detach(), "loss_tol": tol(loss.detach(), acc, acc, ta * lscale)}
+    if not case.loss_only:
+        (loss * inp["go"]).sum().backward()
+        go_row = (
+            inp["go"].reshape(-1).abs() if case.reduction == "none" else inp["go"].abs().expand(R)
+        )
+        floor_row = torch.where(rows, (sw * T + hw) * go_row * w, 0.0)
+        gexp = s.grad if s.grad is not None else torch.zeros_like(s)
+        gscale = torch.maximum(gexp.abs().amax(-1), floor_row)[:, None]
+        out["grad_s"] = gexp.reshape(*case.lead, V)
+        out["grad_s_tol"] = tol(gexp, case.sdt, acc, ta * gscale).reshape(*case.lead, V)
+    return out

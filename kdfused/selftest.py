@@ -17,8 +17,16 @@ teacher gradients, every reduction, loss-only calls; each is run twice (results 
 equal) and its inputs must come back unchanged. One more path per device (``cpu:linear``,
 ``cuda:linear``) runs the fused linear op (``kdfused.linear_kd_loss``: GEMMs + the fused kernel,
 chunk by chunk) on its own small cases, with the same checks, against float64 values of the
-materialised logits. Expected values and tolerances: see ``kdfused/_selftest_cases.py``. Inputs
-are random with a seed printed at the start.
+materialised logits. The top-k op (``kdfused.topk_kd_loss``) runs on one path per compiled CPU
+instruction set (``cpu:topk:<isa>``, forced as above: ``cpu:topk:scalar`` runs the CUDA top-k
+kernel's per-element code) and one per GPU (``cuda:topk``), on its own cases: every allowed
+(support, values, divergence), float32/bfloat16/float16/float64 students, V on both sides of
+1024 (the CUDA kernel's warp-per-row and CTA-per-row variants), k = 1 and k = V, ``-inf``
+padding (its index a duplicate of a valid one, or 0), a row without any valid entry, ignored
+rows, the hard term, T != 1, the logit transforms, int32 indices, 3-d and strided students;
+loss and student gradient with the same checks, against float64 values of
+``kdfused.reference.topk_kd_loss``. Expected values and tolerances: see
+``kdfused/_selftest_cases.py``. Inputs are random with a seed printed at the start.
 
 Exit status: 0 every check passed; 1 something failed (the failures are listed); 2 nothing could
 be tested (e.g. ``--device cuda`` without a GPU, or an unknown ``--paths`` name).
@@ -42,6 +50,7 @@ from kdfused import _selftest_cases as C
 
 KD_LOSS = kdfused.kd_loss  # the function under test (the tests replace it to inject an error)
 LINEAR = kdfused.linear_kd_loss  # the function the linear paths test
+TOPK = kdfused.topk_kd_loss  # the function the top-k paths test
 CUDA_PLANS = [
     "auto",
     "warp",
@@ -62,8 +71,8 @@ ERR_SHOW = 25  # failure lines printed
 class Path:
     name: str
     device: str
-    kind: str  # "isa", "plan", "env" or "linear"
-    value: str
+    kind: str  # "isa", "plan", "env", "linear" or "topk"
+    value: str  # the instruction set (isa; topk on the CPU) or the launch plan
     optional: bool = False  # may be refused by this machine without failing
     big: bool = True  # runs the large-vocabulary cases
     cases: int = 0
@@ -78,7 +87,7 @@ class Path:
     status: str = ""
 
     def enter(self) -> None:
-        if self.kind == "isa":
+        if self.kind == "isa" or self.kind == "topk" and self.device == "cpu":
             _C.set_cpu_isa(self.value)
         elif self.kind == "plan":
             _C.set_cuda_plan(self.value)
@@ -87,7 +96,7 @@ class Path:
 
     def leave(self) -> None:
         with contextlib.suppress(Exception):
-            if self.kind == "isa":
+            if self.kind == "isa" or self.kind == "topk" and self.device == "cpu":
                 _C.set_cpu_isa("auto")
             elif self.kind == "plan":
                 _C.set_cuda_plan("auto")
@@ -123,6 +132,15 @@ def cuda_paths() -> list:
 
 def linear_path(device: str) -> Path:
     return Path(f"{device}:linear", device, "linear", "")
+
+
+def topk_paths(device: str) -> list:
+    """kdfused.topk_kd_loss: one path per compiled instruction set on the CPU (``cpu:topk:<isa>``),
+    one on CUDA (``cuda:topk``: its kernel picks a warp or a CTA per row from V)."""
+    if device == "cuda":
+        return [Path("cuda:topk", "cuda", "topk", "")]
+    isas = kdfused.build_info()["cpu_isa_compiled"]
+    return [Path(f"cpu:topk:{isa}", "cpu", "topk", isa) for isa in isas]
 
 
 def plan_mismatch(forced: str, seen: str):
@@ -263,15 +281,48 @@ def run_linear_case(path: Path, case: C.LinearCase, inp: dict, exp: dict) -> tup
     return worst, where, msgs
 
 
+def run_topk_case(path: Path, case: C.TopKCase, inp: dict, exp: dict) -> tuple:
+    """As run_case, for the top-k op: (worst error/tolerance, where, [failure messages])."""
+    s, idx, val, y, go = C.topk_on_device(inp, case, path.device)
+    x0 = [x.clone() for x in (s, idx, val)]
+    kw = C.topk_options(case)
+    runs = []
+    for _ in range(2):
+        ss = s.detach().requires_grad_(not case.loss_only)
+        with torch.no_grad() if case.loss_only else contextlib.nullcontext():
+            loss = TOPK(ss, idx, val, y, **kw)
+        if not case.loss_only:
+            loss.backward(go.to(loss.dtype))
+        runs.append((loss.detach(), ss.grad))
+    msgs = []
+    acc = C.F64 if C.F64 in (case.sdt, case.tdt) else C.F32
+    loss, gs = runs[0]
+    if loss.dtype != acc:
+        msgs.append(f"loss dtype {loss.dtype}, expected {acc}")
+    checks = [("loss", loss)]
+    if not case.loss_only:
+        checks.append(("grad_s", gs))
+        if gs is not None and gs.dtype != case.sdt:
+            msgs.append(f"grad_s dtype {gs.dtype}, expected {case.sdt}")
+    worst, where = _judge(checks, exp, runs, ("loss", "grad_s"), f"topk#{case.idx}", msgs)
+    if not all(torch.equal(a, b) for a, b in zip((s, idx, val), x0)):
+        msgs.append("the inputs were modified")
+    return worst, where, msgs
+
+
+RUNNERS = {"linear": run_linear_case, "topk": run_topk_case}  # the others: run_case
+LABELS = {"linear": "linear#", "topk": "topk#"}  # how a path's cases are named: "#" for kd_loss
+
+
 def run_path(path: Path, cases: list, inputs: dict, exps: dict) -> None:
     t0 = time.perf_counter()
-    run = run_linear_case if path.kind == "linear" else run_case
+    run = RUNNERS.get(path.kind, run_case)
     try:
         path.enter()
     except Exception as exc:  # noqa: BLE001 - reported as the path's result
         path.status = (
             f"n/a: {exc}"
-            if path.optional or isinstance(exc, ValueError) and path.kind == "isa"
+            if path.optional or isinstance(exc, ValueError) and path.device == "cpu"
             else "FAIL"
         )
         if path.status == "FAIL":
@@ -293,7 +344,7 @@ def run_path(path: Path, cases: list, inputs: dict, exps: dict) -> None:
                     path.refused += 1  # the forced plan cannot run this case: said, not failed
                     path.refusals.append(f"#{case.idx}: {str(exc).splitlines()[0][:100]}")
                     continue
-                where = f"linear#{case.idx} call" if path.kind == "linear" else f"#{case.idx} call"
+                where = f"{LABELS.get(path.kind, '#')}{case.idx} call"
                 worst = math.inf
                 msgs = [
                     f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
@@ -390,7 +441,7 @@ def main(argv=None) -> int:
     cuda_ok = torch.cuda.is_available() and bool(info.get("cuda"))
     notes, paths = [], []
     if args.device in ("cpu", "all"):
-        paths += cpu_paths() + [linear_path("cpu")]
+        paths += cpu_paths() + [linear_path("cpu")] + topk_paths("cpu")
         if "scalar" not in info["cpu_isa_compiled"]:
             notes.append("this build has no 'scalar' CPU path (the CUDA per-element functions)")
     if args.device in ("cuda", "all"):
@@ -398,10 +449,11 @@ def main(argv=None) -> int:
             paths += [
                 Path(f"cuda:{plan}", "cuda", "plan", plan, optional=plan in OPTIONAL_PLANS)
                 for plan in CUDA_PLANS
-            ] + [linear_path("cuda")]
+            ]
+            paths += [linear_path("cuda")] + topk_paths("cuda")
             notes.append("no GPU here: the CUDA paths listed are those of an sm_90 GPU")
         elif cuda_ok:
-            paths += cuda_paths() + [linear_path("cuda")]
+            paths += cuda_paths() + [linear_path("cuda")] + topk_paths("cuda")
             if not hasattr(_C, "set_cuda_plan"):
                 notes.append(
                     "this build cannot force a CUDA launch policy (no set_cuda_plan): "
@@ -430,9 +482,12 @@ def main(argv=None) -> int:
     divs, build_failures = supported_divergences(divs)
     if args.list:
         n_cases = len(C.make_cases(divs, quick=args.quick))
-        n_lin = len(C.make_linear_cases(divs, quick=args.quick))
+        n_of = {
+            "linear": len(C.make_linear_cases(divs, quick=args.quick)),
+            "topk": len(C.make_topk_cases(divs, quick=args.quick)),
+        }
         for p in paths:
-            print(f"{p.name}\t{n_lin if p.kind == 'linear' else n_cases} cases")
+            print(f"{p.name}\t{n_of.get(p.kind, n_cases)} cases")
         for n in notes:
             print(f"note: {n}")
         print(
@@ -455,8 +510,12 @@ def main(argv=None) -> int:
     lcases = C.make_linear_cases(divs, quick=args.quick)
     linputs = {c.idx: C.make_linear_inputs(c, seed) for c in lcases}
     lexps = {c.idx: C.linear_expected(c, linputs[c.idx]) for c in lcases}
+    kcases = C.make_topk_cases(divs, quick=args.quick)
+    kinputs = {c.idx: C.make_topk_inputs(c, seed) for c in kcases}
+    kexps = {c.idx: C.topk_expected(c, kinputs[c.idx]) for c in kcases}
     print(
-        f"{len(cases)} cases (+{len(lcases)} linear), float64 expected values in "
+        f"{len(cases)} cases (+{len(lcases)} linear, +{len(kcases)} top-k), float64 expected "
+        "values in "
         f"{time.perf_counter() - t0:.1f} s; paths: {', '.join(p.name for p in paths)}",
         flush=True,
     )
@@ -468,6 +527,8 @@ def main(argv=None) -> int:
             continue
         if p.kind == "linear":
             run_path(p, lcases, linputs, lexps)
+        elif p.kind == "topk":
+            run_path(p, kcases, kinputs, kexps)
         else:
             run_path(p, cases, inputs, exps)
         lost = lost or (p.name if p.fault else None)
@@ -494,9 +555,11 @@ def main(argv=None) -> int:
         print(f"kdfused self-test FAILED: {why}; {len(ran)} paths, {total:.1f} s, seed {seed}")
         return 1
     n_lin = sum(p.kind == "linear" for p in ran)
+    n_topk = sum(p.kind == "topk" for p in ran)
     print(
-        f"kdfused self-test PASSED: {len(ran)} paths ({len(ran) - n_lin} x {len(cases)} cases, "
-        f"{n_lin} linear x {len(lcases)} cases), {total:.1f} s"
+        f"kdfused self-test PASSED: {len(ran)} paths ({len(ran) - n_lin - n_topk} x {len(cases)} "
+        f"cases, {n_lin} linear x {len(lcases)} cases, {n_topk} top-k x {len(kcases)} cases), "
+        f"{total:.1f} s"
     )
     return 0
 

@@ -17,6 +17,7 @@ from kdfused import selftest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ISAS = kdfused.build_info()["cpu_isa_compiled"]
+TOPK_ISA = "scalar" if "scalar" in ISAS else ISAS[0]  # the CUDA kernel's per-element code
 # Divergences this build accepts; the others must make the self-test fail (tested below).
 SUPPORTED, _ = selftest.supported_divergences(list(C.DIVERGENCES))
 UNSUPPORTED = [d for d in C.DIVERGENCES if d not in SUPPORTED]
@@ -43,6 +44,8 @@ def test_quick_cpu_selftest_passes_and_lists_every_isa():
     table = [x.split()[0] for x in r.stdout.splitlines() if x.startswith("cpu:")]
     for isa in ISAS:
         assert f"cpu:{isa}" in table, f"{isa} missing from the table:\n{r.stdout}"
+        assert f"cpu:topk:{isa}" in table, f"top-k on {isa} missing from the table:\n{r.stdout}"
+    assert "cpu:linear" in table
     assert "kdfused self-test PASSED" in r.stdout
     assert "seed" in r.stdout.splitlines()[0]
 
@@ -76,7 +79,7 @@ def test_list_names_the_paths_of_a_gpu_without_running(capsys):
     assert selftest.main(["--device", "cuda", "--list", "--quick"]) == 0
     out = capsys.readouterr().out
     names = [x.split()[0] for x in out.splitlines() if x.startswith("cuda:")]
-    assert names == [f"cuda:{p}" for p in selftest.CUDA_PLANS] + ["cuda:linear"]
+    assert names == [f"cuda:{p}" for p in selftest.CUDA_PLANS] + ["cuda:linear", "cuda:topk"]
     assert "sm_90" in out and "seed" not in out  # nothing ran
     assert selftest.main(["--device", "cuda", "--list", "--paths", "cuda:block,cuda:x"]) == 2
 
@@ -122,25 +125,53 @@ def _nondeterministic(s, t, y=None, **kw):
     return loss + (_nondeterministic.calls % 2) * 1e-12
 
 
+def _wrong_topk_loss(s, i, v, y=None, **kw):
+    return kdfused.topk_kd_loss(s, i, v, y, **kw) * (1 + 1e-3)
+
+
+def _wrong_topk_grad(s, i, v, y=None, **kw):
+    return kdfused.topk_kd_loss(_ScaleGrad.apply(s), i, v, y, **kw)
+
+
+def _nondeterministic_topk(s, i, v, y=None, **kw):
+    loss = kdfused.topk_kd_loss(s, i, v, y, **kw)
+    _nondeterministic_topk.calls = getattr(_nondeterministic_topk, "calls", 0) + 1
+    return loss + (_nondeterministic_topk.calls % 2) * 1e-12
+
+
+def _topk_as_renormalized(s, i, v, y=None, **kw):
+    """A kernel that ignores the tail bucket (the loss of support="renormalized")."""
+    if kw["support"] == "tail":
+        kw["support"] = "renormalized"
+    return kdfused.topk_kd_loss(s, i, v, y, **kw)
+
+
 @pytest.mark.parametrize(
-    "wrong, message",
+    "target, path, wrong, message",
     [
-        (_wrong_loss, "loss: error"),
-        (_wrong_grad, "grad_s: error"),
-        (_nondeterministic, "not deterministic"),
+        ("KD_LOSS", f"cpu:{ISAS[0]}", _wrong_loss, "loss: error"),
+        ("KD_LOSS", f"cpu:{ISAS[0]}", _wrong_grad, "grad_s: error"),
+        ("KD_LOSS", f"cpu:{ISAS[0]}", _nondeterministic, "not deterministic"),
+        ("TOPK", f"cpu:topk:{TOPK_ISA}", _wrong_topk_loss, "loss: error"),
+        ("TOPK", f"cpu:topk:{TOPK_ISA}", _wrong_topk_grad, "grad_s: error"),
+        ("TOPK", f"cpu:topk:{TOPK_ISA}", _nondeterministic_topk, "not deterministic"),
+        ("TOPK", f"cpu:topk:{TOPK_ISA}", _topk_as_renormalized, "tail logprobs"),
     ],
 )
-def test_a_wrong_result_fails_the_selftest(monkeypatch, capsys, wrong, message):
-    monkeypatch.setattr(selftest, "KD_LOSS", wrong)
+def test_a_wrong_result_fails_the_selftest(monkeypatch, capsys, target, path, wrong, message):
+    """Each path's checks can fail: a wrong loss, a wrong gradient, a result that changes
+    between two calls, a top-k kernel without the tail bucket (--quick with kl,ce has a tail
+    case)."""
+    monkeypatch.setattr(selftest, target, wrong)
     rc = selftest.main(
         [
             "--device",
             "cpu",
             "--quick",
             "--paths",
-            f"cpu:{ISAS[0]}",
+            path,
             "--divergences",
-            SUPPORTED[0],
+            "kl,ce" if target == "TOPK" else SUPPORTED[0],
             "--seed",
             "7",
         ]
@@ -148,6 +179,69 @@ def test_a_wrong_result_fails_the_selftest(monkeypatch, capsys, wrong, message):
     out = capsys.readouterr().out
     assert rc == 1, out
     assert message in out and "kdfused self-test FAILED" in out
+
+
+def test_topk_cases_cover_the_conventions():
+    """Every allowed (support, values, divergence) once; both CUDA kernels (a warp per row up to
+    V = 1024, a CTA above); float32, bfloat16 and float64 students; padding, a row without any
+    valid entry that is not ignored, an ignored row; T != 1, the hard term, the student's
+    transform; --quick keeps both kernels, every support and the hard term."""
+    from kdfused._checks import TOPK_DIVERGENCES
+
+    cases = C.make_topk_cases(list(C.DIVERGENCES))
+    got = sorted((c.support, c.values, c.divergence) for c in cases)
+    assert got == sorted(C.topk_combos(C.DIVERGENCES)) and len(got) == len(set(got))
+    assert {"full", "renormalized", "tail"} == {c.support for c in cases}
+    assert all(c.divergence in TOPK_DIVERGENCES for c in cases if c.support == "full")
+    assert all(c.values == "logprobs" for c in cases if c.support == "tail")
+    assert {C.F32, C.BF16, C.F64} <= {c.sdt for c in cases}
+    for quick in (False, True):
+        cs = C.make_topk_cases(list(C.DIVERGENCES), quick=quick)
+        assert min(c.V for c in cs) <= 1024 < max(c.V for c in cs), quick
+        assert {c.support for c in cs} == {"full", "renormalized", "tail"}, quick
+        assert any(c.hard_weight > 0 for c in cs) and any(c.temperature != 1 for c in cs)
+        assert any(c.transform != C.TRANSFORMS[0] for c in cs)
+    c = next(c for c in cases if c.padded and c.labels and c.hard_weight > 0)
+    inp = C.make_topk_inputs(c, 3)
+    val, idx, y = inp["val"], inp["idx"], inp["y"].reshape(-1)
+    none_valid = (val == -math.inf).all(-1)
+    assert none_valid.any() and (y[none_valid] != c.ignore_index).all()  # only its hard term
+    assert (y == c.ignore_index).any()
+    padded = (val == -math.inf).any(-1) & ~none_valid
+    assert padded.sum() >= 2
+    r = int(padded.nonzero()[0])  # its padding repeats a valid index
+    assert idx[r, -1] in idx[r][val[r] != -math.inf]
+    s, _, _, _, _ = C.topk_on_device(C.make_topk_inputs(cases[1], 3), cases[1], "cpu")
+    assert cases[1].strided and not s.is_contiguous()
+
+
+def test_topk_paths_select_their_instruction_set(monkeypatch):
+    """A cpu:topk:<isa> path runs top-k on that instruction set (the scalar one included), and
+    gives the automatic choice back after; an instruction set this CPU lacks is "n/a"."""
+    seen = []
+
+    def spy(*args, **kw):
+        seen.append(kdfused.build_info()["cpu_isa"])
+        return kdfused.topk_kd_loss(*args, **kw)
+
+    monkeypatch.setattr(selftest, "TOPK", spy)
+    auto = kdfused.build_info()["cpu_isa"]
+    cases = C.make_topk_cases(["kl"], quick=True)[:1]
+    inputs = {c.idx: C.make_topk_inputs(c, 5) for c in cases}
+    exps = {c.idx: C.topk_expected(c, inputs[c.idx]) for c in cases}
+    paths = selftest.topk_paths("cpu")
+    assert [p.name for p in paths] == [f"cpu:topk:{isa}" for isa in ISAS]
+    for path in paths:
+        seen.clear()
+        selftest.run_path(path, cases, inputs, exps)
+        if path.status.startswith("n/a"):
+            continue  # compiled, but this CPU lacks it
+        assert path.status == "PASS", path.failures
+        assert seen and set(seen) == {path.value}
+        assert kdfused.build_info()["cpu_isa"] == auto
+    missing = selftest.Path("cpu:topk:sse9", "cpu", "topk", "sse9")
+    selftest.run_path(missing, cases, inputs, exps)
+    assert missing.status.startswith("n/a") and not missing.failures
 
 
 def test_strided_cases_really_are_strided():
