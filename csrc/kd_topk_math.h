@@ -192,6 +192,42 @@ KD_HD SoftGrad<A> soft_grad(Support support, A G, A lse_q, A g_tail) {
   return {A(0), A(0)};
 }
 
+// Both sides' log-probabilities over the support (table above), from the row's maxima and sums:
+// mv, zt the teacher's (zt = sum_S exp((v - mv) * t_inv_t)); mk, zk the student's at the entries
+// (Renormalized: zk = sum_S exp((z - mk) / T); Tail: the same shifted by ms); ms, log_za the
+// student's over the vocabulary.
+template <typename A>
+struct RowLogProbs {
+  LogProbs<A> lp;  // teacher
+  LogProbs<A> lq;  // student
+};
+
+template <typename A>
+KD_HD RowLogProbs<A> row_log_probs(Support support, A mv, A t_inv_t, A zt, A mk, A zk, A ms,
+                                   A inv_t, A log_za) {
+  const LogProbs<A> lp = support == Support::Tail ? LogProbs<A>{A(0), A(1), A(0)}
+                                                  : LogProbs<A>{mv, t_inv_t, kd_log(zt)};
+  const LogProbs<A> lq = support == Support::Renormalized ? LogProbs<A>{mk, inv_t, kd_log(zk)}
+                                                          : LogProbs<A>{ms, inv_t, log_za};
+  return {lp, lq};
+}
+
+// Completes a row with a valid entry from the entries' sums D (d, updated) and G: the tail
+// bucket for Tail (mv, zt: the teacher's maximum and sum at t_inv_t = 1; zk: the student's sum
+// shifted by ms), then the soft gradient's constants.
+template <typename A>
+KD_HD SoftGrad<A> finish_row(Support support, const DivConst<A>& dc, A mv, A zt, A zk, A log_za,
+                             A G, A& d) {
+  A lse_q = A(0), g_tail = A(0);
+  if (support == Support::Tail) {
+    lse_q = kd_log(zk) - log_za;  // log of the student's mass on the entries
+    const Bucket<A> b = bucket(tail_log(mv + kd_log(zt)), tail_log(lse_q), dc);
+    d += b.d;
+    g_tail = b.g;
+  }
+  return soft_grad(support, G, lse_q, g_tail);
+}
+
 // Hard term, cross-entropy at T = 1: log sum exp(z - ms) - (z_y - ms).
 template <typename A>
 KD_HD A hard_term(A log_zh, A z_y, A ms) {

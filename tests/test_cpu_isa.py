@@ -105,14 +105,16 @@ def test_every_isa_topk_matches_float64_reference(isa, dtype, V, support, values
     code) against the float64 reference, with padding that repeats a valid index, a row without
     any valid entry, an ignored row, the hard term and the student's transform."""
     g = torch.Generator().manual_seed(seed)
-    N, k = 6, 5
+    # k <= V / 3: with most of the student's mass on the entries, "tail"'s 1 / (1 - Q) magnifies
+    # float32 rounding (a conditioning of the loss, not of the kernel).
+    N, k = 6, min(5, V // 3)
     s = (torch.randn(N, V, generator=g) * 3).to(dtype)
     idx = torch.stack([torch.randperm(V, generator=g)[:k] for _ in range(N)])
     t = torch.randn(N, V, generator=g, dtype=torch.float64) * 3
     vals = t if values == "logits" else torch.log_softmax(t, -1)
     vals = vals.gather(1, idx).to(dtype)
-    vals[1, 2:] = float("-inf")  # padding ...
-    idx[1, 2:] = idx[1, 0]  # ... repeating a valid index, as TRL pads
+    vals[1, 1:] = float("-inf")  # padding ...
+    idx[1, 1:] = idx[1, 0]  # ... repeating a valid index, as TRL pads
     vals[2] = float("-inf")  # no support: only the hard term
     y = torch.randint(0, V, (N,), generator=g)
     y[3] = -100

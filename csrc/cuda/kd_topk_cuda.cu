@@ -195,7 +195,6 @@ __global__ void __launch_bounds__(kThreads)
   const bool want_g = p.grad_student != nullptr;
   const Support support = p.support;
   const bool renorm = support == Support::Renormalized;
-  const bool tail = support == Support::Tail;
   // Whether the soft term needs q over the whole vocabulary (not for Renormalized, whose student
   // lives on the entries alone), and whether anything needs the statistics sweep.
   const bool soft_dense = soft && !renorm;
@@ -308,10 +307,10 @@ __global__ void __launch_bounds__(kThreads)
         }
         zt = group_reduce<G>(zt, sum_op, red.a);
         if (need_zk) zk = group_reduce<G>(zk, sum_op, red.a);
-        lp_of =
-            tail ? topk::LogProbs<A>{A(0), A(1), A(0)} : topk::LogProbs<A>{mv, t_inv_t, kd_log(zt)};
-        lq_of = renorm ? topk::LogProbs<A>{mk, inv_t, kd_log(zk)}
-                       : topk::LogProbs<A>{ms, inv_t, log_za};
+        const topk::RowLogProbs<A> lps =
+            topk::row_log_probs(support, mv, t_inv_t, zt, mk, zk, ms, inv_t, log_za);
+        lp_of = lps.lp;
+        lq_of = lps.lq;
         // The buckets at the valid entries: D and G = sum_j g_j.
         A d = A(0), gs = A(0);
         for (int64_t j = lane; j < K; j += G) {
@@ -324,15 +323,7 @@ __global__ void __launch_bounds__(kThreads)
         }
         d = group_reduce<G>(d, sum_op, red.a);
         gs = group_reduce<G>(gs, sum_op, red.a);
-        A lse_q = A(0), g_tail = A(0);
-        if (tail) {
-          lse_q = kd_log(zk) - log_za;  // log of the student's mass on the entries
-          const topk::Bucket<A> b =
-              topk::bucket(topk::tail_log(mv + kd_log(zt)), topk::tail_log(lse_q), dc);
-          d += b.d;
-          g_tail = b.g;
-        }
-        sg = topk::soft_grad(support, gs, lse_q, g_tail);
+        sg = topk::finish_row(support, dc, mv, zt, zk, log_za, gs, d);
         loss += static_cast<A>(p.soft_weight) * temp * temp * d;
       }
     }

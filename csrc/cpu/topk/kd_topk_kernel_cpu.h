@@ -149,12 +149,10 @@ KD_FLATTEN TopKRow<A> topk_terms(const TopKParams& p, const topk::DivConst<A>& d
     zt += kd_exp(topk::below_max(vv[j], mv) * t_inv_t);
     zk += kd_exp(topk::below_max(z_at(srow, ix[j]), mz) * inv_t);
   }
-  const bool tail = p.support == Support::Tail;
-  const topk::LogProbs<A> lp_of =
-      tail ? topk::LogProbs<A>{A(0), A(1), A(0)} : topk::LogProbs<A>{mv, t_inv_t, kd_log(zt)};
-  const topk::LogProbs<A> lq_of = p.support == Support::Renormalized
-                                      ? topk::LogProbs<A>{mk, inv_t, kd_log(zk)}
-                                      : topk::LogProbs<A>{ms, inv_t, log_za};
+  const topk::RowLogProbs<A> lps =
+      topk::row_log_probs(p.support, mv, t_inv_t, zt, mk, zk, ms, inv_t, log_za);
+  const topk::LogProbs<A>& lp_of = lps.lp;
+  const topk::LogProbs<A>& lq_of = lps.lq;
   A d = A(0), G = A(0);
   for (int64_t j = 0; j < K; ++j) {
     if (!topk::valid_entry(vv[j])) continue;
@@ -163,15 +161,7 @@ KD_FLATTEN TopKRow<A> topk_terms(const TopKParams& p, const topk::DivConst<A>& d
     d += b.d;
     G += b.g;
   }
-  A lse_q = A(0), g_tail = A(0);
-  if (tail) {
-    lse_q = kd_log(zk) - log_za;  // log of the student's mass on the entries
-    const topk::Bucket<A> b =
-        topk::bucket(topk::tail_log(mv + kd_log(zt)), topk::tail_log(lse_q), dc);
-    d += b.d;
-    g_tail = b.g;
-  }
-  const topk::SoftGrad<A> sg = topk::soft_grad(p.support, G, lse_q, g_tail);
+  const topk::SoftGrad<A> sg = topk::finish_row(p.support, dc, mv, zt, zk, log_za, G, d);
   if (entries) {
     for (int64_t j = 0; j < K; ++j) {
       if (!topk::valid_entry(vv[j])) continue;

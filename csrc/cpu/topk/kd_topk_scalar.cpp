@@ -45,7 +45,6 @@ void scalar_topk_rows(const TopKParams& p, int64_t begin, int64_t end) {
   const bool hard = p.hard_weight > 0;
   const bool want_g = p.grad_student != nullptr;
   const bool renorm = p.support == Support::Renormalized;
-  const bool tail = p.support == Support::Tail;
   const bool soft_dense = soft && !renorm;
   const bool need_stats = soft_dense || hard;
   const A inv_a = soft_dense ? static_cast<A>(p.inv_temperature) : A(1);
@@ -126,10 +125,10 @@ void scalar_topk_rows(const TopKParams& p, int64_t begin, int64_t end) {
         }
         const A zt = lanes_reduce(lzt, sum_op);
         const A zk = lanes_reduce(lzk, sum_op);
-        lp_of =
-            tail ? topk::LogProbs<A>{A(0), A(1), A(0)} : topk::LogProbs<A>{mv, t_inv_t, kd_log(zt)};
-        lq_of = renorm ? topk::LogProbs<A>{mk, inv_t, kd_log(zk)}
-                       : topk::LogProbs<A>{ms, inv_t, log_za};
+        const topk::RowLogProbs<A> lps =
+            topk::row_log_probs(p.support, mv, t_inv_t, zt, mk, zk, ms, inv_t, log_za);
+        lp_of = lps.lp;
+        lq_of = lps.lq;
         A ld[kLanes] = {}, lg[kLanes] = {};
         for (int64_t j = 0; j < K; ++j) {
           if (!topk::valid_entry(vv[j])) continue;
@@ -141,15 +140,7 @@ void scalar_topk_rows(const TopKParams& p, int64_t begin, int64_t end) {
         }
         A d = lanes_reduce(ld, sum_op);
         const A gs = lanes_reduce(lg, sum_op);
-        A lse_q = A(0), g_tail = A(0);
-        if (tail) {
-          lse_q = kd_log(zk) - log_za;
-          const topk::Bucket<A> b =
-              topk::bucket(topk::tail_log(mv + kd_log(zt)), topk::tail_log(lse_q), dc);
-          d += b.d;
-          g_tail = b.g;
-        }
-        sg = topk::soft_grad(p.support, gs, lse_q, g_tail);
+        sg = topk::finish_row(p.support, dc, mv, zt, zk, log_za, gs, d);
         loss += static_cast<A>(p.soft_weight) * temp * temp * d;
       }
     }
