@@ -18,7 +18,7 @@
                         never materialises the logits
    and report test accuracy of each, and its difference from the full-logit student's.
 
-    python examples/topk_distill.py            # about 10 s on 2 CPU cores
+    python examples/topk_distill.py            # about 6 s on 2 CPU cores
     python examples/topk_distill.py --quick    # a smoke run (about 5 s)
 
 The student is deliberately small and trained on a small transfer set (200 of the 1297 training
