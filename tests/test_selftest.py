@@ -281,7 +281,7 @@ def test_expected_values_agree_with_the_reference_for_kl_and_ce():
 
 # --------------------------------------------------------------------------- forced CUDA plans
 # The plan logic runs here on the CPU with stand-ins for set_cuda_plan/last_cuda_plan, so that
-# it is known to work before a GPU session.
+# it is known to work before a GPU run.
 
 
 @pytest.mark.parametrize(
