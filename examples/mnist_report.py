@@ -125,14 +125,16 @@ def run_notes(out: dict) -> str:
     lines = [
         gain,
         f"Data: {d['source']}; {d['train']} training images, {d['heldout']} more held out "
-        f"(for choosing the schedule and the bias shift), {d['test']} test images. Teacher: "
-        f"{c['teacher_epochs']} epochs, cosine learning-rate decay from {c['teacher_lr']:g}, "
-        f"dropout {c['input_dropout']:g} (inputs) / {c['hidden_dropout']:g} (hidden), max-norm "
-        f"{c['max_norm']:g}, ±{c['jitter']} px jitter; {t.get('transfer_set_errors', '?')} errors "
-        f"on its own (un-jittered) transfer set. Students: {c['student_epochs']} epochs each, "
-        f"cosine decay from {c['student_lr']:g}, no regularisation, seeds {seeds} (initial "
-        f"weights and data order); the teacher's logits on the transfer set computed once. "
-        f"SGD momentum {c['momentum']:g}, batch {c['batch_size']}; teacher seed {c['seed']}.",
+        f"as the validation set (it alone chooses the stopping epochs and the bias shift; the "
+        f"test set chooses nothing), {d['test']} test images. Teacher: "
+        f"{c['teacher_epochs']}-epoch schedule, cosine learning-rate decay from "
+        f"{c['teacher_lr']:g}, dropout {c['input_dropout']:g} (inputs) / "
+        f"{c['hidden_dropout']:g} (hidden), max-norm {c['max_norm']:g}, ±{c['jitter']} px "
+        f"jitter{_teacher_selection(out)}; {t.get('transfer_set_errors', '?')} errors on its own "
+        f"(un-jittered) transfer set. Students: a {c['student_epochs']}-epoch schedule, cosine "
+        f"decay from {c['student_lr']:g}, no regularisation, seeds {seeds} (initial weights and "
+        f"data order){_student_selection(out)}; the teacher's logits on the transfer set computed "
+        f"once. SGD momentum {c['momentum']:g}, batch {c['batch_size']}; teacher seed {c['seed']}.",
     ]
     run = out.get("run", {})
     text = (
@@ -187,6 +189,34 @@ def run_notes(out: dict) -> str:
     return "\n\n".join(lines)
 
 
+def _teacher_selection(out: dict) -> str:
+    """How the teacher's weights were chosen (empty for runs that did not record it)."""
+    h = out.get("curves", {}).get("teacher", {})
+    e = h.get("selected_epoch")
+    if e is None:
+        return ""
+    return (
+        f", kept at the epoch with the fewest validation errors: epoch {e}, "
+        f"{h['heldout_errors'][e - 1]} validation errors"
+    )
+
+
+def _student_selection(out: dict) -> str:
+    """How the students' stopping epoch was chosen (empty for runs that did not record it)."""
+    sch = out.get("schedule")
+    if not sch:
+        return ""
+    e, summed = sch["student_epoch"], sch["student_heldout_errors_summed"]
+    n = len(out["config"]["student_seeds"]) * 3
+    return (
+        f"; every student is read at one epoch of that schedule, the one with the fewest "
+        f"validation errors summed over the {n} student runs (3 variants x seeds): epoch {e}, "
+        f"{summed[e - 1] / n:.1f} validation errors per run on average, against "
+        f"{summed[-1] / n:.1f} at the last epoch; the mythical-3 student is trained for those "
+        f"{e} epochs"
+    )
+
+
 def _seed_curves(curves: dict, key: str, field: str):
     """Epochs and the per-seed curves (rows) of ``field`` for a student variant (``key/seedN``
     entries) or a single run (``key``)."""
@@ -223,7 +253,7 @@ def plot(out: dict, path: Path) -> bool:
     for i, (field, what) in enumerate(
         (
             ("test_errors", f"test errors / {out['data']['test']}"),
-            ("heldout_errors", f"held-out errors / {out['data']['heldout']}"),
+            ("heldout_errors", f"validation (held-out) errors / {out['data']['heldout']}"),
         )
     ):
         for key, color in styles:
@@ -239,6 +269,15 @@ def plot(out: dict, path: Path) -> bool:
             for key in ("teacher", "distilled_soft", "student_hard", "mythical"):
                 ax[0].axhline(PAPER[key][0], color="grey", lw=0.8, ls=":")
             title += "\n(dotted: the paper's 67, 74, 146, 206)"
+        sch = out.get("schedule") or {}
+        for epoch, color, who in (
+            (sch.get("teacher_epoch"), "k", "teacher"),
+            (sch.get("student_epoch"), "C0", "students"),
+        ):
+            if epoch is not None:
+                ax[i].axvline(epoch, color=color, ls="--", lw=0.8, label=f"{who}: epoch {epoch}")
+        if i == 1 and sch:
+            title += "\n(dashed: the epochs chosen on it)"
         ax[i].set(yscale="log", xlabel="epoch", ylabel=what, title=title)
         ax[i].legend(fontsize=8)
     if "reference_check" in out:

