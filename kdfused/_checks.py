@@ -370,3 +370,16 @@ def check_flag(name: str, value) -> None:
     """A boolean keyword (``return_entropy``): a bool, else ``TypeError`` naming it."""
     if not isinstance(value, bool):
         raise TypeError(f"kdfused: {name} must be a bool, got {type(value).__name__}")
+
+
+def check_chunk_size(who: str, chunk_size) -> int:
+    """The linear ops' ``chunk_size``: 0 (automatic) for None, else a positive int."""
+    if chunk_size is None:
+        return 0
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise TypeError(
+            f"{who}: chunk_size must be an int or None, got {type(chunk_size).__name__}"
+        )
+    if chunk_size <= 0:
+        raise ValueError(f"{who}: chunk_size must be > 0, got {chunk_size}")
+    return chunk_size

@@ -64,15 +64,7 @@ torch.library.register_autograd(
 
 
 def _check_chunk_size(chunk_size) -> int:
-    if chunk_size is None:
-        return 0  # automatic
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-        raise TypeError(
-            f"{_WHO}: chunk_size must be an int or None, got {type(chunk_size).__name__}"
-        )
-    if chunk_size <= 0:
-        raise ValueError(f"{_WHO}: chunk_size must be > 0, got {chunk_size}")
-    return chunk_size
+    return _checks.check_chunk_size(_WHO, chunk_size)
 
 
 def linear_kd_loss(

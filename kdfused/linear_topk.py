@@ -28,16 +28,7 @@ _N_INPUTS = 10
 
 
 def _check_chunk_size(chunk_size) -> int:
-    """0 (automatic) for None, else a positive int."""
-    if chunk_size is None:
-        return 0
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-        raise TypeError(
-            f"{_WHO}: chunk_size must be an int or None, got {type(chunk_size).__name__}"
-        )
-    if chunk_size <= 0:
-        raise ValueError(f"{_WHO}: chunk_size must be > 0, got {chunk_size}")
-    return chunk_size
+    return _checks.check_chunk_size(_WHO, chunk_size)
 
 
 def _check_tensors(h, w, b, idx, val, labels) -> None:

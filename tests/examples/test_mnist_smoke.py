@@ -9,6 +9,7 @@ the error message when no MNIST copy exists.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import os
@@ -175,3 +176,25 @@ def test_cli_digits(tmp_path, pytestconfig, one_thread):
     )
     assert (tmp_path / "digits_distill.md").is_file()
     assert "reference_check" not in out
+
+
+def test_teacher_cache_reused_only_with_the_same_settings(tmp_path, pytestconfig, one_thread):
+    cache = tmp_path / "teacher.pt"
+    cfg = mnist_distill.digits_config(progress=False, verbose=False, teacher_epochs=2)
+    first = mnist_distill.run(
+        cfg, loss_backend=_backend(pytestconfig), compare_reference=False, teacher_cache=cache
+    )
+    assert not first["teacher_from_cache"] and cache.is_file()
+    again = mnist_distill.run(
+        cfg, loss_backend=_backend(pytestconfig), compare_reference=False, teacher_cache=cache
+    )
+    assert again["teacher_from_cache"]
+    assert again["results"]["teacher"] == first["results"]["teacher"]
+    assert again["schedule"]["teacher_epoch"] == first["schedule"]["teacher_epoch"]
+    # another teacher setting: the cache is not used (and is replaced)
+    other = dataclasses.replace(cfg, hidden_dropout=0.2)
+    retrained = mnist_distill.run(
+        other, loss_backend=_backend(pytestconfig), compare_reference=False, teacher_cache=cache
+    )
+    assert not retrained["teacher_from_cache"]
+    assert torch.load(cache, weights_only=True)["teacher_config"]["hidden_dropout"] == 0.2
