@@ -448,10 +448,13 @@ KD_HD void accumulate_at(St& st, X ds, X dt, const RowConfig<A>& c, X& ea, X& eb
   using E = Ew<X>;
   const X zero = E::splat(A(0));
   const X inv_t = E::splat(c.inv_t);
-  ea = E::exp(ds * inv_t);
+  // The tempered differences, the exponentials' arguments; the cross terms' differences are taken
+  // from them (xb - xa; the same as (dt - ds) / T at T = 1 and 2, within an ulp otherwise).
+  const X xa = ds * inv_t;
+  ea = E::exp(xa);
   st.za += ea;
   // Where q has mass only: a masked student (ds = -inf) would add 0 * -inf = NaN.
-  if (c.need_hq) st.hq += E::where(E::gt(ea, zero), ea * (ds * inv_t), zero);
+  if (c.need_hq) st.hq += E::where(E::gt(ea, zero), ea * xa, zero);
   eh = ea;
   if (c.need_zh) {
     // At T = 2 (the most common distillation temperature) exp(s - m) = exp((s - m)/2)^2: one
@@ -461,17 +464,18 @@ KD_HD void accumulate_at(St& st, X ds, X dt, const RowConfig<A>& c, X& ea, X& eb
   }
   eb = zero;
   if (c.soft) {
-    eb = E::exp(dt * inv_t);
+    const X xb = dt * inv_t;
+    eb = E::exp(xb);
     st.zb += eb;
     // Only where the weight has mass: a masked teacher (-inf) has dt = -inf and 0 * -inf = NaN.
     // A masked student under teacher mass gives (dt - ds) = +inf: KL = +inf, as the maths says
     // (and symmetrically for cr).
     if (c.need_cx) {
       const auto mass = E::gt(eb, zero);
-      st.cx += E::where(mass, eb * ((dt - ds) * inv_t), zero);
-      if (c.need_ch) st.ch += E::where(mass, eb * (dt * inv_t), zero);
+      st.cx += E::where(mass, eb * (xb - xa), zero);
+      if (c.need_ch) st.ch += E::where(mass, eb * xb, zero);
     }
-    if (c.need_cr) st.cr += E::where(E::gt(ea, zero), ea * ((ds - dt) * inv_t), zero);
+    if (c.need_cr) st.cr += E::where(E::gt(ea, zero), ea * (xa - xb), zero);
   }
 }
 

@@ -83,6 +83,14 @@ void run_exp(const std::string& isa, const float* x, float* y, int64_t n);
 // for every caller (possibly the AVX-512 one).
 [[noreturn]] void throw_scratch_oom(size_t bytes);
 
+// Whether gradients of `bytes` bytes (one call's) are written with non-temporal stores, which skip
+// reading each line into the cache before overwriting it: a win for gradients larger than the
+// last-level cache (they leave it before anyone reads them again), a loss for small ones (the
+// next op would read them from memory instead of the cache). From 64 MiB (above the 32 MiB L3 of
+// the cores measured), or as KDFUSED_CPU_STREAM_STORES says: 0 never, 1 always. In a portable
+// object for the reason above.
+bool stream_grad_stores(size_t bytes);
+
 // Runs the selected instruction set's kernel on p.
 void run_forward(const KDParams& p);
 

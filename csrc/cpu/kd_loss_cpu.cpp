@@ -83,6 +83,14 @@ void throw_scratch_oom(size_t bytes) {
   TORCH_CHECK(false, "kdfused: out of memory allocating ", bytes, " bytes of scratch");
 }
 
+bool stream_grad_stores(size_t bytes) {
+  static const int forced = [] {
+    const char* env = std::getenv("KDFUSED_CPU_STREAM_STORES");
+    return env && *env ? (env[0] == '0' ? 0 : 1) : -1;
+  }();
+  return forced < 0 ? bytes >= (size_t(64) << 20) : forced == 1;
+}
+
 Isa selected_isa() {
   return static_cast<Isa>(selected().load());
 }

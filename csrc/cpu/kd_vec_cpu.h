@@ -30,19 +30,15 @@
 
 namespace kdfused {
 // kd_math.h's element-wise primitives on at::vec vectors: the per-element functions of kd_math.h
-// (accumulate_at, mix_at, grad_at) run here on whole vectors. Masks are all-ones lanes.
+// (accumulate_at, mix_at, grad_at) run here on whole vectors. Masks: VecMask (kd_vexp.h).
 template <typename A>
-struct Ew<at::vec::CPU_CAPABILITY::Vectorized<A>> {
+struct Ew<at::vec::CPU_CAPABILITY::Vectorized<A>> : cpu::CPU_CAPABILITY::VecMask<A> {
   using X = at::vec::CPU_CAPABILITY::Vectorized<A>;
-  using M = X;
   static X exp(const X& x) { return cpu::CPU_CAPABILITY::vexp(x); }
   static X log(const X& x) { return x.log(); }
   static X tanh(const X& x) { return x.tanh(); }
   static X abs(const X& x) { return x.abs(); }
   static X max(const X& a, const X& b) { return at::vec::maximum(a, b); }
-  static M gt(const X& a, const X& b) { return a > b; }
-  static M eq(const X& a, const X& b) { return a == b; }
-  static X where(const M& m, const X& a, const X& b) { return X::blendv(b, a, m); }
   static X splat(A a) { return X(a); }
 };
 }  // namespace kdfused
@@ -124,6 +120,43 @@ inline void store_chunk(const Vectorized<A>& v, A* x, int64_t i, int64_t n) {
   } else {
     v.store(x + i, n - i);
   }
+}
+
+template <typename X>
+inline void prefetch(const X* p) {
+#if defined(__GNUC__) || defined(__clang__)
+  __builtin_prefetch(p, 0, 3);
+#else
+  (void)p;
+#endif
+}
+
+inline bool aligned64(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) % 64 == 0;
+}
+
+// Orders this thread's non-temporal stores before what follows (the end of its parallel task).
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  _mm_sfence();
+#endif
+}
+
+// store_chunk with a non-temporal store for whole vectors (x + i 64-byte aligned when W * sizeof(A)
+// is 64): the line is written to memory without first being read into the cache.
+template <typename A>
+inline void stream_chunk(const Vectorized<A>& v, A* x, int64_t i, int64_t n) {
+  [[maybe_unused]] constexpr int64_t W = Vectorized<A>::size();
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<A, float>) {
+    if (i + W <= n) return _mm512_stream_ps(x + i, v);
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<A, float>) {
+    if (i + W <= n) return _mm256_stream_ps(x + i, v);
+  }
+#endif
+  store_chunk(v, x, i, n);
 }
 
 }  // namespace CPU_CAPABILITY

@@ -60,6 +60,7 @@ using cpu::kChunk;
 using cpu::load_chunk;
 using cpu::store_chunk;
 using cpu::vexp;
+using cpu::vmax;
 
 // One teacher entry of the current row, for the sparse part of the gradient.
 struct Entry {
@@ -241,13 +242,19 @@ KD_FLATTEN void topk_rows(const TopKParams& p, int64_t begin, int64_t end) {
         const int64_t c0 = c * kChunk;
         const int64_t n = std::min(kChunk, V - c0);
         const A* xs = chunk_z(srow + c0, sc.s.data(), n, map);
+        // The next chunk's logits (the next row's first) are fetched while this one is computed
+        // (as in kd_kernel_cpu.h); vmax: kd_vexp.h says why a NaN need not reach the maximum.
+        const S* pf = c + 1 < sc.n_chunks ? srow + c0 + kChunk
+                      : r + 1 < p.n_rows  ? s_base + (r + 1) * p.student_stride
+                                          : nullptr;
         Vec vm(-kd_inf<A>());
-        for (int64_t i = 0; i < n; i += W) vm = at::vec::maximum(vm, load_chunk(xs, i, n));
+        for (int64_t i = 0; i < n; i += W) vm = vmax(vm, load_chunk(xs, i, n));
         const A cm = hmax(vm);
         // An all -inf chunk: shift by 0, so every exp is exp(-inf) = 0 rather than NaN.
         const Vec sh(cm == -kd_inf<A>() ? A(0) : cm);
         Vec za(A(0)), zh(A(0));
         for (int64_t i = 0; i < n; i += W) {
+          if (pf) cpu::prefetch(pf + i);
           const Vec ds = load_chunk(xs, i, n) - sh;
           const Vec e_a = vexp(ds * vinv_t);
           za += e_a;
