@@ -69,9 +69,15 @@ inline A* grad_chunk(S* dst, A* buf) {
     return buf;
   }
 }
+// stream: with non-temporal stores where the type and instruction set have them (stream_convert).
 template <typename S, typename A>
-inline void finish_chunk(const A* buf, S* dst, int64_t n) {
-  if constexpr (!std::is_same_v<S, A>) at::vec::convert(buf, dst, n);
+inline void finish_chunk(const A* buf, S* dst, int64_t n, bool stream) {
+  if constexpr (!std::is_same_v<S, A>) {
+    if constexpr (std::is_same_v<A, float>) {
+      if (stream && aligned64(dst) && stream_convert(buf, dst, n)) return;
+    }
+    at::vec::convert(buf, dst, n);
+  }
 }
 
 // Chunk-sized buffers of one thread: inputs converted to the accumulation type and gradients
@@ -491,7 +497,8 @@ struct RowKernel {
     A* outs = cfg.want_gs ? grad_chunk(w.gs + c0, cb.gs.data()) : nullptr;
     A* outt = cfg.want_gt ? grad_chunk(w.gt + c0, cb.gt.data()) : nullptr;
     // Non-temporal stores straight into an output of the accumulation type, chunk by chunk where
-    // it starts on a 64-byte line (every chunk when a row is).
+    // it starts on a 64-byte line (every chunk when a row is); a converted output streams from
+    // its buffer (finish_chunk).
     const bool nt_s = std::is_same_v<S, A> && stream && outs && aligned64(outs);
     const bool nt_t = std::is_same_v<T, A> && stream && outt && aligned64(outt);
     for (int64_t i = 0; i < nv; i += W) {
@@ -515,9 +522,9 @@ struct RowKernel {
       if (cfg.hard && w.y >= c0 && w.y < c0 + n) {
         outs[w.y - c0] -= slope_s ? res.kh * map_slope(xs[w.y - c0], cfg.map_s) : res.kh;
       }
-      finish_chunk(outs, w.gs + c0, n);
+      finish_chunk(outs, w.gs + c0, n, stream);
     }
-    if (outt) finish_chunk(outt, w.gt + c0, n);
+    if (outt) finish_chunk(outt, w.gt + c0, n, stream);
   }
 
   // The row's loss (a full call) and a teacher gradient that is all zeros (no soft term); true

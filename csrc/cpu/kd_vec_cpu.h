@@ -159,5 +159,33 @@ inline void stream_chunk(const Vectorized<A>& v, A* x, int64_t i, int64_t n) {
   store_chunk(v, x, i, n);
 }
 
+// at::vec::convert(src, dst, n) from float to bfloat16 (the same rounding, cvtfp32_bf16) with
+// non-temporal stores of whole vectors, dst 64-byte aligned; false (nothing written) where this
+// instruction set or type has no such path.
+template <typename S>
+inline bool stream_convert(const float* src, S* dst, int64_t n) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<S, c10::BFloat16>) {
+    constexpr int64_t W = Vectorized<float>::size();
+    int64_t i = 0;
+    for (; i + 2 * W <= n; i += 2 * W) {
+      const auto bf = at::vec::cvtfp32_bf16(Vectorized<float>::loadu(src + i),
+                                            Vectorized<float>::loadu(src + i + W));
+#if defined(CPU_CAPABILITY_AVX512)
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + i), bf);
+#else
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + i), bf);
+#endif
+    }
+    for (; i < n; ++i) dst[i] = c10::convert<c10::BFloat16>(src[i]);
+    return true;
+  }
+#endif
+  (void)src;
+  (void)dst;
+  (void)n;
+  return false;
+}
+
 }  // namespace CPU_CAPABILITY
 }  // namespace kdfused::cpu
