@@ -28,18 +28,12 @@ CASES = [
 ]
 DIVERGENCES = ["kl", "ce", "reverse_kl", "jsd", "tvd"]
 
+# The second process runs this module's _run on the saved cases.
 _SCRIPT = r"""
-import sys, torch, kdfused
-path = sys.argv[1]
-cases = torch.load(path)
-out = []
-for c in cases:
-    s = c["s"].clone().requires_grad_()
-    t = c["t"].clone().requires_grad_()
-    loss = kdfused.kd_loss(s, t, c["y"], **c["kw"])
-    loss.backward()
-    out.append((loss.detach(), s.grad, t.grad))
-torch.save(out, path + ".out")
+import sys, torch
+sys.path.insert(0, sys.argv[2])
+from test_cpu_stream import _run
+torch.save(_run(torch.load(sys.argv[1])), sys.argv[1] + ".out")
 """
 
 
@@ -79,7 +73,11 @@ def test_streamed_gradients_are_bitwise_the_stored_ones(isa, seed, tmp_path):
     torch.save(cases, path)
     env = dict(os.environ, KDFUSED_CPU_STREAM_STORES="1", KDFUSED_CPU_ISA=isa)
     proc = subprocess.run(
-        [sys.executable, "-c", _SCRIPT, path], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", _SCRIPT, path, os.path.dirname(os.path.abspath(__file__))],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     streamed = torch.load(path + ".out")

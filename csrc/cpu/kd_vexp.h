@@ -48,7 +48,8 @@ inline Vectorized<float> vexp_scale(const Vectorized<float>& t) {
 // Lane masks of comparisons and the select that uses them (kd_math.h's Ew::gt / eq / where).
 // at::vec's own masks are vectors of all-ones lanes; AVX-512 compares into mask registers, so
 // there its mask goes register -> vector -> register (two extra instructions) around every
-// select: there the masks stay in the registers. Same lanes selected, bitwise the same results.
+// select: there the masks of float vectors stay in the registers (doubles, rare on the CPU, keep
+// at::vec's). Same lanes selected, bitwise the same results.
 template <typename A>
 struct VecMask {
   using X = Vectorized<A>;
@@ -65,14 +66,6 @@ struct VecMask<float> {
   static M gt(const X& a, const X& b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
   static M eq(const X& a, const X& b) { return _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ); }
   static X where(M m, const X& a, const X& b) { return _mm512_mask_blend_ps(m, b, a); }
-};
-template <>
-struct VecMask<double> {
-  using X = Vectorized<double>;
-  using M = __mmask8;
-  static M gt(const X& a, const X& b) { return _mm512_cmp_pd_mask(a, b, _CMP_GT_OQ); }
-  static M eq(const X& a, const X& b) { return _mm512_cmp_pd_mask(a, b, _CMP_EQ_OQ); }
-  static X where(M m, const X& a, const X& b) { return _mm512_mask_blend_pd(m, b, a); }
 };
 #endif
 
