@@ -60,6 +60,21 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return _C10_NAMES.get(dtype, str(dtype))
 
 
+_DTYPE_LISTS = {
+    FLOAT_DTYPES: "float16, bfloat16, float32 or float64",
+    LABEL_DTYPES: "int64 or int32",
+}
+
+
+def check_dtype(name: str, x: torch.Tensor, allowed: tuple = FLOAT_DTYPES) -> None:
+    """TypeError unless ``x``'s dtype is one of ``allowed`` (FLOAT_DTYPES or LABEL_DTYPES), in
+    the C++ ops' words: ``kdfused: {name} must be float16, ..., got Float``."""
+    if x.dtype not in allowed:
+        raise TypeError(
+            f"kdfused: {name} must be {_DTYPE_LISTS[allowed]}, got {_dtype_name(x.dtype)}"
+        )
+
+
 def _num(x: float) -> str:
     """A double as C++'s ostream prints it (6 significant digits, 'nan', 'inf')."""
     return format(float(x), "g")
@@ -182,20 +197,9 @@ def check_topk_options(divergence, support, values, teacher_transformed: bool) -
 def check_topk_inputs(student, indices, values, labels, hard_weight: float) -> None:
     """The tensors of topk_kd_loss: dtypes, shapes, devices (csrc/kd_topk.cpp:
     check_topk_inputs, in the same order). Reads no data (the fake kernel runs it too)."""
-    if student.dtype not in FLOAT_DTYPES:
-        raise TypeError(
-            f"kdfused: student_logits must be float16, bfloat16, float32 or float64, "
-            f"got {_dtype_name(student.dtype)}"
-        )
-    if indices.dtype not in LABEL_DTYPES:
-        raise TypeError(
-            f"kdfused: teacher_indices must be int64 or int32, got {_dtype_name(indices.dtype)}"
-        )
-    if values.dtype not in FLOAT_DTYPES:
-        raise TypeError(
-            f"kdfused: teacher_values must be float16, bfloat16, float32 or float64, "
-            f"got {_dtype_name(values.dtype)}"
-        )
+    check_dtype("student_logits", student)
+    check_dtype("teacher_indices", indices, LABEL_DTYPES)
+    check_dtype("teacher_values", values)
     if student.dim() < 1:
         raise ValueError(
             "kdfused: student_logits must have at least 1 dimension (..., V), got a 0-dim tensor"
@@ -274,12 +278,8 @@ def check_inputs(student, teacher, labels: Optional[torch.Tensor], hard_weight: 
     """The tensors' dtypes, shapes and devices (csrc/kdfused.cpp: check_inputs, after the options,
     which :func:`kdfused._options.parse` checks), in the same order as the C++ op so that the same
     problem is reported first."""
-    for name, x in (("student_logits", student), ("teacher_logits", teacher)):
-        if x.dtype not in FLOAT_DTYPES:
-            raise TypeError(
-                f"kdfused: {name} must be float16, bfloat16, float32 or float64, "
-                f"got {_dtype_name(x.dtype)}"
-            )
+    check_dtype("student_logits", student)
+    check_dtype("teacher_logits", teacher)
     if student.dim() < 1:
         raise ValueError(
             "kdfused: logits must have at least 1 dimension (..., V), got a 0-dim tensor"

@@ -192,6 +192,25 @@ def _judge(checks, exp, runs, names, label: str, msgs: list) -> tuple:
     return worst, where
 
 
+def _judge_runs(case, runs, grads, exp, label: str, msgs: list) -> tuple:
+    """:func:`_judge` of the first run's loss and gradients, after their dtypes: the loss in the
+    accumulation dtype, each gradient in ``grads`` ((name, expected dtype) pairs in the order of
+    the runs' entries after the loss; dtype None: not checked) in its own."""
+    acc = C.F64 if C.F64 in (case.sdt, case.tdt) else C.F32
+    loss = runs[0][0]
+    if loss.dtype != acc:
+        msgs.append(f"loss dtype {loss.dtype}, expected {acc}")
+    checks = [("loss", loss)]
+    for (name, dtype), got in zip(grads, runs[0][1:]):
+        if dtype is None:
+            continue
+        checks.append((name, got))
+        if got is not None and got.dtype != dtype:
+            msgs.append(f"{name} dtype {got.dtype}, expected {dtype}")
+    names = ("loss",) + tuple(name for name, _ in grads)
+    return _judge(checks, exp, runs, names, label, msgs)
+
+
 def run_case(path: Path, case: C.Case, inp: dict, exp: dict) -> tuple:
     """(worst error/tolerance, where, [failure messages]); raises on an error in the call."""
     s, t, y, go = C.on_device(inp, case, path.device)
@@ -216,20 +235,11 @@ def run_case(path: Path, case: C.Case, inp: dict, exp: dict) -> tuple:
         why = plan_mismatch(path.value, seen)
         if why:
             msgs.append(why)
-    acc = C.F64 if C.F64 in (case.sdt, case.tdt) else C.F32
-    loss, gs, gt = runs[0]
-    if loss.dtype != acc:
-        msgs.append(f"loss dtype {loss.dtype}, expected {acc}")
-    checks = [("loss", loss)]
-    if not case.loss_only:
-        checks.append(("grad_s", gs))
-        if gs is not None and gs.dtype != case.sdt:
-            msgs.append(f"grad_s dtype {gs.dtype}, expected {case.sdt}")
-    if case.teacher_grad and not case.loss_only:
-        checks.append(("grad_t", gt))
-        if gt is not None and gt.dtype != case.tdt:
-            msgs.append(f"grad_t dtype {gt.dtype}, expected {case.tdt}")
-    worst, where = _judge(checks, exp, runs, ("loss", "grad_s", "grad_t"), f"#{case.idx}", msgs)
+    grads = (
+        ("grad_s", None if case.loss_only else case.sdt),
+        ("grad_t", case.tdt if case.teacher_grad and not case.loss_only else None),
+    )
+    worst, where = _judge_runs(case, runs, grads, exp, f"#{case.idx}", msgs)
     if not (torch.equal(s, s0) and torch.equal(t, t0)):
         msgs.append("the inputs were modified")
     return worst, where, msgs
@@ -262,20 +272,11 @@ def run_linear_case(path: Path, case: C.LinearCase, inp: dict, exp: dict) -> tup
             loss.backward(x["go"].to(loss.dtype))
         runs.append((loss.detach(), sh.grad, sw.grad, sb.grad if sb is not None else None))
     msgs = []
-    acc = C.F64 if C.F64 in (case.sdt, case.tdt) else C.F32
-    loss = runs[0][0]
-    if loss.dtype != acc:
-        msgs.append(f"loss dtype {loss.dtype}, expected {acc}")
-    checks = [("loss", loss)]
-    if not case.loss_only:
-        for name, got in zip(("grad_h", "grad_w", "grad_b"), runs[0][1:]):
-            if name not in exp:
-                continue  # no bias
-            checks.append((name, got))
-            if got is not None and got.dtype != case.sdt:
-                msgs.append(f"{name} dtype {got.dtype}, expected {case.sdt}")
-    names = ("loss", "grad_h", "grad_w", "grad_b")
-    worst, where = _judge(checks, exp, runs, names, f"linear#{case.idx}", msgs)
+    grads = tuple(
+        (name, None if case.loss_only or name not in exp else case.sdt)  # (no bias: no grad_b)
+        for name in ("grad_h", "grad_w", "grad_b")
+    )
+    worst, where = _judge_runs(case, runs, grads, exp, f"linear#{case.idx}", msgs)
     if not all(torch.equal(x[k], v) for k, v in x0.items()):
         msgs.append("the inputs were modified")
     return worst, where, msgs
@@ -295,16 +296,8 @@ def run_topk_case(path: Path, case: C.TopKCase, inp: dict, exp: dict) -> tuple:
             loss.backward(go.to(loss.dtype))
         runs.append((loss.detach(), ss.grad))
     msgs = []
-    acc = C.F64 if C.F64 in (case.sdt, case.tdt) else C.F32
-    loss, gs = runs[0]
-    if loss.dtype != acc:
-        msgs.append(f"loss dtype {loss.dtype}, expected {acc}")
-    checks = [("loss", loss)]
-    if not case.loss_only:
-        checks.append(("grad_s", gs))
-        if gs is not None and gs.dtype != case.sdt:
-            msgs.append(f"grad_s dtype {gs.dtype}, expected {case.sdt}")
-    worst, where = _judge(checks, exp, runs, ("loss", "grad_s"), f"topk#{case.idx}", msgs)
+    grads = (("grad_s", None if case.loss_only else case.sdt),)
+    worst, where = _judge_runs(case, runs, grads, exp, f"topk#{case.idx}", msgs)
     if not all(torch.equal(a, b) for a, b in zip((s, idx, val), x0)):
         msgs.append("the inputs were modified")
     return worst, where, msgs

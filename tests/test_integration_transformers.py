@@ -355,29 +355,34 @@ def test_ddp_two_processes(tmp_path, seed):
 
     worker = os.path.join(os.path.dirname(__file__), "hf_ddp_worker.py")
     out = tmp_path / "out.json"
-    port = str(_free_port())
-    procs = []
-    for rank in range(2):
-        env = dict(
-            os.environ,
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            WORLD_SIZE="2",
-            LOCAL_WORLD_SIZE="2",
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=port,
-            OMP_NUM_THREADS="1",
-        )
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, worker, str(out), str(seed % 2**31)],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
+    for _attempt in range(3):
+        # The port was free a moment ago; another process (tests run in parallel) may take it
+        # before rank 0 binds it. Then rank 0 cannot listen: try another port.
+        port = str(_free_port())
+        procs = []
+        for rank in range(2):
+            env = dict(
+                os.environ,
+                RANK=str(rank),
+                LOCAL_RANK=str(rank),
+                WORLD_SIZE="2",
+                LOCAL_WORLD_SIZE="2",
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=port,
+                OMP_NUM_THREADS="1",
             )
-        )
-    logs = [p.communicate(timeout=300)[0] for p in procs]
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, worker, str(out), str(seed % 2**31)],
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                )
+            )
+        logs = [p.communicate(timeout=300)[0] for p in procs]
+        if not any("address already in use" in log.lower() for log in logs):
+            break
     assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
     import json
 

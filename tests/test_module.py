@@ -105,6 +105,48 @@ def test_signature_matches_reference(kdfused_mod):
         assert a[name].kind is inspect.Parameter.KEYWORD_ONLY, name
 
 
+@pytest.mark.fused_only
+@pytest.mark.parametrize(
+    "op, module, reference",
+    [
+        ("kd_loss", "KDLoss", "kd_loss"),
+        ("linear_kd_loss", "LinearKDLoss", None),
+        ("topk_kd_loss", "TopKKDLoss", "topk_kd_loss"),
+        ("linear_topk_kd_loss", "LinearTopKKDLoss", None),
+    ],
+)
+def test_loss_options_agree_everywhere(kdfused_mod, op, module, reference):
+    """Each public op spells the loss options out in its own signature (what an editor shows).
+    They must not drift: every option is keyword-only, with KDOptions' default, in KDOptions'
+    order; the module takes the same options with the same defaults in the same order (its
+    positional order); the reference, where there is one, has the op's signature exactly."""
+    import dataclasses
+
+    from kdfused._options import KDOptions
+
+    fields = [f for f in dataclasses.fields(KDOptions) if f.init]
+    params = inspect.signature(getattr(kdfused_mod, op)).parameters
+    taken = [f for f in fields if f.name in params]
+    assert [f.name for f in taken] == [f.name for f in fields]  # every op takes all of them
+    for f in taken:
+        assert params[f.name].kind is inspect.Parameter.KEYWORD_ONLY, (op, f.name)
+        assert params[f.name].default == f.default, (op, f.name)
+    order = [n for n in params if n in {f.name for f in fields}]
+    assert order == [f.name for f in fields], op
+
+    mod_params = inspect.signature(getattr(kdfused_mod, module)).parameters
+    keyword_only = [p for p in params.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    expected = [(p.name, p.default) for p in keyword_only if p.name in mod_params]
+    assert [(p.name, p.default) for p in mod_params.values()] == expected, module
+    assert {f.name for f in fields} <= set(mod_params), module
+
+    if reference is not None:
+        ref = inspect.signature(getattr(kdfused_mod.reference, reference)).parameters
+        assert [(p.name, p.kind, p.default) for p in ref.values()] == [
+            (p.name, p.kind, p.default) for p in params.values()
+        ], reference
+
+
 # ------------------------------------------------------------------------------------------------
 # KDLoss
 # ------------------------------------------------------------------------------------------------

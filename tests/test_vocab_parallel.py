@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -48,14 +47,8 @@ WORLD_CASES = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_group(world: int, tmp_path) -> dict:
-    port = _free_port()
+    store = tmp_path / "store"  # the group's rendezvous (gloo's FileStore); must not exist yet
     names = WORLD_CASES[world]
     procs, outs = [], []
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -66,7 +59,7 @@ def _run_group(world: int, tmp_path) -> dict:
     for rank in range(world):
         out = tmp_path / f"rank{rank}.json"
         outs.append(out)
-        cmd = [sys.executable, WORKER, str(rank), str(world), str(port), str(out)]
+        cmd = [sys.executable, WORKER, str(rank), str(world), str(store), str(out)]
         cmd += [str(RUN_SEED % (2**31)), *names]
         procs.append(
             subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)

@@ -1,6 +1,6 @@
 """One process of a vocabulary-parallel test group (tests/test_vocab_parallel.py starts them).
 
-    python tests/vp_worker.py RANK WORLD PORT OUT_JSON SEED [CASE ...]
+    python tests/vp_worker.py RANK WORLD STORE_FILE OUT_JSON SEED [CASE ...]
 
 Every process builds the same whole inputs from SEED, keeps its slice of the vocabulary, runs
 each case and writes {case: null | "failure message"} to OUT_JSON. A case passes when, on every
@@ -335,10 +335,10 @@ def run_special(name: str, rank: int, world: int) -> None:
 
 
 def main():
-    rank, world, port, out, seed = (
+    rank, world, store, out, seed = (
         int(sys.argv[1]),
         int(sys.argv[2]),
-        int(sys.argv[3]),
+        sys.argv[3],
         sys.argv[4],
         int(sys.argv[5]),
     )
@@ -346,7 +346,9 @@ def main():
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
+        # A file store, not a TCP port: a port found free by the test can be taken by another
+        # process before rank 0 binds it (tests run in parallel).
+        init_method=f"file://{store}",
         rank=rank,
         world_size=world,
         timeout=datetime.timedelta(seconds=60),
