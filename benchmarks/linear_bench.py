@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import os
 import platform
@@ -149,11 +150,58 @@ def _liger_options(soft_only):
     return dict(weight_hard_loss=hard, weight_soft_loss=soft * T * T, beta=BETA, temperature=T)
 
 
-def worker(provider, N, H, V, dtype_name, repeats, divergence="kl", soft_only=False, device="cpu"):
+def _provider_loss(provider, N, opts, soft_only, device):
+    """The provider's loss as a function of (student hidden, student weight, teacher hidden,
+    teacher weight, labels); ``opts``: kdfused's options."""
     import torch
     import torch.nn.functional as F
 
     import kdfused
+
+    if provider in TRL_PROVIDERS:
+        if provider == "trl":
+            from trl.trainer.distillation_trainer import _chunked_divergence_loss as trl_loss
+        else:
+            from kdfused.integrations.trl import chunked_divergence_loss as trl_loss
+        ones = torch.ones(1, N, dtype=torch.long, device=device)
+
+        def trl_one_sequence(sh, sw, th, tw, y):
+            # (1, N, H): one sequence of N completion tokens, all in the loss
+            loss, _, _ = trl_loss(sh[None], th[None], sw, tw, ones, BETA, temperature=T)
+            return loss
+
+        return trl_one_sequence
+    if provider == "kdfused-linear":
+        return functools.partial(kdfused.linear_kd_loss, **opts)
+    if provider == "kdfused":
+
+        def materialised(sh, sw, th, tw, y):
+            s = F.linear(sh, sw)
+            with torch.no_grad():
+                t = F.linear(th, tw)
+            return kdfused.kd_loss(s, t, y, **opts)
+
+        return materialised
+    if provider == "kdfused-liger":
+        from kdfused.integrations.liger import FusedLinearJSDLoss
+
+        return FusedLinearJSDLoss(**_liger_options(soft_only))
+    if provider in ("liger", "liger-compiled"):
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+        compiled = provider == "liger-compiled"
+        return LigerFusedLinearJSDLoss(**_liger_options(soft_only), compiled=compiled)
+    if provider == "eager":
+        return _eager
+    if provider == "compile":
+        return torch.compile(_eager)
+    if provider == "chunked-eager":
+        return _chunked_eager
+    raise SystemExit(f"unknown provider {provider}")
+
+
+def worker(provider, N, H, V, dtype_name, repeats, divergence="kl", soft_only=False, device="cpu"):
+    import torch
 
     dtype = getattr(torch, dtype_name)
     sh, sw, th, tw, y = _make(N, H, V, dtype, device)
@@ -169,60 +217,13 @@ def worker(provider, N, H, V, dtype_name, repeats, divergence="kl", soft_only=Fa
         raise SystemExit(f"provider {provider} computes divergence jsd only")
     if provider in TRL_PROVIDERS and not (divergence == "jsd" and soft_only):
         raise SystemExit(f"provider {provider} computes the soft jsd only (--soft-only)")
-    if provider in TRL_PROVIDERS:
-        if provider == "trl":
-            from trl.trainer.distillation_trainer import _chunked_divergence_loss as trl_loss
-        else:
-            from kdfused.integrations.trl import chunked_divergence_loss as trl_loss
-        ones = torch.ones(1, N, dtype=torch.long, device=sh.device)
-
-        def fn():  # (1, N, H): one sequence of N completion tokens, all in the loss
-            loss, _, _ = trl_loss(sh[None], th[None], sw, tw, ones, BETA, temperature=T)
-            return loss
-    elif provider == "kdfused-linear":
-
-        def fn():
-            return kdfused.linear_kd_loss(sh, sw, th, tw, y, **opts)
-    elif provider == "kdfused":
-
-        def fn():
-            s = F.linear(sh, sw)
-            with torch.no_grad():
-                t = F.linear(th, tw)
-            return kdfused.kd_loss(s, t, y, **opts)
-    elif provider == "kdfused-liger":
-        from kdfused.integrations.liger import FusedLinearJSDLoss
-
-        crit = FusedLinearJSDLoss(**_liger_options(soft_only))
-
-        def fn():
-            return crit(sh, sw, th, tw, y)
-    elif provider in ("liger", "liger-compiled"):
-        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
-
-        crit = LigerFusedLinearJSDLoss(
-            **_liger_options(soft_only), compiled=provider == "liger-compiled"
-        )
-
-        def fn():
-            return crit(sh, sw, th, tw, y)
-    elif provider == "eager":
-
-        def fn():
-            return _eager(sh, sw, th, tw, y)
-    elif provider == "compile":
-        compiled = torch.compile(_eager)
-
-        def fn():
-            return compiled(sh, sw, th, tw, y)
-    elif provider == "chunked-eager":
-
-        def fn():
-            return _chunked_eager(sh, sw, th, tw, y)
-    elif provider == "gemm":
+    if provider == "gemm":
         return gemm_worker(sh, sw, th, tw, repeats, device)
-    else:
-        raise SystemExit(f"unknown provider {provider}")
+    loss_of = _provider_loss(provider, N, opts, soft_only, sh.device)
+
+    def fn():
+        return loss_of(sh, sw, th, tw, y)
+
     # Peak above the inputs: RSS (CUDA: allocated bytes) once the inputs exist is the base; the
     # peak is taken over the measured runs (after a warm-up run, which also compiles for "compile"
     # and Triton). What the warm-up leaves behind (kdfused's gradient cache, the compiled code, the

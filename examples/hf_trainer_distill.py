@@ -34,14 +34,18 @@ import platform
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from llm_distill import (  # noqa: E402
+    QUICK_SIZES,
+    Sizes,
     Tokenizer,
+    add_config_options,
     batches,
+    config_from_args,
     evaluation,
     held_out_ce,
     llama,
@@ -54,16 +58,8 @@ WAYS = ("hard", "distilled")
 
 
 @dataclass
-class Config:
+class Config(Sizes):
     vocab: int = 4096  # BPE vocabulary (0: bytes)
-    seq: int = 128
-    batch: int = 8
-    teacher_layers: int = 4
-    teacher_hidden: int = 256
-    student_layers: int = 2
-    student_hidden: int = 128
-    teacher_steps: int = 160
-    student_steps: int = 120
     lr: float = 3e-3
     max_grad_norm: float = 1.0  # the Trainer's gradient clipping (its default; 0: none)
     temperature: float = 2.0
@@ -77,20 +73,7 @@ class Config:
     seed: int = 0
 
 
-QUICK = dict(
-    vocab=512,
-    seq=32,
-    batch=4,
-    teacher_layers=2,
-    teacher_hidden=64,
-    student_layers=1,
-    student_hidden=32,
-    teacher_steps=30,
-    student_steps=20,
-    eval_windows=8,
-    files=30,
-    chunk_size=32,
-)
+QUICK = QUICK_SIZES  # llm_distill.py's --quick models, steps and files
 
 
 def gemma2(vocab: int, hidden: int, layers: int, seq: int, seed: int, softcap: float):
@@ -337,11 +320,7 @@ def write(out: dict, outdir: str) -> None:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="tiny models, a few steps (smoke test)")
-    for field, default in asdict(Config()).items():
-        ap.add_argument(
-            "--" + field.replace("_", "-"), type=type(default), default=None, help=f"{default}"
-        )
+    add_config_options(ap, Config)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     ap.add_argument(
         "--out",
@@ -350,9 +329,7 @@ def main(argv=None):
         "with --quick)",
     )
     args = ap.parse_args(argv)
-    cfg = replace(Config(), **QUICK) if args.quick else Config()
-    over = {f: getattr(args, f) for f in asdict(cfg) if getattr(args, f) is not None}
-    cfg = replace(cfg, **over)
+    cfg = config_from_args(Config, QUICK, args)
     if args.threads:
         torch.set_num_threads(args.threads)
     out = run(cfg)

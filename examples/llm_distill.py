@@ -56,7 +56,9 @@ MIB = float(1 << 20)
 
 
 @dataclass
-class Config:
+class Sizes:
+    """Vocabulary, batches, models and steps: the fields hf_trainer_distill.py's Config shares."""
+
     vocab: int = 8192  # BPE vocabulary (0: bytes)
     seq: int = 128
     batch: int = 8
@@ -66,6 +68,10 @@ class Config:
     student_hidden: int = 128
     teacher_steps: int = 160
     student_steps: int = 120
+
+
+@dataclass
+class Config(Sizes):
     teacher_lr: float = 3e-3
     student_lr: float = 3e-3
     temperature: float = 2.0
@@ -79,7 +85,8 @@ class Config:
     seed: int = 0
 
 
-QUICK = dict(
+# --quick: tiny models, few steps, a few files (hf_trainer_distill.py's --quick as well)
+QUICK_SIZES = dict(
     vocab=512,
     seq=32,
     batch=4,
@@ -89,13 +96,11 @@ QUICK = dict(
     student_hidden=32,
     teacher_steps=30,
     student_steps=20,
-    teacher_lr=3e-3,
-    student_lr=3e-3,
-    eval_every=10,
     eval_windows=8,
     files=30,
     chunk_size=32,
 )
+QUICK = dict(QUICK_SIZES, teacher_lr=3e-3, student_lr=3e-3, eval_every=10)
 
 
 # --------------------------------------------------------------------------- corpus, tokenizer
@@ -718,15 +723,28 @@ def write(out: dict, outdir: str, command: str) -> None:
     plot(out, os.path.join(outdir, "llm_distill.png"))
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def add_config_options(ap: argparse.ArgumentParser, config_cls) -> None:
+    """--quick, and an option --field-name for every field of the dataclass config_cls (its
+    default as the help; unset unless given)."""
     ap.add_argument("--quick", action="store_true", help="tiny models, a few steps (smoke test)")
-    ap.add_argument("--teacher", help="HF model name/path (default: a Llama trained here)")
-    ap.add_argument("--student", help="HF model name/path (default: a smaller Llama)")
-    for field, default in asdict(Config()).items():
+    for field, default in asdict(config_cls()).items():
         ap.add_argument(
             "--" + field.replace("_", "-"), type=type(default), default=None, help=f"{default}"
         )
+
+
+def config_from_args(config_cls, quick: dict, args):
+    """config_cls's defaults, with the values of `quick` under --quick, then the options given."""
+    cfg = replace(config_cls(), **quick) if args.quick else config_cls()
+    given = {f: getattr(args, f) for f in asdict(cfg) if getattr(args, f) is not None}
+    return replace(cfg, **given)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--teacher", help="HF model name/path (default: a Llama trained here)")
+    ap.add_argument("--student", help="HF model name/path (default: a smaller Llama)")
+    add_config_options(ap, Config)
     ap.add_argument(
         "--threads",
         type=int,
@@ -750,9 +768,7 @@ def main(argv=None):
         write(out, os.path.dirname(os.path.abspath(args.replot)), out["command"])
         print(table(out))
         return out
-    cfg = replace(Config(), **QUICK) if args.quick else Config()
-    over = {f: getattr(args, f) for f in asdict(cfg) if getattr(args, f) is not None}
-    cfg = replace(cfg, **over)
+    cfg = config_from_args(Config, QUICK, args)
     if args.threads:
         torch.set_num_threads(args.threads)
     out = run(cfg, args.teacher, args.student)

@@ -267,49 +267,23 @@ def test_non_leaf_inputs(kd_loss, device, gen, seed):
 # gradcheck (float64, both inputs)
 # ------------------------------------------------------------------------------------------------
 
+
+GC_OPTIONS = ("divergence", "reduction", "soft_weight", "hard_weight", "temperature")
+
+
+def _gc_case(case_id, with_labels, *options):
+    """A gradcheck case: kd_loss's GC_OPTIONS, in that order, and whether it gets labels."""
+    assert len(options) == len(GC_OPTIONS), case_id
+    return pytest.param(dict(zip(GC_OPTIONS, options)), with_labels, id=case_id)
+
+
 GC_CASES = [
-    pytest.param(
-        dict(
-            divergence="kl",
-            reduction="batchmean",
-            soft_weight=1.0,
-            hard_weight=0.0,
-            temperature=2.0,
-        ),
-        False,
-        id="kl-batchmean-soft",
-    ),
-    pytest.param(
-        dict(divergence="kl", reduction="sum", soft_weight=0.6, hard_weight=0.4, temperature=0.7),
-        True,
-        id="kl-sum-mix",
-    ),
-    pytest.param(
-        dict(divergence="ce", reduction="mean", soft_weight=0.5, hard_weight=1.5, temperature=3.0),
-        True,
-        id="ce-mean-mix",
-    ),
-    pytest.param(
-        dict(divergence="ce", reduction="none", soft_weight=1.0, hard_weight=0.0, temperature=1.0),
-        False,
-        id="ce-none-soft",
-    ),
-    pytest.param(
-        dict(divergence="kl", reduction="none", soft_weight=0.3, hard_weight=0.7, temperature=4.0),
-        True,
-        id="kl-none-mix",
-    ),
-    pytest.param(
-        dict(
-            divergence="kl",
-            reduction="batchmean",
-            soft_weight=0.0,
-            hard_weight=1.0,
-            temperature=1.0,
-        ),
-        True,
-        id="hard-only",
-    ),
+    _gc_case("kl-batchmean-soft", False, "kl", "batchmean", 1.0, 0.0, 2.0),
+    _gc_case("kl-sum-mix", True, "kl", "sum", 0.6, 0.4, 0.7),
+    _gc_case("ce-mean-mix", True, "ce", "mean", 0.5, 1.5, 3.0),
+    _gc_case("ce-none-soft", False, "ce", "none", 1.0, 0.0, 1.0),
+    _gc_case("kl-none-mix", True, "kl", "none", 0.3, 0.7, 4.0),
+    _gc_case("hard-only", True, "kl", "batchmean", 0.0, 1.0, 1.0),
 ]
 
 

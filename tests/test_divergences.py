@@ -16,7 +16,16 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
+from masked_inputs import (
+    NEG_INF,
+    all_inf_row,
+    assert_masked_columns_clean,
+    assert_padding_row_clean,
+    labels_off_mask,
+    masked_logits,
+    padding_row,
+)
+from trl_jsd import generalized_jsd_per_token
 
 from oracle import (
     assert_grad,
@@ -26,12 +35,10 @@ from oracle import (
     make_labels,
     make_logits,
     oracle,
-    random_mask,
     run_op,
 )
 from params import DT, ERRORS, REDUCTIONS, ctx
 
-NEG_INF = float("-inf")
 BETAS = [0.0, 0.1, 0.5, 0.9, 1.0]
 # (divergence, beta): every new divergence, the JSD at every beta
 CASES = [pytest.param("reverse_kl", 0.5, id="reverse_kl"), pytest.param("tvd", 0.5, id="tvd")] + [
@@ -151,18 +158,12 @@ def test_teacher_only_requires_grad(kd_loss, device, gen, seed, divergence, beta
 def test_masked_vocab_both(kd_loss, device, gen, seed, V, divergence, beta, dtype):
     """The same columns -inf in student and teacher contribute nothing: finite loss equal to the
     oracle, gradients exactly 0 there, no NaN anywhere."""
-    N = 5
-    mask = random_mask(N, V, gen, 0.4, device)
-    s = make_logits((N, V), dtype, device, gen).masked_fill(mask, NEG_INF)
-    t = make_logits((N, V), dtype, device, gen).masked_fill(mask, NEG_INF)
+    mask, s, t = masked_logits(5, V, dtype, device, gen, 0.4)
     kw = dict(temperature=2.0, divergence=divergence, beta=beta, reduction="none")
     loss, gs, gt, _ = check_against_oracle(
         kd_loss, s, t, None, grad_teacher=True, ctx=ctx(seed, V=V, **kw), **kw
     )
-    assert torch.isfinite(loss).all()
-    assert torch.isfinite(gs).all() and torch.isfinite(gt).all()
-    assert (gs[mask] == 0).all(), "student gradient must be exactly 0 at masked columns"
-    assert (gt[mask] == 0).all(), "teacher gradient must be exactly 0 at masked columns"
+    assert_masked_columns_clean(loss, gs, gt, mask)
 
 
 @pytest.mark.parametrize("side", ["teacher", "student"])
@@ -212,13 +213,7 @@ def test_mass_against_masked_logit(kd_loss, device, gen, seed, divergence, beta,
 def test_ignored_all_inf_row(kd_loss, device, gen, seed, divergence, beta, reduction):
     """An ignored row that is -inf everywhere (padding) gives 0 loss and exactly 0 gradient;
     no NaN anywhere."""
-    N, V = 4, 40
-    s = make_logits((N, V), torch.float32, device, gen)
-    t = make_logits((N, V), torch.float32, device, gen)
-    s[2] = NEG_INF
-    t[2] = NEG_INF
-    labels = make_labels((N,), V, device, gen, 0.0)
-    labels[2] = -100
+    s, t, labels = padding_row(4, 40, torch.float32, device, gen, 2)
     kw = dict(
         temperature=2.0,
         soft_weight=0.6,
@@ -228,19 +223,14 @@ def test_ignored_all_inf_row(kd_loss, device, gen, seed, divergence, beta, reduc
         reduction=reduction,
     )
     loss, gs, gt = _run(kd_loss, s, t, labels, **kw)
-    assert not torch.isnan(loss).any(), loss
-    assert (gs[2] == 0).all() and (gt[2] == 0).all()
-    assert not torch.isnan(gs).any() and not torch.isnan(gt).any()
+    assert_padding_row_clean(loss, gs, gt, 2)
     check_against_oracle(kd_loss, s, t, labels, grad_teacher=True, ctx=ctx(seed, **kw), **kw)
 
 
 @pytest.mark.parametrize("divergence,beta", INNER)
 def test_all_inf_row_is_nan(kd_loss, device, gen, seed, divergence, beta):
     """A valid row that is -inf everywhere has no distribution: NaN, like softmax."""
-    s = make_logits((3, 20), torch.float32, device, gen)
-    t = make_logits((3, 20), torch.float32, device, gen)
-    s[1] = NEG_INF
-    t[1] = NEG_INF
+    s, t = all_inf_row(3, 20, torch.float32, device, gen, 1)
     rows = kd_loss(s, t, None, divergence=divergence, beta=beta, reduction="none")
     assert torch.isnan(rows[1]) and torch.isfinite(rows[[0, 2]]).all(), rows
 
@@ -286,15 +276,8 @@ def test_jsd_end_points_are_the_kls(kd_loss, device, gen, seed, end, same, reduc
     """JSD at beta = 0 is KL(p || q) and at beta = 1 KL(q || p): bitwise the same loss and
     gradients as "kl" / "reverse_kl" (the same code path), masked columns included."""
     N, V = 6, 300
-    mask = random_mask(N, V, gen, 0.2, device)
-    s = make_logits((N, V), dtype, device, gen).masked_fill(mask, NEG_INF)
-    t = make_logits((N, V), dtype, device, gen).masked_fill(mask, NEG_INF)
-    labels = make_labels((N,), V, device, gen, 0.3)
-    labels = torch.where(
-        mask.gather(1, labels.clamp(min=0).unsqueeze(1)).squeeze(1) & (labels >= 0),
-        (~mask).int().argmax(1),
-        labels,
-    )
+    mask, s, t = masked_logits(N, V, dtype, device, gen, 0.2)
+    labels = labels_off_mask(make_labels((N,), V, device, gen, 0.3), mask)
     kw = dict(temperature=1.5, soft_weight=0.8, hard_weight=0.2, reduction=reduction)
     a = _run(kd_loss, s, t, labels, divergence="jsd", beta=end, **kw)
     b = _run(kd_loss, s, t, labels, divergence=same, beta=0.5, **kw)
@@ -342,35 +325,15 @@ def test_tvd_zero_subgradient_where_equal(kd_loss, device, gen, seed, dtype):
 
 
 def test_trl_generalized_jsd_formula(kd_loss, device, gen, seed):
-    """TRL's generalized_jsd_loss (the GKD trainer's), written out here with its log-space
-    mixture through logsumexp, at beta = 0.5: kd_loss(divergence="jsd", reduction="none") is T^2
-    times its per-token loss (TRL tempers both logits and does not scale by T^2), and the student
-    gradients agree likewise."""
+    """TRL's generalized_jsd_loss (the GKD trainer's, written out in tests/trl_jsd.py with its
+    log-space mixture through logsumexp), at beta = 0.5: kd_loss(divergence="jsd",
+    reduction="none") is T^2 times its per-token loss (TRL tempers both logits and does not scale
+    by T^2), and the student gradients agree likewise."""
     T, beta = 2.0, 0.5
     s = make_logits((6, 200), torch.float64, device, gen)
     t = make_logits((6, 200), torch.float64, device, gen)
-
-    def generalized_jsd_loss(student_logits, teacher_logits, beta, temperature):
-        student_log_probs = F.log_softmax(student_logits / temperature, dim=-1)
-        teacher_log_probs = F.log_softmax(teacher_logits / temperature, dim=-1)
-        beta_t = torch.tensor(beta, dtype=student_log_probs.dtype)
-        mixture_log_probs = torch.logsumexp(
-            torch.stack(
-                [student_log_probs + torch.log(1 - beta_t), teacher_log_probs + torch.log(beta_t)]
-            ),
-            dim=0,
-        )
-        kl_teacher = F.kl_div(
-            mixture_log_probs, teacher_log_probs, reduction="none", log_target=True
-        )
-        kl_student = F.kl_div(
-            mixture_log_probs, student_log_probs, reduction="none", log_target=True
-        )
-        jsd = beta_t * kl_teacher + (1 - beta_t) * kl_student
-        return jsd.sum(-1)  # per token (TRL then reduces with "batchmean")
-
     sr = s.clone().requires_grad_(True)
-    trl = generalized_jsd_loss(sr.cpu(), t.cpu(), beta, T)
+    trl = generalized_jsd_per_token(sr.cpu(), t.cpu(), beta, T)
     trl.sum().backward()
     loss, gs, _ = _run(
         kd_loss, s, t, None, temperature=T, divergence="jsd", beta=beta, reduction="none"

@@ -46,6 +46,18 @@ def _option_case(**option):
     return lambda d: (_f((N, V), d), _f((N, V), d), _y(d) if with_labels else None, option)
 
 
+def _label_values_case(values, dtype=torch.int64, **options):
+    """A case whose logits are fine and whose labels hold `values` (hard_weight 0.5 unless the
+    options say otherwise)."""
+    options = {"hard_weight": 0.5, **options}
+
+    def build(d):
+        s, t = _f((N, V), d), _f((N, V), d)
+        return s, t, torch.tensor(values, device=d, dtype=dtype), dict(options)
+
+    return build
+
+
 BAD = {
     # shapes
     "shape-vocab": (lambda d: (_f((N, V), d), _f((N, V + 1), d), None, {}), "shape"),
@@ -99,59 +111,17 @@ BAD = {
         lambda d: (_f((N, V), d), _f((N, V), d), _y(d, dtype=torch.bool), dict(hard_weight=0.5)),
         "label",
     ),
-    "labels-too-big": (
-        lambda d: (
-            _f((N, V), d),
-            _f((N, V), d),
-            torch.tensor([0, 1, V, 2, 3, 4], device=d),
-            dict(hard_weight=0.5),
-        ),
-        "label",
-    ),
-    "labels-huge": (
-        lambda d: (
-            _f((N, V), d),
-            _f((N, V), d),
-            torch.tensor([0, 1, 2, 3, 10**12, 4], device=d),
-            dict(hard_weight=0.5),
-        ),
-        "label",
-    ),
-    "labels-negative": (
-        lambda d: (
-            _f((N, V), d),
-            _f((N, V), d),
-            torch.tensor([0, -1, 2, 3, 4, 5], device=d),
-            dict(hard_weight=0.5),
-        ),
-        "label",
-    ),
+    "labels-too-big": (_label_values_case([0, 1, V, 2, 3, 4]), "label"),
+    "labels-huge": (_label_values_case([0, 1, 2, 3, 10**12, 4]), "label"),
+    "labels-negative": (_label_values_case([0, -1, 2, 3, 4, 5]), "label"),
     "labels-neg-other-ignore": (
-        lambda d: (
-            _f((N, V), d),
-            _f((N, V), d),
-            torch.tensor([0, -100, 2, 3, 4, 5], device=d),
-            dict(hard_weight=0.5, ignore_index=-1),
-        ),
+        _label_values_case([0, -100, 2, 3, 4, 5], ignore_index=-1),
         "label",
     ),
-    "labels-int32-too-big": (
-        lambda d: (
-            _f((N, V), d),
-            _f((N, V), d),
-            torch.tensor([0, 1, 2, 3, 4, V], device=d, dtype=torch.int32),
-            dict(hard_weight=0.5),
-        ),
-        "label",
-    ),
+    "labels-int32-too-big": (_label_values_case([0, 1, 2, 3, 4, V], dtype=torch.int32), "label"),
     # out-of-range labels are bad input even when the hard term is off (they select rows)
     "labels-too-big-soft-only": (
-        lambda d: (
-            _f((N, V), d),
-            _f((N, V), d),
-            torch.tensor([0, 1, V + 3, 2, 3, 4], device=d),
-            dict(hard_weight=0.0),
-        ),
+        _label_values_case([0, 1, V + 3, 2, 3, 4], hard_weight=0.0),
         "label",
     ),
     "hard-without-labels": (
@@ -171,22 +141,10 @@ BAD = {
         f"hard_weight={w}": (_option_case(hard_weight=w), "weight")
         for w in [-1.0, math.nan, math.inf]
     },
-    "divergence-js": (
-        lambda d: (_f((N, V), d), _f((N, V), d), None, dict(divergence="js")),
-        "divergence",
-    ),
-    "divergence-empty": (
-        lambda d: (_f((N, V), d), _f((N, V), d), None, dict(divergence="")),
-        "divergence",
-    ),
-    "reduction-avg": (
-        lambda d: (_f((N, V), d), _f((N, V), d), None, dict(reduction="avg")),
-        "reduction",
-    ),
-    "reduction-elementwise_mean": (
-        lambda d: (_f((N, V), d), _f((N, V), d), None, dict(reduction="elementwise_mean")),
-        "reduction",
-    ),
+    "divergence-js": (_option_case(divergence="js"), "divergence"),
+    "divergence-empty": (_option_case(divergence=""), "divergence"),
+    "reduction-avg": (_option_case(reduction="avg"), "reduction"),
+    "reduction-elementwise_mean": (_option_case(reduction="elementwise_mean"), "reduction"),
 }
 
 

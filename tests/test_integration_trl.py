@@ -148,17 +148,32 @@ def _kwargs(beta, temperature, transform, num_items):
     )
 
 
+def _against_trl(betas, temperatures):
+    """Parametrizes a comparison with TRL over beta, temperature, every transform, the three
+    forms of num_items_in_batch and with / without the lm_head biases."""
+    axes = {
+        "beta": betas,
+        "temperature": temperatures,
+        "transform": list(TRANSFORMS),
+        "num_items": [None, "int", "tensor"],
+        "bias": [False, True],
+    }
+
+    def parametrize(test):
+        for name in reversed(axes):  # as stacked decorators: the last one applies first
+            test = pytest.mark.parametrize(name, axes[name])(test)
+        return test
+
+    return parametrize
+
+
 def test_trl_version():
     from importlib.metadata import version
 
     assert version("trl") == TRL_VERSION == trl.__version__
 
 
-@pytest.mark.parametrize("beta", [0.0, 0.35, 1.0])
-@pytest.mark.parametrize("temperature", [1.0, 1.7])
-@pytest.mark.parametrize("transform", list(TRANSFORMS))
-@pytest.mark.parametrize("num_items", [None, "int", "tensor"])
-@pytest.mark.parametrize("bias", [False, True])
+@_against_trl(betas=[0.0, 0.35, 1.0], temperatures=[1.0, 1.7])
 def test_matches_trl_float64(gen, seed, beta, temperature, transform, num_items, bias):
     args = _inputs(gen, torch.float64, bias=bias, n_valid=32)
     num = {None: None, "int": 64, "tensor": torch.tensor(128)}[num_items]
@@ -172,11 +187,7 @@ def test_matches_trl_float64(gen, seed, beta, temperature, transform, num_items,
     _compare(ours, _run(trl_trainer._chunked_divergence_loss, args, **kw), 1e-5, seed)
 
 
-@pytest.mark.parametrize("beta", [0.0, 0.6, 1.0])
-@pytest.mark.parametrize("temperature", [1.0, 0.8])
-@pytest.mark.parametrize("transform", list(TRANSFORMS))
-@pytest.mark.parametrize("num_items", [None, "int", "tensor"])
-@pytest.mark.parametrize("bias", [False, True])
+@_against_trl(betas=[0.0, 0.6, 1.0], temperatures=[1.0, 0.8])
 def test_matches_trl_float32(gen, seed, beta, temperature, transform, num_items, bias):
     args = _inputs(gen, torch.float32, bias=bias)
     n = int(args["completion_mask"].count_nonzero())

@@ -13,31 +13,26 @@ from __future__ import annotations
 
 import os
 
+import linear_helpers as lin
 import pytest
 import torch
 import torch.nn.functional as F
+from linear_helpers import F64, TOL, assert_close, f64, rnd
+from linear_helpers import ctx as _ctx
 
 import kdfused
 from kdfused import reference
 
 pytestmark = pytest.mark.fused_only
 
-SEED = int(os.environ.get("KDFUSED_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
-print(f"test_linear: KDFUSED_TEST_SEED={SEED}")
-F64 = torch.float64
+print(f"test_linear: KDFUSED_TEST_SEED={lin.SEED}")
 DIVS = ["kl", "ce", "reverse_kl", "jsd", "tvd"]
 REDS = ["batchmean", "mean", "sum", "none"]
 
 
 @pytest.fixture
 def gen(request):
-    # One generator per test, seeded from SEED and the test's id: reruns with the same seed repeat.
-    g = torch.Generator().manual_seed(SEED ^ (hash(request.node.nodeid) & 0x7FFFFFFF))
-    return g
-
-
-def _ctx(**kw):
-    return f"[KDFUSED_TEST_SEED={SEED} " + " ".join(f"{k}={v}" for k, v in kw.items()) + "]"
+    return lin.generator(request.node.nodeid)
 
 
 def make(
@@ -60,28 +55,15 @@ def make(
     so logits are O(3). tdtype: the teacher's dtype (default: the student's)."""
     Ht = Ht or H
     tdtype = tdtype or dtype
-
-    def rnd(*shape, scale=1.0, dt=dtype):
-        return (torch.randn(shape, generator=gen, dtype=F64) * scale).to(device=device, dtype=dt)
-
     lead = lead or (N,)
-    d = dict(
-        student_hidden=rnd(*lead, H).requires_grad_(),
-        student_weight=rnd(V, H, scale=3.0 / H**0.5).requires_grad_(),
-        student_bias=rnd(V, scale=0.5).requires_grad_() if bias else None,
-    )
+    d = lin.student_layer(gen, lead, H, V, dtype, device, bias)
     if teacher == "hidden":
-        d["teacher_hidden"] = rnd(*lead, Ht, dt=tdtype)
-        d["teacher_weight"] = rnd(V, Ht, scale=3.0 / Ht**0.5, dt=tdtype)
-        d["teacher_bias"] = rnd(V, scale=0.5, dt=tdtype) if bias else None
+        d["teacher_hidden"] = rnd(gen, *lead, Ht, dtype=tdtype, device=device)
+        d["teacher_weight"] = rnd(gen, V, Ht, dtype=tdtype, device=device, scale=3.0 / Ht**0.5)
+        d["teacher_bias"] = rnd(gen, V, dtype=tdtype, device=device, scale=0.5) if bias else None
     else:
-        d["teacher_logits"] = rnd(*lead, V, scale=3.0, dt=tdtype)
-    if labels:
-        y = torch.randint(0, V, lead, generator=gen)
-        drop = torch.rand(lead, generator=gen) < ignore_frac
-        d["labels"] = torch.where(drop, torch.full_like(y, -100), y).to(device)
-    else:
-        d["labels"] = None
+        d["teacher_logits"] = rnd(gen, *lead, V, dtype=tdtype, device=device, scale=3.0)
+    d["labels"] = lin.random_labels(gen, lead, V, ignore_frac, device) if labels else None
     return d
 
 
@@ -102,36 +84,12 @@ def call(fn, d, **kw):
 def reference_loss(d, grad_output=None, **kw):
     """(loss, grad_hidden, grad_weight, grad_bias), all float64 on the CPU, from materialised
     logits."""
-
-    def f64(x):
-        return x.detach().to("cpu", F64) if x is not None else None
-
-    sh = f64(d["student_hidden"]).requires_grad_()
-    sw = f64(d["student_weight"]).requires_grad_()
-    sb = d["student_bias"]
-    sb = f64(sb).requires_grad_() if sb is not None else None
-    s = F.linear(sh, sw, sb)
     if d.get("teacher_logits") is not None:
         t = f64(d["teacher_logits"])
     else:
         t = F.linear(f64(d["teacher_hidden"]), f64(d["teacher_weight"]), f64(d.get("teacher_bias")))
     y = d["labels"].cpu() if d["labels"] is not None else None
-    loss = reference.kd_loss(s, t, y, **kw)
-    go = torch.ones_like(loss) if grad_output is None else f64(grad_output)
-    grads = torch.autograd.grad(loss, [sh, sw] + ([sb] if sb is not None else []), go)
-    return (loss.detach(),) + tuple(grads) + ((None,) if sb is None else ())
-
-
-def assert_close(got, want, tol, what):
-    """Max abs error relative to the reference's max magnitude (gradients have many ~0 entries)."""
-    assert got is not None and want is not None, what
-    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    err = (got.detach().to("cpu", F64) - want).abs().max().item() if want.numel() else 0.0
-    scale = max(want.abs().max().item() if want.numel() else 0.0, 1e-12)
-    assert err <= tol * scale, f"{what}: max abs err {err:.3e} > {tol:.1e} * {scale:.3e}"
-
-
-TOL = {F64: 1e-10, torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 4e-2}
+    return lin.through_linear(d, lambda s: reference.kd_loss(s, t, y, **kw), grad_output)
 
 
 def run_and_check(d, tol, ctx, grad_output=None, **kw):
@@ -139,18 +97,7 @@ def run_and_check(d, tol, ctx, grad_output=None, **kw):
     ref = reference_loss(
         d, grad_output=grad_output, **{k: v for k, v in kw.items() if k != "chunk_size"}
     )
-    go = torch.ones_like(loss) if grad_output is None else grad_output.to(loss.device, loss.dtype)
-    loss.backward(go)
-    assert_close(loss, ref[0], tol, f"loss {ctx}")
-    names = ("student_hidden", "student_weight", "student_bias")
-    for name, want in zip(names, ref[1:]):
-        x = d[name]
-        if x is None:
-            continue
-        assert x.grad is not None, f"{name}: no gradient {ctx}"
-        assert x.grad.dtype == x.dtype and x.grad.shape == x.shape
-        assert_close(x.grad, want, tol, f"grad {name} {ctx}")
-    return loss
+    return lin.backward_and_check(d, loss, ref, tol, ctx, grad_output)
 
 
 @pytest.mark.parametrize("divergence", DIVS)
@@ -158,15 +105,7 @@ def run_and_check(d, tol, ctx, grad_output=None, **kw):
 def test_every_divergence_and_reduction(gen, device, divergence, reduction):
     N, H, V = 13, 8, 37
     d = make(gen, N, H, V, F64, device=device)
-    kw = dict(
-        temperature=2.0,
-        soft_weight=0.7,
-        hard_weight=0.4,
-        divergence=divergence,
-        beta=0.3,
-        reduction=reduction,
-        chunk_size=3,
-    )
+    kw = lin.options(divergence, reduction=reduction, chunk_size=3)
     shape = (N,) if reduction == "none" else ()
     go = torch.rand(shape, generator=gen, dtype=F64) * 2 + 0.5  # grad_output != 1
     run_and_check(d, TOL[F64], _ctx(div=divergence, red=reduction), grad_output=go, **kw)
@@ -511,13 +450,7 @@ def test_large_vocab(gen, device, dtype, divergence, reduction):
         TOL[dtype],
         _ctx(dtype=dtype, div=divergence, red=reduction),
         grad_output=go,
-        temperature=2.0,
-        soft_weight=0.6,
-        hard_weight=0.4,
-        divergence=divergence,
-        beta=0.3,
-        reduction=reduction,
-        chunk_size=16,
+        **lin.options(divergence, soft_weight=0.6, reduction=reduction, chunk_size=16),
     )
 
 

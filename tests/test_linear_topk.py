@@ -19,17 +19,18 @@ import os
 import subprocess
 import sys
 
+import linear_helpers as lin
 import pytest
 import torch
 import torch.nn.functional as F
+from linear_helpers import F64, TOL, assert_close, f64
+from linear_helpers import ctx as _ctx
 
 import kdfused
 from kdfused import reference
 
 pytestmark = pytest.mark.fused_only
 
-SEED = int(os.environ.get("KDFUSED_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
-F64 = torch.float64
 REDS = ["batchmean", "mean", "sum", "none"]
 ALL_DIVS = ["kl", "ce", "reverse_kl", "jsd", "tvd"]
 # (support, values, divergence): every combination the spec allows.
@@ -38,18 +39,12 @@ COMBOS = (
     + [("renormalized", v, d) for v in ("logits", "logprobs") for d in ALL_DIVS]
     + [("tail", "logprobs", d) for d in ALL_DIVS]
 )
-# As tests/test_linear.py: max abs error relative to the oracle's largest magnitude.
-TOL = {F64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 4e-2}
 T = 2.0
 
 
 @pytest.fixture
 def gen(request):
-    return torch.Generator().manual_seed(SEED ^ (hash(request.node.nodeid) & 0x7FFFFFFF))
-
-
-def _ctx(**kw):
-    return f"[KDFUSED_TEST_SEED={SEED} " + " ".join(f"{k}={v}" for k, v in kw.items()) + "]"
+    return lin.generator(request.node.nodeid)
 
 
 def make(
@@ -72,10 +67,6 @@ def make(
     int32, values the teacher's top-k logits or log_softmax(t / T) at them (float32); with
     ``pad_frac`` that share of entries is padding (-inf, index 0 as TRL pads)."""
     lead = lead or (N,)
-
-    def rnd(*shape, scale=1.0):
-        return (torch.randn(shape, generator=gen, dtype=F64) * scale).to(device=device, dtype=dtype)
-
     t = torch.randn(*lead, V, generator=gen, dtype=F64) * 3.0
     if values == "logprobs":
         t = F.log_softmax(t / T, -1)
@@ -84,23 +75,16 @@ def make(
         pad = torch.rand(val.shape, generator=gen) < pad_frac
         val = val.masked_fill(pad, float("-inf"))
         idx = idx.masked_fill(pad, 0)
-    d = dict(
-        student_hidden=rnd(*lead, H).requires_grad_(),
-        student_weight=rnd(V, H, scale=3.0 / H**0.5).requires_grad_(),
-        student_bias=rnd(V, scale=0.5).requires_grad_() if bias else None,
-        teacher_indices=idx.to(device=device, dtype=torch.int32),
-        teacher_values=val.to(device=device, dtype=torch.float32 if dtype != F64 else F64),
-        labels=None,
-    )
-    if labels:
-        y = torch.randint(0, V, lead, generator=gen)
-        drop = torch.rand(lead, generator=gen) < ignore_frac
-        d["labels"] = torch.where(drop, torch.full_like(y, -100), y).to(device)
+    d = lin.student_layer(gen, lead, H, V, dtype, device, bias)
+    d["teacher_indices"] = idx.to(device=device, dtype=torch.int32)
+    d["teacher_values"] = val.to(device=device, dtype=torch.float32 if dtype != F64 else F64)
+    d["labels"] = lin.random_labels(gen, lead, V, ignore_frac, device) if labels else None
     return d
 
 
-def call(d, **kw):
-    return kdfused.linear_topk_kd_loss(
+def call(d, fn=kdfused.linear_topk_kd_loss, **kw):
+    """fn (the function, or a LinearTopKKDLoss) on the layer and the stored top-k of d."""
+    return fn(
         d["student_hidden"],
         d["student_weight"],
         d["teacher_indices"],
@@ -111,55 +95,25 @@ def call(d, **kw):
     )
 
 
-def _f64(x):
-    return None if x is None else x.detach().to("cpu", F64)
-
-
 def oracle(d, grad_output=None, fn=None, **kw):
     """(loss, grad hidden, grad weight, grad bias) in float64 on the CPU from materialised logits
     (``fn``: reference.topk_kd_loss by default)."""
     fn = fn or reference.topk_kd_loss
     kw = {k: v for k, v in kw.items() if k != "chunk_size"}
-    sh = _f64(d["student_hidden"]).requires_grad_()
-    sw = _f64(d["student_weight"]).requires_grad_()
-    sb = d["student_bias"]
-    sb = _f64(sb).requires_grad_() if sb is not None else None
     y = None if d["labels"] is None else d["labels"].cpu()
     idx = d["teacher_indices"].cpu().long()
-    loss = fn(F.linear(sh, sw, sb), idx, _f64(d["teacher_values"]), y, **kw)
-    go = torch.ones_like(loss) if grad_output is None else _f64(grad_output)
-    grads = torch.autograd.grad(loss, [sh, sw] + ([sb] if sb is not None else []), go)
-    return (loss.detach(),) + tuple(grads) + ((None,) if sb is None else ())
-
-
-def assert_close(got, want, tol, what):
-    assert got is not None and want is not None, what
-    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    err = (got.detach().to("cpu", F64) - want).abs().max().item() if want.numel() else 0.0
-    scale = max(want.abs().max().item() if want.numel() else 0.0, 1e-12)
-    assert err <= tol * scale, f"{what}: max abs err {err:.3e} > {tol:.1e} * {scale:.3e}"
+    vals = f64(d["teacher_values"])
+    return lin.through_linear(d, lambda s: fn(s, idx, vals, y, **kw), grad_output)
 
 
 def run_and_check(d, tol, ctx, grad_output=None, fn=None, **kw):
     loss = call(d, **kw)
     ref = oracle(d, grad_output=grad_output, fn=fn, **kw)
-    go = torch.ones_like(loss) if grad_output is None else grad_output.to(loss.device, loss.dtype)
-    loss.backward(go)
-    assert_close(loss, ref[0], tol, f"loss {ctx}")
-    for name, want in zip(("student_hidden", "student_weight", "student_bias"), ref[1:]):
-        x = d[name]
-        if x is None or not x.requires_grad:
-            continue
-        assert x.grad is not None, f"{name}: no gradient {ctx}"
-        assert x.grad.dtype == x.dtype and x.grad.shape == x.shape, (name, ctx)
-        assert_close(x.grad, want, tol, f"grad {name} {ctx}")
-    return loss
+    return lin.backward_and_check(d, loss, ref, tol, ctx, grad_output)
 
 
 def _kw(support, values, divergence, **extra):
-    kw = dict(temperature=T, soft_weight=0.7, hard_weight=0.4, divergence=divergence, beta=0.3)
-    kw.update(support=support, values=values, **extra)
-    return kw
+    return lin.options(divergence, temperature=T, support=support, values=values, **extra)
 
 
 @pytest.mark.parametrize("support,values,divergence", COMBOS)
@@ -307,14 +261,7 @@ def test_module(gen, device):
         crit.values = "logits"  # tail needs log-probs: checked when set
     with pytest.raises(ValueError, match="chunk_size"):
         kdfused.LinearTopKKDLoss(chunk_size=0)
-    loss = crit(
-        d["student_hidden"],
-        d["student_weight"],
-        d["teacher_indices"],
-        d["teacher_values"],
-        d["labels"],
-        student_bias=d["student_bias"],
-    )
+    loss = call(d, fn=crit)
     ref = oracle(d, **kw)
     assert_close(loss, ref[0], TOL[F64], _ctx())
 
@@ -405,7 +352,7 @@ def test_peak_memory_below_the_logits():
     # whatever earlier tests left in the heap and the gradient-buffer cache.
     bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
     out = subprocess.run(
-        [sys.executable, "-c", _PEAK_SCRIPT, bench, str(SEED)],
+        [sys.executable, "-c", _PEAK_SCRIPT, bench, str(lin.SEED)],
         capture_output=True, text=True, timeout=300, check=True,
     )  # fmt: skip
     last = out.stdout.strip().splitlines()[-1]

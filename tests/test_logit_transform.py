@@ -15,7 +15,7 @@ import re
 
 import pytest
 import torch
-import torch.nn.functional as F
+from trl_jsd import generalized_jsd_per_token
 
 from kdfused import reference
 from kdfused._checks import check_logit_transform
@@ -104,27 +104,35 @@ def _hard_ce(zs, keep, y, r):
     return torch.logsumexp(zs, dim=0) - zs[at]
 
 
-def independent_kd(s, t, y, *, reduction, tf, temperature, soft_weight, hard_weight, divergence,
-                   beta):  # fmt: skip
-    """s, t: float64 (..., V), a column masked (-inf) in a row on both sides; y: labels or None."""
+def _independent_loss(s, y, soft_term, *, reduction, tf, temperature, soft_weight, hard_weight):
+    """Each row of s (..., V): soft_weight T^2 soft_term(r, keep, zs) (row r's divergence, given
+    its unmasked columns and their transformed logits) + hard_weight x the hard CE, 0 at ignored
+    rows; reduced like kd_loss."""
     lead, V = s.shape[:-1], s.shape[-1]
-    s2, t2 = s.reshape(-1, V), t.reshape(-1, V)
     T = temperature
     rows = []
-    for r, keep, zs in _student_rows(s2, y, tf):
+    for r, keep, zs in _student_rows(s.reshape(-1, V), y, tf):
         row = torch.zeros((), dtype=F64)
-        if keep is None:  # an ignored row
-            rows.append(row)
-            continue
-        zt = _transform(t2[r, keep], tf["teacher_logit_scale"], tf["teacher_softcap"])
-        if soft_weight != 0:
-            D = _divergence(_log_softmax(zt / T), _log_softmax(zs / T), divergence, beta)
-            row = row + soft_weight * T * T * D
-        if hard_weight != 0:
-            row = row + hard_weight * _hard_ce(zs, keep, y, r)
+        if keep is not None:  # (an ignored row stays 0)
+            if soft_weight != 0:
+                row = row + soft_weight * T * T * soft_term(r, keep, zs)
+            if hard_weight != 0:
+                row = row + hard_weight * _hard_ce(zs, keep, y, r)
         rows.append(row)
     n_valid = len(rows) if y is None else int((y != IGNORE).sum())
     return _reduce(torch.stack(rows), n_valid, reduction, lead)
+
+
+def independent_kd(s, t, y, *, tf, temperature, divergence, beta, **weights_and_reduction):
+    """s, t: float64 (..., V), a column masked (-inf) in a row on both sides; y: labels or None."""
+    t2 = t.reshape(-1, t.shape[-1])
+    T = temperature
+
+    def soft_term(r, keep, zs):
+        zt = _transform(t2[r, keep], tf["teacher_logit_scale"], tf["teacher_softcap"])
+        return _divergence(_log_softmax(zt / T), _log_softmax(zs / T), divergence, beta)
+
+    return _independent_loss(s, y, soft_term, tf=tf, temperature=T, **weights_and_reduction)
 
 
 def independent_entropy(s, y, *, tf, temperature):
@@ -140,35 +148,24 @@ def independent_entropy(s, y, *, tf, temperature):
     return out.reshape(lead)
 
 
-def independent_topk(s, idx, v, y, *, reduction, tf, temperature, soft_weight, hard_weight,
-                     divergence):  # fmt: skip
+def independent_topk(s, idx, v, y, *, tf, temperature, divergence, **weights_and_reduction):
     """Top-k: p over the k stored values (a -inf value has no mass), q over the vocabulary."""
-    lead, V, k = s.shape[:-1], s.shape[-1], idx.shape[-1]
-    s2, idx2, v2 = s.reshape(-1, V), idx.reshape(-1, k), v.reshape(-1, k)
+    k = idx.shape[-1]
+    idx2, v2 = idx.reshape(-1, k), v.reshape(-1, k)
     T = temperature
-    rows = []
-    for r, keep, zs in _student_rows(s2, y, tf):
-        row = torch.zeros((), dtype=F64)
-        if keep is None:  # an ignored row
-            rows.append(row)
-            continue
-        if soft_weight != 0:
-            lq = _log_softmax(zs / T)
-            has = torch.isfinite(v2[r])
-            pos = torch.searchsorted(keep, idx2[r, has])
-            assert torch.equal(keep[pos], idx2[r, has])
-            zt = _transform(v2[r, has], tf["teacher_logit_scale"], tf["teacher_softcap"])
-            lp = _log_softmax(zt / T)
-            if divergence == "kl":
-                D = (lp.exp() * (lp - lq[pos])).sum()
-            else:
-                D = -(lp.exp() * lq[pos]).sum()
-            row = row + soft_weight * T * T * D
-        if hard_weight != 0:
-            row = row + hard_weight * _hard_ce(zs, keep, y, r)
-        rows.append(row)
-    n_valid = len(rows) if y is None else int((y != IGNORE).sum())
-    return _reduce(torch.stack(rows), n_valid, reduction, lead)
+
+    def soft_term(r, keep, zs):
+        lq = _log_softmax(zs / T)
+        has = torch.isfinite(v2[r])
+        pos = torch.searchsorted(keep, idx2[r, has])
+        assert torch.equal(keep[pos], idx2[r, has])
+        zt = _transform(v2[r, has], tf["teacher_logit_scale"], tf["teacher_softcap"])
+        lp = _log_softmax(zt / T)
+        if divergence == "kl":
+            return (lp.exp() * (lp - lq[pos])).sum()
+        return -(lp.exp() * lq[pos]).sum()
+
+    return _independent_loss(s, y, soft_term, tf=tf, temperature=T, **weights_and_reduction)
 
 
 # ---------------------------------------------------------------- inputs and comparisons
@@ -424,33 +421,11 @@ def test_entropy_without_labels(fn, gen):
 def trl_per_token_loss(student, teacher, labels, *, beta, temperature, tf):
     """TRL's generalised JSD per token (GKDTrainer.generalized_jsd_loss) with each side's logits
     scaled and soft-capped first, averaged over the tokens whose label is not -100."""
-    zs = student * tf["student_logit_scale"]
-    if tf["student_softcap"] is not None:
-        zs = tf["student_softcap"] * torch.tanh(zs / tf["student_softcap"])
-    zt = teacher * tf["teacher_logit_scale"]
-    if tf["teacher_softcap"] is not None:
-        zt = tf["teacher_softcap"] * torch.tanh(zt / tf["teacher_softcap"])
-    student_log_probs = F.log_softmax(zs / temperature, dim=-1)
-    teacher_log_probs = F.log_softmax(zt / temperature, dim=-1)
-    if beta == 0:
-        jsd = F.kl_div(student_log_probs, teacher_log_probs, reduction="none", log_target=True)
-    elif beta == 1:
-        jsd = F.kl_div(teacher_log_probs, student_log_probs, reduction="none", log_target=True)
-    else:
-        b = torch.tensor(beta, dtype=student_log_probs.dtype)
-        mixture_log_probs = torch.logsumexp(
-            torch.stack([student_log_probs + torch.log(1 - b), teacher_log_probs + torch.log(b)]),
-            dim=0,
-        )
-        kl_teacher = F.kl_div(
-            mixture_log_probs, teacher_log_probs, reduction="none", log_target=True
-        )
-        kl_student = F.kl_div(
-            mixture_log_probs, student_log_probs, reduction="none", log_target=True
-        )
-        jsd = b * kl_teacher + (1 - b) * kl_student
+    zs = _transform(student, tf["student_logit_scale"], tf["student_softcap"])
+    zt = _transform(teacher, tf["teacher_logit_scale"], tf["teacher_softcap"])
+    per_token = generalized_jsd_per_token(zs, zt, beta, temperature)
     mask = labels != IGNORE
-    return jsd[mask].sum() / mask.sum()
+    return per_token[mask].sum() / mask.sum()
 
 
 @pytest.mark.parametrize("fn", KD_IMPLS)
@@ -568,19 +543,20 @@ def _call_each(fn, gen, **kw):
     return fn(s, t, y, **kw)
 
 
-def _expected_message(exc, name, value):
+def _assert_refused_as_checked(exc, fn, gen, name, value):
+    """fn refuses name=value with check_logit_transform's exception and message, which names it."""
     with pytest.raises(exc) as info:
         check_logit_transform(**dict(_DEFAULTS, **{name: value}))
-    return str(info.value)
+    msg = str(info.value)
+    assert name in msg
+    with pytest.raises(exc, match=re.escape(msg)):
+        _call_each(fn, gen, **{name: value})
 
 
 @pytest.mark.parametrize("fn", KD_IMPLS + TOPK_IMPLS)
 @pytest.mark.parametrize(("name", "value"), BAD_VALUES, ids=[f"{n}={v}" for n, v in BAD_VALUES])
 def test_bad_value(fn, name, value, gen):
-    msg = _expected_message(ValueError, name, value)
-    assert name in msg
-    with pytest.raises(ValueError, match=re.escape(msg)):
-        _call_each(fn, gen, **{name: value})
+    _assert_refused_as_checked(ValueError, fn, gen, name, value)
 
 
 @pytest.mark.parametrize("fn", KD_IMPLS + TOPK_IMPLS)
@@ -588,10 +564,7 @@ def test_bad_value(fn, name, value, gen):
     ("name", "value"), BAD_TYPES, ids=[f"{n}:{type(v).__name__}" for n, v in BAD_TYPES]
 )
 def test_bad_type(fn, name, value, gen):
-    msg = _expected_message(TypeError, name, value)
-    assert name in msg
-    with pytest.raises(TypeError, match=re.escape(msg)):
-        _call_each(fn, gen, **{name: value})
+    _assert_refused_as_checked(TypeError, fn, gen, name, value)
 
 
 @pytest.mark.parametrize("fn", KD_IMPLS + TOPK_IMPLS)

@@ -8,6 +8,15 @@ import math
 
 import pytest
 import torch
+from masked_inputs import (
+    NEG_INF,
+    all_inf_row,
+    assert_masked_columns_clean,
+    assert_padding_row_clean,
+    labels_off_mask,
+    masked_logits,
+    padding_row,
+)
 
 from oracle import (
     assert_grad,
@@ -20,9 +29,6 @@ from oracle import (
 )
 from params import DT
 from params import ctx as _ctx
-
-NEG_INF = float("-inf")
-
 
 _run = functools.partial(run_op, grad_teacher=True)
 
@@ -40,22 +46,13 @@ def test_masked_vocab_both(kd_loss, device, gen, seed, V, temperature, divergenc
     """The same positions masked (-inf) in student and teacher: finite loss equal to the oracle,
     gradients exactly 0 at the masked positions, no NaN anywhere."""
     N = 6
-    mask = random_mask(N, V, gen, 0.4, device)
-    s = make_logits((N, V), dtype, device, gen).masked_fill(mask, NEG_INF)
-    t = make_logits((N, V), dtype, device, gen).masked_fill(mask, NEG_INF)
-    labels = make_labels((N,), V, device, gen, 0.0)
-    # labels on unmasked positions (hard CE at a masked label would be +inf)
-    labels = torch.where(
-        mask.gather(1, labels.unsqueeze(1)).squeeze(1), (~mask).int().argmax(1), labels
-    )
+    mask, s, t = masked_logits(N, V, dtype, device, gen, 0.4)
+    labels = labels_off_mask(make_labels((N,), V, device, gen, 0.0), mask)
     kw = dict(temperature=temperature, soft_weight=0.8, hard_weight=0.2, divergence=divergence)
     loss, gs, gt, _ = check_against_oracle(
         kd_loss, s, t, labels, grad_teacher=True, ctx=_ctx(seed, V=V, **kw), **kw
     )
-    assert torch.isfinite(loss).all()
-    assert torch.isfinite(gs).all() and torch.isfinite(gt).all()
-    assert (gs[mask] == 0).all(), "student gradient must be exactly 0 at masked positions"
-    assert (gt[mask] == 0).all(), "teacher gradient must be exactly 0 at masked positions"
+    assert_masked_columns_clean(loss, gs, gt, mask)
 
 
 @pytest.mark.parametrize("dtype", DT)
@@ -134,10 +131,7 @@ def test_all_inf_row_is_nan(kd_loss, device, gen, seed, dtype):
     """A row entirely -inf (student and teacher) is NaN, as softmax; the other rows of a
     reduction="none" result are unaffected; reduced losses are NaN."""
     N, V = 4, 40
-    s = make_logits((N, V), dtype, device, gen)
-    t = make_logits((N, V), dtype, device, gen)
-    s[2] = NEG_INF
-    t[2] = NEG_INF
+    s, t = all_inf_row(N, V, dtype, device, gen, 2)
     rows = kd_loss(s, t, None, temperature=2.0, reduction="none")
     assert torch.isnan(rows[2]), rows
     ref = oracle(s, t, None, temperature=2.0, reduction="none")
@@ -162,18 +156,10 @@ def test_all_inf_row_is_nan(kd_loss, device, gen, seed, dtype):
 def test_all_inf_row_ignored(kd_loss, device, gen, seed, dtype, reduction):
     """An ignored row contributes 0 to the loss and 0 to every gradient even if it is entirely
     -inf (e.g. padding): no NaN leaks into the loss or into any gradient."""
-    N, V = 4, 40
-    s = make_logits((N, V), dtype, device, gen)
-    t = make_logits((N, V), dtype, device, gen)
-    s[2] = NEG_INF
-    t[2] = NEG_INF
-    labels = make_labels((N,), V, device, gen, 0.0)
-    labels[2] = -100
+    s, t, labels = padding_row(4, 40, dtype, device, gen, 2)
     kw = dict(temperature=2.0, soft_weight=0.6, hard_weight=0.4, reduction=reduction)
     loss, gs, gt = _run(kd_loss, s, t, labels, **kw)
-    assert not torch.isnan(loss).any(), loss
-    assert (gs[2] == 0).all() and (gt[2] == 0).all(), "ignored row must get exactly 0 gradient"
-    assert not torch.isnan(gs).any() and not torch.isnan(gt).any()
+    assert_padding_row_clean(loss, gs, gt, 2)
     check_against_oracle(kd_loss, s, t, labels, grad_teacher=True, ctx=_ctx(seed), **kw)
 
 

@@ -16,6 +16,7 @@ import zlib
 
 import pytest
 import torch
+from topk_checks import check_against_ref, run_fused, run_ref, tolerances
 
 import kdfused
 from kdfused import _C
@@ -81,54 +82,6 @@ def make_case(
         vals.reshape(*lead, k).to(vdtype).to(device),
         y.reshape(lead).to(device),
     )
-
-
-def run_fused(s, idx, vals, y, **kw):
-    s1 = s.detach().clone().requires_grad_()
-    loss = kdfused.topk_kd_loss(s1, idx, vals, y, **kw)
-    go = torch.ones_like(loss)
-    loss.backward(go)
-    return loss.detach(), s1.grad  # detached: the graph (and s1 with its .grad) can go
-
-
-def run_ref(s, idx, vals, y, **kw):
-    s2 = s.detach().double().requires_grad_()
-    loss = ref_topk_kd_loss(s2, idx, vals.double(), y, **kw)
-    if not loss.requires_grad:  # both weights 0: a constant
-        return loss, torch.zeros_like(s2)
-    loss.backward(torch.ones_like(loss))
-    return loss, s2.grad
-
-
-def tolerances(dtype, vdtype, kw, V):
-    """(loss atol, loss rtol, grad atol, grad rtol) for comparing with the float64 reference.
-    float32 accumulation: exp_u20 and log errors ~1e-6 relative on terms of size log V, times the
-    T^2 of the loss; the gradient is rounded to the student's dtype."""
-    T = kw.get("temperature", 1.0)
-    sw, hw = kw.get("soft_weight", 1.0), kw.get("hard_weight", 0.0)
-    acc64 = torch.float64 in (dtype, vdtype)
-    eps = 1e-12 if acc64 else 3e-6
-    lv = 1.0 + math.log(V)
-    loss_atol = eps * lv * 4 * (sw * T * T + hw)
-    g_round = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 2.0**-22}.get(
-        dtype, 0.0
-    )
-    grad_atol = eps * 4 * (sw * T + hw) + g_round * (sw * T + hw) * 0.05
-    grad_rtol = max(eps * 10, g_round)
-    return loss_atol, max(eps * 10, 1e-12), grad_atol, grad_rtol
-
-
-def check_against_ref(s, idx, vals, y, **kw):
-    loss, grad = run_fused(s, idx, vals, y, **kw)
-    rloss, rgrad = run_ref(s, idx, vals, y, **kw)
-    la, lr, ga, gr = tolerances(s.dtype, vals.dtype, kw, s.shape[-1])
-    acc = torch.float64 if torch.float64 in (s.dtype, vals.dtype) else torch.float32
-    assert loss.dtype == acc
-    assert grad.dtype == s.dtype and grad.shape == s.shape
-    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
-    torch.testing.assert_close(loss.double().cpu(), rloss.cpu(), atol=la, rtol=lr)
-    torch.testing.assert_close(grad.double().cpu(), rgrad.cpu(), atol=ga, rtol=gr)
-    return loss, grad
 
 
 # ---- semantics against the float64 reference ---------------------------------------------------

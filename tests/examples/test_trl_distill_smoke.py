@@ -8,21 +8,17 @@ the JSON / Markdown report is written.
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 
-from example_run import run_example
+from example_run import run_example_report
 
 pytest.importorskip("trl")
 
 
 def test_trl_distill_quick(tmp_path):
-    run_example("trl_distill.py", tmp_path)
-    with open(tmp_path / "trl_distill_quick.json") as f:
-        res = json.load(f)
-    assert (tmp_path / "trl_distill_quick.md").read_text().startswith("| step |")
+    res = run_example_report("trl_distill.py", tmp_path, "trl_distill_quick", "| step |")
 
     steps = res["config"]["steps"]
     ways = res["ways"]
