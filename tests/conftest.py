@@ -27,7 +27,13 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 def _run_seed() -> int:
     env = os.environ.get("KDFUSED_TEST_SEED", "").strip()
-    return int(env) if env else secrets.randbits(48)
+    if env:
+        return int(env)
+    seed = secrets.randbits(48)
+    # The processes started later inherit it: pytest-xdist's workers (so that the seed printed by
+    # the main process replays their tests) and the tests' own subprocesses.
+    os.environ["KDFUSED_TEST_SEED"] = str(seed)
+    return seed
 
 
 RUN_SEED = _run_seed()

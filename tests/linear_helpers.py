@@ -4,12 +4,12 @@ student gradients through F.linear on the CPU, and the comparison of the op's wi
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
-SEED = int(os.environ.get("KDFUSED_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
+from conftest import RUN_SEED, seed_for
+
+SEED = RUN_SEED
 F64 = torch.float64
 # max abs error relative to the float64 result's largest magnitude, by input dtype
 TOL = {F64: 1e-10, torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 4e-2}
@@ -24,9 +24,9 @@ def options(divergence="kl", **more) -> dict:
 
 
 def generator(nodeid: str) -> torch.Generator:
-    """One generator per test, seeded from SEED and the test's id: reruns with the same seed
-    repeat."""
-    return torch.Generator().manual_seed(SEED ^ (hash(nodeid) & 0x7FFFFFFF))
+    """One generator per test, seeded from the run's seed and the test's id: reruns with the same
+    KDFUSED_TEST_SEED repeat (in any process)."""
+    return torch.Generator().manual_seed(seed_for(nodeid))
 
 
 def ctx(**kw) -> str:

@@ -16,6 +16,7 @@ import math
 
 import pytest
 import torch
+
 from masked_inputs import (
     NEG_INF,
     all_inf_row,
@@ -25,8 +26,6 @@ from masked_inputs import (
     masked_logits,
     padding_row,
 )
-from trl_jsd import generalized_jsd_per_token
-
 from oracle import (
     assert_grad,
     assert_matches,
@@ -38,6 +37,7 @@ from oracle import (
     run_op,
 )
 from params import DT, ERRORS, REDUCTIONS, ctx
+from trl_jsd import generalized_jsd_per_token
 
 BETAS = [0.0, 0.1, 0.5, 0.9, 1.0]
 # (divergence, beta): every new divergence, the JSD at every beta

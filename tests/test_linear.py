@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import os
 
-import linear_helpers as lin
 import pytest
 import torch
 import torch.nn.functional as F
-from linear_helpers import F64, TOL, assert_close, f64, rnd
-from linear_helpers import ctx as _ctx
 
 import kdfused
 from kdfused import reference
+
+import linear_helpers as lin
+from linear_helpers import F64, TOL, assert_close, f64, rnd
+from linear_helpers import ctx as _ctx
 
 pytestmark = pytest.mark.fused_only
 

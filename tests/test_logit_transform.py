@@ -15,10 +15,11 @@ import re
 
 import pytest
 import torch
-from trl_jsd import generalized_jsd_per_token
 
 from kdfused import reference
 from kdfused._checks import check_logit_transform
+
+from trl_jsd import generalized_jsd_per_token
 
 # The kd_loss-like and topk_kd_loss-like functions that take student_logit_scale,
 # teacher_logit_scale, student_softcap, teacher_softcap (and, for KD_IMPLS, return_entropy).

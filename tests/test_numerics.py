@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+
 from masked_inputs import (
     NEG_INF,
     all_inf_row,
@@ -17,7 +18,6 @@ from masked_inputs import (
     masked_logits,
     padding_row,
 )
-
 from oracle import (
     assert_grad,
     check_against_oracle,

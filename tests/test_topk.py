@@ -16,11 +16,12 @@ import zlib
 
 import pytest
 import torch
-from topk_checks import check_against_ref, run_fused, run_ref, tolerances
 
 import kdfused
 from kdfused import _C
 from kdfused._reference_topk import topk_kd_loss as ref_topk_kd_loss
+
+from topk_checks import check_against_ref, run_fused, run_ref, tolerances
 
 SEED = int(os.environ.get("KDFUSED_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
 print(f"test_topk: KDFUSED_TEST_SEED={SEED}")

@@ -14,11 +14,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from topk_checks import check_against_ref, run_fused, tolerances
 
 import kdfused
 from kdfused._checks import DIVERGENCES, SUPPORTS, TOPK_DIVERGENCES
 from kdfused.reference import topk_kd_loss as ref_topk_kd_loss
+
+from topk_checks import check_against_ref, run_fused, tolerances
 
 pytestmark = pytest.mark.fused_only
 
