@@ -380,9 +380,13 @@ def test_ddp_two_processes(tmp_path, seed):
                     text=True,
                 )
             )
-        logs = [p.communicate(timeout=300)[0] for p in procs]
-        if not any("address already in use" in log.lower() for log in logs):
-            break
+        first = procs[0].communicate(timeout=300)[0]
+        if procs[0].returncode != 0 and "address already in use" in first.lower():
+            procs[1].kill()  # (it would wait for rank 0's store until its timeout)
+            logs = [first, procs[1].communicate()[0]]
+            continue
+        logs = [first, procs[1].communicate(timeout=300)[0]]
+        break
     assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
     import json
 
