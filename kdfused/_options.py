@@ -1,9 +1,15 @@
-"""The loss options of every op, checked once per call: :class:`KDOptions` and :func:`parse`.
+"""The loss options of every op, declared once: :class:`KDOptions`, :func:`parse` and
+:func:`takes_options`.
 
-A call checks its options' Python types and values once, here, and from then on passes one
-frozen :class:`KDOptions`: to the op (``op_args`` and friends, in the schemas' orders), to the
-vocabulary-parallel exchange (``exchange_code``) and to the modules' ``repr``. The modules build
-theirs when they are built and reuse it for every call.
+The ops take the options as keywords (``**options: Unpack[LossOptions]``, which type checkers
+read); :func:`takes_options` gives each op the signature that spells them out, with their types
+and defaults, from :class:`KDOptions` (what ``help()``, ``inspect.signature``, the docs and the
+modules' constructors show), and :func:`option_values` turns a call's keywords into KDOptions'
+order (and :func:`parse_keywords` checks them). A call checks its options' Python types and
+values once, here, and from then on passes one frozen :class:`KDOptions`: to the op (``op_args``
+and friends, in the schemas' orders), to the vocabulary-parallel exchange (``exchange_code``)
+and to the modules' ``repr``. The modules build theirs when they are built and reuse it for
+every call.
 
 Nothing here imports the compiled extension (``kdfused.reference`` uses the same checks).
 """
@@ -12,8 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import zlib
-from typing import Optional
+from typing import Callable, Optional, TypedDict, TypeVar
 
 import torch
 
@@ -170,12 +177,130 @@ def parse(
     (TypeError, messages starting with ``who``), then, with ``check_values``, the values
     (ValueError, the C++ op's messages; ``divergences``: the names the op accepts). Cached: a
     training loop passes the same options at every call."""
+    return cached_call(_parse_cached, _parse, who, divergences, check_values, *options)
+
+
+def _from_keywords(who, divergences, check_values, function, /, **keywords) -> KDOptions:
+    return _parse(who, divergences, check_values, *option_values(function, keywords))
+
+
+_from_keywords_cached = functools.lru_cache(maxsize=256, typed=True)(_from_keywords)
+
+
+def parse_keywords(
+    function: str,
+    keywords: dict,
+    *,
+    who: str = "kdfused",
+    divergences: tuple = DIVERGENCES,
+    check_values: bool = True,
+) -> KDOptions:
+    """:func:`parse` of the options that a call of ``function`` gave as ``keywords`` (its
+    ``**options``); a keyword it does not take raises Python's ``TypeError``."""
+    args = (who, divergences, check_values, function)
+    return cached_call(_from_keywords_cached, _from_keywords, *args, **keywords)
+
+
+def cached_call(cached, parser, who, divergences, check_values, /, *args, **keywords):
+    """``parser(who, divergences, check_values, *args, **keywords)``, from ``cached`` (its
+    ``lru_cache``) where it can be."""
     if torch.compiler.is_compiling():
         # Traced: the values may be symbolic (dynamic=True), which math.isfinite cannot take;
         # the op checks them when the compiled graph calls it (and its fake kernel at trace time).
-        return _parse(who, divergences, False, *options)
+        return parser(who, divergences, False, *args, **keywords)
     try:
-        return _parse_cached(who, divergences, check_values, *options)
+        return cached(who, divergences, check_values, *args, **keywords)
     except TypeError:
         pass  # an unhashable option, or a type error: the checks below raise it
-    return _parse(who, divergences, check_values, *options)
+    return parser(who, divergences, check_values, *args, **keywords)
+
+
+# ---- the options as keywords of the ops --------------------------------------------------------
+
+
+class LossOptions(TypedDict, total=False):
+    """The loss options every op takes as keywords, for type checkers: :class:`KDOptions`' fields
+    (the defaults are KDOptions'; a test holds the two to the same names, order and types)."""
+
+    temperature: float
+    soft_weight: float
+    hard_weight: float
+    divergence: str
+    beta: float
+    ignore_index: int
+    reduction: str
+    student_logit_scale: float
+    teacher_logit_scale: float
+    student_softcap: Optional[float]
+    teacher_softcap: Optional[float]
+
+
+class TopKLossOptions(LossOptions, total=False):
+    """The options of the top-k ops: kd_loss's, and the support and kind of stored values."""
+
+    support: str
+    values: str
+
+
+# The top-k ops' own two options and their defaults; they come after beta.
+TOPK_DEFAULTS = {"support": "full", "values": "logits"}
+
+
+_KEYWORD = inspect.Parameter.KEYWORD_ONLY
+
+
+def _option_parameters(extra: dict) -> tuple:
+    params = []
+    for f in dataclasses.fields(KDOptions):
+        if f.init:
+            params.append(inspect.Parameter(f.name, _KEYWORD, default=f.default, annotation=f.type))
+        if f.name == "beta":
+            params += [
+                inspect.Parameter(n, _KEYWORD, default=d, annotation="str")
+                for n, d in extra.items()
+            ]
+    return tuple(params)
+
+
+# The options as the ops' keyword-only parameters, in their order: kd_loss's and linear_kd_loss's,
+# and the top-k ops'.
+LOSS_PARAMETERS = _option_parameters({})
+TOPK_PARAMETERS = _option_parameters(TOPK_DEFAULTS)
+LOSS_DEFAULTS = {p.name: p.default for p in LOSS_PARAMETERS}
+TOPK_OPTION_DEFAULTS = {p.name: p.default for p in TOPK_PARAMETERS}
+
+
+_F = TypeVar("_F", bound=Callable)
+
+
+def takes_options(
+    parameters: tuple = LOSS_PARAMETERS, after: Optional[str] = None
+) -> Callable[[_F], _F]:
+    """Decorates an op that takes its options as ``**options``: its signature (``__signature__``)
+    shows them as the keyword-only ``parameters``, after the keyword ``after`` (None: before the
+    op's other keywords). The op itself is not wrapped (no cost per call)."""
+
+    def decorate(function: _F) -> _F:
+        signature = inspect.signature(function)
+        params = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        names = [p.name for p in params]
+        at = (
+            names.index(after) + 1
+            if after
+            else next((i for i, p in enumerate(params) if p.kind is _KEYWORD), len(params))
+        )
+        function.__signature__ = signature.replace(
+            parameters=[*params[:at], *parameters, *params[at:]]
+        )
+        return function
+
+    return decorate
+
+
+def option_values(function: str, keywords: dict, defaults: dict = LOSS_DEFAULTS) -> tuple:
+    """The options a call of ``function`` gave as ``keywords``, in ``defaults``' order, the
+    defaults filled in; for a keyword the op does not take, Python's own ``TypeError``."""
+    for name in keywords:
+        if name not in defaults:
+            raise TypeError(f"{function}() got an unexpected keyword argument '{name}'")
+    return tuple([keywords.get(name, default) for name, default in defaults.items()])

@@ -32,13 +32,23 @@ no valid entry has D = 0 (only its hard term, and no soft gradient); ignored row
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
 
 from . import _checks
-from ._options import parse
+from ._options import (
+    TOPK_OPTION_DEFAULTS,
+    TOPK_PARAMETERS,
+    TopKLossOptions,
+    option_values,
+    parse,
+    takes_options,
+)
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 from .reference import _tempered_log_softmax, divergence_rows, logit_transform
 
 # The tail bucket's clamp: the stored entries hold at most 1 - 1e-7 of the mass (TRL's
@@ -46,33 +56,20 @@ from .reference import _tempered_log_softmax, divergence_rows, logit_transform
 TAIL_CLAMP = -1e-7
 
 
+@takes_options(TOPK_PARAMETERS)
 def topk_kd_loss(
     student_logits: torch.Tensor,
     teacher_indices: torch.Tensor,
     teacher_values: torch.Tensor,
     labels: Optional[torch.Tensor] = None,
-    *,
-    temperature: float = 1.0,
-    soft_weight: float = 1.0,
-    hard_weight: float = 0.0,
-    divergence: str = "kl",
-    beta: float = 0.5,
-    support: str = "full",
-    values: str = "logits",
-    ignore_index: int = -100,
-    reduction: str = "batchmean",
-    student_logit_scale: float = 1.0,
-    teacher_logit_scale: float = 1.0,
-    student_softcap: Optional[float] = None,
-    teacher_softcap: Optional[float] = None,
+    **options: Unpack[TopKLossOptions],
 ) -> torch.Tensor:
     """Top-k distillation loss, pure PyTorch (see :func:`kdfused.topk_kd_loss` for the contract
     and this module's docstring for the formulas)."""
-    options = _check(
-        student_logits, teacher_indices, teacher_values, labels,
-        temperature, soft_weight, hard_weight, divergence, beta, support, values, ignore_index,
-        reduction, student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap,
-    )  # fmt: skip
+    tensors = (student_logits, teacher_indices, teacher_values, labels)
+    given = option_values("topk_kd_loss", options, TOPK_OPTION_DEFAULTS)
+    options, support, values = _check(*tensors, *given)
+    ignore_index = options.ignore_index
     T, ws, wh = options.temperature, options.soft_weight, options.hard_weight
     V, k = student_logits.shape[-1], teacher_indices.shape[-1]
     lead = student_logits.shape[:-1]
@@ -91,14 +88,15 @@ def topk_kd_loss(
     s = torch.where(rows.unsqueeze(1), student_logits.to(acc).reshape(-1, V), 0.0)
     v = torch.where(rows.unsqueeze(1) & valid, raw.to(acc), -math.inf)
     valid = valid & rows.unsqueeze(1)
-    s = logit_transform(s, student_logit_scale, student_softcap)
+    s = logit_transform(s, options.student_logit_scale, options.student_softcap)
 
     row = torch.zeros(n, dtype=acc, device=s.device)
     if ws != 0:
         if values == "logits":
-            v = logit_transform(v, teacher_logit_scale, teacher_softcap)
+            v = logit_transform(v, options.teacher_logit_scale, options.teacher_softcap)
         lp, lq, mask = _buckets(s, idx, v, valid, T, support, values)
-        D = divergence_rows(_outside(mask, lp), _outside(mask, lq), divergence, options.beta)
+        lp, lq = _outside(mask, lp), _outside(mask, lq)
+        D = divergence_rows(lp, lq, options.divergence, options.beta)
         # No valid entry: no teacher distribution, nothing to compare (never NaN).
         row = row + ws * T * T * torch.where(valid.any(-1), D, 0.0)
     if wh != 0:
@@ -106,7 +104,7 @@ def topk_kd_loss(
         hard = -F.log_softmax(s, dim=-1).gather(1, safe_y.unsqueeze(1)).squeeze(1)
         row = row + wh * hard
     row = torch.where(rows, row, 0.0)
-    return _reduce(row, rows, reduction, lead, acc)
+    return _reduce(row, rows, options.reduction, lead, acc)
 
 
 def _check(student, indices, values_t, labels, *options):
@@ -133,7 +131,7 @@ def _check(student, indices, values_t, labels, *options):
     V = student.shape[-1]
     _checks.check_label_values(labels, V, ignore_index)
     _checks.check_topk_indices(indices, values_t != -math.inf, V)
-    return parsed
+    return parsed, support, values
 
 
 def _buckets(s, idx, v, valid, T, support, values):

@@ -9,13 +9,16 @@ double backward behaviour: ``kdfused._backward``).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from . import _C, _backward, _checks, _fake
 from ._module import OptionsModule
-from ._options import KDOptions, parse
+from ._options import KDOptions, LossOptions, parse_keywords, takes_options
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 _N_INPUTS = 22  # arguments of kdfused::kd_linear_loss
 _WHO = "kdfused.linear_kd_loss"
@@ -67,6 +70,7 @@ def _check_chunk_size(chunk_size) -> int:
     return _checks.check_chunk_size(_WHO, chunk_size)
 
 
+@takes_options(after="teacher_logits")
 def linear_kd_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -77,20 +81,10 @@ def linear_kd_loss(
     student_bias: Optional[torch.Tensor] = None,
     teacher_bias: Optional[torch.Tensor] = None,
     teacher_logits: Optional[torch.Tensor] = None,
-    temperature: float = 1.0,
-    soft_weight: float = 1.0,
-    hard_weight: float = 0.0,
-    divergence: str = "kl",
-    beta: float = 0.5,
-    ignore_index: int = -100,
-    reduction: str = "batchmean",
-    student_logit_scale: float = 1.0,
-    teacher_logit_scale: float = 1.0,
-    student_softcap: Optional[float] = None,
-    teacher_softcap: Optional[float] = None,
     return_entropy: bool = False,
     chunk_size: Optional[int] = None,
     process_group=None,
+    **options: Unpack[LossOptions],
 ):
     r"""Distillation loss of the student's (and teacher's) output layer, without N x V logits.
 
@@ -164,12 +158,10 @@ def linear_kd_loss(
     _check_tensor_types(*tensors)
     # With a process group the option values are checked with the tensors, inside the exchange
     # (a bad value on one process must not leave the others blocked in a collective).
-    options = (temperature, soft_weight, hard_weight, divergence, beta, ignore_index, reduction)
-    options += (student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap)
-    options = parse(*options, who=_WHO, check_values=process_group is None)
+    parsed = parse_keywords("linear_kd_loss", options, who=_WHO, check_values=process_group is None)
     _checks.check_flag("return_entropy", return_entropy)
     chunk = _check_chunk_size(chunk_size)
-    return _dispatch(*tensors, options, chunk, process_group, return_entropy)
+    return _dispatch(*tensors, parsed, chunk, process_group, return_entropy)
 
 
 def _check_tensor_types(sh, sw, th, tw, labels, sb, tb, tl) -> None:

@@ -12,13 +12,17 @@ the backward only scales them (``kdfused._backward``: in place, no double backwa
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from . import _C, _backward, _checks
 from ._checks import FLOAT_DTYPES
+from ._options import TOPK_PARAMETERS, TopKLossOptions, takes_options
 from .topk import TopKKDLoss, TopKOptions, _topk_options
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 _WHO = "kdfused.linear_topk_kd_loss"
 _INDEX_DTYPES = (torch.int64, torch.int32)
@@ -301,6 +305,7 @@ def _dispatch(h, w, b, idx, val, labels, options: TopKOptions, chunk: int):
     return loss.reshape(lead) if options.options.reduction == "none" else loss
 
 
+@takes_options(TOPK_PARAMETERS, after="student_bias")
 def linear_topk_kd_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -309,20 +314,8 @@ def linear_topk_kd_loss(
     labels: Optional[torch.Tensor] = None,
     *,
     student_bias: Optional[torch.Tensor] = None,
-    temperature: float = 1.0,
-    soft_weight: float = 1.0,
-    hard_weight: float = 0.0,
-    divergence: str = "kl",
-    beta: float = 0.5,
-    support: str = "full",
-    values: str = "logits",
-    ignore_index: int = -100,
-    reduction: str = "batchmean",
-    student_logit_scale: float = 1.0,
-    teacher_logit_scale: float = 1.0,
-    student_softcap: Optional[float] = None,
-    teacher_softcap: Optional[float] = None,
     chunk_size: Optional[int] = None,
+    **options: Unpack[TopKLossOptions],
 ) -> torch.Tensor:
     r"""Top-k distillation loss of the student's output layer, without N x V logits.
 
@@ -359,13 +352,10 @@ def linear_topk_kd_loss(
     summation order. On the CPU, chunks whose rows are all ignored skip their GEMMs. Double
     backward raises RuntimeError.
     """
-    options = _topk_options(
-        temperature, soft_weight, hard_weight, divergence, beta, support, values, ignore_index,
-        reduction, student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap,
-    )  # fmt: skip
+    parsed = _topk_options("linear_topk_kd_loss", options)
     chunk = _check_chunk_size(chunk_size)
     tensors = (student_hidden, student_weight, student_bias, teacher_indices, teacher_values)
-    return _dispatch(*tensors, labels, options, chunk)
+    return _dispatch(*tensors, labels, parsed, chunk)
 
 
 class LinearTopKKDLoss(TopKKDLoss):

@@ -18,7 +18,7 @@ Every autograd path leads to the same backward code (``_backward.backward``):
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
@@ -26,27 +26,21 @@ from . import _checks
 from ._backward import backward, keep
 from ._module import OptionsModule
 from ._ops import _below_autograd, _kd_loss_kernel, _lib_ops, _plain_eager, kd_loss_op
-from ._options import KDOptions, parse
+from ._options import KDOptions, LossOptions, parse, parse_keywords, takes_options
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 
+@takes_options()
 def kd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     labels: Optional[torch.Tensor] = None,
     *,
-    temperature: float = 1.0,
-    soft_weight: float = 1.0,
-    hard_weight: float = 0.0,
-    divergence: str = "kl",
-    beta: float = 0.5,
-    ignore_index: int = -100,
-    reduction: str = "batchmean",
-    student_logit_scale: float = 1.0,
-    teacher_logit_scale: float = 1.0,
-    student_softcap: Optional[float] = None,
-    teacher_softcap: Optional[float] = None,
     return_entropy: bool = False,
     process_group=None,
+    **options: Unpack[LossOptions],
 ):
     r"""Knowledge-distillation loss (Hinton, Vinyals & Dean 2015), fused.
 
@@ -152,11 +146,9 @@ def kd_loss(
     _checks.check_logits_types(student_logits, teacher_logits, labels)
     # With a process group the option values are checked with the tensors, inside the exchange
     # (a bad value on one process must not leave the others blocked in a collective).
-    options = (temperature, soft_weight, hard_weight, divergence, beta, ignore_index, reduction)
-    options += (student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap)
-    options = parse(*options, check_values=process_group is None)
+    parsed = parse_keywords("kd_loss", options, check_values=process_group is None)
     _checks.check_flag("return_entropy", return_entropy)
-    return _dispatch(student_logits, teacher_logits, labels, options, process_group, return_entropy)
+    return _dispatch(student_logits, teacher_logits, labels, parsed, process_group, return_entropy)
 
 
 def _dispatch(

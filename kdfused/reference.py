@@ -55,14 +55,17 @@ ignore_index.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
 
 from . import _checks
 from ._checks import DIVERGENCES, REDUCTIONS, effective_divergence
-from ._options import parse
+from ._options import LossOptions, parse_keywords, takes_options
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = [
     "kd_loss",
@@ -152,24 +155,15 @@ def divergence_rows(
     raise AssertionError(divergence)  # (checked before)
 
 
+@takes_options()
 def kd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     labels: Optional[torch.Tensor] = None,
     *,
-    temperature: float = 1.0,
-    soft_weight: float = 1.0,
-    hard_weight: float = 0.0,
-    divergence: str = "kl",
-    beta: float = 0.5,
-    ignore_index: int = -100,
-    reduction: str = "batchmean",
-    student_logit_scale: float = 1.0,
-    teacher_logit_scale: float = 1.0,
-    student_softcap: Optional[float] = None,
-    teacher_softcap: Optional[float] = None,
     return_entropy: bool = False,
     process_group=None,
+    **options: Unpack[LossOptions],
 ):
     """Knowledge-distillation loss, pure PyTorch (see :func:`kdfused.kd_loss` for the contract
     and this module's docstring for the formulas and rules).
@@ -192,14 +186,11 @@ def kd_loss(
             student_logits, teacher_logits, process_group
         )
     _checks.check_logits_types(student_logits, teacher_logits, labels)
-    options = (temperature, soft_weight, hard_weight, divergence, beta, ignore_index, reduction)
-    options = parse(*options)
-    _checks.check_logit_transform(
-        student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap
-    )
+    options = parse_keywords("kd_loss", options)
     _checks.check_flag("return_entropy", return_entropy)
     _checks.check_inputs(student_logits, teacher_logits, labels, options.hard_weight)
     V = student_logits.shape[-1]
+    ignore_index = options.ignore_index
     _checks.check_label_values(labels, V, ignore_index)
 
     T, ws, wh = options.temperature, options.soft_weight, options.hard_weight
@@ -222,11 +213,11 @@ def kd_loss(
 
     t = teacher_logits.to(acc).reshape(-1, V)
     t = torch.where(vm, t, torch.zeros_like(t))
-    s = logit_transform(s, student_logit_scale, student_softcap)
+    s = logit_transform(s, options.student_logit_scale, options.student_softcap)
     if ws != 0:
         # (part of the soft term: with soft_weight == 0, an inf or NaN the teacher holds reaches
         # no gradient through the transform either)
-        t = logit_transform(t, teacher_logit_scale, teacher_softcap)
+        t = logit_transform(t, options.teacher_logit_scale, options.teacher_softcap)
     # Zero, but linked to both inputs (gradient exactly 0, never NaN), so that the loss needs
     # grad and each input gets a gradient even when a term is off, as from the fused op.
     no = torch.zeros_like(vm)
@@ -234,9 +225,8 @@ def kd_loss(
         -1
     )
     if ws != 0:
-        D = divergence_rows(
-            _tempered_log_softmax(t, T), _tempered_log_softmax(s, T), divergence, options.beta
-        )
+        lp, lq = _tempered_log_softmax(t, T), _tempered_log_softmax(s, T)
+        D = divergence_rows(lp, lq, options.divergence, options.beta)
         row = row + ws * T * T * D
     if wh != 0:
         safe_y = torch.where(valid, y, torch.zeros_like(y))
@@ -244,11 +234,11 @@ def kd_loss(
         row = row + wh * hard
     row = torch.where(valid, row, torch.zeros_like(row))
 
-    if reduction == "none":
+    if options.reduction == "none":
         loss = row.reshape(lead)
     else:
         total = row.to(torch.float64).sum()  # in float64, in row order, as the kernels reduce
-        if reduction != "sum":
+        if options.reduction != "sum":
             total = total / valid.sum().clamp(min=1).to(torch.float64)
         loss = total.to(acc)
     if not return_entropy:

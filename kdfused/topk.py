@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
@@ -26,10 +26,23 @@ from . import (
     _checks,
     _fake,
 )
+from ._checks import DIVERGENCES, SUPPORTS, VALUE_KINDS  # noqa: F401  (the option names, for callers)
 from ._checks import FLOAT_DTYPES as _FLOATS
-from ._checks import SUPPORTS, VALUE_KINDS  # noqa: F401  (the option names, for callers)
 from ._module import OptionsModule
-from ._options import KDOptions, parse
+from ._options import (
+    TOPK_DEFAULTS,
+    TOPK_OPTION_DEFAULTS,
+    TOPK_PARAMETERS,
+    KDOptions,
+    TopKLossOptions,
+    cached_call,
+    option_values,
+    parse,
+    takes_options,
+)
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 # The schema's inputs: student, teacher_indices, teacher_values, labels, the 8 options of
 # KDOptions.op_args, support, values, grad_student.
@@ -45,8 +58,8 @@ class TopKOptions:
     of stored ``values``. Build it with :func:`_topk_options` (which checks)."""
 
     options: KDOptions
-    support: str = "full"
-    values: str = "logits"
+    support: str = TOPK_DEFAULTS["support"]
+    values: str = TOPK_DEFAULTS["values"]
 
     @property
     def op_args(self) -> tuple:
@@ -57,66 +70,46 @@ class TopKOptions:
     def kwargs(self) -> dict:
         """Every option as the keyword arguments of :func:`topk_kd_loss`, in its order."""
         kw = self.options.kwargs
-        return {name: kw[name] if name in kw else getattr(self, name) for name in _KEYWORDS}
+        return {n: kw[n] if n in kw else getattr(self, n) for n in TOPK_OPTION_DEFAULTS}
 
     def describe(self) -> str:
         """``temperature=..., ...``, as the modules print themselves (support and values only
         where they are not the defaults)."""
-        extra = [f"{n}={getattr(self, n)!r}" for n in ("support", "values")]
-        extra = [e for e, d in zip(extra, ("support='full'", "values='logits'")) if e != d]
+        extra = [
+            f"{n}={getattr(self, n)!r}" for n, d in TOPK_DEFAULTS.items() if getattr(self, n) != d
+        ]
         return ", ".join([self.options.describe(), *extra])
-
-
-# topk_kd_loss's option keywords, in its order.
-_KEYWORDS = (
-    "temperature", "soft_weight", "hard_weight", "divergence", "beta", "support", "values",
-    "ignore_index", "reduction", "student_logit_scale", "teacher_logit_scale",
-    "student_softcap", "teacher_softcap",
-)  # fmt: skip
 
 
 def _teacher_transformed(options: KDOptions) -> bool:
     return options.teacher_logit_scale != 1.0 or options.teacher_softcap is not None
 
 
-def _parse_topk(
-    temperature, soft_weight, hard_weight, divergence, beta, support, values, ignore_index,
-    reduction, student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap,
-    check_values=True,
-) -> TopKOptions:  # fmt: skip
-    options = parse(
-        temperature, soft_weight, hard_weight, divergence, beta, ignore_index, reduction,
-        student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap,
-        check_values=check_values,
-    )  # fmt: skip
-    _checks.check_topk_option_types(support, values)
+# Where support and values stand among the top-k ops' options (after beta).
+_OWN = list(TOPK_OPTION_DEFAULTS).index("support")
+
+
+def _parse_topk(who, divergences, check_values, function, /, **keywords) -> TopKOptions:
+    values = option_values(function, keywords, TOPK_OPTION_DEFAULTS)
+    support, kind = values[_OWN : _OWN + 2]
+    shared = values[:_OWN] + values[_OWN + 2 :]  # KDOptions' fields
+    options = parse(*shared, who=who, divergences=divergences, check_values=check_values)
+    _checks.check_topk_option_types(support, kind)
     if check_values:
-        _checks.check_topk_options(divergence, support, values, _teacher_transformed(options))
-    return TopKOptions(options, support, values)
+        _checks.check_topk_options(options.divergence, support, kind, _teacher_transformed(options))
+    return TopKOptions(options, support, kind)
 
 
 # typed, as _options' cache: 1 and 1.0 are different keys. A call that raises caches nothing.
 _topk_options_cached = functools.lru_cache(maxsize=256, typed=True)(_parse_topk)
 
 
-def _topk_options(
-    temperature, soft_weight, hard_weight, divergence, beta, support, values, ignore_index,
-    reduction, student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap,
-) -> TopKOptions:  # fmt: skip
-    """The checked options of :func:`topk_kd_loss`: the types (TypeError), then the values
-    (ValueError; the C++ op's messages). Cached: a training loop passes the same options at
-    every call."""
-    args = (temperature, soft_weight, hard_weight, divergence, beta, support, values)
-    args += (ignore_index, reduction, student_logit_scale, teacher_logit_scale)
-    args += (student_softcap, teacher_softcap)
-    if torch.compiler.is_compiling():
-        # Traced: the values may be symbolic; the op and its fake kernel check them.
-        return _parse_topk(*args, check_values=False)
-    try:
-        return _topk_options_cached(*args)
-    except TypeError:
-        pass  # an unhashable option, or a type error: the checks below raise it
-    return _parse_topk(*args)
+def _topk_options(function: str, keywords: dict) -> TopKOptions:
+    """The checked options that a call of ``function`` gave as ``keywords``: the types
+    (TypeError; a keyword it does not take too), then the values (ValueError; the C++ op's
+    messages). Cached: a training loop passes the same options at every call."""
+    args = ("kdfused", DIVERGENCES, True, function)
+    return cached_call(_topk_options_cached, _parse_topk, *args, **keywords)
 
 
 # ---- the op: fake kernel, autograd ----------------------------------------------------------
@@ -166,25 +159,13 @@ torch.library.register_autograd(
 # ---- the function and the module -------------------------------------------------------------
 
 
+@takes_options(TOPK_PARAMETERS)
 def topk_kd_loss(
     student_logits: torch.Tensor,
     teacher_indices: torch.Tensor,
     teacher_values: torch.Tensor,
     labels: Optional[torch.Tensor] = None,
-    *,
-    temperature: float = 1.0,
-    soft_weight: float = 1.0,
-    hard_weight: float = 0.0,
-    divergence: str = "kl",
-    beta: float = 0.5,
-    support: str = "full",
-    values: str = "logits",
-    ignore_index: int = -100,
-    reduction: str = "batchmean",
-    student_logit_scale: float = 1.0,
-    teacher_logit_scale: float = 1.0,
-    student_softcap: Optional[float] = None,
-    teacher_softcap: Optional[float] = None,
+    **options: Unpack[TopKLossOptions],
 ) -> torch.Tensor:
     r"""Distillation loss against a stored top-k teacher, fused (offline distillation).
 
@@ -267,11 +248,8 @@ def topk_kd_loss(
     device-side assert, like PyTorch's own indexing and cross-entropy kernels.
     """
     _check_tensor_types(student_logits, teacher_indices, teacher_values, labels)
-    options = _topk_options(
-        temperature, soft_weight, hard_weight, divergence, beta, support, values, ignore_index,
-        reduction, student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap,
-    )  # fmt: skip
-    return _call(student_logits, teacher_indices, teacher_values, labels, options)
+    parsed = _topk_options("topk_kd_loss", options)
+    return _call(student_logits, teacher_indices, teacher_values, labels, parsed)
 
 
 def _check_tensor_types(student_logits, teacher_indices, teacher_values, labels) -> None:
@@ -314,7 +292,8 @@ class TopKKDLoss(OptionsModule):
         self._set(bound.arguments)
 
     def _set(self, kwargs: dict) -> None:
-        self.options = _topk_options(*(kwargs[name] for name in _KEYWORDS))
+        keywords = {name: kwargs[name] for name in TOPK_OPTION_DEFAULTS}
+        self.options = _topk_options(type(self).__name__, keywords)
 
     def _replace(self, name: str, value) -> None:
         self._set(dict(self.options.kwargs, **{name: value}))
@@ -341,7 +320,7 @@ def _option_property(name: str) -> property:
     )
 
 
-for _name in _KEYWORDS:
+for _name in TOPK_OPTION_DEFAULTS:
     setattr(TopKKDLoss, _name, _option_property(_name))
 
 

@@ -165,13 +165,13 @@ def test_subclass_of_trl():
 def test_matches_trl_trainer(seed, tmp_path, monkeypatch):
     original = trl_trainer._chunked_divergence_loss
     kernel_calls = []
-    real_kernel = ours._linear_kd_loss
+    real_kernel = ours._layer_loss
 
     def counting_kernel(*args, **kwargs):
         kernel_calls.append(1)
         return real_kernel(*args, **kwargs)
 
-    monkeypatch.setattr(ours, "_linear_kd_loss", counting_kernel)
+    monkeypatch.setattr(ours, "_layer_loss", counting_kernel)
     reference = _train(trl.DistillationTrainer, seed, tmp_path / "trl")
     assert not kernel_calls  # TRL's own trainer uses TRL's loss
     calls = _counting(monkeypatch)

@@ -116,10 +116,11 @@ def test_signature_matches_reference(kdfused_mod):
     ],
 )
 def test_loss_options_agree_everywhere(kdfused_mod, op, module, reference):
-    """Each public op spells the loss options out in its own signature (what an editor shows).
-    They must not drift: every option is keyword-only, with KDOptions' default, in KDOptions'
-    order; the module takes the same options with the same defaults in the same order (its
-    positional order); the reference, where there is one, has the op's signature exactly."""
+    """Each public op takes the loss options as ``**options`` and shows them in its signature
+    (``_options.takes_options``, from KDOptions): every option is keyword-only, with KDOptions'
+    default, in KDOptions' order; the module takes the same options with the same defaults in the
+    same order (its positional order); the reference, where there is one, has the op's signature
+    exactly; a keyword that is not an option raises Python's TypeError, naming the op."""
     import dataclasses
 
     from kdfused._options import KDOptions
@@ -140,11 +141,44 @@ def test_loss_options_agree_everywhere(kdfused_mod, op, module, reference):
     assert [(p.name, p.default) for p in mod_params.values()] == expected, module
     assert {f.name for f in fields} <= set(mod_params), module
 
+    functions = [getattr(kdfused_mod, op)]
     if reference is not None:
-        ref = inspect.signature(getattr(kdfused_mod.reference, reference)).parameters
+        functions.append(getattr(kdfused_mod.reference, reference))
+        ref = inspect.signature(functions[-1]).parameters
         assert [(p.name, p.kind, p.default) for p in ref.values()] == [
             (p.name, p.kind, p.default) for p in params.values()
         ], reference
+    required = [p for p in params.values() if p.default is inspect.Parameter.empty]
+    tensors = [torch.ones(2, 3)] * len(required)  # (the type checks come first)
+    for function in functions:
+        with pytest.raises(
+            TypeError, match=rf"^{op}\(\) got an unexpected keyword argument 'temprature'$"
+        ):
+            function(*tensors, temprature=2.0)
+
+
+def test_typed_options_match_kdoptions():
+    """The TypedDicts that type checkers read for ``**options`` name KDOptions' fields, in order,
+    with the same types; the top-k ones add support and values, whose defaults TopKOptions
+    shares."""
+    import dataclasses
+    import typing
+
+    from kdfused import _options
+    from kdfused._options import KDOptions, LossOptions, TopKLossOptions
+    from kdfused.topk import TopKOptions
+
+    fields = [f for f in dataclasses.fields(KDOptions) if f.init]
+    hints = typing.get_type_hints(LossOptions)
+    assert list(hints) == [f.name for f in fields]
+    namespace = vars(_options)
+    for f in fields:
+        assert hints[f.name] == eval(f.type, namespace), f.name  # (annotations are strings there)
+    topk = typing.get_type_hints(TopKLossOptions)
+    assert {n: t for n, t in topk.items() if n not in hints} == {"support": str, "values": str}
+    assert not LossOptions.__total__ and not TopKLossOptions.__total__
+    defaults = {f.name: f.default for f in dataclasses.fields(TopKOptions) if f.name != "options"}
+    assert defaults == _options.TOPK_DEFAULTS
 
 
 # ------------------------------------------------------------------------------------------------

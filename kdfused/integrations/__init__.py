@@ -51,6 +51,17 @@ def require(module: str, package: str, version: str | None = None, *, what: str 
         ) from e
 
 
+def layer_loss(student: tuple, teacher: tuple, labels, **options):
+    """``kdfused.linear_kd_loss`` of two output layers, each given as ``(hidden, weight, bias)``
+    (``bias`` may be None), with ``options`` its keywords: the call every integration makes."""
+    import kdfused  # (its ops load on first use)
+
+    (sh, sw, sb), (th, tw, tb) = student, teacher
+    return kdfused.linear_kd_loss(
+        sh, sw, th, tw, labels, student_bias=sb, teacher_bias=tb, **options
+    )
+
+
 def __getattr__(name: str):
     if name in _SUBMODULES:
         return importlib.import_module(f".{name}", __name__)

@@ -61,17 +61,11 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
-from . import require
+from . import layer_loss, require
 
 __all__ = ["FusedLinearJSDLoss"]
 
 LIGER_VERSION = "0.8.5"  # the Liger-Kernel release whose semantics this module reproduces
-
-
-def _linear_kd_loss(*args, **kwargs):
-    import kdfused
-
-    return kdfused.linear_kd_loss(*args, **kwargs)
 
 
 class FusedLinearJSDLoss(torch.nn.Module):
@@ -137,14 +131,10 @@ class FusedLinearJSDLoss(torch.nn.Module):
 
     def _call(self, sh, sw, th, tw, labels, sb, tb, soft_weight, hard_weight) -> torch.Tensor:
         T = float(self.temperature)
-        return _linear_kd_loss(
-            sh,
-            sw,
-            th,
-            tw,
+        return layer_loss(
+            (sh, sw, sb),
+            (th, tw, tb),
             labels,
-            student_bias=sb,
-            teacher_bias=tb,
             temperature=T,
             soft_weight=soft_weight / (T * T),
             hard_weight=hard_weight,

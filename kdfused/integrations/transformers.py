@@ -58,7 +58,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from . import require
+from . import layer_loss, require
 from .trl import _side
 
 __all__ = ["KDTrainer", "logit_transform"]  # noqa: F822 (KDTrainer: built on first access)
@@ -278,16 +278,10 @@ def _build():
                 th, tw = th.to(sh.device, sh.dtype), tw.to(sh.device, sh.dtype)
                 tb = tb.to(sh.device, sh.dtype) if tb is not None else None
             labels = labels.reshape(-1).to(sh.device)
-            import kdfused
-
-            loss = kdfused.linear_kd_loss(
-                sh,
-                sw,
-                th,
-                tw,
+            loss = layer_loss(
+                (sh, sw, sb),
+                (th, tw, tb),
                 labels,
-                student_bias=sb,
-                teacher_bias=tb,
                 chunk_size=self.kd_chunk_size,
                 **self.kd_options.kwargs,  # reduction "sum", ignore_index -100, the transforms
             )

@@ -87,6 +87,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
+from . import layer_loss as _layer_loss
 from . import require
 
 # DistillationTrainer (module __getattr__ below) is left out of __all__: a star import must work
@@ -98,12 +99,6 @@ TRL_VERSION = "1.16.0"  # the TRL release whose semantics this module reproduces
 _IGNORE = -100
 _TRAINER_MODULE = "trl.trainer.distillation_trainer"
 _ORIGINAL: Optional[Callable] = None  # TRL's own function, once patch_distillation_trainer ran
-
-
-def _linear_kd_loss(*args, **kwargs):
-    import kdfused
-
-    return kdfused.linear_kd_loss(*args, **kwargs)
 
 
 def _gathered(weight, bias, dtype):
@@ -190,28 +185,24 @@ def chunked_divergence_loss(
         the number of valid tokens (int64 tensor on the mask's device).
     """
     soft_weight = _soft_weight(temperature)
-    sh, sw, sb = _side(
+    student = _side(
         student_hidden_states, student_lm_head_weight, student_lm_head_bias, teacher=False
     )
-    th, tw, tb = _side(
+    teacher = _side(
         teacher_hidden_states, teacher_lm_head_weight, teacher_lm_head_bias, teacher=True
     )
+    rows = student[0].shape[0]
     valid = completion_mask.reshape(-1) != 0
-    if valid.numel() != sh.shape[0]:
+    if valid.numel() != rows:
         raise ValueError(
-            f"completion_mask has {valid.numel()} elements but the hidden states have "
-            f"{sh.shape[0]} rows"
+            f"completion_mask has {valid.numel()} elements but the hidden states have {rows} rows"
         )
     n_valid = valid.sum()
-    labels = torch.where(valid, 0, _IGNORE).to(device=sh.device, dtype=torch.int64)
-    loss, entropy = _linear_kd_loss(
-        sh,
-        sw,
-        th,
-        tw,
+    labels = torch.where(valid, 0, _IGNORE).to(device=student[0].device, dtype=torch.int64)
+    loss, entropy = _layer_loss(
+        student,
+        teacher,
         labels,
-        student_bias=sb,
-        teacher_bias=tb,
         temperature=float(temperature),
         soft_weight=soft_weight,
         hard_weight=0.0,
