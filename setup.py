@@ -88,6 +88,7 @@ def base_metadata(version, install_requires):
         license_expression="MIT",
         license_files=["LICENSE"],
         packages=find_packages(include=["kdfused", "kdfused.*"]),
+        package_data={"kdfused": ["py.typed"]},  # PEP 561: type checkers read the annotations
         python_requires=">=3.9",
         install_requires=install_requires,
         classifiers=[
@@ -97,6 +98,7 @@ def base_metadata(version, install_requires):
             "Operating System :: POSIX :: Linux",
             "Programming Language :: C++",
             "Programming Language :: Python :: 3",
+            "Typing :: Typed",
             "Environment :: GPU :: NVIDIA CUDA",
             "Topic :: Scientific/Engineering :: Artificial Intelligence",
         ],

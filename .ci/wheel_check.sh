@@ -47,7 +47,8 @@ sdist, wheel = sys.argv[1], sys.argv[2]
 names = {n.split("/", 1)[1] for n in tarfile.open(sdist).getnames() if "/" in n}
 for need in ["setup.py", "pyproject.toml", "MANIFEST.in", "README.md", "LICENSE", "CHANGELOG.md",
              "CMakeLists.txt", "cmake/KdfusedCuda.cmake", "csrc/kd_python.cpp", "csrc/kd_math.h",
-             "csrc/cpu/kd_kernel_cpu.h", "csrc/cuda/kd_loss_cuda.cu", "kdfused/_version.py"]:
+             "csrc/cpu/kd_kernel_cpu.h", "csrc/cuda/kd_loss_cuda.cu", "kdfused/_version.py",
+             "kdfused/py.typed"]:
     assert need in names, f"sdist lacks {need}"
 leaked = [n for n in names if n.endswith((".so", ".o")) or n.endswith("_build_meta.py")]
 assert not leaked, f"build output in the sdist: {leaked}"
@@ -63,10 +64,11 @@ zf = zipfile.ZipFile(wheel)
 files = zf.namelist()
 assert any(re.fullmatch(r"kdfused/_C\..*\.so", f) for f in files), files
 assert "kdfused/_build_meta.py" in files, files
+assert "kdfused/py.typed" in files, files  # (PEP 561: type checkers read the package's annotations)
 meta = zf.read(f"kdfused-{label}.dist-info/METADATA").decode()
 for line in ["Summary: ", "License-Expression: MIT", "Requires-Python: >=3.9",
              f"Requires-Dist: torch=={public}", "Description-Content-Type: text/markdown",
-             "Classifier: "]:
+             "Classifier: Typing :: Typed"]:
     assert line in meta, f"wheel METADATA lacks {line!r}"
 assert "# kdfused" in meta, "no README in the metadata"
 assert any(f.endswith("licenses/LICENSE") for f in files), "no LICENSE in the wheel"
